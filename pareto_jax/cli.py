@@ -1,0 +1,90 @@
+"""Command-line front end: ``pareto-jax run ...``. Thin: it builds a config and calls the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import warnings
+
+from . import _checks
+
+
+def _int_tuple(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    from .data import DATASETS
+
+    p.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="dataset (digits is embedded; cifar10/stl10 need --path)")
+    p.add_argument("--path", default=None, help="folder/file of a user-supplied dataset")
+    p.add_argument("--features", default="tfidf", choices=("tfidf", "minilm"),
+                   help="text features for emotion / ag_news")
+    p.add_argument("--max-train", type=int, default=None, help="cap on training samples")
+    p.add_argument("--seed", type=int, default=0, help="seed for splits, init and shuffling")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="linear", choices=("linear", "mlp", "cnn"))
+    p.add_argument("--hidden", type=_int_tuple, default=(64,), help="MLP hidden sizes, e.g. 128,64")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "gd"))
+
+
+def _run_config(a):
+    from . import pipeline, train
+
+    return pipeline.RunConfig(
+        data=pipeline.DataConfig(name=a.dataset, path=a.path, features=a.features,
+                                 max_train=a.max_train, seed=a.seed),
+        model=pipeline.ModelConfig(kind=a.model, hidden=a.hidden, seed=a.seed),
+        train=train.TrainConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr,
+                                weight_decay=a.weight_decay, optimizer=a.optimizer, seed=a.seed,
+                                checkpoint_epochs=(a.epochs,)),
+        out_dir=a.out,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="pareto-jax",
+        description="Can a trained classifier still be improved for every class at once by "
+                    "re-weighting its own training data?")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train the model on a dataset and report per-class accuracy")
+    _add_data_args(p)
+    _add_model_args(p)
+    p.add_argument("--out", default="runs/default", help="run folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        if a.command == "run":
+            from . import pipeline
+
+            pipeline.run(_run_config(a), progress=not a.no_progress)
+            return 0
+    except _checks.InputError as e:
+        print(f"pareto-jax: error: {e}", file=sys.stderr)
+        return 2
+    except _checks.NumericalError as e:
+        print(f"pareto-jax: numerical failure: {e}", file=sys.stderr)
+        return 3
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Flax nnx classifiers and their pure functional form.
+
+Numerics never see an nnx module: `functional(model)` splits it into a pure
+``apply(params, x_batch) -> logits`` and a params pytree of plain arrays, and
+`per_sample_loss(apply)` gives the ``loss_fn(params, x, y)`` (one sample, no batch axis) that
+`pareto_jax.influence` and `pareto_jax.train` take.
+
+Example:
+    >>> from pareto_jax import models
+    >>> apply, params = models.functional(models.make_model("linear", (64,), 10, seed=0))
+    >>> loss_fn = models.per_sample_loss(apply)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from . import _checks
+
+Params = Any
+ApplyFn = Callable[[Params, jax.Array], jax.Array]
+
+
+class LinearClassifier(nnx.Module):
+    """Softmax regression: logits = x·W + b (the convex case; closed-form influence applies)."""
+
+    def __init__(self, in_features: int, num_classes: int, *, rngs: nnx.Rngs):
+        self.head = nnx.Linear(in_features, num_classes, rngs=rngs,
+                               kernel_init=nnx.initializers.zeros_init())
+
+    def features(self, x):
+        return x.reshape(x.shape[0], -1)
+
+    def __call__(self, x):
+        return self.head(self.features(x))
+
+
+class MLP(nnx.Module):
+    """Fully connected network with tanh hidden layers (smooth, so Hessians are well defined)."""
+
+    def __init__(self, in_features: int, num_classes: int, *, hidden: Sequence[int] = (64,),
+                 rngs: nnx.Rngs):
+        sizes = [in_features, *hidden]
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+
+    def features(self, x):
+        h = x.reshape(x.shape[0], -1)
+        for layer in self.layers:
+            h = jnp.tanh(layer(h))
+        return h
+
+    def __call__(self, x):
+        return self.head(self.features(x))
+
+
+class CNN(nnx.Module):
+    """Small convnet: conv(3×3)-tanh-avgpool blocks, then a dense tanh layer and a linear head."""
+
+    def __init__(self, image_shape: Sequence[int], num_classes: int, *,
+                 channels: Sequence[int] = (8, 16), dense: int = 64, rngs: nnx.Rngs):
+        self.image_shape = tuple(int(s) for s in image_shape)
+        h, w, c = self.image_shape
+        convs = []
+        for ch in channels:
+            convs.append(nnx.Conv(c, ch, (3, 3), padding="SAME", rngs=rngs))
+            c = ch
+            h, w = max(h // 2, 1), max(w // 2, 1)
+        self.convs = nnx.List(convs)
+        self.fc = nnx.Linear(h * w * c, dense, rngs=rngs)
+        self.head = nnx.Linear(dense, num_classes, rngs=rngs)
+
+    def features(self, x):
+        h = x.reshape((x.shape[0], *self.image_shape))
+        for conv in self.convs:
+            h = jnp.tanh(conv(h))
+            if h.shape[1] > 1 and h.shape[2] > 1:
+                h = nnx.avg_pool(h, (2, 2), strides=(2, 2))
+        return jnp.tanh(self.fc(h.reshape(h.shape[0], -1)))
+
+    def __call__(self, x):
+        return self.head(self.features(x))
+
+
+MODEL_KINDS = ("linear", "mlp", "cnn")
+
+
+def make_model(kind: str, input_shape: Sequence[int], num_classes: int, *, seed: int = 0,
+               hidden: Sequence[int] = (64,), image_shape: Sequence[int] | None = None,
+               channels: Sequence[int] = (8, 16), dense: int = 64) -> nnx.Module:
+    """Build a classifier by name ("linear", "mlp" or "cnn") for inputs of `input_shape`."""
+    _checks.check_choice(kind, "model", MODEL_KINDS)
+    _checks.check_positive(num_classes, "num_classes", integer=True)
+    rngs = nnx.Rngs(seed)
+    d = int(np.prod(input_shape))
+    if kind == "linear":
+        return LinearClassifier(d, num_classes, rngs=rngs)
+    if kind == "mlp":
+        return MLP(d, num_classes, hidden=hidden, rngs=rngs)
+    shape = tuple(image_shape) if image_shape is not None else tuple(input_shape)
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if len(shape) != 3 or int(np.prod(shape)) != d:
+        _checks.fail("image_shape", repr(shape), f"(height, width, channels) with {d} pixels",
+                     "pass image_shape=(8, 8, 1) for digits, (28, 28, 1) for MNIST")
+    return CNN(shape, num_classes, channels=channels, dense=dense, rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    graphdef: Any
+    treedef: Any
+
+    def state(self, params):
+        return jax.tree_util.tree_unflatten(self.treedef, jax.tree_util.tree_leaves(params))
+
+
+def functional(model: nnx.Module) -> tuple[ApplyFn, Params]:
+    """Split an nnx module into a pure ``apply(params, x_batch) -> logits`` and its params.
+
+    The params are a nested dict of arrays (`nnx.to_pure_dict`), so optax, `ravel_pytree`,
+    `vmap`, `jvp` and checkpoints all see plain pytrees.
+    """
+    graphdef, state = nnx.split(model)
+    sp = _Split(graphdef, jax.tree_util.tree_structure(state))
+    params = nnx.to_pure_dict(state)
+
+    def apply(params, x):
+        return nnx.merge(sp.graphdef, sp.state(params))(x)
+
+    return apply, params
+
+
+def functional_features(model: nnx.Module) -> ApplyFn:
+    """Pure ``features(params, x_batch)`` giving the penultimate-layer activations."""
+    graphdef, state = nnx.split(model)
+    sp = _Split(graphdef, jax.tree_util.tree_structure(state))
+
+    def features(params, x):
+        return nnx.merge(sp.graphdef, sp.state(params)).features(x)
+
+    return features
+
+
+def per_sample_loss(apply: ApplyFn) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
+    """Cross-entropy of one sample: ``loss_fn(params, x, y)`` with x unbatched, y a scalar int."""
+
+    def loss_fn(params, x, y):
+        logits = apply(params, x[None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    return loss_fn
+
+
+def linear_head_params(W: jax.Array, b: jax.Array) -> Params:
+    """Params of `LinearClassifier` from a kernel (d, K) and bias (K,)."""
+    return {"head": {"bias": jnp.asarray(b), "kernel": jnp.asarray(W)}}
+
+
+def frozen_features(features_fn: ApplyFn, params: Params, x: np.ndarray, *,
+                    batch_size: int = 512) -> np.ndarray:
+    """Penultimate activations of a trained network, for a "frozen features + linear head" model.
+
+    Feed the result to a `LinearClassifier`: influence on the head then has a closed form
+    (`pareto_jax.influence.linear_influence`).
+    """
+    f = jax.jit(features_fn)
+    n = x.shape[0]
+    out = []
+    for s in range(0, n, batch_size):
+        chunk = x[s: s + batch_size]
+        pad = batch_size - chunk.shape[0]
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+        out.append(np.asarray(f(params, chunk))[: batch_size - pad])
+    return np.concatenate(out).astype(np.float32)

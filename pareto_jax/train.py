@@ -1,0 +1,289 @@
+"""Training with per-sample weights, and per-class evaluation.
+
+The objective for weights w (DESIGN §2) is
+
+    L_w(θ) = s · (1/N) Σ_i w_i ℓ(z_i; θ) + (λ/2)‖θ‖²,
+
+with s = N / Σ_i w_i (``normalizer="weights"``: the weighted mean Σ w ℓ / Σ w, the default) or
+s = 1 (``normalizer="n"``: N fixed, the normaliser under which the influence identity is exact).
+Weights of 1 give exactly the unweighted mean loss. A minibatch B estimates the data term by
+s · Σ_{i∈B} w_i ℓ_i / |B|.
+
+A whole epoch is one jitted `lax.scan` over shuffled minibatches (the last one padded and
+masked), so shapes are static: one compilation per (model, data shape, batch size), reused for
+every epoch, every call and every weight vector; `vmap` over weights trains a population at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import _checks, io
+
+LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train (the model and data are passed separately).
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: minibatch size; None (or >= N) means full batch.
+        optimizer: "adam", "sgd" (with `momentum`) or "gd" (plain full-step gradient descent).
+        learning_rate: step size.
+        weight_decay: λ of the L2 term (λ/2)‖θ‖² inside the loss (not decoupled), so the
+            influence functions see the same objective.
+        momentum: for "sgd".
+        normalizer: "weights" (Σ w ℓ / Σ w) or "n" (Σ w ℓ / N).
+        seed: shuffling seed; epoch e uses fold_in(seed, e), so continuing from a checkpoint
+            replays the same batch order as uninterrupted training.
+        checkpoint_epochs: epochs after which to save params and optimizer state.
+    """
+
+    epochs: int = 40
+    batch_size: int | None = 128
+    optimizer: str = "adam"
+    learning_rate: float = 1e-2
+    weight_decay: float = 1e-3
+    momentum: float = 0.9
+    normalizer: str = "weights"
+    seed: int = 0
+    checkpoint_epochs: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        _checks.check_positive(self.epochs, "epochs", integer=True, allow_zero=True)
+        if self.batch_size is not None:
+            _checks.check_positive(self.batch_size, "batch_size", integer=True)
+        _checks.check_choice(self.optimizer, "optimizer", ("adam", "sgd", "gd"))
+        _checks.check_positive(self.learning_rate, "learning_rate")
+        _checks.check_positive(self.weight_decay, "weight_decay", allow_zero=True)
+        _checks.check_in_range(self.momentum, "momentum", 0.0, 0.999)
+        _checks.check_choice(self.normalizer, "normalizer", ("weights", "n"))
+        object.__setattr__(self, "checkpoint_epochs", tuple(int(e) for e in self.checkpoint_epochs))
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+    epoch: int
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    if config.optimizer == "adam":
+        return optax.adam(config.learning_rate)
+    if config.optimizer == "sgd":
+        return optax.sgd(config.learning_rate, momentum=config.momentum)
+    return optax.sgd(config.learning_rate)
+
+
+def l2(params) -> jax.Array:
+    return sum(jnp.vdot(p, p) for p in jax.tree_util.tree_leaves(params))
+
+
+def weighted_objective(loss_fn: LossFn, params, x, y, w, *, weight_decay: float,
+                       normalizer: str = "weights") -> jax.Array:
+    """The full-batch training objective L_w(θ) (see the module docstring)."""
+    losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, x, y)
+    scale = 1.0 / (jnp.sum(w) if normalizer == "weights" else x.shape[0])
+    return scale * jnp.sum(w * losses) + 0.5 * weight_decay * l2(params)
+
+
+def _num_batches(n: int, batch_size: int | None) -> tuple[int, int]:
+    b = n if batch_size is None or batch_size >= n else batch_size
+    return -(-n // b), b
+
+
+def make_epoch_fn(loss_fn: LossFn, config: TrainConfig, n: int):
+    """One jitted epoch: ``epoch(params, opt_state, x, y, w, epoch_index) -> (params, opt_state, mean_loss)``.
+
+    Data and params are arguments (never captured constants). Shapes are static in n and the
+    batch size, so the function compiles once. `vmap` it over (params, opt_state, w) to train
+    several weightings at once.
+    """
+    opt = make_optimizer(config)
+    nb, b = _num_batches(n, config.batch_size)
+    wd, norm, seed = config.weight_decay, config.normalizer, config.seed
+
+    def batch_loss(params, xb, yb, wb, mb, scale):
+        losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, xb, yb)
+        data = scale * jnp.sum(mb * wb * losses) / jnp.sum(mb)
+        return data + 0.5 * wd * l2(params), data
+
+    def epoch(params, opt_state, x, y, w, epoch_index):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch_index)
+        perm = jax.random.permutation(key, n) if nb > 1 else jnp.arange(n)
+        pad = nb * b - n
+        idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(nb, b)
+        mask = jnp.concatenate([jnp.ones((n,), w.dtype), jnp.zeros((pad,), w.dtype)]).reshape(nb, b)
+        scale = n / jnp.sum(w) if norm == "weights" else jnp.asarray(1.0, w.dtype)
+
+        def step(carry, batch):
+            params, opt_state = carry
+            ib, mb = batch
+            (_, data), g = jax.value_and_grad(batch_loss, has_aux=True)(
+                params, x[ib], y[ib], w[ib], mb, scale)
+            updates, opt_state = opt.update(g, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), data
+
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, mask))
+        return params, opt_state, jnp.mean(losses)
+
+    return jax.jit(epoch)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassMetrics:
+    """Per-class accuracy and mean loss on one split (numpy arrays of length K)."""
+
+    accuracy: np.ndarray
+    loss: np.ndarray
+    counts: np.ndarray
+    overall_accuracy: float
+    overall_loss: float
+
+    def to_dict(self) -> dict:
+        return io.to_jsonable(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _eval_fn(apply, num_classes: int):
+    def f(params, x, y, m):
+        logits = apply(params, x)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+        onehot = jax.nn.one_hot(y, num_classes) * m[:, None]
+        return onehot.T @ correct, onehot.T @ losses, onehot.sum(0)
+
+    return jax.jit(f)
+
+
+def evaluate(apply, params, x, y, num_classes: int, *, batch_size: int = 1024) -> ClassMetrics:
+    """Per-class accuracy and loss of ``apply(params, ·)`` on (x, y), in fixed-size chunks."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    f = _eval_fn(apply, num_classes)
+    n = x.shape[0]
+    b = min(batch_size, n)
+    acc = np.zeros(num_classes)
+    loss = np.zeros(num_classes)
+    cnt = np.zeros(num_classes)
+    for s in range(0, n, b):
+        xb, yb = x[s: s + b], y[s: s + b]
+        m = np.ones(len(yb), np.float32)
+        if len(yb) < b:
+            pad = b - len(yb)
+            xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)])
+            yb = np.concatenate([yb, np.repeat(yb[-1:], pad)])
+            m = np.concatenate([m, np.zeros(pad, np.float32)])
+        a, l_, c = f(params, xb, yb, m)
+        acc += np.asarray(a, np.float64)
+        loss += np.asarray(l_, np.float64)
+        cnt += np.asarray(c, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ClassMetrics(acc / cnt, loss / cnt, cnt.astype(int), float(acc.sum() / cnt.sum()),
+                            float(loss.sum() / cnt.sum()))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    state: TrainState
+    history: tuple[float, ...]
+    checkpoints: dict
+
+    @property
+    def params(self):
+        return self.state.params
+
+
+def _prepare(x, y, weights, num_classes):
+    x = _checks.as_features(x, "x_train")
+    y = _checks.as_labels(y, "y_train", num_classes=num_classes, n=x.shape[0], x_name="x_train")
+    w = np.ones(x.shape[0]) if weights is None else _checks.as_weights(weights, x.shape[0], "weights")
+    return x, y, w
+
+
+def init_state(params, config: TrainConfig) -> TrainState:
+    return TrainState(params, make_optimizer(config).init(params), 0)
+
+
+def checkpoint_path(run_dir: str | Path, epoch: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}.npz"
+
+
+def save_checkpoint(run_dir: str | Path, state: TrainState, config: TrainConfig) -> Path:
+    p = checkpoint_path(run_dir, state.epoch)
+    io.save_pytree(p, {"params": state.params, "opt_state": state.opt_state}, epoch=state.epoch)
+    io.write_json(p.with_suffix(".json"), {"epoch": state.epoch, "train_config": config})
+    return p
+
+
+def load_checkpoint(path: str | Path, template: TrainState) -> TrainState:
+    tree, extra = io.load_pytree(path, {"params": template.params, "opt_state": template.opt_state})
+    tree = jax.tree_util.tree_map(jnp.asarray, tree)
+    return TrainState(tree["params"], tree["opt_state"], int(extra["epoch"]))
+
+
+def train(loss_fn: LossFn, params, x, y, config: TrainConfig = TrainConfig(), *,
+          num_classes: int | None = None, weights=None, state: TrainState | None = None,
+          epochs: int | None = None, run_dir: str | Path | None = None,
+          progress: bool = False, epoch_fn=None) -> TrainResult:
+    """Train with per-sample weights; optionally continue from `state` and save checkpoints.
+
+    Args:
+        loss_fn: per-sample ``loss_fn(params, x, y)``.
+        params: initial params (ignored when `state` is given).
+        x, y: training features and integer labels.
+        config: a `TrainConfig`.
+        num_classes: for label validation.
+        weights: per-sample weights w >= 0 (default all ones).
+        state: continue from this state (e.g. a loaded checkpoint at epoch e).
+        epochs: how many epochs to run (default `config.epochs`).
+        run_dir: where checkpoints at `config.checkpoint_epochs` are written.
+        progress: show a progress bar.
+        epoch_fn: a prebuilt `make_epoch_fn` result to reuse (no rebuild).
+
+    Returns:
+        `TrainResult` with the final state, per-epoch mean training loss and checkpoint paths.
+    """
+    from tqdm.auto import tqdm
+
+    x, y, w = _prepare(x, y, weights, num_classes)
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(params if state is None else state.params))
+    st = init_state(params, config) if state is None else state
+    ep_fn = epoch_fn or make_epoch_fn(loss_fn, config, x.shape[0])
+    xd, yd, wd = jnp.asarray(x, dtype), jnp.asarray(y), jnp.asarray(w, dtype)
+    n_ep = config.epochs if epochs is None else epochs
+    history, ckpts = [], {}
+    p, o = st.params, st.opt_state
+    bar = tqdm(range(st.epoch, st.epoch + n_ep), disable=not progress, desc="train", unit="epoch")
+    for e in bar:
+        p, o, loss = ep_fn(p, o, xd, yd, wd, e)
+        loss = float(loss)
+        if not np.isfinite(loss):
+            raise _checks.NumericalError(
+                f"training: the loss became {loss} at epoch {e + 1}. Fix: lower learning_rate "
+                "or raise weight_decay.")
+        history.append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if run_dir is not None and (e + 1) in config.checkpoint_epochs:
+            ckpts[e + 1] = str(save_checkpoint(run_dir, TrainState(p, o, e + 1), config))
+    return TrainResult(TrainState(p, o, st.epoch + n_ep), tuple(history), ckpts)
+
+
+def train_one_epoch_from(loss_fn: LossFn, state: TrainState, x, y, weights,
+                         config: TrainConfig, *, epoch_fn=None) -> TrainState:
+    """Train one weighted epoch from a checkpoint state θ^e (the search's inner step).
+
+    With all-ones weights this is exactly the ordinary epoch e+1 (same batch order).
+    """
+    return train(loss_fn, None, x, y, config, weights=weights, state=state, epochs=1,
+                 epoch_fn=epoch_fn).state
