@@ -1,0 +1,54 @@
+"""Small trained models shared by the influence, pareto and search tests."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize as so
+from jax.flatten_util import ravel_pytree
+
+from pareto_jax import data, models, train
+
+
+def to64(tree):
+    return jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), tree)
+
+
+def fit_exact(loss_fn, params, x, y, *, weight_decay, weights=None, normalizer="n", init=None):
+    """Minimise the weighted objective to tight tolerance with scipy L-BFGS-B (float64)."""
+    theta0, unravel = ravel_pytree(to64(params))
+    if init is not None:
+        theta0 = jnp.asarray(ravel_pytree(to64(init))[0])
+    x = jnp.asarray(x, jnp.float64)
+    y = jnp.asarray(y)
+    w = jnp.ones(x.shape[0]) if weights is None else jnp.asarray(weights, jnp.float64)
+    vg = _vg(loss_fn, unravel, weight_decay, normalizer)
+    r = so.minimize(lambda t: tuple(np.asarray(a, np.float64) for a in vg(t, x, y, w)),
+                    np.asarray(theta0), jac=True, method="L-BFGS-B",
+                    options=dict(gtol=1e-13, ftol=0.0, maxiter=20000, maxcor=30))
+    return unravel(jnp.asarray(r.x)), r
+
+
+@functools.lru_cache(maxsize=None)
+def _vg(loss_fn, unravel, weight_decay, normalizer):
+    def obj(t, x, y, w):
+        return train.weighted_objective(loss_fn, unravel(t), x, y, w, weight_decay=weight_decay,
+                                        normalizer=normalizer)
+    return jax.jit(jax.value_and_grad(obj))
+
+
+@functools.lru_cache(maxsize=None)
+def digits_linear(weight_decay=1e-2, seed=0):
+    """Softmax regression on digits trained to the optimum in float64 (inside enable_x64)."""
+    s = data.stratified_split(data.load_digits(), seed=seed)
+    apply, params = models.functional(models.make_model("linear", (64,), 10))
+    loss_fn = models.per_sample_loss(apply)
+    params, _ = fit_exact(loss_fn, params, s.train.x, s.train.y, weight_decay=weight_decay)
+    return s, apply, loss_fn, params
+
+
+def class_val_loss(loss_fn, params, x, y, K):
+    l = jax.vmap(loss_fn, (None, 0, 0))(params, jnp.asarray(x, jnp.float64), jnp.asarray(y))
+    oh = jax.nn.one_hot(y, K)
+    return np.asarray(oh.T @ l / oh.sum(0))
