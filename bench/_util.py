@@ -65,6 +65,16 @@ def measure_peak(fn) -> int:
     return max(peak() - base, 0)
 
 
+def xla_memory(jitted, *args) -> int:
+    """Bytes XLA plans for one call beyond its inputs (temporaries + outputs), from the compiled
+    executable's memory analysis; -1 where the backend does not report it."""
+    try:
+        m = jitted.lower(*args).compile().memory_analysis()
+        return int(m.temp_size_in_bytes + m.output_size_in_bytes)
+    except Exception:  # pragma: no cover - backend dependent
+        return -1
+
+
 def in_subprocess(module: str, case: dict, timeout: int = 3600) -> dict:
     """Run `python -m module --case JSON` in a fresh process and parse its JSON line."""
     env = dict(os.environ)

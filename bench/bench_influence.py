@@ -62,10 +62,17 @@ def _linear_case(n: int, d: int, k: int, materialise: bool, full: bool) -> dict:
 
     out = {"case": "linear", "n": n, "d": d, "k": k, "check_rel_err": err}
     out["t_matmul"] = _util.timeit(plain, repeats=5)
+    Mw = jnp.asarray(rng.normal(size=(d, k + k * (k - 1))).astype(np.float32))
+
+    def wide():
+        return matmul(xd, Mw)
+
+    out["t_matmul_same_width"] = _util.timeit(wide, repeats=3)
     out["t_closed_form_P"] = _util.timeit(closed_p, repeats=3)
+    out["ratio_closed_form_P_vs_same_width_matmul"] = out["t_closed_form_P"] / out["t_matmul_same_width"]
     out["ratio_closed_form_P_vs_matmul"] = out["t_closed_form_P"] / out["t_matmul"]
-    out["mem_matmul"] = _util.measure_peak(plain)
-    out["mem_closed_form_P"] = _util.measure_peak(closed_p)
+    out["mem_matmul"] = _util.xla_memory(matmul, xd, W)
+    out["mem_closed_form_P"] = _util.xla_memory(influence._linear_P, xc, yc, mc, Theta, U)
     if full:
         xv = x[: 20 * k]
         yv = (np.arange(20 * k) % k).astype(np.int32)
@@ -74,7 +81,7 @@ def _linear_case(n: int, d: int, k: int, materialise: bool, full: bool) -> dict:
             return influence.linear_influence(x, y, xv, yv, W, b, weight_decay=1e-3, chunk_size=chunk)
 
         out["t_closed_form_total"] = _util.timeit(full_closed, repeats=1)
-        out["mem_closed_form_total"] = _util.measure_peak(full_closed) if n <= 100_000 else -1
+        out["rss_closed_form_total"] = _util.measure_peak(full_closed) if n <= 100_000 else -1
     if materialise:
         theta, _, f = influence._flat(loss_fn, params)
         grads = jax.jit(lambda th, x, y, U: jax.vmap(jax.grad(f), (None, 0, 0))(th, x, y) @ U.T)
@@ -85,7 +92,7 @@ def _linear_case(n: int, d: int, k: int, materialise: bool, full: bool) -> dict:
 
         out["t_materialised_per_sample"] = _util.timeit(per_sample, repeats=1)
         out["speedup_closed_form_vs_per_sample"] = out["t_materialised_per_sample"] / out["t_closed_form_P"]
-        out["mem_materialised_per_sample"] = _util.measure_peak(per_sample)
+        out["mem_materialised_per_sample"] = _util.xla_memory(grads, theta, xd, yd, flat_U)
     return out
 
 
@@ -101,7 +108,7 @@ def _mlp_case(n: int, d: int, hidden: int, k: int, chunk: int) -> dict:
     y = rng.integers(0, k, n).astype(np.int32)
     apply, params = models.functional(models.make_model("mlp", (d,), k, hidden=(hidden,)))
     loss_fn = models.per_sample_loss(apply)
-    theta, _, _ = influence._flat(loss_fn, params)
+    theta, _, f = influence._flat(loss_fn, params)
     U = jnp.asarray(rng.normal(size=(k, theta.size)).astype(np.float32))
     a = influence.influence_from_solutions(loss_fn, params, U, x[:512], y[:512], method="jvp")
     bb = influence.influence_from_solutions(loss_fn, params, U, x[:512], y[:512], method="per_sample")
@@ -113,7 +120,9 @@ def _mlp_case(n: int, d: int, hidden: int, k: int, chunk: int) -> dict:
         fn = lambda: influence.influence_from_solutions(loss_fn, params, U, x, y, method=method,  # noqa: E731
                                                         chunk_size=chunk)
         out[f"t_{method}"] = _util.timeit(fn, repeats=2)
-        out[f"mem_{method}"] = _util.measure_peak(fn)
+        xc, yc, mc = influence._pad_chunks(x, y, chunk)
+        out[f"mem_{method}"] = _util.xla_memory(influence._influence_matrix, f, method, theta, U, xc, yc,
+                                                jnp.asarray(mc), x.shape[0])
     out["ratio_per_sample_over_jvp"] = out["t_per_sample"] / out["t_jvp"]
     return out
 
@@ -134,7 +143,7 @@ def main() -> None:
         return
     ns = (10_000, 30_000) if a.quick else (10_000, 100_000, 1_000_000)
     cases = [{"case": "linear", "n": n, "d": 512, "k": 10, "materialise": n <= 100_000,
-              "full": True} for n in ns]
+              "full": n <= 100_000} for n in ns]
     mlp_n = 5_000 if a.quick else 50_000
     cases += [{"case": "mlp", "n": mlp_n, "d": 256, "hidden": 256, "k": k, "chunk": 256}
               for k in (2, 10, 32)]
@@ -149,7 +158,8 @@ def main() -> None:
         for key in [k for k in r if k.startswith("mem_")]:
             r[key] = r[key] / 2**20 if r[key] > 0 else r[key]
     print("\nlast layer, d = 512, K = 10 (times in s, memory in MiB above baseline)")
-    print(_util.table(lin, ["n", "t_matmul", "t_closed_form_P", "ratio_closed_form_P_vs_matmul",
+    print(_util.table(lin, ["n", "t_matmul", "t_matmul_same_width", "t_closed_form_P",
+                            "ratio_closed_form_P_vs_matmul", "ratio_closed_form_P_vs_same_width_matmul",
                             "t_closed_form_total", "t_materialised_per_sample",
                             "speedup_closed_form_vs_per_sample", "mem_matmul", "mem_closed_form_P",
                             "mem_materialised_per_sample"]))

@@ -1,0 +1,150 @@
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from pareto_jax import pareto
+from pareto_jax._checks import InputError
+
+
+def _tradeoff_P(n, k, seed, mean=0.05):
+    """Influence-like matrix whose classes trade off through a shared factor."""
+    rng = np.random.default_rng(seed)
+    f = rng.normal(size=(n, 1))
+    return (f * rng.choice([-1, 1], size=k) + 0.5 * rng.normal(size=(n, k)) + mean) * 1e-3
+
+
+# ----------------------------------------------------------------------------- ceiling test
+
+
+def test_ceiling_on_line_y_equals_minus_x():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=300)
+    P = np.stack([a, -a], 1)
+    r = pareto.ceiling_test(P)
+    assert not r.improvable and r.t_star == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_allclose(r.certificate, [0.5, 0.5], atol=1e-9)
+    assert r.certificate_residual < 1e-9 * np.abs(P).sum()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ceiling_on_random_nonnegative_normal_hyperplane(seed):
+    rng = np.random.default_rng(seed)
+    lam = rng.uniform(0.1, 1.0, 5)
+    X = rng.normal(size=(400, 5))
+    P = X - np.outer(X @ lam / (lam @ lam), lam)  # every influence vector ⟂ λ
+    r = pareto.ceiling_test(P)
+    assert not r.improvable
+    np.testing.assert_allclose(r.certificate, lam / lam.sum(), atol=1e-7)
+    assert np.abs(P @ r.certificate).max() < 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ceiling_improvable_cases(seed):
+    P = _tradeoff_P(500, 4, seed, mean=0.3)
+    r = pareto.ceiling_test(P)
+    assert r.improvable and r.t_star > 0
+    gains = P.T @ r.direction
+    np.testing.assert_allclose(gains, r.predicted_gains)
+    assert gains.min() >= r.t_star * (1 - 1e-7)
+    assert np.abs(r.direction).max() <= 1 + 1e-12
+    # LP duality: ‖Pλ‖₁ = t*
+    assert r.certificate_residual == pytest.approx(r.t_star, rel=1e-6)
+
+
+def test_ceiling_pca_heuristic_is_reported():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 1))
+    P = a @ np.array([[1.0, -1.0]]) + 0.01 * rng.normal(size=(200, 2))
+    r = pareto.ceiling_test(P)
+    assert r.pca_explained_ratio > 0.9 and r.pca_heuristic_improvable  # the heuristic disagrees...
+    assert "heuristic" in " ".join(r.summary())
+
+
+# ----------------------------------------------------------------------------- program vs HiGHS
+
+OPTIONS = [dict(), dict(rho=0.3), dict(budget="frac"), dict(mu=1e-4), dict(mu=1e-4, rho=0.4),
+           dict(w_max=3.0), dict(mu=1e-4, budget="frac")]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.sampled_from([40, 200, 1000]), k=st.sampled_from([2, 3, 5]),
+       seed=st.integers(0, 10_000), opt=st.sampled_from(OPTIONS),
+       alpha_lo=st.floats(0.0, 1.0), n_targets=st.integers(1, 2))
+def test_dual_solver_matches_highs(n, k, seed, opt, alpha_lo, n_targets):
+    P = _tradeoff_P(n, k, seed)
+    rng = np.random.default_rng(seed + 1)
+    alpha = rng.uniform(alpha_lo, 1.0, k)
+    targets = sorted(rng.choice(k, size=min(n_targets, k), replace=False).tolist())
+    opt = dict(opt)
+    if opt.get("budget") == "frac":
+        opt["budget"] = 0.1 * n
+    ref = pareto.solve_reweighting(P, targets, alpha, solver="highs", **opt)
+    got = pareto.solve_reweighting(P, targets, alpha, solver="dual", **opt)
+    assert got.status == ref.status
+    if ref.status != 0:
+        assert got.w is None
+        return
+    assert got.max_violation <= 1e-9
+    assert abs(got.objective - ref.objective) <= 1e-6 * max(abs(ref.objective), 1e-3 * np.abs(P).sum())
+    lo, hi = pareto.ReweightConfig(**opt).bounds
+    assert got.w.min() >= lo - 1e-12 and got.w.max() <= hi + 1e-12
+
+
+def test_lp_solution_is_a_vertex_and_saturation_is_reported():
+    P = _tradeoff_P(2000, 5, 3)
+    r = pareto.solve_reweighting(P, [0], 0.8)
+    assert r.success and r.n_fractional <= 5 + 1
+    assert r.n_saturated + r.n_fractional + r.n_unchanged == 2000
+    q = pareto.solve_reweighting(P, [0], 0.8, mu=1e-5)
+    assert q.n_fractional > r.n_fractional  # the proximal QP gives smooth weights
+
+
+def test_predicted_loss_change_and_constraints():
+    P = _tradeoff_P(500, 3, 4)
+    alpha = np.array([0.9, 0.5, 0.7])
+    r = pareto.solve_reweighting(P, [1], alpha)
+    np.testing.assert_allclose(r.predicted_loss_change, -(P.T @ (r.w - 1)))
+    assert np.all(P.T @ r.w >= alpha * P.sum(0) - 1e-12)
+
+
+def test_infeasible_program_gives_status_2_and_no_weights():
+    rng = np.random.default_rng(0)
+    P = np.abs(rng.normal(size=(300, 3)))
+    P[:, 1] *= -1  # class 1: every sample detrimental, total influence negative
+    # within |w − 1| <= 0.2, Σ w P[:,1] >= 0.5 Σ P[:,1] needs w <= 0.5: infeasible
+    for solver in ("dual", "highs"):
+        r = pareto.solve_reweighting(P, [0], 0.5, rho=0.2, solver=solver)
+        assert r.status == pareto.INFEASIBLE and r.w is None and not r.success
+        assert "infeasible" in r.message
+
+
+def test_batch_equals_individual_solves():
+    P = _tradeoff_P(800, 4, 5)
+    alphas = np.random.default_rng(0).uniform(0.3, 1.0, (6, 4))
+    batch = pareto.solve_reweighting_batch(P, [0, 2], alphas, rho=0.5)
+    for a, b in zip(alphas, batch):
+        one = pareto.solve_reweighting(P, [0, 2], a, rho=0.5, solver="highs")
+        assert b.status == one.status == 0
+        assert b.objective == pytest.approx(one.objective, rel=1e-9)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(alpha=1.5), "alpha"), (dict(alpha=[0.5, 0.5]), "alpha"), (dict(targets=[7]), "targets"),
+    (dict(targets=[]), "targets"), (dict(rho=-1.0), "rho"), (dict(budget=0.0), "budget"),
+    (dict(mu=-1.0), "mu"), (dict(solver="osqp"), "solver"), (dict(w_max=0.0), "w_max"),
+])
+def test_bad_program_arguments(kw, match):
+    P = _tradeoff_P(50, 3, 0)
+    args = dict(targets=[0], alpha=0.5)
+    args.update({k: kw.pop(k) for k in list(kw) if k in args})
+    with pytest.raises(InputError, match=match):
+        pareto.solve_reweighting(P, args["targets"], args["alpha"], **kw)
+
+
+def test_nan_in_P_is_rejected():
+    P = _tradeoff_P(50, 3, 0)
+    P[3, 1] = np.nan
+    with pytest.raises(InputError, match="non-finite"):
+        pareto.solve_reweighting(P, [0], 0.5)
+    with pytest.raises(InputError, match="non-finite"):
+        pareto.ceiling_test(P)
