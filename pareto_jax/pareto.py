@@ -415,7 +415,7 @@ def _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget):
 def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, *, has_budget, max_iter, tol):
     K1 = z.shape[0]
     gscale = 1.0 + jnp.max(jnp.abs(b)) + jnp.max(jnp.abs(c))
-    qp = jaxopt.BoxCDQP(maxiter=200, tol=1e-12, implicit_diff=False)
+    qp = jaxopt.BoxCDQP(maxiter=50, tol=1e-10, implicit_diff=False)
     f = functools.partial(_dual_value, P=P, c=c, b=b, lo=lo, hi=hi, mu=mu, budget=budget,
                           has_budget=has_budget)
 
@@ -429,23 +429,33 @@ def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, *, has_budget, max_iter
         return (it < max_iter) & (err > tol * gscale)
 
     def body(st):
-        z, it, _ = st
+        z, it, err = st
+        # under vmap every element runs the body until the last one is done: elements already
+        # converged must not burn line-search passes over P
+        active = (it < max_iter) & (err > tol * gscale)
         g, H = _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget)
         H = H + (1e-10 * (jnp.trace(H) / K1) + 1e-14) * jnp.eye(K1, dtype=H.dtype)
         H = jnp.where(upper > 0, 1.0, 0.0)[:, None] * H + jnp.diag(jnp.where(upper > 0, 0.0, 1.0))
-        d = qp.run(jnp.zeros_like(z), params_obj=(H, g), params_ineq=(-z, upper - z)).params
+        # warm start: Bertsekas' projected-Newton direction (Newton on the coordinates not held
+        # at a bound), clipped to the box; BoxCDQP then settles the box QP in a few sweeps
+        free = ~(((z <= 0) & (g > 0)) | ((z >= upper) & (g < 0)))
+        Hf = jnp.where(free[:, None] & free[None, :], H, jnp.eye(K1, dtype=H.dtype))
+        d0 = jnp.clip(jnp.where(free, -jnp.linalg.solve(Hf, jnp.where(free, g, 0.0)), 0.0),
+                      -z, upper - z)
+        d = qp.run(d0, params_obj=(H, g), params_ineq=(-z, upper - z)).params
         f0 = f(z)
 
         def ls_cond(s):
             t, k = s
             znew = jnp.clip(z + t * d, 0.0, upper)
-            return (f(znew) > f0 + 1e-4 * g @ (znew - z)) & (k < 40)
+            # sufficient decrease, up to rounding in f (else a converged z would burn 40 halvings)
+            return active & (f(znew) > f0 + 1e-4 * g @ (znew - z) + 1e-13 * jnp.abs(f0)) & (k < 40)
 
         t, k = jax.lax.while_loop(ls_cond, lambda s: (s[0] * 0.5, s[1] + 1), (jnp.ones((), z.dtype), 0))
-        ok = k < 40  # no sufficient decrease found: keep z and end the stage
+        ok = active & (k < 40)  # no sufficient decrease found: keep z and end the stage
         z = jnp.where(ok, jnp.clip(z + t * d, 0.0, upper), z)
         g, _ = _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget)
-        return z, jnp.where(ok, it + 1, max_iter), proj_grad_norm(z, g)
+        return z, jnp.where(ok, it + 1, max_iter), jnp.where(active, proj_grad_norm(z, g), err)
 
     g0, _ = _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget)
     z, it, err = jax.lax.while_loop(cond, body, (z, 0, proj_grad_norm(z, g0)))
@@ -582,7 +592,14 @@ def _solve_dual_one(P, c, b, config, notes, z=None):
     return _finish_dual(P, c, b, z, config, notes)
 
 
-def _run_dual(P, C, B, config):
+def _batch_mode(mode: str) -> str:
+    _checks.check_choice(mode, "batch", ("auto", "vmap", "map"))
+    if mode == "auto":  # lock-step vmap pays for the slowest member; on CPU a compiled loop wins
+        return "map" if jax.default_backend() == "cpu" else "vmap"
+    return mode
+
+
+def _run_dual(P, C, B, config, mode: str = "vmap"):
     """Vmapped dual stage over rows of C (targets) and B (thresholds), in float64.
 
     P, C, B and μ are divided by max|P| first (ν is scale-free), so tolerances mean the same
@@ -598,13 +615,27 @@ def _run_dual(P, C, B, config):
     budget = float(config.budget or 0.0)
     with jax.enable_x64(True):
         Pj = jnp.asarray(P / scale, jnp.float64)
-        f = jax.vmap(lambda c, b: dual_solve(Pj, c, b, lo, hi, mu_final, budget,
-                                             has_budget=has_budget, max_iter=config.max_iter,
-                                             n_stages=n_stages, tol=config.rtol))
-        z, w, its, err = f(jnp.asarray(C / scale, jnp.float64), jnp.asarray(B / scale, jnp.float64))
+        # LP continuation stages only steer the duals (Newton takes ~3 steps where it settles);
+        # a stage that has not settled by 25 steps hands over to the next, smaller μ
+        max_iter = config.max_iter if config.mu > 0 else min(config.max_iter, 25)
+        z, w, its, err = _dual_batch(Pj, jnp.asarray(C / scale, jnp.float64),
+                                     jnp.asarray(B / scale, jnp.float64), lo, hi, mu_final, budget,
+                                     has_budget=has_budget, max_iter=max_iter, n_stages=n_stages,
+                                     tol=config.rtol, mode=mode)
     z = np.array(z)
     z[:, -1] *= scale  # η is in units of P (ν is scale-free)
     return z, np.asarray(w), (np.asarray(its), np.asarray(err))
+
+
+@functools.partial(jax.jit, static_argnames=("has_budget", "max_iter", "n_stages", "tol", "mode"))
+def _dual_batch(P, C, B, lo, hi, mu_final, budget, *, has_budget, max_iter, n_stages, tol, mode):
+    def one(c, b):
+        return dual_solve(P, c, b, lo, hi, mu_final, budget, has_budget=has_budget,
+                          max_iter=max_iter, n_stages=n_stages, tol=tol)
+
+    if mode == "vmap":
+        return jax.vmap(one)(C, B)
+    return jax.lax.map(lambda cb: one(*cb), (C, B))
 
 
 def _finish_dual(P, c, b, z, config, notes):
@@ -641,10 +672,17 @@ def _fallback(P, c, b, config, notes):
     return _finish(P, c, b, w, config, "dual→highs", notes, duals)
 
 
-def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = ReweightConfig(),
-                            **overrides) -> list[ReweightResult]:
-    """Solve the program for a population of α at once: one vmapped dual stage for all rows of
-    `alphas` (shape (M, K)), then each solution's exact resolution and float64 re-check."""
+def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = ReweightConfig(), *,
+                            batch: str = "auto", **overrides) -> list[ReweightResult]:
+    """Solve the program for a population of α at once: one compiled dual stage for all rows of
+    `alphas` (shape (M, K)), then each solution's exact resolution and float64 re-check.
+
+    Args:
+        batch: "vmap" (lock-step over the population: best on accelerators), "map" (one compiled
+            loop over the population: best on CPU, where lock-step pays for the slowest member)
+            or "auto" (map on CPU, vmap elsewhere). Both give the same solutions.
+    """
+    mode = _batch_mode(batch)
     if overrides:
         config = dataclasses.replace(config, **overrides)
     alphas = np.atleast_2d(np.asarray(alphas, np.float64))
@@ -654,5 +692,5 @@ def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = Reweigh
     B = np.stack([p[2] for p in probs])
     if config.solver == "highs":
         return [solve_reweighting(P64, targets, a, config) for a in alphas]
-    Z, _, _ = _run_dual(P64, C, B, config)
+    Z, _, _ = _run_dual(P64, C, B, config, mode)
     return [_finish_dual(P64, C[i], B[i], Z[i], config, []) for i in range(len(alphas))]

@@ -121,11 +121,13 @@ def test_infeasible_program_gives_status_2_and_no_weights():
 def test_batch_equals_individual_solves():
     P = _tradeoff_P(800, 4, 5)
     alphas = np.random.default_rng(0).uniform(0.3, 1.0, (6, 4))
-    batch = pareto.solve_reweighting_batch(P, [0, 2], alphas, rho=0.5)
-    for a, b in zip(alphas, batch):
-        one = pareto.solve_reweighting(P, [0, 2], a, rho=0.5, solver="highs")
-        assert b.status == one.status == 0
-        assert b.objective == pytest.approx(one.objective, rel=1e-9)
+    for mode in ("vmap", "map"):
+        batch = pareto.solve_reweighting_batch(P, [0, 2], alphas, rho=0.5, batch=mode)
+        for a, b in zip(alphas, batch):
+            one = pareto.solve_reweighting(P, [0, 2], a, rho=0.5, solver="highs")
+            assert b.status == one.status == 0
+            assert b.objective == pytest.approx(one.objective, rel=1e-9)
+            assert b.max_violation <= 1e-9
 
 
 @pytest.mark.parametrize("kw, match", [
