@@ -472,3 +472,28 @@ def load_splits(name: str = "digits", *, seed: int = 0, path: str | None = None,
             tr = tr.subset(keep)
         s = text.featurize_splits(tr, va, te, method=features, cache_dir=cache_dir, name=name)
     return _subsample(s, max_train, seed)
+
+
+def inject_label_noise(ds: Dataset, classes: Sequence[int], fraction: float, *,
+                       seed: int = 0) -> tuple[Dataset, np.ndarray]:
+    """Flip `fraction` of the samples of each class in `classes` to a uniformly random other class.
+
+    Used to make chosen classes deliberately weak (their decision regions shrink). Apply it to
+    the training split only; validation and test stay clean.
+
+    Returns:
+        (noisy dataset, indices of the flipped samples).
+    """
+    _checks.check_in_range(fraction, "fraction", 0.0, 1.0)
+    cls = _checks.as_class_indices(classes, ds.num_classes, "classes")
+    rng = np.random.default_rng([seed, 7])
+    y = ds.y.copy()
+    flipped = []
+    for c in cls:
+        idx = np.flatnonzero(ds.y == c)
+        sel = rng.choice(idx, size=int(round(fraction * idx.size)), replace=False)
+        others = np.array([k for k in range(ds.num_classes) if k != c])
+        y[sel] = rng.choice(others, size=sel.size)
+        flipped.append(sel)
+    flipped = np.sort(np.concatenate(flipped)) if flipped else np.zeros(0, int)
+    return Dataset(ds.x, y, ds.class_names, ds.name), flipped

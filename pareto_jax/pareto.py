@@ -239,15 +239,23 @@ class ReweightResult:
                 "predicted_loss_change": None if self.w is None else self.predicted_loss_change.tolist()}
 
 
-def _problem(P, targets, alpha, config):
+def _problem(P, targets, alpha, config, class_weights=None):
     P = _checks.as_influence_matrix(P)
     n, K = P.shape
-    t = _checks.as_class_indices(targets, K)
+    if class_weights is not None:
+        beta = np.asarray(class_weights, np.float64)
+        if beta.shape != (K,) or not np.all(np.isfinite(beta)) or beta.min() < 0 or beta.sum() <= 0:
+            _checks.fail("class_weights", repr(np.asarray(class_weights).tolist()),
+                         f"{K} non-negative weights, not all zero", "e.g. a one-hot vector")
+    else:
+        t = _checks.as_class_indices(targets, K)
+        beta = np.zeros(K)
+        beta[list(t)] = 1.0
     a = np.broadcast_to(np.asarray(alpha, np.float64), (K,)) if np.ndim(alpha) == 0 else np.asarray(alpha, np.float64)
     if a.shape != (K,) or not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1:
         _checks.fail("alpha", f"{np.asarray(alpha).tolist()}", f"{K} thresholds in [0, 1] (or one scalar)",
                      "keep at least a fraction α_k ∈ [0, 1] of each class's total influence")
-    c = P[:, list(t)].sum(1)
+    c = P @ beta
     b = a * P.sum(0)
     return P, c, b
 
@@ -545,8 +553,8 @@ def _resolve_lp(P, c, b, lo, hi, budget, z, *, max_rounds: int = 8):
     return NUMERICAL, "active-set resolution did not settle", None, None, int(free.sum())
 
 
-def solve_reweighting(P, targets: Sequence[int], alpha, config: ReweightConfig = ReweightConfig(),
-                      **overrides) -> ReweightResult:
+def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightConfig = ReweightConfig(),
+                      *, class_weights=None, **overrides) -> ReweightResult:
     """Solve the reweighting program of DESIGN §5 for one threshold vector α.
 
     Args:
@@ -555,6 +563,8 @@ def solve_reweighting(P, targets: Sequence[int], alpha, config: ReweightConfig =
         alpha: per-class thresholds in [0, 1] (K values, or one for all).
         config: `ReweightConfig` (bounds, trust region, budget, μ, solver); keyword `overrides`
             replace its fields, e.g. ``solve_reweighting(P, [3], 0.9, rho=0.5)``.
+        class_weights: instead of `targets`, maximise Σ_k β_k Σ_i w_i P[i, k] for these β >= 0
+            (used to trace the Pareto frontier).
 
     Returns:
         `ReweightResult` (status codes follow `scipy.optimize.linprog`). An infeasible program
@@ -569,7 +579,7 @@ def solve_reweighting(P, targets: Sequence[int], alpha, config: ReweightConfig =
     """
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    P, c, b = _problem(P, targets, alpha, config)
+    P, c, b = _problem(P, targets, alpha, config, class_weights)
     lo, hi = config.bounds
     notes: list[str] = []
     if config.solver == "highs":
@@ -599,13 +609,18 @@ def _batch_mode(mode: str) -> str:
     return mode
 
 
-def _run_dual(P, C, B, config, mode: str = "vmap"):
-    """Vmapped dual stage over rows of C (targets) and B (thresholds), in float64.
+def _run_dual(P, C, B, config, mode: str = "vmap", bounds=None):
+    """Dual stage over rows of C (targets) and B (thresholds), in float64.
 
     P, C, B and μ are divided by max|P| first (ν is scale-free), so tolerances mean the same
-    for any magnitude of influence.
+    for any magnitude of influence. `bounds` = (LO, HI) arrays give each row its own box.
     """
-    lo, hi = config.bounds
+    M = C.shape[0]
+    if bounds is None:
+        lo, hi = config.bounds
+        LO, HI = np.full(M, lo), np.full(M, hi)
+    else:
+        LO, HI = (np.asarray(a, np.float64) for a in bounds)
     has_budget = config.budget is not None
     scale = max(float(np.abs(P).max()), 1e-300)
     # the LP's duals only need to be good enough to pick the ambiguous weights; the exact
@@ -619,7 +634,8 @@ def _run_dual(P, C, B, config, mode: str = "vmap"):
         # a stage that has not settled by 25 steps hands over to the next, smaller μ
         max_iter = config.max_iter if config.mu > 0 else min(config.max_iter, 25)
         z, w, its, err = _dual_batch(Pj, jnp.asarray(C / scale, jnp.float64),
-                                     jnp.asarray(B / scale, jnp.float64), lo, hi, mu_final, budget,
+                                     jnp.asarray(B / scale, jnp.float64), jnp.asarray(LO),
+                                     jnp.asarray(HI), mu_final, budget,
                                      has_budget=has_budget, max_iter=max_iter, n_stages=n_stages,
                                      tol=config.rtol, mode=mode)
     z = np.array(z)
@@ -628,14 +644,14 @@ def _run_dual(P, C, B, config, mode: str = "vmap"):
 
 
 @functools.partial(jax.jit, static_argnames=("has_budget", "max_iter", "n_stages", "tol", "mode"))
-def _dual_batch(P, C, B, lo, hi, mu_final, budget, *, has_budget, max_iter, n_stages, tol, mode):
-    def one(c, b):
+def _dual_batch(P, C, B, LO, HI, mu_final, budget, *, has_budget, max_iter, n_stages, tol, mode):
+    def one(c, b, lo, hi):
         return dual_solve(P, c, b, lo, hi, mu_final, budget, has_budget=has_budget,
                           max_iter=max_iter, n_stages=n_stages, tol=tol)
 
     if mode == "vmap":
-        return jax.vmap(one)(C, B)
-    return jax.lax.map(lambda cb: one(*cb), (C, B))
+        return jax.vmap(one)(C, B, LO, HI)
+    return jax.lax.map(lambda a: one(*a), (C, B, LO, HI))
 
 
 def _finish_dual(P, c, b, z, config, notes):
@@ -673,7 +689,7 @@ def _fallback(P, c, b, config, notes):
 
 
 def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = ReweightConfig(), *,
-                            batch: str = "auto", **overrides) -> list[ReweightResult]:
+                            batch: str = "auto", rhos=None, **overrides) -> list[ReweightResult]:
     """Solve the program for a population of α at once: one compiled dual stage for all rows of
     `alphas` (shape (M, K)), then each solution's exact resolution and float64 re-check.
 
@@ -681,6 +697,7 @@ def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = Reweigh
         batch: "vmap" (lock-step over the population: best on accelerators), "map" (one compiled
             loop over the population: best on CPU, where lock-step pays for the slowest member)
             or "auto" (map on CPU, vmap elsewhere). Both give the same solutions.
+        rhos: optional per-row trust regions (M,), overriding `config.rho` row by row.
     """
     mode = _batch_mode(batch)
     if overrides:
@@ -690,7 +707,10 @@ def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = Reweigh
     P64 = probs[0][0]
     C = np.stack([p[1] for p in probs])
     B = np.stack([p[2] for p in probs])
+    cfgs = [config] * len(alphas) if rhos is None else \
+        [dataclasses.replace(config, rho=float(r)) for r in np.broadcast_to(rhos, (len(alphas),))]
     if config.solver == "highs":
-        return [solve_reweighting(P64, targets, a, config) for a in alphas]
-    Z, _, _ = _run_dual(P64, C, B, config, mode)
-    return [_finish_dual(P64, C[i], B[i], Z[i], config, []) for i in range(len(alphas))]
+        return [solve_reweighting(P64, targets, a, c) for a, c in zip(alphas, cfgs)]
+    bounds = np.array([c.bounds for c in cfgs]).T
+    Z, _, _ = _run_dual(P64, C, B, config, mode, bounds=bounds)
+    return [_finish_dual(P64, C[i], B[i], Z[i], cfgs[i], []) for i in range(len(alphas))]

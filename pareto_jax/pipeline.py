@@ -122,3 +122,209 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=sys.stdou
     print(f"overall test accuracy {metrics['test']['overall_accuracy']:.4f}; run folder {out_dir}",
           file=out)
     return metrics
+
+
+# ----------------------------------------------------------------------------- improvement experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class ImproveConfig:
+    """Direct Improvement, Course Correction, baselines and frontier on one dataset.
+
+    The training split gets label noise in `noise_classes` (a `noise_fraction` of each class's
+    training samples flipped to random other classes), which makes those classes weak;
+    validation and test stay clean. The search selects on validation; test is reported.
+    """
+
+    data: DataConfig = DataConfig(name="mnist5k")
+    model: ModelConfig = ModelConfig(kind="linear")
+    train: train.TrainConfig = train.TrainConfig(epochs=12, batch_size=128, learning_rate=0.01,
+                                                 weight_decay=1e-3)
+    noise_classes: tuple[int, ...] = (3, 8)
+    noise_fraction: float = 0.4
+    epoch: int | None = None
+    targets: tuple[int, ...] | None = None
+    search: Any = None
+    course_correction: bool = True
+    frontier: bool = True
+    frontier_rho: float = 0.5
+    influence_damping: float = 0.0
+    out_dir: str = "runs/improve"
+
+
+def _influence_at(apply, loss_fn, params, splits, K, wd, damping, model_kind):
+    from . import influence
+
+    if model_kind == "linear":
+        return influence.linear_category_influence(params, splits.train.x, splits.train.y,
+                                                   splits.val.x, splits.val.y, num_classes=K,
+                                                   weight_decay=wd, damping=damping)
+    cfg = influence.InfluenceConfig(curvature="gauss_newton", damping=damping or "auto")
+    return influence.category_influence(loss_fn, params, splits.train.x, splits.train.y,
+                                        splits.val.x, splits.val.y, num_classes=K,
+                                        weight_decay=wd, config=cfg, apply=apply)
+
+
+def _search_block(res, baselines, class_names, targets) -> dict:
+    rows = {"search (PARETO-LP-GA)": {"val_acc": res.val_acc, "test_acc": res.test_acc,
+                                      "delta_val": res.delta_val, "delta_test": res.delta_test}}
+    rows.update(baselines)
+    t = list(targets)
+    summary = {}
+    for name, r in rows.items():
+        dt_pts = 100 * (np.asarray(r["test_acc"]) - res.ref_test)
+        others = np.delete(dt_pts, t)
+        summary[name] = {
+            "target_test_points": dt_pts[t].tolist(),
+            "min_target_test_points": float(dt_pts[t].min()),
+            "worst_other_test_points": float(others.min()) if others.size else 0.0,
+            "target_val_delta_pct": np.asarray(r["delta_val"])[t].tolist(),
+            "val_acc": np.asarray(r["val_acc"]).tolist(), "test_acc": np.asarray(r["test_acc"]).tolist(),
+        }
+    return {"targets": t, "target_names": [class_names[i] for i in t],
+            "ref_val": res.ref_val.tolist(), "ref_test": res.ref_test.tolist(),
+            "best_alpha": res.best.alpha.tolist(), "best_rho": res.best.rho,
+            "best_fitness": res.best.fitness,
+            "found": res.found, "program": res.program, "history": list(res.history),
+            "rows": summary}
+
+
+def format_improve_table(block: dict, class_names) -> str:
+    t = block["targets"]
+    lines = [f"targets: {', '.join(block['target_names'])}   (test accuracy change, points)",
+             f"{'method':24s} " + " ".join(f"{class_names[i]:>7s}" for i in t)
+             + f" {'worst other':>12s}"]
+    for name, r in block["rows"].items():
+        lines.append(f"{name:24s} " + " ".join(f"{v:+7.2f}" for v in r["target_test_points"])
+                     + f" {r['worst_other_test_points']:+12.2f}")
+    return "\n".join(lines)
+
+
+def run_improve(config: ImproveConfig = ImproveConfig(), *, progress: bool = True,
+                out=sys.stdout) -> dict:
+    """The improvement experiment: train on noisy data, then Direct Improvement, Course
+    Correction and the Pareto frontier, each beside its baselines; writes ``improve.json``."""
+    from . import search as S
+
+    scfg = config.search or S.SearchConfig()
+    out_dir = Path(config.out_dir)
+    splits = load_data(config.data)
+    noisy, flipped = data.inject_label_noise(splits.train, config.noise_classes, config.noise_fraction,
+                                             seed=config.data.seed)
+    splits = data.Splits(noisy, splits.val, splits.test)
+    K, names = splits.num_classes, splits.class_names
+    apply, params = build_model(config.model, splits)
+    loss_fn = models.per_sample_loss(apply)
+    tc = config.train
+    wd = tc.weight_decay
+    ep_fn = train.make_epoch_fn(loss_fn, tc, len(splits.train))
+    state = train.init_state(params, tc)
+    states = [state]
+    for _ in range(tc.epochs):
+        state = train.train(loss_fn, None, splits.train.x, splits.train.y, tc, state=state, epochs=1,
+                            epoch_fn=ep_fn).state
+        states.append(state)
+    e = config.epoch if config.epoch is not None else tc.epochs
+    report: dict = {"config": io.to_jsonable(config), "n_flipped": int(flipped.size),
+                    "class_names": list(names)}
+    print(f"{splits.train.name}: {len(splits.train)} train ({flipped.size} labels flipped in classes "
+          f"{list(config.noise_classes)}), {len(splits.val)} val, {len(splits.test)} test", file=out)
+
+    def problem_at(st):
+        return S.SearchProblem(loss_fn, apply, st, tc, splits.train.x, splits.train.y, splits.val.x,
+                               splits.val.y, splits.test.x, splits.test.y, K)
+
+    # Direct Improvement at θ^e (or, when candidates are retrained to convergence, at the
+    # converged model θ* reached from θ^e: the first-order program's own setting)
+    st_e = states[e]
+    if scfg.retrain == "converge":
+        th, _, _ = train.fit_lbfgs(loss_fn, st_e.params, splits.train.x, splits.train.y,
+                                   weight_decay=wd, max_iter=scfg.retrain_max_iter)
+        st_e = train.TrainState(th, st_e.opt_state, st_e.epoch)
+    inf_e = _influence_at(apply, loss_fn, st_e.params, splits, K, wd, config.influence_damping, config.model.kind)
+    acc_e = train.evaluate(apply, st_e.params, splits.val.x, splits.val.y, K).accuracy
+    targets = config.targets or tuple(int(i) for i in np.argsort(acc_e, kind="stable")[:2])
+    prob = problem_at(st_e)
+    res = S.run_search(prob, inf_e.P, targets, mode="direct", config=scfg, progress=progress)
+    base = S.evaluate_weightings(prob, S.baseline_weights(inf_e.P, splits.train.y, targets, K, scfg),
+                                 st_e.params, retrain=scfg.retrain, max_iter=scfg.retrain_max_iter)
+    report["direct"] = _search_block(res, base, names, targets)
+    report["direct"]["epoch"] = e
+    print(f"\nDirect Improvement at epoch {e}", file=out)
+    print(format_improve_table(report["direct"], names), file=out)
+
+    if config.course_correction:
+        accs = [train.evaluate(apply, s.params, splits.val.x, splits.val.y, K).accuracy for s in states]
+        drops = [(float(np.max(accs[i] - accs[i + 1])), i) for i in range(1, tc.epochs)]
+        drop, e_cc = max(drops)
+        if drop <= 0:
+            report["course_correction"] = {"skipped": "no class dropped between consecutive epochs"}
+            print("\nCourse Correction: no class dropped between consecutive epochs", file=out)
+        else:
+            cc_targets = tuple(int(k) for k in np.flatnonzero(accs[e_cc] - accs[e_cc + 1] > 0))
+            st_cc = states[e_cc]
+            inf_cc = _influence_at(apply, loss_fn, st_cc.params, splits, K, wd, config.influence_damping,
+                                   config.model.kind)
+            prob_cc = problem_at(st_cc)
+            ref = states[e_cc + 1].params
+            res_cc = S.run_search(prob_cc, inf_cc.P, cc_targets, mode="course_correction",
+                                  ref_params=ref, config=dataclasses.replace(scfg, retrain="epoch"),
+                                  progress=progress)
+            base_cc = S.evaluate_weightings(prob_cc, S.baseline_weights(inf_cc.P, splits.train.y, cc_targets, K, scfg),
+                                            ref, retrain="epoch")
+            report["course_correction"] = _search_block(res_cc, base_cc, names, cc_targets)
+            report["course_correction"].update({"epoch": e_cc, "val_drop_points": 100 * drop,
+                                                "val_acc_e": accs[e_cc].tolist(),
+                                                "val_acc_e_plus_1": accs[e_cc + 1].tolist()})
+            print(f"\nCourse Correction at epoch {e_cc} (ordinary epoch {e_cc + 1} dropped classes "
+                  f"{[names[k] for k in cc_targets]} by up to {100 * drop:.1f} val points)", file=out)
+            print(format_improve_table(report["course_correction"], names), file=out)
+
+    if config.frontier:
+        report["frontier"] = frontier_experiment(loss_fn, apply, states[-1].params, splits, K, wd,
+                                                 config, out=out)
+    io.write_json(out_dir / "improve.json", report)
+    print(f"\nwrote {out_dir / 'improve.json'}", file=out)
+    return report
+
+
+def frontier_experiment(loss_fn, apply, params, splits, K, wd, config, *, out=sys.stdout,
+                        n_verify: int = 4) -> dict:
+    """Frontier at the converged model: predicted per-class loss decreases, then actual
+    retraining (L-BFGS to convergence, fixed-N normaliser) at a few frontier points."""
+    from . import search as S
+
+    theta, it, gn = train.fit_lbfgs(loss_fn, params, splits.train.x, splits.train.y, weight_decay=wd)
+    inf = _influence_at(apply, loss_fn, theta, splits, K, wd, config.influence_damping, config.model.kind)
+    fr = S.pareto_frontier(inf.P, rho=config.frontier_rho, n_random=8, seed=config.data.seed)
+    base = train.evaluate(apply, theta, splits.val.x, splits.val.y, K)
+    pts = []
+    order = list(config.noise_classes)[:n_verify] + [K + i for i in range(max(0, n_verify - len(config.noise_classes)))]
+    for j in order:
+        w = fr.weights[j]
+        th_w, _, _ = train.fit_lbfgs(loss_fn, theta, splits.train.x, splits.train.y, weights=w,
+                                     weight_decay=wd, normalizer="n")
+        m = train.evaluate(apply, th_w, splits.val.x, splits.val.y, K)
+        mt = train.evaluate(apply, th_w, splits.test.x, splits.test.y, K)
+        pts.append({"point": int(j), "class_weights": fr.class_weights[j].tolist(),
+                    "predicted_loss_change": (-fr.gains[j]).tolist(),
+                    "actual_loss_change": (m.loss - base.loss).tolist(),
+                    "val_acc_change_points": (100 * (m.accuracy - base.accuracy)).tolist(),
+                    "test_acc": mt.accuracy.tolist()})
+    pred = np.concatenate([p["predicted_loss_change"] for p in pts])
+    act = np.concatenate([p["actual_loss_change"] for p in pts])
+    import scipy.stats
+
+    res = {"rho": fr.rho, "ceiling_loss_decrease": fr.ceiling.tolist(), "gains": fr.gains.tolist(),
+           "class_weights": fr.class_weights.tolist(), "verified": pts,
+           "spearman_predicted_vs_actual": float(scipy.stats.spearmanr(pred, act)[0]),
+           "pearson_predicted_vs_actual": float(np.corrcoef(pred, act)[0, 1]),
+           "lbfgs_iterations": it, "lbfgs_grad_norm": gn,
+           "base_val_loss": base.loss.tolist(), "base_val_acc": base.accuracy.tolist()}
+    print(f"\nFrontier (trust region ρ = {fr.rho}): estimated first-order ceiling, predicted val-loss "
+          "decrease per class with no class predicted worse:", file=out)
+    print("  " + "  ".join(f"{n}:{g:.4f}" for n, g in zip(splits.class_names, fr.ceiling)), file=out)
+    print(f"  retrained at {len(pts)} frontier points: predicted vs actual per-class loss change, "
+          f"Spearman {res['spearman_predicted_vs_actual']:.3f}, Pearson {res['pearson_predicted_vs_actual']:.3f}",
+          file=out)
+    return res

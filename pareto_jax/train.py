@@ -287,3 +287,50 @@ def train_one_epoch_from(loss_fn: LossFn, state: TrainState, x, y, weights,
     """
     return train(loss_fn, None, x, y, config, weights=weights, state=state, epochs=1,
                  epoch_fn=epoch_fn).state
+
+
+@functools.lru_cache(maxsize=32)
+def _lbfgs_fit_fn(loss_fn, weight_decay: float, normalizer: str, max_iter: int, tol: float):
+    opt = optax.lbfgs()
+
+    def fit(params, x, y, w):
+        def obj(p):
+            return weighted_objective(loss_fn, p, x, y, w, weight_decay=weight_decay,
+                                      normalizer=normalizer)
+
+        vg = optax.value_and_grad_from_state(obj)
+
+        def step(carry):
+            p, s = carry
+            v, g = vg(p, state=s)
+            u, s = opt.update(g, s, p, value=v, grad=g, value_fn=obj)
+            return optax.apply_updates(p, u), s
+
+        def cond(carry):
+            _, s = carry
+            it = optax.tree_utils.tree_get(s, "count")
+            g = optax.tree_utils.tree_get(s, "grad")
+            err = optax.tree_utils.tree_l2_norm(g)
+            return (it == 0) | ((it < max_iter) & (err >= tol))
+
+        p, s = jax.lax.while_loop(cond, step, (params, opt.init(params)))
+        g = optax.tree_utils.tree_get(s, "grad")
+        return p, optax.tree_utils.tree_get(s, "count"), optax.tree_utils.tree_l2_norm(g)
+
+    return jax.jit(fit)
+
+
+def fit_lbfgs(loss_fn: LossFn, params, x, y, *, weights=None, weight_decay: float,
+              normalizer: str = "n", max_iter: int = 1000, tol: float = 1e-6):
+    """Minimise the full-batch weighted objective L_w(θ) with optax's L-BFGS (zoom line search).
+
+    For convex models this is "retraining to convergence": the reference the influence
+    predictions are checked against. Returns (params, iterations, final gradient norm).
+    """
+    _checks.check_choice(normalizer, "normalizer", ("weights", "n"))
+    x = _checks.as_features(x, "x")
+    w = np.ones(x.shape[0]) if weights is None else _checks.as_weights(weights, x.shape[0])
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+    fit = _lbfgs_fit_fn(loss_fn, float(weight_decay), normalizer, int(max_iter), float(tol))
+    p, it, gn = fit(params, jnp.asarray(x, dtype), jnp.asarray(y), jnp.asarray(w, dtype))
+    return p, int(it), float(gn)
