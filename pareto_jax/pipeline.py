@@ -138,7 +138,7 @@ class ImproveConfig:
 
     data: DataConfig = DataConfig(name="mnist5k")
     model: ModelConfig = ModelConfig(kind="linear")
-    train: train.TrainConfig = train.TrainConfig(epochs=12, batch_size=128, learning_rate=0.01,
+    train: train.TrainConfig = train.TrainConfig(epochs=20, batch_size=128, learning_rate=0.003,
                                                  weight_decay=1e-3)
     noise_classes: tuple[int, ...] = (3, 8)
     noise_fraction: float = 0.4

@@ -143,12 +143,23 @@ class SearchProblem:
 
 @functools.lru_cache(maxsize=16)
 def _acc_fn(apply, K):
-    def acc(params, x, y):
-        correct = (jnp.argmax(apply(params, x), -1) == y).astype(jnp.float32)
-        oh = jax.nn.one_hot(y, K)
-        return oh.T @ correct / jnp.maximum(oh.sum(0), 1.0)
+    """Per-class accuracy; counts are summed as integers and divided in float64 on the host, so
+    batched and sequential evaluations agree bit for bit."""
+    def hits(params, x, y):
+        correct = (jnp.argmax(apply(params, x), -1) == y)
+        return jnp.sum(jax.nn.one_hot(y, K, dtype=jnp.int32) * correct[:, None].astype(jnp.int32), 0)
 
-    return jax.jit(acc), jax.jit(jax.vmap(acc, in_axes=(0, None, None)))
+    one, many = jax.jit(hits), jax.jit(jax.vmap(hits, in_axes=(0, None, None)))
+
+    def acc(params, x, y):
+        counts = np.maximum(np.bincount(np.asarray(y), minlength=K), 1)
+        return np.asarray(one(params, x, y), np.float64) / counts
+
+    def acc_batch(params, x, y):
+        counts = np.maximum(np.bincount(np.asarray(y), minlength=K), 1)
+        return np.asarray(many(params, x, y), np.float64) / counts
+
+    return acc, acc_batch
 
 
 class _Evaluator:
@@ -162,7 +173,12 @@ class _Evaluator:
         fit = train._lbfgs_fit_fn(problem.loss_fn, float(problem.train_config.weight_decay), "n",
                                   int(max_iter), 1e-6)
         self.fit = fit
-        self.fit_batch = jax.jit(jax.vmap(fit, in_axes=(None, None, None, 0)))
+        # L-BFGS iteration counts differ across members: lock-step vmap pays for the slowest,
+        # so on CPU the population is looped inside one compiled program instead
+        if jax.default_backend() == "cpu":
+            self.fit_batch = jax.jit(lambda p, x, y, W: jax.lax.map(lambda w: fit(p, x, y, w), W))
+        else:
+            self.fit_batch = jax.jit(jax.vmap(fit, in_axes=(None, None, None, 0)))
         self.acc, self.acc_batch = _acc_fn(problem.apply, problem.num_classes)
         dt = jnp.result_type(*jax.tree_util.tree_leaves(problem.state.params))
         self.dt = dt
@@ -289,7 +305,13 @@ class _Population:
             if self.cfg.search_rho is not None:
                 rhos = np.array([self.cfg.rho_of(g) for g in A[:, K]])
                 A = A[:, :K]
-            sols = pareto.solve_reweighting_batch(self.P, self.targets, A, self.cfg.reweight, rhos=rhos)
+            if self.cfg.batched:
+                sols = pareto.solve_reweighting_batch(self.P, self.targets, A, self.cfg.reweight, rhos=rhos)
+            else:  # one candidate at a time (memory-limited path): same programs, same answers
+                sols = [pareto.solve_reweighting(
+                    self.P, self.targets, a, self.cfg.reweight if rhos is None
+                    else dataclasses.replace(self.cfg.reweight, rho=float(r)))
+                    for a, r in zip(A, rhos if rhos is not None else [None] * len(A))]
             W = np.stack([s.w if s.w is not None else np.ones(self.P.shape[0]) for s in sols])
             params, _ = self.ev.train_many(W, self.cfg.batched)
             acc = self.ev.accuracies(params, "val", self.cfg.batched)

@@ -1,0 +1,83 @@
+"""Search benchmark: one batched generation (vmapped program solves + vmapped weighted epoch)
+vs the sequential path (one candidate at a time), population 32, on the same candidates.
+
+Correctness first: both paths must give identical fitness values. Compilation is excluded
+(each path first evaluates a different warm-up population).
+
+    python -m bench.bench_search [--quick] [--dataset mnist5k|digits] [--population 32]
+
+Writes bench/results/search.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
+
+from bench import _util  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dataset", default="mnist5k")
+    ap.add_argument("--population", type=int, default=32)
+    a = ap.parse_args()
+    import numpy as np
+
+    from pareto_jax import data, influence, models, pipeline, search, train
+
+    ds = "digits" if a.quick else a.dataset
+    s = pipeline.load_data(pipeline.DataConfig(name=ds))
+    noisy, _ = data.inject_label_noise(s.train, (3, 8), 0.4)
+    apply, params = models.functional(models.make_model("linear", s.train.x.shape[1:], 10))
+    loss_fn = models.per_sample_loss(apply)
+    cfg = train.TrainConfig(epochs=10, batch_size=128, learning_rate=0.003, weight_decay=1e-3)
+    st = train.train(loss_fn, params, noisy.x, noisy.y, cfg).state
+    prob = search.SearchProblem(loss_fn, apply, st, cfg, noisy.x, noisy.y, s.val.x, s.val.y,
+                                s.test.x, s.test.y, 10)
+    P = np.asarray(influence.linear_category_influence(st.params, noisy.x, noisy.y, s.val.x, s.val.y,
+                                                       num_classes=10, weight_decay=1e-3).P)
+    rng = np.random.default_rng(0)
+    M = a.population
+    rows = {}
+    fits = {}
+    for batched in (True, False):
+        scfg = search.SearchConfig(population=M, batched=batched)
+        ev = search._Evaluator(prob)
+        ref = np.asarray(ev.acc(st.params, ev.xv, ev.yv))
+        popn = search._Population(ev, P, (3, 8), ref, scfg)
+        warm = np.column_stack([rng.uniform(0.5, 1, (M, 10)), rng.uniform(0, 1, M)])
+        popn.evaluate(warm)  # compile
+        genome = np.column_stack([np.random.default_rng(1).uniform(0.5, 1, (M, 10)),
+                                  np.random.default_rng(2).uniform(0, 1, M)])
+        t = time.perf_counter()
+        cands = popn.evaluate(genome)
+        rows["t_batched" if batched else "t_sequential"] = time.perf_counter() - t
+        fits[batched] = [c.fitness for c in cands]
+        # the two halves of a generation, timed on their own: program solves, then training
+        W = np.stack([popn.solutions[g.tobytes()].w if popn.solutions[g.tobytes()].w is not None
+                      else np.ones(len(P)) for g in genome])
+        ev.train_many(W, batched)  # compiled already; warm
+        t = time.perf_counter()
+        _util.block(ev.train_many(W, batched)[0])
+        rows["t_train_batched" if batched else "t_train_sequential"] = time.perf_counter() - t
+    same = all((x == y) or (np.isinf(x) and np.isinf(y)) for x, y in zip(fits[True], fits[False]))
+    assert same, (fits[True], fits[False])
+    out = {"dataset": ds, "n_train": int(len(noisy.y)), "population": M, **rows,
+           "speedup": rows["t_sequential"] / rows["t_batched"],
+           "speedup_training": rows["t_train_sequential"] / rows["t_train_batched"],
+           "identical_fitness": same,
+           "n_finite": int(np.isfinite(fits[True]).sum())}
+    print(_util.table([out], ["dataset", "n_train", "population", "t_batched", "t_sequential",
+                              "speedup", "t_train_batched", "t_train_sequential", "speedup_training",
+                              "identical_fitness", "n_finite"]))
+    p = _util.write("search" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "result": out})
+    print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

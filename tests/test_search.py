@@ -1,0 +1,109 @@
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from pareto_jax import data, influence, models, pareto, search, train
+from pareto_jax._checks import InputError
+
+
+@pytest.fixture(scope="module")
+def digits_problem():
+    s = data.stratified_split(data.load_digits(), seed=0)
+    noisy, _ = data.inject_label_noise(s.train, (3, 8), 0.4, seed=0)
+    apply, params = models.functional(models.make_model("linear", (64,), 10))
+    loss_fn = models.per_sample_loss(apply)
+    cfg = train.TrainConfig(epochs=15, batch_size=128, learning_rate=0.01, weight_decay=1e-3)
+    st = train.train(loss_fn, params, noisy.x, noisy.y, cfg).state
+    prob = search.SearchProblem(loss_fn, apply, st, cfg, noisy.x, noisy.y, s.val.x, s.val.y,
+                                s.test.x, s.test.y, 10)
+    P = influence.linear_category_influence(st.params, noisy.x, noisy.y, s.val.x, s.val.y,
+                                            num_classes=10, weight_decay=1e-3).P
+    return prob, np.asarray(P)
+
+
+def test_fitness_definition():
+    assert search.fitness([1.0, -2.0, 0.0, -4.0], [0]) == (pytest.approx(-2.0), 1.0)
+    assert search.fitness([1.0, 2.0, 0.0], [0])[0] == 0.0
+    assert search.fitness([0.0, 2.0, 3.0], [0])[0] == float("-inf")  # target did not improve
+    assert search.fitness([1.0, 2.0], [0, 1])[0] == 0.0                # no non-target classes
+    np.testing.assert_allclose(search.relative_change([0.5, 0.0], [0.25, 0.0]), [100.0, 0.0])
+
+
+def test_batched_and_sequential_generations_agree(digits_problem):
+    prob, P = digits_problem
+    cfg = search.SearchConfig(population=6, generations=2, seed=3)
+    a = search.run_search(prob, P, [3, 8], config=cfg)
+    b = search.run_search(prob, P, [3, 8], config=dataclasses.replace(cfg, batched=False))
+    fa = [(c.genome.tolist(), c.fitness) for c in a.evaluations]
+    fb = [(c.genome.tolist(), c.fitness) for c in b.evaluations]
+    assert len(fa) == len(fb)
+    for (ga, xa), (gb, xb) in zip(fa, fb):
+        assert ga == gb
+        assert xa == pytest.approx(xb, abs=1e-9) or (xa == xb == float("-inf"))
+    np.testing.assert_allclose(a.val_acc, b.val_acc)
+
+
+def test_search_is_deterministic_and_reports_consistently(digits_problem):
+    prob, P = digits_problem
+    cfg = search.SearchConfig(population=6, generations=3, seed=1)
+    a = search.run_search(prob, P, [3, 8], config=cfg)
+    b = search.run_search(prob, P, [3, 8], config=cfg)
+    assert [c.fitness for c in a.evaluations] == [c.fitness for c in b.evaluations]
+    np.testing.assert_array_equal(a.weights, b.weights)
+    assert len(a.history) == 3
+    # the reported best is the best evaluated candidate, and its Δ is recomputed from scratch
+    assert a.best.fitness == max(c.fitness for c in a.evaluations)
+    np.testing.assert_allclose(a.delta_val, a.best.delta_val)
+    if a.found:
+        assert np.all(a.delta_val[[3, 8]] > 0)
+
+
+def test_all_minus_infinity_population_is_handled(digits_problem):
+    prob, P = digits_problem
+    ev_acc = train.evaluate(prob.apply, prob.state.params, prob.x_val, prob.y_val, 10).accuracy
+    perfect = int(np.argmax(ev_acc))
+    assert ev_acc[perfect] == 1.0  # a class at 100%: it cannot improve
+    res = search.run_search(prob, P, [perfect], config=search.SearchConfig(population=4, generations=2))
+    assert not res.found and res.best.fitness == float("-inf")
+    assert all(h["n_finite"] == 0 for h in res.history)
+
+
+def test_course_correction_needs_reference(digits_problem):
+    prob, P = digits_problem
+    with pytest.raises(InputError, match="ref_params"):
+        search.run_search(prob, P, [3], mode="course_correction")
+
+
+def test_baselines(digits_problem):
+    prob, P = digits_problem
+    b = search.baseline_weights(P, prob.y_train, [3, 8], 10)
+    assert set(b) == {"unweighted", "class_balanced", "trim_negative", "topk_upweight", "fixed_alpha_lp"}
+    assert np.all(b["unweighted"] == 1)
+    assert b["class_balanced"].mean() == pytest.approx(1.0)
+    counts = np.bincount(prob.y_train, minlength=10)
+    np.testing.assert_allclose(b["class_balanced"] * counts[prob.y_train],
+                               b["class_balanced"][0] * counts[prob.y_train[0]])
+    np.testing.assert_array_equal(b["trim_negative"] == 0, P.sum(1) < 0)
+    assert (b["topk_upweight"] == 2.0).sum() == round(0.1 * len(P))
+    res = search.evaluate_weightings(prob, {"unweighted": b["unweighted"]}, prob.state.params)
+    # the unweighted epoch from θ^e is exactly ordinary training's next epoch
+    nxt = train.train_one_epoch_from(prob.loss_fn, prob.state, prob.x_train, prob.y_train,
+                                     np.ones(len(P)), prob.train_config)
+    acc = train.evaluate(prob.apply, nxt.params, prob.x_val, prob.y_val, 10).accuracy
+    np.testing.assert_allclose(res["unweighted"]["val_acc"], acc, atol=1e-6)
+
+
+def test_frontier_against_highs():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(300, 1))
+    P = (f * np.array([1.0, -1.0, 0.5]) + rng.normal(size=(300, 3)) + 0.1) * 1e-3
+    fr = search.pareto_frontier(P, rho=0.3, n_random=3)
+    assert fr.gains.shape == (6, 3)
+    assert np.all(fr.gains >= -1e-12)  # no class predicted worse anywhere on the frontier
+    assert np.all(np.abs(fr.weights - 1) <= 0.3 + 1e-12)
+    for k in range(3):  # the ceiling of class k is the optimum of its own LP (checked by HiGHS)
+        ref = pareto.solve_reweighting(P, [k], 1.0, rho=0.3, w_max=1.3, solver="highs")
+        assert fr.ceiling[k] == pytest.approx(ref.objective - P[:, k].sum(), rel=1e-7)
+        assert fr.ceiling[k] >= fr.gains[:, k].max() - 1e-12
