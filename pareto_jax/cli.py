@@ -64,6 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--out", default="runs/default", help="run folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    q = sub.add_parser("improve", help="label-noise experiment: Direct Improvement, Course "
+                                       "Correction, baselines and the Pareto frontier")
+    q.add_argument("--dataset", default="mnist5k", choices=("digits", "mnist5k"))
+    q.add_argument("--noise-classes", type=_int_tuple, default=(3, 8))
+    q.add_argument("--noise", type=float, default=0.4, help="fraction of each noisy class flipped")
+    q.add_argument("--population", type=int, default=16)
+    q.add_argument("--generations", type=int, default=6)
+    q.add_argument("--retrain", default="converge", choices=("converge", "epoch"))
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default="runs/improve")
+    q.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser("reproduce", help="reproduce an experiment of the method and write a report")
+    r.add_argument("experiment", choices=("synthetic", "deletion", "improve"))
+    r.add_argument("--dataset", default=None,
+                   help="deletion: digits (default), mnist5k, emotion, ag_news, cifar10, stl10; "
+                        "improve: mnist5k (default) or digits")
+    r.add_argument("--path", default=None, help="dataset files for cifar10 / stl10")
+    r.add_argument("--quick", action="store_true", help="small sizes (CI)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", default=None, help="report folder (default reports/<experiment>)")
     return ap
 
 
@@ -76,6 +98,28 @@ def main(argv: list[str] | None = None) -> int:
             from . import pipeline
 
             pipeline.run(_run_config(a), progress=not a.no_progress)
+            return 0
+        if a.command == "improve":
+            from . import pipeline, search
+
+            cfg = pipeline.ImproveConfig(
+                data=pipeline.DataConfig(name=a.dataset, seed=a.seed), noise_classes=a.noise_classes,
+                noise_fraction=a.noise,
+                search=search.SearchConfig(population=a.population, generations=a.generations,
+                                           seed=a.seed, retrain=a.retrain), out_dir=a.out)
+            pipeline.run_improve(cfg, progress=not a.no_progress)
+            return 0
+        if a.command == "reproduce":
+            from . import reproduce
+
+            out = a.out or f"reports/{a.experiment}" + (f"_{a.dataset}" if a.dataset and a.experiment == "deletion" else "")
+            if a.experiment == "synthetic":
+                reproduce.reproduce_synthetic(out, quick=a.quick, seed=a.seed)
+            elif a.experiment == "deletion":
+                reproduce.reproduce_deletion(a.dataset or "digits", out, quick=a.quick, seed=a.seed,
+                                             path=a.path)
+            else:
+                reproduce.reproduce_improve(out, quick=a.quick, seed=a.seed, dataset=a.dataset)
             return 0
     except _checks.InputError as e:
         print(f"pareto-jax: error: {e}", file=sys.stderr)

@@ -255,7 +255,8 @@ def run_improve(config: ImproveConfig = ImproveConfig(), *, progress: bool = Tru
 
     if config.course_correction:
         accs = [train.evaluate(apply, s.params, splits.val.x, splits.val.y, K).accuracy for s in states]
-        drops = [(float(np.max(accs[i] - accs[i + 1])), i) for i in range(1, tc.epochs)]
+        # look in the second half of training: early epochs still move every class a lot
+        drops = [(float(np.max(accs[i] - accs[i + 1])), i) for i in range(max(1, tc.epochs // 2), tc.epochs)]
         drop, e_cc = max(drops)
         if drop <= 0:
             report["course_correction"] = {"skipped": "no class dropped between consecutive epochs"}

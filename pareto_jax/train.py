@@ -310,12 +310,12 @@ def _lbfgs_fit_fn(loss_fn, weight_decay: float, normalizer: str, max_iter: int, 
             _, s = carry
             it = optax.tree_utils.tree_get(s, "count")
             g = optax.tree_utils.tree_get(s, "grad")
-            err = optax.tree_utils.tree_l2_norm(g)
+            err = optax.tree_utils.tree_norm(g)
             return (it == 0) | ((it < max_iter) & (err >= tol))
 
         p, s = jax.lax.while_loop(cond, step, (params, opt.init(params)))
         g = optax.tree_utils.tree_get(s, "grad")
-        return p, optax.tree_utils.tree_get(s, "count"), optax.tree_utils.tree_l2_norm(g)
+        return p, optax.tree_utils.tree_get(s, "count"), optax.tree_utils.tree_norm(g)
 
     return jax.jit(fit)
 

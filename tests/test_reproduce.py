@@ -1,0 +1,62 @@
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pareto_jax import reproduce
+
+
+def _check_report(folder, figures):
+    assert (folder / "report.md").exists()
+    text = (folder / "report.md").read_text()
+    for name in figures:
+        png = folder / name
+        assert png.exists() and png.stat().st_size > 5000, name
+        assert png.with_suffix(".json").exists(), name
+        assert f"]({name})" in text, name
+
+
+def test_synthetic_quick(tmp_path):
+    r = reproduce.reproduce_synthetic(str(tmp_path), quick=True, out=io.StringIO())
+    _check_report(tmp_path, ["separable_boundary.png", "separable_influence.png", "separable_rounds.png",
+                             "overlapping_boundary.png", "overlapping_influence.png"])
+    sep = r["separable"]
+    assert sep["ceiling"]["improvable"]
+    # every joint-negative sample of the separable case is a flipped one
+    assert sep["joint_negative_that_are_flipped"] == sep["regions"]["joint-negative"] > 0
+    tr = np.asarray(sep["rounds_train_accuracy"])
+    assert np.all(tr[-1] >= tr[0])  # removal rounds do not lower per-class training accuracy
+    assert r["overlapping"]["t_star_relative"] < sep["t_star_relative"]
+
+
+@pytest.mark.parametrize("dataset", ["digits", "ag_news"])
+def test_deletion_quick(tmp_path, dataset):
+    r = reproduce.reproduce_deletion(dataset, str(tmp_path), quick=True, out=io.StringIO())
+    _check_report(tmp_path, ["scatter.png", "influence_beneficial.png", "accuracy_beneficial.png",
+                             "composition_detrimental.png"])
+    assert r["spearman_all"] < -0.3  # removing beneficial samples costs accuracy, and the reverse
+    comp = np.asarray(r["label_composition"]["beneficial"])
+    assert comp.sum(1).tolist() == [comp.sum(1)[0]] * comp.shape[0]  # same set size per class
+
+
+def test_improve_quick(tmp_path):
+    r = reproduce.reproduce_improve(str(tmp_path), quick=True, out=io.StringIO())
+    _check_report(tmp_path, ["direct.png", "frontier.png"])
+    d = r["direct"]
+    assert set(d["rows"]) >= {"search (PARETO-LP-GA)", "unweighted", "class_balanced", "trim_negative",
+                              "topk_upweight"}
+    saved = json.loads((tmp_path / "improve.json").read_text())
+    assert saved["direct"]["targets"] == d["targets"]
+    assert r["frontier"]["pearson_predicted_vs_actual"] > 0.9
+
+
+def test_cli_reproduce_bad_arguments(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pareto_jax.cli", "reproduce", "nonsense"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "invalid choice" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "pareto_jax.cli", "reproduce", "deletion", "--dataset",
+                        "cifar10", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 2 and "path" in p.stderr
