@@ -1,4 +1,9 @@
-"""Command-line front end: ``pareto-jax run ...``. Thin: it builds a config and calls the pipeline."""
+"""Command-line front end: ``pareto-jax run | improve | reproduce``. Thin: it builds a config
+and calls the pipeline.
+
+Exit codes: 0 success; 2 bad arguments or input (the message names the argument and the fix);
+3 a numerical failure (NaN/Inf, a solve that failed); 4 the reweighting program is infeasible.
+"""
 
 from __future__ import annotations
 
@@ -40,9 +45,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_config(a):
-    from . import pipeline, train
+    from . import pareto, pipeline, search, train
 
+    scfg = None
+    if a.search:
+        scfg = search.SearchConfig(population=a.population, generations=a.generations, seed=a.seed)
     return pipeline.RunConfig(
+        targets=a.targets or None, alpha=a.alpha,
+        reweight=pareto.ReweightConfig(w_max=a.w_max, rho=None if a.rho == 0 else a.rho),
+        search=scfg, retrain_epochs=a.retrain_epochs,
         data=pipeline.DataConfig(name=a.dataset, path=a.path, features=a.features,
                                  max_train=a.max_train, seed=a.seed),
         model=pipeline.ModelConfig(kind=a.model, hidden=a.hidden, seed=a.seed),
@@ -62,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train the model on a dataset and report per-class accuracy")
     _add_data_args(p)
     _add_model_args(p)
-    p.add_argument("--out", default="runs/default", help="run folder")
+    p.add_argument("--targets", type=_int_tuple, default=None,
+                   help="classes to improve, e.g. 3,8 (default: the two weakest on validation)")
+    p.add_argument("--alpha", type=float, default=0.9, help="program threshold for every class")
+    p.add_argument("--rho", type=float, default=0.5, help="trust region |w-1| <= rho (0: off)")
+    p.add_argument("--w-max", type=float, default=2.0, help="upper bound on weights")
+    p.add_argument("--search", action="store_true", help="search alpha with PARETO-LP-GA")
+    p.add_argument("--population", type=int, default=16)
+    p.add_argument("--generations", type=int, default=6)
+    p.add_argument("--retrain-epochs", type=int, default=5)
+    p.add_argument("--out", default="runs/default", help="run folder (finished stages are reused)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     q = sub.add_parser("improve", help="label-noise experiment: Direct Improvement, Course "
@@ -127,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     except _checks.NumericalError as e:
         print(f"pareto-jax: numerical failure: {e}", file=sys.stderr)
         return 3
+    except FileNotFoundError as e:
+        print(f"pareto-jax: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from .pipeline import ProgramFailed
+
+        if isinstance(e, ProgramFailed):
+            print(f"pareto-jax: {e}. Fix: lower --alpha or widen --rho / --w-max.", file=sys.stderr)
+            return 4
+        raise
     return 1
 
 

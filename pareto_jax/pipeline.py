@@ -45,11 +45,65 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
+    """The main job: train, influence, ceiling test, reweighting program (or the search),
+    retraining with the weights, and per-class accuracy before and after.
+
+    Attributes:
+        targets: classes the program maximises (default: the two weakest validation classes).
+        alpha: the program's threshold for every class.
+        reweight: the program's options (bounds, trust region, μ, solver).
+        search: if set, PARETO-LP-GA picks α (and ρ) instead of the fixed `alpha`.
+        influence: numerical choices (default: closed form for a linear model, else
+            Gauss-Newton CG).
+        retrain_epochs: epochs of training with the new weights from the trained model; the same
+            number of unweighted epochs is run beside it as the fair comparison.
+    """
+
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: train.TrainConfig = train.TrainConfig(epochs=40, batch_size=128, learning_rate=0.05,
                                                  weight_decay=1e-3, checkpoint_epochs=(40,))
+    targets: tuple[int, ...] | None = None
+    alpha: float = 0.9
+    reweight: Any = None
+    search: Any = None
+    influence: Any = None
+    retrain_epochs: int = 5
     out_dir: str = "runs/default"
+
+
+class Stages:
+    """Stage artifacts in a run folder, each next to the config that produced it.
+
+    A stage is finished when ``<name>/stage.json`` exists with the expected fingerprint; that
+    marker is written (atomically) only after the stage's own artifacts, so an interrupted stage
+    is simply redone. A fingerprint covers the stage's config and its upstream fingerprints, so a
+    changed config re-runs that stage and everything downstream, and nothing upstream.
+    """
+
+    def __init__(self, root: str | Path, log=None):
+        self.root = Path(root)
+        self.log = log
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def dir(self, name: str) -> Path:
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def done(self, name: str, fp: str) -> bool:
+        m = self.root / name / "stage.json"
+        ok = m.exists() and io.read_json(m).get("fingerprint") == fp
+        if ok:
+            self.skipped.append(name)
+            if self.log:
+                print(f"[{name}] finished earlier with the same config: skipped", file=self.log)
+        return ok
+
+    def finish(self, name: str, fp: str, config: Any) -> None:
+        io.write_json(self.dir(name) / "stage.json", {"fingerprint": fp, "config": config})
+        self.ran.append(name)
 
 
 def load_data(cfg: DataConfig) -> data.Splits:
@@ -85,43 +139,162 @@ def format_table(class_names, columns: dict[str, Any], *, fmt: str = "{:.3f}") -
     return "\n".join(lines)
 
 
-def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=sys.stdout) -> dict:
-    """Train the configured model on the configured data and write a run folder.
+class ProgramFailed(RuntimeError):
+    """The reweighting program had no optimal solution (its status is in the run folder)."""
 
-    The folder holds ``config.json``, ``metrics.json`` (per-class accuracy and loss on every
-    split) and ``checkpoints/epoch_XXXX.npz`` (+ its config).
+    def __init__(self, status: int, message: str):
+        super().__init__(f"reweighting program: status {status} ({message})")
+        self.status = status
+
+
+def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=sys.stdout) -> dict:
+    """The main job (see `RunConfig`), resumable: finished stages are skipped on a rerun.
+
+    Writes into ``config.out_dir``: ``config.json``; ``train/`` (checkpoint, metrics),
+    ``influence/`` (P.npy, diagnostics), ``ceiling/``, ``program/`` (weights, status) or
+    ``search/`` (per-generation state, result), ``retrain/`` (before/after metrics); and
+    ``summary.json``.
 
     Returns:
-        The metrics dict (also written to ``metrics.json``).
+        The summary dict. Raises `ProgramFailed` if the program is infeasible (after writing
+        its status).
     """
-    out_dir = Path(config.out_dir)
+    from . import influence as infl
+    from . import pareto, search as S
+
+    root = Path(config.out_dir)
+    st = Stages(root, log=out)
+    io.write_json(root / "config.json", config)
     splits = load_data(config.data)
-    apply, params = build_model(config.model, splits)
+    K, names = splits.num_classes, splits.class_names
+    apply, params0 = build_model(config.model, splits)
     loss_fn = models.per_sample_loss(apply)
-    io.write_json(out_dir / "config.json", config)
-    print(f"dataset {splits.train.name.split('/')[0]}: {len(splits.train)} train / "
-          f"{len(splits.val)} val / {len(splits.test)} test, {splits.num_classes} classes; "
-          f"model {config.model.kind}", file=out)
     tcfg = config.train
     if tcfg.epochs not in tcfg.checkpoint_epochs:
         tcfg = dataclasses.replace(tcfg, checkpoint_epochs=(*tcfg.checkpoint_epochs, tcfg.epochs))
-    res = train.train(loss_fn, params, splits.train.x, splits.train.y, tcfg,
-                      num_classes=splits.num_classes, run_dir=out_dir, progress=progress)
-    metrics = {name: train.evaluate(apply, res.params, d.x, d.y, splits.num_classes).to_dict()
-               for name, d in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
-    metrics["history"] = list(res.history)
-    metrics["class_names"] = list(splits.class_names)
-    metrics["checkpoints"] = {str(k): v for k, v in res.checkpoints.items()}
-    io.write_json(out_dir / "metrics.json", metrics)
-    print(format_table(splits.class_names, {
-        "train acc": np.asarray(metrics["train"]["accuracy"]),
-        "val acc": np.asarray(metrics["val"]["accuracy"]),
-        "test acc": np.asarray(metrics["test"]["accuracy"]),
-        "n test": np.asarray(metrics["test"]["counts"]),
-    }), file=out)
-    print(f"overall test accuracy {metrics['test']['overall_accuracy']:.4f}; run folder {out_dir}",
+    print(f"dataset {splits.train.name.split('/')[0]}: {len(splits.train)} train / "
+          f"{len(splits.val)} val / {len(splits.test)} test, {K} classes; model {config.model.kind}",
           file=out)
-    return metrics
+
+    def metrics_of(params):
+        return {n: train.evaluate(apply, params, d.x, d.y, K).to_dict()
+                for n, d in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+
+    # 1. train
+    fp_train = io.fingerprint("train", config.data, config.model, tcfg)
+    tdir = root / "train"
+    template = train.init_state(params0, tcfg)
+    if not st.done("train", fp_train):
+        res = train.train(loss_fn, params0, splits.train.x, splits.train.y, tcfg, num_classes=K,
+                          run_dir=tdir, progress=progress)
+        metrics = metrics_of(res.params)
+        metrics["history"] = list(res.history)
+        io.write_json(tdir / "metrics.json", metrics)
+        st.finish("train", fp_train, {"data": config.data, "model": config.model, "train": tcfg})
+    state = train.load_checkpoint(train.checkpoint_path(tdir, tcfg.epochs), template)
+    before = io.read_json(tdir / "metrics.json")
+
+    # 2. influence
+    icfg = config.influence
+    fp_inf = io.fingerprint("influence", fp_train, icfg)
+    idir = root / "influence"
+    if not st.done("influence", fp_inf):
+        if icfg is None and config.model.kind == "linear":
+            r = infl.linear_category_influence(state.params, splits.train.x, splits.train.y,
+                                               splits.val.x, splits.val.y, num_classes=K,
+                                               weight_decay=tcfg.weight_decay)
+        else:
+            r = infl.category_influence(loss_fn, state.params, splits.train.x, splits.train.y,
+                                        splits.val.x, splits.val.y, num_classes=K,
+                                        weight_decay=tcfg.weight_decay, apply=apply,
+                                        config=icfg or infl.InfluenceConfig(curvature="gauss_newton"))
+        d = st.dir("influence")
+        io.save_pytree(d / "P.npz", {"P": np.asarray(r.P)})
+        io.write_json(d / "influence.json", r.summary())
+        st.finish("influence", fp_inf, icfg)
+    P = np.asarray(io.load_pytree(idir / "P.npz", {"P": np.zeros((len(splits.train), K), np.float32)})[0]["P"])
+    inf_summary = io.read_json(idir / "influence.json")
+
+    # 3. ceiling test
+    fp_ceil = io.fingerprint("ceiling", fp_inf)
+    if not st.done("ceiling", fp_ceil):
+        io.write_json(st.dir("ceiling") / "ceiling.json", pareto.ceiling_test(P).summary())
+        st.finish("ceiling", fp_ceil, {})
+    ceiling = io.read_json(root / "ceiling" / "ceiling.json")
+
+    # 4. program (fixed α) or search
+    val_acc = np.asarray(before["val"]["accuracy"])
+    targets = tuple(config.targets) if config.targets else tuple(int(i) for i in np.argsort(val_acc, kind="stable")[:2])
+    rcfg = config.reweight or pareto.ReweightConfig(w_max=2.0, rho=0.5)
+    if config.search is None:
+        stage = "program"
+        fp_w = io.fingerprint("program", fp_inf, targets, config.alpha, rcfg)
+        if not st.done(stage, fp_w):
+            sol = pareto.solve_reweighting(P, targets, config.alpha, rcfg)
+            d = st.dir(stage)
+            if sol.w is not None:
+                io.save_pytree(d / "weights.npz", {"w": sol.w})
+            io.write_json(d / "program.json", {"targets": targets, "alpha": config.alpha, **sol.summary()})
+            st.finish(stage, fp_w, {"targets": targets, "alpha": config.alpha, "reweight": rcfg})
+        prog = io.read_json(root / stage / "program.json")
+    else:
+        stage = "search"
+        scfg = config.search
+        fp_w = io.fingerprint("search", fp_inf, targets, scfg)
+        d = st.dir(stage)
+        ckpt = d / f"state_{fp_w}.json"
+        if not st.done(stage, fp_w):
+            prob = S.SearchProblem(loss_fn, apply, state, tcfg, splits.train.x, splits.train.y,
+                                   splits.val.x, splits.val.y, splits.test.x, splits.test.y, K)
+            sres = S.run_search(prob, P, targets, config=scfg, progress=progress, checkpoint=str(ckpt))
+            if sres.weights is not None:
+                io.save_pytree(d / "weights.npz", {"w": sres.weights})
+            io.write_json(d / "program.json", {
+                "targets": targets, "alpha": sres.best.alpha, "rho": sres.best.rho,
+                "fitness": sres.best.fitness, "found": sres.found, "history": list(sres.history),
+                **sres.program})
+            st.finish(stage, fp_w, {"targets": targets, "search": scfg})
+        prog = io.read_json(root / stage / "program.json")
+    summary = {"targets": [names[t] for t in targets], "ceiling": ceiling, "influence": inf_summary,
+               "program": prog, "stages_run": st.ran, "stages_skipped": st.skipped}
+    if prog["status"] != 0:
+        io.write_json(root / "summary.json", summary)
+        print(f"reweighting program for targets {[names[t] for t in targets]}: status "
+              f"{prog['status']} ({prog['message']})", file=out)
+        raise ProgramFailed(prog["status"], prog["message"])
+    w = np.asarray(io.load_pytree(root / stage / "weights.npz", {"w": np.zeros(len(splits.train))})[0]["w"])
+
+    # 5. retrain with the weights, beside the same number of unweighted epochs
+    fp_rt = io.fingerprint("retrain", fp_w, config.retrain_epochs)
+    if not st.done("retrain", fp_rt):
+        ep = train.make_epoch_fn(loss_fn, tcfg, len(splits.train))
+        kw = dict(state=state, epochs=config.retrain_epochs, epoch_fn=ep)
+        new = train.train(loss_fn, None, splits.train.x, splits.train.y, tcfg, weights=w, **kw).params
+        plain = train.train(loss_fn, None, splits.train.x, splits.train.y, tcfg, **kw).params
+        io.write_json(st.dir("retrain") / "metrics.json",
+                      {"reweighted": metrics_of(new), "unweighted": metrics_of(plain)})
+        st.finish("retrain", fp_rt, {"retrain_epochs": config.retrain_epochs})
+    after = io.read_json(root / "retrain" / "metrics.json")
+    summary["test_accuracy"] = {"before": before["test"]["accuracy"],
+                                "reweighted": after["reweighted"]["test"]["accuracy"],
+                                "unweighted": after["unweighted"]["test"]["accuracy"]}
+    io.write_json(root / "summary.json", summary)
+    print(f"ceiling test: first-order Pareto improvement {'exists' if ceiling['improvable'] else 'does not exist'} "
+          f"(t* = {ceiling['t_star']:.3g}; PCA heuristic ratio {ceiling['pca_explained_ratio (heuristic)']:.2f})",
+          file=out)
+    print(f"program: targets {[names[t] for t in targets]}, {prog['n_saturated']} weights saturated, "
+          f"max violation {prog['max_violation']:.1e}", file=out)
+    b = np.asarray(before["test"]["accuracy"])
+    a = np.asarray(after["reweighted"]["test"]["accuracy"])
+    u = np.asarray(after["unweighted"]["test"]["accuracy"])
+    print(format_table(names, {"test before": b,
+                               f"+{config.retrain_epochs} ep plain": u,
+                               f"+{config.retrain_epochs} ep reweighted": a,
+                               "change": np.array([f"{100 * (x - y):+.1f}" for x, y in zip(a, u)])}), file=out)
+    print(f"overall test accuracy: before {before['test']['overall_accuracy']:.4f}, plain "
+          f"{after['unweighted']['test']['overall_accuracy']:.4f}, reweighted "
+          f"{after['reweighted']['test']['overall_accuracy']:.4f}; run folder {root}", file=out)
+    return summary
 
 
 # ----------------------------------------------------------------------------- improvement experiment

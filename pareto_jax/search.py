@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, pareto, train
+from pathlib import Path
+
+from . import _checks, io, pareto, train
 
 NEG_INF = float("-inf")
 
@@ -329,10 +331,21 @@ def _rank_key(c: Candidate):
     return (c.fitness, c.tiebreak if np.isfinite(c.tiebreak) else NEG_INF)
 
 
+def _cand_to_json(c: Candidate) -> dict:
+    return {"genome": c.genome.tolist(), "rho": c.rho, "fitness": repr(c.fitness),
+            "tiebreak": repr(c.tiebreak), "delta_val": c.delta_val.tolist(), "status": c.status}
+
+
+def _cand_from_json(d: dict, K: int) -> Candidate:
+    g = np.asarray(d["genome"], np.float64)
+    return Candidate(g, g[:K], d["rho"], float(d["fitness"]), float(d["tiebreak"]),
+                     np.asarray(d["delta_val"], np.float64), int(d["status"]))
+
+
 def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str = "direct",
                ref_params=None, config: SearchConfig = SearchConfig(),
                progress: bool = False, on_generation: Callable[[int, dict], None] | None = None,
-               initial_population: np.ndarray | None = None) -> SearchResult:
+               checkpoint: str | None = None) -> SearchResult:
     """PARETO-LP-GA on a checkpoint (see the module docstring).
 
     Args:
@@ -344,10 +357,12 @@ def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str =
         ref_params: the reference model for Course Correction.
         config: `SearchConfig`.
         progress: show a progress bar over generations.
-        on_generation: callback(generation, state dict) after each generation (used for
-            checkpointing a run); the dict holds the population and the rng state.
-        initial_population: resume from this population (with `config.seed`'s generator state
-            restored by the caller through `SearchConfig`).
+        on_generation: callback(generation, state dict) after each finished generation.
+        checkpoint: a JSON file. After every generation the search state (next population,
+            generator state, history, every evaluated candidate) is written there atomically;
+            if the file exists when the search starts, it resumes from it, and the final
+            result is the same as an uninterrupted run's. The caller keys the file to the
+            problem and config (`pipeline` does, by fingerprint).
 
     Returns:
         `SearchResult`. If no candidate improves every target, `found` is False and the best
@@ -375,12 +390,22 @@ def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str =
     rng = np.random.default_rng(config.seed)
     lo, hi = config.alpha_range
     genes = K + (config.search_rho is not None)
-    alphas = rng.uniform(lo, hi, (config.population, genes)) if initial_population is None \
-        else np.asarray(initial_population, np.float64)
-    if config.search_rho is not None and initial_population is None:
+    alphas = rng.uniform(lo, hi, (config.population, genes))
+    if config.search_rho is not None:
         alphas[:, K] = rng.uniform(0.0, 1.0, config.population)
-    history = []
-    for g in tqdm(range(config.generations), disable=not progress, desc="search", unit="gen"):
+    history: list[dict] = []
+    start = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        st = io.read_json(checkpoint)
+        start = int(st["next_generation"])
+        alphas = np.asarray(st["population"], np.float64)
+        rng.bit_generator.state = st["rng_state"]
+        history = st["history"]
+        for d in st["candidates"]:
+            c = _cand_from_json(d, K)
+            pop.cache[c.genome.tobytes()] = c
+    for g in tqdm(range(start, config.generations), initial=start, total=config.generations,
+                  disable=not progress, desc="search", unit="gen"):
         t0 = time.perf_counter()
         cands = pop.evaluate(alphas)
         fin = [c.fitness for c in cands if np.isfinite(c.fitness)]
@@ -393,11 +418,19 @@ def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str =
         if g == config.generations - 1:
             break
         alphas = _next_generation(alphas, cands, rng, config)
+        state = {"next_generation": g + 1, "population": alphas.tolist(),
+                 "rng_state": rng.bit_generator.state, "history": history,
+                 "candidates": [_cand_to_json(c) for c in pop.cache.values()]}
+        if checkpoint is not None:
+            io.write_json(checkpoint, state)
         if on_generation is not None:
-            on_generation(g, {"population": alphas, "history": history})
+            on_generation(g, state)
     everything = sorted(pop.cache.values(), key=_rank_key, reverse=True)
     best = everything[0]
-    sol = pop.solutions[best.genome.tobytes()]
+    # the winner's program is solved once more on its own, so a resumed search (whose early
+    # candidates were evaluated by another process) returns exactly the same weights
+    rcfg = config.reweight if config.search_rho is None else dataclasses.replace(config.reweight, rho=best.rho)
+    sol = pareto.solve_reweighting(P, targets, best.alpha, rcfg)
     w = sol.w
     params, _ = ev.train_one(w if w is not None else np.ones(P.shape[0]))
     val_acc = np.asarray(ev.acc(params, ev.xv, ev.yv), np.float64)

@@ -11,12 +11,15 @@ def test_run_writes_run_folder(tmp_path, capsys):
     rc = cli.main(["run", "--epochs", "3", "--out", str(tmp_path / "r"), "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "overall test accuracy" in out and "class" in out
-    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert "overall test accuracy" in out and "ceiling test" in out
+    m = json.loads((tmp_path / "r" / "train" / "metrics.json").read_text())
     assert len(m["test"]["accuracy"]) == 10 and m["test"]["overall_accuracy"] > 0.5
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["train"]["epochs"] == 3
-    assert (tmp_path / "r" / "checkpoints" / "epoch_0003.npz").exists()
+    assert (tmp_path / "r" / "train" / "checkpoints" / "epoch_0003.npz").exists()
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["program"]["status"] == 0 and s["program"]["max_violation"] <= 1e-9
+    assert set(s["stages_run"]) == {"train", "influence", "ceiling", "program", "retrain"}
 
 
 @pytest.mark.parametrize("args, match", [
@@ -25,9 +28,25 @@ def test_run_writes_run_folder(tmp_path, capsys):
     (["run", "--dataset", "cifar10"], "path"),
     (["run", "--dataset", "cifar10", "--path", "/nonexistent/dir"], "not a folder"),
     (["run", "--lr", "-1"], "learning_rate"),
+    (["run", "--alpha", "2"], "alpha"),
+    (["run", "--targets", "3,99"], "targets"),
+    (["run", "--rho", "-1"], "rho"),
+    (["run", "--dataset", "emotion", "--path", "/nonexistent/emotion"], "no file"),
 ])
 def test_bad_arguments_exit_2_with_message(args, match, tmp_path):
     p = subprocess.run([sys.executable, "-m", "pareto_jax.cli", *args, "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert p.returncode == 2, p.stderr
     assert match in p.stderr
+
+
+def test_infeasible_program_exits_4(tmp_path):
+    # α = 1 for every class with a tiny trust region cannot be met when class totals are negative;
+    # whether or not this instance is infeasible, the exit code must match the written status
+    p = subprocess.run([sys.executable, "-m", "pareto_jax.cli", "run", "--epochs", "2", "--alpha", "1.0",
+                        "--rho", "0.0001", "--no-progress", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert (p.returncode == 4) == (s["program"]["status"] != 0)
+    if p.returncode == 4:
+        assert "infeasible" in p.stderr
