@@ -147,7 +147,7 @@ class ProgramFailed(RuntimeError):
         self.status = status
 
 
-def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=sys.stdout) -> dict:
+def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> dict:
     """The main job (see `RunConfig`), resumable: finished stages are skipped on a rerun.
 
     Writes into ``config.out_dir``: ``config.json``; ``train/`` (checkpoint, metrics),
@@ -159,6 +159,7 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=sys.stdou
         The summary dict. Raises `ProgramFailed` if the program is infeasible (after writing
         its status).
     """
+    out = out or sys.stdout
     from . import influence as infl
     from . import pareto, search as S
 
@@ -374,9 +375,10 @@ def format_improve_table(block: dict, class_names) -> str:
 
 
 def run_improve(config: ImproveConfig = ImproveConfig(), *, progress: bool = True,
-                out=sys.stdout) -> dict:
+                out=None) -> dict:
     """The improvement experiment: train on noisy data, then Direct Improvement, Course
     Correction and the Pareto frontier, each beside its baselines; writes ``improve.json``."""
+    out = out or sys.stdout
     from . import search as S
 
     scfg = config.search or S.SearchConfig()
@@ -462,10 +464,11 @@ def run_improve(config: ImproveConfig = ImproveConfig(), *, progress: bool = Tru
     return report
 
 
-def frontier_experiment(loss_fn, apply, params, splits, K, wd, config, *, out=sys.stdout,
+def frontier_experiment(loss_fn, apply, params, splits, K, wd, config, *, out=None,
                         n_verify: int = 4) -> dict:
     """Frontier at the converged model: predicted per-class loss decreases, then actual
     retraining (L-BFGS to convergence, fixed-N normaliser) at a few frontier points."""
+    out = out or sys.stdout
     from . import search as S
 
     theta, it, gn = train.fit_lbfgs(loss_fn, params, splits.train.x, splits.train.y, weight_decay=wd)

@@ -43,9 +43,10 @@ def _fit_linear(x, y, K, wd, *, weights=None, init=None, normalizer="weights"):
 
 
 def reproduce_synthetic(out_dir: str = "reports/synthetic", *, quick: bool = False, seed: int = 0,
-                        weight_decay: float = 1e-3, out=sys.stdout) -> dict:
+                        weight_decay: float = 1e-3, out=None) -> dict:
     """Both 2-D cases with logistic regression (DESIGN §7), and three rounds of removing the
     joint-negative samples in the improvable case."""
+    out = out or sys.stdout
     out_dir = Path(out_dir)
     n = 100 if quick else 200
     res: dict = {"reference_rounds": REFERENCE["synthetic_rounds"]}
@@ -177,10 +178,11 @@ def _write(out_dir: Path, name: str, res: dict, md: list[str], out) -> None:
 
 def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, quick: bool = False,
                        seed: int = 0, features: str | None = None, weight_decay: float = 1e-3,
-                       fraction: float = 0.1, path: str | None = None, out=sys.stdout) -> dict:
+                       fraction: float = 0.1, path: str | None = None, out=None) -> dict:
     """Per class t, remove the top `fraction` (beneficial) or the bottom `fraction`
     (detrimental) of training samples by P[:, t], retrain, and correlate the removed set's
     summed influence with the actual per-class test-accuracy change over all K×K cells."""
+    out = out or sys.stdout
     out_dir = Path(out_dir or f"reports/deletion_{dataset}")
     text = dataset in ("emotion", "ag_news")
     feats = features or ("tfidf" if quick else "minilm") if text else "tfidf"
@@ -260,8 +262,9 @@ def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, q
 
 
 def reproduce_improve(out_dir: str = "reports/improve", *, quick: bool = False, seed: int = 0,
-                      dataset: str | None = None, retrain: str = "converge", out=sys.stdout) -> dict:
+                      dataset: str | None = None, retrain: str = "converge", out=None) -> dict:
     """Direct Improvement, Course Correction (with baselines) and the frontier, as a report."""
+    out = out or sys.stdout
     from . import pipeline, search
 
     out_dir = Path(out_dir)
