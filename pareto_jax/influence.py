@@ -479,8 +479,8 @@ class InfluenceConfig:
     """Numerical choices for `category_influence` (the problem itself is passed separately).
 
     Attributes:
-        solver: "cg" (default), "dense" (exact reference; small models), "lissa" or "ekfac"
-            (see `pareto_jax.estimators`).
+        solver: "cg" (default), "dense" (exact reference; small models), "lissa", "kfac" or
+            "ekfac" (see `pareto_jax.estimators`; K-FAC/EK-FAC need `model=`).
         curvature: "hessian" or "gauss_newton" (PSD; needs `apply`).
         damping: δ >= 0, or "auto" = 1e-4 · tr(H)/P (Hutchinson estimate, 8 probes), i.e. a
             small fraction of the mean curvature eigenvalue.
@@ -507,7 +507,7 @@ class InfluenceConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _checks.check_choice(self.solver, "solver", ("cg", "dense", "lissa", "ekfac"))
+        _checks.check_choice(self.solver, "solver", ("cg", "dense", "lissa", "kfac", "ekfac"))
         _checks.check_choice(self.curvature, "curvature", ("hessian", "gauss_newton"))
         if self.damping != "auto":
             _checks.check_positive(self.damping, "damping", allow_zero=True)
@@ -612,7 +612,8 @@ def _validate(x_train, y_train, x_val, y_val, num_classes):
 
 def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, *,
                        num_classes: int, weight_decay: float,
-                       config: InfluenceConfig = InfluenceConfig(), apply=None) -> InfluenceResult:
+                       config: InfluenceConfig = InfluenceConfig(), apply=None,
+                       model=None) -> InfluenceResult:
     """The N×K category-wise influence matrix P of a trained model (DESIGN §2–3).
 
     P[i, k] = (1/N) · g_kᵀ (H + δI)⁻¹ ∇ℓ(z_i; θ), g_k = ∇ mean_{val, class k} ℓ; P > 0 is beneficial.
@@ -627,7 +628,8 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
         num_classes: K.
         weight_decay: λ used in training (it is part of the Hessian).
         config: `InfluenceConfig`.
-        apply: ``apply(params, x_batch) -> logits``; needed for Gauss-Newton and EK-FAC.
+        apply: ``apply(params, x_batch) -> logits``; needed for Gauss-Newton.
+        model: the flax nnx module whose params these are; needed for K-FAC / EK-FAC.
 
     Returns:
         `InfluenceResult` with P (N, K) and solver diagnostics.
@@ -655,12 +657,12 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
 
     G = class_gradients(loss_fn, params, xv, yv, num_classes)
     _checks.check_finite_array(G, "class gradients", "influence: class gradients")
-    if config.solver in ("lissa", "ekfac"):
+    if config.solver in ("lissa", "kfac", "ekfac"):
         from . import estimators
 
         solve_res, damping, escalations = estimators.solve(
             config, loss_fn, params, xt, yt, G, weight_decay=weight_decay, apply=apply,
-            num_classes=num_classes)
+            num_classes=num_classes, model=model)
     else:
         _, f, logits_f, chunks, n = _hvp_parts(loss_fn, params, xt, yt, config.hvp_batch_size,
                                                config.curvature, apply)
