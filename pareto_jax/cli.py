@@ -60,8 +60,20 @@ def _run_config(a):
         train=train.TrainConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr,
                                 weight_decay=a.weight_decay, optimizer=a.optimizer, seed=a.seed,
                                 checkpoint_epochs=(a.epochs,)),
-        out_dir=a.out,
+        out_dir=a.out, devices=a.devices,
     )
+
+
+def _devices(s: str):
+    if s == "all":
+        return "all"
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {s!r}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain-epochs", type=int, default=5)
     p.add_argument("--out", default="runs/default", help="run folder (finished stages are reused)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--devices", type=_devices, default=None,
+                   help="shard over this many devices ('all' for every device; default: one)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-process job: call jax.distributed.initialize() first (TPU pod "
+                        "slices, SLURM; or set PARETO_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID)")
 
     q = sub.add_parser("improve", help="label-noise experiment: Direct Improvement, Course "
                                        "Correction, baselines and the Pareto frontier")
@@ -117,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "run":
             from . import pipeline
 
+            if a.distributed:
+                from . import distributed
+
+                print(f"distributed: {distributed.initialize()}", file=sys.stderr)
             pipeline.run(_run_config(a), progress=not a.no_progress)
             return 0
         if a.command == "improve":

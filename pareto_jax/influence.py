@@ -245,6 +245,12 @@ def class_gradients(loss_fn: LossFn, params, x_val, y_val, num_classes: int, *,
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
 def _class_gradients(f, theta, xc, yc, mc, counts, K):
+    return _class_gradients_body(f, theta, xc, yc, mc, counts, K)
+
+
+def _class_gradients_body(f, theta, xc, yc, mc, counts, K, axis_name=None):
+    """Σ over chunks of the class-mean VJPs; with `axis_name`, the local sums are `psum`-ed."""
+
     def chunk(acc, batch):
         xb, yb, mb = batch
         losses_fn = lambda th: jax.vmap(f, (None, 0, 0))(th, xb, yb)  # noqa: E731
@@ -254,14 +260,18 @@ def _class_gradients(f, theta, xc, yc, mc, counts, K):
         return acc + g, None
 
     g, _ = jax.lax.scan(chunk, jnp.zeros((K, theta.size), theta.dtype), (xc, yc, mc))
-    return g
+    return g if axis_name is None else jax.lax.psum(g, axis_name)
 
 
 # ----------------------------------------------------------------------------- curvature
 
 
-def _hvp_fn(f, theta, xc, yc, mc, n, weight_decay, curvature, logits_f):
-    """Build v -> H v for the full objective from chunked arrays (all traced arguments)."""
+def _hvp_fn(f, theta, xc, yc, mc, n, weight_decay, curvature, logits_f, axis_name=None):
+    """Build v -> H v for the full objective from chunked arrays (all traced arguments).
+
+    With `axis_name` (inside `shard_map`), each device accumulates its own chunks and the data
+    term is `psum`-ed over that mesh axis before the weight decay is added.
+    """
 
     def data_term(th, xb, yb, mb):
         return jnp.sum(mb * jax.vmap(f, (None, 0, 0))(th, xb, yb))
@@ -284,6 +294,8 @@ def _hvp_fn(f, theta, xc, yc, mc, n, weight_decay, curvature, logits_f):
             return acc + chunk_hvp(v, *batch), None
 
         acc, _ = jax.lax.scan(body, jnp.zeros_like(v), (xc, yc, mc))
+        if axis_name is not None:
+            acc = jax.lax.psum(acc, axis_name)
         return acc / n + weight_decay * v
 
     return hvp
@@ -613,7 +625,7 @@ def _validate(x_train, y_train, x_val, y_val, num_classes):
 def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, *,
                        num_classes: int, weight_decay: float,
                        config: InfluenceConfig = InfluenceConfig(), apply=None,
-                       model=None) -> InfluenceResult:
+                       model=None, mesh=None) -> InfluenceResult:
     """The N×K category-wise influence matrix P of a trained model (DESIGN §2–3).
 
     P[i, k] = (1/N) · g_kᵀ (H + δI)⁻¹ ∇ℓ(z_i; θ), g_k = ∇ mean_{val, class k} ℓ; P > 0 is beneficial.
@@ -630,6 +642,9 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
         config: `InfluenceConfig`.
         apply: ``apply(params, x_batch) -> logits``; needed for Gauss-Newton.
         model: the flax nnx module whose params these are; needed for K-FAC / EK-FAC.
+        mesh: a `jax.sharding.Mesh` from `distributed.make_mesh` to shard the samples over
+            devices (class gradients, every HVP inside CG, the P stage); None = one device.
+            In a multi-process job pass this process's samples; P holds their rows.
 
     Returns:
         `InfluenceResult` with P (N, K) and solver diagnostics.
@@ -655,9 +670,32 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
     xt, xv = xt.astype(dt), xv.astype(dt)
     _checks.check_finite_array(theta, "params", "influence: parameters")
 
-    G = class_gradients(loss_fn, params, xv, yv, num_classes)
+    if mesh is not None:
+        from . import distributed
+        if config.solver not in ("cg", "dense"):
+            _checks.fail("config.solver", config.solver, "'cg' or 'dense' when a mesh is given",
+                         "use solver='cg' (sharded HVPs), or drop mesh= for LiSSA/K-FAC/EK-FAC")
+        G = distributed.class_gradients(loss_fn, params, xv, yv, num_classes, mesh=mesh)
+    else:
+        G = class_gradients(loss_fn, params, xv, yv, num_classes)
     _checks.check_finite_array(G, "class gradients", "influence: class gradients")
-    if config.solver in ("lissa", "kfac", "ekfac"):
+    if mesh is not None:
+        hvp, _ = distributed.make_hvp(loss_fn, params, xt, yt, mesh=mesh, weight_decay=weight_decay,
+                                      batch_size=config.hvp_batch_size, curvature=config.curvature,
+                                      apply=apply)
+        damping = _auto_damping(hvp, theta, config.seed) if config.damping == "auto" else float(config.damping)
+        escalations = []
+        for attempt in range(7):
+            solve_res = distributed.solve(
+                loss_fn, params, xt, yt, G, mesh=mesh, weight_decay=weight_decay, damping=damping,
+                solver=config.solver, curvature=config.curvature, apply=apply, rtol=config.rtol,
+                atol=config.atol, max_steps=config.max_steps, batch_size=config.hvp_batch_size)
+            neg = bool(np.any(np.asarray(solve_res.negative_curvature)))
+            if not (neg and config.escalate_damping) or attempt == 6:
+                break
+            escalations.append({"damping": damping, "reason": "negative curvature"})
+            damping = max(10 * damping, 1e-6)
+    elif config.solver in ("lissa", "kfac", "ekfac"):
         from . import estimators
 
         solve_res, damping, escalations = estimators.solve(
@@ -686,8 +724,13 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
     if config.throw:
         check_solve(solve_res, rtol=config.rtol)
     method = choose_method(theta.size, num_classes, config.chunk_size) if config.method == "auto" else config.method
-    P = influence_from_solutions(loss_fn, params, solve_res.value, xt, yt, method=method,
-                                 chunk_size=config.chunk_size)
+    if mesh is not None:
+        P = jnp.asarray(distributed.influence_from_solutions(
+            loss_fn, params, solve_res.value, xt, yt, mesh=mesh, method=method,
+            chunk_size=config.chunk_size))
+    else:
+        P = influence_from_solutions(loss_fn, params, solve_res.value, xt, yt, method=method,
+                                     chunk_size=config.chunk_size)
     _checks.check_finite_array(P, "P", "influence: influence matrix")
     return InfluenceResult(P, method, config.solver, config.curvature, damping, tuple(escalations),
                            np.asarray(solve_res.steps), np.asarray(solve_res.residual),

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, data, io, models, train
+from . import _checks, data, distributed, io, models, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,10 @@ class RunConfig:
             Gauss-Newton CG).
         retrain_epochs: epochs of training with the new weights from the trained model; the same
             number of unweighted epochs is run beside it as the fair comparison.
+        devices: None/1 = one device; an int or "all" = a `distributed` mesh over that many
+            devices: training data-parallel, the influence stage sharded over samples, the search
+            population sharded. With minibatches the training result depends on the device
+            count (each device shuffles its own slice), so it is part of the train fingerprint.
     """
 
     data: DataConfig = DataConfig()
@@ -70,6 +74,7 @@ class RunConfig:
     influence: Any = None
     retrain_epochs: int = 5
     out_dir: str = "runs/default"
+    devices: int | str | None = None
 
 
 class Stages:
@@ -181,13 +186,22 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
         return {n: train.evaluate(apply, params, d.x, d.y, K).to_dict()
                 for n, d in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
 
+    mesh = distributed.mesh_from_setting(config.devices)
+    n_dev = 1 if mesh is None else distributed.describe(mesh)["devices"]
+
+    def epoch_fn():
+        if mesh is None:
+            return train.make_epoch_fn(loss_fn, tcfg, len(splits.train))
+        return distributed.make_epoch_fn(loss_fn, tcfg, len(splits.train), mesh)
+
     # 1. train
-    fp_train = io.fingerprint("train", config.data, config.model, tcfg)
+    fp_train = io.fingerprint("train", config.data, config.model, tcfg,
+                              *(() if n_dev == 1 else (("devices", n_dev),)))
     tdir = root / "train"
     template = train.init_state(params0, tcfg)
     if not st.done("train", fp_train):
         res = train.train(loss_fn, params0, splits.train.x, splits.train.y, tcfg, num_classes=K,
-                          run_dir=tdir, progress=progress)
+                          run_dir=tdir, progress=progress, epoch_fn=epoch_fn())
         metrics = metrics_of(res.params)
         metrics["history"] = list(res.history)
         io.write_json(tdir / "metrics.json", metrics)
@@ -207,7 +221,7 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
         else:
             r = infl.category_influence(loss_fn, state.params, splits.train.x, splits.train.y,
                                         splits.val.x, splits.val.y, num_classes=K,
-                                        weight_decay=tcfg.weight_decay, apply=apply,
+                                        weight_decay=tcfg.weight_decay, apply=apply, mesh=mesh,
                                         config=icfg or infl.InfluenceConfig(curvature="gauss_newton"))
         d = st.dir("influence")
         io.save_pytree(d / "P.npz", {"P": np.asarray(r.P)})
@@ -247,7 +261,8 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
         if not st.done(stage, fp_w):
             prob = S.SearchProblem(loss_fn, apply, state, tcfg, splits.train.x, splits.train.y,
                                    splits.val.x, splits.val.y, splits.test.x, splits.test.y, K)
-            sres = S.run_search(prob, P, targets, config=scfg, progress=progress, checkpoint=str(ckpt))
+            sres = S.run_search(prob, P, targets, config=scfg, progress=progress, checkpoint=str(ckpt),
+                                mesh=mesh)
             if sres.weights is not None:
                 io.save_pytree(d / "weights.npz", {"w": sres.weights})
             io.write_json(d / "program.json", {
@@ -268,8 +283,7 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
     # 5. retrain with the weights, beside the same number of unweighted epochs
     fp_rt = io.fingerprint("retrain", fp_w, config.retrain_epochs)
     if not st.done("retrain", fp_rt):
-        ep = train.make_epoch_fn(loss_fn, tcfg, len(splits.train))
-        kw = dict(state=state, epochs=config.retrain_epochs, epoch_fn=ep)
+        kw = dict(state=state, epochs=config.retrain_epochs, epoch_fn=epoch_fn())
         new = train.train(loss_fn, None, splits.train.x, splits.train.y, tcfg, weights=w, **kw).params
         plain = train.train(loss_fn, None, splits.train.x, splits.train.y, tcfg, **kw).params
         io.write_json(st.dir("retrain") / "metrics.json",

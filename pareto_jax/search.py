@@ -167,8 +167,10 @@ def _acc_fn(apply, K):
 class _Evaluator:
     """Jitted one-epoch training and per-class accuracy, single and batched over weights."""
 
-    def __init__(self, problem: SearchProblem, retrain: str = "epoch", max_iter: int = 500):
+    def __init__(self, problem: SearchProblem, retrain: str = "epoch", max_iter: int = 500,
+                 mesh=None):
         self.p = problem
+        self.mesh = mesh
         self.retrain = retrain
         self.epoch = train.make_epoch_fn(problem.loss_fn, problem.train_config, problem.x_train.shape[0])
         self.epoch_batch = jax.jit(jax.vmap(self.epoch, in_axes=(None, None, None, None, 0, None)))
@@ -177,7 +179,7 @@ class _Evaluator:
         self.fit = fit
         # L-BFGS iteration counts differ across members: lock-step vmap pays for the slowest,
         # so on CPU the population is looped inside one compiled program instead
-        if jax.default_backend() == "cpu":
+        if jax.default_backend() == "cpu" and mesh is None:
             self.fit_batch = jax.jit(lambda p, x, y, W: jax.lax.map(lambda w: fit(p, x, y, w), W))
         else:
             self.fit_batch = jax.jit(jax.vmap(fit, in_axes=(None, None, None, 0)))
@@ -199,6 +201,19 @@ class _Evaluator:
 
     def train_many(self, W, batched: bool):
         s = self.p.state
+        if batched and self.mesh is not None:
+            # the population axis sharded over the mesh; everything else replicated
+            from . import distributed
+
+            Wd, npop = distributed.shard_population(self.mesh, np.asarray(W, self.dt))
+            params, opt_state, x, y = distributed.replicate(self.mesh, (s.params, s.opt_state, self.x, self.y))
+            if self.retrain == "converge":
+                p, _, _ = self.fit_batch(params, x, y, Wd)
+                o = None
+            else:
+                p, o, _ = self.epoch_batch(params, opt_state, x, y, Wd, s.epoch)
+            cut = lambda t: None if t is None else jax.tree_util.tree_map(lambda a: a[:npop], t)  # noqa: E731
+            return cut(p), cut(o)
         if batched and self.retrain == "converge":
             p, _, _ = self.fit_batch(s.params, self.x, self.y, jnp.asarray(W, self.dt))
             return p, None
@@ -345,7 +360,7 @@ def _cand_from_json(d: dict, K: int) -> Candidate:
 def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str = "direct",
                ref_params=None, config: SearchConfig = SearchConfig(),
                progress: bool = False, on_generation: Callable[[int, dict], None] | None = None,
-               checkpoint: str | None = None) -> SearchResult:
+               checkpoint: str | None = None, mesh=None) -> SearchResult:
     """PARETO-LP-GA on a checkpoint (see the module docstring).
 
     Args:
@@ -363,6 +378,8 @@ def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str =
             if the file exists when the search starts, it resumes from it, and the final
             result is the same as an uninterrupted run's. The caller keys the file to the
             problem and config (`pipeline` does, by fingerprint).
+        mesh: a `distributed.make_mesh` mesh: the batched population's retraining is sharded
+            over its devices (population axis). None: one device.
 
     Returns:
         `SearchResult`. If no candidate improves every target, `found` is False and the best
@@ -377,7 +394,7 @@ def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str =
         _checks.fail("P", f"shape {P.shape}", f"({problem.x_train.shape[0]}, {K})",
                      "compute P on this problem's training set")
     targets = _checks.as_class_indices(targets, K)
-    ev = _Evaluator(problem, config.retrain, config.retrain_max_iter)
+    ev = _Evaluator(problem, config.retrain, config.retrain_max_iter, mesh)
     if mode == "direct":
         ref = problem.state.params
     else:
@@ -494,9 +511,9 @@ def baseline_weights(P, y_train, targets: Sequence[int], num_classes: int,
 
 def evaluate_weightings(problem: SearchProblem, weightings: dict[str, np.ndarray], ref_params,
                         *, batched: bool = True, retrain: str = "epoch",
-                        max_iter: int = 500) -> dict[str, dict]:
+                        max_iter: int = 500, mesh=None) -> dict[str, dict]:
     """Retrain from θ^e per weighting (as the search does); per-class val/test accuracy and Δ."""
-    ev = _Evaluator(problem, retrain, max_iter)
+    ev = _Evaluator(problem, retrain, max_iter, mesh)
     names = list(weightings)
     W = np.stack([weightings[n] for n in names])
     params, _ = ev.train_many(W, batched)

@@ -1,0 +1,396 @@
+"""Data-parallel execution over a device mesh (`jax.sharding`), on one host or many.
+
+Everything here is JAX's own distributed machinery: a one-axis `Mesh` named ``"data"``,
+`NamedSharding` to place arrays, `jax.shard_map` to run the single-device code on each device's
+slice, and `psum` to reduce. The numerics are the functions of `influence` and `train`; only the
+placement differs, so results equal the single-device path up to float summation order.
+
+Layout of a sample set (training or validation). n samples are padded and reshaped to
+``(num_chunks, D·c, ...)`` and sharded ``P(None, "data")``: device d holds columns [d·c, (d+1)·c)
+of every chunk (c samples) and loops over its chunks. Per device, memory is its slice of the data
+and of the N×K output plus one chunk's work; nothing of size N×P is ever formed.
+
+What runs sharded:
+
+* class gradients: local VJP sums, `psum` (the class counts too);
+* HVPs inside CG: each device accumulates its chunks, `psum`; the CG recurrences on (K, P)
+  vectors run replicated, so every device holds the same solution;
+* the influence matrix (jvp and per-sample paths): local chunks, output sharded like the input;
+* weighted training (`make_epoch_fn`): each device draws its share of every minibatch from its
+  own slice, gradients are `psum`-ed, the optimizer update is replicated. Full-batch training is
+  identical to one device; with minibatches the batch *composition* depends on the device count
+  (each device shuffles its own slice), so results agree statistically, not bitwise;
+* the search population (`shard_population`): candidates are independent, so the population
+  axis is sharded and XLA partitions the vmapped epoch with no communication.
+
+Multi-host (TPU pod slices, multi-node GPU): call `initialize()` in every process before any other
+JAX call, build the mesh over all devices (`make_mesh()`), and give every function here the
+*process-local* samples (e.g. ``x[process_slice(len(x))]``). Arrays are assembled with
+`jax.make_array_from_process_local_data`, and each process gets back the rows of P for its own
+samples. On a TPU pod slice run the same script on every host (``gcloud compute tpus tpu-vm ssh
+NAME --worker=all --command="python job.py"``); `initialize()` then needs no arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import _checks, influence, train
+
+AXIS = "data"
+_initialized = False
+
+
+# ----------------------------------------------------------------------------- mesh and hosts
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, local_device_ids=None, **kwargs) -> dict:
+    """Join a multi-process JAX job (`jax.distributed.initialize`); call it first, once.
+
+    With no arguments JAX detects the cluster (TPU pod slices, SLURM, Open MPI). Otherwise give
+    the coordinator's ``host:port``, the number of processes and this process's id (also read from
+    ``PARETO_JAX_COORDINATOR``, ``PARETO_JAX_NUM_PROCESSES`` and ``PARETO_JAX_PROCESS_ID``).
+    Calling it again is a no-op. On CPU, collectives across processes use gloo.
+
+    Returns:
+        {"process_index", "process_count", "local_devices", "devices"}.
+    """
+    global _initialized
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("PARETO_JAX_COORDINATOR")
+    if num_processes is None and "PARETO_JAX_NUM_PROCESSES" in env:
+        num_processes = int(env["PARETO_JAX_NUM_PROCESSES"])
+    if process_id is None and "PARETO_JAX_PROCESS_ID" in env:
+        process_id = int(env["PARETO_JAX_PROCESS_ID"])
+    if not _initialized:
+        if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+            try:
+                jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            except Exception:  # noqa: BLE001 - option absent in some jaxlib builds
+                pass
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, local_device_ids=local_device_ids, **kwargs)
+        _initialized = True
+    return {"process_index": jax.process_index(), "process_count": jax.process_count(),
+            "local_devices": jax.local_device_count(), "devices": jax.device_count()}
+
+
+def make_mesh(num_devices: int | None = None, *, devices=None) -> Mesh:
+    """A one-axis mesh named "data" over `num_devices` devices (default: all, every process's).
+
+    On one CPU host, more devices are emulated with
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set before JAX starts; they share the
+    host's cores).
+    """
+    devs = list(jax.devices() if devices is None else devices)
+    if num_devices is not None:
+        _checks.check_positive(num_devices, "num_devices", integer=True)
+        if num_devices > len(devs):
+            _checks.fail("num_devices", num_devices, f"at most {len(devs)} (the devices JAX sees)",
+                         "lower it, or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                         "before starting Python")
+        devs = devs[:num_devices]
+    return Mesh(np.asarray(devs), (AXIS,))
+
+
+def mesh_from_setting(setting) -> Mesh | None:
+    """The mesh a config asks for: None/0/1 -> None (single device), "all" or n -> a mesh."""
+    if setting in (None, 0, 1, "1", "none"):
+        return None
+    if setting == "all":
+        return make_mesh()
+    return make_mesh(int(setting))
+
+
+def process_slice(n: int, process_index: int | None = None, process_count: int | None = None) -> slice:
+    """The contiguous block of n samples this process loads in a multi-host job."""
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    per = -(-n // pc)
+    return slice(min(pi * per, n), min((pi + 1) * per, n))
+
+
+def _size(mesh: Mesh) -> int:
+    return int(mesh.shape[AXIS])
+
+
+def _local_size(mesh: Mesh) -> int:
+    pi = jax.process_index()
+    return sum(1 for d in mesh.devices.flat if d.process_index == pi)
+
+
+def _max_over_processes(v: int) -> int:
+    if jax.process_count() == 1:
+        return v
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray([v]))))
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def shard_chunks(mesh: Mesh, x, y, chunk_size: int, dtype=None):
+    """Pad, chunk and place (process-local) samples: (xc, yc, mc) sharded ``P(None, "data")``.
+
+    Each chunk holds ``chunk_size`` samples rounded up to a multiple of the device count;
+    padded slots have mask 0. Returns the three global arrays.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    D, Dl = _size(mesh), _local_size(mesh)
+    c = max(1, -(-int(chunk_size) // D))
+    wl = Dl * c
+    n = x.shape[0]
+    nc = _max_over_processes(max(1, -(-n // wl)))
+    pad = nc * wl - n
+    m = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    if pad:
+        fill_x = x[:1] if n else np.zeros((1, *x.shape[1:]), x.dtype)
+        fill_y = y[:1] if n else np.zeros((1,), y.dtype)
+        x = np.concatenate([x, np.repeat(fill_x, pad, 0)])
+        y = np.concatenate([y, np.repeat(fill_y, pad, 0)])
+    if dtype is not None:
+        x, m = x.astype(dtype), m.astype(dtype)
+    sh = NamedSharding(mesh, P(None, AXIS))
+
+    def put(a):
+        local = a.reshape(nc, wl, *a.shape[1:])
+        return jax.make_array_from_process_local_data(sh, local, (nc, D * c, *a.shape[1:]))
+
+    return put(x), put(y), put(m)
+
+
+def local_rows(arr: jax.Array, n_local: int) -> np.ndarray:
+    """This process's rows of a (num_chunks, width, K) array sharded like `shard_chunks`."""
+    if jax.process_count() == 1:
+        a = np.asarray(arr)
+    else:
+        shards = sorted(arr.addressable_shards, key=lambda s: s.index[1].start or 0)
+        a = np.concatenate([np.asarray(s.data) for s in shards], axis=1)
+    return a.reshape(-1, *a.shape[2:])[:n_local]
+
+
+def replicate(mesh: Mesh, tree):
+    """Place a pytree fully replicated on the mesh (params, solutions, optimizer state)."""
+    sh = NamedSharding(mesh, P())
+    return jax.tree_util.tree_map(lambda a: jax.device_put(jnp.asarray(a), sh), tree)
+
+
+# ----------------------------------------------------------------------------- influence stages
+
+
+_DATA = P(None, AXIS)
+# Every shard_map here uses check_vma=False and reduces with explicit psums: with the check on,
+# differentiating w.r.t. replicated params inserts its own psum, which would count twice.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _class_grads_sharded(f, K, mesh, theta, xc, yc, mc):
+    def local(theta, xc, yc, mc):
+        cnt = jnp.sum(jax.nn.one_hot(yc, K, dtype=theta.dtype) * mc[..., None].astype(theta.dtype), (0, 1))
+        cnt = jax.lax.psum(cnt, AXIS)
+        return influence._class_gradients_body(f, theta, xc, yc, mc, jnp.maximum(cnt, 1.0), K, AXIS)
+
+    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(), _DATA, _DATA, _DATA), out_specs=P())(
+        theta, xc, yc, mc)
+
+
+def class_gradients(loss_fn, params, x_val, y_val, num_classes: int, *, mesh: Mesh,
+                    chunk_size: int = 512) -> jax.Array:
+    """`influence.class_gradients` with the validation set sharded over `mesh` (replicated result)."""
+    theta, _, f = influence._flat(loss_fn, params)
+    xc, yc, mc = shard_chunks(mesh, x_val, y_val, chunk_size, theta.dtype)
+    return _class_grads_sharded(f, int(num_classes), mesh, replicate(mesh, theta), xc, yc, mc)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _hvp_sharded(f, curvature, logits_f, mesh, v, theta, xc, yc, mc, wd):
+    def local(v, theta, xc, yc, mc, wd):
+        n = jax.lax.psum(jnp.sum(mc), AXIS)
+        return influence._hvp_fn(f, theta, xc, yc, mc, n, wd, curvature, logits_f, AXIS)(v)
+
+    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(), P(), _DATA, _DATA, _DATA, P()),
+                         out_specs=P())(v, theta, xc, yc, mc, wd)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _solve_sharded(solver, f, curvature, logits_f, mesh, max_steps, theta, xc, yc, mc, wd, G,
+                   damping, rtol, atol):
+    def local(theta, xc, yc, mc, wd, G, damping, rtol, atol):
+        n = jax.lax.psum(jnp.sum(mc), AXIS)
+        hvp = influence._hvp_fn(f, theta, xc, yc, mc, n, wd, curvature, logits_f, AXIS)
+        fn = influence.solve_dense if solver == "dense" else influence.solve_cg
+        return fn(hvp, G, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps)
+
+    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(), _DATA, _DATA, _DATA) + (P(),) * 5,
+                         out_specs=P())(theta, xc, yc, mc, wd, G, damping, rtol, atol)
+
+
+def make_hvp(loss_fn, params, x_train, y_train, *, mesh: Mesh, weight_decay: float,
+             batch_size: int = 1024, curvature: str = "hessian", apply=None):
+    """`influence.make_hvp` with the training set sharded over `mesh`: returns (hvp, theta)."""
+    _checks.check_choice(curvature, "curvature", ("hessian", "gauss_newton"))
+    theta, f, logits_f = _flat_parts(loss_fn, params, curvature, apply)
+    xc, yc, mc = shard_chunks(mesh, x_train, y_train, batch_size, theta.dtype)
+    th = replicate(mesh, theta)
+    wd = jnp.asarray(weight_decay, theta.dtype)
+    return (lambda v: _hvp_sharded(f, curvature, logits_f, mesh, v, th, xc, yc, mc, wd)), theta
+
+
+def _flat_parts(loss_fn, params, curvature, apply):
+    theta, _, f = influence._flat(loss_fn, params)
+    logits_f = None
+    if curvature == "gauss_newton":
+        if apply is None:
+            _checks.fail("apply", "None", "the model's apply(params, x_batch) -> logits",
+                         "pass apply= for Gauss-Newton curvature")
+        logits_f = influence._flat_logits(apply, params)
+    return theta, f, logits_f
+
+
+def solve(loss_fn, params, x_train, y_train, G, *, mesh: Mesh, weight_decay: float,
+          damping: float, solver: str = "cg", curvature: str = "hessian", apply=None,
+          rtol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
+          batch_size: int = 1024) -> influence.SolveResult:
+    """(H + δI)⁻¹ G for the K rows of G, the HVPs sharded over `mesh` (CG or dense)."""
+    _checks.check_choice(solver, "solver", ("cg", "dense"))
+    theta, f, logits_f = _flat_parts(loss_fn, params, curvature, apply)
+    xc, yc, mc = shard_chunks(mesh, x_train, y_train, batch_size, theta.dtype)
+    dt = theta.dtype
+    th, G = replicate(mesh, theta), replicate(mesh, jnp.asarray(G, dt))
+    return _solve_sharded(solver, f, curvature, logits_f, mesh, int(max_steps), th, xc, yc, mc,
+                          jnp.asarray(weight_decay, dt), G, jnp.asarray(damping, dt),
+                          jnp.asarray(rtol, dt), jnp.asarray(atol, dt))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _influence_sharded(f, method, mesh, theta, U, xc, yc, mc):
+    fn = influence._jvp_chunk if method == "jvp" else influence._per_sample_chunk
+
+    def local(theta, U, xc, yc, mc):
+        n = jax.lax.psum(jnp.sum(mc), AXIS)
+        out = jax.lax.map(lambda b: fn(f, theta, U, b[0], b[1]) * b[2][:, None], (xc, yc, mc))
+        return out / n
+
+    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(), P(), _DATA, _DATA, _DATA),
+                         out_specs=P(None, AXIS, None))(theta, U, xc, yc, mc)
+
+
+def influence_from_solutions(loss_fn, params, U, x_train, y_train, *, mesh: Mesh,
+                             method: str = "jvp", chunk_size: int = 256) -> np.ndarray:
+    """`influence.influence_from_solutions` sharded over `mesh`; this process's rows of P."""
+    _checks.check_choice(method, "method", ("jvp", "per_sample"))
+    theta, _, f = influence._flat(loss_fn, params)
+    xc, yc, mc = shard_chunks(mesh, x_train, y_train, chunk_size, theta.dtype)
+    out = _influence_sharded(f, method, mesh, replicate(mesh, theta),
+                             replicate(mesh, jnp.asarray(U, theta.dtype)), xc, yc, mc)
+    return local_rows(out, np.asarray(x_train).shape[0])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def make_epoch_fn(loss_fn, config: train.TrainConfig, n: int, mesh: Mesh):
+    """Data-parallel `train.make_epoch_fn`: same signature, the samples sharded over `mesh`.
+
+    ``epoch(params, opt_state, x, y, w, epoch_index)`` takes the n samples (anywhere); inside
+    one jitted program they are padded to D·m, sharded, and each device runs its share of every
+    minibatch (⌈b/D⌉ samples drawn from its own m-sample slice, shuffled with
+    ``fold_in(fold_in(seed, epoch), device)``; one device reproduces `train.make_epoch_fn`). Gradients and the loss are `psum`-ed; the update
+    is replicated. Full batch (``batch_size=None``) gives the single-device result.
+    """
+    D = _size(mesh)
+    opt = train.make_optimizer(config)
+    m = -(-n // D)
+    nb, b_glob = train._num_batches(n, config.batch_size)
+    bd = m if nb == 1 else -(-b_glob // D)
+    nb_loc = -(-m // bd)
+    wd, norm, seed = config.weight_decay, config.normalizer, config.seed
+
+    def local_epoch(params, opt_state, x, y, w, msk, epoch_index):
+        x, y, w, msk = x[0], y[0], w[0], msk[0]
+        dev = jax.lax.axis_index(AXIS)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch_index)
+        if D > 1:  # one device: exactly the batch order of train.make_epoch_fn
+            key = jax.random.fold_in(key, dev)
+        perm = jax.random.permutation(key, m) if nb_loc > 1 else jnp.arange(m)
+        pad = nb_loc * bd - m
+        idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(nb_loc, bd)
+        slot = jnp.concatenate([jnp.ones((m,), w.dtype), jnp.zeros((pad,), w.dtype)]).reshape(nb_loc, bd)
+        n_real = jax.lax.psum(jnp.sum(msk), AXIS)
+        scale = n_real / jax.lax.psum(jnp.sum(w * msk), AXIS) if norm == "weights" \
+            else jnp.asarray(1.0, w.dtype)
+
+        def step(carry, batch):
+            params, opt_state = carry
+            ib, sb = batch
+            mb = sb * msk[ib]
+            denom = jax.lax.psum(jnp.sum(mb), AXIS)
+
+            def data_loss(p):
+                losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, x[ib], y[ib])
+                return scale * jnp.sum(mb * w[ib] * losses) / jnp.maximum(denom, 1.0)
+
+            d_loc, g = jax.value_and_grad(data_loss)(params)
+            g = jax.lax.psum(g, AXIS)
+            g = jax.tree_util.tree_map(lambda gi, p: gi + wd * p, g, params)
+            updates, opt_state = opt.update(g, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), jax.lax.psum(d_loc, AXIS)
+
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, slot))
+        return params, opt_state, jnp.mean(losses)
+
+    sm = jax.shard_map(local_epoch, mesh=mesh, check_vma=False,
+                       in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P()),
+                       out_specs=(P(), P(), P()))
+
+    def epoch(params, opt_state, x, y, w, epoch_index):
+        pad = D * m - n
+        msk = jnp.concatenate([jnp.ones((n,), w.dtype), jnp.zeros((pad,), w.dtype)])
+        if pad:
+            x = jnp.concatenate([x, jnp.repeat(x[:1], pad, 0)])
+            y = jnp.concatenate([y, jnp.repeat(y[:1], pad, 0)])
+            w = jnp.concatenate([w, jnp.zeros((pad,), w.dtype)])
+        shp = lambda a: a.reshape(D, m, *a.shape[1:])  # noqa: E731
+        return sm(params, opt_state, shp(x), shp(y), shp(w), shp(msk), epoch_index)
+
+    return jax.jit(epoch)
+
+
+# ----------------------------------------------------------------------------- population
+
+
+def shard_population(mesh: Mesh, W) -> tuple[jax.Array, int]:
+    """Place a (population, N) weight matrix with the population axis sharded over `mesh`.
+
+    The population is padded (with copies of its first row) to a multiple of the device count;
+    returns (placed array, original population size). A `vmap`-ed epoch or program solve over
+    this axis is then partitioned by XLA with no communication between devices.
+    """
+    W = np.asarray(W)
+    D = _size(mesh)
+    npop = W.shape[0]
+    pad = (-npop) % D
+    if pad:
+        W = np.concatenate([W, np.repeat(W[:1], pad, 0)])
+    return jax.device_put(W, NamedSharding(mesh, P(AXIS))), npop
+
+
+def describe(mesh: Mesh | None) -> dict:
+    """A JSON-able summary of where a run executes."""
+    if mesh is None:
+        d = jax.devices()[0]
+        return {"devices": 1, "platform": d.platform, "processes": jax.process_count()}
+    return {"devices": _size(mesh), "platform": mesh.devices.flat[0].platform,
+            "processes": jax.process_count(), "axis": AXIS,
+            "per_process": math.ceil(_size(mesh) / jax.process_count())}
