@@ -136,3 +136,23 @@ def test_mesh_rejects_unsharded_estimators():
                                      s.val.x, s.val.y, num_classes=10, weight_decay=1e-3,
                                      config=influence.InfluenceConfig(solver="lissa"),
                                      mesh=distributed.make_mesh(1))
+
+
+def test_peak_memory_is_flat_in_n(tmp_path):
+    """Memory bounded by design: 10× the training samples (2,000 → 20,000, MLP with 38k params)
+    adds only the input and the N×K output, never anything of size N×P (2.9 GB at 20,000)."""
+    res = {}
+    for n in (2000, 20000):
+        out = tmp_path / f"m{n}.json"
+        r = subprocess.run([sys.executable, str(HERE / "_memory_worker.py"), str(n), str(out)],
+                           env=_env(), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res[n] = json.loads(out.read_text())
+    a, b = res[2000], res[20000]
+    growth = b["rss_peak_MiB"] - a["rss_peak_MiB"]
+    inputs = (20000 - 2000) * (64 + 1 + 10) * 4 * 3 / 2**20   # x, y, P with a few copies
+    assert growth < inputs + 64, (a, b)
+    assert growth < 0.05 * b["N_by_P_gradients_MiB"]
+    assert b["solve_temp_MiB"] == pytest.approx(a["solve_temp_MiB"], rel=0.01)
+    # the compiled P stage's scratch grows by at most the N×K output it stacks
+    assert b["P_stage_temp_MiB"] - a["P_stage_temp_MiB"] < 2 * b["P_stage_output_MiB"] + 1
