@@ -32,6 +32,8 @@ def test_run_writes_run_folder(tmp_path, capsys):
     (["run", "--targets", "3,99"], "targets"),
     (["run", "--rho", "-1"], "rho"),
     (["run", "--dataset", "emotion", "--path", "/nonexistent/emotion"], "no file"),
+    (["run", "--devices", "0"], "positive integer or 'all'"),
+    (["run", "--devices", "64", "--epochs", "1"], "num_devices"),
 ])
 def test_bad_arguments_exit_2_with_message(args, match, tmp_path):
     p = subprocess.run([sys.executable, "-m", "pareto_jax.cli", *args, "--out", str(tmp_path / "o")],
