@@ -7,7 +7,7 @@ got, what was expected and the fix (or, for an infeasible program, a status, nev
 import numpy as np
 import pytest
 
-from pareto_jax import data, influence, models, pareto, search, train
+from pareto_jax import data, distributed, influence, models, pareto, search, train
 from pareto_jax._checks import InputError, NumericalError
 
 X = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
@@ -61,6 +61,10 @@ CASES = [
     ("AG News label 9", lambda t: data.load_ag_news(_write(t, "ag.csv", "9,a,b\n")), InputError, "labels 1..4"),
     ("Emotion unknown label", lambda t: data.load_emotion(_write(t, "e.txt", "hi;grumpy\n")), InputError, "grumpy"),
     ("split fractions leave no training data", lambda t: data.stratified_split(data.load_digits(), val_fraction=0.5, test_fraction=0.5), InputError, "training"),
+    ("more devices than JAX sees", lambda t: distributed.make_mesh(10_000), InputError, "num_devices"),
+    ("mesh with an unsharded estimator", lambda t: influence.category_influence(
+        LOSS, PARAMS, X, Y, X, Y, num_classes=3, weight_decay=1e-3,
+        config=influence.InfluenceConfig(solver="ekfac"), mesh=distributed.make_mesh(1)), InputError, "config.solver"),
 ]
 
 
