@@ -404,10 +404,13 @@ def _linear_hessian(xc, yc, mc, Theta, weight_decay, K):
     def body(acc, b):
         xb, _, mb = b
         xa = _aug(xb)
-        pm = jax.nn.softmax(xa @ Theta, -1) * mb[:, None]
-        # Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ x̃_i x̃_iᵀ with rows/columns indexed (feature, class)
+        p = jax.nn.softmax(xa @ Theta, -1)
+        pm = p * mb[:, None]
+        # Σ_i m_i (diag(p_i) − p_i p_iᵀ) ⊗ x̃_i x̃_iᵀ with rows/columns indexed (feature, class);
+        # m_i is the 0/1 mask or a per-sample weight, so the outer-product term takes √m_i
         diag = jnp.einsum("ia,ib,ic->acb", xa, xa, pm)
-        Z = (pm[:, None, :] * xa[:, :, None]).reshape(xb.shape[0], d1 * K)
+        ps = p * jnp.sqrt(mb)[:, None]
+        Z = (ps[:, None, :] * xa[:, :, None]).reshape(xb.shape[0], d1 * K)
         blk = jnp.einsum("acb,cd->acbd", diag, jnp.eye(K, dtype=xa.dtype)).reshape(d1 * K, d1 * K)
         return acc + blk - Z.T @ Z, None
 
@@ -417,7 +420,7 @@ def _linear_hessian(xc, yc, mc, Theta, weight_decay, K):
 
 def linear_influence(x_train, y_train, x_val, y_val, W, b, *, weight_decay: float,
                      damping: float = 0.0, chunk_size: int = 4096,
-                     return_solutions: bool = False):
+                     return_solutions: bool = False, weights=None):
     """Closed-form P for softmax regression logits = x·W + b (or a frozen-feature head).
 
     Per-sample gradient (p_i − e_{y_i}) ⊗ [x_i, 1]; Hessian (1/N) Σ_i (diag p_i − p_i p_iᵀ) ⊗
@@ -430,6 +433,10 @@ def linear_influence(x_train, y_train, x_val, y_val, W, b, *, weight_decay: floa
         W, b: kernel (d, K) and bias (K,).
         weight_decay: λ of the training objective (applied to W and b).
         damping: δ added to the Hessian.
+        weights: per-sample weights v the model was trained with, for the objective
+            (1/N) Σ v_i ℓ_i + (λ/2)‖θ‖²: the Hessian is weighted by v and row i of P is
+            v_i · (1/N) g_kᵀ H_v⁻¹ ∇ℓ_i, the influence of *multiplying* v_i by (1 + ε), so the
+            program's weights w act multiplicatively on v (None: all ones).
 
     Returns:
         P (N, K) (and U as (K, d+1, K) if `return_solutions`).
@@ -442,6 +449,10 @@ def linear_influence(x_train, y_train, x_val, y_val, W, b, *, weight_decay: floa
     xv, yv = np.asarray(x_val), np.asarray(y_val)
     n = xt.shape[0]
     xc, yc, mc = _pad_chunks(xt, yt, chunk_size)
+    if weights is not None:
+        v = np.zeros(mc.size, np.float64)
+        v[:n] = np.asarray(weights, np.float64)
+        mc = mc * v.reshape(mc.shape)
     mc = jnp.asarray(mc, dt)
     H = _linear_hessian(jnp.asarray(xc, dt), yc, mc, Theta, weight_decay, K) / n
     H = H + (weight_decay + damping) * jnp.eye(d1 * K, dtype=dt)
@@ -746,13 +757,19 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
 
 
 def linear_category_influence(params, x_train, y_train, x_val, y_val, *, num_classes: int,
-                              weight_decay: float, damping: float = 0.0) -> InfluenceResult:
-    """`category_influence` for a `LinearClassifier` head, by the closed form (validated)."""
+                              weight_decay: float, damping: float = 0.0,
+                              weights=None) -> InfluenceResult:
+    """`category_influence` for a `LinearClassifier` head, by the closed form (validated).
+
+    `weights`: the per-sample weights the model was trained with (see `linear_influence`).
+    """
     xt, yt, xv, yv = _validate(x_train, y_train, x_val, y_val, num_classes)
+    if weights is not None:
+        weights = _checks.as_weights(weights, xt.shape[0], "weights")
     W, b = params["head"]["kernel"], params["head"]["bias"]
     dt = jnp.asarray(W).dtype
     P, U = linear_influence(xt.astype(dt), yt, xv.astype(dt), yv, W, b, weight_decay=weight_decay,
-                            damping=damping, return_solutions=True)
+                            damping=damping, return_solutions=True, weights=weights)
     _checks.check_finite_array(P, "P", "influence: influence matrix (closed form)")
     K = num_classes
     d = W.shape[0]

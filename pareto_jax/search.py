@@ -116,6 +116,10 @@ class SearchProblem:
         train_config: the config the checkpoint was trained with (one more epoch uses it).
         x_train, y_train, x_val, y_val, x_test, y_test: the splits.
         num_classes: K.
+        base_weights: per-sample weights the checkpoint was trained with (None: all ones). A
+            candidate's weights w then act multiplicatively: it is trained with base · w (the
+            setting of iterated Direct Improvement, where P comes from
+            `influence.linear_category_influence(..., weights=base)`).
     """
 
     loss_fn: Callable
@@ -129,6 +133,7 @@ class SearchProblem:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    base_weights: np.ndarray | None = None
 
     def __post_init__(self):
         for n in ("train", "val", "test"):
@@ -138,6 +143,9 @@ class SearchProblem:
             object.__setattr__(self, f"x_{n}", x)
             object.__setattr__(self, f"y_{n}", y)
         _checks.check_all_classes_present(self.y_val, self.num_classes, "y_val")
+        if self.base_weights is not None:
+            object.__setattr__(self, "base_weights",
+                               _checks.as_weights(self.base_weights, self.x_train.shape[0], "base_weights"))
 
 
 # ----------------------------------------------------------------------------- batched evaluation
@@ -191,7 +199,14 @@ class _Evaluator:
         self.xv, self.yv = jnp.asarray(problem.x_val, dt), jnp.asarray(problem.y_val)
         self.xt, self.yt = jnp.asarray(problem.x_test, dt), jnp.asarray(problem.y_test)
 
+    def _scaled(self, W):
+        W = np.asarray(W, np.float64)
+        return W if self.p.base_weights is None else W * self.p.base_weights
+
     def train_one(self, w):
+        return self._train(self._scaled(w))
+
+    def _train(self, w):
         s = self.p.state
         if self.retrain == "converge":
             p, _, _ = self.fit(s.params, self.x, self.y, jnp.asarray(w, self.dt))
@@ -200,6 +215,7 @@ class _Evaluator:
         return p, o
 
     def train_many(self, W, batched: bool):
+        W = self._scaled(W)
         s = self.p.state
         if batched and self.mesh is not None:
             # the population axis sharded over the mesh; everything else replicated
@@ -220,7 +236,7 @@ class _Evaluator:
         if batched:
             p, o, _ = self.epoch_batch(s.params, s.opt_state, self.x, self.y, jnp.asarray(W, self.dt), s.epoch)
             return p, o
-        outs = [self.train_one(w) for w in W]
+        outs = [self._train(w) for w in W]
         return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[o[0] for o in outs]), None
 
     def accuracies(self, params_batch, split: str = "val", batched: bool = True) -> np.ndarray:
