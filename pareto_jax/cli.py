@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--population", type=int, default=16)
     q.add_argument("--generations", type=int, default=6)
     q.add_argument("--retrain", default="converge", choices=("converge", "epoch"))
+    q.add_argument("--alpha-min", type=float, default=0.95,
+                   help="search α in [alpha-min, 1] (near 1: close to a Pareto step)")
+    q.add_argument("--rounds", type=int, default=1,
+                   help="iterated Direct Improvement rounds (linear model, --retrain converge)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="runs/improve")
     q.add_argument("--no-progress", action="store_true")
@@ -147,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                 data=pipeline.DataConfig(name=a.dataset, seed=a.seed), noise_classes=a.noise_classes,
                 noise_fraction=a.noise,
                 search=search.SearchConfig(population=a.population, generations=a.generations,
-                                           seed=a.seed, retrain=a.retrain), out_dir=a.out)
+                                           seed=a.seed, retrain=a.retrain,
+                                           alpha_range=(a.alpha_min, 1.0)),
+                alpha_min=a.alpha_min, rounds=a.rounds, out_dir=a.out)
             pipeline.run_improve(cfg, progress=not a.no_progress)
             return 0
         if a.command == "reproduce":

@@ -410,6 +410,9 @@ def run_improve(config: ImproveConfig = ImproveConfig(), *, progress: bool = Tru
     from . import search as S
 
     scfg = config.search or S.SearchConfig(alpha_range=(config.alpha_min, 1.0))
+    if config.rounds > 1 and (config.model.kind != "linear" or scfg.retrain != "converge"):
+        _checks.fail("rounds", config.rounds, "1 unless the model is linear and retrain='converge'",
+                     "use rounds=1, or a linear model retrained to convergence")
     out_dir = Path(config.out_dir)
     splits = load_data(config.data)
     noisy, flipped = data.inject_label_noise(splits.train, config.noise_classes, config.noise_fraction,
@@ -500,9 +503,6 @@ def _iterate_direct(block, res, config, scfg, st_e, splits, apply, loss_fn, K, w
     """Iterated Direct Improvement (see `ImproveConfig.rounds`); adds a row to `block`."""
     from . import influence, search as S
 
-    if config.model.kind != "linear" or scfg.retrain != "converge":
-        _checks.fail("rounds", config.rounds, "1 unless the model is linear and retrain='converge'",
-                     "use rounds=1, or a linear model retrained to convergence")
     base = np.ones(len(splits.train))
     st, cur, log = st_e, res, []
     for r in range(config.rounds):

@@ -269,19 +269,25 @@ def reproduce_improve(out_dir: str = "reports/improve", *, quick: bool = False, 
 
     out_dir = Path(out_dir)
     ds = dataset or ("digits" if quick else "mnist5k")
+    alpha_min = 0.95
     scfg = search.SearchConfig(population=8 if quick else 16, generations=3 if quick else 6,
-                               seed=seed, retrain=retrain)
+                               seed=seed, retrain=retrain, alpha_range=(alpha_min, 1.0))
     cfg = pipeline.ImproveConfig(data=pipeline.DataConfig(name=ds, seed=seed), search=scfg,
-                                 out_dir=str(out_dir))
+                                 out_dir=str(out_dir), alpha_min=alpha_min,
+                                 rounds=1 if quick or retrain != "converge" else 3)
     rep = pipeline.run_improve(cfg, progress=not quick, out=out)
     names = rep["class_names"]
     md = [f"# Improvement: {ds}", "",
           f"Label noise: {cfg.noise_fraction:.0%} of the training samples of classes "
           f"{list(cfg.noise_classes)} flipped to random other classes (validation and test clean). "
           f"Linear softmax, {cfg.train.epochs} epochs of Adam (lr {cfg.train.learning_rate}). "
-          f"Search: population {scfg.population}, {scfg.generations} generations, genome = α and a "
-          f"trust region ρ; candidates retrained by '{retrain}' (Direct Improvement) and one "
-          "weighted epoch (Course Correction); selection on validation, changes below on test.", ""]
+          f"Search: population {scfg.population}, {scfg.generations} generations, genome = α ∈ "
+          f"[{alpha_min}, 1]^K and a trust region ρ; candidates retrained by '{retrain}' (Direct "
+          "Improvement) and one weighted epoch (Course Correction); selection on validation, "
+          "changes below on test. 'iterated' = up to "
+          f"{cfg.rounds} rounds of Direct Improvement, each from the previous round's refitted "
+          "model with P recomputed for its weighted objective, kept only while no validation "
+          "class gets worse.", ""]
     figs = {}
     for key, title in (("direct", "Direct Improvement"), ("course_correction", "Course Correction")):
         blk = rep.get(key)

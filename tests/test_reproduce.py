@@ -60,3 +60,28 @@ def test_cli_reproduce_bad_arguments(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pareto_jax.cli", "reproduce", "deletion", "--dataset",
                         "cifar10", "--out", str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 2 and "path" in p.stderr
+
+
+def test_iterated_direct_improvement_never_gives_back_validation(tmp_path):
+    from pareto_jax import _checks, pipeline, search
+
+    scfg = search.SearchConfig(population=6, generations=2, retrain="converge", alpha_range=(0.95, 1.0))
+    cfg = pipeline.ImproveConfig(data=pipeline.DataConfig(name="digits"), search=scfg, rounds=2,
+                                 course_correction=False, frontier=False, out_dir=str(tmp_path))
+    r = pipeline.run_improve(cfg, progress=False, out=io.StringIO())
+    it = r["direct"]["iterated"]
+    assert it["rounds_requested"] == 2 and len(it["log"]) >= 1
+    prev = np.asarray(r["direct"]["ref_val"])
+    t = r["direct"]["targets"]
+    for g in it["log"]:
+        if not g["kept"]:
+            break
+        va = np.asarray(g["val_acc"])
+        assert np.all(va >= prev - 1e-12)          # no validation class worse than the round before
+        assert np.all(va[t] > prev[t])              # and every target better
+        prev = va
+    if it["rounds_kept"]:
+        assert f"search, iterated ({it['rounds_kept']} rounds)" in r["direct"]["rows"]
+    with pytest.raises(_checks.InputError, match="rounds"):
+        pipeline.run_improve(pipeline.dataclasses.replace(cfg, model=pipeline.ModelConfig(kind="mlp")),
+                             progress=False, out=io.StringIO())
