@@ -240,22 +240,11 @@ def make_hvp(loss_fn, params, x_train, y_train, *, mesh: Mesh, weight_decay: flo
              batch_size: int = 1024, curvature: str = "hessian", apply=None):
     """`influence.make_hvp` with the training set sharded over `mesh`: returns (hvp, theta)."""
     _checks.check_choice(curvature, "curvature", ("hessian", "gauss_newton"))
-    theta, f, logits_f = _flat_parts(loss_fn, params, curvature, apply)
+    theta, f, logits_f = influence._curvature_fns(loss_fn, params, curvature, apply)
     xc, yc, mc = shard_chunks(mesh, x_train, y_train, batch_size, theta.dtype)
     th = replicate(mesh, theta)
     wd = jnp.asarray(weight_decay, theta.dtype)
     return (lambda v: _hvp_sharded(f, curvature, logits_f, mesh, v, th, xc, yc, mc, wd)), theta
-
-
-def _flat_parts(loss_fn, params, curvature, apply):
-    theta, _, f = influence._flat(loss_fn, params)
-    logits_f = None
-    if curvature == "gauss_newton":
-        if apply is None:
-            _checks.fail("apply", "None", "the model's apply(params, x_batch) -> logits",
-                         "pass apply= for Gauss-Newton curvature")
-        logits_f = influence._flat_logits(apply, params)
-    return theta, f, logits_f
 
 
 def solve(loss_fn, params, x_train, y_train, G, *, mesh: Mesh, weight_decay: float,
@@ -264,7 +253,7 @@ def solve(loss_fn, params, x_train, y_train, G, *, mesh: Mesh, weight_decay: flo
           batch_size: int = 1024) -> influence.SolveResult:
     """(H + δI)⁻¹ G for the K rows of G, the HVPs sharded over `mesh` (CG or dense)."""
     _checks.check_choice(solver, "solver", ("cg", "dense"))
-    theta, f, logits_f = _flat_parts(loss_fn, params, curvature, apply)
+    theta, f, logits_f = influence._curvature_fns(loss_fn, params, curvature, apply)
     xc, yc, mc = shard_chunks(mesh, x_train, y_train, batch_size, theta.dtype)
     dt = theta.dtype
     th, G = replicate(mesh, theta), replicate(mesh, jnp.asarray(G, dt))

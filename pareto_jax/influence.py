@@ -319,7 +319,8 @@ def make_hvp(loss_fn: LossFn, params, x_train, y_train, *, weight_decay: float,
     return (lambda v: _hvp_jit(f, curvature, logits_f, v, theta, *chunks, n, wd)), theta
 
 
-def _hvp_parts(loss_fn, params, x_train, y_train, batch_size, curvature, apply):
+def _curvature_fns(loss_fn, params, curvature, apply):
+    """(θ flat, f, logits_f): what an HVP of this curvature needs (logits_f only for Gauss-Newton)."""
     theta, _, f = _flat(loss_fn, params)
     logits_f = None
     if curvature == "gauss_newton":
@@ -327,6 +328,11 @@ def _hvp_parts(loss_fn, params, x_train, y_train, batch_size, curvature, apply):
             _checks.fail("apply", "None", "the model's apply(params, x_batch) -> logits",
                          "pass apply= for Gauss-Newton curvature")
         logits_f = _flat_logits(apply, params)
+    return theta, f, logits_f
+
+
+def _hvp_parts(loss_fn, params, x_train, y_train, batch_size, curvature, apply):
+    theta, f, logits_f = _curvature_fns(loss_fn, params, curvature, apply)
     xc, yc, mc = _pad_chunks(np.asarray(x_train), np.asarray(y_train), batch_size)
     chunks = (jnp.asarray(xc, theta.dtype), jnp.asarray(yc), jnp.asarray(mc, theta.dtype))
     return theta, f, logits_f, chunks, jnp.asarray(np.asarray(x_train).shape[0], theta.dtype)
@@ -613,6 +619,19 @@ def _auto_damping(hvp, theta, seed: int) -> float:
     return max(1e-4 * abs(tr), 1e-8)
 
 
+def _solve_escalating(solve, damping: float, escalate: bool, tries: int = 7):
+    """solve(damping) -> SolveResult; on negative curvature retry with damping ×10 (reported)."""
+    escalations = []
+    for attempt in range(tries):
+        res = solve(damping)
+        neg = bool(np.any(np.asarray(res.negative_curvature)))
+        if not (neg and escalate) or attempt == tries - 1:
+            break
+        escalations.append({"damping": damping, "reason": "negative curvature"})
+        damping = max(10 * damping, 1e-6)
+    return res, damping, escalations
+
+
 def choose_method(num_params: int, num_classes: int, chunk_size: int) -> str:
     """Forward mode unless K is large and a chunk of per-sample gradients is cheap to hold.
 
@@ -702,17 +721,12 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
                                       batch_size=config.hvp_batch_size, curvature=config.curvature,
                                       apply=apply)
         damping = _auto_damping(hvp, theta, config.seed) if config.damping == "auto" else float(config.damping)
-        escalations = []
-        for attempt in range(7):
-            solve_res = distributed.solve(
-                loss_fn, params, xt, yt, G, mesh=mesh, weight_decay=weight_decay, damping=damping,
+        solve_res, damping, escalations = _solve_escalating(
+            lambda dmp: distributed.solve(
+                loss_fn, params, xt, yt, G, mesh=mesh, weight_decay=weight_decay, damping=dmp,
                 solver=config.solver, curvature=config.curvature, apply=apply, rtol=config.rtol,
-                atol=config.atol, max_steps=config.max_steps, batch_size=config.hvp_batch_size)
-            neg = bool(np.any(np.asarray(solve_res.negative_curvature)))
-            if not (neg and config.escalate_damping) or attempt == 6:
-                break
-            escalations.append({"damping": damping, "reason": "negative curvature"})
-            damping = max(10 * damping, 1e-6)
+                atol=config.atol, max_steps=config.max_steps, batch_size=config.hvp_batch_size),
+            damping, config.escalate_damping)
     elif config.solver in ("lissa", "kfac", "ekfac"):
         from . import estimators
 
@@ -728,16 +742,11 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
                                                        *chunks, n, wd), theta, config.seed)
         else:
             damping = float(config.damping)
-        escalations = []
-        for attempt in range(7):
-            solve_res = _solve_jit(config.solver, f, config.curvature, logits_f, theta, *chunks, n,
-                                   wd, G, jnp.asarray(damping, dt), jnp.asarray(config.rtol, dt),
-                                   config.max_steps, jnp.asarray(config.atol, dt))
-            neg = bool(np.any(np.asarray(solve_res.negative_curvature)))
-            if not (neg and config.escalate_damping) or attempt == 6:
-                break
-            escalations.append({"damping": damping, "reason": "negative curvature"})
-            damping = max(10 * damping, 1e-6)
+        solve_res, damping, escalations = _solve_escalating(
+            lambda dmp: _solve_jit(config.solver, f, config.curvature, logits_f, theta, *chunks, n,
+                                   wd, G, jnp.asarray(dmp, dt), jnp.asarray(config.rtol, dt),
+                                   config.max_steps, jnp.asarray(config.atol, dt)),
+            damping, config.escalate_damping)
     _checks.check_finite_array(solve_res.value, "inverse-HVP solutions", "influence: curvature solve")
     if config.throw:
         check_solve(solve_res, rtol=config.rtol)

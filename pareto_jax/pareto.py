@@ -587,16 +587,9 @@ def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightC
     if overrides:
         config = dataclasses.replace(config, **overrides)
     P, c, b = _problem(P, targets, alpha, config, class_weights)
-    lo, hi = config.bounds
     notes: list[str] = []
     if config.solver == "highs":
-        if config.mu > 0:
-            st, msg, w, duals = _highs_qp(P, c, b, lo, hi, config.mu, config.budget)
-        else:
-            st, msg, w, duals = _highs_lp(P, c, b, lo, hi, config.budget)
-        if st != SUCCESS:
-            return _finish(P, c, b, None, config, "highs", notes, None, st, STATUS_MESSAGES.get(st, msg))
-        return _finish(P, c, b, w, config, "highs", notes, duals)
+        return _highs_solve(P, c, b, config, "highs", notes)
     return _solve_dual_one(P, c, b, config, notes)
 
 
@@ -691,14 +684,19 @@ def _finish_dual(P, c, b, z, config, notes):
 
 
 def _fallback(P, c, b, config, notes):
+    return _highs_solve(P, c, b, config, "dual→highs", notes)
+
+
+def _highs_solve(P, c, b, config, label, notes):
+    """The whole program by HiGHS (LP, or QP when μ > 0), reported under `label`."""
     lo, hi = config.bounds
     if config.mu > 0:
         st, msg, w, duals = _highs_qp(P, c, b, lo, hi, config.mu, config.budget)
     else:
         st, msg, w, duals = _highs_lp(P, c, b, lo, hi, config.budget)
     if st != SUCCESS:
-        return _finish(P, c, b, None, config, "dual→highs", notes, None, st, STATUS_MESSAGES.get(st, msg))
-    return _finish(P, c, b, w, config, "dual→highs", notes, duals)
+        return _finish(P, c, b, None, config, label, notes, None, st, STATUS_MESSAGES.get(st, msg))
+    return _finish(P, c, b, w, config, label, notes, duals)
 
 
 def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = ReweightConfig(), *,
