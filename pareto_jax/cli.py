@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--generations", type=int, default=6)
     q.add_argument("--retrain", default="converge", choices=("converge", "epoch"))
     q.add_argument("--alpha-min", type=float, default=0.95,
-                   help="search α in [alpha-min, 1] (near 1: close to a Pareto step)")
+                   help="draw the initial α from [alpha-min, 1] (near 1: close to a Pareto step)")
     q.add_argument("--rounds", type=int, default=1,
                    help="iterated Direct Improvement rounds (linear model, --retrain converge)")
     q.add_argument("--seed", type=int, default=0)

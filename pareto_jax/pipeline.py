@@ -323,8 +323,9 @@ class ImproveConfig:
     training samples flipped to random other classes), which makes those classes weak;
     validation and test stay clean. The search selects on validation; test is reported.
 
-    `alpha_min`: the search's α range is [alpha_min, 1] (unless `search` is given): thresholds
-    near 1 keep every class's first-order loss change near zero, i.e. close to a Pareto step.
+    `alpha_min`: the search's initial α are drawn from [alpha_min, 1] (unless `search` is
+    given; mutation may leave that range): thresholds near 1 keep every class's first-order loss
+    change near zero, i.e. close to a Pareto step.
     `rounds` > 1 (linear model, retraining to convergence) iterates Direct Improvement: after
     each round the model is refit with the cumulative weights, P is recomputed for that weighted
     objective, and the search runs again from there with its weights acting multiplicatively;
