@@ -150,3 +150,15 @@ def test_nan_in_P_is_rejected():
         pareto.solve_reweighting(P, [0], 0.5)
     with pytest.raises(InputError, match="non-finite"):
         pareto.ceiling_test(P)
+
+
+def test_tiny_influence_scale_stays_feasible():
+    """Regression (found by the property test): P of size ~1e-6 made HiGHS accept a violation of
+    1.25e-9 (its tolerances are absolute); both solvers now scale P first."""
+    rng = np.random.default_rng(378)
+    P = rng.normal(size=(120, 4)) * 10.0 ** rng.integers(-6, 1)
+    for solver in ("dual", "highs"):
+        r = pareto.solve_reweighting(P, [0], 0.0, solver=solver)
+        assert r.status == 0
+        assert np.all(P.T @ r.w >= -1e-9 * np.abs(P).sum(0)), solver
+        assert r.max_violation <= 1e-15
