@@ -223,15 +223,20 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     out_shapes = [r.out_shape[1:] for r in recs]
 
     def layer_stats(params, xb, mb):
-        """Per-batch (inputs-with-1 per layer, pseudo output-grads per layer)."""
+        """Per-batch (layer modules, inputs per layer, pseudo output-grads per layer).
+
+        The modules come from the same traced forward pass (their static settings, e.g. a
+        conv's kernel size and strides, are what `aug_inputs` needs)."""
         B = xb.shape[0]
         taps0 = [jnp.zeros((B, *s), xb.dtype) for s in out_shapes]
+        modules: list = []
 
         def fwd(taps):
             rec: list = []
             with _tapped(rec, taps):
                 m, _ = merged(params)
                 logits = m(xb)
+            modules[:] = [r.module for r in rec]
             return logits, [r.x for r in rec]
 
         (logits, acts), vjp = _vjp_aux(fwd, taps0)
@@ -241,7 +246,7 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
         cots = jnp.sqrt(p)[None, :, :] * (p[None, :, :] - eye[:, None, :])  # (K, B, K)
         cots = cots * mb[None, :, None]
         grads = jax.vmap(lambda c: vjp(c))(cots)  # list over layers of (K, B, *out)
-        return acts, grads
+        return modules, acts, grads
 
     def aug_inputs(kind, module, a):
         if kind == "dense":
@@ -256,14 +261,10 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
 
     @jax.jit
     def cov_batch(params, xb, mb):
-        rec: list = []
-        with _tapped(rec, None):
-            m, _ = merged(params)
-            m(xb)
-        acts, grads = layer_stats(params, xb, mb)
+        modules, acts, grads = layer_stats(params, xb, mb)
         out = []
-        for (kind, _), r, a, g in zip(layer_info, rec, acts, grads):
-            at = aug_inputs(kind, r.module, a) * jnp.sqrt(mb)[:, None, None]
+        for (kind, _), mod, a, g in zip(layer_info, modules, acts, grads):
+            at = aug_inputs(kind, mod, a) * jnp.sqrt(mb)[:, None, None]
             T = at.shape[1]
             A = jnp.einsum("bti,btj->ij", at, at) / T
             gt = out_grads(g)
@@ -273,14 +274,10 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
 
     @jax.jit
     def correction_batch(params, xb, mb, QAs, QGs):
-        rec: list = []
-        with _tapped(rec, None):
-            m, _ = merged(params)
-            m(xb)
-        acts, grads = layer_stats(params, xb, mb)
+        modules, acts, grads = layer_stats(params, xb, mb)
         out = []
-        for (kind, _), r, a, g, QA, QG in zip(layer_info, rec, acts, grads, QAs, QGs):
-            at = aug_inputs(kind, r.module, a)
+        for (kind, _), mod, a, g, QA, QG in zip(layer_info, modules, acts, grads, QAs, QGs):
+            at = aug_inputs(kind, mod, a)
             gt = out_grads(g)
             # per-sample pseudo-gradient Σ_t ã_t g_tᵀ, rotated into the eigenbasis, squared
             per = jnp.einsum("bti,kbto->kbio", at, gt)
