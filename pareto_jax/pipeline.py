@@ -373,23 +373,25 @@ def _search_block(res, baselines, class_names, targets) -> dict:
                                       "delta_val": res.delta_val, "delta_test": res.delta_test}}
     rows.update(baselines)
     t = list(targets)
-    summary = {}
-    for name, r in rows.items():
-        dt_pts = 100 * (np.asarray(r["test_acc"]) - res.ref_test)
-        others = np.delete(dt_pts, t)
-        summary[name] = {
-            "target_test_points": dt_pts[t].tolist(),
-            "min_target_test_points": float(dt_pts[t].min()),
-            "worst_other_test_points": float(others.min()) if others.size else 0.0,
-            "target_val_delta_pct": np.asarray(r["delta_val"])[t].tolist(),
-            "val_acc": np.asarray(r["val_acc"]).tolist(), "test_acc": np.asarray(r["test_acc"]).tolist(),
-        }
+    summary = {name: _improve_row(r["val_acc"], r["test_acc"], r["delta_val"], res.ref_test, t)
+               for name, r in rows.items()}
     return {"targets": t, "target_names": [class_names[i] for i in t],
             "ref_val": res.ref_val.tolist(), "ref_test": res.ref_test.tolist(),
             "best_alpha": res.best.alpha.tolist(), "best_rho": res.best.rho,
             "best_fitness": res.best.fitness,
             "found": res.found, "program": res.program, "history": list(res.history),
             "rows": summary}
+
+
+def _improve_row(val_acc, test_acc, delta_val, ref_test, targets: list) -> dict:
+    """One method's row of an improvement table: test-point changes and validation Δ."""
+    dt_pts = 100 * (np.asarray(test_acc) - np.asarray(ref_test))
+    others = np.delete(dt_pts, targets)
+    return {"target_test_points": dt_pts[targets].tolist(),
+            "min_target_test_points": float(dt_pts[targets].min()),
+            "worst_other_test_points": float(others.min()) if others.size else 0.0,
+            "target_val_delta_pct": np.asarray(delta_val)[targets].tolist(),
+            "val_acc": np.asarray(val_acc).tolist(), "test_acc": np.asarray(test_acc).tolist()}
 
 
 def format_improve_table(block: dict, class_names) -> str:
@@ -532,15 +534,9 @@ def _iterate_direct(block, res, config, scfg, st_e, splits, apply, loss_fn, K, w
     block["iterated"] = {"rounds_requested": config.rounds, "rounds_kept": len(kept), "log": log}
     if kept:
         ref_val, ref_test = np.asarray(block["ref_val"]), np.asarray(block["ref_test"])
-        va, te = np.asarray(kept[-1]["val_acc"]), np.asarray(kept[-1]["test_acc"])
-        dt_pts = 100 * (te - ref_test)
-        others = np.delete(dt_pts, list(targets))
-        block["rows"][f"search, iterated ({len(kept)} rounds)"] = {
-            "target_test_points": dt_pts[list(targets)].tolist(),
-            "min_target_test_points": float(dt_pts[list(targets)].min()),
-            "worst_other_test_points": float(others.min()) if others.size else 0.0,
-            "target_val_delta_pct": S.relative_change(va, ref_val)[list(targets)].tolist(),
-            "val_acc": va.tolist(), "test_acc": te.tolist()}
+        va, te = kept[-1]["val_acc"], kept[-1]["test_acc"]
+        block["rows"][f"search, iterated ({len(kept)} rounds)"] = _improve_row(
+            va, te, S.relative_change(va, ref_val), ref_test, list(targets))
     print(f"iterated Direct Improvement: {len(kept)} of {config.rounds} rounds kept", file=out)
 
 
