@@ -18,7 +18,9 @@ class k's validation loss by ΔL_k ≈ −Σ_i (w_i − 1) P[i, k] (first order)
   P. It is smooth for μ > 0 (jaxopt's box-constrained L-BFGS-B), the LP is reached by
   continuation in μ, and the LP's few fractional weights are resolved exactly on a small
   restricted problem whose optimality is certified on the full problem. The dual stage is
-  jittable and `vmap`s over a population of α. Every returned w is re-checked in float64.
+  jittable and `vmap`s over a population of α; a population's restricted LPs go to HiGHS as
+  one block-diagonal LP per round. Duals that prove infeasibility (a Farkas certificate) are
+  reported as such without HiGHS. Every returned w is re-checked in float64.
 """
 
 from __future__ import annotations
@@ -571,6 +573,96 @@ def _resolve_lp(P, c, b, lo, hi, budget, z, *, max_rounds: int = 8):
     return NUMERICAL, "active-set resolution did not settle", None, None, int(free.sum())
 
 
+def _farkas_bound(P, b, nu, lo, hi):
+    """max over the box of λᵀ(Pᵀw − b) for λ = ν/Σν, minus a rounding margin (None if ν = 0).
+
+    For any w in the box some class constraint is violated by at least −(this value): when it
+    is below −feas_tol no w can pass the float64 re-check (Farkas), and HiGHS is not needed.
+    """
+    nu = np.maximum(np.asarray(nu, np.float64), 0.0)
+    if not np.all(np.isfinite(nu)) or nu.sum() <= 0:
+        return None
+    lam = nu / nu.sum()
+    g = P @ lam
+    v = float(np.sum(np.maximum(lo * g, hi * g)) - lam @ b)
+    margin = 1e-12 * float(max(abs(lo), abs(hi)) * np.abs(g).sum() + abs(lam @ b))
+    return v + margin
+
+
+def _resolve_lp_batch(P, C, B, LO, HI, Z, *, max_rounds: int = 8) -> dict:
+    """`_resolve_lp` for several programs at once (no budget).
+
+    Every round's restricted LPs go to HiGHS as one block-diagonal LP (the blocks are
+    independent, so each block's optimum is its own LP's) and the optimality certificates on the
+    full problems are one matrix product. Each block is elastic (Σ_k s_k at a large cost, with
+    Pᵀw + s >= b), so a block whose fixed weights leave its restricted LP infeasible cannot
+    sink the others: its free set grows and it goes again. Returns {row: (status, message, w,
+    duals, n_free)} for the rows it settled; the caller hands any other row to HiGHS whole.
+    """
+    import scipy.sparse
+
+    n, K = P.shape
+    M = C.shape[0]
+    R = C + Z[:, :K] @ P.T
+    scale = np.maximum(np.abs(C).max(1), np.abs(P).max())
+    m = min(n, 4 * (K + 1) + 16)
+    order = np.argsort(np.abs(R), axis=1, kind="stable")
+    free = np.zeros((M, n), bool)
+    np.put_along_axis(free, order[:, :m], True, axis=1)
+    free |= np.abs(R) <= 1e-6 * scale[:, None]
+    penalty = 1e6  # per unit of (scaled) constraint violation; duals are O(1) in these units
+    out: dict = {}
+    todo = list(range(M))
+    for _ in range(max_rounds):
+        if not todo:
+            break
+        fixed_w = np.where(R[todo] > 0, HI[todo, None], LO[todo, None])
+        blocks, costs, rhs, bnds, sizes = [], [], [], [], []
+        for j, i in enumerate(todo):
+            f = free[i]
+            Pf = P[f]
+            s = max(float(np.abs(Pf).max(initial=0.0)), 1e-300)  # as `_highs_lp` scales
+            blocks.append(scipy.sparse.hstack([scipy.sparse.csr_matrix(-Pf.T / s),
+                                               -scipy.sparse.identity(K)]))
+            costs += [-C[i][f] / s, np.full(K, penalty)]
+            rhs.append(-(B[i] - P[~f].T @ fixed_w[j][~f]) / s)
+            bnds += [(LO[i], HI[i])] * int(f.sum()) + [(0.0, None)] * K
+            sizes += [int(f.sum()), K]
+        res = scipy.optimize.linprog(np.concatenate(costs), A_ub=scipy.sparse.block_diag(blocks, format="csr"),
+                                     b_ub=np.concatenate(rhs), bounds=bnds, method="highs",
+                                     options=_HIGHS_OPTIONS)
+        if res.status != SUCCESS:
+            return out
+        parts = np.split(res.x, np.cumsum(sizes)[:-1])
+        NU = np.maximum(-np.asarray(res.ineqlin.marginals), 0).reshape(len(todo), K)
+        R2 = C[todo] + NU @ P.T
+        W = fixed_w.copy()
+        for j, i in enumerate(todo):
+            W[j, free[i]] = parts[2 * j]
+        tolr = 1e-9 * scale[todo, None]
+        ok = ((W == HI[todo, None]) & (R2 >= -tolr)) | ((W == LO[todo, None]) & (R2 <= tolr))
+        bad = ~free[todo] & ~ok
+        nxt = []
+        for j, i in enumerate(todo):
+            if np.any(parts[2 * j + 1] > 0):  # restricted LP infeasible: free the next-closest
+                nf = int(free[i].sum())
+                free[i, order[i, : min(n, nf + 2 * m)]] = True
+                nxt.append(i)
+                continue
+            if not bad[j].any():
+                out[i] = (SUCCESS, "optimal", W[j], np.concatenate([NU[j], [0.0]]), int(free[i].sum()))
+                continue
+            want = np.where(R2[j] > 0, HI[i], LO[i])
+            viol = np.where(bad[j], np.abs(want - W[j]), 0)
+            add = np.argsort(-viol, kind="stable")[: max(int(bad[j].sum()), m)]
+            free[i, add[viol[add] > 0]] = True
+            R[i] = R2[j]
+            order[i] = np.argsort(np.abs(R[i]), kind="stable")
+            nxt.append(i)
+        todo = nxt
+    return out
+
+
 def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightConfig = ReweightConfig(),
                       *, class_weights=None, **overrides) -> ReweightResult:
     """Solve the reweighting program of DESIGN §5 for one threshold vector α.
@@ -671,10 +763,24 @@ def _dual_batch(P, C, B, LO, HI, mu_final, budget, *, has_budget, max_iter, n_st
     return jax.lax.map(lambda a: one(*a), (C, B, LO, HI))
 
 
-def _finish_dual(P, c, b, z, config, notes):
+def _certified_infeasible(P, b, z, config) -> float | None:
+    """The Farkas bound of `_farkas_bound` when it proves the program infeasible (no budget)."""
+    if config.budget is not None:
+        return None
+    lo, hi = config.bounds
+    v = _farkas_bound(P, b, z[:P.shape[1]], lo, hi)
+    return v if v is not None and v < -config.feas_tol else None
+
+
+def _finish_dual(P, c, b, z, config, notes, resolved=None):
     lo, hi = config.bounds
     K = P.shape[1]
-    scale = max(np.abs(P).max(), 1e-300)
+    v = _certified_infeasible(P, b, z, config) if np.all(np.isfinite(z)) else None
+    if v is not None:
+        notes.append(f"the duals are a Farkas certificate: every w in the box violates a class "
+                     f"constraint by at least {-v:.3g}")
+        return _finish(P, c, b, None, config, "dual", notes, z, INFEASIBLE,
+                       "The problem is infeasible (Farkas certificate from the duals).")
     if not np.all(np.isfinite(z)) or np.abs(z[:K]).max() > 1e8:
         notes.append("dual diverged (a sign of infeasibility); HiGHS decides")
         return _fallback(P, c, b, config, notes)
@@ -682,7 +788,10 @@ def _finish_dual(P, c, b, z, config, notes):
         u, _, _ = _primal_from_dual(z, P, c, lo, hi, config.mu, config.budget is not None)
         w, duals = 1.0 + np.asarray(u, np.float64), z
     else:
-        st, msg, w, duals, n_free = _resolve_lp(P, c, b, lo, hi, config.budget, z)
+        if resolved is None and config.budget is None:
+            resolved = _resolve_lp_batch(P, c[None], b[None], np.array([lo]), np.array([hi]), z[None]).get(0)
+            resolved = resolved or (NUMERICAL, "the restricted LPs did not settle", None, None, 0)
+        st, msg, w, duals, n_free = resolved or _resolve_lp(P, c, b, lo, hi, config.budget, z)
         if st != SUCCESS:
             notes.append(f"exact resolution failed ({msg}); HiGHS decides")
             return _fallback(P, c, b, config, notes)
@@ -713,7 +822,9 @@ def _highs_solve(P, c, b, config, label, notes):
 def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = ReweightConfig(), *,
                             batch: str = "auto", rhos=None, **overrides) -> list[ReweightResult]:
     """Solve the program for a population of α at once: one compiled dual stage for all rows of
-    `alphas` (shape (M, K)), then each solution's exact resolution and float64 re-check.
+    `alphas` (shape (M, K)), then all rows' exact resolutions together (one block-diagonal
+    HiGHS LP per round) and each solution's float64 re-check. Same solutions as one
+    `solve_reweighting` per row.
 
     Args:
         batch: "vmap" (lock-step over the population: best on accelerators), "map" (one compiled
@@ -735,4 +846,13 @@ def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = Reweigh
         return [solve_reweighting(P64, targets, a, c) for a, c in zip(alphas, cfgs)]
     bounds = np.array([c.bounds for c in cfgs]).T
     Z, _, _ = _run_dual(P64, C, B, config, mode, bounds=bounds)
-    return [_finish_dual(P64, C[i], B[i], Z[i], cfgs[i], []) for i in range(len(alphas))]
+    resolved = {}
+    if config.mu == 0 and config.budget is None:
+        # the rows whose LP is resolved exactly: all at once, one HiGHS call per round
+        rows = [i for i in range(len(alphas)) if np.all(np.isfinite(Z[i]))
+                and np.abs(Z[i, :-1]).max() <= 1e8 and _certified_infeasible(P64, B[i], Z[i], cfgs[i]) is None]
+        if rows:
+            got = _resolve_lp_batch(P64, C[rows], B[rows], bounds[0, rows], bounds[1, rows], Z[rows])
+            resolved = {i: got.get(j, (NUMERICAL, "the restricted LPs did not settle", None, None, 0))
+                        for j, i in enumerate(rows)}
+    return [_finish_dual(P64, C[i], B[i], Z[i], cfgs[i], [], resolved.get(i)) for i in range(len(alphas))]
