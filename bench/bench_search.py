@@ -65,15 +65,21 @@ def main():
         t = time.perf_counter()
         _util.block(ev.train_many(W, batched)[0])
         rows["t_train_batched" if batched else "t_train_sequential"] = time.perf_counter() - t
+        popn.cache.clear()
+        t = time.perf_counter()
+        popn.solve(genome)
+        rows["t_programs_batched" if batched else "t_programs_sequential"] = time.perf_counter() - t
     same = all((x == y) or (np.isinf(x) and np.isinf(y)) for x, y in zip(fits[True], fits[False]))
     assert same, (fits[True], fits[False])
     out = {"dataset": ds, "n_train": int(len(noisy.y)), "population": M, **rows,
            "speedup": rows["t_sequential"] / rows["t_batched"],
            "speedup_training": rows["t_train_sequential"] / rows["t_train_batched"],
+           "speedup_programs": rows["t_programs_sequential"] / rows["t_programs_batched"],
            "identical_fitness": same,
            "n_finite": int(np.isfinite(fits[True]).sum())}
     print(_util.table([out], ["dataset", "n_train", "population", "t_batched", "t_sequential",
                               "speedup", "t_train_batched", "t_train_sequential", "speedup_training",
+                              "t_programs_batched", "t_programs_sequential", "speedup_programs",
                               "identical_fitness", "n_finite"]))
     p = _util.write("search" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "result": out})
     print(f"wrote {p}")

@@ -323,6 +323,21 @@ class _Population:
         self.cache: dict[bytes, Candidate] = {}
         self.solutions: dict[bytes, pareto.ReweightResult] = {}
 
+    def solve(self, genomes: np.ndarray) -> list[pareto.ReweightResult]:
+        """The programs of these genomes: one batched solve, or one at a time."""
+        K = self.P.shape[1]
+        A, rhos = genomes, None
+        if self.cfg.search_rho is not None:
+            rhos = np.array([self.cfg.rho_of(g) for g in A[:, K]])
+            A = A[:, :K]
+        if self.cfg.batched:
+            return pareto.solve_reweighting_batch(self.P, self.targets, A, self.cfg.reweight, rhos=rhos)
+        # one candidate at a time (memory-limited path): same programs, same answers
+        return [pareto.solve_reweighting(
+            self.P, self.targets, a, self.cfg.reweight if rhos is None
+            else dataclasses.replace(self.cfg.reweight, rho=float(r)))
+            for a, r in zip(A, rhos if rhos is not None else [None] * len(A))]
+
     def evaluate(self, alphas: np.ndarray) -> list[Candidate]:
         keys = [np.asarray(a, np.float64).tobytes() for a in alphas]
         todo = [i for i, k in enumerate(keys) if k not in self.cache]
@@ -332,19 +347,8 @@ class _Population:
             uniq.setdefault(keys[i], i)
         idx = list(uniq.values())
         if idx:
-            A = np.stack([alphas[i] for i in idx])
             K = self.P.shape[1]
-            rhos = None
-            if self.cfg.search_rho is not None:
-                rhos = np.array([self.cfg.rho_of(g) for g in A[:, K]])
-                A = A[:, :K]
-            if self.cfg.batched:
-                sols = pareto.solve_reweighting_batch(self.P, self.targets, A, self.cfg.reweight, rhos=rhos)
-            else:  # one candidate at a time (memory-limited path): same programs, same answers
-                sols = [pareto.solve_reweighting(
-                    self.P, self.targets, a, self.cfg.reweight if rhos is None
-                    else dataclasses.replace(self.cfg.reweight, rho=float(r)))
-                    for a, r in zip(A, rhos if rhos is not None else [None] * len(A))]
+            sols = self.solve(np.stack([alphas[i] for i in idx]))
             W = np.stack([s.w if s.w is not None else np.ones(self.P.shape[0]) for s in sols])
             params, _ = self.ev.train_many(W, self.cfg.batched)
             acc = self.ev.accuracies(params, "val", self.cfg.batched)
