@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--retrain", default="converge", choices=("converge", "epoch"))
     q.add_argument("--alpha-min", type=float, default=0.95,
                    help="draw the initial α from [alpha-min, 1] (near 1: close to a Pareto step)")
+    q.add_argument("--w-max", type=float, default=1.0,
+                   help="upper bound on a weight (1: down-weighting only, the default; 2: the "
+                        "method's up-weighting too)")
     q.add_argument("--rounds", type=int, default=1,
                    help="iterated Direct Improvement rounds (linear model, --retrain converge)")
     q.add_argument("--seed", type=int, default=0)
@@ -145,15 +148,16 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.run(_run_config(a), progress=not a.no_progress)
             return 0
         if a.command == "improve":
-            from . import pipeline, search
+            from . import pareto, pipeline, search
 
             cfg = pipeline.ImproveConfig(
                 data=pipeline.DataConfig(name=a.dataset, seed=a.seed), noise_classes=a.noise_classes,
                 noise_fraction=a.noise,
                 search=search.SearchConfig(population=a.population, generations=a.generations,
                                            seed=a.seed, retrain=a.retrain,
-                                           alpha_range=(a.alpha_min, 1.0)),
-                alpha_min=a.alpha_min, rounds=a.rounds, out_dir=a.out)
+                                           alpha_range=(a.alpha_min, 1.0),
+                                           reweight=pareto.ReweightConfig(w_max=a.w_max)),
+                alpha_min=a.alpha_min, w_max=a.w_max, rounds=a.rounds, out_dir=a.out)
             pipeline.run_improve(cfg, progress=not a.no_progress)
             return 0
         if a.command == "reproduce":

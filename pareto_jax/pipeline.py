@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, data, distributed, io, models, train
+from . import _checks, data, distributed, io, models, pareto, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +331,13 @@ class ImproveConfig:
     objective, and the search runs again from there with its weights acting multiplicatively;
     a round is kept only if it improves every target without any validation class getting
     worse (relative to the previous round), so the rounds never trade back what they gained.
+    `w_max` (used when `search` is None): the upper bound on a weight. 1 (down-weighting only)
+    is the default: on validation, over data seeds 0–3 of this experiment, it gave a mean target
+    gain of 11.1 points against 9.5 with the method's w_max = 2, no validation class worse in
+    either (`issues` note of issue 5 has the table).
+    `matched_baselines`: also report each baseline scaled toward w = 1 by the step that the
+    search's own validation rule picks (`search.harm_matched_baselines`), so that the search is
+    compared with the baselines at equal validation harm.
     """
 
     data: DataConfig = DataConfig(name="mnist5k")
@@ -349,9 +356,12 @@ class ImproveConfig:
     out_dir: str = "runs/improve"
     rounds: int = 1
     alpha_min: float = 0.95
+    matched_baselines: bool = True
+    w_max: float = 1.0
 
     def __post_init__(self):
         _checks.check_positive(self.rounds, "rounds", integer=True)
+        _checks.check_positive(self.w_max, "w_max")
         _checks.check_in_range(self.alpha_min, "alpha_min", 0.0, 1.0)
 
 
@@ -368,10 +378,11 @@ def _influence_at(apply, loss_fn, params, splits, K, wd, damping, model_kind):
                                         weight_decay=wd, config=cfg, apply=apply)
 
 
-def _search_block(res, baselines, class_names, targets) -> dict:
+def _search_block(res, baselines, class_names, targets, matched=None) -> dict:
     rows = {"search (PARETO-LP-GA)": {"val_acc": res.val_acc, "test_acc": res.test_acc,
                                       "delta_val": res.delta_val, "delta_test": res.delta_test}}
     rows.update(baselines)
+    rows.update({f"{n}, val-matched": r for n, r in (matched or {}).items()})
     t = list(targets)
     summary = {name: _improve_row(r["val_acc"], r["test_acc"], r["delta_val"], res.ref_test, t)
                for name, r in rows.items()}
@@ -380,6 +391,7 @@ def _search_block(res, baselines, class_names, targets) -> dict:
             "best_alpha": res.best.alpha.tolist(), "best_rho": res.best.rho,
             "best_fitness": res.best.fitness,
             "found": res.found, "program": res.program, "history": list(res.history),
+            "matched_t": {n: r["t"] for n, r in (matched or {}).items()},
             "rows": summary}
 
 
@@ -412,7 +424,8 @@ def run_improve(config: ImproveConfig = ImproveConfig(), *, progress: bool = Tru
     out = out or sys.stdout
     from . import search as S
 
-    scfg = config.search or S.SearchConfig(alpha_range=(config.alpha_min, 1.0))
+    scfg = config.search or S.SearchConfig(alpha_range=(config.alpha_min, 1.0),
+                                           reweight=pareto.ReweightConfig(w_max=config.w_max))
     if config.rounds > 1 and (config.model.kind != "linear" or scfg.retrain != "converge"):
         _checks.fail("rounds", config.rounds, "1 unless the model is linear and retrain='converge'",
                      "use rounds=1, or a linear model retrained to convergence")
@@ -455,9 +468,12 @@ def run_improve(config: ImproveConfig = ImproveConfig(), *, progress: bool = Tru
     targets = config.targets or tuple(int(i) for i in np.argsort(acc_e, kind="stable")[:2])
     prob = problem_at(st_e)
     res = S.run_search(prob, inf_e.P, targets, mode="direct", config=scfg, progress=progress)
-    base = S.evaluate_weightings(prob, S.baseline_weights(inf_e.P, splits.train.y, targets, K, scfg),
-                                 st_e.params, retrain=scfg.retrain, max_iter=scfg.retrain_max_iter)
-    report["direct"] = _search_block(res, base, names, targets)
+    bw = S.baseline_weights(inf_e.P, splits.train.y, targets, K, scfg)
+    base = S.evaluate_weightings(prob, bw, st_e.params, retrain=scfg.retrain, max_iter=scfg.retrain_max_iter)
+    matched = (S.harm_matched_baselines(prob, bw, st_e.params, targets, retrain=scfg.retrain,
+                                        max_iter=scfg.retrain_max_iter)
+               if config.matched_baselines else {})
+    report["direct"] = _search_block(res, base, names, targets, matched)
     report["direct"]["epoch"] = e
     if config.rounds > 1:
         _iterate_direct(report["direct"], res, config, scfg, st_e, splits, apply, loss_fn, K, wd,
@@ -483,9 +499,11 @@ def run_improve(config: ImproveConfig = ImproveConfig(), *, progress: bool = Tru
             res_cc = S.run_search(prob_cc, inf_cc.P, cc_targets, mode="course_correction",
                                   ref_params=ref, config=dataclasses.replace(scfg, retrain="epoch"),
                                   progress=progress)
-            base_cc = S.evaluate_weightings(prob_cc, S.baseline_weights(inf_cc.P, splits.train.y, cc_targets, K, scfg),
-                                            ref, retrain="epoch")
-            report["course_correction"] = _search_block(res_cc, base_cc, names, cc_targets)
+            bw_cc = S.baseline_weights(inf_cc.P, splits.train.y, cc_targets, K, scfg)
+            base_cc = S.evaluate_weightings(prob_cc, bw_cc, ref, retrain="epoch")
+            matched_cc = (S.harm_matched_baselines(prob_cc, bw_cc, ref, cc_targets, retrain="epoch")
+                          if config.matched_baselines else {})
+            report["course_correction"] = _search_block(res_cc, base_cc, names, cc_targets, matched_cc)
             report["course_correction"].update({"epoch": e_cc, "val_drop_points": 100 * drop,
                                                 "val_acc_e": accs[e_cc].tolist(),
                                                 "val_acc_e_plus_1": accs[e_cc + 1].tolist()})

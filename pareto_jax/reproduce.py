@@ -271,7 +271,8 @@ def reproduce_improve(out_dir: str = "reports/improve", *, quick: bool = False, 
     ds = dataset or ("digits" if quick else "mnist5k")
     alpha_min = 0.95
     scfg = search.SearchConfig(population=8 if quick else 16, generations=3 if quick else 6,
-                               seed=seed, retrain=retrain, alpha_range=(alpha_min, 1.0))
+                               seed=seed, retrain=retrain, alpha_range=(alpha_min, 1.0),
+                               reweight=pareto.ReweightConfig(w_max=1.0))
     cfg = pipeline.ImproveConfig(data=pipeline.DataConfig(name=ds, seed=seed), search=scfg,
                                  out_dir=str(out_dir), alpha_min=alpha_min,
                                  rounds=1 if quick or retrain != "converge" else 3)
@@ -283,12 +284,15 @@ def reproduce_improve(out_dir: str = "reports/improve", *, quick: bool = False, 
           f"Linear softmax, {cfg.train.epochs} epochs of Adam (lr {cfg.train.learning_rate}). "
           f"Search: population {scfg.population}, {scfg.generations} generations, genome = α "
           f"(initial population drawn from [{alpha_min}, 1]^K, mutation may leave it) and a trust "
-          "region ρ; candidates retrained by '{retrain}' (Direct "
+          f"region ρ, weights in [1 − ρ, 1] (down-weighting only); candidates retrained by '{retrain}' (Direct "
           "Improvement) and one weighted epoch (Course Correction); selection on validation, "
           "changes below on test. 'iterated' = up to "
           f"{cfg.rounds} rounds of Direct Improvement, each from the previous round's refitted "
           "model with P recomputed for its weighted objective, kept only while no validation "
-          "class gets worse.", ""]
+          "class gets worse. 'val-matched' = the baseline's weights scaled toward 1, "
+          "w_t = 1 + t·(w − 1), with t picked on validation by the search's own rule (no other "
+          "class worse, then the largest target gain): the baselines at the search's validation "
+          "harm.", ""]
     figs = {}
     for key, title in (("direct", "Direct Improvement"), ("course_correction", "Course Correction")):
         blk = rep.get(key)
@@ -303,7 +307,9 @@ def reproduce_improve(out_dir: str = "reports/improve", *, quick: bool = False, 
                _md_table(["method"] + [f"class {names[t]} (test, points)" for t in blk["targets"]]
                          + ["worst other class (points)"], rows), "",
                f"Best α: {np.round(blk['best_alpha'], 3).tolist()}, ρ = {blk['best_rho']}; "
-               f"validation fitness {blk['best_fitness']:.3f}; found = {blk['found']}.", ""]
+               f"validation fitness {blk['best_fitness']:.3f}; found = {blk['found']}. "
+               "Matched steps t: " + ", ".join(f"{n} {t:g}" for n, t in blk.get("matched_t", {}).items())
+               + ".", ""]
         M = [100 * (np.asarray(r["test_acc"]) - np.asarray(blk["ref_test"])) for r in blk["rows"].values()]
         figs[key] = plots.bars(list(blk["rows"]), M, out_dir / f"{key}.png",
                                title=f"{title}: test accuracy change per class", ylabel="points",

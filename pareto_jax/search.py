@@ -49,7 +49,9 @@ class SearchConfig:
             for memory-limited cases; same results).
         reweight: the program's options (bounds, trust region, μ, solver).
         fixed_alpha: α of the "program with fixed α" baseline.
-        topk_fraction: fraction of samples up-weighted (to w_max) by the top-k baseline.
+        topk_fraction: fraction of samples up-weighted by the top-k baseline.
+        topk_weight: the weight they get (its own setting: with the program's w_max = 1, top-k
+            up-weighting would otherwise change nothing).
         search_rho: if set, (ρ_min, ρ_max): the genome gets one more gene, the trust region
             |w_i − 1| <= ρ on a log scale in this range, so the search also chooses how far
             from the trained weighting to step (an extension of the method, which searches α
@@ -74,6 +76,7 @@ class SearchConfig:
     reweight: pareto.ReweightConfig = pareto.ReweightConfig(w_max=2.0)
     fixed_alpha: float = 0.9
     topk_fraction: float = 0.1
+    topk_weight: float = 2.0
     search_rho: tuple[float, float] | None = (0.05, 1.0)
     retrain: str = "epoch"
     retrain_max_iter: int = 500
@@ -94,6 +97,7 @@ class SearchConfig:
             _checks.fail("alpha_range", repr(self.alpha_range), "0 <= lo <= hi <= 1", "e.g. (0.5, 1.0)")
         _checks.check_in_range(self.fixed_alpha, "fixed_alpha", 0.0, 1.0)
         _checks.check_in_range(self.topk_fraction, "topk_fraction", 0.0, 1.0)
+        _checks.check_positive(self.topk_weight, "topk_weight")
         _checks.check_choice(self.retrain, "retrain", ("epoch", "converge"))
         _checks.check_positive(self.retrain_max_iter, "retrain_max_iter", integer=True)
         if self.search_rho is not None:
@@ -508,7 +512,7 @@ def baseline_weights(P, y_train, targets: Sequence[int], num_classes: int,
     * unweighted: w = 1 (the ordinary epoch e+1);
     * class_balanced: w_i ∝ 1/count(y_i), mean 1;
     * trim_negative: w_i = 0 where Σ_k P[i, k] < 0;
-    * topk_upweight: w_i = w_max for the top `topk_fraction` of Σ_{t∈targets} P[i, t];
+    * topk_upweight: w_i = `topk_weight` for the top `topk_fraction` of Σ_{t∈targets} P[i, t];
     * fixed_alpha_lp: the program with α = `fixed_alpha` for every class (no search).
     """
     P = np.asarray(P, np.float64)
@@ -521,7 +525,7 @@ def baseline_weights(P, y_train, targets: Sequence[int], num_classes: int,
     score = P[:, list(targets)].sum(1)
     k = max(1, int(round(config.topk_fraction * n)))
     w = np.ones(n)
-    w[np.argsort(-score, kind="stable")[:k]] = config.reweight.w_max
+    w[np.argsort(-score, kind="stable")[:k]] = config.topk_weight
     out["topk_upweight"] = w
     sol = pareto.solve_reweighting(P, targets, config.fixed_alpha, config.reweight)
     if sol.w is not None:
@@ -543,6 +547,45 @@ def evaluate_weightings(problem: SearchProblem, weightings: dict[str, np.ndarray
     rt = np.asarray(ev.acc(ref_params, ev.xt, ev.yt), np.float64)
     return {n: {"val_acc": va[i], "test_acc": te[i], "delta_val": relative_change(va[i], rv),
                 "delta_test": relative_change(te[i], rt)} for i, n in enumerate(names)}
+
+
+MATCH_STEPS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.15, 0.1, 0.06, 0.03, 0.015)
+
+
+def harm_matched_baselines(problem: SearchProblem, weightings: dict[str, np.ndarray], ref_params,
+                           targets: Sequence[int], *, steps: Sequence[float] = MATCH_STEPS,
+                           batched: bool = True, retrain: str = "epoch", max_iter: int = 500,
+                           mesh=None) -> dict[str, dict]:
+    """Each baseline given the search's own selection rule on validation.
+
+    A baseline's weights w are scaled toward the trained weighting, w_t = 1 + t·(w − 1), for
+    each t in `steps`; every w_t is retrained like a search candidate, and the t with the best
+    (fitness, tie-break) on validation is kept: the largest target gain among the steps that
+    leave no other validation class worse, if any step does. This compares the search with the
+    baselines at the same validation harm, which the raw baselines (t = 1) do not respect.
+
+    Returns:
+        {name: {"t", "fitness", "val_acc", "test_acc", "delta_val", "delta_test"}}.
+    """
+    ev = _Evaluator(problem, retrain, max_iter, mesh)
+    names = [n for n in weightings if n != "unweighted"]
+    steps = [float(t) for t in steps]
+    if not names or not steps or min(steps) <= 0 or max(steps) > 1:
+        _checks.fail("steps", repr(steps), "values in (0, 1] and at least one baseline", "keep the default")
+    W = np.stack([1.0 + t * (np.asarray(weightings[n], np.float64) - 1.0) for n in names for t in steps])
+    params, _ = ev.train_many(W, batched)
+    va = ev.accuracies(params, "val", batched)
+    te = ev.accuracies(params, "test", batched)
+    ref_val = np.asarray(ev.acc(ref_params, ev.xv, ev.yv), np.float64)
+    ref_test = np.asarray(ev.acc(ref_params, ev.xt, ev.yt), np.float64)
+    out = {}
+    for a, n in enumerate(names):
+        rows = range(a * len(steps), (a + 1) * len(steps))
+        scored = [(fitness(relative_change(va[j], ref_val), targets), j) for j in rows]
+        (f, tb), j = max(scored, key=lambda s: (s[0][0], s[0][1] if np.isfinite(s[0][1]) else NEG_INF))
+        out[n] = {"t": steps[j - a * len(steps)], "fitness": f, "val_acc": va[j], "test_acc": te[j],
+                  "delta_val": relative_change(va[j], ref_val), "delta_test": relative_change(te[j], ref_test)}
+    return out
 
 
 # ----------------------------------------------------------------------------- the frontier

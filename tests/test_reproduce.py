@@ -48,6 +48,10 @@ def test_improve_quick(tmp_path):
     d = r["direct"]
     assert set(d["rows"]) >= {"search (PARETO-LP-GA)", "unweighted", "class_balanced", "trim_negative",
                               "topk_upweight"}
+    assert set(d["matched_t"]) == {"class_balanced", "trim_negative", "topk_upweight", "fixed_alpha_lp"} - (
+        set() if "fixed_alpha_lp" in d["rows"] else {"fixed_alpha_lp"})
+    for name, t in d["matched_t"].items():
+        assert 0 < t <= 1 and f"{name}, val-matched" in d["rows"]
     saved = json.loads((tmp_path / "improve.json").read_text())
     assert saved["direct"]["targets"] == d["targets"]
     assert r["frontier"]["pearson_predicted_vs_actual"] > 0.9

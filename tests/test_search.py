@@ -107,3 +107,28 @@ def test_frontier_against_highs():
         ref = pareto.solve_reweighting(P, [k], 1.0, rho=0.3, w_max=1.3, solver="highs")
         assert fr.ceiling[k] == pytest.approx(ref.objective - P[:, k].sum(), rel=1e-7)
         assert fr.ceiling[k] >= fr.gains[:, k].max() - 1e-12
+
+
+def test_harm_matched_baselines_follow_the_search_rule(digits_problem):
+    """Each matched baseline is the step t whose retrained w_t ranks best by the search's own
+    (fitness, tie-break) on validation; checked by retraining every step on its own (a loop over
+    single epochs and single accuracy evaluations, not the batched path)."""
+    prob, P = digits_problem
+    bw = search.baseline_weights(P, prob.y_train, [3, 8], 10)
+    bw = {k: bw[k] for k in ("unweighted", "trim_negative", "class_balanced")}
+    steps = (1.0, 0.5, 0.2)
+    got = search.harm_matched_baselines(prob, bw, prob.state.params, [3, 8], steps=steps)
+    assert set(got) == {"trim_negative", "class_balanced"}  # w = 1 has nothing to scale
+    ev = search._Evaluator(prob)
+    ref = ev.acc(prob.state.params, ev.xv, ev.yv)
+    for name, r in got.items():
+        scores = []
+        for t in steps:
+            p, _ = ev.train_one(1.0 + t * (bw[name] - 1.0))
+            f, tb = search.fitness(search.relative_change(ev.acc(p, ev.xv, ev.yv), ref), [3, 8])
+            scores.append(((f, tb if np.isfinite(tb) else float("-inf")), t, p))
+        best = max(scores, key=lambda s: s[0])
+        assert r["t"] == best[1] and r["fitness"] == best[0][0]
+        np.testing.assert_allclose(r["test_acc"], ev.acc(best[2], ev.xt, ev.yt))
+    with pytest.raises(InputError, match="steps"):
+        search.harm_matched_baselines(prob, bw, prob.state.params, [3, 8], steps=(0.0,))
