@@ -820,7 +820,8 @@ def _highs_solve(P, c, b, config, label, notes):
 
 
 def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = ReweightConfig(), *,
-                            batch: str = "auto", rhos=None, **overrides) -> list[ReweightResult]:
+                            batch: str = "auto", rhos=None, class_weights=None,
+                            **overrides) -> list[ReweightResult]:
     """Solve the program for a population of α at once: one compiled dual stage for all rows of
     `alphas` (shape (M, K)), then all rows' exact resolutions together (one block-diagonal
     HiGHS LP per round) and each solution's float64 re-check. Same solutions as one
@@ -831,19 +832,27 @@ def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = Reweigh
             loop over the population: best on CPU, where lock-step pays for the slowest member)
             or "auto" (map on CPU, vmap elsewhere). Both give the same solutions.
         rhos: optional per-row trust regions (M,), overriding `config.rho` row by row.
+        class_weights: optional per-row objective weights β (M, K) (or one row for all),
+            replacing `targets` as in `solve_reweighting`.
     """
     mode = _batch_mode(batch)
     if overrides:
         config = dataclasses.replace(config, **overrides)
     alphas = np.atleast_2d(np.asarray(alphas, np.float64))
-    probs = [_problem(P, targets, a, config) for a in alphas]
+    if class_weights is not None:
+        class_weights = np.broadcast_to(np.asarray(class_weights, np.float64), alphas.shape)
+        probs = [_problem(P, None, a, config, cw) for a, cw in zip(alphas, class_weights)]
+    else:
+        probs = [_problem(P, targets, a, config) for a in alphas]
     P64 = probs[0][0]
     C = np.stack([p[1] for p in probs])
     B = np.stack([p[2] for p in probs])
     cfgs = [config] * len(alphas) if rhos is None else \
         [dataclasses.replace(config, rho=float(r)) for r in np.broadcast_to(rhos, (len(alphas),))]
     if config.solver == "highs":
-        return [solve_reweighting(P64, targets, a, c) for a, c in zip(alphas, cfgs)]
+        return [solve_reweighting(P64, targets if class_weights is None else None, a, c,
+                                  class_weights=None if class_weights is None else class_weights[i])
+                for i, (a, c) in enumerate(zip(alphas, cfgs))]
     bounds = np.array([c.bounds for c in cfgs]).T
     Z, _, _ = _run_dual(P64, C, B, config, mode, bounds=bounds)
     resolved = {}

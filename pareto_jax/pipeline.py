@@ -389,6 +389,7 @@ def _search_block(res, baselines, class_names, targets, matched=None) -> dict:
     return {"targets": t, "target_names": [class_names[i] for i in t],
             "ref_val": res.ref_val.tolist(), "ref_test": res.ref_test.tolist(),
             "best_alpha": res.best.alpha.tolist(), "best_rho": res.best.rho,
+            "best_genome": res.best.genome.tolist(),
             "best_fitness": res.best.fitness,
             "found": res.found, "program": res.program, "history": list(res.history),
             "matched_t": {n: r["t"] for n, r in (matched or {}).items()},

@@ -56,6 +56,12 @@ class SearchConfig:
             |w_i − 1| <= ρ on a log scale in this range, so the search also chooses how far
             from the trained weighting to step (an extension of the method, which searches α
             only); None searches α alone with `reweight.rho`.
+        others_weight: if set, (β_min, β_max): one more gene (the last), the weight β of the
+            non-target classes in the program's objective, Σ_targets Σ_i w_i P[i, t] +
+            β·Σ_others Σ_i w_i P[i, k] (β = 0 is the method's objective). With β > 0 the program
+            also prefers samples that are harmful to every class, the direction of trimming;
+            an extension of the method, selected on validation like every other gene. None:
+            the method's objective.
         retrain: how a candidate's weights are tried: "epoch" (the method: one weighted epoch
             from θ^e with the checkpoint's optimizer) or "converge" (full-batch L-BFGS on the
             fixed-N weighted objective from θ^e until the gradient is small: the setting in
@@ -78,6 +84,7 @@ class SearchConfig:
     topk_fraction: float = 0.1
     topk_weight: float = 2.0
     search_rho: tuple[float, float] | None = (0.05, 1.0)
+    others_weight: tuple[float, float] | None = None
     retrain: str = "epoch"
     retrain_max_iter: int = 500
 
@@ -104,6 +111,30 @@ class SearchConfig:
             a, b = self.search_rho
             if not (0 < a <= b):
                 _checks.fail("search_rho", repr(self.search_rho), "0 < ρ_min <= ρ_max", "e.g. (0.05, 1.0)")
+        if self.others_weight is not None:
+            a, b = self.others_weight
+            if not (0 <= a <= b):
+                _checks.fail("others_weight", repr(self.others_weight), "0 <= β_min <= β_max", "e.g. (0.0, 1.0)")
+
+    @property
+    def n_genes(self) -> int:
+        return (self.search_rho is not None) + (self.others_weight is not None)
+
+    def beta_of(self, gene: float) -> float:
+        a, b = self.others_weight
+        return float(a + gene * (b - a))
+
+    def program_of(self, genome, targets, K: int):
+        """(α, ReweightConfig, class weights or None) of a genome."""
+        g = np.asarray(genome, np.float64)
+        cfg = self.reweight
+        if self.search_rho is not None:
+            cfg = dataclasses.replace(cfg, rho=self.rho_of(g[K]))
+        beta = None
+        if self.others_weight is not None:
+            beta = np.full(K, self.beta_of(g[-1]))
+            beta[list(targets)] = 1.0
+        return g[:K], cfg, beta
 
     def rho_of(self, gene: float) -> float:
         a, b = self.search_rho
@@ -330,17 +361,16 @@ class _Population:
     def solve(self, genomes: np.ndarray) -> list[pareto.ReweightResult]:
         """The programs of these genomes: one batched solve, or one at a time."""
         K = self.P.shape[1]
-        A, rhos = genomes, None
-        if self.cfg.search_rho is not None:
-            rhos = np.array([self.cfg.rho_of(g) for g in A[:, K]])
-            A = A[:, :K]
+        progs = [self.cfg.program_of(g, self.targets, K) for g in genomes]
         if self.cfg.batched:
-            return pareto.solve_reweighting_batch(self.P, self.targets, A, self.cfg.reweight, rhos=rhos)
+            A = np.stack([p[0] for p in progs])
+            rhos = None if self.cfg.search_rho is None else np.array([p[1].rho for p in progs])
+            betas = None if self.cfg.others_weight is None else np.stack([p[2] for p in progs])
+            return pareto.solve_reweighting_batch(self.P, self.targets, A, self.cfg.reweight, rhos=rhos,
+                                                  class_weights=betas)
         # one candidate at a time (memory-limited path): same programs, same answers
-        return [pareto.solve_reweighting(
-            self.P, self.targets, a, self.cfg.reweight if rhos is None
-            else dataclasses.replace(self.cfg.reweight, rho=float(r)))
-            for a, r in zip(A, rhos if rhos is not None else [None] * len(A))]
+        return [pareto.solve_reweighting(self.P, None if b is not None else self.targets, a, c,
+                                         class_weights=b) for a, c, b in progs]
 
     def evaluate(self, alphas: np.ndarray) -> list[Candidate]:
         keys = [np.asarray(a, np.float64).tobytes() for a in alphas]
@@ -430,10 +460,12 @@ def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str =
     pop = _Population(ev, P, targets, ref_val, config)
     rng = np.random.default_rng(config.seed)
     lo, hi = config.alpha_range
-    genes = K + (config.search_rho is not None)
+    genes = K + config.n_genes
     alphas = rng.uniform(lo, hi, (config.population, genes))
     if config.search_rho is not None:
         alphas[:, K] = rng.uniform(0.0, 1.0, config.population)
+    if config.others_weight is not None:
+        alphas[:, -1] = rng.uniform(0.0, 1.0, config.population)
     history: list[dict] = []
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
@@ -470,8 +502,8 @@ def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str =
     best = everything[0]
     # the winner's program is solved once more on its own, so a resumed search (whose early
     # candidates were evaluated by another process) returns exactly the same weights
-    rcfg = config.reweight if config.search_rho is None else dataclasses.replace(config.reweight, rho=best.rho)
-    sol = pareto.solve_reweighting(P, targets, best.alpha, rcfg)
+    a, rcfg, beta = config.program_of(best.genome, targets, K)
+    sol = pareto.solve_reweighting(P, None if beta is not None else targets, a, rcfg, class_weights=beta)
     w = sol.w
     params, _ = ev.train_one(w if w is not None else np.ones(P.shape[0]))
     val_acc = np.asarray(ev.acc(params, ev.xv, ev.yv), np.float64)

@@ -132,3 +132,31 @@ def test_harm_matched_baselines_follow_the_search_rule(digits_problem):
         np.testing.assert_allclose(r["test_acc"], ev.acc(best[2], ev.xt, ev.yt))
     with pytest.raises(InputError, match="steps"):
         search.harm_matched_baselines(prob, bw, prob.state.params, [3, 8], steps=(0.0,))
+
+
+def test_others_weight_gene(digits_problem):
+    """The extra objective gene: β = 0 is the method's program exactly; with the gene searched,
+    the batched and sequential generations still agree, and the winner's weights are those of
+    the program its genome describes (re-solved by HiGHS, independently)."""
+    prob, P = digits_problem
+    zero = search.SearchConfig(others_weight=(0.0, 0.0))
+    g = np.r_[np.full(10, 0.97), 0.5, 0.3]
+    a, rcfg, beta = zero.program_of(g, [3, 8], 10)
+    assert beta.tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 1, 0]
+    w0 = pareto.solve_reweighting(P, None, a, rcfg, class_weights=beta).w
+    np.testing.assert_array_equal(w0, pareto.solve_reweighting(P, [3, 8], a, rcfg).w)
+
+    cfg = search.SearchConfig(population=6, generations=2, seed=5, others_weight=(0.0, 1.0),
+                              reweight=pareto.ReweightConfig(w_max=1.0))
+    r1 = search.run_search(prob, P, [3, 8], config=cfg)
+    r2 = search.run_search(prob, P, [3, 8], config=dataclasses.replace(cfg, batched=False))
+    assert [c.genome.tolist() for c in r1.evaluations] == [c.genome.tolist() for c in r2.evaluations]
+    for x, y in zip(r1.evaluations, r2.evaluations):
+        assert x.fitness == pytest.approx(y.fitness, abs=1e-9) or x.fitness == y.fitness == float("-inf")
+    assert r1.best.genome.shape == (12,)
+    a, rcfg, beta = cfg.program_of(r1.best.genome, [3, 8], 10)
+    assert 0 <= beta.min() <= 1 and beta[3] == beta[8] == 1
+    if r1.weights is not None:
+        ref = pareto.solve_reweighting(P, None, a, dataclasses.replace(rcfg, solver="highs"), class_weights=beta)
+        c = P @ beta
+        assert c @ r1.weights == pytest.approx(c @ ref.w, rel=1e-9)
