@@ -489,7 +489,7 @@ def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str =
                         "n_finite": len(fin), "n_infeasible": sum(c.status != 0 for c in cands),
                         "seconds": time.perf_counter() - t0})
         if g == config.generations - 1:
-            break
+            continue  # (not break: the progress bar then shows the last generation as done)
         alphas = _next_generation(alphas, cands, rng, config)
         state = {"next_generation": g + 1, "population": alphas.tolist(),
                  "rng_state": rng.bit_generator.state, "history": history,
