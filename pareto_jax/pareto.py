@@ -525,22 +525,20 @@ def dual_solve(P, c, b, lo, hi, mu_final, budget, *, has_budget: bool, max_iter:
     return z, 1.0 + u, its, errs[-1]
 
 
-def _resolve_lp(P, c, b, lo, hi, budget, z, *, max_rounds: int = 8):
-    """Exact LP from approximate duals: fix clear-cut weights at their bounds, solve the few
-    ambiguous ones exactly (HiGHS on a tiny restricted LP), then certify optimality on the full
-    problem with the restricted LP's duals; grow the free set until the certificate holds."""
+def _resolve_lp_budget(P, c, b, lo, hi, budget, z, *, max_rounds: int = 8):
+    """Exact LP with an L1 budget from approximate duals: fix clear-cut weights at their bounds
+    (or at 1), solve the few ambiguous ones exactly (HiGHS on a tiny restricted LP), then
+    certify optimality on the full problem with the restricted LP's duals; grow the free set
+    until the certificate holds. (Without a budget: `_resolve_lp_batch`.)"""
     n, K = P.shape
-    nu = z[:K]
-    eta = z[K] if budget is not None else 0.0
+    nu, eta = z[:K], z[K]
     scale = max(np.abs(c).max(), np.abs(P).max(), 1e-300)
 
     def bound_w(r, eta):
-        if budget is None:
-            return np.where(r > 0, hi, lo)
         return np.where(r > eta, hi, np.where(r < -eta, lo, 1.0))
 
     r = c + P @ nu
-    margin = np.abs(r) if budget is None else np.minimum(np.abs(np.abs(r) - eta), np.abs(r) + eta)
+    margin = np.minimum(np.abs(np.abs(r) - eta), np.abs(r) + eta)
     m = min(n, 4 * (K + 1) + 16)
     free = np.zeros(n, bool)
     free[np.argsort(margin, kind="stable")[:m]] = True
@@ -552,17 +550,13 @@ def _resolve_lp(P, c, b, lo, hi, budget, z, *, max_rounds: int = 8):
             return st, msg, None, None, free.sum()
         w = fixed_w.copy()
         w[free] = w_free
-        nu2 = duals[:K]
-        eta2 = duals[K] if budget is not None else 0.0
+        nu2, eta2 = duals[:K], duals[K]
         r2 = c + P @ nu2
         # optimal iff every fixed weight sits at the bound its reduced cost asks for
         want = bound_w(r2, eta2)
         tolr = 1e-9 * scale
-        if budget is None:
-            ok = ((w == hi) & (r2 >= -tolr)) | ((w == lo) & (r2 <= tolr))
-        else:
-            ok = (((w == hi) & (r2 >= eta2 - tolr)) | ((w == lo) & (r2 <= -eta2 + tolr))
-                  | ((w == 1.0) & (np.abs(r2) <= eta2 + tolr)))
+        ok = (((w == hi) & (r2 >= eta2 - tolr)) | ((w == lo) & (r2 <= -eta2 + tolr))
+              | ((w == 1.0) & (np.abs(r2) <= eta2 + tolr)))
         bad = ~free & ~ok
         if not bad.any():
             return SUCCESS, "optimal", w, np.concatenate([nu2, [eta2]]), int(free.sum())
@@ -590,14 +584,18 @@ def _farkas_bound(P, b, nu, lo, hi):
 
 
 def _resolve_lp_batch(P, C, B, LO, HI, Z, *, max_rounds: int = 8) -> dict:
-    """`_resolve_lp` for several programs at once (no budget).
+    """Exact LP (no budget) from approximate duals, for several programs at once: fix
+    clear-cut weights at their bounds, solve the few ambiguous ones exactly on a restricted LP,
+    certify optimality on the full problem with its duals, and grow the free set until the
+    certificate holds (`_resolve_lp_budget` is the same with an L1 budget, one program).
 
     Every round's restricted LPs go to HiGHS as one block-diagonal LP (the blocks are
     independent, so each block's optimum is its own LP's) and the optimality certificates on the
     full problems are one matrix product. Each block is elastic (Σ_k s_k at a large cost, with
     Pᵀw + s >= b), so a block whose fixed weights leave its restricted LP infeasible cannot
     sink the others: its free set grows and it goes again. Returns {row: (status, message, w,
-    duals, n_free)} for the rows it settled; the caller hands any other row to HiGHS whole.
+    duals, n_free)} for the rows it settled; the caller treats any other row as `_UNSETTLED`
+    (and hands it to HiGHS whole).
     """
     import scipy.sparse
 
@@ -663,6 +661,9 @@ def _resolve_lp_batch(P, C, B, LO, HI, Z, *, max_rounds: int = 8) -> dict:
     return out
 
 
+_UNSETTLED = (NUMERICAL, "the restricted LPs did not settle", None, None, 0)
+
+
 def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightConfig = ReweightConfig(),
                       *, class_weights=None, **overrides) -> ReweightResult:
     """Solve the reweighting program of DESIGN §5 for one threshold vector α.
@@ -696,13 +697,10 @@ def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightC
     return _solve_dual_one(P, c, b, config, notes)
 
 
-def _solve_dual_one(P, c, b, config, notes, z=None):
-    lo, hi = config.bounds
-    has_budget = config.budget is not None
-    if z is None:
-        z, _, _ = _run_dual(P, c[None], b[None], config)
-        z = np.asarray(z)[0]
-    return _finish_dual(P, c, b, z, config, notes)
+def _solve_dual_one(P, c, b, config, notes):
+    z, _, _ = _run_dual(P, c[None], b[None], config)
+    z = np.asarray(z)[0]
+    return _finish_dual(P, c, b, z, config, notes, _dual_verdict(P, b, z, config))
 
 
 def _batch_mode(mode: str) -> str:
@@ -772,26 +770,39 @@ def _certified_infeasible(P, b, z, config) -> float | None:
     return v if v is not None and v < -config.feas_tol else None
 
 
-def _finish_dual(P, c, b, z, config, notes, resolved=None):
-    lo, hi = config.bounds
-    K = P.shape[1]
-    v = _certified_infeasible(P, b, z, config) if np.all(np.isfinite(z)) else None
+def _dual_verdict(P, b, z, config):
+    """What the duals decide on their own: ("infeasible", Farkas bound), ("diverged", None), or
+    None (the program goes on to its primal)."""
+    finite = np.all(np.isfinite(z))
+    v = _certified_infeasible(P, b, z, config) if finite else None
     if v is not None:
+        return "infeasible", v
+    if not finite or np.abs(z[:P.shape[1]]).max() > 1e8:
+        return "diverged", None
+    return None
+
+
+def _finish_dual(P, c, b, z, config, notes, verdict, resolved=None):
+    """The primal of duals z: a verdict from `_dual_verdict`, else the QP's closed form or the
+    LP's exact resolution (`resolved`, if the batch already did it), then the float64 re-check."""
+    lo, hi = config.bounds
+    if verdict is not None and verdict[0] == "infeasible":
         notes.append(f"the duals are a Farkas certificate: every w in the box violates a class "
-                     f"constraint by at least {-v:.3g}")
+                     f"constraint by at least {-verdict[1]:.3g}")
         return _finish(P, c, b, None, config, "dual", notes, z, INFEASIBLE,
                        "The problem is infeasible (Farkas certificate from the duals).")
-    if not np.all(np.isfinite(z)) or np.abs(z[:K]).max() > 1e8:
+    if verdict is not None:
         notes.append("dual diverged (a sign of infeasibility); HiGHS decides")
         return _fallback(P, c, b, config, notes)
     if config.mu > 0:
         u, _, _ = _primal_from_dual(z, P, c, lo, hi, config.mu, config.budget is not None)
         w, duals = 1.0 + np.asarray(u, np.float64), z
     else:
-        if resolved is None and config.budget is None:
-            resolved = _resolve_lp_batch(P, c[None], b[None], np.array([lo]), np.array([hi]), z[None]).get(0)
-            resolved = resolved or (NUMERICAL, "the restricted LPs did not settle", None, None, 0)
-        st, msg, w, duals, n_free = resolved or _resolve_lp(P, c, b, lo, hi, config.budget, z)
+        if resolved is None:
+            resolved = (_resolve_lp_batch(P, c[None], b[None], np.array([lo]), np.array([hi]),
+                                          z[None]).get(0, _UNSETTLED)
+                        if config.budget is None else _resolve_lp_budget(P, c, b, lo, hi, config.budget, z))
+        st, msg, w, duals, n_free = resolved
         if st != SUCCESS:
             notes.append(f"exact resolution failed ({msg}); HiGHS decides")
             return _fallback(P, c, b, config, notes)
@@ -839,29 +850,25 @@ def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = Reweigh
     if overrides:
         config = dataclasses.replace(config, **overrides)
     alphas = np.atleast_2d(np.asarray(alphas, np.float64))
-    if class_weights is not None:
-        class_weights = np.broadcast_to(np.asarray(class_weights, np.float64), alphas.shape)
-        probs = [_problem(P, None, a, config, cw) for a, cw in zip(alphas, class_weights)]
-    else:
-        probs = [_problem(P, targets, a, config) for a in alphas]
+    betas = ([None] * len(alphas) if class_weights is None
+             else np.broadcast_to(np.asarray(class_weights, np.float64), alphas.shape))
+    probs = [_problem(P, targets, a, config, cw) for a, cw in zip(alphas, betas)]
     P64 = probs[0][0]
     C = np.stack([p[1] for p in probs])
     B = np.stack([p[2] for p in probs])
     cfgs = [config] * len(alphas) if rhos is None else \
         [dataclasses.replace(config, rho=float(r)) for r in np.broadcast_to(rhos, (len(alphas),))]
     if config.solver == "highs":
-        return [solve_reweighting(P64, targets if class_weights is None else None, a, c,
-                                  class_weights=None if class_weights is None else class_weights[i])
-                for i, (a, c) in enumerate(zip(alphas, cfgs))]
+        return [solve_reweighting(P64, targets, a, c, class_weights=cw)
+                for a, c, cw in zip(alphas, cfgs, betas)]
     bounds = np.array([c.bounds for c in cfgs]).T
     Z, _, _ = _run_dual(P64, C, B, config, mode, bounds=bounds)
+    verdicts = [_dual_verdict(P64, B[i], Z[i], cfgs[i]) for i in range(len(alphas))]
     resolved = {}
-    if config.mu == 0 and config.budget is None:
+    rows = [i for i, v in enumerate(verdicts) if v is None]
+    if config.mu == 0 and config.budget is None and rows:
         # the rows whose LP is resolved exactly: all at once, one HiGHS call per round
-        rows = [i for i in range(len(alphas)) if np.all(np.isfinite(Z[i]))
-                and np.abs(Z[i, :-1]).max() <= 1e8 and _certified_infeasible(P64, B[i], Z[i], cfgs[i]) is None]
-        if rows:
-            got = _resolve_lp_batch(P64, C[rows], B[rows], bounds[0, rows], bounds[1, rows], Z[rows])
-            resolved = {i: got.get(j, (NUMERICAL, "the restricted LPs did not settle", None, None, 0))
-                        for j, i in enumerate(rows)}
-    return [_finish_dual(P64, C[i], B[i], Z[i], cfgs[i], [], resolved.get(i)) for i in range(len(alphas))]
+        got = _resolve_lp_batch(P64, C[rows], B[rows], bounds[0, rows], bounds[1, rows], Z[rows])
+        resolved = {i: got.get(j, _UNSETTLED) for j, i in enumerate(rows)}
+    return [_finish_dual(P64, C[i], B[i], Z[i], cfgs[i], [], verdicts[i], resolved.get(i))
+            for i in range(len(alphas))]

@@ -369,8 +369,7 @@ class _Population:
             return pareto.solve_reweighting_batch(self.P, self.targets, A, self.cfg.reweight, rhos=rhos,
                                                   class_weights=betas)
         # one candidate at a time (memory-limited path): same programs, same answers
-        return [pareto.solve_reweighting(self.P, None if b is not None else self.targets, a, c,
-                                         class_weights=b) for a, c, b in progs]
+        return [pareto.solve_reweighting(self.P, self.targets, a, c, class_weights=b) for a, c, b in progs]
 
     def evaluate(self, alphas: np.ndarray) -> list[Candidate]:
         keys = [np.asarray(a, np.float64).tobytes() for a in alphas]
@@ -390,8 +389,8 @@ class _Population:
                 d = relative_change(acc[j], self.ref_val)
                 f, tb = fitness(d, self.targets) if sols[j].w is not None else (NEG_INF, NEG_INF)
                 g = np.asarray(alphas[i], np.float64)
-                rho = self.cfg.rho_of(g[K]) if self.cfg.search_rho is not None else self.cfg.reweight.rho
-                self.cache[keys[i]] = Candidate(g, g[:K], rho, f, tb, d, sols[j].status)
+                a, rcfg, _ = self.cfg.program_of(g, self.targets, K)
+                self.cache[keys[i]] = Candidate(g, a, rcfg.rho, f, tb, d, sols[j].status)
                 self.solutions[keys[i]] = sols[j]
         return [self.cache[k] for k in keys]
 
@@ -503,7 +502,7 @@ def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str =
     # the winner's program is solved once more on its own, so a resumed search (whose early
     # candidates were evaluated by another process) returns exactly the same weights
     a, rcfg, beta = config.program_of(best.genome, targets, K)
-    sol = pareto.solve_reweighting(P, None if beta is not None else targets, a, rcfg, class_weights=beta)
+    sol = pareto.solve_reweighting(P, targets, a, rcfg, class_weights=beta)
     w = sol.w
     params, _ = ev.train_one(w if w is not None else np.ones(P.shape[0]))
     val_acc = np.asarray(ev.acc(params, ev.xv, ev.yv), np.float64)
@@ -599,24 +598,18 @@ def harm_matched_baselines(problem: SearchProblem, weightings: dict[str, np.ndar
     Returns:
         {name: {"t", "fitness", "val_acc", "test_acc", "delta_val", "delta_test"}}.
     """
-    ev = _Evaluator(problem, retrain, max_iter, mesh)
     names = [n for n in weightings if n != "unweighted"]
     steps = [float(t) for t in steps]
     if not names or not steps or min(steps) <= 0 or max(steps) > 1:
         _checks.fail("steps", repr(steps), "values in (0, 1] and at least one baseline", "keep the default")
-    W = np.stack([1.0 + t * (np.asarray(weightings[n], np.float64) - 1.0) for n in names for t in steps])
-    params, _ = ev.train_many(W, batched)
-    va = ev.accuracies(params, "val", batched)
-    te = ev.accuracies(params, "test", batched)
-    ref_val = np.asarray(ev.acc(ref_params, ev.xv, ev.yv), np.float64)
-    ref_test = np.asarray(ev.acc(ref_params, ev.xt, ev.yt), np.float64)
+    scaled = {(n, t): 1.0 + t * (np.asarray(weightings[n], np.float64) - 1.0) for n in names for t in steps}
+    got = evaluate_weightings(problem, scaled, ref_params, batched=batched, retrain=retrain,
+                              max_iter=max_iter, mesh=mesh)
     out = {}
-    for a, n in enumerate(names):
-        rows = range(a * len(steps), (a + 1) * len(steps))
-        scored = [(fitness(relative_change(va[j], ref_val), targets), j) for j in rows]
-        (f, tb), j = max(scored, key=lambda s: (s[0][0], s[0][1] if np.isfinite(s[0][1]) else NEG_INF))
-        out[n] = {"t": steps[j - a * len(steps)], "fitness": f, "val_acc": va[j], "test_acc": te[j],
-                  "delta_val": relative_change(va[j], ref_val), "delta_test": relative_change(te[j], ref_test)}
+    for n in names:
+        scored = [(fitness(got[n, t]["delta_val"], targets), t) for t in steps]
+        (f, _), t = max(scored, key=lambda s: (s[0][0], s[0][1] if np.isfinite(s[0][1]) else NEG_INF))
+        out[n] = {"t": t, "fitness": f, **got[n, t]}
     return out
 
 

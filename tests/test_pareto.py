@@ -169,7 +169,7 @@ def test_farkas_certificate_is_a_valid_infeasibility_bound():
     res = scipy.optimize.linprog(np.r_[np.zeros(n), -1.0], A_ub=np.c_[-P.T, np.ones(K)], b_ub=-b,
                                  bounds=[(lo, hi)] * n + [(None, None)], method="highs")
     assert -res.fun <= v + 1e-12  # every w violates some class by >= −v; the best w by −t*
-    r = pareto._finish_dual(P64, c, b, z[0], cfg, [])
+    r = pareto._finish_dual(P64, c, b, z[0], cfg, [], pareto._dual_verdict(P64, b, z[0], cfg))
     assert r.status == pareto.INFEASIBLE and r.w is None and "Farkas" in r.message
     # a feasible program is never certified infeasible
     _, c2, b2 = pareto._problem(P, [0], 0.5, cfg)
