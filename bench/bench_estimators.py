@@ -4,7 +4,7 @@ On an MLP and a small CNN trained on digits (real, offline), compare exact (dens
 CG (Hessian), GGN-CG, LiSSA (GGN), K-FAC, EK-FAC and the last-layer closed form against actual
 retraining (same init, same seed, same epochs; removed samples get weight 0):
 
-* deletion Spearman (DESIGN §7): per class t, remove the top / bottom 10% by each estimator's
+* deletion Spearman (docs/method.md §7): per class t, remove the top / bottom 10% by each estimator's
   P[:, t], retrain, correlate the removed set's summed influence with the per-class validation
   accuracy change over all 2·K·K cells (each estimator picks its own sets);
 * linear datamodeling score (LDS): 24 random subsets keeping 90% of the training set, retrained
@@ -40,7 +40,7 @@ def main():
     import scipy.stats as ss
     from jax.flatten_util import ravel_pytree
 
-    from pareto_jax import data, estimators, influence, models, train
+    from pareto_jax import closed_form, data, influence, kfac, models, train
 
     s = data.stratified_split(data.load_digits(), seed=0)
     x, y = s.train.x.astype(np.float64), s.train.y
@@ -93,7 +93,7 @@ def main():
             feats = models.frozen_features(models.functional_features(m), params, x)
             fv = models.frozen_features(models.functional_features(m), params, xv)
             head = params["head"]
-            return influence.linear_influence(feats.astype(np.float64), y, fv.astype(np.float64), yv,
+            return closed_form.linear_influence(feats.astype(np.float64), y, fv.astype(np.float64), yv,
                                               head["kernel"], head["bias"], weight_decay=wd, damping=1e-3)
 
         def cfgd(**k):
@@ -119,7 +119,7 @@ def main():
             P = np.asarray(_util.block(fn()))
             t = time.perf_counter() - t0
             if name in ("K-FAC", "EK-FAC"):
-                f = estimators.compute_factors(m, params, x, num_classes=K)
+                f = kfac.compute_factors(m, params, x, num_classes=K)
                 state_bytes[name] = sum(int(np.asarray(l).nbytes) for lf in f.layers for l in lf)
             # deletion check with this estimator's own removal sets
             k10 = N // 10

@@ -27,7 +27,7 @@ def _linear_case(n: int, d: int, k: int, materialise: bool, full: bool) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from pareto_jax import influence, models
+    from pareto_jax import closed_form, influence, kernels, models
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, d)).astype(np.float32) / np.sqrt(d)
@@ -37,13 +37,13 @@ def _linear_case(n: int, d: int, k: int, materialise: bool, full: bool) -> dict:
     U = jnp.asarray(rng.normal(size=(k, d + 1, k)).astype(np.float32))
     Theta = jnp.concatenate([W, b[None]], 0)
     chunk = 8192
-    xc, yc, mc = influence._pad_chunks(x, y, chunk)
+    xc, yc, mc = kernels.pad_chunks(x, y, chunk)
     xc, mc = jnp.asarray(xc), jnp.asarray(mc)
     yc = jnp.asarray(yc)
     xd = jnp.asarray(x)
 
     def closed_p():
-        return influence._linear_P(xc, yc, mc, Theta, U)
+        return closed_form.linear_P_chunks(xc, yc, mc, Theta, U)
 
     matmul = jax.jit(lambda x, W: x @ W)
 
@@ -72,18 +72,19 @@ def _linear_case(n: int, d: int, k: int, materialise: bool, full: bool) -> dict:
     out["ratio_closed_form_P_vs_same_width_matmul"] = out["t_closed_form_P"] / out["t_matmul_same_width"]
     out["ratio_closed_form_P_vs_matmul"] = out["t_closed_form_P"] / out["t_matmul"]
     out["mem_matmul"] = _util.xla_memory(matmul, xd, W)
-    out["mem_closed_form_P"] = _util.xla_memory(influence._linear_P, xc, yc, mc, Theta, U)
+    out["mem_closed_form_P"] = _util.xla_memory(closed_form.linear_P_chunks, xc, yc, mc, Theta, U)
     if full:
         xv = x[: 20 * k]
         yv = (np.arange(20 * k) % k).astype(np.int32)
 
         def full_closed():
-            return influence.linear_influence(x, y, xv, yv, W, b, weight_decay=1e-3, chunk_size=chunk)
+            return closed_form.linear_influence(x, y, xv, yv, W, b, weight_decay=1e-3, chunk_size=chunk)
 
         out["t_closed_form_total"] = _util.timeit(full_closed, repeats=1)
         out["rss_closed_form_total"] = _util.measure_peak(full_closed) if n <= 100_000 else -1
     if materialise:
-        theta, _, f = influence._flat(loss_fn, params)
+        flat = kernels.flatten(loss_fn, params)
+        theta, f = flat.theta, flat.loss
         grads = jax.jit(lambda th, x, y, U: jax.vmap(jax.grad(f), (None, 0, 0))(th, x, y) @ U.T)
         yd = jnp.asarray(y)
 
@@ -97,18 +98,18 @@ def _linear_case(n: int, d: int, k: int, materialise: bool, full: bool) -> dict:
 
 
 def _mlp_case(n: int, d: int, hidden: int, k: int, chunk: int) -> dict:
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from pareto_jax import influence, models
+    from pareto_jax import backend, influence, kernels, models
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, d)).astype(np.float32)
     y = rng.integers(0, k, n).astype(np.int32)
     apply, params = models.functional(models.make_model("mlp", (d,), k, hidden=(hidden,)))
     loss_fn = models.per_sample_loss(apply)
-    theta, _, f = influence._flat(loss_fn, params)
+    flat = kernels.flatten(loss_fn, params)
+    theta, f = flat.theta, flat.loss
     U = jnp.asarray(rng.normal(size=(k, theta.size)).astype(np.float32))
     a = influence.influence_from_solutions(loss_fn, params, U, x[:512], y[:512], method="jvp")
     bb = influence.influence_from_solutions(loss_fn, params, U, x[:512], y[:512], method="per_sample")
@@ -120,9 +121,9 @@ def _mlp_case(n: int, d: int, hidden: int, k: int, chunk: int) -> dict:
         fn = lambda: influence.influence_from_solutions(loss_fn, params, U, x, y, method=method,  # noqa: E731
                                                         chunk_size=chunk)
         out[f"t_{method}"] = _util.timeit(fn, repeats=2)
-        xc, yc, mc = influence._pad_chunks(x, y, chunk)
-        out[f"mem_{method}"] = _util.xla_memory(influence._influence_matrix, f, method, theta, U, xc, yc,
-                                                jnp.asarray(mc), x.shape[0])
+        chunks = backend.Local().chunks(x, y, chunk, theta.dtype)
+        out[f"mem_{method}"] = _util.xla_memory(backend.influence_rows_program, f, method, theta, U, chunks,
+                                                x.shape[0])
     out["ratio_per_sample_over_jvp"] = out["t_per_sample"] / out["t_jvp"]
     return out
 

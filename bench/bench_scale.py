@@ -35,7 +35,7 @@ def case(c: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from pareto_jax import distributed, influence, models, train
+    from pareto_jax import distributed, influence, kernels, models, train
 
     D, N, H = c["devices"], c["N"], c["hidden"]
     rng = np.random.default_rng(0)
@@ -44,14 +44,14 @@ def case(c: dict) -> dict:
     apply, params = models.functional(models.make_model("mlp", (64,), 10, hidden=(H,), seed=0))
     lf = models.per_sample_loss(apply)
     mesh = distributed.make_mesh(D)
-    theta, _, _ = influence._flat(lf, params)
+    theta = kernels.flatten(lf, params).theta
     U = jax.random.normal(jax.random.PRNGKey(0), (10, theta.size)) * 1e-2
     V = jax.random.normal(jax.random.PRNGKey(1), (10, theta.size))
     out = {**c, "platform": jax.devices()[0].platform, "num_params": int(theta.size)}
 
     # P stage
     p1 = lambda: influence.influence_from_solutions(lf, params, U, x, y, method="jvp", chunk_size=256)  # noqa: E731
-    pD = lambda: distributed.influence_from_solutions(lf, params, U, x, y, mesh=mesh, method="jvp",  # noqa: E731
+    pD = lambda: influence.influence_from_solutions(lf, params, U, x, y, mesh=mesh, method="jvp",  # noqa: E731
                                                       chunk_size=256)
     out["P_max_rel_diff"] = float(np.max(np.abs(np.asarray(p1()) - pD())) / np.max(np.abs(np.asarray(p1()))))
     out["P_single_s"] = _util.timeit(p1, repeats=3)
@@ -59,7 +59,7 @@ def case(c: dict) -> dict:
     # HVPs (the work inside every CG step), K right-hand sides at once
     h1, _ = influence.make_hvp(lf, params, x, y, weight_decay=1e-3, batch_size=1024, curvature="gauss_newton",
                                apply=apply)
-    hD, _ = distributed.make_hvp(lf, params, x, y, mesh=mesh, weight_decay=1e-3, batch_size=1024,
+    hD, _ = influence.make_hvp(lf, params, x, y, mesh=mesh, weight_decay=1e-3, batch_size=1024,
                                  curvature="gauss_newton", apply=apply)
     b1, bD = jax.jit(jax.vmap(h1)), jax.jit(jax.vmap(hD))
     out["hvp_max_rel_diff"] = float(jnp.max(jnp.abs(b1(V) - bD(V))) / jnp.max(jnp.abs(b1(V))))

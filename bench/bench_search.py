@@ -39,7 +39,7 @@ def main():
 
     import numpy as np
 
-    from pareto_jax import data, influence, models, pipeline, search, train
+    from pareto_jax import data, evaluation, influence, models, pipeline, search, train
 
     ds = "digits" if a.quick else a.dataset
     s = pipeline.load_data(pipeline.DataConfig(name=ds))
@@ -58,9 +58,9 @@ def main():
     fits = {}
     for batched in (True, False):
         scfg = search.SearchConfig(population=M, batched=batched)
-        ev = search._Evaluator(prob)
+        ev = evaluation.Evaluator(prob)
         ref = np.asarray(ev.acc(st.params, ev.xv, ev.yv))
-        popn = search._Population(ev, P, (3, 8), ref, scfg)
+        popn = search.Population(ev, P, (3, 8), ref, scfg)
         warm = np.column_stack([rng.uniform(0.5, 1, (M, 10)), rng.uniform(0, 1, M)])
         popn.evaluate(warm)  # compile
         genome = np.column_stack([np.random.default_rng(1).uniform(0.5, 1, (M, 10)),

@@ -1,0 +1,26 @@
+"""pareto_jax: can a trained classifier still be improved for every class at once, just by
+re-weighting its own training data, and if so with which weights? See ``docs/method.md``.
+
+The names most users need are here; every module keeps its own (``pareto_jax.influence``,
+``pareto_jax.pareto``, ``pareto_jax.search``, ...).
+"""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from .checks import InputError, NumericalError
+from .influence import (InfluenceConfig, InfluenceResult, category_influence,
+                        linear_category_influence, predict_class_loss_change)
+from .pareto import (CeilingResult, ReweightConfig, ReweightResult, ceiling_test, pareto_frontier,
+                     solve_reweighting, solve_reweighting_batch)
+
+try:
+    __version__ = _version("pareto-jax")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0+unknown"
+
+__all__ = [
+    "InputError", "NumericalError", "InfluenceConfig", "InfluenceResult", "category_influence",
+    "linear_category_influence", "predict_class_loss_change", "CeilingResult", "ReweightConfig",
+    "ReweightResult", "ceiling_test", "pareto_frontier", "solve_reweighting",
+    "solve_reweighting_batch", "__version__",
+]

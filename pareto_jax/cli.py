@@ -8,11 +8,10 @@ Exit codes: 0 success; 2 bad arguments or input (the message names the argument 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import warnings
 
-from . import _checks
+from . import checks
 
 
 def _int_tuple(s: str) -> tuple[int, ...]:
@@ -23,7 +22,7 @@ def _int_tuple(s: str) -> tuple[int, ...]:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    from .data import DATASETS
+    from .datasets import DATASETS
 
     p.add_argument("--dataset", default="digits", choices=DATASETS,
                    help="dataset (digits is embedded; cifar10/stl10 need --path)")
@@ -148,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.run(_run_config(a), progress=not a.no_progress)
             return 0
         if a.command == "improve":
-            from . import pareto, pipeline, search
+            from . import experiments, pareto, pipeline, search
 
-            cfg = pipeline.ImproveConfig(
+            cfg = experiments.ImproveConfig(
                 data=pipeline.DataConfig(name=a.dataset, seed=a.seed), noise_classes=a.noise_classes,
                 noise_fraction=a.noise,
                 search=search.SearchConfig(population=a.population, generations=a.generations,
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                            alpha_range=(a.alpha_min, 1.0),
                                            reweight=pareto.ReweightConfig(w_max=a.w_max)),
                 alpha_min=a.alpha_min, w_max=a.w_max, rounds=a.rounds, out_dir=a.out)
-            pipeline.run_improve(cfg, progress=not a.no_progress)
+            experiments.run_improve(cfg, progress=not a.no_progress)
             return 0
         if a.command == "reproduce":
             from . import reproduce
@@ -172,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 reproduce.reproduce_improve(out, quick=a.quick, seed=a.seed, dataset=a.dataset)
             return 0
-    except _checks.InputError as e:
+    except checks.InputError as e:
         print(f"pareto-jax: error: {e}", file=sys.stderr)
         return 2
-    except _checks.NumericalError as e:
+    except checks.NumericalError as e:
         print(f"pareto-jax: numerical failure: {e}", file=sys.stderr)
         return 3
     except FileNotFoundError as e:

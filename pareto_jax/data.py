@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import os
 import pickle
@@ -24,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _checks
+from . import checks
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -44,12 +43,12 @@ class Dataset:
     name: str = "dataset"
 
     def __post_init__(self):
-        x = _checks.as_features(self.x, f"{self.name}.x")
+        x = checks.as_features(self.x, f"{self.name}.x")
         object.__setattr__(self, "x", np.ascontiguousarray(x, dtype=np.float32))
         if not self.class_names:
-            _checks.fail("class_names", "an empty tuple", "one name per class", "pass class names")
+            checks.fail("class_names", "an empty tuple", "one name per class", "pass class names")
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
-        y = _checks.as_labels(self.y, f"{self.name}.y", num_classes=len(self.class_names),
+        y = checks.as_labels(self.y, f"{self.name}.y", num_classes=len(self.class_names),
                               n=x.shape[0], x_name=f"{self.name}.x")
         object.__setattr__(self, "y", y)
 
@@ -96,7 +95,7 @@ class TextDataset:
 
     def __post_init__(self):
         object.__setattr__(self, "texts", tuple(self.texts))
-        y = _checks.as_labels(self.y, f"{self.name}.y", num_classes=len(self.class_names),
+        y = checks.as_labels(self.y, f"{self.name}.y", num_classes=len(self.class_names),
                               n=len(self.texts), x_name=f"{self.name}.texts")
         object.__setattr__(self, "y", y)
 
@@ -120,7 +119,7 @@ def stratified_indices(y: np.ndarray, fractions: Sequence[float], seed: int) -> 
     y = np.asarray(y)
     fr = np.asarray(fractions, dtype=np.float64)
     if fr.ndim != 1 or np.any(fr < 0) or not np.isclose(fr.sum(), 1.0):
-        _checks.fail("fractions", repr(list(fractions)), "non-negative fractions summing to 1",
+        checks.fail("fractions", repr(list(fractions)), "non-negative fractions summing to 1",
                      "e.g. (0.6, 0.2, 0.2)")
     parts: list[list[np.ndarray]] = [[] for _ in fr]
     for c in np.unique(y):
@@ -145,11 +144,11 @@ def stratified_indices(y: np.ndarray, fractions: Sequence[float], seed: int) -> 
 def stratified_split(ds: Dataset, *, val_fraction: float = 0.2, test_fraction: float = 0.2,
                      seed: int = 0) -> Splits:
     """Seeded, stratified train/validation/test split of one dataset."""
-    _checks.check_in_range(val_fraction, "val_fraction", 0.0, 0.9)
-    _checks.check_in_range(test_fraction, "test_fraction", 0.0, 0.9)
+    checks.check_in_range(val_fraction, "val_fraction", 0.0, 0.9)
+    checks.check_in_range(test_fraction, "test_fraction", 0.0, 0.9)
     fr = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
     if fr[0] <= 0:
-        _checks.fail("val_fraction + test_fraction", f"{val_fraction + test_fraction}", "< 1",
+        checks.fail("val_fraction + test_fraction", f"{val_fraction + test_fraction}", "< 1",
                      "leave some data for training")
     tr, va, te = stratified_indices(ds.y, fr, seed)
     return Splits(ds.subset(tr, f"{ds.name}/train"), ds.subset(va, f"{ds.name}/val"),
@@ -169,7 +168,7 @@ def split_off_validation(train: Dataset, test: Dataset, *, val_fraction: float =
 
 def make_disks(kind: str = "separable", *, n_per_class: int = 200,
                flipped_per_class: Sequence[int] = (16, 32), seed: int = 0) -> Dataset:
-    """Two uniform disks in 2-D (DESIGN §7).
+    """Two uniform disks in 2-D (the synthetic experiment of docs/method.md).
 
     Args:
         kind: "separable" (disks of radius 1 centred at (±1.5, 0), no overlap; labels of
@@ -182,8 +181,8 @@ def make_disks(kind: str = "separable", *, n_per_class: int = 200,
     Returns:
         A `Dataset` with classes ("disk 0", "disk 1"); `x` has shape (2·n_per_class, 2).
     """
-    _checks.check_choice(kind, "kind", ("separable", "overlapping"))
-    _checks.check_positive(n_per_class, "n_per_class", integer=True)
+    checks.check_choice(kind, "kind", ("separable", "overlapping"))
+    checks.check_positive(n_per_class, "n_per_class", integer=True)
     rng = np.random.default_rng(seed)
     shift = 1.5 if kind == "separable" else 0.5
     xs, ys = [], []
@@ -196,7 +195,7 @@ def make_disks(kind: str = "separable", *, n_per_class: int = 200,
     if kind == "separable":
         flips = list(flipped_per_class)
         if len(flips) != 2 or any(f < 0 or f > n_per_class for f in flips):
-            _checks.fail("flipped_per_class", repr(flipped_per_class),
+            checks.fail("flipped_per_class", repr(flipped_per_class),
                          f"two counts in [0, {n_per_class}]", "e.g. (16, 32)")
         for c, f in enumerate(flips):
             idx = rng.choice(np.flatnonzero(ys[c] == c) + c * n_per_class, size=f, replace=False)
@@ -234,7 +233,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 def _need_file(path: Path, what: str) -> Path:
     if not path.exists():
-        _checks.fail("path", f"no file {path}", f"the {what}",
+        checks.fail("path", f"no file {path}", f"the {what}",
                      "point the loader at the folder holding the dataset's standard files")
     return path
 
@@ -246,10 +245,10 @@ def load_cifar10(path: str | os.PathLike, split: str = "train") -> Dataset:
         path: the folder holding ``data_batch_1..5``, ``test_batch`` (and ``batches.meta``).
         split: "train" (every ``data_batch_*`` found) or "test".
     """
-    _checks.check_choice(split, "split", ("train", "test"))
+    checks.check_choice(split, "split", ("train", "test"))
     root = Path(path)
     if not root.is_dir():
-        _checks.fail("path", f"{root} (not a folder)", "the cifar-10-batches-py folder",
+        checks.fail("path", f"{root} (not a folder)", "the cifar-10-batches-py folder",
                      "pass the folder that holds data_batch_1 ... test_batch")
     files = sorted(root.glob("data_batch_*")) if split == "train" else [root / "test_batch"]
     if not files or not files[0].exists():
@@ -282,13 +281,13 @@ def load_stl10(path: str | os.PathLike, split: str = "train") -> Dataset:
         path: the folder holding ``{split}_X.bin``, ``{split}_y.bin`` (and ``class_names.txt``).
         split: "train" or "test".
     """
-    _checks.check_choice(split, "split", ("train", "test"))
+    checks.check_choice(split, "split", ("train", "test"))
     root = Path(path)
     xb = _need_file(root / f"{split}_X.bin", "STL-10 image file")
     yb = _need_file(root / f"{split}_y.bin", "STL-10 label file")
     raw = np.fromfile(xb, dtype=np.uint8)
     if raw.size % (3 * 96 * 96):
-        _checks.fail("path", f"{xb.name} of {raw.size} bytes", "a multiple of 3·96·96 bytes",
+        checks.fail("path", f"{xb.name} of {raw.size} bytes", "a multiple of 3·96·96 bytes",
                      "check that the file is an uncorrupted STL-10 binary")
     # images are stored column-major per channel: (n, 3, 96, 96) with x and y swapped
     x = raw.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1).astype(np.float32) / 255.0
@@ -317,11 +316,11 @@ def load_ag_news(path: str | os.PathLike) -> TextDataset:
             if row_no == 0 and not row[0].strip().lstrip("-").isdigit():
                 continue  # header
             if len(row) < 2:
-                _checks.fail("path", f"row {row_no + 1} with {len(row)} column(s)",
+                checks.fail("path", f"row {row_no + 1} with {len(row)} column(s)",
                              "label,title[,description]", "check the CSV format")
             lab = int(row[0])
             if not 1 <= lab <= 4:
-                _checks.fail("path", f"label {lab} on row {row_no + 1}", "labels 1..4",
+                checks.fail("path", f"label {lab} on row {row_no + 1}", "labels 1..4",
                              "AG News labels are 1=World 2=Sports 3=Business 4=Sci/Tech")
             texts.append(" ".join(s.replace("\\", " ").strip() for s in row[1:]))
             labels.append(lab - 1)
@@ -337,7 +336,7 @@ def _emotion_label(lab: str, where: str) -> int:
     else:
         v = -1
     if not 0 <= v < len(EMOTION_CLASSES):
-        _checks.fail("path", f"label {lab!r} at {where}",
+        checks.fail("path", f"label {lab!r} at {where}",
                      f"one of {list(EMOTION_CLASSES)} or 0..5", "check the Emotion file")
     return v
 
@@ -351,12 +350,12 @@ def load_emotion(path: str | os.PathLike, split: str | None = None) -> TextDatas
     """
     p = Path(path)
     if p.is_dir():
-        _checks.check_choice(split, "split", ("train", "val", "validation", "test"))
+        checks.check_choice(split, "split", ("train", "val", "validation", "test"))
         names = [split] + (["validation"] if split == "val" else ["val"] if split == "validation" else [])
         cands = [p / f"{n}.{ext}" for n in names for ext in ("txt", "csv", "jsonl")]
         found = [c for c in cands if c.exists()]
         if not found:
-            _checks.fail("path", f"no {split} file in {p}", f"one of {[c.name for c in cands]}",
+            checks.fail("path", f"no {split} file in {p}", f"one of {[c.name for c in cands]}",
                          "point at the folder holding the Emotion files")
         p = found[0]
     else:
@@ -384,7 +383,7 @@ def load_emotion(path: str | os.PathLike, split: str | None = None) -> TextDatas
                     continue
                 text, sep, lab = line.rpartition(";")
                 if not sep:
-                    _checks.fail("path", f"line {n} without ';'", "`text;label` lines",
+                    checks.fail("path", f"line {n} without ';'", "`text;label` lines",
                                  "use the standard Emotion format")
                 if n == 1 and lab.strip().lower() in ("label", "label_name"):
                     continue
@@ -411,69 +410,6 @@ def shared_data_dir() -> Path:
 # ----------------------------------------------------------------------------- registry
 
 
-def _subsample(splits: Splits, max_train: int | None, seed: int) -> Splits:
-    if max_train is None or len(splits.train) <= max_train:
-        return splits
-    keep, _ = stratified_indices(splits.train.y, (max_train / len(splits.train),
-                                                   1 - max_train / len(splits.train)), seed)
-    return Splits(splits.train.subset(keep), splits.val, splits.test)
-
-
-DATASETS = ("digits", "mnist5k", "disks-separable", "disks-overlapping", "emotion", "ag_news",
-            "cifar10", "stl10")
-
-
-def load_splits(name: str = "digits", *, seed: int = 0, path: str | None = None,
-                features: str = "tfidf", max_train: int | None = None,
-                cache_dir: str | None = None, val_fraction: float = 0.2,
-                test_fraction: float = 0.2) -> Splits:
-    """Load a dataset by name and split it (stratified, seeded).
-
-    Args:
-        name: one of `DATASETS`. "digits" is the embedded default.
-        seed: split seed (and disks generator seed).
-        path: file/folder for datasets the user supplies (cifar10, stl10; emotion/ag_news default
-            to the shared data folder).
-        features: for text corpora, "tfidf" or "minilm" (sentence embeddings, cached on disk).
-        max_train: keep at most this many training samples (stratified).
-        cache_dir: where MiniLM embeddings are cached.
-    """
-    _checks.check_choice(name, "dataset", DATASETS)
-    if name == "digits":
-        s = stratified_split(load_digits(), val_fraction=val_fraction,
-                             test_fraction=test_fraction, seed=seed)
-    elif name == "mnist5k":
-        s = stratified_split(load_mnist5k(), val_fraction=val_fraction,
-                             test_fraction=test_fraction, seed=seed)
-    elif name.startswith("disks"):
-        ds = make_disks(name.split("-", 1)[1], seed=seed)
-        s = stratified_split(ds, val_fraction=0.25, test_fraction=0.25, seed=seed)
-    elif name in ("cifar10", "stl10"):
-        if path is None:
-            _checks.fail("path", "None", f"the folder holding the {name} files",
-                         f"pass --path /path/to/{name} files (nothing is downloaded)")
-        loader = load_cifar10 if name == "cifar10" else load_stl10
-        s = split_off_validation(loader(path, "train"), loader(path, "test"),
-                                 val_fraction=val_fraction, seed=seed)
-    else:
-        from . import text
-
-        root = Path(path) if path else shared_data_dir() / name
-        if name == "emotion":
-            tr, va, te = (load_emotion(root, s_) for s_ in ("train", "val", "test"))
-        else:
-            f = root if root.is_file() else root / "test.csv"
-            full = load_ag_news(f)
-            i_tr, i_va, i_te = stratified_indices(full.y, (1 - val_fraction - test_fraction,
-                                                           val_fraction, test_fraction), seed)
-            tr, va, te = full.subset(i_tr), full.subset(i_va), full.subset(i_te)
-        if max_train is not None and len(tr) > max_train:
-            keep, _ = stratified_indices(tr.y, (max_train / len(tr), 1 - max_train / len(tr)), seed)
-            tr = tr.subset(keep)
-        s = text.featurize_splits(tr, va, te, method=features, cache_dir=cache_dir, name=name)
-    return _subsample(s, max_train, seed)
-
-
 def inject_label_noise(ds: Dataset, classes: Sequence[int], fraction: float, *,
                        seed: int = 0) -> tuple[Dataset, np.ndarray]:
     """Flip `fraction` of the samples of each class in `classes` to a uniformly random other class.
@@ -484,8 +420,8 @@ def inject_label_noise(ds: Dataset, classes: Sequence[int], fraction: float, *,
     Returns:
         (noisy dataset, indices of the flipped samples).
     """
-    _checks.check_in_range(fraction, "fraction", 0.0, 1.0)
-    cls = _checks.as_class_indices(classes, ds.num_classes, "classes")
+    checks.check_in_range(fraction, "fraction", 0.0, 1.0)
+    cls = checks.as_class_indices(classes, ds.num_classes, "classes")
     rng = np.random.default_rng([seed, 7])
     y = ds.y.copy()
     flipped = []

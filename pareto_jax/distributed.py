@@ -2,8 +2,10 @@
 
 Everything here is JAX's own distributed machinery: a one-axis `Mesh` named ``"data"``,
 `NamedSharding` to place arrays, `jax.shard_map` to run the single-device code on each device's
-slice, and `psum` to reduce. The numerics are the functions of `influence` and `train`; only the
-placement differs, so results equal the single-device path up to float summation order.
+slice, and `psum` to reduce. The numerics are the functions of `kernels` and `train` (called
+with ``axis_name="data"``); only the placement differs, so results equal the single-device path
+up to float summation order. `Sharded` is the influence backend that `pareto_jax.influence`
+uses when given a mesh.
 
 Layout of a sample set (training or validation). n samples are padded and reshaped to
 ``(num_chunks, D·c, ...)`` and sharded ``P(None, "data")``: device d holds columns [d·c, (d+1)·c)
@@ -40,11 +42,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import _checks, influence, train
+from . import checks, kernels, linsolve, train
+from .kernels import Chunks, ObjectiveData
 
 AXIS = "data"
 _initialized = False
@@ -94,9 +96,9 @@ def make_mesh(num_devices: int | None = None, *, devices=None) -> Mesh:
     """
     devs = list(jax.devices() if devices is None else devices)
     if num_devices is not None:
-        _checks.check_positive(num_devices, "num_devices", integer=True)
+        checks.check_positive(num_devices, "num_devices", integer=True)
         if num_devices > len(devs):
-            _checks.fail("num_devices", num_devices, f"at most {len(devs)} (the devices JAX sees)",
+            checks.fail("num_devices", num_devices, f"at most {len(devs)} (the devices JAX sees)",
                          "lower it, or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N "
                          "before starting Python")
         devs = devs[:num_devices]
@@ -194,96 +196,85 @@ _DATA = P(None, AXIS)
 # differentiating w.r.t. replicated params inserts its own psum, which would count twice.
 
 
+def _local_objective(theta, xc, yc, mc, wd) -> ObjectiveData:
+    return ObjectiveData(theta, Chunks(xc, yc, mc), jax.lax.psum(jnp.sum(mc), AXIS), wd)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _class_grads_sharded(f, K, mesh, theta, xc, yc, mc):
     def local(theta, xc, yc, mc):
         cnt = jnp.sum(jax.nn.one_hot(yc, K, dtype=theta.dtype) * mc[..., None].astype(theta.dtype), (0, 1))
         cnt = jax.lax.psum(cnt, AXIS)
-        return influence._class_gradients_body(f, theta, xc, yc, mc, jnp.maximum(cnt, 1.0), K, AXIS)
+        return kernels.class_gradients(f, theta, Chunks(xc, yc, mc), jnp.maximum(cnt, 1.0), K, AXIS)
 
     return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(), _DATA, _DATA, _DATA), out_specs=P())(
         theta, xc, yc, mc)
 
 
-def class_gradients(loss_fn, params, x_val, y_val, num_classes: int, *, mesh: Mesh,
-                    chunk_size: int = 512) -> jax.Array:
-    """`influence.class_gradients` with the validation set sharded over `mesh` (replicated result)."""
-    theta, _, f = influence._flat(loss_fn, params)
-    xc, yc, mc = shard_chunks(mesh, x_val, y_val, chunk_size, theta.dtype)
-    return _class_grads_sharded(f, int(num_classes), mesh, replicate(mesh, theta), xc, yc, mc)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _hvp_sharded(f, curvature, logits_f, mesh, v, theta, xc, yc, mc, wd):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _matvec_sharded(curv, mesh, v, theta, xc, yc, mc, wd):
     def local(v, theta, xc, yc, mc, wd):
-        n = jax.lax.psum(jnp.sum(mc), AXIS)
-        return influence._hvp_fn(f, theta, xc, yc, mc, n, wd, curvature, logits_f, AXIS)(v)
+        return kernels.curvature_matvec(curv, _local_objective(theta, xc, yc, mc, wd), AXIS)(v)
 
     return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(), P(), _DATA, _DATA, _DATA, P()),
                          out_specs=P())(v, theta, xc, yc, mc, wd)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _solve_sharded(solver, f, curvature, logits_f, mesh, max_steps, theta, xc, yc, mc, wd, G,
-                   damping, rtol, atol):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _solve_sharded(method, curv, mesh, max_steps, theta, xc, yc, mc, wd, G, damping, rtol, atol):
     def local(theta, xc, yc, mc, wd, G, damping, rtol, atol):
-        n = jax.lax.psum(jnp.sum(mc), AXIS)
-        hvp = influence._hvp_fn(f, theta, xc, yc, mc, n, wd, curvature, logits_f, AXIS)
-        fn = influence.solve_dense if solver == "dense" else influence.solve_cg
-        return fn(hvp, G, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps)
+        matvec = kernels.curvature_matvec(curv, _local_objective(theta, xc, yc, mc, wd), AXIS)
+        fn = linsolve.solve_dense if method == "dense" else linsolve.solve_cg
+        return fn(matvec, G, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps)
 
     return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(), _DATA, _DATA, _DATA) + (P(),) * 5,
                          out_specs=P())(theta, xc, yc, mc, wd, G, damping, rtol, atol)
 
 
-def make_hvp(loss_fn, params, x_train, y_train, *, mesh: Mesh, weight_decay: float,
-             batch_size: int = 1024, curvature: str = "hessian", apply=None):
-    """`influence.make_hvp` with the training set sharded over `mesh`: returns (hvp, theta)."""
-    _checks.check_choice(curvature, "curvature", ("hessian", "gauss_newton"))
-    theta, f, logits_f = influence._curvature_fns(loss_fn, params, curvature, apply)
-    xc, yc, mc = shard_chunks(mesh, x_train, y_train, batch_size, theta.dtype)
-    th = replicate(mesh, theta)
-    wd = jnp.asarray(weight_decay, theta.dtype)
-    return (lambda v: _hvp_sharded(f, curvature, logits_f, mesh, v, th, xc, yc, mc, wd)), theta
-
-
-def solve(loss_fn, params, x_train, y_train, G, *, mesh: Mesh, weight_decay: float,
-          damping: float, solver: str = "cg", curvature: str = "hessian", apply=None,
-          rtol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
-          batch_size: int = 1024) -> influence.SolveResult:
-    """(H + δI)⁻¹ G for the K rows of G, the HVPs sharded over `mesh` (CG or dense)."""
-    _checks.check_choice(solver, "solver", ("cg", "dense"))
-    theta, f, logits_f = influence._curvature_fns(loss_fn, params, curvature, apply)
-    xc, yc, mc = shard_chunks(mesh, x_train, y_train, batch_size, theta.dtype)
-    dt = theta.dtype
-    th, G = replicate(mesh, theta), replicate(mesh, jnp.asarray(G, dt))
-    return _solve_sharded(solver, f, curvature, logits_f, mesh, int(max_steps), th, xc, yc, mc,
-                          jnp.asarray(weight_decay, dt), G, jnp.asarray(damping, dt),
-                          jnp.asarray(rtol, dt), jnp.asarray(atol, dt))
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _influence_sharded(f, method, mesh, theta, U, xc, yc, mc):
-    fn = influence._jvp_chunk if method == "jvp" else influence._per_sample_chunk
-
     def local(theta, U, xc, yc, mc):
         n = jax.lax.psum(jnp.sum(mc), AXIS)
-        out = jax.lax.map(lambda b: fn(f, theta, U, b[0], b[1]) * b[2][:, None], (xc, yc, mc))
-        return out / n
+        return kernels.influence_rows(f, method, theta, U, Chunks(xc, yc, mc)) / n
 
     return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(), P(), _DATA, _DATA, _DATA),
                          out_specs=P(None, AXIS, None))(theta, U, xc, yc, mc)
 
 
-def influence_from_solutions(loss_fn, params, U, x_train, y_train, *, mesh: Mesh,
-                             method: str = "jvp", chunk_size: int = 256) -> np.ndarray:
-    """`influence.influence_from_solutions` sharded over `mesh`; this process's rows of P."""
-    _checks.check_choice(method, "method", ("jvp", "per_sample"))
-    theta, _, f = influence._flat(loss_fn, params)
-    xc, yc, mc = shard_chunks(mesh, x_train, y_train, chunk_size, theta.dtype)
-    out = _influence_sharded(f, method, mesh, replicate(mesh, theta),
-                             replicate(mesh, jnp.asarray(U, theta.dtype)), xc, yc, mc)
-    return local_rows(out, np.asarray(x_train).shape[0])
+class Sharded:
+    """The influence stages with the samples sharded over a one-axis mesh ("data"): the
+    backend interface of `pareto_jax.backend` (same methods as `backend.Local`). Results are
+    replicated, except the P rows, which come back for this process's samples."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+
+    def chunks(self, x, y, chunk_size: int, dtype) -> Chunks:
+        return Chunks(*shard_chunks(self.mesh, x, y, chunk_size, dtype))
+
+    def class_gradients(self, f, theta, chunks: Chunks, y, num_classes: int):
+        return _class_grads_sharded(f, int(num_classes), self.mesh, replicate(self.mesh, theta), *chunks)
+
+    def objective(self, theta, chunks: Chunks, n: int, weight_decay: float) -> ObjectiveData:
+        del n  # the sample count is psum-ed inside every product
+        dt = theta.dtype
+        return ObjectiveData(replicate(self.mesh, theta), chunks, jnp.asarray(0, dt),
+                             jnp.asarray(weight_decay, dt))
+
+    def matvec(self, curv, data: ObjectiveData):
+        return lambda v: _matvec_sharded(curv, self.mesh, v, data.theta, *data.chunks, data.weight_decay)
+
+    def solve(self, method, curv, data, G, damping, rtol, atol, max_steps) -> linsolve.SolveResult:
+        dt = data.theta.dtype
+        G = replicate(self.mesh, jnp.asarray(G, dt))
+        return _solve_sharded(method, curv, self.mesh, int(max_steps), data.theta, *data.chunks,
+                              data.weight_decay, G, jnp.asarray(damping, dt), jnp.asarray(rtol, dt),
+                              jnp.asarray(atol, dt))
+
+    def influence_rows(self, f, method, theta, U, chunks: Chunks, n_real: int) -> np.ndarray:
+        out = _influence_sharded(f, method, self.mesh, replicate(self.mesh, theta),
+                                 replicate(self.mesh, jnp.asarray(U, theta.dtype)), *chunks)
+        return local_rows(out, n_real)
 
 
 # ----------------------------------------------------------------------------- training
@@ -293,51 +284,20 @@ def make_epoch_fn(loss_fn, config: train.TrainConfig, n: int, mesh: Mesh):
     """Data-parallel `train.make_epoch_fn`: same signature, the samples sharded over `mesh`.
 
     ``epoch(params, opt_state, x, y, w, epoch_index)`` takes the n samples (anywhere); inside
-    one jitted program they are padded to D·m, sharded, and each device runs its share of every
-    minibatch (⌈b/D⌉ samples drawn from its own m-sample slice, shuffled with
-    ``fold_in(fold_in(seed, epoch), device)``; one device reproduces `train.make_epoch_fn`). Gradients and the loss are `psum`-ed; the update
-    is replicated. Full batch (``batch_size=None``) gives the single-device result.
+    one jitted program they are padded to D·m and sharded, and `train.epoch_body` runs on each
+    device's m samples: ⌈b/D⌉ samples of every minibatch drawn from its own slice, shuffled with
+    ``fold_in(fold_in(seed, epoch), device)`` (one device reproduces `train.make_epoch_fn`'s
+    batch order). Gradients and the loss are `psum`-ed; the update is replicated. Full batch
+    (``batch_size=None``) gives the single-device result.
     """
     D = _size(mesh)
-    opt = train.make_optimizer(config)
     m = -(-n // D)
-    nb, b_glob = train._num_batches(n, config.batch_size)
+    nb, b_glob = train.batches_per_epoch(n, config.batch_size)
     bd = m if nb == 1 else -(-b_glob // D)
-    nb_loc = -(-m // bd)
-    wd, norm, seed = config.weight_decay, config.normalizer, config.seed
+    body = train.epoch_body(loss_fn, config, m, -(-m // bd), bd, axis_name=AXIS, num_devices=D)
 
     def local_epoch(params, opt_state, x, y, w, msk, epoch_index):
-        x, y, w, msk = x[0], y[0], w[0], msk[0]
-        dev = jax.lax.axis_index(AXIS)
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch_index)
-        if D > 1:  # one device: exactly the batch order of train.make_epoch_fn
-            key = jax.random.fold_in(key, dev)
-        perm = jax.random.permutation(key, m) if nb_loc > 1 else jnp.arange(m)
-        pad = nb_loc * bd - m
-        idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(nb_loc, bd)
-        slot = jnp.concatenate([jnp.ones((m,), w.dtype), jnp.zeros((pad,), w.dtype)]).reshape(nb_loc, bd)
-        n_real = jax.lax.psum(jnp.sum(msk), AXIS)
-        scale = n_real / jax.lax.psum(jnp.sum(w * msk), AXIS) if norm == "weights" \
-            else jnp.asarray(1.0, w.dtype)
-
-        def step(carry, batch):
-            params, opt_state = carry
-            ib, sb = batch
-            mb = sb * msk[ib]
-            denom = jax.lax.psum(jnp.sum(mb), AXIS)
-
-            def data_loss(p):
-                losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, x[ib], y[ib])
-                return scale * jnp.sum(mb * w[ib] * losses) / jnp.maximum(denom, 1.0)
-
-            d_loc, g = jax.value_and_grad(data_loss)(params)
-            g = jax.lax.psum(g, AXIS)
-            g = jax.tree_util.tree_map(lambda gi, p: gi + wd * p, g, params)
-            updates, opt_state = opt.update(g, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), jax.lax.psum(d_loc, AXIS)
-
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, slot))
-        return params, opt_state, jnp.mean(losses)
+        return body(params, opt_state, x[0], y[0], w[0], msk[0], epoch_index)
 
     sm = jax.shard_map(local_epoch, mesh=mesh, check_vma=False,
                        in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P()),

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from . import _checks
+from . import checks, kernels
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
@@ -96,8 +96,8 @@ def make_model(kind: str, input_shape: Sequence[int], num_classes: int, *, seed:
                hidden: Sequence[int] = (64,), image_shape: Sequence[int] | None = None,
                channels: Sequence[int] = (8, 16), dense: int = 64) -> nnx.Module:
     """Build a classifier by name ("linear", "mlp" or "cnn") for inputs of `input_shape`."""
-    _checks.check_choice(kind, "model", MODEL_KINDS)
-    _checks.check_positive(num_classes, "num_classes", integer=True)
+    checks.check_choice(kind, "model", MODEL_KINDS)
+    checks.check_positive(num_classes, "num_classes", integer=True)
     rngs = nnx.Rngs(seed)
     d = int(np.prod(input_shape))
     if kind == "linear":
@@ -108,7 +108,7 @@ def make_model(kind: str, input_shape: Sequence[int], num_classes: int, *, seed:
     if len(shape) == 2:
         shape = (*shape, 1)
     if len(shape) != 3 or int(np.prod(shape)) != d:
-        _checks.fail("image_shape", repr(shape), f"(height, width, channels) with {d} pixels",
+        checks.fail("image_shape", repr(shape), f"(height, width, channels) with {d} pixels",
                      "pass image_shape=(8, 8, 1) for digits, (28, 28, 1) for MNIST")
     return CNN(shape, num_classes, channels=channels, dense=dense, rngs=rngs)
 
@@ -169,15 +169,8 @@ def frozen_features(features_fn: ApplyFn, params: Params, x: np.ndarray, *,
     """Penultimate activations of a trained network, for a "frozen features + linear head" model.
 
     Feed the result to a `LinearClassifier`: influence on the head then has a closed form
-    (`pareto_jax.influence.linear_influence`).
+    (`pareto_jax.closed_form.linear_influence`).
     """
     f = jax.jit(features_fn)
-    n = x.shape[0]
-    out = []
-    for s in range(0, n, batch_size):
-        chunk = x[s: s + batch_size]
-        pad = batch_size - chunk.shape[0]
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-        out.append(np.asarray(f(params, chunk))[: batch_size - pad])
-    return np.concatenate(out).astype(np.float32)
+    xc, _, mc = kernels.pad_chunks(np.asarray(x), np.zeros(len(x), np.int32), batch_size)
+    return np.concatenate([np.asarray(f(params, xb))[mb > 0] for xb, mb in zip(xc, mc)]).astype(np.float32)

@@ -1,4 +1,4 @@
-"""The validation experiments of DESIGN §7 as report-writing pipeline functions.
+"""The validation experiments of docs/method.md as report-writing pipeline functions.
 
 Each writes a folder with ``report.md`` (tables), PNG figures and the JSON of every figure.
 The CLI (``pareto-jax reproduce ...``) and the notebooks call these functions.
@@ -6,7 +6,6 @@ The CLI (``pareto-jax reproduce ...``) and the notebooks call these functions.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from . import data, influence, io, models, pareto, plots, train
+from . import data, datasets, influence, io, models, pareto, plots, train
 
 REFERENCE = {
     "synthetic_rounds": "0.92/0.84 → 0.99/0.98 → 0.99/0.99 → 1.0/1.0",
@@ -42,10 +41,123 @@ def _fit_linear(x, y, K, wd, *, weights=None, init=None, normalizer="weights"):
 # ----------------------------------------------------------------------------- synthetic
 
 
+def _synthetic_case(case, n, seed, weight_decay, out_dir) -> dict:
+    """One 2-D case: fit, influence against validation (and the training set), ceiling test,
+    figures; in the separable case, three rounds of removing joint-negative samples."""
+    ds = data.make_disks(case, n_per_class=n, flipped_per_class=(0, 0), seed=seed)
+    s = data.stratified_split(ds, val_fraction=0.25, test_fraction=0.25, seed=seed)
+    tr = s.train
+    flipped = np.zeros(0, int)
+    if case == "separable":
+        # label noise in training only: 8% of disk 0 and 16% of disk 1 flipped
+        tr, f0 = data.inject_label_noise(tr, [0], 0.08, seed=seed)
+        tr, f1 = data.inject_label_noise(tr, [1], 0.16, seed=seed + 1)
+        flipped = np.union1d(f0, f1)
+    apply, loss_fn, params = _fit_linear(tr.x, tr.y, 2, weight_decay)
+
+    def infl(params, trs, ref_x, ref_y):
+        return np.asarray(influence.linear_category_influence(
+            params, trs.x.astype(np.float64), trs.y, ref_x.astype(np.float64), ref_y,
+            num_classes=2, weight_decay=weight_decay).P)
+
+    # influence against the clean validation split (the method); against the training set
+    # itself (reported beside it) every case sits near y = −x, since at the optimum
+    # Σ_k n_k g_k = N∇L_train = −Nλθ ≈ 0 whatever the data
+    P = infl(params, tr, s.val.x, s.val.y)
+    P_self = infl(params, tr, tr.x, tr.y)
+    reg = influence.influence_regions(P)
+    ceil, ceil_self = pareto.ceiling_test(P), pareto.ceiling_test(P_self)
+    cos = np.abs(P @ np.array([1.0, 1.0]) / np.sqrt(2)) / np.maximum(np.linalg.norm(P, axis=1), 1e-300)
+    acc = train.evaluate(apply, params, s.test.x.astype(np.float64), s.test.y, 2).accuracy
+    tr_acc = train.evaluate(apply, params, tr.x.astype(np.float64), tr.y, 2).accuracy
+
+    def predict(z, params=params, apply=apply):
+        return np.asarray(jnp.argmax(apply(params, jnp.asarray(z, jnp.float64)), -1))
+
+    figs = {
+        "boundary": plots.decision_boundary(tr.x, tr.y, predict, out_dir / f"{case}_boundary.png",
+                                            title=f"{case} disks: training data",
+                                            highlight=np.flatnonzero(reg == -1)),
+        "influence": plots.influence_scatter(P, reg, out_dir / f"{case}_influence.png",
+                                             title=f"{case}: influence vectors"),
+    }
+    entry = {
+        "n_train": len(tr), "n_flipped": int(flipped.size), "test_accuracy": acc.tolist(),
+        "train_accuracy": tr_acc.tolist(), "ceiling_train_reference": ceil_self.summary(),
+        "t_star_relative_train_reference": ceil_self.t_star / float(np.abs(P_self).sum(0).max()),
+        "regions": {plots.REGION_LABELS[r]: int((reg == r).sum()) for r in (1, 0, -1)},
+        "ceiling": ceil.summary(), "t_star_relative": ceil.t_star / float(np.abs(P).sum(0).max()),
+        "median_abs_cos_to_y_eq_x": float(np.median(cos)),
+        "joint_negative_that_are_flipped": int(np.isin(np.flatnonzero(reg == -1), flipped).sum()),
+        "figures": figs,
+    }
+    if case == "separable":
+        entry.update(_removal_rounds(tr, s, apply, infl, acc, tr_acc, flipped, weight_decay))
+        figs["rounds"] = plots.rounds_plot(entry["rounds_train_accuracy"], out_dir / "separable_rounds.png",
+                                           title="removing joint-negative samples",
+                                           ylabel="training accuracy (given labels)")
+    return entry
+
+
+def _removal_rounds(tr, s, apply, infl, acc, tr_acc, flipped, weight_decay, n_rounds: int = 3) -> dict:
+    """Remove the joint-negative samples (influence recomputed each round), refit, record."""
+    rounds, rounds_train, removed = [acc.tolist()], [tr_acc.tolist()], []
+    keep = np.arange(len(tr))
+    for _ in range(n_rounds):
+        trk = tr.subset(keep)
+        _, _, pr = _fit_linear(trk.x, trk.y, 2, weight_decay)
+        neg = influence.influence_regions(infl(pr, trk, s.val.x, s.val.y)) == -1
+        removed.append(int(neg.sum()))
+        keep = keep[~neg]
+        trk = tr.subset(keep)
+        _, _, pr = _fit_linear(trk.x, trk.y, 2, weight_decay)
+        rounds.append(train.evaluate(apply, pr, s.test.x.astype(np.float64), s.test.y, 2).accuracy.tolist())
+        rounds_train.append(train.evaluate(apply, pr, trk.x.astype(np.float64), trk.y, 2).accuracy.tolist())
+    return {"rounds_test_accuracy": rounds, "rounds_train_accuracy": rounds_train,
+            "rounds_removed": removed,
+            "removed_that_are_flipped": int(np.isin(np.setdiff1d(np.arange(len(tr)), keep), flipped).sum())}
+
+
+def _synthetic_markdown(res: dict) -> list[str]:
+    sep = res["separable"]
+    return ["## Ceiling test", "",
+            "Influence on the clean validation split. t* is the exact LP's value (relative: divided "
+            "by max_k Σ_i |P[i,k]|); |cos| is the cosine between an influence vector and (1, 1): 0 "
+            "means on the line y = −x.", "",
+            _md_table(["case", "exact test: improvable", "t*", "t* relative", "certificate λ",
+                       "PCA ratio (heuristic)", "PCA says improvable", "median |cos(P_i, (1,1))|"],
+                      [[c, res[c]["ceiling"]["improvable"], f"{res[c]['ceiling']['t_star']:.3g}",
+                        f"{res[c]['t_star_relative']:.3g}",
+                        np.round(res[c]["ceiling"]["certificate"], 3).tolist(),
+                        f"{res[c]['ceiling']['pca_explained_ratio (heuristic)']:.3f}",
+                        res[c]["ceiling"]["pca_heuristic_improvable"],
+                        f"{res[c]['median_abs_cos_to_y_eq_x']:.3f}"] for c in ("separable", "overlapping")]),
+            "", "Against the training set itself instead: "
+            + "; ".join(f"{c}: t* relative {res[c]['t_star_relative_train_reference']:.3g}"
+                        for c in ("separable", "overlapping"))
+            + " (near zero in both cases: at the training optimum the class gradients of the "
+            "training set cancel up to the weight-decay term, so that reference cannot tell the cases apart).",
+            "", "Regions: " + "; ".join(f"{c}: {res[c]['regions']}" for c in ("separable", "overlapping")),
+            "", f"Separable case: {sep['n_flipped']} training labels flipped; "
+            f"{sep['joint_negative_that_are_flipped']} of the {sep['regions']['joint-negative']} joint-negative "
+            "samples are flipped ones.", "",
+            "## Removing joint-negative samples (separable case)", "",
+            _md_table(["round", "removed", "train acc class 0", "train acc class 1",
+                       "test acc class 0", "test acc class 1"],
+                      [[i, "-" if i == 0 else sep["rounds_removed"][i - 1], f"{a[0]:.3f}", f"{a[1]:.3f}",
+                        f"{b[0]:.3f}", f"{b[1]:.3f}"]
+                       for i, (a, b) in enumerate(zip(sep["rounds_train_accuracy"], sep["rounds_test_accuracy"]))]),
+            "", f"Reference (per-class accuracy on the training labels): {REFERENCE['synthetic_rounds']}. "
+            "Training accuracy is measured on the given (noisy) labels of the samples still in the "
+            "training set; test labels are clean.", "",
+            "![](separable_boundary.png) ![](separable_influence.png)", "",
+            "![](separable_rounds.png)", "", "![](overlapping_boundary.png) ![](overlapping_influence.png)"]
+
+
 def reproduce_synthetic(out_dir: str = "reports/synthetic", *, quick: bool = False, seed: int = 0,
                         weight_decay: float = 1e-3, out=None) -> dict:
-    """Both 2-D cases with logistic regression (DESIGN §7), and three rounds of removing the
-    joint-negative samples in the improvable case."""
+    """Both 2-D cases with logistic regression (``docs/method.md``), and three rounds of removing
+    the joint-negative samples in the improvable case."""
     out = out or sys.stdout
     out_dir = Path(out_dir)
     n = 100 if quick else 200
@@ -56,112 +168,8 @@ def reproduce_synthetic(out_dir: str = "reports/synthetic", *, quick: bool = Fal
           "Influence by the closed form on the validation split.", ""]
     with jax.enable_x64(True):
         for case in ("separable", "overlapping"):
-            ds = data.make_disks(case, n_per_class=n, flipped_per_class=(0, 0), seed=seed)
-            s = data.stratified_split(ds, val_fraction=0.25, test_fraction=0.25, seed=seed)
-            tr = s.train
-            flipped = np.zeros(0, int)
-            if case == "separable":
-                # label noise in training only: 8% of disk 0 and 16% of disk 1 flipped
-                tr, f0 = data.inject_label_noise(tr, [0], 0.08, seed=seed)
-                tr, f1 = data.inject_label_noise(tr, [1], 0.16, seed=seed + 1)
-                flipped = np.union1d(f0, f1)
-            apply, loss_fn, params = _fit_linear(tr.x, tr.y, 2, weight_decay)
-
-            def infl(params, trs, ref_x, ref_y):
-                return np.asarray(influence.linear_category_influence(
-                    params, trs.x.astype(np.float64), trs.y, ref_x.astype(np.float64), ref_y,
-                    num_classes=2, weight_decay=weight_decay).P)
-
-            # influence against the clean validation split (the method); against the training
-            # set itself (reported beside it) every case sits near y = −x, since at the optimum
-            # Σ_k n_k g_k = N∇L_train = −Nλθ ≈ 0 whatever the data
-            P = infl(params, tr, s.val.x, s.val.y)
-            P_self = infl(params, tr, tr.x, tr.y)
-            reg = influence.influence_regions(P)
-            ceil = pareto.ceiling_test(P)
-            ceil_self = pareto.ceiling_test(P_self)
-            scale = float(np.abs(P).sum(0).max())
-            cos = np.abs(P @ np.array([1.0, 1.0]) / np.sqrt(2)) / np.maximum(np.linalg.norm(P, axis=1), 1e-300)
-            acc = train.evaluate(apply, params, s.test.x.astype(np.float64), s.test.y, 2).accuracy
-            tr_acc = train.evaluate(apply, params, tr.x.astype(np.float64), tr.y, 2).accuracy
-
-            def predict(z, params=params, apply=apply):
-                return np.asarray(jnp.argmax(apply(params, jnp.asarray(z, jnp.float64)), -1))
-
-            figs = {
-                "boundary": plots.decision_boundary(tr.x, tr.y, predict, out_dir / f"{case}_boundary.png",
-                                                    title=f"{case} disks: training data",
-                                                    highlight=np.flatnonzero(reg == -1)),
-                "influence": plots.influence_scatter(P, reg, out_dir / f"{case}_influence.png",
-                                                     title=f"{case}: influence vectors"),
-            }
-            entry = {
-                "n_train": len(tr), "n_flipped": int(flipped.size), "test_accuracy": acc.tolist(),
-                "train_accuracy": tr_acc.tolist(), "ceiling_train_reference": ceil_self.summary(),
-                "t_star_relative_train_reference": ceil_self.t_star / float(np.abs(P_self).sum(0).max()),
-                "regions": {plots.REGION_LABELS[r]: int((reg == r).sum()) for r in (1, 0, -1)},
-                "ceiling": ceil.summary(), "t_star_relative": ceil.t_star / scale,
-                "median_abs_cos_to_y_eq_x": float(np.median(cos)),
-                "joint_negative_that_are_flipped": int(np.isin(np.flatnonzero(reg == -1), flipped).sum()),
-                "figures": figs,
-            }
-            if case == "separable":
-                rounds = [acc.tolist()]
-                rounds_train = [tr_acc.tolist()]
-                keep = np.arange(len(tr))
-                removed = []
-                for r in range(3):
-                    trk = tr.subset(keep)
-                    _, _, pr = _fit_linear(trk.x, trk.y, 2, weight_decay)
-                    neg = influence.influence_regions(infl(pr, trk, s.val.x, s.val.y)) == -1
-                    removed.append(int(neg.sum()))
-                    keep = keep[~neg]
-                    trk = tr.subset(keep)
-                    _, _, pr = _fit_linear(trk.x, trk.y, 2, weight_decay)
-                    rounds.append(train.evaluate(apply, pr, s.test.x.astype(np.float64), s.test.y, 2).accuracy.tolist())
-                    rounds_train.append(train.evaluate(apply, pr, trk.x.astype(np.float64), trk.y, 2).accuracy.tolist())
-                entry["rounds_test_accuracy"] = rounds
-                entry["rounds_train_accuracy"] = rounds_train
-                entry["rounds_removed"] = removed
-                entry["removed_that_are_flipped"] = int(np.isin(np.setdiff1d(np.arange(len(tr)), keep), flipped).sum())
-                figs["rounds"] = plots.rounds_plot(rounds_train, out_dir / "separable_rounds.png",
-                                                   title="removing joint-negative samples",
-                                                   ylabel="training accuracy (given labels)")
-            res[case] = entry
-    sep, ov = res["separable"], res["overlapping"]
-    md += ["## Ceiling test", "",
-           "Influence on the clean validation split. t* is the exact LP's value (relative: divided "
-           "by max_k Σ_i |P[i,k]|); |cos| is the cosine between an influence vector and (1, 1): 0 "
-           "means on the line y = −x.", "",
-           _md_table(["case", "exact test: improvable", "t*", "t* relative", "certificate λ",
-                      "PCA ratio (heuristic)", "PCA says improvable", "median |cos(P_i, (1,1))|"],
-                     [[c, res[c]["ceiling"]["improvable"], f"{res[c]['ceiling']['t_star']:.3g}",
-                       f"{res[c]['t_star_relative']:.3g}",
-                       np.round(res[c]["ceiling"]["certificate"], 3).tolist(),
-                       f"{res[c]['ceiling']['pca_explained_ratio (heuristic)']:.3f}",
-                       res[c]["ceiling"]["pca_heuristic_improvable"],
-                       f"{res[c]['median_abs_cos_to_y_eq_x']:.3f}"] for c in ("separable", "overlapping")]),
-           "", "Against the training set itself instead: "
-           + "; ".join(f"{c}: t* relative {res[c]['t_star_relative_train_reference']:.3g}"
-                       for c in ("separable", "overlapping"))
-           + " (near zero in both cases: at the training optimum the class gradients of the "
-           "training set cancel up to the weight-decay term, so that reference cannot tell the cases apart).",
-           "", "Regions: " + "; ".join(f"{c}: {res[c]['regions']}" for c in ("separable", "overlapping")),
-           "", f"Separable case: {sep['n_flipped']} training labels flipped; "
-           f"{sep['joint_negative_that_are_flipped']} of the {sep['regions']['joint-negative']} joint-negative "
-           "samples are flipped ones.", "",
-           "## Removing joint-negative samples (separable case)", "",
-           _md_table(["round", "removed", "train acc class 0", "train acc class 1",
-                      "test acc class 0", "test acc class 1"],
-                     [[i, "-" if i == 0 else sep["rounds_removed"][i - 1], f"{a[0]:.3f}", f"{a[1]:.3f}",
-                       f"{b[0]:.3f}", f"{b[1]:.3f}"]
-                      for i, (a, b) in enumerate(zip(sep["rounds_train_accuracy"], sep["rounds_test_accuracy"]))]),
-           "", f"Reference (per-class accuracy on the training labels): {REFERENCE['synthetic_rounds']}. "
-           "Training accuracy is measured on the given (noisy) labels of the samples still in the "
-           "training set; test labels are clean.", "",
-           "![](separable_boundary.png) ![](separable_influence.png)", "",
-           "![](separable_rounds.png)", "", "![](overlapping_boundary.png) ![](overlapping_influence.png)"]
-    _write(out_dir, "synthetic", res, md, out)
+            res[case] = _synthetic_case(case, n, seed, weight_decay, out_dir)
+    _write(out_dir, "synthetic", res, md + _synthetic_markdown(res), out)
     return res
 
 
@@ -187,7 +195,7 @@ def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, q
     text = dataset in ("emotion", "ag_news")
     feats = features or ("tfidf" if quick else "minilm") if text else "tfidf"
     max_train = (600 if quick else None) if dataset != "emotion" else (1200 if quick else 6000)
-    s = data.load_splits(dataset, seed=seed, features=feats, max_train=max_train, path=path)
+    s = datasets.load_splits(dataset, seed=seed, features=feats, max_train=max_train, path=path)
     K, names = s.num_classes, s.class_names
     md = [f"# Deletion check: {dataset}", "",
           f"Linear softmax head on {'pixels' if not text else feats + ' features'} "
@@ -218,10 +226,25 @@ def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, q
                 comp[kind][t] = np.bincount(s.train.y[idx], minlength=K)
     xs = np.concatenate([infl["beneficial"].ravel(), infl["detrimental"].ravel()])
     ys = np.concatenate([dacc["beneficial"].ravel(), dacc["detrimental"].ravel()])
-    labels = ["beneficial removed"] * K * K + ["detrimental removed"] * K * K
     rho = float(scipy.stats.spearmanr(xs, ys)[0])
     rho_b = float(scipy.stats.spearmanr(infl["beneficial"].ravel(), dacc["beneficial"].ravel())[0])
     rho_d = float(scipy.stats.spearmanr(infl["detrimental"].ravel(), dacc["detrimental"].ravel())[0])
+    figs = _deletion_figures(dataset, names, infl, dacc, comp, rho, out_dir)
+    res = {"dataset": dataset, "features": feats if text else "pixels", "n_train": len(s.train),
+           "spearman_all": rho, "spearman_beneficial": rho_b, "spearman_detrimental": rho_d,
+           "reference": REFERENCE["deletion_spearman"], "base_test_accuracy": base.tolist(),
+           "summed_influence": {k: v.tolist() for k, v in infl.items()},
+           "accuracy_change": {k: v.tolist() for k, v in dacc.items()},
+           "label_composition": {k: v.tolist() for k, v in comp.items()}, "figures": figs}
+    _write(out_dir, "deletion", res, md + _deletion_markdown(res, dacc), out)
+    return res
+
+
+def _deletion_figures(dataset, names, infl, dacc, comp, rho, out_dir) -> dict:
+    K = len(names)
+    xs = np.concatenate([infl["beneficial"].ravel(), infl["detrimental"].ravel()])
+    ys = np.concatenate([dacc["beneficial"].ravel(), dacc["detrimental"].ravel()])
+    labels = ["beneficial removed"] * K * K + ["detrimental removed"] * K * K
     figs = {"scatter": plots.deletion_scatter(xs, ys, labels, out_dir / "scatter.png",
                                               title=f"{dataset}: removal vs accuracy change", rho=rho)}
     for kind in ("beneficial", "detrimental"):
@@ -236,15 +259,14 @@ def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, q
             comp[kind], out_dir / f"composition_{kind}.png",
             title=f"labels of the {kind} removed sets", class_names=names, xlabel="label of removed sample",
             ylabel="removal targeted at class t", cbar="samples", fmt="{:.0f}")
-    res = {"dataset": dataset, "features": feats if text else "pixels", "n_train": len(s.train),
-           "spearman_all": rho, "spearman_beneficial": rho_b, "spearman_detrimental": rho_d,
-           "reference": REFERENCE["deletion_spearman"], "base_test_accuracy": base.tolist(),
-           "summed_influence": {k: v.tolist() for k, v in infl.items()},
-           "accuracy_change": {k: v.tolist() for k, v in dacc.items()},
-           "label_composition": {k: v.tolist() for k, v in comp.items()}, "figures": figs}
+    return figs
+
+
+def _deletion_markdown(res: dict, dacc: dict) -> list[str]:
+    rho, rho_b, rho_d = res["spearman_all"], res["spearman_beneficial"], res["spearman_detrimental"]
     diag_b = np.diag(dacc["beneficial"]).mean() * 100
     diag_d = np.diag(dacc["detrimental"]).mean() * 100
-    md += ["## Result", "",
+    return ["## Result", "",
            _md_table(["cells", "Spearman ρ (summed influence vs accuracy change)"],
                      [["all 2·K·K", f"{rho:.3f}"], ["beneficial removed (K·K)", f"{rho_b:.3f}"],
                       ["detrimental removed (K·K)", f"{rho_d:.3f}"]]),
@@ -254,8 +276,6 @@ def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, q
            "", "![](scatter.png)", "", "![](influence_beneficial.png) ![](accuracy_beneficial.png)", "",
            "![](influence_detrimental.png) ![](accuracy_detrimental.png)", "",
            "![](composition_beneficial.png) ![](composition_detrimental.png)"]
-    _write(out_dir, "deletion", res, md, out)
-    return res
 
 
 # ----------------------------------------------------------------------------- improvement
@@ -265,7 +285,7 @@ def reproduce_improve(out_dir: str = "reports/improve", *, quick: bool = False, 
                       dataset: str | None = None, retrain: str = "converge", out=None) -> dict:
     """Direct Improvement, Course Correction (with baselines) and the frontier, as a report."""
     out = out or sys.stdout
-    from . import pipeline, search
+    from . import experiments, pipeline, search
 
     out_dir = Path(out_dir)
     ds = dataset or ("digits" if quick else "mnist5k")
@@ -273,10 +293,10 @@ def reproduce_improve(out_dir: str = "reports/improve", *, quick: bool = False, 
     scfg = search.SearchConfig(population=8 if quick else 16, generations=3 if quick else 6,
                                seed=seed, retrain=retrain, alpha_range=(alpha_min, 1.0),
                                reweight=pareto.ReweightConfig(w_max=1.0))
-    cfg = pipeline.ImproveConfig(data=pipeline.DataConfig(name=ds, seed=seed), search=scfg,
-                                 out_dir=str(out_dir), alpha_min=alpha_min,
-                                 rounds=1 if quick or retrain != "converge" else 3)
-    rep = pipeline.run_improve(cfg, progress=not quick, out=out)
+    cfg = experiments.ImproveConfig(data=pipeline.DataConfig(name=ds, seed=seed), search=scfg,
+                                    out_dir=str(out_dir), alpha_min=alpha_min,
+                                    rounds=1 if quick or retrain != "converge" else 3)
+    rep = experiments.run_improve(cfg, progress=not quick, out=out)
     names = rep["class_names"]
     md = [f"# Improvement: {ds}", "",
           f"Label noise: {cfg.noise_fraction:.0%} of the training samples of classes "

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _checks
+from . import checks
 from .data import Dataset, Splits, TextDataset
 
 
@@ -192,7 +192,7 @@ def featurize_splits(train: TextDataset, val: TextDataset, test: TextDataset, *,
                      method: str = "tfidf", cache_dir: str | None = None, name: str = "text",
                      max_features: int = 2000) -> Splits:
     """Turn three text splits into feature `Splits` (TF-IDF fitted on train, or MiniLM)."""
-    _checks.check_choice(method, "features", ("tfidf", "minilm"))
+    checks.check_choice(method, "features", ("tfidf", "minilm"))
     if method == "tfidf":
         xs = tfidf_fit_transform(train.texts, val.texts, test.texts, max_features=max_features)
     else:

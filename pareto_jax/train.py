@@ -1,6 +1,6 @@
 """Training with per-sample weights, and per-class evaluation.
 
-The objective for weights w (DESIGN §2) is
+The objective for weights w (docs/method.md) is
 
     L_w(θ) = s · (1/N) Σ_i w_i ℓ(z_i; θ) + (λ/2)‖θ‖²,
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _checks, io
+from . import checks, io, kernels
 
 LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -60,14 +60,14 @@ class TrainConfig:
     checkpoint_epochs: tuple[int, ...] = ()
 
     def __post_init__(self):
-        _checks.check_positive(self.epochs, "epochs", integer=True, allow_zero=True)
+        checks.check_positive(self.epochs, "epochs", integer=True, allow_zero=True)
         if self.batch_size is not None:
-            _checks.check_positive(self.batch_size, "batch_size", integer=True)
-        _checks.check_choice(self.optimizer, "optimizer", ("adam", "sgd", "gd"))
-        _checks.check_positive(self.learning_rate, "learning_rate")
-        _checks.check_positive(self.weight_decay, "weight_decay", allow_zero=True)
-        _checks.check_in_range(self.momentum, "momentum", 0.0, 0.999)
-        _checks.check_choice(self.normalizer, "normalizer", ("weights", "n"))
+            checks.check_positive(self.batch_size, "batch_size", integer=True)
+        checks.check_choice(self.optimizer, "optimizer", ("adam", "sgd", "gd"))
+        checks.check_positive(self.learning_rate, "learning_rate")
+        checks.check_positive(self.weight_decay, "weight_decay", allow_zero=True)
+        checks.check_in_range(self.momentum, "momentum", 0.0, 0.999)
+        checks.check_choice(self.normalizer, "normalizer", ("weights", "n"))
         object.__setattr__(self, "checkpoint_epochs", tuple(int(e) for e in self.checkpoint_epochs))
 
 
@@ -97,9 +97,68 @@ def weighted_objective(loss_fn: LossFn, params, x, y, w, *, weight_decay: float,
     return scale * jnp.sum(w * losses) + 0.5 * weight_decay * l2(params)
 
 
-def _num_batches(n: int, batch_size: int | None) -> tuple[int, int]:
+def batches_per_epoch(n: int, batch_size: int | None) -> tuple[int, int]:
     b = n if batch_size is None or batch_size >= n else batch_size
     return -(-n // b), b
+
+
+def epoch_body(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, batch: int, *,
+               axis_name: str | None = None, num_devices: int = 1):
+    """The weighted epoch over the m samples this device holds (not jitted; see `make_epoch_fn`).
+
+    ``body(params, opt_state, x, y, w, mask, epoch_index) -> (params, opt_state, mean_loss)``:
+    the samples are shuffled with ``fold_in(seed, epoch_index)`` and cut into `num_batches`
+    minibatches of `batch` slots (the last padded, masked). With ``mask=None`` (one device) the
+    objective is exactly the module docstring's, the L2 term differentiated with the data term.
+    Inside `jax.shard_map` (``axis_name`` set, `mask` marking this device's real samples)
+    every device draws its own share of each minibatch (shuffling with the device index folded
+    in when there are several), the data term's gradient and loss are `psum`-ed over the axis,
+    and λθ is added once: `pareto_jax.distributed.make_epoch_fn` wraps this same function.
+    """
+    opt = make_optimizer(config)
+    wd, norm, seed = config.weight_decay, config.normalizer, config.seed
+    psum = (lambda a: a) if axis_name is None else functools.partial(jax.lax.psum, axis_name=axis_name)
+
+    def batch_loss(params, xb, yb, wb, mb, scale):
+        losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, xb, yb)
+        if axis_name is None:
+            data = scale * jnp.sum(mb * wb * losses) / jnp.sum(mb)
+            return data + 0.5 * wd * l2(params), data
+        data = scale * jnp.sum(mb * wb * losses) / jnp.maximum(psum(jnp.sum(mb)), 1.0)
+        return data, data
+
+    def gradient(params, xb, yb, wb, mb, scale):
+        (_, data), g = jax.value_and_grad(batch_loss, has_aux=True)(params, xb, yb, wb, mb, scale)
+        if axis_name is not None:
+            g = jax.tree_util.tree_map(lambda gi, p: gi + wd * p, psum(g), params)
+        return g, psum(data)
+
+    def body(params, opt_state, x, y, w, mask, epoch_index):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch_index)
+        if num_devices > 1:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        perm = jax.random.permutation(key, m) if num_batches > 1 else jnp.arange(m)
+        pad = num_batches * batch - m
+        idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(num_batches, batch)
+        slot = jnp.concatenate([jnp.ones((m,), w.dtype), jnp.zeros((pad,), w.dtype)]).reshape(num_batches, batch)
+        if mask is None:
+            scale = m / jnp.sum(w) if norm == "weights" else jnp.asarray(1.0, w.dtype)
+        else:
+            scale = psum(jnp.sum(mask)) / psum(jnp.sum(w * mask)) if norm == "weights" \
+                else jnp.asarray(1.0, w.dtype)
+
+        def step(carry, batch_):
+            params, opt_state = carry
+            ib, sb = batch_
+            mb = sb if mask is None else sb * mask[ib]
+            g, data = gradient(params, x[ib], y[ib], w[ib], mb, scale)
+            updates, opt_state = opt.update(g, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), data
+
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, slot))
+        return params, opt_state, jnp.mean(losses)
+
+    return body
 
 
 def make_epoch_fn(loss_fn: LossFn, config: TrainConfig, n: int):
@@ -109,33 +168,10 @@ def make_epoch_fn(loss_fn: LossFn, config: TrainConfig, n: int):
     batch size, so the function compiles once. `vmap` it over (params, opt_state, w) to train
     several weightings at once.
     """
-    opt = make_optimizer(config)
-    nb, b = _num_batches(n, config.batch_size)
-    wd, norm, seed = config.weight_decay, config.normalizer, config.seed
-
-    def batch_loss(params, xb, yb, wb, mb, scale):
-        losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, xb, yb)
-        data = scale * jnp.sum(mb * wb * losses) / jnp.sum(mb)
-        return data + 0.5 * wd * l2(params), data
+    body = epoch_body(loss_fn, config, n, *batches_per_epoch(n, config.batch_size))
 
     def epoch(params, opt_state, x, y, w, epoch_index):
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch_index)
-        perm = jax.random.permutation(key, n) if nb > 1 else jnp.arange(n)
-        pad = nb * b - n
-        idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(nb, b)
-        mask = jnp.concatenate([jnp.ones((n,), w.dtype), jnp.zeros((pad,), w.dtype)]).reshape(nb, b)
-        scale = n / jnp.sum(w) if norm == "weights" else jnp.asarray(1.0, w.dtype)
-
-        def step(carry, batch):
-            params, opt_state = carry
-            ib, mb = batch
-            (_, data), g = jax.value_and_grad(batch_loss, has_aux=True)(
-                params, x[ib], y[ib], w[ib], mb, scale)
-            updates, opt_state = opt.update(g, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), data
-
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, mask))
-        return params, opt_state, jnp.mean(losses)
+        return body(params, opt_state, x, y, w, None, epoch_index)
 
     return jax.jit(epoch)
 
@@ -168,22 +204,12 @@ def _eval_fn(apply, num_classes: int):
 
 def evaluate(apply, params, x, y, num_classes: int, *, batch_size: int = 1024) -> ClassMetrics:
     """Per-class accuracy and loss of ``apply(params, ·)`` on (x, y), in fixed-size chunks."""
-    x = np.asarray(x)
-    y = np.asarray(y)
     f = _eval_fn(apply, num_classes)
-    n = x.shape[0]
-    b = min(batch_size, n)
+    xc, yc, mc = kernels.pad_chunks(np.asarray(x), np.asarray(y), batch_size)
     acc = np.zeros(num_classes)
     loss = np.zeros(num_classes)
     cnt = np.zeros(num_classes)
-    for s in range(0, n, b):
-        xb, yb = x[s: s + b], y[s: s + b]
-        m = np.ones(len(yb), np.float32)
-        if len(yb) < b:
-            pad = b - len(yb)
-            xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)])
-            yb = np.concatenate([yb, np.repeat(yb[-1:], pad)])
-            m = np.concatenate([m, np.zeros(pad, np.float32)])
+    for xb, yb, m in zip(xc, yc, mc):
         a, l_, c = f(params, xb, yb, m)
         acc += np.asarray(a, np.float64)
         loss += np.asarray(l_, np.float64)
@@ -205,9 +231,9 @@ class TrainResult:
 
 
 def _prepare(x, y, weights, num_classes):
-    x = _checks.as_features(x, "x_train")
-    y = _checks.as_labels(y, "y_train", num_classes=num_classes, n=x.shape[0], x_name="x_train")
-    w = np.ones(x.shape[0]) if weights is None else _checks.as_weights(weights, x.shape[0], "weights")
+    x = checks.as_features(x, "x_train")
+    y = checks.as_labels(y, "y_train", num_classes=num_classes, n=x.shape[0], x_name="x_train")
+    w = np.ones(x.shape[0]) if weights is None else checks.as_weights(weights, x.shape[0], "weights")
     return x, y, w
 
 
@@ -269,7 +295,7 @@ def train(loss_fn: LossFn, params, x, y, config: TrainConfig = TrainConfig(), *,
         p, o, loss = ep_fn(p, o, xd, yd, wd, e)
         loss = float(loss)
         if not np.isfinite(loss):
-            raise _checks.NumericalError(
+            raise checks.NumericalError(
                 f"training: the loss became {loss} at epoch {e + 1}. Fix: lower learning_rate "
                 "or raise weight_decay.")
         history.append(loss)
@@ -290,7 +316,7 @@ def train_one_epoch_from(loss_fn: LossFn, state: TrainState, x, y, weights,
 
 
 @functools.lru_cache(maxsize=32)
-def _lbfgs_fit_fn(loss_fn, weight_decay: float, normalizer: str, max_iter: int, tol: float):
+def lbfgs_fit_fn(loss_fn, weight_decay: float, normalizer: str, max_iter: int, tol: float):
     opt = optax.lbfgs()
 
     def fit(params, x, y, w):
@@ -327,10 +353,10 @@ def fit_lbfgs(loss_fn: LossFn, params, x, y, *, weights=None, weight_decay: floa
     For convex models this is "retraining to convergence": the reference the influence
     predictions are checked against. Returns (params, iterations, final gradient norm).
     """
-    _checks.check_choice(normalizer, "normalizer", ("weights", "n"))
-    x = _checks.as_features(x, "x")
-    w = np.ones(x.shape[0]) if weights is None else _checks.as_weights(weights, x.shape[0])
+    checks.check_choice(normalizer, "normalizer", ("weights", "n"))
+    x = checks.as_features(x, "x")
+    w = np.ones(x.shape[0]) if weights is None else checks.as_weights(weights, x.shape[0])
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
-    fit = _lbfgs_fit_fn(loss_fn, float(weight_decay), normalizer, int(max_iter), float(tol))
+    fit = lbfgs_fit_fn(loss_fn, float(weight_decay), normalizer, int(max_iter), float(tol))
     p, it, gn = fit(params, jnp.asarray(x, dtype), jnp.asarray(y), jnp.asarray(w, dtype))
     return p, int(it), float(gn)

@@ -21,7 +21,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pareto_jax import data, distributed, influence, models, search, train  # noqa: E402
+from pareto_jax import data, distributed, influence, linsolve, models, search, train  # noqa: E402
 
 
 def maxdiff(a, b):
@@ -62,10 +62,10 @@ params = train.train(lf, p0, x, y, mini).params
 
 # class gradients, HVP, CG, P (both paths)
 G1 = influence.class_gradients(lf, params, xv, yv, 10, chunk_size=50)
-GD = distributed.class_gradients(lf, params, xv, yv, 10, mesh=mesh, chunk_size=50)
+GD = influence.class_gradients(lf, params, xv, yv, 10, mesh=mesh, chunk_size=50)
 out["class_gradients"] = rel(GD, G1)
 hvp1, theta = influence.make_hvp(lf, params, x, y, weight_decay=1e-3, batch_size=100)
-hvpD, _ = distributed.make_hvp(lf, params, x, y, mesh=mesh, weight_decay=1e-3, batch_size=100)
+hvpD, _ = influence.make_hvp(lf, params, x, y, mesh=mesh, weight_decay=1e-3, batch_size=100)
 v = jax.random.normal(jax.random.PRNGKey(1), theta.shape, theta.dtype)
 out["hvp"] = rel(hvpD(v), hvp1(v))
 cfg = influence.InfluenceConfig(damping=1e-3, hvp_batch_size=100, chunk_size=64, rtol=1e-10)
@@ -73,12 +73,12 @@ r1 = influence.category_influence(lf, params, x, y, xv, yv, num_classes=10, weig
 rD = influence.category_influence(lf, params, x, y, xv, yv, num_classes=10, weight_decay=1e-3, config=cfg, mesh=mesh)
 out["cg_solutions"] = rel(rD.solutions, r1.solutions)
 out["cg_steps"] = [np.asarray(r1.steps).tolist(), np.asarray(rD.steps).tolist()]
-dense = influence.solve_dense(hvp1, G1, damping=rD.damping)
+dense = linsolve.solve_dense(hvp1, G1, damping=rD.damping)
 out["damping"] = [r1.damping, rD.damping, list(rD.escalations)]
 out["cg_vs_dense"] = rel(rD.solutions, dense.value)
 out["P_jvp"] = rel(rD.P, r1.P)
 out["P_shape"] = list(rD.P.shape)
-Pps = distributed.influence_from_solutions(lf, params, r1.solutions, x, y, mesh=mesh, method="per_sample",
+Pps = influence.influence_from_solutions(lf, params, r1.solutions, x, y, mesh=mesh, method="per_sample",
                                            chunk_size=30)
 out["P_per_sample"] = rel(Pps, r1.P)
 rg1 = influence.category_influence(lf, params, x, y, xv, yv, num_classes=10, weight_decay=1e-3, apply=apply,

@@ -14,11 +14,10 @@ import sys
 import warnings
 
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pareto_jax import influence, models  # noqa: E402
+from pareto_jax import backend, influence, kernels, models  # noqa: E402
 
 N = int(sys.argv[1])
 H = int(sys.argv[sys.argv.index("--hidden") + 1]) if "--hidden" in sys.argv else 512
@@ -37,15 +36,17 @@ r = influence.category_influence(lf, params, x, y, xv, yv, num_classes=10, weigh
 r.P.block_until_ready()
 rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-theta, _, f = influence._flat(lf, params)
-xc, yc, mc = influence._pad_chunks(x, y, cfg.chunk_size)
-lowered = influence._influence_matrix.lower(f, "jvp", theta, r.solutions, xc, yc, jnp.asarray(mc), N)
+flat = kernels.flatten(lf, params)
+theta = flat.theta
+local = backend.Local()
+chunks = local.chunks(x, y, cfg.chunk_size, theta.dtype)
+lowered = backend.influence_rows_program.lower(flat.loss, "jvp", theta, r.solutions, chunks, N)
 mP = lowered.compile().memory_analysis()
-_, fs, logits_f, chunks, n = influence._hvp_parts(lf, params, x, y, cfg.hvp_batch_size, "gauss_newton", apply)
+curv = kernels.Curvature(flat.loss, kernels.flat_logits(apply, params), "gauss_newton")
+data = local.objective(theta, local.chunks(x, y, cfg.hvp_batch_size, theta.dtype), N, 1e-3)
 G = jnp.zeros((10, theta.size), theta.dtype)
 one = jnp.asarray(1e-2, theta.dtype)
-mS = influence._solve_jit.lower("cg", fs, "gauss_newton", logits_f, theta, *chunks, n, one, G, one, one, 3,
-                                one).compile().memory_analysis()
+mS = backend.solve_program.lower("cg", curv, data, G, one, one, one, 3).compile().memory_analysis()
 out = {"N": N, "num_params": int(theta.size), "rss_before_MiB": rss0 / 1024, "rss_peak_MiB": rss1 / 1024,
        "P_stage_temp_MiB": mP.temp_size_in_bytes / 2**20, "P_stage_output_MiB": mP.output_size_in_bytes / 2**20,
        "solve_temp_MiB": mS.temp_size_in_bytes / 2**20,

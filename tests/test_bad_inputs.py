@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pareto_jax import data, distributed, influence, models, pareto, search, train
-from pareto_jax._checks import InputError, NumericalError
+from pareto_jax.checks import InputError, NumericalError
 
 X = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
 Y = np.arange(30) % 3

@@ -5,8 +5,8 @@ import pickle
 import numpy as np
 import pytest
 
-from pareto_jax import data
-from pareto_jax._checks import InputError
+from pareto_jax import data, datasets
+from pareto_jax.checks import InputError
 
 
 def test_stratified_split_is_stratified_and_reproducible(digits_splits):
@@ -164,15 +164,15 @@ def test_dataset_bad_input_names_argument(bad, match):
 
 
 def test_load_splits_registry():
-    s = data.load_splits("disks-separable", seed=0)
+    s = datasets.load_splits("disks-separable", seed=0)
     assert s.num_classes == 2 and len(s.train) + len(s.val) + len(s.test) == 400
     with pytest.raises(InputError, match="dataset"):
-        data.load_splits("imagenet")
+        datasets.load_splits("imagenet")
     with pytest.raises(InputError, match="path"):
-        data.load_splits("cifar10")
+        datasets.load_splits("cifar10")
 
 
 def test_text_tfidf_splits_from_shared_data():
-    s = data.load_splits("ag_news", features="tfidf", max_train=400, seed=0)
+    s = datasets.load_splits("ag_news", features="tfidf", max_train=400, seed=0)
     assert s.train.x.shape[0] == 400 and s.val.x.shape[1] == s.train.x.shape[1]
     assert np.all(s.train.class_counts() == 100)

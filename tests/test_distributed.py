@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pareto_jax import _checks, data, distributed, influence, models
+from pareto_jax import checks, data, distributed, influence, models
 
 HERE = Path(__file__).parent
 
@@ -120,7 +120,7 @@ def test_mesh_settings_and_errors():
     assert distributed.mesh_from_setting(1) is None
     m = distributed.make_mesh(1)
     assert m.shape[distributed.AXIS] == 1
-    with pytest.raises(_checks.InputError, match="num_devices"):
+    with pytest.raises(checks.InputError, match="num_devices"):
         distributed.make_mesh(jax.device_count() + 1)
     assert distributed.process_slice(10, 0, 3) == slice(0, 4)
     assert distributed.process_slice(10, 2, 3) == slice(8, 10)
@@ -131,7 +131,7 @@ def test_mesh_settings_and_errors():
 def test_mesh_rejects_unsharded_estimators():
     s = data.stratified_split(data.load_digits(), seed=0)
     apply, params = models.functional(models.make_model("linear", (64,), 10))
-    with pytest.raises(_checks.InputError, match="config.solver"):
+    with pytest.raises(checks.InputError, match="config.solver"):
         influence.category_influence(models.per_sample_loss(apply), params, s.train.x, s.train.y,
                                      s.val.x, s.val.y, num_classes=10, weight_decay=1e-3,
                                      config=influence.InfluenceConfig(solver="lissa"),

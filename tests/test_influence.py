@@ -5,8 +5,8 @@ import pytest
 import scipy.stats as ss
 from jax.flatten_util import ravel_pytree
 
-from pareto_jax import data, influence, models, train
-from pareto_jax._checks import InputError, NumericalError
+from pareto_jax import data, influence, linsolve, models, train
+from pareto_jax.checks import InputError, NumericalError
 
 from _problems import class_val_loss, digits_linear, fit_exact, to64
 from conftest import tiny_classification
@@ -71,15 +71,15 @@ def test_cg_matches_dense_solve(x64):
     hvp, theta = influence.make_hvp(loss_fn, params, x, y, weight_decay=0.05,
                                     curvature="gauss_newton", apply=apply)
     G = influence.class_gradients(loss_fn, params, xv, yv, 3)
-    ref = influence.solve_dense(hvp, G, damping=1e-3)
-    H = np.asarray(influence.materialize(hvp, theta.size, jnp.float64)) + 1e-3 * np.eye(theta.size)
+    ref = linsolve.solve_dense(hvp, G, damping=1e-3)
+    H = np.asarray(linsolve.materialize(hvp, theta.size, jnp.float64)) + 1e-3 * np.eye(theta.size)
     np.testing.assert_allclose(ref.value, np.linalg.solve(H, np.asarray(G).T).T, rtol=1e-9)
-    cg = influence.solve_cg(hvp, G, damping=1e-3, rtol=1e-10, max_steps=500)
+    cg = linsolve.solve_cg(hvp, G, damping=1e-3, rtol=1e-10, max_steps=500)
     assert bool(np.all(cg.converged)) and np.all(cg.residual < 1e-10)
     rel = np.linalg.norm(cg.value - ref.value, axis=1) / np.linalg.norm(ref.value, axis=1)
     assert rel.max() < 1e-6
     # jit == no-jit
-    cg_jit = jax.jit(lambda g: influence.solve_cg(hvp, g, damping=1e-3, rtol=1e-10, max_steps=500))(G)
+    cg_jit = jax.jit(lambda g: linsolve.solve_cg(hvp, g, damping=1e-3, rtol=1e-10, max_steps=500))(G)
     np.testing.assert_allclose(cg_jit.value, cg.value, rtol=1e-9, atol=1e-12)
 
 
@@ -88,17 +88,17 @@ def test_cg_stops_each_rhs_on_its_own_residual(x64):
     b = np.zeros((2, 20))
     b[0, 0] = 1.0          # an eigenvector: one step
     b[1] = 1.0             # needs many steps
-    res = influence.solve_cg(lambda v: jnp.asarray(A) @ v, jnp.asarray(b), rtol=1e-12)
+    res = linsolve.solve_cg(lambda v: jnp.asarray(A) @ v, jnp.asarray(b), rtol=1e-12)
     assert int(res.steps[0]) == 1 and int(res.steps[1]) > 5
     np.testing.assert_allclose(res.value, np.linalg.solve(A, b.T).T, rtol=1e-10)
 
 
 def test_cg_detects_negative_curvature(x64):
     A = jnp.diag(jnp.array([1.0, -2.0, 3.0]))
-    res = influence.solve_cg(lambda v: A @ v, jnp.ones((1, 3)), rtol=1e-10)
+    res = linsolve.solve_cg(lambda v: A @ v, jnp.ones((1, 3)), rtol=1e-10)
     assert bool(res.negative_curvature[0]) and not bool(res.converged[0])
     with pytest.raises(NumericalError, match="negative curvature"):
-        influence.check_solve(res, rtol=1e-10)
+        linsolve.check_solve(res, rtol=1e-10)
 
 
 def test_generic_paths_agree_with_closed_form_on_digits(x64):
@@ -132,7 +132,7 @@ def test_chunk_size_does_not_change_P(x64):
 
 
 def test_sign_and_scale_identity_against_retraining(x64):
-    """DESIGN §2: up-weighting z_i by ε changes class-k validation loss by −ε·P[i,k]."""
+    """docs/method.md §2: up-weighting z_i by ε changes class-k validation loss by −ε·P[i,k]."""
     s, apply, loss_fn, params = digits_linear()
     res = influence.linear_category_influence(params, s.train.x, s.train.y, s.val.x, s.val.y,
                                               num_classes=10, weight_decay=1e-2)

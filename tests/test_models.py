@@ -1,12 +1,11 @@
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 import pytest
 
 from pareto_jax import models
-from pareto_jax._checks import InputError
+from pareto_jax.checks import InputError
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp", "cnn"])

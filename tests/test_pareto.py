@@ -3,7 +3,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pareto_jax import pareto
-from pareto_jax._checks import InputError
+from pareto_jax.pareto import dual, program, resolve
+from pareto_jax.checks import InputError
 
 
 def _tradeoff_P(n, k, seed, mean=0.05):
@@ -136,18 +137,17 @@ def test_batch_resolution_recovers_from_bad_duals():
     certificates; every settled row must still be the HiGHS optimum of its own program."""
     P = _tradeoff_P(600, 4, 11)
     alphas = np.random.default_rng(3).uniform(0.6, 1.0, (8, 4))
-    probs = [pareto._problem(P, [0, 2], a, pareto.ReweightConfig(rho=0.5)) for a in alphas]
+    probs = [pareto.program_data(P, [0, 2], a, pareto.ReweightConfig(rho=0.5)) for a in alphas]
     C = np.stack([p[1] for p in probs])
     B = np.stack([p[2] for p in probs])
     lo, hi = pareto.ReweightConfig(rho=0.5).bounds
-    got = pareto._resolve_lp_batch(P, C, B, np.full(8, lo), np.full(8, hi), np.zeros((8, 5)),
-                                   max_rounds=30)
+    got = resolve.resolve_lp(P, C, B, np.full(8, lo), np.full(8, hi), np.zeros((8, 5)), max_rounds=30)
     ref = [pareto.solve_reweighting(P, [0, 2], a, rho=0.5, solver="highs") for a in alphas]
     feasible = [i for i, r in enumerate(ref) if r.status == 0]
     assert len(feasible) >= 4 and set(got) >= set(feasible)
     for i in feasible:
-        st, _, w, _, n_free = got[i]
-        assert st == 0 and n_free > 4 * 5 + 16  # it had to grow beyond the first free set
+        w, n_free = got[i].w, got[i].n_free
+        assert n_free > 4 * 5 + 16  # it had to grow beyond the first free set
         assert C[i] @ w == pytest.approx(ref[i].objective, rel=1e-9)
         assert pareto.check_feasibility(P, w, B[i], pareto.ReweightConfig(rho=0.5)) <= 1e-9
 
@@ -159,22 +159,22 @@ def test_farkas_certificate_is_a_valid_infeasibility_bound():
 
     P = _tradeoff_P(300, 3, 4)
     cfg = pareto.ReweightConfig(rho=0.2)
-    P64, c, b = pareto._problem(P, [0], 1.0, cfg)
+    P64, c, b = pareto.program_data(P, [0], 1.0, cfg)
     b = b + 0.3 * np.abs(P).sum(0)  # unreachable within |w − 1| <= 0.2
-    z, _, _ = pareto._run_dual(P64, c[None], b[None], cfg)
-    v = pareto._certified_infeasible(P64, b, z[0], cfg)
+    z, _, _ = dual.run_dual(P64, c[None], b[None], cfg)
+    v = dual.certified_infeasible(P64, b, z[0], cfg)
     assert v is not None and v < 0
     n, K = P.shape
     lo, hi = cfg.bounds
     res = scipy.optimize.linprog(np.r_[np.zeros(n), -1.0], A_ub=np.c_[-P.T, np.ones(K)], b_ub=-b,
                                  bounds=[(lo, hi)] * n + [(None, None)], method="highs")
     assert -res.fun <= v + 1e-12  # every w violates some class by >= −v; the best w by −t*
-    r = pareto._finish_dual(P64, c, b, z[0], cfg, [], pareto._dual_verdict(P64, b, z[0], cfg))
+    r = program.from_duals(P64, c, b, z[0], cfg, dual.verdict(P64, b, z[0], cfg))
     assert r.status == pareto.INFEASIBLE and r.w is None and "Farkas" in r.message
     # a feasible program is never certified infeasible
-    _, c2, b2 = pareto._problem(P, [0], 0.5, cfg)
-    z2, _, _ = pareto._run_dual(P64, c2[None], b2[None], cfg)
-    assert pareto._certified_infeasible(P64, b2, z2[0], cfg) is None
+    _, c2, b2 = pareto.program_data(P, [0], 0.5, cfg)
+    z2, _, _ = dual.run_dual(P64, c2[None], b2[None], cfg)
+    assert dual.certified_infeasible(P64, b2, z2[0], cfg) is None
 
 
 @pytest.mark.parametrize("kw, match", [

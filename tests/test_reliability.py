@@ -12,10 +12,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pareto_jax import influence, models, pareto, pipeline, search, train
+from pareto_jax import influence, kernels, models, pareto, pipeline, train
 
 from conftest import tiny_classification
 
@@ -150,7 +149,7 @@ def test_property_forward_mode_equals_per_sample(n, hidden, k, seed, chunk):
         apply, params = models.functional(models.make_model("mlp", (3,), k, hidden=(hidden,), seed=seed))
         params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params)
         loss_fn = models.per_sample_loss(apply)
-        theta, _, _ = influence._flat(loss_fn, params)
+        theta = kernels.flatten(loss_fn, params).theta
         U = jnp.asarray(np.random.default_rng(seed).normal(size=(k, theta.size)))
         a = influence.influence_from_solutions(loss_fn, params, U, x, y, method="jvp", chunk_size=chunk)
         b = influence.influence_from_solutions(loss_fn, params, U, x, y, method="per_sample", chunk_size=7)

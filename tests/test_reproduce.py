@@ -67,12 +67,12 @@ def test_cli_reproduce_bad_arguments(tmp_path):
 
 
 def test_iterated_direct_improvement_never_gives_back_validation(tmp_path):
-    from pareto_jax import _checks, pipeline, search
+    from pareto_jax import checks, experiments, pipeline, search
 
     scfg = search.SearchConfig(population=6, generations=2, retrain="converge", alpha_range=(0.95, 1.0))
-    cfg = pipeline.ImproveConfig(data=pipeline.DataConfig(name="digits"), search=scfg, rounds=2,
+    cfg = experiments.ImproveConfig(data=pipeline.DataConfig(name="digits"), search=scfg, rounds=2,
                                  course_correction=False, frontier=False, out_dir=str(tmp_path))
-    r = pipeline.run_improve(cfg, progress=False, out=io.StringIO())
+    r = experiments.run_improve(cfg, progress=False, out=io.StringIO())
     it = r["direct"]["iterated"]
     assert it["rounds_requested"] == 2 and len(it["log"]) >= 1
     prev = np.asarray(r["direct"]["ref_val"])
@@ -86,6 +86,6 @@ def test_iterated_direct_improvement_never_gives_back_validation(tmp_path):
         prev = va
     if it["rounds_kept"]:
         assert f"search, iterated ({it['rounds_kept']} rounds)" in r["direct"]["rows"]
-    with pytest.raises(_checks.InputError, match="rounds"):
-        pipeline.run_improve(pipeline.dataclasses.replace(cfg, model=pipeline.ModelConfig(kind="mlp")),
+    with pytest.raises(checks.InputError, match="rounds"):
+        experiments.run_improve(pipeline.dataclasses.replace(cfg, model=pipeline.ModelConfig(kind="mlp")),
                              progress=False, out=io.StringIO())

@@ -1,11 +1,10 @@
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 
-from pareto_jax import data, influence, models, pareto, search, train
-from pareto_jax._checks import InputError
+from pareto_jax import data, evaluation, influence, models, pareto, search, train
+from pareto_jax.checks import InputError
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +23,11 @@ def digits_problem():
 
 
 def test_fitness_definition():
-    assert search.fitness([1.0, -2.0, 0.0, -4.0], [0]) == (pytest.approx(-2.0), 1.0)
-    assert search.fitness([1.0, 2.0, 0.0], [0])[0] == 0.0
-    assert search.fitness([0.0, 2.0, 3.0], [0])[0] == float("-inf")  # target did not improve
-    assert search.fitness([1.0, 2.0], [0, 1])[0] == 0.0                # no non-target classes
-    np.testing.assert_allclose(search.relative_change([0.5, 0.0], [0.25, 0.0]), [100.0, 0.0])
+    assert evaluation.fitness([1.0, -2.0, 0.0, -4.0], [0]) == (pytest.approx(-2.0), 1.0)
+    assert evaluation.fitness([1.0, 2.0, 0.0], [0])[0] == 0.0
+    assert evaluation.fitness([0.0, 2.0, 3.0], [0])[0] == float("-inf")  # target did not improve
+    assert evaluation.fitness([1.0, 2.0], [0, 1])[0] == 0.0                # no non-target classes
+    np.testing.assert_allclose(evaluation.relative_change([0.5, 0.0], [0.25, 0.0]), [100.0, 0.0])
 
 
 def test_batched_and_sequential_generations_agree(digits_problem):
@@ -78,7 +77,7 @@ def test_course_correction_needs_reference(digits_problem):
 
 def test_baselines(digits_problem):
     prob, P = digits_problem
-    b = search.baseline_weights(P, prob.y_train, [3, 8], 10)
+    b = evaluation.baseline_weights(P, prob.y_train, [3, 8], 10)
     assert set(b) == {"unweighted", "class_balanced", "trim_negative", "topk_upweight", "fixed_alpha_lp"}
     assert np.all(b["unweighted"] == 1)
     assert b["class_balanced"].mean() == pytest.approx(1.0)
@@ -87,7 +86,7 @@ def test_baselines(digits_problem):
                                b["class_balanced"][0] * counts[prob.y_train[0]])
     np.testing.assert_array_equal(b["trim_negative"] == 0, P.sum(1) < 0)
     assert (b["topk_upweight"] == 2.0).sum() == round(0.1 * len(P))
-    res = search.evaluate_weightings(prob, {"unweighted": b["unweighted"]}, prob.state.params)
+    res = evaluation.evaluate_weightings(prob, {"unweighted": b["unweighted"]}, prob.state.params)
     # the unweighted epoch from θ^e is exactly ordinary training's next epoch
     nxt = train.train_one_epoch_from(prob.loss_fn, prob.state, prob.x_train, prob.y_train,
                                      np.ones(len(P)), prob.train_config)
@@ -99,7 +98,7 @@ def test_frontier_against_highs():
     rng = np.random.default_rng(0)
     f = rng.normal(size=(300, 1))
     P = (f * np.array([1.0, -1.0, 0.5]) + rng.normal(size=(300, 3)) + 0.1) * 1e-3
-    fr = search.pareto_frontier(P, rho=0.3, n_random=3)
+    fr = pareto.pareto_frontier(P, rho=0.3, n_random=3)
     assert fr.gains.shape == (6, 3)
     assert np.all(fr.gains >= -1e-12)  # no class predicted worse anywhere on the frontier
     assert np.all(np.abs(fr.weights - 1) <= 0.3 + 1e-12)
@@ -114,24 +113,24 @@ def test_harm_matched_baselines_follow_the_search_rule(digits_problem):
     (fitness, tie-break) on validation; checked by retraining every step on its own (a loop over
     single epochs and single accuracy evaluations, not the batched path)."""
     prob, P = digits_problem
-    bw = search.baseline_weights(P, prob.y_train, [3, 8], 10)
+    bw = evaluation.baseline_weights(P, prob.y_train, [3, 8], 10)
     bw = {k: bw[k] for k in ("unweighted", "trim_negative", "class_balanced")}
     steps = (1.0, 0.5, 0.2)
-    got = search.harm_matched_baselines(prob, bw, prob.state.params, [3, 8], steps=steps)
+    got = evaluation.harm_matched_baselines(prob, bw, prob.state.params, [3, 8], steps=steps)
     assert set(got) == {"trim_negative", "class_balanced"}  # w = 1 has nothing to scale
-    ev = search._Evaluator(prob)
+    ev = evaluation.Evaluator(prob)
     ref = ev.acc(prob.state.params, ev.xv, ev.yv)
     for name, r in got.items():
         scores = []
         for t in steps:
             p, _ = ev.train_one(1.0 + t * (bw[name] - 1.0))
-            f, tb = search.fitness(search.relative_change(ev.acc(p, ev.xv, ev.yv), ref), [3, 8])
+            f, tb = evaluation.fitness(evaluation.relative_change(ev.acc(p, ev.xv, ev.yv), ref), [3, 8])
             scores.append(((f, tb if np.isfinite(tb) else float("-inf")), t, p))
         best = max(scores, key=lambda s: s[0])
         assert r["t"] == best[1] and r["fitness"] == best[0][0]
         np.testing.assert_allclose(r["test_acc"], ev.acc(best[2], ev.xt, ev.yt))
     with pytest.raises(InputError, match="steps"):
-        search.harm_matched_baselines(prob, bw, prob.state.params, [3, 8], steps=(0.0,))
+        evaluation.harm_matched_baselines(prob, bw, prob.state.params, [3, 8], steps=(0.0,))
 
 
 def test_others_weight_gene(digits_problem):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pareto_jax import models, train
-from pareto_jax._checks import InputError
+from pareto_jax.checks import InputError
 
 from conftest import tiny_classification
 

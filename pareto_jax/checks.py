@@ -66,7 +66,7 @@ def as_labels(y: Any, name: str = "y", *, num_classes: int | None = None, n: int
         fail(name, f"dtype {arr.dtype}", "integer class labels", "map class names to 0..K-1 first")
     if n is not None and arr.shape[0] != n:
         fail(name, f"{arr.shape[0]} labels", f"{n} labels, one per row of `{x_name}`",
-             f"pass labels and features of the same length")
+             "pass labels and features of the same length")
     if arr.size and arr.min() < 0:
         fail(name, f"label {int(arr.min())}", "labels >= 0", "map labels to 0..K-1")
     if num_classes is not None and arr.size and arr.max() >= num_classes:

@@ -1,0 +1,95 @@
+"""Where the influence stages run: one device (`Local`, here) or a mesh (`distributed.Sharded`).
+
+A backend places samples and runs the `kernels` on them; `pareto_jax.influence` (the front door)
+validates input, picks the algorithm and calls a backend, so it never needs to know whether the
+data sit on one device or many. Both backends have the same methods:
+
+* ``chunks(x, y, chunk_size, dtype)`` -> `kernels.Chunks` placed for this backend;
+* ``class_gradients(f, theta, chunks, y, num_classes)`` -> (K, P);
+* ``objective(theta, chunks, n, weight_decay)`` -> `kernels.ObjectiveData` placed for this backend;
+* ``matvec(curvature, data)`` -> jitted v -> (H + λI) v;
+* ``solve(method, curvature, data, G, damping, rtol, atol, max_steps)`` -> `linsolve.SolveResult`
+  with method "cg" or "dense", the whole solve one compiled program;
+* ``influence_rows(f, method, theta, U, chunks, n_real)`` -> P as a (n_real, K) array.
+
+Every jitted function takes the data as arguments (never captured as constants), and the
+static arguments are cached per model, so a second call does not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import kernels, linsolve
+from .kernels import Chunks, Curvature, ObjectiveData
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def class_gradients_program(f, theta, chunks, counts, K):
+    return kernels.class_gradients(f, theta, chunks, counts, K)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def matvec_program(curv, data, v):
+    return kernels.curvature_matvec(curv, data)(v)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def solve_program(method, curv, data, G, damping, rtol, atol, max_steps):
+    fn = linsolve.solve_dense if method == "dense" else linsolve.solve_cg
+    return fn(kernels.curvature_matvec(curv, data), G, damping=damping, rtol=rtol, atol=atol,
+              max_steps=max_steps)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def influence_rows_program(f, method, theta, U, chunks, n):
+    return kernels.influence_rows(f, method, theta, U, chunks).reshape(-1, U.shape[0]) / n
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def lissa_program(curv, data, G, scale, damping, rtol, max_steps, seed):
+    def batch_matvec(v, i):
+        # the curvature of the objective on minibatch i alone (mean over its samples, plus λv)
+        c = Chunks(*(a[i][None] for a in data.chunks))
+        d = ObjectiveData(data.theta, c, jnp.maximum(jnp.sum(c.mask), 1.0), data.weight_decay)
+        return kernels.curvature_matvec(curv, d)(v)
+
+    return linsolve.solve_lissa(batch_matvec, G, data.chunks.x.shape[0], scale=scale, damping=damping, rtol=rtol,
+                                max_steps=max_steps, seed=seed)
+
+
+class Local:
+    """One device: arrays go to the default device, every stage is one jitted function."""
+
+    def chunks(self, x, y, chunk_size: int, dtype) -> Chunks:
+        xc, yc, mc = kernels.pad_chunks(np.asarray(x), np.asarray(y), chunk_size)
+        return Chunks(jnp.asarray(xc, dtype), jnp.asarray(yc), jnp.asarray(mc, dtype))
+
+    def class_gradients(self, f, theta, chunks: Chunks, y, num_classes: int):
+        counts = np.bincount(np.asarray(y), minlength=num_classes).astype(np.float64)
+        return class_gradients_program(f, theta, chunks, jnp.asarray(np.maximum(counts, 1), theta.dtype),
+                                num_classes)
+
+    def objective(self, theta, chunks: Chunks, n: int, weight_decay: float) -> ObjectiveData:
+        dt = theta.dtype
+        return ObjectiveData(theta, chunks, jnp.asarray(n, dt), jnp.asarray(weight_decay, dt))
+
+    def matvec(self, curv: Curvature, data: ObjectiveData):
+        return lambda v: matvec_program(curv, data, v)
+
+    def solve(self, method, curv, data, G, damping, rtol, atol, max_steps) -> linsolve.SolveResult:
+        dt = data.theta.dtype
+        return solve_program(method, curv, data, G, jnp.asarray(damping, dt), jnp.asarray(rtol, dt),
+                      jnp.asarray(atol, dt), int(max_steps))
+
+    def lissa(self, curv, data, G, *, scale, damping, rtol, max_steps, seed) -> linsolve.SolveResult:
+        """LiSSA with minibatch curvature products, one chunk of `data` per draw."""
+        return lissa_program(curv, data, G, scale, damping, rtol, int(max_steps), seed)
+
+    def influence_rows(self, f, method, theta, U, chunks: Chunks, n_real: int):
+        out = influence_rows_program(f, method, theta, jnp.asarray(U, theta.dtype), chunks, n_real)
+        return out[:n_real]

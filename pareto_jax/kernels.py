@@ -1,0 +1,223 @@
+"""The numerical kernels under every influence computation (pure JAX over padded chunks).
+
+Nothing here validates input or chooses an algorithm; `pareto_jax.influence` does both. Each
+kernel works on the samples it is given and takes an optional ``axis_name``: inside
+`jax.shard_map` (see `pareto_jax.distributed`) the same function reduces its local sums with
+`psum` over that mesh axis, so the single-device and the sharded paths run the same code.
+
+* `pad_chunks`: (n, ...) samples as a `Chunks` record (x, y, mask) of fixed-size chunks.
+* `flatten` / `flat_logits`: a model's per-sample loss and logits as functions of one flat θ.
+* `class_gradients`: the K class-mean validation gradients in one pass (a VJP per chunk).
+* `Curvature` + `ObjectiveData` + `curvature_matvec`: (H + λI)·v of the full training
+  objective, the Hessian (forward-over-reverse) or the Gauss-Newton product, accumulated over
+  the chunks inside every call.
+* `influence_rows`: P's rows from the K solutions, by forward mode (`jvp_chunk`) or by
+  per-sample gradients (`per_sample_chunk`).
+* `hutchinson_damping`: the "auto" damping, a small fraction of the mean curvature eigenvalue.
+
+The method these pieces implement is described in ``docs/method.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+class Chunks(NamedTuple):
+    """Samples reshaped to (num_chunks, chunk, ...) with a 0/1 mask marking the real ones."""
+
+    x: Any
+    y: Any
+    mask: Any
+
+
+def pad_chunks(x: np.ndarray, y: np.ndarray, chunk: int) -> Chunks:
+    """Reshape (n, ...) into (n_chunks, chunk, ...) with padding and a 0/1 mask (host arrays).
+
+    The chunk size is balanced (``ceil(n / n_chunks)``) so padding stays below one sample per
+    chunk; padded rows repeat the first sample and carry mask 0.
+    """
+    n = x.shape[0]
+    chunk = max(1, min(int(chunk), n))
+    nc = -(-n // chunk)
+    chunk = -(-n // nc)
+    pad = nc * chunk - n
+    if pad:
+        x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
+        y = np.concatenate([y, np.repeat(y[:1], pad, 0)])
+    m = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    return Chunks(x.reshape(nc, chunk, *x.shape[1:]), y.reshape(nc, chunk), m.reshape(nc, chunk))
+
+
+# ----------------------------------------------------------------------------- flat parameters
+
+
+class Flat(NamedTuple):
+    """A model seen through one flat parameter vector θ (`ravel_pytree` order)."""
+
+    theta: jax.Array
+    unravel: Callable
+    loss: Callable  # f(θ, x, y): the per-sample loss of one sample
+
+
+@functools.lru_cache(maxsize=256)
+def _flat_fns(loss_fn, apply, treedef, spec):
+    """Flat-θ versions of loss_fn/apply, cached per model so jitted callers see the same
+    function object on every call (no recompilation)."""
+    sizes = [int(np.prod(shape)) for shape, _ in spec]
+    splits = np.cumsum(sizes)[:-1].tolist()
+
+    def unravel(theta):
+        parts = jnp.split(theta, splits) if splits else [theta]
+        leaves = [p.reshape(shape).astype(dt) for p, (shape, dt) in zip(parts, spec)]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    f = None if loss_fn is None else (lambda theta, x, y: loss_fn(unravel(theta), x, y))
+    g = None if apply is None else (lambda theta, x: apply(unravel(theta), x[None])[0])
+    return f, g, unravel
+
+
+def _structure(params):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    spec = tuple((tuple(np.shape(l)), jnp.asarray(l).dtype) for l in leaves)
+    return leaves, treedef, spec
+
+
+def flatten(loss_fn: LossFn, params) -> Flat:
+    """(θ flat, unravel, f(θ, x, y)); f is cached per (loss_fn, parameter structure)."""
+    leaves, treedef, spec = _structure(params)
+    theta = jnp.concatenate([jnp.ravel(jnp.asarray(l)) for l in leaves]) if leaves else jnp.zeros(0)
+    f, _, unravel = _flat_fns(loss_fn, None, treedef, spec)
+    return Flat(theta, unravel, f)
+
+
+def flat_logits(apply, params) -> Callable:
+    """g(θ, x): the logits of one (unbatched) sample as a function of flat θ (cached)."""
+    _, treedef, spec = _structure(params)
+    return _flat_fns(None, apply, treedef, spec)[1]
+
+
+# ----------------------------------------------------------------------------- class gradients
+
+
+def class_gradients(f, theta, chunks: Chunks, counts, num_classes: int, axis_name=None):
+    """g_k = ∇_θ mean_{i: y_i = k} ℓ(z_i; θ) for every class, as a (K, P) matrix.
+
+    One pass: per chunk, the VJP of the per-sample losses with the K columns of
+    one_hot(y)·mask/count. With `axis_name`, the local sums are `psum`-ed over that axis.
+    """
+    K = num_classes
+
+    def chunk(acc, batch):
+        xb, yb, mb = batch
+        losses_fn = lambda th: jax.vmap(f, (None, 0, 0))(th, xb, yb)  # noqa: E731
+        _, vjp = jax.vjp(losses_fn, theta)
+        cot = jax.nn.one_hot(yb, K, dtype=theta.dtype) * mb[:, None].astype(theta.dtype) / counts
+        g = jax.vmap(lambda c: vjp(c)[0])(cot.T)
+        return acc + g, None
+
+    g, _ = jax.lax.scan(chunk, jnp.zeros((K, theta.size), theta.dtype), tuple(chunks))
+    return g if axis_name is None else jax.lax.psum(g, axis_name)
+
+
+# ----------------------------------------------------------------------------- curvature
+
+
+@dataclasses.dataclass(frozen=True)
+class Curvature:
+    """What curvature of the training objective a matvec applies (hashable: a static argument).
+
+    Attributes:
+        loss: flat per-sample loss f(θ, x, y).
+        logits: flat per-sample logits g(θ, x) (needed for Gauss-Newton, else None).
+        kind: "hessian" (∇²L_T) or "gauss_newton" (Jᵀ H_out J for softmax cross-entropy over
+            the logits; positive semi-definite by construction).
+    """
+
+    loss: Callable
+    logits: Callable | None
+    kind: str
+
+
+class ObjectiveData(NamedTuple):
+    """The arrays of the training objective (1/n) Σ_i m_i ℓ(z_i; θ) + (λ/2)‖θ‖² at θ."""
+
+    theta: jax.Array
+    chunks: Chunks
+    n: jax.Array
+    weight_decay: jax.Array
+
+
+def curvature_matvec(curv: Curvature, data: ObjectiveData, axis_name=None) -> Callable:
+    """v -> (H + λI) v (H the Hessian or Gauss-Newton matrix of the data term), accumulated
+    over the chunks on every call. With `axis_name` the data term is `psum`-ed over that mesh
+    axis (``data.n`` must then be the global sample count) before λv is added."""
+    f, theta = curv.loss, data.theta
+
+    def data_term(th, xb, yb, mb):
+        return jnp.sum(mb * jax.vmap(f, (None, 0, 0))(th, xb, yb))
+
+    if curv.kind == "hessian":
+        def chunk_product(v, xb, yb, mb):
+            g = lambda th: jax.grad(data_term)(th, xb, yb, mb)  # noqa: E731
+            return jax.jvp(g, (theta,), (v,))[1]
+    else:
+        def chunk_product(v, xb, yb, mb):
+            fb = lambda th: jax.vmap(curv.logits, (None, 0))(th, xb)  # noqa: E731
+            logits, jv = jax.jvp(fb, (theta,), (v,))
+            p = jax.nn.softmax(logits, -1)
+            hjv = p * jv - p * jnp.sum(p * jv, -1, keepdims=True)
+            _, vjp = jax.vjp(fb, theta)
+            return vjp(hjv * mb[:, None])[0]
+
+    def matvec(v):
+        def body(acc, batch):
+            return acc + chunk_product(v, *batch), None
+
+        acc, _ = jax.lax.scan(body, jnp.zeros_like(v), tuple(data.chunks))
+        if axis_name is not None:
+            acc = jax.lax.psum(acc, axis_name)
+        return acc / data.n + data.weight_decay * v
+
+    return matvec
+
+
+def hutchinson_damping(matvec: Callable, theta: jax.Array, seed: int) -> float:
+    """"auto" damping: 1e-4 · tr(H)/P, the trace by Hutchinson's estimator with 8 Rademacher
+    probes (at least 1e-8)."""
+    key = jax.random.PRNGKey(seed)
+    z = jax.random.rademacher(key, (8, theta.size), dtype=theta.dtype)
+    tr = float(jnp.mean(jax.vmap(matvec)(z) * z))
+    return max(1e-4 * abs(tr), 1e-8)
+
+
+# ----------------------------------------------------------------------------- influence rows
+
+
+def per_sample_chunk(f, theta, U, xb, yb):
+    """(c, K): per-sample gradients of one chunk (materialised, c × P) contracted with U."""
+    G = jax.vmap(jax.grad(f), (None, 0, 0))(theta, xb, yb)
+    return G @ U.T
+
+
+def jvp_chunk(f, theta, U, xb, yb):
+    """(c, K): the K directional derivatives of the chunk's loss vector along the rows of U
+    (forward mode; never forms a per-sample gradient)."""
+    losses = lambda th: jax.vmap(f, (None, 0, 0))(th, xb, yb)  # noqa: E731
+    _, lin = jax.linearize(losses, theta)
+    return jax.vmap(lin)(U).T
+
+
+def influence_rows(f, method: str, theta, U, chunks: Chunks):
+    """(num_chunks, chunk, K): u_kᵀ∇ℓ(z_i) for every (padded) sample, 0 on padding (the
+    caller divides by N)."""
+    fn = jvp_chunk if method == "jvp" else per_sample_chunk
+    return jax.lax.map(lambda b: fn(f, theta, U, b[0], b[1]) * b[2][:, None], tuple(chunks))

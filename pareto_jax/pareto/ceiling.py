@@ -1,0 +1,103 @@
+"""Is there room for a first-order Pareto improvement? The ceiling test (``docs/method.md``).
+
+A first-order Pareto improvement exists iff some weights w have Σ_i (w_i − 1) P[i, k] > 0 for
+every class k. The LP ``max t s.t. Σ_i d_i P[i,k] >= t ∀k, −1 <= d_i <= 1`` decides it: t* > 0
+means improvable; otherwise its dual λ >= 0, Σλ = 1, with Pλ = 0 is the certificate (Gordan's
+theorem of the alternative). The original method's PCA heuristic is reported beside it,
+labelled as a heuristic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .. import checks
+from . import highs
+
+
+@dataclasses.dataclass(frozen=True)
+class CeilingResult:
+    """Outcome of `ceiling_test`.
+
+    Attributes:
+        improvable: t* > tol: a first-order Pareto improvement exists.
+        t_star: optimal t of the LP (in units of P: the guaranteed predicted loss decrease of the
+            worst class for the step w = 1 + d).
+        direction: the optimal d ∈ [−1, 1]^N.
+        predicted_gains: Pᵀd, the predicted loss decrease of every class for w = 1 + d.
+        certificate: λ >= 0 with Σλ = 1 (the LP dual). When not improvable, Pλ = 0: every
+            influence vector lies on the hyperplane with non-negative normal λ.
+        certificate_residual: ‖Pλ‖₁ (equals t* by LP duality).
+        tol: the threshold used on t*.
+        pca_explained_ratio: first principal component's explained-variance ratio of centred P.
+        pca_heuristic_improvable: pca_explained_ratio > 0.2 (the original method's
+            **heuristic**; the exact answer is `improvable`).
+        status, message: solver status (scipy linprog codes).
+    """
+
+    improvable: bool
+    t_star: float
+    direction: np.ndarray
+    predicted_gains: np.ndarray
+    certificate: np.ndarray
+    certificate_residual: float
+    tol: float
+    pca_explained_ratio: float
+    pca_heuristic_improvable: bool
+    status: int
+    message: str
+
+    def summary(self) -> dict:
+        return {
+            "improvable": self.improvable, "t_star": self.t_star, "tol": self.tol,
+            "predicted_gains": self.predicted_gains.tolist(),
+            "certificate": self.certificate.tolist(),
+            "certificate_residual": self.certificate_residual,
+            "pca_explained_ratio (heuristic)": self.pca_explained_ratio,
+            "pca_heuristic_improvable": self.pca_heuristic_improvable,
+            "status": self.status, "message": self.message,
+        }
+
+
+def pca_explained_ratio(P) -> float:
+    """Explained-variance ratio of the first principal component of the centred P (heuristic)."""
+    P = np.asarray(P, np.float64)
+    s = np.linalg.svd(P - P.mean(0), compute_uv=False)
+    tot = float((s ** 2).sum())
+    return float(s[0] ** 2 / tot) if tot > 0 else 0.0
+
+
+def ceiling_test(P, *, tol: float | None = None) -> CeilingResult:
+    """Decide whether a first-order Pareto improvement exists (exact LP) and report the heuristic.
+
+    Args:
+        P: influence matrix (N, K).
+        tol: threshold on t* (default 1e-9 · max_k Σ_i |P[i, k]|).
+
+    Returns:
+        `CeilingResult`.
+
+    Example:
+        >>> import numpy as np
+        >>> P = np.array([[1.0, -1.0], [-2.0, 2.0], [0.5, -0.5]])   # on the line y = −x
+        >>> r = ceiling_test(P)
+        >>> r.improvable, np.round(r.certificate, 3).tolist()
+        (False, [0.5, 0.5])
+    """
+    P = checks.as_influence_matrix(P)
+    scale = float(np.abs(P).sum(0).max())
+    if scale == 0:
+        checks.fail("P", "an all-zero matrix", "an influence matrix with some non-zero entry",
+                    "check that the model and data produced gradients")
+    tol = 1e-9 * scale if tol is None else float(tol)
+    res, d, t, lam = highs.ceiling_lp(P / scale)
+    if res.status != 0:
+        raise checks.NumericalError(f"ceiling test LP: HiGHS returned status {res.status} ({res.message})")
+    t = t * scale
+    ratio = pca_explained_ratio(P)
+    return CeilingResult(
+        improvable=bool(t > tol), t_star=t, direction=d, predicted_gains=P.T @ d, certificate=lam,
+        certificate_residual=float(np.abs(P @ lam).sum()), tol=tol, pca_explained_ratio=ratio,
+        pca_heuristic_improvable=bool(ratio > 0.2), status=int(res.status), message=res.message)
