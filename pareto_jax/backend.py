@@ -9,7 +9,8 @@ data sit on one device or many. Both backends have the same methods:
 * ``objective(theta, chunks, n, weight_decay)`` -> `kernels.ObjectiveData` placed for this backend;
 * ``matvec(curvature, data)`` -> jitted v -> (H + λI) v;
 * ``solve(method, curvature, data, G, damping, rtol, atol, max_steps)`` -> `linsolve.SolveResult`
-  with method "cg" or "dense", the whole solve one compiled program;
+  with method "cg" or "dense", the whole solve one compiled program (one device: CG may also be
+  preconditioned by K-FAC/EK-FAC factors);
 * ``influence_rows(f, method, theta, U, chunks, n_real)`` -> P as a (n_real, K) array.
 
 Every jitted function takes the data as arguments (never captured as constants), and the
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kernels, linsolve
+from . import kernels, kfac, linsolve
 from .kernels import Chunks, Curvature, ObjectiveData
 
 
@@ -38,11 +39,20 @@ def matvec_program(curv, data, v):
     return kernels.curvature_matvec(curv, data)(v)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 7))
-def solve_program(method, curv, data, G, damping, rtol, atol, max_steps):
-    fn = linsolve.solve_dense if method == "dense" else linsolve.solve_cg
-    return fn(kernels.curvature_matvec(curv, data), G, damping=damping, rtol=rtol, atol=atol,
-              max_steps=max_steps)
+@functools.partial(jax.jit, static_argnums=(0, 1, 7), static_argnames=("layers", "layout", "ekfac"))
+def solve_program(method, curv, data, G, damping, rtol, atol, max_steps, factor_arrays=None, *,
+                  layers=None, layout=None, ekfac=True):
+    """The whole solve as one program: CG (preconditioned by K-FAC/EK-FAC factors when given)
+    or the dense reference."""
+    matvec = kernels.curvature_matvec(curv, data)
+    if method == "dense":
+        return linsolve.solve_dense(matvec, G, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps)
+    precond = None
+    if factor_arrays is not None:
+        factors = kfac.Factors(layers, factor_arrays, layout, G.shape[-1])
+        precond = kfac.preconditioner(factors, data.weight_decay + damping, ekfac=ekfac)
+    return linsolve.solve_cg(matvec, G, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps,
+                             precond=precond)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -81,10 +91,16 @@ class Local:
     def matvec(self, curv: Curvature, data: ObjectiveData):
         return lambda v: matvec_program(curv, data, v)
 
-    def solve(self, method, curv, data, G, damping, rtol, atol, max_steps) -> linsolve.SolveResult:
+    def solve(self, method, curv, data, G, damping, rtol, atol, max_steps, *, factors=None,
+              ekfac: bool = True) -> linsolve.SolveResult:
+        """CG or dense; with `factors` (`kfac.Factors`), CG preconditioned by them."""
         dt = data.theta.dtype
-        return solve_program(method, curv, data, G, jnp.asarray(damping, dt), jnp.asarray(rtol, dt),
-                      jnp.asarray(atol, dt), int(max_steps))
+        args = (method, curv, data, G, jnp.asarray(damping, dt), jnp.asarray(rtol, dt),
+                jnp.asarray(atol, dt), int(max_steps))
+        if factors is None:
+            return solve_program(*args)
+        return solve_program(*args, factors.factors, layers=factors.layers, layout=factors.layout,
+                             ekfac=ekfac)
 
     def lissa(self, curv, data, G, *, scale, damping, rtol, max_steps, seed) -> linsolve.SolveResult:
         """LiSSA with minibatch curvature products, one chunk of `data` per draw."""

@@ -95,6 +95,18 @@ def load_pytree(path: str | os.PathLike, template: Any) -> tuple[Any, dict]:
     return jax.tree_util.tree_unflatten(treedef, leaves), extra
 
 
+def save_arrays(path: str | os.PathLike, arrays: dict[str, Any]) -> None:
+    """Save named arrays atomically as .npz under exactly these keys."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    _atomic_write(Path(path), lambda fh: np.savez(fh, **arrays))
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The named arrays of an .npz written by `save_arrays`."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 def fingerprint(*objs: Any) -> str:
     """A short stable hash of configs/arrays (used to key stage artifacts)."""
     h = hashlib.sha256()

@@ -1,22 +1,33 @@
-"""K-FAC and EK-FAC curvature for flax nnx Dense / Conv layers (factors and their solve).
+"""K-FAC and EK-FAC curvature for flax nnx Dense / Conv layers: factors and their solve.
 
-* **K-FAC** (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016): per flax
-  `nnx.Linear` / `nnx.Conv` layer, the Gauss-Newton block is approximated by A ⊗ G with
-  A = E[ã ãᵀ] (layer inputs with a 1 for the bias; conv patches) and G the second moment of the
-  pseudo-gradients at the layer output, taken in expectation over labels y ~ p(y|x) (exactly:
-  K backward passes per sample), so it targets the GGN = Fisher of the softmax cross-entropy.
-* **EK-FAC** (George et al. 2018): K-FAC's eigenbasis U_A ⊗ U_G with the eigenvalues replaced by
-  the exact second moments of the per-sample pseudo-gradients in that basis.
+For the Gauss-Newton matrix of softmax cross-entropy, G = E_i[J_iᵀ H_i J_i] with the output
+Hessian H_i = diag p_i − p_i p_iᵀ = Σ_c p_ic (p_i − e_c)(p_i − e_c)ᵀ, so H_i = R_i R_iᵀ with
+columns r_ic = √p_ic (p_i − e_c): pseudo-gradient c of sample i is the backward pass of r_ic and
+carries the weight √p_ic (not √p_j on entry j). For one layer with inputs ã (a 1 appended for
+the bias; conv patches per position t) and output pseudo-gradients δ_c:
 
-`compute_factors` fits the factors (a pytree, `Factors`, saved with `save_factors` and reused);
-`solve_kfac` is the linear solve (F̂ + δI)⁻¹B with the `linsolve` signature and result.
-See ``docs/method.md`` for where this sits in the method.
+* **K-FAC** (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016): the layer's
+  block of G is approximated by A ⊗ S with A = E[Σ_t ã_t ã_tᵀ / T] and
+  S = E[Σ_c Σ_t δ_ct δ_ctᵀ]. The expectation over classes is exact (every c, weighted as
+  above), not sampled.
+* **EK-FAC** (George et al. 2018): K-FAC's eigenbasis Q_A ⊗ Q_S, with the eigenvalues replaced
+  by the exact second moments of the per-sample pseudo-gradients in that basis,
+  E[Σ_c (Q_Aᵀ (Σ_t ã_t δ_ctᵀ) Q_S)²]. For a dense layer applied once per sample the per-sample
+  gradient is rank one, so this is E[Σ_c (Q_Aᵀã)² (Q_Sᵀδ_c)²ᵀ] and no per-sample gradient
+  matrix is ever formed.
+
+`compute_factors` streams the data in fixed-size batches (one class's pseudo-gradients at a
+time, never a (K, batch, ...) array) with programs compiled once per model and reused by later
+calls. `Factors` record where each layer sits in the flat parameter vector, so `solve_kfac`
+works on flat vectors: it is the linear solve (F̂ + δI)⁻¹B with the `linsolve` signature.
+See ``docs/method.md`` §3.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,56 +35,52 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.flatten_util import ravel_pytree
 
-from . import checks, io
+from . import checks, io, kernels
 from .linsolve import SolveResult
 
 # ----------------------------------------------------------------------------- layer taps
 
 
-class _LayerCall(NamedTuple):
-    kind: str          # "dense" or "conv"
-    module: Any
-    x: jax.Array       # layer input
-    out_shape: tuple
-
-
 @contextlib.contextmanager
 def _tapped(records: list, taps: list | None):
-    """Record every nnx.Linear / nnx.Conv call (inputs) and add `taps[i]` to the i-th output."""
+    """Record every nnx.Linear / nnx.Conv call (module, input, output shape) and add `taps[i]`
+    to the i-th output, so a VJP with respect to the taps gives each layer's output gradient."""
     orig_lin, orig_conv = nnx.Linear.__call__, nnx.Conv.__call__
 
-    def wrap(orig, kind):
+    def wrap(orig):
         def call(self, x, *a, **k):
             out = orig(self, x, *a, **k)
             i = len(records)
-            records.append(_LayerCall(kind, self, x, out.shape))
-            if taps is not None:
-                out = out + taps[i]
-            return out
+            records.append((self, x, out.shape))
+            return out if taps is None else out + taps[i]
 
         return call
 
-    nnx.Linear.__call__ = wrap(orig_lin, "dense")
-    nnx.Conv.__call__ = wrap(orig_conv, "conv")
+    nnx.Linear.__call__, nnx.Conv.__call__ = wrap(orig_lin), wrap(orig_conv)
     try:
         yield
     finally:
         nnx.Linear.__call__, nnx.Conv.__call__ = orig_lin, orig_conv
 
 
-def _module_paths(model: nnx.Module) -> dict[int, tuple]:
-    return {id(m): tuple(p) for p, m in nnx.iter_graph(model) if isinstance(m, (nnx.Linear, nnx.Conv))}
+class Layer(NamedTuple):
+    """One Dense/Conv layer as K-FAC sees it (hashable: a static argument of the programs)."""
+
+    kind: str                 # "dense" or "conv"
+    path: tuple               # the module's path in the params tree
+    in_features: int          # rows of the layer's weight matrix (conv: Cin·kh·kw), bias excluded
+    out_features: int
+    has_bias: bool
+    conv: tuple | None        # (kernel_size, strides, padding) of a conv
+    out_shape: tuple          # per-sample output shape
 
 
-def patches(x, module):
-    """Conv input patches (B, H', W', Cin·kh·kw) in the (Cin, kh, kw) feature order."""
-    kh, kw = module.kernel_size
-    pad = module.padding if isinstance(module.padding, str) else tuple(module.padding)
-    return jax.lax.conv_general_dilated_patches(
-        x, (kh, kw), module.strides if isinstance(module.strides, (tuple, list)) else (module.strides,) * 2,
-        pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def patches(x, conv: tuple):
+    """Conv input patches (B, H', W', Cin·kh·kw) in the (Cin, kh, kw) feature order, for
+    ``conv = (kernel_size, strides, padding)``."""
+    ks, strides, pad = conv
+    return jax.lax.conv_general_dilated_patches(x, ks, strides, pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def kernel_matrix(kernel, kind):
@@ -91,228 +98,260 @@ def kernel_from_matrix(m, shape, kind):
     return jnp.transpose(m.reshape(cin, kh, kw, cout), (1, 2, 0, 3))
 
 
-# ----------------------------------------------------------------------------- K-FAC / EK-FAC factors
+# ----------------------------------------------------------------------------- factors
 
 
 class LayerFactors(NamedTuple):
-    QA: jax.Array      # (in+1, in+1) eigenvectors of A
-    QG: jax.Array      # (out, out) eigenvectors of G
-    lam_kfac: jax.Array  # (in+1, out) λ_A ⊗ λ_G
+    QA: jax.Array         # (in+1, in+1) eigenvectors of A (in rows without a bias)
+    QG: jax.Array         # (out, out) eigenvectors of S
+    lam_kfac: jax.Array   # (in+1, out) λ_A ⊗ λ_S
     lam_ekfac: jax.Array  # (in+1, out) corrected eigenvalues
 
 
 @dataclasses.dataclass(frozen=True)
 class Factors:
-    """K-FAC / EK-FAC factors for every Dense / Conv layer, keyed by the layer's param path."""
+    """K-FAC / EK-FAC factors of every Dense / Conv layer, with each layer's place in the flat
+    parameter vector (`layout`: (kernel offset, kernel shape, bias offset or −1) per layer)."""
 
-    paths: tuple[tuple, ...]
-    kinds: tuple[str, ...]
-    layers: tuple[LayerFactors, ...]
+    layers: tuple[Layer, ...]
+    factors: tuple[LayerFactors, ...]
+    layout: tuple[tuple, ...]
+    num_params: int
 
 
 def save_factors(path: str | Path, f: Factors) -> None:
-    io.save_pytree(path, [tuple(l) for l in f.layers])
-    io.write_json(Path(path).with_suffix(".json"), {"paths": [list(map(str, p)) for p in f.paths],
-                                                    "kinds": list(f.kinds),
-                                                    "shapes": [[list(a.shape) for a in l] for l in f.layers]})
+    """Save factors as .npz (plain keys ``layer{i}/{QA,QG,lam_kfac,lam_ekfac}``) beside a JSON
+    description of the layers and their layout."""
+    arrays = {f"layer{i}/{k}": np.asarray(getattr(lf, k)) for i, lf in enumerate(f.factors)
+              for k in LayerFactors._fields}
+    io.save_arrays(path, arrays)
+    io.write_json(Path(path).with_suffix(".json"), {
+        "layers": [l._asdict() for l in f.layers], "layout": f.layout, "num_params": f.num_params})
 
 
-def load_factors(path: str | Path, paths: tuple[tuple, ...] | None = None) -> Factors:
+def load_factors(path: str | Path) -> Factors:
     meta = io.read_json(Path(path).with_suffix(".json"))
-    template = [tuple(np.zeros(s, np.float32) for s in shp) for shp in meta["shapes"]]
-    layers, _ = io.load_pytree(path, template)
-    ps = paths or tuple(tuple(int(x) if x.isdigit() else x for x in p) for p in meta["paths"])
-    return Factors(ps, tuple(meta["kinds"]), tuple(LayerFactors(*map(jnp.asarray, l)) for l in layers))
+    arrays = io.load_arrays(path)
+
+    def layer(d):
+        conv = None if d["conv"] is None else tuple(tuple(v) if isinstance(v, list) else v for v in d["conv"])
+        path = tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in d["path"])
+        return Layer(d["kind"], path, d["in_features"], d["out_features"], d["has_bias"], conv,
+                     tuple(d["out_shape"]))
+
+    layers = tuple(layer(d) for d in meta["layers"])
+    facs = tuple(LayerFactors(*(jnp.asarray(arrays[f"layer{i}/{k}"]) for k in LayerFactors._fields))
+                 for i in range(len(layers)))
+    layout = tuple((int(k), tuple(s), int(b)) for k, s, b in meta["layout"])
+    return Factors(layers, facs, layout, int(meta["num_params"]))
 
 
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-class _Net(NamedTuple):
-    """A model's graph, its Dense/Conv layers in call order, and their output shapes."""
-
-    merged: Any           # params -> (module, {id(layer): path})
-    layer_info: list      # [(kind, path)]
-    out_shapes: list
-
-
-def _discover(model: nnx.Module, params, x0) -> _Net:
+def _discover(model: nnx.Module, x0) -> tuple[Any, Any, tuple[Layer, ...]]:
+    """(graphdef, state treedef, layers in call order) from an abstract forward pass."""
     graphdef, state = nnx.split(model)
-    treedef = jax.tree_util.tree_structure(state)
-
-    def merged(params):
-        m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(params)))
-        return m, _module_paths(m)
-
+    paths = {id(m): tuple(p) for p, m in nnx.iter_graph(model) if isinstance(m, (nnx.Linear, nnx.Conv))}
     recs: list = []
     with _tapped(recs, None):
-        m, ids = merged(params)
-        m(jnp.asarray(x0))
-    if not recs:
-        raise checks.InputError("argument `model`: got a model with no nnx.Linear / nnx.Conv layers; "
-                                "expected Dense or Conv layers. Fix: use solver='cg' for this model.")
-    return _Net(merged, [(r.kind, ids[id(r.module)]) for r in recs], [r.out_shape[1:] for r in recs])
+        jax.eval_shape(lambda x: model(x), jnp.asarray(x0))
+    layers = []
+    for mod, _, out_shape in recs:
+        has_bias = getattr(mod, "bias", None) is not None and getattr(mod, "use_bias", True)
+        if isinstance(mod, nnx.Conv):
+            if (getattr(mod, "feature_group_count", 1) != 1 or any(d != 1 for d in np.ravel(mod.kernel_dilation or 1))
+                    or any(d != 1 for d in np.ravel(mod.input_dilation or 1))):
+                checks.fail("model", "a grouped or dilated nnx.Conv", "plain convolutions",
+                            "use solver='cg' for this model")
+            strides = tuple(mod.strides) if isinstance(mod.strides, (tuple, list)) else (mod.strides,) * 2
+            pad = mod.padding
+            if isinstance(pad, int):
+                pad = ((pad, pad), (pad, pad))
+            elif not isinstance(pad, str):
+                pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
+            if isinstance(pad, str) and pad not in ("SAME", "VALID"):
+                checks.fail("model", f"an nnx.Conv with padding {pad!r}", "SAME, VALID or explicit padding",
+                            "use solver='cg' for this model")
+            kh, kw = mod.kernel_size
+            layers.append(Layer("conv", paths[id(mod)], int(mod.in_features * kh * kw), int(mod.out_features),
+                                has_bias, (tuple(mod.kernel_size), strides, pad), tuple(out_shape[1:])))
+        else:
+            layers.append(Layer("dense", paths[id(mod)], int(mod.in_features), int(mod.out_features),
+                                has_bias, None, tuple(out_shape[1:])))
+    if not layers:
+        checks.fail("model", "a model with no nnx.Linear / nnx.Conv layers", "Dense or Conv layers",
+                    "use solver='cg' for this model")
+    return graphdef, jax.tree_util.tree_structure(state), tuple(layers)
 
 
-def _layer_stats(net: _Net, params, xb, mb, num_classes: int):
-    """Per batch: (layer modules, inputs per layer, pseudo output-gradients per layer).
+def _inputs(layer: Layer, a):
+    """ã: the layer's input per position, (B, T, in (+1 for the bias))."""
+    if layer.kind == "dense":
+        at = a.reshape(a.shape[0], -1, layer.in_features)
+    else:
+        pt = patches(a, layer.conv)
+        at = pt.reshape(pt.shape[0], -1, pt.shape[-1])
+    if layer.has_bias:
+        at = jnp.concatenate([at, jnp.ones((*at.shape[:2], 1), at.dtype)], -1)
+    return at
 
-    The modules come from the same traced forward pass (their static settings, e.g. a conv's
-    kernel size and strides, are what `_aug_inputs` needs)."""
-    B = xb.shape[0]
-    taps0 = [jnp.zeros((B, *s), xb.dtype) for s in net.out_shapes]
-    modules: list = []
+
+def _forward(graphdef, treedef, layers, params, xb):
+    """(softmax probabilities, ã per layer, the VJP of the logits with respect to each layer's
+    output): one forward pass whose residuals serve every class's backward pass."""
+    taps0 = [jnp.zeros((xb.shape[0], *l.out_shape), xb.dtype) for l in layers]
 
     def fwd(taps):
         rec: list = []
         with _tapped(rec, taps):
-            m, _ = net.merged(params)
+            m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(params)))
             logits = m(xb)
-        modules[:] = [r.module for r in rec]
-        return logits, [r.x for r in rec]
+        return logits, [r[1] for r in rec]
 
-    (logits, acts), vjp = _vjp_aux(fwd, taps0)
-    p = jax.nn.softmax(logits, -1)
-    # Σ_c p_c (p − e_c)(p − e_c)ᵀ = diag p − ppᵀ: K cotangents per sample
-    eye = jnp.eye(num_classes, dtype=p.dtype)
-    cots = jnp.sqrt(p)[None, :, :] * (p[None, :, :] - eye[:, None, :])  # (K, B, K)
-    cots = cots * mb[None, :, None]
-    grads = jax.vmap(lambda c: vjp(c))(cots)  # list over layers of (K, B, *out)
-    return modules, acts, grads
+    logits, vjp, acts = jax.vjp(fwd, taps0, has_aux=True)
+    ins = [_inputs(l, a) for l, a in zip(layers, acts)]
+    return jax.nn.softmax(logits, -1), ins, lambda c: vjp(c)[0]
 
 
-def _aug_inputs(kind, module, a):
-    if kind == "dense":
-        a2 = a.reshape(a.shape[0], -1)
-        return jnp.concatenate([a2, jnp.ones((a2.shape[0], 1), a2.dtype)], 1)[:, None, :]  # (B, 1, in+1)
-    pt = patches(a, module)
-    pt = pt.reshape(pt.shape[0], -1, pt.shape[-1])
-    return jnp.concatenate([pt, jnp.ones((*pt.shape[:2], 1), pt.dtype)], -1)  # (B, T, in+1)
+def _class_cotangent(p, c, mb):
+    """r_c = √p_c (p − e_c) per sample, masked: H_out = Σ_c r_c r_cᵀ = diag p − ppᵀ."""
+    return jnp.sqrt(p[:, c])[:, None] * (p - jax.nn.one_hot(c, p.shape[1], dtype=p.dtype)) * mb[:, None]
 
 
-def _out_grads(g):
-    return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])  # (K, B, T, out)
+@functools.lru_cache(maxsize=32)
+def _programs(graphdef, treedef, layers, num_classes):
+    """The two jitted batch programs of one model (compiled once per batch shape, reused)."""
+
+    def covariances(params, xb, mb):
+        p, ins, vjp = _forward(graphdef, treedef, layers, params, xb)
+        A = [jnp.einsum("bti,btj->ij", at * mb[:, None, None], at) / at.shape[1] for at in ins]
+
+        def one_class(S, c):
+            ds = vjp(_class_cotangent(p, c, mb))
+            return [s + jnp.einsum("bto,btp->op", d.reshape(d.shape[0], -1, d.shape[-1]), 
+                                   d.reshape(d.shape[0], -1, d.shape[-1])) for s, d in zip(S, ds)], None
+
+        S0 = [jnp.zeros((l.out_features,) * 2, xb.dtype) for l in layers]
+        S, _ = jax.lax.scan(one_class, S0, jnp.arange(num_classes))
+        return A, S
+
+    def corrections(params, xb, mb, QAs, QGs):
+        p, ins, vjp = _forward(graphdef, treedef, layers, params, xb)
+        rot_in = [jnp.einsum("bti,ia->bta", at, QA) for at, QA in zip(ins, QAs)]
+
+        def one_class(C, c):
+            ds = vjp(_class_cotangent(p, c, mb))
+            out = []
+            for acc, ai, d, QG in zip(C, rot_in, ds, QGs):
+                dr = jnp.einsum("bto,op->btp", d.reshape(d.shape[0], -1, d.shape[-1]), QG)
+                if ai.shape[1] == 1:  # one position: the per-sample gradient is rank one
+                    out.append(acc + (ai[:, 0] ** 2).T @ (dr[:, 0] ** 2))
+                else:
+                    out.append(acc + jnp.sum(jnp.einsum("bta,btp->bap", ai, dr) ** 2, axis=0))
+            return out, None
+
+        C0 = [jnp.zeros((QA.shape[0], QG.shape[0]), xb.dtype) for QA, QG in zip(QAs, QGs)]
+        C, _ = jax.lax.scan(one_class, C0, jnp.arange(num_classes))
+        return C
+
+    return jax.jit(covariances), jax.jit(corrections)
 
 
-def _covariances(net, num_classes, params, xb, mb):
-    modules, acts, grads = _layer_stats(net, params, xb, mb, num_classes)
-    out = []
-    for (kind, _), mod, a, g in zip(net.layer_info, modules, acts, grads):
-        at = _aug_inputs(kind, mod, a) * jnp.sqrt(mb)[:, None, None]
-        T = at.shape[1]
-        A = jnp.einsum("bti,btj->ij", at, at) / T
-        gt = _out_grads(g)
-        G = jnp.einsum("kbto,kbtp->op", gt, gt)
-        out.append((A, G))
-    return out
-
-
-def _corrections(net, num_classes, params, xb, mb, QAs, QGs):
-    modules, acts, grads = _layer_stats(net, params, xb, mb, num_classes)
-    out = []
-    for (kind, _), mod, a, g, QA, QG in zip(net.layer_info, modules, acts, grads, QAs, QGs):
-        at = _aug_inputs(kind, mod, a)
-        gt = _out_grads(g)
-        # per-sample pseudo-gradient Σ_t ã_t g_tᵀ, rotated into the eigenbasis, squared
-        per = jnp.einsum("bti,kbto->kbio", at, gt)
-        rot = jnp.einsum("ia,kbio,op->kbap", QA, per, QG)
-        out.append(jnp.sum(rot ** 2, axis=(0, 1)))
-    return out
-
-
-def _batches(x, batch_size):
-    """(xb, mb) per batch; the last batch padded to `batch_size` (mask 0) when n > batch_size."""
-    n = x.shape[0]
-    for s in range(0, n, batch_size):
-        e = min(s + batch_size, n)
-        xb, mb = x[s:e], np.ones(e - s, np.float32)
-        if e - s < batch_size and n > batch_size:
-            pad = batch_size - (e - s)
-            xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)])
-            mb = np.concatenate([mb, np.zeros(pad, np.float32)])
-        yield jnp.asarray(xb), jnp.asarray(mb)
-
-
-def _sum_over_batches(fn, x, batch_size):
-    total = None
-    for xb, mb in _batches(x, batch_size):
-        cur = fn(xb, mb)
-        total = cur if total is None else jax.tree_util.tree_map(jnp.add, total, cur)
-    return total
+def _layout(params, layers) -> tuple[tuple, ...]:
+    """(kernel offset, kernel shape, bias offset or −1) of each layer in `ravel_pytree` order."""
+    where, off = {}, 0
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kp)
+        where[keys] = (off, tuple(np.shape(leaf)))
+        off += int(np.size(leaf))
+    covered = {l.path for l in layers}
+    for keys in where:
+        if keys[:-1] not in covered:
+            checks.fail("params", f"parameter {keys} outside any nnx.Linear / nnx.Conv layer",
+                        "a model made of Dense and Conv layers", "use solver='cg'")
+    return tuple((where[l.path + ("kernel",)][0], where[l.path + ("kernel",)][1],
+                  where[l.path + ("bias",)][0] if l.has_bias else -1) for l in layers), off
 
 
 def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_classes: int) -> Factors:
-    """K-FAC and EK-FAC factors of the softmax cross-entropy GGN over the data x.
+    """K-FAC and EK-FAC factors of the softmax cross-entropy Gauss-Newton matrix over the data x.
 
-    Two passes over x: the covariances A and G (then their eigendecompositions), and the
-    per-sample second moments of the pseudo-gradients in the eigenbasis (EK-FAC's correction).
+    Two streamed passes over x in batches of `batch_size`: the second moments A and S (then
+    their eigendecompositions), and EK-FAC's corrected eigenvalues. Memory: one batch's
+    activations and one class's pseudo-gradients. The batch programs are compiled once per
+    model (and batch shape) and reused by later calls.
     """
     x = np.asarray(x)
     n = x.shape[0]
-    net = _discover(model, params, x[:1])
-    cov = jax.jit(lambda p, xb, mb: _covariances(net, num_classes, p, xb, mb))
-    corr = jax.jit(lambda p, xb, mb, QA, QG: _corrections(net, num_classes, p, xb, mb, QA, QG))
-    sums = _sum_over_batches(lambda xb, mb: cov(params, xb, mb), x, batch_size)
-    QAs, QGs, lamA, lamG = [], [], [], []
-    for A, G in sums:
-        la, qa = jnp.linalg.eigh(A / n)
-        lg, qg = jnp.linalg.eigh(G / n)
-        QAs.append(qa)
-        QGs.append(qg)
-        lamA.append(jnp.maximum(la, 0.0))
-        lamG.append(jnp.maximum(lg, 0.0))
-    c = _sum_over_batches(lambda xb, mb: corr(params, xb, mb, QAs, QGs), x, batch_size)
-    layers = tuple(LayerFactors(qa, qg, jnp.outer(la, lg), ci / n)
-                   for qa, qg, la, lg, ci in zip(QAs, QGs, lamA, lamG, c))
-    return Factors(tuple(p for _, p in net.layer_info), tuple(k for k, _ in net.layer_info), layers)
+    graphdef, treedef, layers = _discover(model, x[:1])
+    layout, num_params = _layout(params, layers)
+    cov, corr = _programs(graphdef, treedef, layers, int(num_classes))
+    xc, _, mc = kernels.pad_chunks(x, np.zeros(n, np.int32), batch_size)
+    dt = jnp.result_type(*jax.tree_util.tree_leaves(params))
+    A, S = None, None
+    for xb, mb in zip(xc, mc):
+        a, s = cov(params, jnp.asarray(xb, dt), jnp.asarray(mb, dt))
+        A, S = (a, s) if A is None else (jax.tree_util.tree_map(jnp.add, A, a), jax.tree_util.tree_map(jnp.add, S, s))
+    eig = [(jnp.linalg.eigh(a / n), jnp.linalg.eigh(s / n)) for a, s in zip(A, S)]
+    QAs, QGs = [e[0][1] for e in eig], [e[1][1] for e in eig]
+    C = None
+    for xb, mb in zip(xc, mc):
+        c = corr(params, jnp.asarray(xb, dt), jnp.asarray(mb, dt), QAs, QGs)
+        C = c if C is None else jax.tree_util.tree_map(jnp.add, C, c)
+    facs = tuple(LayerFactors(qa, qg, jnp.outer(jnp.maximum(la, 0.0), jnp.maximum(ls, 0.0)), ci / n)
+                 for ((la, qa), (ls, qg)), ci in zip(eig, C))
+    return Factors(layers, facs, layout, num_params)
 
 
-def _vjp_aux(fwd, taps0):
-    (logits, acts) = fwd(taps0)
-    _, vjp = jax.vjp(lambda t: fwd(t)[0], taps0)
-    return (logits, acts), lambda c: vjp(c)[0]
+# ----------------------------------------------------------------------------- the solve
 
 
-def _check_covered(factors: Factors, params) -> None:
-    covered = set(factors.paths)
-    for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kp)
-        if keys[:-1] not in covered:
-            raise checks.InputError(
-                f"argument `params`: got parameter {keys} outside any nnx.Linear / nnx.Conv layer; "
-                "expected a model made of Dense and Conv layers. Fix: use solver='cg'.")
+def _layer_matrix(v, layer: Layer, place):
+    k0, kshape, b0 = place
+    kernel = v[k0: k0 + int(np.prod(kshape))].reshape(kshape)
+    W = kernel_matrix(kernel, layer.kind)
+    return jnp.concatenate([W, v[b0: b0 + layer.out_features][None]], 0) if layer.has_bias else W
 
 
-def solve_kfac(factors: Factors, params, b, *, damping: float, ekfac: bool = True) -> SolveResult:
+def _precondition(factors: Factors, v, damping, ekfac: bool):
+    out = jnp.zeros_like(v)
+    for layer, lf, place in zip(factors.layers, factors.factors, factors.layout):
+        W = _layer_matrix(v, layer, place)
+        lam = lf.lam_ekfac if ekfac else lf.lam_kfac
+        Wn = lf.QA @ ((lf.QA.T @ W @ lf.QG) / (lam + damping)) @ lf.QG.T
+        k0, kshape, b0 = place
+        kn = Wn[:-1] if layer.has_bias else Wn
+        out = out.at[k0: k0 + int(np.prod(kshape))].set(kernel_from_matrix(kn, kshape, layer.kind).ravel())
+        if layer.has_bias:
+            out = out.at[b0: b0 + layer.out_features].set(Wn[-1])
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("layers", "layout", "ekfac"))
+def _solve_all(factors_arrays, *, b, damping, layers, layout, ekfac):
+    f = Factors(layers, factors_arrays, layout, b.shape[-1])
+    return jax.vmap(lambda v: _precondition(f, v, damping, ekfac))(b)
+
+
+def solve_kfac(factors: Factors, b, *, damping: float, ekfac: bool = True) -> SolveResult:
     """(F̂ + damping·I)⁻¹ b for flat vectors b (K, P), block-diagonal over layers.
 
-    `damping` should include the weight decay λ of the objective (H = GGN + λI). Parameters
-    outside Dense / Conv layers are not covered and raise. The result's residual is NaN (the
-    factored system is solved exactly); `linsolve.with_residual` sets it against the true
-    curvature. `negative_curvature` is never set; a zero eigenvalue with no damping gives a
-    non-finite solution, which `linsolve.solve_escalating` answers with more damping.
+    `damping` should include the weight decay λ of the objective (H = GGN + λI). The result's
+    residual is NaN (the factored system is solved exactly; `linsolve.with_residual` sets it
+    against the true curvature) and `converged` is False: K-FAC/EK-FAC solve an approximation
+    of the curvature, so no tolerance on the true system was met. `negative_curvature` is never
+    set; a zero eigenvalue with no damping gives a non-finite solution, which
+    `linsolve.solve_escalating` answers with more damping.
     """
-    _check_covered(factors, params)
-    _, unravel = ravel_pytree(params)
-
-    def one(v):
-        tree = unravel(v)
-        out = jax.tree_util.tree_map(jnp.zeros_like, tree)
-        for path, kind, lf in zip(factors.paths, factors.kinds, factors.layers):
-            lt = _get(tree, path)
-            W = jnp.concatenate([kernel_matrix(lt["kernel"], kind), lt["bias"][None]], 0)
-            rot = lf.QA.T @ W @ lf.QG
-            lam = lf.lam_ekfac if ekfac else lf.lam_kfac
-            Wn = lf.QA @ (rot / (lam + damping)) @ lf.QG.T
-            o = _get(out, path)
-            o["kernel"] = kernel_from_matrix(Wn[:-1], lt["kernel"].shape, kind)
-            o["bias"] = Wn[-1]
-        return ravel_pytree(out)[0]
-
-    U = jax.vmap(one)(b)
+    b = jnp.asarray(b)
+    if b.shape[-1] != factors.num_params:
+        checks.fail("b", f"vectors of size {b.shape[-1]}", f"size {factors.num_params} (the flat params)",
+                    "compute the factors for the same model and parameters")
+    U = _solve_all(factors.factors, b=b, damping=jnp.asarray(damping, b.dtype), layers=factors.layers,
+                   layout=factors.layout, ekfac=ekfac)
     K = U.shape[0]
-    return SolveResult(U, jnp.zeros(K, jnp.int32), jnp.full(K, jnp.nan, U.dtype),
-                       jnp.all(jnp.isfinite(U), axis=1), jnp.zeros(K, bool))
+    return SolveResult(U, jnp.zeros(K, jnp.int32), jnp.full(K, jnp.nan, U.dtype), jnp.zeros(K, bool),
+                       jnp.zeros(K, bool))
+
+
+def preconditioner(factors: Factors, damping: float, *, ekfac: bool = True):
+    """v -> (F̂ + damping·I)⁻¹ v, for use as a CG preconditioner (`linsolve.solve_cg(precond=...)`)."""
+    return lambda v: _precondition(factors, v, damping, ekfac)

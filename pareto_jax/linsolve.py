@@ -54,16 +54,20 @@ def _squeeze(res: SolveResult, single: bool) -> SolveResult:
 
 def solve_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, damping: float = 0.0,
              rtol: float = 1e-6, atol: float = 0.0, max_steps: int | None = None,
-             x0: jax.Array | None = None) -> SolveResult:
+             x0: jax.Array | None = None, precond: Callable[[jax.Array], jax.Array] | None = None) -> SolveResult:
     """Conjugate gradient for (A + δI) x = b, batched over the rows of b.
 
     Args:
         matvec: v (P,) -> A v, A symmetric positive (semi)definite; `vmap`-ed over the rows.
         b: right-hand sides, shape (K, P) (or (P,) for one).
         damping: δ added to the diagonal.
-        rtol, atol: each right-hand side stops once ‖r‖ <= max(rtol·‖b‖, atol).
+        rtol, atol: each right-hand side stops once its residual ‖b − (A + δI)x‖ (the
+            recurrence's, checked against a recomputed one at the end) is <= max(rtol·‖b‖, atol).
         max_steps: iteration cap (default 10·P, at most 1000).
         x0: initial guess (default zeros).
+        precond: v -> M⁻¹v, a symmetric positive definite approximation of (A + δI)⁻¹ (e.g.
+            `kfac.preconditioner`): preconditioned CG. The stopping rule stays on the
+            unpreconditioned residual, so the tolerance means the same with or without it.
 
     Returns:
         `SolveResult`. Jittable; nothing raises on values (see `check_solve`).
@@ -73,34 +77,37 @@ def solve_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, damping:
     P = b.shape[1]
     max_steps = int(min(10 * P, 1000) if max_steps is None else max_steps)
     mv = jax.vmap(lambda v: matvec(v) + damping * v)
+    pre = (lambda r: r) if precond is None else jax.vmap(precond)
     dot = lambda u, v: jnp.sum(u * v, axis=1)  # noqa: E731
     bnorm = jnp.sqrt(dot(b, b))
     tol = jnp.maximum(rtol * bnorm, atol)
     x = jnp.zeros_like(b) if x0 is None else jnp.broadcast_to(x0, b.shape)
     r = b - mv(x) if x0 is not None else b
-    rs = dot(r, r)
-    active = jnp.sqrt(rs) > tol
-    init = (x, r, r, rs, active, jnp.zeros(b.shape[0], jnp.int32), jnp.zeros(b.shape[0], bool), 0)
+    z = pre(r)
+    rz = dot(r, z)
+    active = jnp.sqrt(dot(r, r)) > tol
+    init = (x, r, z, rz, active, jnp.zeros(b.shape[0], jnp.int32), jnp.zeros(b.shape[0], bool), 0)
 
     def cond(c):
         return jnp.any(c[4]) & (c[7] < max_steps)
 
     def body(c):
-        x, r, p, rs, active, steps, neg, it = c
+        x, r, p, rz, active, steps, neg, it = c
         Ap = mv(p)
         pAp = dot(p, Ap)
         bad = active & (pAp <= 0)
         ok = active & ~bad
-        alpha = jnp.where(ok, rs / jnp.where(ok, pAp, 1.0), 0.0)
+        alpha = jnp.where(ok, rz / jnp.where(ok, pAp, 1.0), 0.0)
         x = x + alpha[:, None] * p
         r = r - alpha[:, None] * Ap
-        rs_new = dot(r, r)
-        beta = jnp.where(ok, rs_new / jnp.where(ok, rs, 1.0), 0.0)
-        p = jnp.where(ok[:, None], r + beta[:, None] * p, p)
+        z = pre(r)
+        rz_new = dot(r, z)
+        beta = jnp.where(ok, rz_new / jnp.where(ok, rz, 1.0), 0.0)
+        p = jnp.where(ok[:, None], z + beta[:, None] * p, p)
         steps = steps + ok.astype(jnp.int32)
-        rs = jnp.where(ok, rs_new, rs)
-        active = ok & (jnp.sqrt(rs_new) > tol)
-        return x, r, p, rs, active, steps, neg | bad, it + 1
+        rz = jnp.where(ok, rz_new, rz)
+        active = ok & (jnp.sqrt(dot(r, r)) > tol)
+        return x, r, p, rz, active, steps, neg | bad, it + 1
 
     x, _, _, _, _, steps, neg, _ = jax.lax.while_loop(cond, body, init)
     true_r = b - mv(x)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from pareto_jax import influence, kfac, linsolve, models
+from pareto_jax import data, influence, kfac, linsolve, models
 from pareto_jax.checks import InputError, NumericalError
 
 from conftest import tiny_classification
@@ -20,51 +20,163 @@ def _zero_linear(d=4, k=3):
     return m, apply, params, models.per_sample_loss(apply)
 
 
-def test_ekfac_equals_exact_ggn_inverse_where_kronecker_is_exact(x64):
-    # a single-layer softmax network at zero weights: every sample's output Hessian is the same
-    # S = diag(1/K) − 11ᵀ/K², so the GGN is exactly E[x̃x̃ᵀ] ⊗ S
-    x, y = tiny_classification(n=50, d=4, k=3)
-    m, apply, params, loss_fn = _zero_linear()
-    facs = kfac.compute_factors(m, params, x, num_classes=3, batch_size=16)
-    hvp, theta = influence.make_hvp(loss_fn, params, x, y, weight_decay=0.1, curvature="gauss_newton",
-                                    apply=apply)
-    G = jnp.asarray(np.random.default_rng(0).normal(size=(3, theta.size)))
-    ref = linsolve.solve_dense(hvp, G).value
-    for ek in (True, False):
-        U = kfac.solve_kfac(facs, params, G, damping=0.1, ekfac=ek).value
-        np.testing.assert_allclose(U, ref, rtol=1e-10, atol=1e-12)
-    # and through category_influence
-    a = influence.category_influence(loss_fn, params, x, y, x, y, num_classes=3, weight_decay=0.1,
-                                     config=influence.InfluenceConfig(solver="ekfac", damping=0.0),
-                                     model=m)
-    b = influence.category_influence(loss_fn, params, x, y, x, y, num_classes=3, weight_decay=0.1,
-                                     config=influence.InfluenceConfig(solver="dense", damping=0.0,
-                                                                      curvature="gauss_newton"), apply=apply)
-    np.testing.assert_allclose(a.P, b.P, rtol=1e-9, atol=1e-14)
-    assert np.all(a.residual < 1e-10)
+def _confident_linear(dtype=np.float64):
+    """A softmax layer (with bias) at W = 0, b = log p for a confident, non-uniform p: every
+    sample has the same output Hessian diag p − ppᵀ, so the Gauss-Newton matrix is exactly
+    E[x̃x̃ᵀ] ⊗ (diag p − ppᵀ) and K-FAC / EK-FAC must reproduce it."""
+    x, y = tiny_classification(n=60, d=4, k=3, dtype=dtype)
+    m = models.make_model("linear", (4,), 3)
+    apply, _ = models.functional(m)
+    p = np.array([0.976, 0.018, 0.006])
+    params = {"head": {"bias": jnp.asarray(np.log(p), dtype), "kernel": jnp.zeros((4, 3), dtype)}}
+    return m, apply, params, models.per_sample_loss(apply), x, y
 
 
-def test_ekfac_is_a_reasonable_approximation_on_mlp_and_cnn(x64):
-    x, y = tiny_classification(n=40, d=16, k=3)
-    for kind in ("mlp", "cnn"):
-        m = models.make_model(kind, (16,), 3, hidden=(6,), image_shape=(4, 4, 1), channels=(2,), dense=5, seed=1)
-        apply, params = models.functional(m)
-        params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params)
-        loss_fn = models.per_sample_loss(apply)
-        facs = kfac.compute_factors(m, params, x, num_classes=3)
-        hvp, theta = influence.make_hvp(loss_fn, params, x, y, weight_decay=0.1,
-                                        curvature="gauss_newton", apply=apply)
-        G = jnp.asarray(np.random.default_rng(1).normal(size=(3, theta.size)))
-        ref = linsolve.solve_dense(hvp, G).value
-        U = kfac.solve_kfac(facs, params, G, damping=0.1).value
-        cos = np.sum(U * ref) / np.linalg.norm(U) / np.linalg.norm(ref)
-        assert cos > 0.8, (kind, cos)
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-9), (np.float32, 2e-4)])
+def test_kfac_and_ekfac_are_exact_where_the_kronecker_product_is(dtype, rtol):
+    """At confident, non-uniform predictions (p ≈ (0.976, 0.018, 0.006)). The pre-fix factor
+    (pseudo-gradient entry j weighted by √p_j instead of class c's √p_c) was off by a relative
+    7.3 here; at zero weights (uniform p) the two formulas agree, which is why testing there
+    proved nothing."""
+    with jax.enable_x64(dtype == np.float64):
+        m, apply, params, loss_fn, x, y = _confident_linear(dtype)
+        facs = kfac.compute_factors(m, params, x, num_classes=3, batch_size=16)
+        hvp, theta = influence.make_hvp(loss_fn, params, x, y, weight_decay=0.1, curvature="gauss_newton",
+                                        apply=apply)
+        G = jnp.asarray(np.random.default_rng(0).normal(size=(3, theta.size)), dtype)
+        ref = linsolve.solve_dense(hvp, G.astype(jnp.float64) if dtype == np.float64 else G).value
+        for ek in (True, False):
+            U = kfac.solve_kfac(facs, G, damping=0.1, ekfac=ek).value
+            assert np.abs(np.asarray(U) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max() < rtol
+        if dtype == np.float32:
+            return
+        a = influence.category_influence(loss_fn, params, x, y, x, y, num_classes=3, weight_decay=0.1,
+                                         config=influence.InfluenceConfig(solver="ekfac", damping=0.0),
+                                         model=m)
+        b = influence.category_influence(loss_fn, params, x, y, x, y, num_classes=3, weight_decay=0.1,
+                                         config=influence.InfluenceConfig(solver="dense", damping=0.0,
+                                                                          curvature="gauss_newton"), apply=apply)
+        np.testing.assert_allclose(a.P, b.P, rtol=1e-9, atol=1e-14)
+        assert np.all(a.residual < 1e-10)
+
+
+def _trained(kind):
+    """A small MLP or CNN trained to its optimum on digits (float64): confident predictions
+    (median top probability about 0.99), so the output Hessians are far from uniform."""
+    from _problems import fit_exact, to64
+
+    s = data.stratified_split(data.load_digits(), seed=0)
+    x, y = s.train.x[:200].astype(np.float64), s.train.y[:200]
+    m = models.make_model(kind, (64,), 10, hidden=(16,), image_shape=(8, 8, 1), channels=(4,), dense=16, seed=0)
+    apply, params = models.functional(m)
+    loss_fn = models.per_sample_loss(apply)
+    params, _ = fit_exact(loss_fn, to64(params), x, y, weight_decay=1e-3)
+    return m, apply, params, loss_fn, x, y
+
+
+def _explicit_ggn(apply, params, x):
+    """(1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i from explicit per-sample Jacobians (no K-FAC code)."""
+    theta, unravel = ravel_pytree(params)
+    jac = jax.jit(jax.vmap(jax.jacobian(lambda t, xi: apply(unravel(t), xi[None])[0]), (None, 0)))(theta, x)
+    p = jax.nn.softmax(apply(params, x), -1)
+    H = jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
+    return np.asarray(jnp.einsum("ikp,ikl,ilq->pq", jac, H, jac) / x.shape[0])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_ekfac_eigenvalues_are_the_gauss_newton_diagonal_in_the_kronecker_basis(x64, kind):
+    """EK-FAC's corrected eigenvalues must equal diag((Q_A ⊗ Q_S)ᵀ G_ll (Q_A ⊗ Q_S)) for each
+    layer's block G_ll of the explicit Gauss-Newton matrix, on trained networks with dense and
+    conv layers: this checks the output-gradient weighting, the per-sample sums over conv
+    positions and the rank-one shortcut for dense layers against an independent reference."""
+    m, apply, params, loss_fn, x, y = _trained(kind)
+    facs = kfac.compute_factors(m, params, x, num_classes=10, batch_size=64)
+    GGN = _explicit_ggn(apply, params, x)
+    for layer, lf, (k0, kshape, b0) in zip(facs.layers, facs.factors, facs.layout):
+        idx = np.asarray(kfac.kernel_matrix(jnp.arange(k0, k0 + int(np.prod(kshape))).reshape(kshape), layer.kind))
+        idx = np.concatenate([idx, np.arange(b0, b0 + layer.out_features)[None]], 0).ravel()
+        Q = np.kron(np.asarray(lf.QA), np.asarray(lf.QG))
+        want = np.diag(Q.T @ GGN[np.ix_(idx, idx)] @ Q).reshape(lf.lam_ekfac.shape)
+        np.testing.assert_allclose(lf.lam_ekfac, want, rtol=1e-7, atol=1e-12 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_kfac_solves_on_trained_networks_against_the_exact_gauss_newton(x64, kind):
+    """End to end on trained networks: (F̂ + δ)⁻¹g against the exact damped Gauss-Newton solve.
+    K-FAC ignores cross-layer blocks, so it is an approximation; its error is reported here and
+    bounded. Measured: cosine 0.84 (MLP) and 0.75–0.77 (CNN). The trivial answer U = G/δ
+    (no curvature) scores 0.40 / 0.37, and the pre-fix factor 0.27 / 0.25."""
+    m, apply, params, loss_fn, x, y = _trained(kind)
+    wd, dmp = 1e-3, 1e-3
+    hvp, theta = influence.make_hvp(loss_fn, params, x, y, weight_decay=wd, curvature="gauss_newton", apply=apply)
+    G = influence.class_gradients(loss_fn, params, x, y, 10)
+    ref = np.asarray(linsolve.solve_dense(hvp, G, damping=dmp).value)
+    facs = kfac.compute_factors(m, params, x, num_classes=10)
+
+    def cos(U):
+        U = np.asarray(U)
+        return float(np.sum(U * ref) / np.linalg.norm(U) / np.linalg.norm(ref))
+
+    trivial = cos(G)
+    for ek in (False, True):
+        c = cos(kfac.solve_kfac(facs, G, damping=wd + dmp, ekfac=ek).value)
+        print(kind, "ekfac" if ek else "kfac", "cosine", round(c, 4), "trivial", round(trivial, 4))
+        assert c >= 0.7 and c >= trivial + 0.3
+
+
+def test_factors_do_not_depend_on_the_batch_size_and_compile_once(x64):
+    m, apply, params, loss_fn, x, y = _trained("cnn")
+    G = jnp.asarray(np.random.default_rng(2).normal(size=(3, ravel_pytree(params)[0].size)))
+    a = kfac.compute_factors(m, params, x, num_classes=10, batch_size=64)
+    b = kfac.compute_factors(m, params, x, num_classes=10, batch_size=37)
+    for ek in (False, True):
+        np.testing.assert_allclose(kfac.solve_kfac(a, G, damping=1e-2, ekfac=ek).value,
+                                   kfac.solve_kfac(b, G, damping=1e-2, ekfac=ek).value, rtol=1e-8)
+    traces = []
+    cls = type(m)
+
+    class Counting(cls):
+        def __call__(self, x):
+            traces.append(1)
+            return cls.__call__(self, x)
+
+    m.__class__ = Counting
+    try:
+        kfac.compute_factors(m, params, x, num_classes=10, batch_size=64)
+        first = len(traces)
+        kfac.compute_factors(m, params, x, num_classes=10, batch_size=64)
+        # a second call only discovers the layers (one abstract forward pass); no batch program
+        # is traced again
+        assert len(traces) - first == 1, (first, len(traces))
+    finally:
+        m.__class__ = cls
+
+
+def test_preconditioned_cg_gives_the_cg_answer(x64):
+    """CG preconditioned by EK-FAC solves the same system to the same tolerance (the stopping rule
+    is on the unpreconditioned residual). Whether it takes fewer steps depends on the spectrum:
+    on this 1.3k-parameter CNN the preconditioned condition number is 390 against 265 without,
+    so it does not; `bench/bench_deep.py` reports the steps on the MNIST CNN."""
+    m, apply, params, loss_fn, x, y = _trained("cnn")
+    kw = dict(num_classes=10, weight_decay=1e-3, apply=apply, model=m)
+    base = dict(curvature="gauss_newton", damping=1e-3, rtol=1e-8, max_steps=2000)
+    plain = influence.category_influence(loss_fn, params, x, y, x, y,
+                                         config=influence.InfluenceConfig(**base), **kw)
+    pre = influence.category_influence(loss_fn, params, x, y, x, y,
+                                       config=influence.InfluenceConfig(preconditioner="ekfac", **base), **kw)
+    dense = influence.category_influence(loss_fn, params, x, y, x, y,
+                                         config=influence.InfluenceConfig(solver="dense", curvature="gauss_newton",
+                                                                          damping=1e-3), **kw)
+    assert np.all(pre.converged) and np.all(pre.residual <= 1e-8 * 1.001)
+    scale = np.abs(dense.P).max()
+    assert np.abs(pre.P - dense.P).max() / scale < 1e-6 and np.abs(plain.P - dense.P).max() / scale < 1e-6
+    assert np.all(pre.steps > 0) and np.all(pre.steps != plain.steps)  # it did run, differently
 
 
 def test_conv_patches_match_flax_conv():
     conv = nnx.Conv(3, 5, (3, 3), padding="SAME", rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 7, 3)).astype(np.float32))
-    pt = kfac.patches(x, conv)
+    pt = kfac.patches(x, (conv.kernel_size, (1, 1), "SAME"))
     W = kfac.kernel_matrix(conv.kernel.get_value(), "conv")
     np.testing.assert_allclose(pt @ W + conv.bias.get_value(), conv(x), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(kfac.kernel_from_matrix(W, conv.kernel.get_value().shape, "conv"),
@@ -78,10 +190,10 @@ def test_factors_save_and_reuse(tmp_path, x64):
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params)
     facs = kfac.compute_factors(m, params, x, num_classes=3)
     kfac.save_factors(tmp_path / "f.npz", facs)
-    back = kfac.load_factors(tmp_path / "f.npz", facs.paths)
+    back = kfac.load_factors(tmp_path / "f.npz")
     G = jnp.asarray(np.random.default_rng(0).normal(size=(2, ravel_pytree(params)[0].size)))
-    np.testing.assert_allclose(kfac.solve_kfac(back, params, G, damping=0.1).value,
-                               kfac.solve_kfac(facs, params, G, damping=0.1).value, rtol=1e-6)
+    np.testing.assert_allclose(kfac.solve_kfac(back, G, damping=0.1).value,
+                               kfac.solve_kfac(facs, G, damping=0.1).value, rtol=1e-6)
 
 
 def test_lissa_converges_to_cg_on_convex_problem(x64):
