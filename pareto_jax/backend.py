@@ -7,14 +7,19 @@ data sit on one device or many. Both backends have the same methods:
 * ``chunks(x, y, chunk_size, dtype)`` -> `kernels.Chunks` placed for this backend;
 * ``class_gradients(f, theta, chunks, y, num_classes)`` -> (K, P);
 * ``objective(theta, chunks, n, weight_decay)`` -> `kernels.ObjectiveData` placed for this backend;
-* ``matvec(curvature, data)`` -> jitted v -> (H + λI) v;
+* ``matvec(curvature, data)`` -> V (K, P) -> (H + λI) V, batched over the rows;
 * ``solve(method, curvature, data, G, damping, rtol, atol, max_steps)`` -> `linsolve.SolveResult`
-  with method "cg" or "dense", the whole solve one compiled program (one device: CG may also be
-  preconditioned by K-FAC/EK-FAC factors);
-* ``influence_rows(f, method, theta, U, chunks, n_real)`` -> P as a (n_real, K) array.
+  with method "cg" or "dense" (one device: CG may also be preconditioned by K-FAC/EK-FAC
+  factors);
+* ``influence_rows(f, method, theta, U, chunks, n_real)`` -> P as a (n_real, K) array;
+* ``execution``: "compiled" or "stepped", how the loops ran (reported in every result).
 
-Every jitted function takes the data as arguments (never captured as constants), and the
-static arguments are cached per model, so a second call does not recompile.
+`Local` runs each stage either as one compiled program ("compiled": `lax.scan` over chunks, CG
+in a `while_loop`) or with its loops on the host over jitted chunk programs ("stepped"), which
+is what XLA:CPU needs for models with convolutions (`kernels.loops_on_host`). Both run the same
+chunk kernels and the same CG steps; the tests check that they agree. Every jitted function
+takes the data as arguments (never captured as constants), and the static arguments are cached
+per model, so a second call does not recompile.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import numpy as np
 from . import kernels, kfac, linsolve
 from .kernels import Chunks, Curvature, ObjectiveData
 
+# ----------------------------------------------------------------------------- compiled programs
+
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def class_gradients_program(f, theta, chunks, counts, K):
@@ -35,8 +42,9 @@ def class_gradients_program(f, theta, chunks, counts, K):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def matvec_program(curv, data, v):
-    return kernels.curvature_matvec(curv, data)(v)
+def matvec_program(curv, data, V):
+    """(H + λI) V for the rows of V, the chunk loop inside one program."""
+    return jax.vmap(kernels.curvature_matvec(curv, data))(V)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 7), static_argnames=("layers", "layout", "ekfac"))
@@ -68,12 +76,43 @@ def lissa_program(curv, data, G, scale, damping, rtol, max_steps, seed):
         d = ObjectiveData(data.theta, c, jnp.maximum(jnp.sum(c.mask), 1.0), data.weight_decay)
         return kernels.curvature_matvec(curv, d)(v)
 
-    return linsolve.solve_lissa(batch_matvec, G, data.chunks.x.shape[0], scale=scale, damping=damping, rtol=rtol,
-                                max_steps=max_steps, seed=seed)
+    return linsolve.solve_lissa(batch_matvec, G, data.chunks.x.shape[0], scale=scale, damping=damping,
+                                rtol=rtol, max_steps=max_steps, seed=seed)
+
+
+# ----------------------------------------------------------------------------- chunk programs (stepped)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _class_gradient_step(f, K, acc, theta, xb, yb, mb, counts):
+    return acc + kernels.class_gradient_chunk(f, theta, xb, yb, mb, counts, K)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _product_step(curv, acc, theta, xb, yb, mb, V):
+    return acc + jax.vmap(lambda v: kernels.chunk_product(curv, theta, xb, yb, mb, v))(V)
+
+
+@jax.jit
+def _finish_product(acc, V, n, weight_decay):
+    return acc / n + weight_decay * V
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _rows_step(f, theta, U, xb, yb, mb):
+    return kernels.per_sample_chunk(f, theta, U, xb, yb) * mb[:, None]
 
 
 class Local:
-    """One device: arrays go to the default device, every stage is one jitted function."""
+    """One device: arrays go to the default device; each stage runs as one compiled program or
+    with its loops on the host ("stepped"; the default on CPU, see `kernels.loops_on_host`)."""
+
+    def __init__(self, execution: str = "auto"):
+        self.execution = "stepped" if kernels.loops_on_host(execution) else "compiled"
+
+    @property
+    def stepped(self) -> bool:
+        return self.execution == "stepped"
 
     def chunks(self, x, y, chunk_size: int, dtype) -> Chunks:
         xc, yc, mc = kernels.pad_chunks(np.asarray(x), np.asarray(y), chunk_size)
@@ -81,19 +120,39 @@ class Local:
 
     def class_gradients(self, f, theta, chunks: Chunks, y, num_classes: int):
         counts = np.bincount(np.asarray(y), minlength=num_classes).astype(np.float64)
-        return class_gradients_program(f, theta, chunks, jnp.asarray(np.maximum(counts, 1), theta.dtype),
-                                num_classes)
+        counts = jnp.asarray(np.maximum(counts, 1), theta.dtype)
+        if not self.stepped:
+            return class_gradients_program(f, theta, chunks, counts, num_classes)
+        acc = jnp.zeros((num_classes, theta.size), theta.dtype)
+        for xb, yb, mb in zip(*chunks):
+            acc = _class_gradient_step(f, num_classes, acc, theta, xb, yb, mb, counts)
+        return acc
 
     def objective(self, theta, chunks: Chunks, n: int, weight_decay: float) -> ObjectiveData:
         dt = theta.dtype
         return ObjectiveData(theta, chunks, jnp.asarray(n, dt), jnp.asarray(weight_decay, dt))
 
     def matvec(self, curv: Curvature, data: ObjectiveData):
-        return lambda v: matvec_program(curv, data, v)
+        """V (K, P) -> (H + λI) V."""
+        if not self.stepped:
+            return lambda V: matvec_program(curv, data, V)
+
+        def stepped(V):
+            acc = jnp.zeros_like(V)
+            for xb, yb, mb in zip(*data.chunks):
+                acc = _product_step(curv, acc, data.theta, xb, yb, mb, V)
+            return _finish_product(acc, V, data.n, data.weight_decay)
+
+        return stepped
 
     def solve(self, method, curv, data, G, damping, rtol, atol, max_steps, *, factors=None,
               ekfac: bool = True) -> linsolve.SolveResult:
         """CG or dense; with `factors` (`kfac.Factors`), CG preconditioned by them."""
+        if self.stepped and method == "cg":
+            pre = None if factors is None else (
+                lambda R: kfac.apply_inverse(factors, R, damping=data.weight_decay + damping, ekfac=ekfac))
+            return linsolve.solve_cg_stepped(self.matvec(curv, data), G, damping=damping, rtol=rtol,
+                                             atol=atol, max_steps=int(max_steps), precond_batched=pre)
         dt = data.theta.dtype
         args = (method, curv, data, G, jnp.asarray(damping, dt), jnp.asarray(rtol, dt),
                 jnp.asarray(atol, dt), int(max_steps))
@@ -103,9 +162,12 @@ class Local:
                              ekfac=ekfac)
 
     def lissa(self, curv, data, G, *, scale, damping, rtol, max_steps, seed) -> linsolve.SolveResult:
-        """LiSSA with minibatch curvature products, one chunk of `data` per draw."""
+        """LiSSA with minibatch curvature products, one chunk of `data` per draw (compiled)."""
         return lissa_program(curv, data, G, scale, damping, rtol, int(max_steps), seed)
 
     def influence_rows(self, f, method, theta, U, chunks: Chunks, n_real: int):
-        out = influence_rows_program(f, method, theta, jnp.asarray(U, theta.dtype), chunks, n_real)
-        return out[:n_real]
+        U = jnp.asarray(U, theta.dtype)
+        if not self.stepped or method == "jvp":  # forward mode only: fast inside a loop too
+            return influence_rows_program(f, method, theta, U, chunks, n_real)[:n_real]
+        rows = [_rows_step(f, theta, U, xb, yb, mb) for xb, yb, mb in zip(*chunks)]
+        return (jnp.concatenate(rows) / n_real)[:n_real]

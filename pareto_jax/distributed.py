@@ -212,12 +212,12 @@ def _class_grads_sharded(f, K, mesh, theta, xc, yc, mc):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _matvec_sharded(curv, mesh, v, theta, xc, yc, mc, wd):
-    def local(v, theta, xc, yc, mc, wd):
-        return kernels.curvature_matvec(curv, _local_objective(theta, xc, yc, mc, wd), AXIS)(v)
+def _matvec_sharded(curv, mesh, V, theta, xc, yc, mc, wd):
+    def local(V, theta, xc, yc, mc, wd):
+        return jax.vmap(kernels.curvature_matvec(curv, _local_objective(theta, xc, yc, mc, wd), AXIS))(V)
 
     return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(), P(), _DATA, _DATA, _DATA, P()),
-                         out_specs=P())(v, theta, xc, yc, mc, wd)
+                         out_specs=P())(V, theta, xc, yc, mc, wd)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -261,8 +261,11 @@ class Sharded:
         return ObjectiveData(replicate(self.mesh, theta), chunks, jnp.asarray(0, dt),
                              jnp.asarray(weight_decay, dt))
 
+    execution = "compiled"
+
     def matvec(self, curv, data: ObjectiveData):
-        return lambda v: _matvec_sharded(curv, self.mesh, v, data.theta, *data.chunks, data.weight_decay)
+        """V (K, P) -> (H + λI) V, each product sharded."""
+        return lambda V: _matvec_sharded(curv, self.mesh, V, data.theta, *data.chunks, data.weight_decay)
 
     def solve(self, method, curv, data, G, damping, rtol, atol, max_steps) -> linsolve.SolveResult:
         dt = data.theta.dtype
@@ -284,7 +287,7 @@ def make_epoch_fn(loss_fn, config: train.TrainConfig, n: int, mesh: Mesh):
     """Data-parallel `train.make_epoch_fn`: same signature, the samples sharded over `mesh`.
 
     ``epoch(params, opt_state, x, y, w, epoch_index)`` takes the n samples (anywhere); inside
-    one jitted program they are padded to D·m and sharded, and `train.epoch_body` runs on each
+    one jitted program they are padded to D·m and sharded, and `train.epoch_fns(...).body` runs on each
     device's m samples: ⌈b/D⌉ samples of every minibatch drawn from its own slice, shuffled with
     ``fold_in(fold_in(seed, epoch), device)`` (one device reproduces `train.make_epoch_fn`'s
     batch order). Gradients and the loss are `psum`-ed; the update is replicated. Full batch
@@ -294,7 +297,7 @@ def make_epoch_fn(loss_fn, config: train.TrainConfig, n: int, mesh: Mesh):
     m = -(-n // D)
     nb, b_glob = train.batches_per_epoch(n, config.batch_size)
     bd = m if nb == 1 else -(-b_glob // D)
-    body = train.epoch_body(loss_fn, config, m, -(-m // bd), bd, axis_name=AXIS, num_devices=D)
+    body = train.epoch_fns(loss_fn, config, m, -(-m // bd), bd, axis_name=AXIS, num_devices=D).body
 
     def local_epoch(params, opt_state, x, y, w, msk, epoch_index):
         return body(params, opt_state, x[0], y[0], w[0], msk[0], epoch_index)

@@ -112,8 +112,9 @@ class Evaluator:
         self.p = problem
         self.mesh = mesh
         self.retrain = retrain
-        self.epoch = train.make_epoch_fn(problem.loss_fn, problem.train_config, problem.x_train.shape[0])
-        self.epoch_batch = jax.jit(jax.vmap(self.epoch, in_axes=(None, None, None, None, 0, None)))
+        n = problem.x_train.shape[0]
+        self.epoch = train.make_epoch_fn(problem.loss_fn, problem.train_config, n)
+        self.epoch_batch = train.make_epoch_fn(problem.loss_fn, problem.train_config, n, population=True)
         fit = train.lbfgs_fit_fn(problem.loss_fn, float(problem.train_config.weight_decay), "n",
                                   int(max_iter), 1e-6)
         self.fit = fit

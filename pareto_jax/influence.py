@@ -42,8 +42,8 @@ JOINT_POSITIVE, TRADE_OFF, JOINT_NEGATIVE = 1, 0, -1
 REGION_NAMES = {JOINT_POSITIVE: "joint-positive", TRADE_OFF: "trade-off", JOINT_NEGATIVE: "joint-negative"}
 
 
-def _backend(mesh):
-    return Local() if mesh is None else distributed.Sharded(mesh)
+def _backend(mesh, execution: str = "auto"):
+    return Local(execution) if mesh is None else distributed.Sharded(mesh)
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -83,15 +83,16 @@ def make_hvp(loss_fn: LossFn, params, x_train, y_train, *, weight_decay: float,
     training set is sharded and each product `psum`-ed.
 
     Returns:
-        (hvp, theta): a jitted function of v (the data passed as jit arguments, never captured
-        as constants) and the flat parameter vector.
+        (hvp, theta): v (P,) -> H v (jitted programs, the data passed as jit arguments, never
+        captured as constants) and the flat parameter vector.
     """
     curv = _curvature(loss_fn, params, curvature, apply)
     theta = kernels.flatten(loss_fn, params).theta
     be = _backend(mesh)
     chunks = be.chunks(x_train, y_train, batch_size, theta.dtype)
     data = be.objective(theta, chunks, np.asarray(x_train).shape[0], weight_decay)
-    return be.matvec(curv, data), theta
+    M = be.matvec(curv, data)
+    return (lambda v: M(v[None])[0]), theta
 
 
 def influence_from_solutions(loss_fn: LossFn, params, U: jax.Array, x_train, y_train, *,
@@ -147,6 +148,11 @@ class InfluenceConfig:
         chunk_size: training samples per chunk in the P stage.
         hvp_batch_size: samples per minibatch inside each HVP.
         throw: raise `NumericalError` if a solve does not converge (else report it).
+        seed: for the "auto" damping's probes and LiSSA's minibatch draws.
+        execution: "auto" (default), "compiled" or "stepped": whether the loops over chunks and
+            CG iterations run inside one XLA program or from the host over jitted chunk
+            programs; "auto" steps on CPU (`kernels.loops_on_host`), the same numbers either
+            way (to float rounding). Reported in `InfluenceResult.details`.
     """
 
     solver: str = "cg"
@@ -162,6 +168,7 @@ class InfluenceConfig:
     hvp_batch_size: int = 1024
     throw: bool = False
     seed: int = 0
+    execution: str = "auto"
 
     def __post_init__(self):
         checks.check_choice(self.solver, "solver", ("cg", "dense", "lissa", "kfac", "ekfac"))
@@ -178,6 +185,7 @@ class InfluenceConfig:
         checks.check_choice(self.method, "method", ("auto", "jvp", "per_sample"))
         checks.check_positive(self.chunk_size, "chunk_size", integer=True)
         checks.check_positive(self.hvp_batch_size, "hvp_batch_size", integer=True)
+        checks.check_choice(self.execution, "execution", ("auto", "compiled", "stepped"))
 
     @classmethod
     def exact(cls, **kw) -> "InfluenceConfig":
@@ -280,8 +288,8 @@ def _solver(config: InfluenceConfig, be, curv, data, G, matvec, *, model, params
         details: dict = {}
 
         def lissa(d):
-            lam = linsolve.power_iteration(lambda v: matvec(v) + d * v, theta.size, theta.dtype,
-                                           seed=config.seed)
+            lam = linsolve.power_iteration(lambda v: matvec(v[None])[0] + d * v, theta.size,
+                                           theta.dtype, seed=config.seed)
             details.update(lissa_scale=1.2 * lam, lambda_max=lam)
             res = be.lissa(curv, data, G, scale=1.2 * lam, damping=d, rtol=config.rtol,
                            max_steps=config.max_steps, seed=config.seed)
@@ -363,7 +371,7 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
     theta = flat.theta
     xt, xv = xt.astype(theta.dtype), xv.astype(theta.dtype)
     checks.check_finite_array(theta, "params", "influence: parameters")
-    be = _backend(mesh)
+    be = _backend(mesh, config.execution)
     G = be.class_gradients(flat.loss, theta, be.chunks(xv, yv, 512, theta.dtype), yv, num_classes)
     checks.check_finite_array(G, "class gradients", "influence: class gradients")
     curv = _curvature(loss_fn, params, config.curvature, apply)
@@ -384,7 +392,8 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
     checks.check_finite_array(P, "P", "influence: influence matrix")
     return InfluenceResult(P, method, config.solver, config.curvature, damping, tuple(escalations),
                            np.asarray(res.steps), np.asarray(res.residual), np.asarray(res.converged),
-                           np.asarray(res.negative_curvature), res.value, details)
+                           np.asarray(res.negative_curvature), res.value,
+                           {**details, "execution": be.execution})
 
 
 def linear_category_influence(params, x_train, y_train, x_val, y_val, *, num_classes: int,

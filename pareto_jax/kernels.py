@@ -14,6 +14,15 @@ kernel works on the samples it is given and takes an optional ``axis_name``: ins
 * `influence_rows`: P's rows from the K solutions, by forward mode (`jvp_chunk`) or by
   per-sample gradients (`per_sample_chunk`).
 * `hutchinson_damping`: the "auto" damping, a small fraction of the mean curvature eigenvalue.
+* `loops_on_host`: whether loops around model evaluations should run on the host (XLA:CPU)
+  rather than inside one compiled program.
+
+Each loop over chunks is written twice in effect: a compiled `lax.scan` over the chunk function
+(one XLA program; what accelerators and `jax.jit` users want), and the chunk function alone
+(`class_gradient_chunk`, `chunk_product`, `jvp_chunk`, `per_sample_chunk`), which
+`pareto_jax.backend` calls in a host loop on CPU: XLA:CPU runs the backward convolutions of a
+model about ten times slower inside a while loop than at the top level of a program
+(jax-ml/jax#12868; measured here: a filter-gradient conv 7×, a data-gradient conv 12×).
 
 The method these pieces implement is described in ``docs/method.md``.
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -55,6 +65,18 @@ def pad_chunks(x: np.ndarray, y: np.ndarray, chunk: int) -> Chunks:
         y = np.concatenate([y, np.repeat(y[:1], pad, 0)])
     m = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     return Chunks(x.reshape(nc, chunk, *x.shape[1:]), y.reshape(nc, chunk), m.reshape(nc, chunk))
+
+
+def loops_on_host(setting: str = "auto") -> bool:
+    """True when loops over chunks, CG iterations and training steps should be driven from the
+    host ("stepped"), False for one compiled program ("compiled"). "auto": stepped on XLA:CPU
+    (see the module docstring), compiled elsewhere; the environment variable
+    ``PARETO_JAX_EXECUTION`` (compiled | stepped) overrides "auto"."""
+    if setting == "auto":
+        setting = os.environ.get("PARETO_JAX_EXECUTION", "auto")
+    if setting not in ("auto", "compiled", "stepped"):
+        raise ValueError(f"execution {setting!r}: expected 'auto', 'compiled' or 'stepped'")
+    return jax.default_backend() == "cpu" if setting == "auto" else setting == "stepped"
 
 
 # ----------------------------------------------------------------------------- flat parameters
@@ -108,21 +130,23 @@ def flat_logits(apply, params) -> Callable:
 # ----------------------------------------------------------------------------- class gradients
 
 
-def class_gradients(f, theta, chunks: Chunks, counts, num_classes: int, axis_name=None):
-    """g_k = ∇_θ mean_{i: y_i = k} ℓ(z_i; θ) for every class, as a (K, P) matrix.
+def class_gradient_chunk(f, theta, xb, yb, mb, counts, num_classes: int):
+    """One chunk's share of the K class-mean gradients, (K, P): the VJP of the chunk's
+    per-sample losses with the K columns of one_hot(y)·mask/count."""
+    losses_fn = lambda th: jax.vmap(f, (None, 0, 0))(th, xb, yb)  # noqa: E731
+    _, vjp = jax.vjp(losses_fn, theta)
+    cot = jax.nn.one_hot(yb, num_classes, dtype=theta.dtype) * mb[:, None].astype(theta.dtype) / counts
+    return jax.vmap(lambda c: vjp(c)[0])(cot.T)
 
-    One pass: per chunk, the VJP of the per-sample losses with the K columns of
-    one_hot(y)·mask/count. With `axis_name`, the local sums are `psum`-ed over that axis.
-    """
+
+def class_gradients(f, theta, chunks: Chunks, counts, num_classes: int, axis_name=None):
+    """g_k = ∇_θ mean_{i: y_i = k} ℓ(z_i; θ) for every class, as a (K, P) matrix: the sum of
+    `class_gradient_chunk` over the chunks (one pass). With `axis_name`, the local sums are
+    `psum`-ed over that axis."""
     K = num_classes
 
     def chunk(acc, batch):
-        xb, yb, mb = batch
-        losses_fn = lambda th: jax.vmap(f, (None, 0, 0))(th, xb, yb)  # noqa: E731
-        _, vjp = jax.vjp(losses_fn, theta)
-        cot = jax.nn.one_hot(yb, K, dtype=theta.dtype) * mb[:, None].astype(theta.dtype) / counts
-        g = jax.vmap(lambda c: vjp(c)[0])(cot.T)
-        return acc + g, None
+        return acc + class_gradient_chunk(f, theta, *batch, counts, K), None
 
     g, _ = jax.lax.scan(chunk, jnp.zeros((K, theta.size), theta.dtype), tuple(chunks))
     return g if axis_name is None else jax.lax.psum(g, axis_name)
@@ -156,31 +180,32 @@ class ObjectiveData(NamedTuple):
     weight_decay: jax.Array
 
 
+def chunk_product(curv: Curvature, theta, xb, yb, mb, v):
+    """One chunk's unnormalised data-term curvature product Σ_{i in chunk} m_i H_i v (the
+    Hessian by forward-over-reverse, or the Gauss-Newton product Jᵀ H_out J v)."""
+    f = curv.loss
+    if curv.kind == "hessian":
+        def data_term(th):
+            return jnp.sum(mb * jax.vmap(f, (None, 0, 0))(th, xb, yb))
+
+        return jax.jvp(jax.grad(data_term), (theta,), (v,))[1]
+    fb = lambda th: jax.vmap(curv.logits, (None, 0))(th, xb)  # noqa: E731
+    logits, jv = jax.jvp(fb, (theta,), (v,))
+    p = jax.nn.softmax(logits, -1)
+    hjv = p * jv - p * jnp.sum(p * jv, -1, keepdims=True)
+    _, vjp = jax.vjp(fb, theta)
+    return vjp(hjv * mb[:, None])[0]
+
+
 def curvature_matvec(curv: Curvature, data: ObjectiveData, axis_name=None) -> Callable:
     """v -> (H + λI) v (H the Hessian or Gauss-Newton matrix of the data term), accumulated
-    over the chunks on every call. With `axis_name` the data term is `psum`-ed over that mesh
-    axis (``data.n`` must then be the global sample count) before λv is added."""
-    f, theta = curv.loss, data.theta
-
-    def data_term(th, xb, yb, mb):
-        return jnp.sum(mb * jax.vmap(f, (None, 0, 0))(th, xb, yb))
-
-    if curv.kind == "hessian":
-        def chunk_product(v, xb, yb, mb):
-            g = lambda th: jax.grad(data_term)(th, xb, yb, mb)  # noqa: E731
-            return jax.jvp(g, (theta,), (v,))[1]
-    else:
-        def chunk_product(v, xb, yb, mb):
-            fb = lambda th: jax.vmap(curv.logits, (None, 0))(th, xb)  # noqa: E731
-            logits, jv = jax.jvp(fb, (theta,), (v,))
-            p = jax.nn.softmax(logits, -1)
-            hjv = p * jv - p * jnp.sum(p * jv, -1, keepdims=True)
-            _, vjp = jax.vjp(fb, theta)
-            return vjp(hjv * mb[:, None])[0]
+    over the chunks (`chunk_product`) on every call. With `axis_name` the data term is
+    `psum`-ed over that mesh axis (``data.n`` must then be the global sample count) before λv
+    is added."""
 
     def matvec(v):
         def body(acc, batch):
-            return acc + chunk_product(v, *batch), None
+            return acc + chunk_product(curv, data.theta, *batch, v), None
 
         acc, _ = jax.lax.scan(body, jnp.zeros_like(v), tuple(data.chunks))
         if axis_name is not None:
@@ -192,10 +217,10 @@ def curvature_matvec(curv: Curvature, data: ObjectiveData, axis_name=None) -> Ca
 
 def hutchinson_damping(matvec: Callable, theta: jax.Array, seed: int) -> float:
     """"auto" damping: 1e-4 · tr(H)/P, the trace by Hutchinson's estimator with 8 Rademacher
-    probes (at least 1e-8)."""
+    probes (at least 1e-8). `matvec` is batched: V (8, P) -> H V."""
     key = jax.random.PRNGKey(seed)
     z = jax.random.rademacher(key, (8, theta.size), dtype=theta.dtype)
-    tr = float(jnp.mean(jax.vmap(matvec)(z) * z))
+    tr = float(jnp.mean(matvec(z) * z))
     return max(1e-4 * abs(tr), 1e-8)
 
 

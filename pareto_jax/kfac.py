@@ -217,8 +217,10 @@ def _class_cotangent(p, c, mb):
 
 
 @functools.lru_cache(maxsize=32)
-def _programs(graphdef, treedef, layers, num_classes):
-    """The two jitted batch programs of one model (compiled once per batch shape, reused)."""
+def _programs(graphdef, treedef, layers, num_classes, unroll):
+    """The two jitted batch programs of one model (compiled once per batch shape, reused). The
+    loop over classes is unrolled on XLA:CPU, where backward convolutions inside a compiled
+    loop are slow (`kernels.loops_on_host`)."""
 
     def covariances(params, xb, mb):
         p, ins, vjp = _forward(graphdef, treedef, layers, params, xb)
@@ -230,7 +232,7 @@ def _programs(graphdef, treedef, layers, num_classes):
                                    d.reshape(d.shape[0], -1, d.shape[-1])) for s, d in zip(S, ds)], None
 
         S0 = [jnp.zeros((l.out_features,) * 2, xb.dtype) for l in layers]
-        S, _ = jax.lax.scan(one_class, S0, jnp.arange(num_classes))
+        S, _ = jax.lax.scan(one_class, S0, jnp.arange(num_classes), unroll=unroll)
         return A, S
 
     def corrections(params, xb, mb, QAs, QGs):
@@ -249,7 +251,7 @@ def _programs(graphdef, treedef, layers, num_classes):
             return out, None
 
         C0 = [jnp.zeros((QA.shape[0], QG.shape[0]), xb.dtype) for QA, QG in zip(QAs, QGs)]
-        C, _ = jax.lax.scan(one_class, C0, jnp.arange(num_classes))
+        C, _ = jax.lax.scan(one_class, C0, jnp.arange(num_classes), unroll=unroll)
         return C
 
     return jax.jit(covariances), jax.jit(corrections)
@@ -283,7 +285,8 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     n = x.shape[0]
     graphdef, treedef, layers = _discover(model, x[:1])
     layout, num_params = _layout(params, layers)
-    cov, corr = _programs(graphdef, treedef, layers, int(num_classes))
+    unroll = int(num_classes) if kernels.loops_on_host() else 1
+    cov, corr = _programs(graphdef, treedef, layers, int(num_classes), unroll)
     xc, _, mc = kernels.pad_chunks(x, np.zeros(n, np.int32), batch_size)
     dt = jnp.result_type(*jax.tree_util.tree_leaves(params))
     A, S = None, None
@@ -331,6 +334,16 @@ def _solve_all(factors_arrays, *, b, damping, layers, layout, ekfac):
     return jax.vmap(lambda v: _precondition(f, v, damping, ekfac))(b)
 
 
+def apply_inverse(factors: Factors, b, *, damping, ekfac: bool = True) -> jax.Array:
+    """(F̂ + damping·I)⁻¹ b for the rows of b (K, P): the bare array (see `solve_kfac`)."""
+    b = jnp.asarray(b)
+    if b.shape[-1] != factors.num_params:
+        checks.fail("b", f"vectors of size {b.shape[-1]}", f"size {factors.num_params} (the flat params)",
+                    "compute the factors for the same model and parameters")
+    return _solve_all(factors.factors, b=b, damping=jnp.asarray(damping, b.dtype), layers=factors.layers,
+                      layout=factors.layout, ekfac=ekfac)
+
+
 def solve_kfac(factors: Factors, b, *, damping: float, ekfac: bool = True) -> SolveResult:
     """(F̂ + damping·I)⁻¹ b for flat vectors b (K, P), block-diagonal over layers.
 
@@ -341,12 +354,7 @@ def solve_kfac(factors: Factors, b, *, damping: float, ekfac: bool = True) -> So
     set; a zero eigenvalue with no damping gives a non-finite solution, which
     `linsolve.solve_escalating` answers with more damping.
     """
-    b = jnp.asarray(b)
-    if b.shape[-1] != factors.num_params:
-        checks.fail("b", f"vectors of size {b.shape[-1]}", f"size {factors.num_params} (the flat params)",
-                    "compute the factors for the same model and parameters")
-    U = _solve_all(factors.factors, b=b, damping=jnp.asarray(damping, b.dtype), layers=factors.layers,
-                   layout=factors.layout, ekfac=ekfac)
+    U = apply_inverse(factors, b, damping=damping, ekfac=ekfac)
     K = U.shape[0]
     return SolveResult(U, jnp.zeros(K, jnp.int32), jnp.full(K, jnp.nan, U.dtype), jnp.zeros(K, bool),
                        jnp.zeros(K, bool))

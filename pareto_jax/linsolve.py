@@ -3,8 +3,9 @@
 Every solver takes the operator it needs and the right-hand sides and returns a `SolveResult`
 (value, steps, residual, converged, negative_curvature):
 
-* `solve_cg(matvec, B, *, damping, rtol, atol, max_steps)`: batched conjugate gradient, each
-  right-hand side stopping on its own relative residual;
+* `solve_cg(matvec, B, *, damping, rtol, atol, max_steps, precond)`: batched (preconditioned)
+  conjugate gradient, each right-hand side stopping on its own relative residual, as one
+  compiled loop; `solve_cg_stepped` runs the same steps from the host (for XLA:CPU);
 * `solve_dense(matvec, B, *, damping, ...)`: the dense reference (materialises A);
 * `solve_lissa(batch_matvec, B, n_batches, *, scale, damping, ...)`: the stochastic Neumann
   recursion of LiSSA;
@@ -52,10 +53,69 @@ def _squeeze(res: SolveResult, single: bool) -> SolveResult:
     return jax.tree_util.tree_map(lambda a: a[0], res) if single else res
 
 
+class CGState(NamedTuple):
+    """Batched CG state (leading K axis): iterate, residual, direction, rᵀz, still active,
+    steps taken, negative curvature met, iteration count."""
+
+    x: jax.Array
+    r: jax.Array
+    p: jax.Array
+    rz: jax.Array
+    active: jax.Array
+    steps: jax.Array
+    neg: jax.Array
+    it: jax.Array
+
+
+def _dot(u, v):
+    return jnp.sum(u * v, axis=1)
+
+
+def _tolerance(b, rtol, atol):
+    bnorm = jnp.sqrt(_dot(b, b))
+    return bnorm, jnp.maximum(rtol * bnorm, atol)
+
+
+def cg_start(b, x, r, z, tol) -> CGState:
+    """The state before the first step, from x, its residual r = b − (A + δI)x and z = M⁻¹r."""
+    K = b.shape[0]
+    return CGState(x, r, z, _dot(r, z), jnp.sqrt(_dot(r, r)) > tol, jnp.zeros(K, jnp.int32),
+                   jnp.zeros(K, bool), jnp.zeros((), jnp.int32))
+
+
+def cg_advance(c: CGState, Ap):
+    """First half of a step, given Ap = (A + δI)p: the step length, x and r. Returns the new
+    state (direction not yet updated) and which right-hand sides took the step."""
+    pAp = _dot(c.p, Ap)
+    bad = c.active & (pAp <= 0)
+    ok = c.active & ~bad
+    alpha = jnp.where(ok, c.rz / jnp.where(ok, pAp, 1.0), 0.0)
+    return c._replace(x=c.x + alpha[:, None] * c.p, r=c.r - alpha[:, None] * Ap, neg=c.neg | bad), ok
+
+
+def cg_direction(c: CGState, ok, z, tol) -> CGState:
+    """Second half of a step, given z = M⁻¹r for the new r: the new direction and who stays
+    active (each right-hand side stops on its own unpreconditioned residual)."""
+    rz_new = _dot(c.r, z)
+    beta = jnp.where(ok, rz_new / jnp.where(ok, c.rz, 1.0), 0.0)
+    return c._replace(p=jnp.where(ok[:, None], z + beta[:, None] * c.p, c.p),
+                      rz=jnp.where(ok, rz_new, c.rz), steps=c.steps + ok.astype(jnp.int32),
+                      active=ok & (jnp.sqrt(_dot(c.r, c.r)) > tol), it=c.it + 1)
+
+
+def cg_result(b, x, true_r, steps, neg, rtol, atol) -> SolveResult:
+    """The `SolveResult` of a finished CG run, judged on the recomputed residual true_r."""
+    bnorm, tol = _tolerance(b, rtol, atol)
+    rnorm = jnp.sqrt(_dot(true_r, true_r))
+    rel = rnorm / jnp.where(bnorm > 0, bnorm, 1.0)
+    conv = (rnorm <= jnp.maximum(tol, 0.0) * (1 + 1e-3)) | (rel <= rtol * 1.001) | (bnorm == 0)
+    return SolveResult(x, steps, rel, conv & ~neg, neg)
+
+
 def solve_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, damping: float = 0.0,
              rtol: float = 1e-6, atol: float = 0.0, max_steps: int | None = None,
              x0: jax.Array | None = None, precond: Callable[[jax.Array], jax.Array] | None = None) -> SolveResult:
-    """Conjugate gradient for (A + δI) x = b, batched over the rows of b.
+    """Conjugate gradient for (A + δI) x = b, batched over the rows of b (one compiled loop).
 
     Args:
         matvec: v (P,) -> A v, A symmetric positive (semi)definite; `vmap`-ed over the rows.
@@ -70,51 +130,54 @@ def solve_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, damping:
             unpreconditioned residual, so the tolerance means the same with or without it.
 
     Returns:
-        `SolveResult`. Jittable; nothing raises on values (see `check_solve`).
+        `SolveResult`. Jittable; nothing raises on values (see `check_solve`). `solve_cg_stepped`
+        runs the same steps with the loop on the host.
     """
     single = b.ndim == 1
     b = b[None] if single else b
-    P = b.shape[1]
-    max_steps = int(min(10 * P, 1000) if max_steps is None else max_steps)
+    max_steps = int(min(10 * b.shape[1], 1000) if max_steps is None else max_steps)
     mv = jax.vmap(lambda v: matvec(v) + damping * v)
     pre = (lambda r: r) if precond is None else jax.vmap(precond)
-    dot = lambda u, v: jnp.sum(u * v, axis=1)  # noqa: E731
-    bnorm = jnp.sqrt(dot(b, b))
-    tol = jnp.maximum(rtol * bnorm, atol)
+    _, tol = _tolerance(b, rtol, atol)
     x = jnp.zeros_like(b) if x0 is None else jnp.broadcast_to(x0, b.shape)
     r = b - mv(x) if x0 is not None else b
-    z = pre(r)
-    rz = dot(r, z)
-    active = jnp.sqrt(dot(r, r)) > tol
-    init = (x, r, z, rz, active, jnp.zeros(b.shape[0], jnp.int32), jnp.zeros(b.shape[0], bool), 0)
-
-    def cond(c):
-        return jnp.any(c[4]) & (c[7] < max_steps)
+    init = cg_start(b, x, r, pre(r), tol)
 
     def body(c):
-        x, r, p, rz, active, steps, neg, it = c
-        Ap = mv(p)
-        pAp = dot(p, Ap)
-        bad = active & (pAp <= 0)
-        ok = active & ~bad
-        alpha = jnp.where(ok, rz / jnp.where(ok, pAp, 1.0), 0.0)
-        x = x + alpha[:, None] * p
-        r = r - alpha[:, None] * Ap
-        z = pre(r)
-        rz_new = dot(r, z)
-        beta = jnp.where(ok, rz_new / jnp.where(ok, rz, 1.0), 0.0)
-        p = jnp.where(ok[:, None], z + beta[:, None] * p, p)
-        steps = steps + ok.astype(jnp.int32)
-        rz = jnp.where(ok, rz_new, rz)
-        active = ok & (jnp.sqrt(dot(r, r)) > tol)
-        return x, r, p, rz, active, steps, neg | bad, it + 1
+        c, ok = cg_advance(c, mv(c.p))
+        return cg_direction(c, ok, pre(c.r), tol)
 
-    x, _, _, _, _, steps, neg, _ = jax.lax.while_loop(cond, body, init)
-    true_r = b - mv(x)
-    rnorm = jnp.sqrt(dot(true_r, true_r))
-    rel = rnorm / jnp.where(bnorm > 0, bnorm, 1.0)
-    conv = (rnorm <= jnp.maximum(tol, 0.0) * (1 + 1e-3)) | (rel <= rtol * 1.001) | (bnorm == 0)
-    return _squeeze(SolveResult(x, steps, rel, conv & ~neg, neg), single)
+    c = jax.lax.while_loop(lambda c: jnp.any(c.active) & (c.it < max_steps), body, init)
+    res = cg_result(b, c.x, b - mv(c.x), c.steps, c.neg, rtol, atol)
+    return _squeeze(res, single)
+
+
+_cg_start = jax.jit(cg_start)
+_cg_advance = jax.jit(cg_advance)
+_cg_direction = jax.jit(cg_direction)
+_cg_result = jax.jit(cg_result)
+
+
+def solve_cg_stepped(matvec_batched: Callable[[jax.Array], jax.Array], b: jax.Array, *,
+                     damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
+                     max_steps: int | None = None,
+                     precond_batched: Callable[[jax.Array], jax.Array] | None = None) -> SolveResult:
+    """`solve_cg` with the iterations driven from the host: the same steps (`cg_advance`,
+    `cg_direction`, jitted), with ``matvec_batched(V) -> A V`` for all K rows at once (itself
+    free to loop over data chunks on the host). For XLA:CPU, where model gradients inside a
+    compiled loop are slow (see `pareto_jax.kernels`). Not jittable; b is (K, P)."""
+    b = jnp.asarray(b)
+    max_steps = int(min(10 * b.shape[1], 1000) if max_steps is None else max_steps)
+    dt = b.dtype
+    dmp, rt, at = (jnp.asarray(v, dt) for v in (damping, rtol, atol))
+    mv = lambda V: matvec_batched(V) + dmp * V  # noqa: E731
+    pre = (lambda r: r) if precond_batched is None else precond_batched
+    _, tol = _tolerance(b, rt, at)
+    c = _cg_start(b, jnp.zeros_like(b), b, pre(b), tol)
+    while bool(jnp.any(c.active)) and int(c.it) < max_steps:
+        c, ok = _cg_advance(c, mv(c.p))
+        c = _cg_direction(c, ok, pre(c.r), tol)
+    return _cg_result(b, c.x, b - mv(c.x), c.steps, c.neg, rt, at)
 
 
 def materialize(matvec: Callable[[jax.Array], jax.Array], dim: int, dtype=jnp.float32) -> jax.Array:
@@ -207,14 +270,16 @@ def solve_lissa(batch_matvec, b, n_batches: int, *, scale: float, damping: float
 
 def with_residual(res: SolveResult, matvec: Callable, b: jax.Array, damping: float) -> SolveResult:
     """`res` with its residual recomputed against the true operator A + δI (for methods that
-    solve an approximation of A: LiSSA's minibatches, K-FAC's factors)."""
-    r = b - jax.vmap(matvec)(res.value) - damping * res.value
+    solve an approximation of A: LiSSA's minibatches, K-FAC's factors). `matvec` is batched:
+    V (K, P) -> A V."""
+    r = b - matvec(res.value) - damping * res.value
     rel = jnp.linalg.norm(r, axis=1) / jnp.maximum(jnp.linalg.norm(b, axis=1), 1e-30)
     return res._replace(residual=rel)
 
 
 def resolve_damping(setting: float | str, matvec: Callable, theta: jax.Array, seed: int) -> float:
-    """The damping to start from: a number as given, or "auto" (`kernels.hutchinson_damping`)."""
+    """The damping to start from: a number as given, or "auto" (`kernels.hutchinson_damping`;
+    `matvec` batched)."""
     return hutchinson_damping(matvec, theta, seed) if setting == "auto" else float(setting)
 
 

@@ -102,18 +102,33 @@ def batches_per_epoch(n: int, batch_size: int | None) -> tuple[int, int]:
     return -(-n // b), b
 
 
-def epoch_body(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, batch: int, *,
-               axis_name: str | None = None, num_devices: int = 1):
-    """The weighted epoch over the m samples this device holds (not jitted; see `make_epoch_fn`).
+class EpochFns(NamedTuple):
+    """The pieces of one weighted epoch (pure, not jitted).
 
-    ``body(params, opt_state, x, y, w, mask, epoch_index) -> (params, opt_state, mean_loss)``:
-    the samples are shuffled with ``fold_in(seed, epoch_index)`` and cut into `num_batches`
+    plan(w, mask, epoch_index) -> (idx, slot, scale): the shuffled minibatch indices
+        (num_batches, batch), their 0/1 slots and the normaliser;
+    step(params, opt_state, x, y, w, mask, ib, sb, scale) -> (params, opt_state, data_loss):
+        one optimizer step on minibatch ib;
+    body(params, opt_state, x, y, w, mask, epoch_index) -> (params, opt_state, mean_loss): plan,
+        then `lax.scan` over the steps (one compiled program).
+    """
+
+    plan: Callable
+    step: Callable
+    body: Callable
+
+
+def epoch_fns(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, batch: int, *,
+              axis_name: str | None = None, num_devices: int = 1) -> EpochFns:
+    """The weighted epoch over the m samples this device holds (see `EpochFns`).
+
+    The samples are shuffled with ``fold_in(seed, epoch_index)`` and cut into `num_batches`
     minibatches of `batch` slots (the last padded, masked). With ``mask=None`` (one device) the
     objective is exactly the module docstring's, the L2 term differentiated with the data term.
     Inside `jax.shard_map` (``axis_name`` set, `mask` marking this device's real samples)
     every device draws its own share of each minibatch (shuffling with the device index folded
     in when there are several), the data term's gradient and loss are `psum`-ed over the axis,
-    and λθ is added once: `pareto_jax.distributed.make_epoch_fn` wraps this same function.
+    and λθ is added once: `pareto_jax.distributed.make_epoch_fn` wraps this same body.
     """
     opt = make_optimizer(config)
     wd, norm, seed = config.weight_decay, config.normalizer, config.seed
@@ -127,13 +142,7 @@ def epoch_body(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, b
         data = scale * jnp.sum(mb * wb * losses) / jnp.maximum(psum(jnp.sum(mb)), 1.0)
         return data, data
 
-    def gradient(params, xb, yb, wb, mb, scale):
-        (_, data), g = jax.value_and_grad(batch_loss, has_aux=True)(params, xb, yb, wb, mb, scale)
-        if axis_name is not None:
-            g = jax.tree_util.tree_map(lambda gi, p: gi + wd * p, psum(g), params)
-        return g, psum(data)
-
-    def body(params, opt_state, x, y, w, mask, epoch_index):
+    def plan(w, mask, epoch_index):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch_index)
         if num_devices > 1:
             key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
@@ -146,34 +155,78 @@ def epoch_body(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, b
         else:
             scale = psum(jnp.sum(mask)) / psum(jnp.sum(w * mask)) if norm == "weights" \
                 else jnp.asarray(1.0, w.dtype)
+        return idx, slot, scale
 
-        def step(carry, batch_):
-            params, opt_state = carry
-            ib, sb = batch_
-            mb = sb if mask is None else sb * mask[ib]
-            g, data = gradient(params, x[ib], y[ib], w[ib], mb, scale)
-            updates, opt_state = opt.update(g, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), data
+    def step(params, opt_state, x, y, w, mask, ib, sb, scale):
+        mb = sb if mask is None else sb * mask[ib]
+        (_, data), g = jax.value_and_grad(batch_loss, has_aux=True)(params, x[ib], y[ib], w[ib], mb, scale)
+        if axis_name is not None:
+            g = jax.tree_util.tree_map(lambda gi, p: gi + wd * p, psum(g), params)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, psum(data)
 
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, slot))
+    def body(params, opt_state, x, y, w, mask, epoch_index):
+        idx, slot, scale = plan(w, mask, epoch_index)
+
+        def scan_step(carry, batch_):
+            p, o, d = step(*carry, x, y, w, mask, *batch_, scale)
+            return (p, o), d
+
+        (params, opt_state), losses = jax.lax.scan(scan_step, (params, opt_state), (idx, slot))
         return params, opt_state, jnp.mean(losses)
 
-    return body
+    return EpochFns(plan, step, body)
 
 
-def make_epoch_fn(loss_fn: LossFn, config: TrainConfig, n: int):
-    """One jitted epoch: ``epoch(params, opt_state, x, y, w, epoch_index) -> (params, opt_state, mean_loss)``.
+class _SteppedEpoch:
+    """An epoch with its minibatch loop on the host, each step one jitted program (the same
+    `EpochFns.step`); for XLA:CPU, where gradients of convolutions inside a compiled loop are
+    slow (`kernels.loops_on_host`). With ``population`` it trains a stack of weightings at once
+    (the step `vmap`-ed over w; params broadcast to the population)."""
+
+    def __init__(self, fns: EpochFns, population: bool):
+        self.population = population
+        ax = 0 if population else None
+        plan = lambda w, e: fns.plan(w, None, e)  # noqa: E731
+        step = lambda p, o, x, y, w, ib, sb, sc: fns.step(p, o, x, y, w, None, ib, sb, sc)  # noqa: E731
+        self.plan = jax.jit(jax.vmap(plan, (0, None)) if population else plan)
+        self.step = jax.jit(jax.vmap(step, (ax, ax, None, None, ax, None, None, ax)) if population else step)
+
+    def __call__(self, params, opt_state, x, y, w, epoch_index):
+        idx, slot, scale = self.plan(w, epoch_index)
+        if self.population:  # the plan does not depend on w: one copy of the indices
+            idx, slot = idx[0], slot[0]
+            M = w.shape[0]
+            params, opt_state = jax.tree_util.tree_map(
+                lambda a: jnp.broadcast_to(a, (M, *jnp.shape(a))), (params, opt_state))
+        losses = []
+        for j in range(idx.shape[0]):
+            params, opt_state, d = self.step(params, opt_state, x, y, w, idx[j], slot[j], scale)
+            losses.append(d)
+        return params, opt_state, jnp.mean(jnp.stack(losses), axis=0)
+
+
+def make_epoch_fn(loss_fn: LossFn, config: TrainConfig, n: int, *, population: bool = False,
+                  execution: str = "auto"):
+    """One weighted epoch: ``epoch(params, opt_state, x, y, w, epoch_index) -> (params, opt_state,
+    mean_loss)``.
 
     Data and params are arguments (never captured constants). Shapes are static in n and the
-    batch size, so the function compiles once. `vmap` it over (params, opt_state, w) to train
-    several weightings at once.
+    batch size, so it compiles once and is reused for every epoch, call and weight vector.
+    With ``population=True``, w is a stack (M, n) of weightings trained at once from the same
+    params and optimizer state; the outputs carry a leading M axis. `execution`: "compiled"
+    (one jitted `lax.scan` over the minibatches), "stepped" (the loop on the host over one
+    jitted step) or "auto" (stepped on CPU, see `kernels.loops_on_host`); both run the same
+    step.
     """
-    body = epoch_body(loss_fn, config, n, *batches_per_epoch(n, config.batch_size))
+    fns = epoch_fns(loss_fn, config, n, *batches_per_epoch(n, config.batch_size))
+    if kernels.loops_on_host(execution):
+        return _SteppedEpoch(fns, population)
 
     def epoch(params, opt_state, x, y, w, epoch_index):
-        return body(params, opt_state, x, y, w, None, epoch_index)
+        return fns.body(params, opt_state, x, y, w, None, epoch_index)
 
-    return jax.jit(epoch)
+    return jax.jit(jax.vmap(epoch, in_axes=(None, None, None, None, 0, None)) if population else epoch)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -270,3 +270,28 @@ def test_weighted_closed_form_matches_dense_reference_and_retraining(x64):
     actual = train.evaluate(apply, th2, s.val.x, s.val.y, 10).loss - base
     pred = -eps * d @ np.asarray(r.P)
     assert np.abs(pred - actual).max() / np.abs(actual).max() < 0.1
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(curvature="gauss_newton", method="jvp"),
+    dict(curvature="hessian", method="per_sample", chunk_size=7, hvp_batch_size=9),
+    dict(curvature="gauss_newton", preconditioner="ekfac"),
+])
+def test_compiled_and_stepped_execution_agree(x64, cfg):
+    """The two ways a stage can run on one device (one compiled program, or its loops on the
+    host: the CPU default) give the same P, and the result says which one ran."""
+    x, y = tiny_classification(n=40, d=16, k=3)
+    m = models.make_model("cnn", (16,), 3, image_shape=(4, 4, 1), channels=(2,), dense=5, seed=1)
+    apply, params = models.functional(m)
+    params = to64(params)
+    loss_fn = models.per_sample_loss(apply)
+    out = {}
+    for ex in ("compiled", "stepped"):
+        c = influence.InfluenceConfig(damping=1e-2, rtol=1e-10, execution=ex, **cfg)
+        r = influence.category_influence(loss_fn, params, x, y, x, y, num_classes=3, weight_decay=0.1,
+                                         apply=apply, model=m, config=c)
+        assert r.details["execution"] == ex and np.all(r.converged)
+        out[ex] = r
+    a, b = out["compiled"], out["stepped"]
+    np.testing.assert_allclose(b.P, a.P, rtol=1e-8, atol=1e-12 * np.abs(a.P).max())
+    np.testing.assert_array_equal(a.steps, b.steps)
