@@ -160,14 +160,19 @@ class Evaluator:
                 p, _, _ = self.fit_batch(params, x, y, Wd)
                 o = None
             else:
-                p, o, _ = self.epoch_batch(params, opt_state, x, y, Wd, s.epoch)
+                M = Wd.shape[0]
+                p, o, _ = self.epoch_batch(train.broadcast_population(params, M),
+                                           train.broadcast_population(opt_state, M), x, y, Wd, s.epoch)
             cut = lambda t: None if t is None else jax.tree_util.tree_map(lambda a: a[:npop], t)  # noqa: E731
             return cut(p), cut(o)
         if batched and self.retrain == "converge":
             p, _, _ = self.fit_batch(s.params, self.x, self.y, jnp.asarray(W, self.dt))
             return p, None
         if batched:
-            p, o, _ = self.epoch_batch(s.params, s.opt_state, self.x, self.y, jnp.asarray(W, self.dt), s.epoch)
+            M = W.shape[0]
+            p, o, _ = self.epoch_batch(train.broadcast_population(s.params, M),
+                                       train.broadcast_population(s.opt_state, M), self.x, self.y,
+                                       jnp.asarray(W, self.dt), s.epoch)
             return p, o
         outs = [self._train(w) for w in W]
         return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[o[0] for o in outs]), None

@@ -182,7 +182,7 @@ class _SteppedEpoch:
     """An epoch with its minibatch loop on the host, each step one jitted program (the same
     `EpochFns.step`); for XLA:CPU, where gradients of convolutions inside a compiled loop are
     slow (`kernels.loops_on_host`). With ``population`` it trains a stack of weightings at once
-    (the step `vmap`-ed over w; params broadcast to the population)."""
+    (the step `vmap`-ed over the members' params, optimizer states and weights)."""
 
     def __init__(self, fns: EpochFns, population: bool):
         self.population = population
@@ -196,9 +196,6 @@ class _SteppedEpoch:
         idx, slot, scale = self.plan(w, epoch_index)
         if self.population:  # the plan does not depend on w: one copy of the indices
             idx, slot = idx[0], slot[0]
-            M = w.shape[0]
-            params, opt_state = jax.tree_util.tree_map(
-                lambda a: jnp.broadcast_to(a, (M, *jnp.shape(a))), (params, opt_state))
         losses = []
         for j in range(idx.shape[0]):
             params, opt_state, d = self.step(params, opt_state, x, y, w, idx[j], slot[j], scale)
@@ -213,8 +210,8 @@ def make_epoch_fn(loss_fn: LossFn, config: TrainConfig, n: int, *, population: b
 
     Data and params are arguments (never captured constants). Shapes are static in n and the
     batch size, so it compiles once and is reused for every epoch, call and weight vector.
-    With ``population=True``, w is a stack (M, n) of weightings trained at once from the same
-    params and optimizer state; the outputs carry a leading M axis. `execution`: "compiled"
+    With ``population=True``, w is a stack (M, n) of weightings trained at once, and params and
+    optimizer state carry a leading M axis (one member each; see `broadcast_population`). `execution`: "compiled"
     (one jitted `lax.scan` over the minibatches), "stepped" (the loop on the host over one
     jitted step) or "auto" (stepped on CPU, see `kernels.loops_on_host`); both run the same
     step.
@@ -226,7 +223,12 @@ def make_epoch_fn(loss_fn: LossFn, config: TrainConfig, n: int, *, population: b
     def epoch(params, opt_state, x, y, w, epoch_index):
         return fns.body(params, opt_state, x, y, w, None, epoch_index)
 
-    return jax.jit(jax.vmap(epoch, in_axes=(None, None, None, None, 0, None)) if population else epoch)
+    return jax.jit(jax.vmap(epoch, in_axes=(0, 0, None, None, 0, None)) if population else epoch)
+
+
+def broadcast_population(tree, size: int):
+    """`size` copies of a pytree along a new leading axis (a population's starting point)."""
+    return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (size, *jnp.shape(a))), tree)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -177,7 +177,8 @@ def test_compiled_and_stepped_epochs_agree_and_population_matches_rows(x64):
         ep = train.make_epoch_fn(lf, cfg, 70, execution=ex)
         pop = train.make_epoch_fn(lf, cfg, 70, execution=ex, population=True)
         single = [ep(st.params, st.opt_state, x, y, jnp.asarray(w), 2)[0] for w in W]
-        many = pop(st.params, st.opt_state, x, y, jnp.asarray(W), 2)[0]
+        many = pop(train.broadcast_population(st.params, 3), train.broadcast_population(st.opt_state, 3),
+                   x, y, jnp.asarray(W), 2)[0]
         for i, p in enumerate(single):
             for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(many)):
                 np.testing.assert_allclose(b[i], a, rtol=1e-10, atol=1e-13)
