@@ -144,7 +144,7 @@ def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int)
     wd = st["cfg"].weight_decay
     dmp = damping_total - wd
     kw = dict(num_classes=10, weight_decay=wd, apply=apply, model=m)
-    cg = dict(curvature="gauss_newton", damping=dmp, rtol=pcg_rtol, max_steps=max_steps)
+    cg = dict(curvature="gauss_newton", damping=dmp, rtol=pcg_rtol, max_steps=max_steps, hvp_batch_size=256)
     configs = {
         "EK-FAC": influence.InfluenceConfig(solver="ekfac", damping=dmp),
         "K-FAC": influence.InfluenceConfig(solver="kfac", damping=dmp),

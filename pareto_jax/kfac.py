@@ -16,9 +16,9 @@ the bias; conv patches per position t) and output pseudo-gradients δ_c:
   gradient is rank one, so this is E[Σ_c (Q_Aᵀã)² (Q_Sᵀδ_c)²ᵀ] and no per-sample gradient
   matrix is ever formed.
 
-`compute_factors` streams the data in fixed-size batches (one class's pseudo-gradients at a
-time, never a (K, batch, ...) array) with programs compiled once per model and reused by later
-calls. `Factors` record where each layer sits in the flat parameter vector, so `solve_kfac`
+`compute_factors` streams the data in fixed-size batches (one forward pass per batch, then one
+class's backward pass at a time from its residuals: never a (K, batch, ...) array, and nothing
+compiled grows with K) with programs compiled once per model and reused by later calls. `Factors` record where each layer sits in the flat parameter vector, so `solve_kfac`
 works on flat vectors: it is the linear solve (F̂ + δI)⁻¹B with the `linsolve` signature.
 See ``docs/method.md`` §3.
 """
@@ -194,21 +194,26 @@ def _inputs(layer: Layer, a):
     return at
 
 
-def _forward(graphdef, treedef, layers, params, xb):
-    """(softmax probabilities, ã per layer, the VJP of the logits with respect to each layer's
-    output): one forward pass whose residuals serve every class's backward pass."""
-    taps0 = [jnp.zeros((xb.shape[0], *l.out_shape), xb.dtype) for l in layers]
+@functools.lru_cache(maxsize=32)
+def _forward_program(graphdef, treedef, layers):
+    """jit: (params, xb) -> (softmax probabilities, ã per layer, the VJP of the logits with
+    respect to every layer's output). The VJP is a pytree (its residuals are the forward pass's
+    activations), so every class's backward pass reuses this one forward pass across jit calls."""
 
-    def fwd(taps):
-        rec: list = []
-        with _tapped(rec, taps):
-            m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(params)))
-            logits = m(xb)
-        return logits, [r[1] for r in rec]
+    def forward(params, xb):
+        taps0 = [jnp.zeros((xb.shape[0], *l.out_shape), xb.dtype) for l in layers]
 
-    logits, vjp, acts = jax.vjp(fwd, taps0, has_aux=True)
-    ins = [_inputs(l, a) for l, a in zip(layers, acts)]
-    return jax.nn.softmax(logits, -1), ins, lambda c: vjp(c)[0]
+        def fwd(taps):
+            rec: list = []
+            with _tapped(rec, taps):
+                m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(params)))
+                logits = m(xb)
+            return logits, [r[1] for r in rec]
+
+        logits, vjp, acts = jax.vjp(fwd, taps0, has_aux=True)
+        return jax.nn.softmax(logits, -1), [_inputs(l, a) for l, a in zip(layers, acts)], vjp
+
+    return jax.jit(forward)
 
 
 def _class_cotangent(p, c, mb):
@@ -216,45 +221,37 @@ def _class_cotangent(p, c, mb):
     return jnp.sqrt(p[:, c])[:, None] * (p - jax.nn.one_hot(c, p.shape[1], dtype=p.dtype)) * mb[:, None]
 
 
-@functools.lru_cache(maxsize=32)
-def _programs(graphdef, treedef, layers, num_classes, unroll):
-    """The two jitted batch programs of one model (compiled once per batch shape, reused). The
-    loop over classes is unrolled on XLA:CPU, where backward convolutions inside a compiled
-    loop are slow (`kernels.loops_on_host`)."""
+def _pseudo_gradients(vjp, p, c, mb):
+    """Class c's pseudo-gradient at every layer's output, each as (B, T, out)."""
+    return [d.reshape(d.shape[0], -1, d.shape[-1]) for d in vjp(_class_cotangent(p, c, mb))[0]]
 
-    def covariances(params, xb, mb):
-        p, ins, vjp = _forward(graphdef, treedef, layers, params, xb)
-        A = [jnp.einsum("bti,btj->ij", at * mb[:, None, None], at) / at.shape[1] for at in ins]
 
-        def one_class(S, c):
-            ds = vjp(_class_cotangent(p, c, mb))
-            return [s + jnp.einsum("bto,btp->op", d.reshape(d.shape[0], -1, d.shape[-1]), 
-                                   d.reshape(d.shape[0], -1, d.shape[-1])) for s, d in zip(S, ds)], None
+@jax.jit
+def _input_moments(A, ins, mb):
+    return [a + jnp.einsum("bti,btj->ij", at * mb[:, None, None], at) / at.shape[1] for a, at in zip(A, ins)]
 
-        S0 = [jnp.zeros((l.out_features,) * 2, xb.dtype) for l in layers]
-        S, _ = jax.lax.scan(one_class, S0, jnp.arange(num_classes), unroll=unroll)
-        return A, S
 
-    def corrections(params, xb, mb, QAs, QGs):
-        p, ins, vjp = _forward(graphdef, treedef, layers, params, xb)
-        rot_in = [jnp.einsum("bti,ia->bta", at, QA) for at, QA in zip(ins, QAs)]
+@jax.jit
+def _output_moments(S, vjp, p, c, mb):
+    return [s + jnp.einsum("bto,btp->op", d, d) for s, d in zip(S, _pseudo_gradients(vjp, p, c, mb))]
 
-        def one_class(C, c):
-            ds = vjp(_class_cotangent(p, c, mb))
-            out = []
-            for acc, ai, d, QG in zip(C, rot_in, ds, QGs):
-                dr = jnp.einsum("bto,op->btp", d.reshape(d.shape[0], -1, d.shape[-1]), QG)
-                if ai.shape[1] == 1:  # one position: the per-sample gradient is rank one
-                    out.append(acc + (ai[:, 0] ** 2).T @ (dr[:, 0] ** 2))
-                else:
-                    out.append(acc + jnp.sum(jnp.einsum("bta,btp->bap", ai, dr) ** 2, axis=0))
-            return out, None
 
-        C0 = [jnp.zeros((QA.shape[0], QG.shape[0]), xb.dtype) for QA, QG in zip(QAs, QGs)]
-        C, _ = jax.lax.scan(one_class, C0, jnp.arange(num_classes), unroll=unroll)
-        return C
+@jax.jit
+def _rotate_inputs(ins, QAs):
+    return [jnp.einsum("bti,ia->bta", at, QA) for at, QA in zip(ins, QAs)]
 
-    return jax.jit(covariances), jax.jit(corrections)
+
+@jax.jit
+def _corrected(C, vjp, p, c, mb, rot_in, QGs):
+    """Σ_b (Q_Aᵀ (Σ_t ã_t δ_ctᵀ) Q_S)² for class c, added to C (rank one for a dense layer)."""
+    out = []
+    for acc, ai, d, QG in zip(C, rot_in, _pseudo_gradients(vjp, p, c, mb), QGs):
+        dr = jnp.einsum("bto,op->btp", d, QG)
+        if ai.shape[1] == 1:  # one position: the per-sample gradient is rank one
+            out.append(acc + (ai[:, 0] ** 2).T @ (dr[:, 0] ** 2))
+        else:
+            out.append(acc + jnp.sum(jnp.einsum("bta,btp->bap", ai, dr) ** 2, axis=0))
+    return out
 
 
 def _layout(params, layers) -> tuple[tuple, ...]:
@@ -277,28 +274,35 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     """K-FAC and EK-FAC factors of the softmax cross-entropy Gauss-Newton matrix over the data x.
 
     Two streamed passes over x in batches of `batch_size`: the second moments A and S (then
-    their eigendecompositions), and EK-FAC's corrected eigenvalues. Memory: one batch's
-    activations and one class's pseudo-gradients. The batch programs are compiled once per
-    model (and batch shape) and reused by later calls.
+    their eigendecompositions), and EK-FAC's corrected eigenvalues. Per batch, one forward pass,
+    then one backward pass per class from its residuals, the classes looped on the host: memory
+    is one batch's activations and one class's pseudo-gradients, and what is compiled (the
+    forward pass, one class's backward pass) does not grow with K. The programs are compiled
+    once per model and batch shape and reused by later calls.
     """
     x = np.asarray(x)
     n = x.shape[0]
     graphdef, treedef, layers = _discover(model, x[:1])
     layout, num_params = _layout(params, layers)
-    unroll = int(num_classes) if kernels.loops_on_host() else 1
-    cov, corr = _programs(graphdef, treedef, layers, int(num_classes), unroll)
+    forward = _forward_program(graphdef, treedef, layers)
     xc, _, mc = kernels.pad_chunks(x, np.zeros(n, np.int32), batch_size)
     dt = jnp.result_type(*jax.tree_util.tree_leaves(params))
-    A, S = None, None
-    for xb, mb in zip(xc, mc):
-        a, s = cov(params, jnp.asarray(xb, dt), jnp.asarray(mb, dt))
-        A, S = (a, s) if A is None else (jax.tree_util.tree_map(jnp.add, A, a), jax.tree_util.tree_map(jnp.add, S, s))
+    batches = [(jnp.asarray(xb, dt), jnp.asarray(mb, dt)) for xb, mb in zip(xc, mc)]
+    A = [jnp.zeros((l.in_features + l.has_bias,) * 2, dt) for l in layers]
+    S = [jnp.zeros((l.out_features,) * 2, dt) for l in layers]
+    for xb, mb in batches:
+        p, ins, vjp = forward(params, xb)
+        A = _input_moments(A, ins, mb)
+        for c in range(num_classes):
+            S = _output_moments(S, vjp, p, c, mb)
     eig = [(jnp.linalg.eigh(a / n), jnp.linalg.eigh(s / n)) for a, s in zip(A, S)]
     QAs, QGs = [e[0][1] for e in eig], [e[1][1] for e in eig]
-    C = None
-    for xb, mb in zip(xc, mc):
-        c = corr(params, jnp.asarray(xb, dt), jnp.asarray(mb, dt), QAs, QGs)
-        C = c if C is None else jax.tree_util.tree_map(jnp.add, C, c)
+    C = [jnp.zeros((qa.shape[0], qg.shape[0]), dt) for qa, qg in zip(QAs, QGs)]
+    for xb, mb in batches:
+        p, ins, vjp = forward(params, xb)
+        rot_in = _rotate_inputs(ins, QAs)
+        for c in range(num_classes):
+            C = _corrected(C, vjp, p, c, mb, rot_in, QGs)
     facs = tuple(LayerFactors(qa, qg, jnp.outer(jnp.maximum(la, 0.0), jnp.maximum(ls, 0.0)), ci / n)
                  for ((la, qa), (ls, qg)), ci in zip(eig, C))
     return Factors(layers, facs, layout, num_params)

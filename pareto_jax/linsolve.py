@@ -158,15 +158,23 @@ _cg_direction = jax.jit(cg_direction)
 _cg_result = jax.jit(cg_result)
 
 
+def _bucket(count: int, total: int) -> int:
+    """The smallest power of two >= count, capped at total (few distinct shapes to compile)."""
+    return min(total, 1 << max(count - 1, 0).bit_length())
+
+
 def solve_cg_stepped(matvec_batched: Callable[[jax.Array], jax.Array], b: jax.Array, *,
                      damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
                      max_steps: int | None = None,
                      precond_batched: Callable[[jax.Array], jax.Array] | None = None) -> SolveResult:
     """`solve_cg` with the iterations driven from the host: the same steps (`cg_advance`,
-    `cg_direction`, jitted), with ``matvec_batched(V) -> A V`` for all K rows at once (itself
-    free to loop over data chunks on the host). For XLA:CPU, where model gradients inside a
-    compiled loop are slow (see `pareto_jax.kernels`). Not jittable; b is (K, P)."""
+    `cg_direction`, jitted), with ``matvec_batched(V) -> A V`` (itself free to loop over data
+    chunks on the host). Only the right-hand sides still active are multiplied (padded to a
+    power of two, so at most log2(K) + 1 shapes compile): a converged row costs nothing more.
+    For XLA:CPU, where model gradients inside a compiled loop are slow (see
+    `pareto_jax.kernels`). Not jittable; b is (K, P)."""
     b = jnp.asarray(b)
+    K = b.shape[0]
     max_steps = int(min(10 * b.shape[1], 1000) if max_steps is None else max_steps)
     dt = b.dtype
     dmp, rt, at = (jnp.asarray(v, dt) for v in (damping, rtol, atol))
@@ -174,8 +182,13 @@ def solve_cg_stepped(matvec_batched: Callable[[jax.Array], jax.Array], b: jax.Ar
     pre = (lambda r: r) if precond_batched is None else precond_batched
     _, tol = _tolerance(b, rt, at)
     c = _cg_start(b, jnp.zeros_like(b), b, pre(b), tol)
-    while bool(jnp.any(c.active)) and int(c.it) < max_steps:
-        c, ok = _cg_advance(c, mv(c.p))
+    while int(c.it) < max_steps:
+        active = np.flatnonzero(np.asarray(c.active))
+        if active.size == 0:
+            break
+        rows = np.concatenate([active, np.repeat(active[:1], _bucket(active.size, K) - active.size)])
+        Ap = jnp.zeros_like(c.p).at[active].set(mv(c.p[rows])[: active.size])
+        c, ok = _cg_advance(c, Ap)
         c = _cg_direction(c, ok, pre(c.r), tol)
     return _cg_result(b, c.x, b - mv(c.x), c.steps, c.neg, rt, at)
 

@@ -294,4 +294,6 @@ def test_compiled_and_stepped_execution_agree(x64, cfg):
         out[ex] = r
     a, b = out["compiled"], out["stepped"]
     np.testing.assert_allclose(b.P, a.P, rtol=1e-8, atol=1e-12 * np.abs(a.P).max())
-    np.testing.assert_array_equal(a.steps, b.steps)
+    # the stepped CG multiplies only the still-active rows (other batch shapes, other rounding):
+    # a row whose residual lands on the tolerance may take one step more or less
+    assert np.abs(a.steps - b.steps).max() <= 1
