@@ -55,8 +55,7 @@ def main():
         p0 = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), p0)
         loss_fn = models.per_sample_loss(apply)
         cfg = train.TrainConfig(epochs=epochs, batch_size=128, learning_rate=0.01, weight_decay=wd, seed=0)
-        ep = train.make_epoch_fn(loss_fn, cfg, N)
-        ep_batch = jax.jit(jax.vmap(ep, in_axes=(0, 0, None, None, 0, None)))
+        ep_batch = train.make_epoch_fn(loss_fn, cfg, N, population=True)
         opt = train.make_optimizer(cfg)
 
         def retrain(W):
