@@ -357,6 +357,14 @@ def _result(mode, targets, P, pop: Population, ev: Evaluator, ref, ref_val, hist
                         tuple(history), tuple(everything), bool(np.isfinite(best.fitness)))
 
 
+def crossover(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndarray:
+    """Uniform crossover with probability `rate` (each gene from either parent with
+    probability 1/2), else a copy of the first parent."""
+    if rng.random() < rate:
+        return np.where(rng.random(a.shape[0]) < 0.5, a, b)
+    return a.copy()
+
+
 def _next_generation(alphas, cands, rng, config: SearchConfig) -> np.ndarray:
     M, K = alphas.shape
     order = sorted(range(M), key=lambda i: _rank_key(cands[i]), reverse=True)
@@ -371,7 +379,7 @@ def _next_generation(alphas, cands, rng, config: SearchConfig) -> np.ndarray:
     children = []
     while len(children) < M - len(elite):
         a, b = pick(), pick()
-        child = np.where(rng.random(K) < 0.5, a, b) if rng.random() < config.crossover_rate else a.copy()
+        child = crossover(a, b, rng, config.crossover_rate)
         mut = rng.random(K) < config.mutation_rate
         child = np.clip(child + mut * rng.normal(0, config.mutation_sigma, K), 0.0, 1.0)
         children.append(child)

@@ -23,6 +23,10 @@ import numpy as np  # noqa: E402
 
 from pareto_jax import data, distributed, influence, linsolve, models, search, train  # noqa: E402
 
+import _faults  # noqa: E402  (tests/ is this script's folder)
+
+_faults.plant()  # PARETO_JAX_FAULT, when tests/planted.py runs the distributed tests with a fault
+
 
 def maxdiff(a, b):
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)

@@ -197,6 +197,10 @@ def from_duals(P, c, b, z, config, verdict, resolved=None) -> ReweightResult:
     if config.mu > 0:
         u, _, _ = dual.primal_from_dual(z, P, c, lo, hi, config.mu, config.budget is not None)
         w, duals, notes = 1.0 + np.asarray(u, np.float64), z, ()
+        gap, bar = dual.qp_gap(P, c, b, z, w, config)
+        if not gap <= bar:  # duals short of the optimum: w is feasible at best, not optimal
+            return _highs_solve(P, c, b, config, "dual→highs",
+                                (f"duality gap {gap:.3g} > {bar:.3g} (the dual stage stopped short); HiGHS decides",))
     else:
         if resolved is None:
             resolved = resolve.resolve_lp(P, c[None], b[None], np.array([lo]), np.array([hi]), z[None],

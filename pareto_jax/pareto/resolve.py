@@ -49,13 +49,15 @@ def _block(P, c, b, lo, hi, free, fixed_w, budget):
     if budget is None:
         A = scipy.sparse.hstack([scipy.sparse.csr_matrix(-Pf.T / s), slack])
         return A, [-c[free] / s, np.full(K, _PENALTY)], [rhs], [(lo, hi)] * nf + [(0.0, None)] * K, nf + K
-    # w = 1 + a − e with a ∈ [0, hi − 1], e ∈ [0, 1 − lo]; Σ (a + e) <= what the fixed ones leave
-    rows = scipy.sparse.hstack([scipy.sparse.csr_matrix(np.hstack([-Pf.T, Pf.T]) / s), slack])
-    brow = scipy.sparse.csr_matrix(np.concatenate([np.ones(2 * nf), np.zeros(K)])[None])
-    A = scipy.sparse.vstack([rows, brow])
+    # w = 1 + a − e with a ∈ [0, hi − 1], e ∈ [0, 1 − lo]; Σ (a + e) <= what the fixed ones
+    # leave, elastic too (the fixed weights alone may spend more than the budget)
+    slack = -scipy.sparse.identity(K + 1)
+    A = scipy.sparse.hstack([scipy.sparse.vstack([
+        scipy.sparse.csr_matrix(np.hstack([-Pf.T, Pf.T]) / s),
+        scipy.sparse.csr_matrix(np.ones((1, 2 * nf)))]), slack])
     rhs = [rhs + Pf.sum(0) / s, [budget - np.abs(fixed_w[~free] - 1).sum()]]
-    bounds = [(0.0, max(hi - 1.0, 0.0))] * nf + [(0.0, max(1.0 - lo, 0.0))] * nf + [(0.0, None)] * K
-    return A, [-c[free] / s, c[free] / s, np.full(K, _PENALTY)], rhs, bounds, 2 * nf + K
+    bounds = [(0.0, max(hi - 1.0, 0.0))] * nf + [(0.0, max(1.0 - lo, 0.0))] * nf + [(0.0, None)] * (K + 1)
+    return A, [-c[free] / s, c[free] / s, np.full(K + 1, _PENALTY)], rhs, bounds, 2 * nf + K + 1
 
 
 def _restricted(P, C, B, LO, HI, free, fixed_w, budget):
@@ -79,7 +81,8 @@ def _restricted(P, C, B, LO, HI, free, fixed_w, budget):
         w[f] = x[:nf] if budget is None else 1.0 + x[:nf] - x[nf:2 * nf]
         s = max(float(np.abs(P[f]).max(initial=0.0)), 1e-300)
         eta = 0.0 if budget is None else dual[K] * s  # the budget row is not scaled, the objective is
-        out.append((w, dual[:K], eta, bool(np.any(x[-K:] > 0))))
+        n_slack = K + (budget is not None)
+        out.append((w, dual[:K], eta, bool(np.any(x[-n_slack:] > 0))))
     return out
 
 

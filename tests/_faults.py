@@ -1,0 +1,401 @@
+"""Planted faults: deliberate bugs the suite must catch (run by ``python -m tests.planted``).
+
+Each entry is (what the fault does, the tests that must fail with it planted, the function that
+plants it). A fault is planted in the test process (and in the worker subprocesses that the
+distributed tests start) when ``PARETO_JAX_FAULT`` names it: ``tests/conftest.py`` and the
+workers call `plant` before any test runs, so every compiled program is traced with the fault.
+
+A fault replaces a function wherever the package holds it (`_swap` rebinds every module
+attribute that is the original object, so ``from .x import f`` copies are replaced too).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+
+def _swap(module, name: str, make):
+    """Replace `module.name` by make(original) in every pareto_jax module that holds it."""
+    orig = getattr(module, name)
+    new = make(orig)
+    setattr(module, name, new)  # a class attribute (a method) is only held there
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.startswith("pareto_jax") and mod is not None:
+            for attr, value in list(vars(mod).items()):
+                if value is orig:
+                    setattr(mod, attr, new)
+    return new
+
+
+def _wrap_result(module, name, post):
+    def make(orig):
+        @functools.wraps(orig)
+        def f(*a, **k):
+            return post(orig(*a, **k), *a, **k)
+        return f
+    _swap(module, name, make)
+
+
+def _wrap_args(module, name, pre):
+    def make(orig):
+        @functools.wraps(orig)
+        def f(*a, **k):
+            a, k = pre(a, k)
+            return orig(*a, **k)
+        return f
+    _swap(module, name, make)
+
+
+# ----------------------------------------------------------------------------- influence
+
+def _influence_sign():
+    from pareto_jax import backend
+    _wrap_result(backend.Local, "influence_rows", lambda r, *a, **k: -r)
+
+
+def _one_over_n_dropped():
+    from pareto_jax import backend
+    _wrap_result(backend.Local, "influence_rows", lambda r, self, f, m, th, U, ch, n: r * n)
+
+
+def _damping_ignored():
+    from pareto_jax import linsolve
+
+    def pre(a, k):
+        return a, {**k, "damping": 0.0 * k.get("damping", 0.0)}
+    for name in ("solve_cg", "solve_cg_stepped", "solve_dense"):
+        _wrap_args(linsolve, name, pre)
+
+
+def _gauss_newton_diagonal_output_hessian():
+    import jax
+    import jax.numpy as jnp
+
+    from pareto_jax import kernels
+
+    def make(orig):
+        def chunk_product(curv, theta, xb, yb, mb, v):
+            if curv.kind == "hessian":
+                return orig(curv, theta, xb, yb, mb, v)
+            fb = lambda th: jax.vmap(curv.logits, (None, 0))(th, xb)  # noqa: E731
+            logits, jv = jax.jvp(fb, (theta,), (v,))
+            p = jax.nn.softmax(logits, -1)
+            _, vjp = jax.vjp(fb, theta)
+            return vjp(p * jv * mb[:, None])[0]  # diag(p) only: the −ppᵀ term dropped
+        del jnp
+        return chunk_product
+    _swap(kernels, "chunk_product", make)
+
+
+def _jvp_wrong_class():
+    import jax.numpy as jnp
+
+    from pareto_jax import kernels
+
+    def pre(a, k):
+        f, theta, U, xb, yb = a
+        return (f, theta, jnp.roll(U, 1, axis=0), xb, yb), k
+    _wrap_args(kernels, "jvp_chunk", pre)
+
+
+def _class_gradient_wrong_class():
+    from pareto_jax import kernels
+
+    def pre(a, k):
+        f, theta, xb, yb, mb, counts, K = a
+        return (f, theta, xb, (yb + 1) % K, mb, counts, K), k
+    _wrap_args(kernels, "class_gradient_chunk", pre)
+
+
+def _cg_one_step():
+    import jax.numpy as jnp
+
+    from pareto_jax import linsolve
+    orig = linsolve.cg_direction
+
+    def cg_direction(c, ok, z, tol):
+        c = orig(c, ok, z, tol)
+        return c._replace(active=jnp.zeros_like(c.active))
+    _swap(linsolve, "cg_direction", lambda o: cg_direction)
+    import jax
+    linsolve._cg_direction = jax.jit(cg_direction)
+
+
+def _ekfac_correction_skipped():
+    from pareto_jax import kfac
+
+    def make(orig):
+        import jax
+
+        @jax.jit
+        def _corrected(C, vjp, p, c, mb, rot_in, QGs):
+            return C  # the eigenvalue correction never accumulates: K-FAC's eigenvalues stay
+        return _corrected
+    _swap(kfac, "_corrected", make)
+
+
+def _kfac_old_pseudo_gradient():
+    import jax
+    import jax.numpy as jnp
+
+    from pareto_jax import kfac
+
+    def _class_cotangent(p, c, mb):  # the formula before the fix: entry j weighted by √p_j
+        return jnp.sqrt(p) * (p - jax.nn.one_hot(c, p.shape[1], dtype=p.dtype)) * mb[:, None]
+    _swap(kfac, "_class_cotangent", lambda o: _class_cotangent)
+
+
+def _closed_form_weight_decay_ignored():
+    from pareto_jax import closed_form
+
+    def pre(a, k):
+        return a, {**k, "weight_decay": 0.0}
+    _wrap_args(closed_form, "linear_influence", pre)
+
+
+def _missing_psum():
+    from pareto_jax import kernels
+
+    def pre(a, k):
+        return a[:2], {**k}  # curvature_matvec(curv, data, axis_name) with axis_name dropped
+    _wrap_args(kernels, "curvature_matvec", pre)
+
+
+# ----------------------------------------------------------------------------- program
+
+def _zero_duals():
+    import numpy as np
+
+    from pareto_jax.pareto import dual
+
+    def post(r, *a, **k):
+        z, w, info = r
+        return np.zeros_like(z), w, info
+    _wrap_result(dual, "run_dual", post)
+
+
+def _reduced_cost_sign():
+    from pareto_jax.pareto import resolve
+
+    def pre(a, k):
+        w, r, eta, lo, hi, tol = a
+        return (w, -r, eta, lo, hi, tol), k
+    _wrap_args(resolve, "_certified", pre)
+
+
+def _certificate_skipped():
+    import numpy as np
+
+    from pareto_jax.pareto import resolve
+    _swap(resolve, "_certified", lambda o: (lambda w, r, eta, lo, hi, tol: np.ones(np.shape(w), bool)))
+
+
+def _float64_recheck_skipped():
+    from pareto_jax.pareto import program
+    _swap(program, "check_feasibility", lambda o: (lambda P, w, b, config: 0.0))
+
+
+def _qp_gap_skipped():
+    from pareto_jax.pareto import dual
+    _swap(dual, "qp_gap", lambda o: (lambda *a, **k: (0.0, 1.0)))
+
+
+def _ceiling_direction_flipped():
+    import dataclasses
+
+    from pareto_jax.pareto import ceiling
+
+    def post(r, *a, **k):
+        return dataclasses.replace(r, direction=-r.direction)
+    _wrap_result(ceiling, "ceiling_test", post)
+
+
+def _nan_check_removed():
+    import numpy as np
+
+    from pareto_jax import checks
+
+    def as_influence_matrix(P, name="P"):
+        arr = np.asarray(P, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+            checks.fail(name, f"shape {arr.shape}", "2-D", "")
+        return arr
+    _swap(checks, "as_influence_matrix", lambda o: as_influence_matrix)
+
+
+# ----------------------------------------------------------------------------- training, search, data
+
+def _epoch_ignores_weights():
+    import jax.numpy as jnp
+
+    from pareto_jax import train
+
+    def make(orig):
+        def epoch_fns(*a, **k):
+            fns = orig(*a, **k)
+
+            def step(params, opt_state, x, y, w, mask, ib, sb, scale):
+                return fns.step(params, opt_state, x, y, jnp.ones_like(w), mask, ib, sb, scale)
+
+            def body(params, opt_state, x, y, w, mask, epoch_index):
+                return fns.body(params, opt_state, x, y, jnp.ones_like(w), mask, epoch_index)
+            return fns._replace(step=step, body=body)
+        return epoch_fns
+    _swap(train, "epoch_fns", make)
+
+
+def _normaliser_n():
+    import jax.numpy as jnp
+
+    from pareto_jax import train
+
+    def make(orig):
+        def epoch_fns(*a, **k):
+            fns = orig(*a, **k)
+
+            def plan(w, mask, epoch_index):
+                idx, slot, scale = fns.plan(w, mask, epoch_index)
+                return idx, slot, jnp.ones_like(scale)  # Σ w ℓ / N instead of Σ w ℓ / Σ w
+            return fns._replace(plan=plan, body=_body_with(fns, plan))
+        return epoch_fns
+    _swap(train, "epoch_fns", make)
+
+
+def _body_with(fns, plan):
+    import jax
+    import jax.numpy as jnp
+
+    def body(params, opt_state, x, y, w, mask, epoch_index):
+        idx, slot, scale = plan(w, mask, epoch_index)
+
+        def scan_step(carry, b):
+            p, o, d = fns.step(*carry, x, y, w, mask, *b, scale)
+            return (p, o), d
+        (params, opt_state), losses = jax.lax.scan(scan_step, (params, opt_state), (idx, slot))
+        return params, opt_state, jnp.mean(losses)
+    return body
+
+
+def _fitness_ignores_failed_target():
+    import numpy as np
+
+    from pareto_jax import evaluation
+
+    def fitness(delta, targets):
+        delta = np.asarray(delta)
+        t = np.zeros(delta.shape[-1], bool)
+        t[list(targets)] = True
+        others = delta[~t]
+        return (float(np.mean(np.minimum(others, 0.0))) if others.size else 0.0), float(np.mean(delta[t]))
+    _swap(evaluation, "fitness", lambda o: fitness)
+
+
+def _crossover_returns_parent():
+    from pareto_jax import search
+    _swap(search, "crossover", lambda o: (lambda a, b, rng, rate: a.copy()))
+
+
+def _checkpoint_ignored():
+    from pareto_jax import search
+
+    def pre(a, k):
+        config, K, rng, pop, checkpoint = a
+        return (config, K, rng, pop, None), k
+    _wrap_args(search, "_start", pre)
+
+
+def _split_drops_a_validation_class():
+    import numpy as np
+
+    from pareto_jax import data
+
+    def post(parts, y, fractions, seed):
+        y = np.asarray(y)
+        last = np.max(y)
+        parts[1] = parts[1][y[parts[1]] != last]
+        return parts
+    _wrap_result(data, "stratified_indices", post)
+
+
+FAULTS: dict[str, tuple[str, list[str], object]] = {
+    "influence_sign": ("P negated (beneficial reported as harmful)",
+                       ["tests/test_influence.py::test_sign_and_scale_identity_against_retraining"], _influence_sign),
+    "one_over_n_dropped": ("P not divided by N",
+                           ["tests/test_influence.py::test_generic_paths_agree_with_closed_form_on_digits"],
+                           _one_over_n_dropped),
+    "damping_ignored": ("CG / dense solves drop the damping δ",
+                        ["tests/test_influence.py::test_cg_matches_dense_solve"], _damping_ignored),
+    "gauss_newton_diagonal": ("Gauss-Newton output Hessian diag(p) instead of diag(p) − ppᵀ",
+                              ["tests/test_influence.py::test_gauss_newton_matches_explicit_jacobian_product"],
+                              _gauss_newton_diagonal_output_hessian),
+    "jvp_wrong_class": ("forward-mode P stage pairs class k with class k−1's solution",
+                        ["tests/test_reliability.py::test_property_forward_mode_equals_per_sample"],
+                        _jvp_wrong_class),
+    "class_gradient_wrong_class": ("class gradients averaged over the next class's samples",
+                                   ["tests/test_influence.py::test_class_gradients_match_python_loop"],
+                                   _class_gradient_wrong_class),
+    "cg_one_step": ("CG stops after its first step",
+                    ["tests/test_influence.py::test_cg_matches_dense_solve"], _cg_one_step),
+    "ekfac_correction_skipped": ("EK-FAC eigenvalue correction never accumulated",
+                                 ["tests/test_estimators.py::test_ekfac_eigenvalues_are_the_gauss_newton_diagonal_in_the_kronecker_basis"],
+                                 _ekfac_correction_skipped),
+    "kfac_old_pseudo_gradient": ("K-FAC pseudo-gradients weighted by √p_j (the bug of issue 18)",
+                                 ["tests/test_estimators.py::test_kfac_and_ekfac_are_exact_where_the_kronecker_product_is"],
+                                 _kfac_old_pseudo_gradient),
+    "closed_form_weight_decay_ignored": ("closed-form linear influence drops λ",
+                                         ["tests/test_influence.py::test_weighted_closed_form_matches_dense_reference_and_retraining"],
+                                         _closed_form_weight_decay_ignored),
+    "missing_psum": ("sharded curvature product not summed over devices",
+                     ["tests/test_distributed.py::test_influence_stages_match_single_device"], _missing_psum),
+    "zero_duals": ("the dual stage returns zeros",
+                   ["tests/test_pareto.py::test_dual_solver_matches_highs"], _zero_duals),
+    "reduced_cost_sign": ("the optimality certificate reads the reduced cost with the wrong sign",
+                          ["tests/test_pareto.py::test_dual_solver_matches_highs"], _reduced_cost_sign),
+    "certificate_skipped": ("the exact resolution accepts its restricted LP without the certificate",
+                            ["tests/test_pareto.py::test_batch_resolution_recovers_from_bad_duals"],
+                            _certificate_skipped),
+    "float64_recheck_skipped": ("the float64 feasibility re-check always passes",
+                                ["tests/test_pareto.py::test_a_wrong_resolution_is_caught_by_the_float64_recheck"],
+                                _float64_recheck_skipped),
+    "qp_gap_skipped": ("the QP's duality-gap certificate always passes",
+                       ["tests/test_pareto.py::test_qp_from_inexact_duals_is_optimal_or_handed_on"],
+                       _qp_gap_skipped),
+    "ceiling_direction_flipped": ("the ceiling test returns −d",
+                                  ["tests/test_pareto.py::test_ceiling_improvable_cases"], _ceiling_direction_flipped),
+    "nan_check_removed": ("NaN in P accepted",
+                          ["tests/test_pareto.py::test_nan_in_P_is_rejected"], _nan_check_removed),
+    "epoch_ignores_weights": ("the weighted epoch trains with w = 1",
+                              ["tests/test_train.py::test_zero_weight_equals_training_without_the_samples"],
+                              _epoch_ignores_weights),
+    "normaliser_n": ("the weighted epoch divides by N instead of Σw",
+                     ["tests/test_train.py::test_minibatch_weighted_training_matches_duplicated_data"],
+                     _normaliser_n),
+    "fitness_ignores_failed_target": ("fitness finite although a target got worse",
+                                      ["tests/test_search.py::test_fitness_definition"],
+                                      _fitness_ignores_failed_target),
+    "crossover_returns_parent": ("crossover returns its first parent",
+                                 ["tests/test_search.py::test_crossover_mixes_both_parents"],
+                                 _crossover_returns_parent),
+    "checkpoint_ignored": ("the search starts over instead of resuming from its checkpoint",
+                           ["tests/test_search.py::test_search_resumes_from_its_checkpoint"], _checkpoint_ignored),
+    "split_drops_a_validation_class": ("the split leaves a class out of validation",
+                                       ["tests/test_data.py::test_stratified_split_is_stratified_and_reproducible"],
+                                       _split_drops_a_validation_class),
+}
+
+
+def plant(name: str | None = None) -> None:
+    """Plant the fault named by `name` (default: $PARETO_JAX_FAULT; nothing if unset)."""
+    name = name or os.environ.get("PARETO_JAX_FAULT")
+    if not name:
+        return
+    if name not in FAULTS:
+        raise KeyError(f"unknown fault {name!r}; known: {sorted(FAULTS)}")
+    import pareto_jax  # noqa: F401  (every submodule imported, so `_swap` sees all copies)
+    import pareto_jax.cli  # noqa: F401
+    import pareto_jax.distributed  # noqa: F401
+    import pareto_jax.experiments  # noqa: F401
+    import pareto_jax.reproduce  # noqa: F401
+    FAULTS[name][2]()
