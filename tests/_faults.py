@@ -51,8 +51,10 @@ def _wrap_args(module, name, pre):
 # ----------------------------------------------------------------------------- influence
 
 def _influence_sign():
-    from pareto_jax import backend
+    from pareto_jax import backend, closed_form
     _wrap_result(backend.Local, "influence_rows", lambda r, *a, **k: -r)
+    _wrap_result(closed_form, "linear_influence",
+                 lambda r, *a, **k: (-r[0], r[1]) if isinstance(r, tuple) else -r)
 
 
 def _one_over_n_dropped():
@@ -71,7 +73,6 @@ def _damping_ignored():
 
 def _gauss_newton_diagonal_output_hessian():
     import jax
-    import jax.numpy as jnp
 
     from pareto_jax import kernels
 
@@ -84,7 +85,6 @@ def _gauss_newton_diagonal_output_hessian():
             p = jax.nn.softmax(logits, -1)
             _, vjp = jax.vjp(fb, theta)
             return vjp(p * jv * mb[:, None])[0]  # diag(p) only: the −ppᵀ term dropped
-        del jnp
         return chunk_product
     _swap(kernels, "chunk_product", make)
 

@@ -9,7 +9,7 @@ warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
+from hypothesis import Phase, settings  # noqa: E402
 
 import _faults  # noqa: E402
 
@@ -19,7 +19,9 @@ import _faults  # noqa: E402
 # -k highs). Every failure found there is kept as an explicit @example in its test.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False, print_blob=True)
-PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+# with a planted fault only whether a test fails matters: no shrinking of the failing example
+settings.register_profile("planted", derandomize=True, phases=(Phase.explicit, Phase.generate))
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "planted" if os.environ.get("PARETO_JAX_FAULT") else "ci")
 settings.load_profile(PROFILE)
 
 

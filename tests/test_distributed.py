@@ -29,7 +29,8 @@ def _env():
     return env
 
 
-@pytest.fixture(scope="module", params=[4, 1])
+# 4 devices by default; the 1-device mesh (same code, psum over one device) with -m slow
+@pytest.fixture(scope="module", params=[4, pytest.param(1, marks=pytest.mark.slow)])
 def worker(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"dist{request.param}") / "out.json"
     r = subprocess.run([sys.executable, str(HERE / "_dist_worker.py"), str(request.param), str(out)],

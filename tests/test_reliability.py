@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pareto_jax import influence, kernels, models, pareto, pipeline, train
@@ -78,6 +79,7 @@ CMD = [sys.executable, "-m", "pareto_jax.cli", "run", "--epochs", "4", "--search
        "--generations", "6", "--retrain-epochs", "2", "--no-progress"]
 
 
+@pytest.mark.slow  # a real SIGKILL of the CLI (45 s); resumption itself: test_search_resumes_from_its_checkpoint
 def test_run_killed_mid_search_resumes_to_the_same_result(tmp_path):
     ref = tmp_path / "uninterrupted"
     subprocess.run(CMD + ["--out", str(ref)], check=True, capture_output=True)

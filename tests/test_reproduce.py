@@ -32,7 +32,8 @@ def test_synthetic_quick(tmp_path):
     assert r["overlapping"]["t_star_relative"] < sep["t_star_relative"]
 
 
-@pytest.mark.parametrize("dataset", ["digits", "ag_news"])
+# digits is the slow one (a CNN-free but 1,000-sample retraining sweep); AG News stays in the default run
+@pytest.mark.parametrize("dataset", [pytest.param("digits", marks=pytest.mark.slow), "ag_news"])
 def test_deletion_quick(tmp_path, dataset):
     r = reproduce.reproduce_deletion(dataset, str(tmp_path), quick=True, out=io.StringIO())
     _check_report(tmp_path, ["scatter.png", "influence_beneficial.png", "accuracy_beneficial.png",
@@ -42,6 +43,7 @@ def test_deletion_quick(tmp_path, dataset):
     assert comp.sum(1).tolist() == [comp.sum(1)[0]] * comp.shape[0]  # same set size per class
 
 
+@pytest.mark.slow  # experiment-scale (a search and its retrainings); the search itself is tested in test_search
 def test_improve_quick(tmp_path):
     r = reproduce.reproduce_improve(str(tmp_path), quick=True, out=io.StringIO())
     _check_report(tmp_path, ["direct.png", "frontier.png"])
@@ -66,6 +68,7 @@ def test_cli_reproduce_bad_arguments(tmp_path):
     assert p.returncode == 2 and "path" in p.stderr
 
 
+@pytest.mark.slow  # experiment-scale: three rounds of search
 def test_iterated_direct_improvement_never_gives_back_validation(tmp_path):
     from pareto_jax import checks, experiments, pipeline, search
 
