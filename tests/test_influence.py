@@ -297,3 +297,33 @@ def test_compiled_and_stepped_execution_agree(x64, cfg):
     # the stepped CG multiplies only the still-active rows (other batch shapes, other rounding):
     # a row whose residual lands on the tolerance may take one step more or less
     assert np.abs(a.steps - b.steps).max() <= 1
+
+
+def test_gauss_newton_is_never_applied_to_another_loss(x64):
+    """Gauss-Newton (and K-FAC) use cross-entropy's output Hessian diag p − ppᵀ. For a loss that
+    is not cross-entropy of apply's logits (here 10·CE on a trained, confident MLP) the old
+    default silently used it anyway (P off by a median factor 6.6, issue 17): "auto" must now
+    take the Hessian, say so, and give the P of a dense solve with that loss's own Hessian; an
+    explicit Gauss-Newton / EK-FAC request must be refused; plain CE keeps Gauss-Newton."""
+    x, y, xv, yv, apply, ce, params = _mlp_problem(n=60)
+    loss10 = lambda p, xi, yi: 10.0 * ce(p, xi, yi)  # noqa: E731
+    params, _ = fit_exact(loss10, params, x, y, weight_decay=0.05, init=params)
+    assert float(jnp.mean(jnp.max(jax.nn.softmax(apply(params, x)), 1))) > 0.8  # confident
+    kw = dict(num_classes=3, weight_decay=0.05, apply=apply)
+    res = influence.category_influence(loss10, params, x, y, xv, yv, **kw,
+                                       config=influence.InfluenceConfig(damping=0.0, rtol=1e-12))
+    assert res.curvature == "hessian" and "cross-entropy" in res.details["curvature_note"]
+    # reference: the dense Hessian of (1/N) Σ 10·CE + (λ/2)‖θ‖², per-sample and class gradients
+    theta, unravel = ravel_pytree(params)
+    f = lambda t, xi, yi: loss10(unravel(t), xi, yi)  # noqa: E731
+    H = jax.hessian(lambda t: jnp.mean(jax.vmap(f, (None, 0, 0))(t, x, y)) + 0.025 * t @ t)(theta)
+    assert np.linalg.eigvalsh(np.asarray(H)).min() > 0
+    G = np.stack([jax.grad(lambda t: jnp.mean(jax.vmap(f, (None, 0, 0))(t, xv[yv == k], yv[yv == k])))(theta)
+                  for k in range(3)])
+    Gi = np.asarray(jax.vmap(jax.grad(f), (None, 0, 0))(theta, x, y))
+    P_ref = Gi @ np.linalg.solve(np.asarray(H), G.T) / len(y)
+    np.testing.assert_allclose(res.P, P_ref, rtol=1e-6, atol=1e-9 * np.abs(P_ref).max())
+    for cfg in (influence.InfluenceConfig(curvature="gauss_newton"), influence.InfluenceConfig(solver="ekfac")):
+        with pytest.raises(InputError, match="cross-entropy"):
+            influence.category_influence(loss10, params, x, y, xv, yv, **kw, config=cfg)
+    assert influence.category_influence(ce, params, x, y, xv, yv, **kw).curvature == "gauss_newton"
