@@ -119,7 +119,7 @@ def main():
             t = time.perf_counter() - t0
             if name in ("K-FAC", "EK-FAC"):
                 f = kfac.compute_factors(m, params, x, num_classes=K)
-                state_bytes[name] = sum(int(np.asarray(l).nbytes) for lf in f.layers for l in lf)
+                state_bytes[name] = sum(int(np.asarray(a).nbytes) for a in jax.tree_util.tree_leaves(f.factors))
             # deletion check with this estimator's own removal sets
             k10 = N // 10
             W, sets = [], []
