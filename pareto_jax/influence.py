@@ -84,26 +84,37 @@ def cross_entropy_mismatch(loss_fn: LossFn, params, apply, x, y, n: int = 16) ->
     return float(jnp.max(jnp.abs(ours - ce) / jnp.maximum(jnp.abs(ce), 1e-6)))
 
 
+def _not_cross_entropy(loss_fn, params, apply, x, y) -> str | None:
+    """Why Gauss-Newton / K-FAC would be wrong for this loss (None when loss_fn is the softmax
+    cross-entropy of apply's logits, checked on 16 training samples): they use that loss's
+    output Hessian diag p − ppᵀ whatever the loss."""
+    gap = cross_entropy_mismatch(loss_fn, params, apply, x, y)
+    if gap <= 1e-4:
+        return None
+    return (f"loss_fn is not the softmax cross-entropy of apply's logits (relative difference {gap:.2g} "
+            f"on 16 training samples)")
+
+
+def _refuse(what: str, why: str):
+    checks.fail("config", what, "a loss that is softmax cross-entropy of apply's logits for Gauss-Newton / K-FAC / EK-FAC",
+                f"{why}; use curvature='hessian' with solver 'cg', 'dense' or 'lissa'")
+
+
 def _resolve_curvature(config: "InfluenceConfig", loss_fn, params, apply, x, y):
-    """(config with its curvature decided, a details note). Gauss-Newton and K-FAC/EK-FAC use
-    softmax cross-entropy's output Hessian diag p − ppᵀ, which is right only when loss_fn is
-    that cross-entropy of apply's logits (checked on 16 training samples): otherwise "auto"
-    takes the Hessian (and says so), and an explicit Gauss-Newton / K-FAC request is refused,
-    never answered with another loss's curvature."""
+    """(config with its curvature decided, a details note): "auto" takes Gauss-Newton only for a
+    cross-entropy loss (`_not_cross_entropy`), else the Hessian (and says so); an explicit
+    Gauss-Newton / K-FAC request for another loss is refused, never answered with the wrong
+    curvature."""
     ce_based = config.solver in ("kfac", "ekfac") or config.curvature in ("auto", "gauss_newton")
     if apply is None or not ce_based:
         return (dataclasses.replace(config, curvature="hessian") if config.curvature == "auto" else config), {}
-    gap = cross_entropy_mismatch(loss_fn, params, apply, x, y)
-    if gap <= 1e-4:
+    why = _not_cross_entropy(loss_fn, params, apply, x, y)
+    if why is None:
         return (dataclasses.replace(config, curvature="gauss_newton") if config.curvature == "auto" else config), {}
-    why = (f"loss_fn is not the softmax cross-entropy of apply's logits (relative difference {gap:.2g} "
-           f"on 16 training samples)")
     if config.curvature == "auto" and config.solver not in ("kfac", "ekfac"):
         return dataclasses.replace(config, curvature="hessian"), {
             "curvature_note": f"{why}: the Hessian is used, since Gauss-Newton here assumes cross-entropy"}
-    checks.fail("config", f"curvature={config.curvature!r}, solver={config.solver!r}",
-                "a loss that is softmax cross-entropy of apply's logits for Gauss-Newton / K-FAC / EK-FAC",
-                f"{why}; use InfluenceConfig(curvature='hessian') with solver 'cg', 'dense' or 'lissa'")
+    _refuse(f"curvature={config.curvature!r}, solver={config.solver!r}", why)
 
 
 def make_hvp(loss_fn: LossFn, params, x_train, y_train, *, weight_decay: float,
@@ -111,7 +122,7 @@ def make_hvp(loss_fn: LossFn, params, x_train, y_train, *, weight_decay: float,
     """v -> ∇²L_T(θ) v (flat v), the minibatch-accumulated HVP of the full training objective.
 
     With ``curvature="gauss_newton"`` the product is Jᵀ H_CE J v + λv, for softmax cross-entropy
-    over the logits of ``apply(params, x_batch)`` (PSD by construction). With `mesh`, the
+    over the logits of ``apply(params, x_batch)`` (PSD by construction; another loss is refused). With `mesh`, the
     training set is sharded and each product `psum`-ed.
 
     Returns:
@@ -119,6 +130,9 @@ def make_hvp(loss_fn: LossFn, params, x_train, y_train, *, weight_decay: float,
         captured as constants) and the flat parameter vector.
     """
     curv = _curvature(loss_fn, params, curvature, apply)
+    why = None if curvature != "gauss_newton" else _not_cross_entropy(loss_fn, params, apply, x_train, y_train)
+    if why is not None:
+        _refuse("curvature='gauss_newton'", why)
     theta = kernels.flatten(loss_fn, params).theta
     be = _backend(mesh)
     chunks = be.chunks(x_train, y_train, batch_size, theta.dtype)

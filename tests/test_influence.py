@@ -326,4 +326,6 @@ def test_gauss_newton_is_never_applied_to_another_loss(x64):
     for cfg in (influence.InfluenceConfig(curvature="gauss_newton"), influence.InfluenceConfig(solver="ekfac")):
         with pytest.raises(InputError, match="cross-entropy"):
             influence.category_influence(loss10, params, x, y, xv, yv, **kw, config=cfg)
+    with pytest.raises(InputError, match="cross-entropy"):  # the lower-level product too
+        influence.make_hvp(loss10, params, x, y, weight_decay=0.05, curvature="gauss_newton", apply=apply)
     assert influence.category_influence(ce, params, x, y, xv, yv, **kw).curvature == "gauss_newton"
