@@ -287,10 +287,13 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     forward = _forward_program(graphdef, treedef, layers)
     xc, _, mc = kernels.pad_chunks(x, np.zeros(n, np.int32), batch_size)
     dt = jnp.result_type(*jax.tree_util.tree_leaves(params))
-    batches = [(jnp.asarray(xb, dt), jnp.asarray(mb, dt)) for xb, mb in zip(xc, mc)]
+
+    def batches():  # one batch on the device at a time, in each pass
+        return ((jnp.asarray(xb, dt), jnp.asarray(mb, dt)) for xb, mb in zip(xc, mc))
+
     A = [jnp.zeros((l.in_features + l.has_bias,) * 2, dt) for l in layers]
     S = [jnp.zeros((l.out_features,) * 2, dt) for l in layers]
-    for xb, mb in batches:
+    for xb, mb in batches():
         p, ins, vjp = forward(params, xb)
         A = _input_moments(A, ins, mb)
         for c in range(num_classes):
@@ -298,7 +301,7 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     eig = [(jnp.linalg.eigh(a / n), jnp.linalg.eigh(s / n)) for a, s in zip(A, S)]
     QAs, QGs = [e[0][1] for e in eig], [e[1][1] for e in eig]
     C = [jnp.zeros((qa.shape[0], qg.shape[0]), dt) for qa, qg in zip(QAs, QGs)]
-    for xb, mb in batches:
+    for xb, mb in batches():
         p, ins, vjp = forward(params, xb)
         rot_in = _rotate_inputs(ins, QAs)
         for c in range(num_classes):

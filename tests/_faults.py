@@ -252,35 +252,14 @@ def _epoch_ignores_weights():
 
 
 def _normaliser_n():
-    import jax.numpy as jnp
+    import dataclasses
 
     from pareto_jax import train
 
-    def make(orig):
-        def epoch_fns(*a, **k):
-            fns = orig(*a, **k)
-
-            def plan(w, mask, epoch_index):
-                idx, slot, scale = fns.plan(w, mask, epoch_index)
-                return idx, slot, jnp.ones_like(scale)  # Σ w ℓ / N instead of Σ w ℓ / Σ w
-            return fns._replace(plan=plan, body=_body_with(fns, plan))
-        return epoch_fns
-    _swap(train, "epoch_fns", make)
-
-
-def _body_with(fns, plan):
-    import jax
-    import jax.numpy as jnp
-
-    def body(params, opt_state, x, y, w, mask, epoch_index):
-        idx, slot, scale = plan(w, mask, epoch_index)
-
-        def scan_step(carry, b):
-            p, o, d = fns.step(*carry, x, y, w, mask, *b, scale)
-            return (p, o), d
-        (params, opt_state), losses = jax.lax.scan(scan_step, (params, opt_state), (idx, slot))
-        return params, opt_state, jnp.mean(losses)
-    return body
+    def pre(a, k):  # every weighted epoch built as if normalizer="n": Σ w ℓ / N, not Σ w ℓ / Σ w
+        loss_fn, config, *rest = a
+        return (loss_fn, dataclasses.replace(config, normalizer="n"), *rest), k
+    _wrap_args(train, "epoch_fns", pre)
 
 
 def _fitness_ignores_failed_target():
