@@ -72,11 +72,11 @@ def influence_rows_program(f, method, theta, U, chunks, n):
 def lissa_program(curv, data, G, scale, damping, rtol, max_steps, seed):
     def batch_matvec(v, i):
         # the curvature of the objective on minibatch i alone (mean over its samples, plus λv)
-        c = Chunks(*(a[i][None] for a in data.chunks))
+        c = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0), data.chunks)
         d = ObjectiveData(data.theta, c, jnp.maximum(jnp.sum(c.mask), 1.0), data.weight_decay)
         return kernels.curvature_matvec(curv, d)(v)
 
-    return linsolve.solve_lissa(batch_matvec, G, data.chunks.x.shape[0], scale=scale, damping=damping,
+    return linsolve.solve_lissa(batch_matvec, G, data.chunks.mask.shape[0], scale=scale, damping=damping,
                                 rtol=rtol, max_steps=max_steps, seed=seed)
 
 
@@ -115,8 +115,9 @@ class Local:
         return self.execution == "stepped"
 
     def chunks(self, x, y, chunk_size: int, dtype) -> Chunks:
-        xc, yc, mc = kernels.pad_chunks(np.asarray(x), np.asarray(y), chunk_size)
-        return Chunks(jnp.asarray(xc, dtype), jnp.asarray(yc), jnp.asarray(mc, dtype))
+        xc, yc, mc = kernels.pad_chunks(x, y, chunk_size)
+        return Chunks(kernels.cast_floats(xc, dtype), jax.tree_util.tree_map(jnp.asarray, yc),
+                      jnp.asarray(mc, dtype))
 
     def class_gradients(self, f, theta, chunks: Chunks, y, num_classes: int):
         counts = np.bincount(np.asarray(y), minlength=num_classes).astype(np.float64)
@@ -124,7 +125,7 @@ class Local:
         if not self.stepped:
             return class_gradients_program(f, theta, chunks, counts, num_classes)
         acc = jnp.zeros((num_classes, theta.size), theta.dtype)
-        for xb, yb, mb in zip(*chunks):
+        for xb, yb, mb in kernels.iter_chunks(chunks):
             acc = _class_gradient_step(f, num_classes, acc, theta, xb, yb, mb, counts)
         return acc
 
@@ -139,7 +140,7 @@ class Local:
 
         def stepped(V):
             acc = jnp.zeros_like(V)
-            for xb, yb, mb in zip(*data.chunks):
+            for xb, yb, mb in kernels.iter_chunks(data.chunks):
                 acc = _product_step(curv, acc, data.theta, xb, yb, mb, V)
             return _finish_product(acc, V, data.n, data.weight_decay)
 
@@ -169,5 +170,5 @@ class Local:
         U = jnp.asarray(U, theta.dtype)
         if not self.stepped or method == "jvp":  # forward mode only: fast inside a loop too
             return influence_rows_program(f, method, theta, U, chunks, n_real)[:n_real]
-        rows = [_rows_step(f, theta, U, xb, yb, mb) for xb, yb, mb in zip(*chunks)]
+        rows = [_rows_step(f, theta, U, xb, yb, mb) for xb, yb, mb in kernels.iter_chunks(chunks)]
         return (jnp.concatenate(rows) / n_real)[:n_real]

@@ -51,6 +51,48 @@ def as_features(x: Any, name: str = "x", *, min_ndim: int = 2) -> np.ndarray:
     return arr
 
 
+def as_inputs(x: Any, name: str = "x", *, min_ndim: int = 2):
+    """Model inputs: one array, or any pytree of arrays (a dict of token IDs and masks, a tuple
+    of modalities) whose leaves share the leading sample axis. Floating leaves must be finite;
+    integer leaves (token IDs) keep their integer dtype; booleans become float32. A single
+    array needs `min_ndim` dimensions (samples first), a pytree leaf at least one."""
+    import jax  # the base layer's only use of JAX: walking the pytree
+
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    if treedef.num_leaves == 1 and treedef.num_nodes == 1:  # a bare array
+        arr = as_features(leaves[0], name, min_ndim=min_ndim) if np.asarray(leaves[0]).dtype.kind == "f" \
+            else _as_leaf(leaves[0], name, min_ndim)
+        return arr
+    if not leaves:
+        fail(name, f"an empty {type(x).__name__}", "an array or a pytree of arrays", "pass the model's inputs")
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(x)[0]]
+    arrs = [_as_leaf(a, f"{name}{p}", 1) for a, p in zip(leaves, paths)]
+    n = {a.shape[0] for a in arrs}
+    if len(n) > 1:
+        fail(name, "leaves with leading axes " + ", ".join(f"{p}: {a.shape[0]}" for p, a in zip(paths, arrs)),
+             "one leading sample axis shared by every leaf", "slice every input array to the same samples")
+    return jax.tree_util.tree_unflatten(treedef, arrs)
+
+
+def _as_leaf(a: Any, name: str, min_ndim: int) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.dtype.kind in "iu":
+        if arr.ndim < min_ndim:
+            fail(name, f"shape {arr.shape}", f"at least {min_ndim} dimension(s) (samples first)",
+                 "add a sample axis")
+        if arr.shape[0] == 0:
+            fail(name, "0 samples", "at least one sample", "check the split or filter that produced it")
+        return arr
+    return as_features(arr, name, min_ndim=min_ndim)
+
+
+def num_inputs(x: Any) -> int:
+    """Samples in validated inputs (`as_inputs`): the leading axis of any leaf."""
+    import jax
+
+    return int(np.shape(jax.tree_util.tree_leaves(x)[0])[0])
+
+
 def as_labels(y: Any, name: str = "y", *, num_classes: int | None = None, n: int | None = None,
               x_name: str = "x") -> np.ndarray:
     """1-D integer labels in [0, num_classes)."""

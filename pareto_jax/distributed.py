@@ -148,28 +148,32 @@ def shard_chunks(mesh: Mesh, x, y, chunk_size: int, dtype=None):
     Each chunk holds ``chunk_size`` samples rounded up to a multiple of the device count;
     padded slots have mask 0. Returns the three global arrays.
     """
-    x, y = np.asarray(x), np.asarray(y)
     D, Dl = _size(mesh), _local_size(mesh)
     c = max(1, -(-int(chunk_size) // D))
     wl = Dl * c
-    n = x.shape[0]
+    n = kernels.num_samples(x)
     nc = _max_over_processes(max(1, -(-n // wl)))
     pad = nc * wl - n
     m = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    if pad:
-        fill_x = x[:1] if n else np.zeros((1, *x.shape[1:]), x.dtype)
-        fill_y = y[:1] if n else np.zeros((1,), y.dtype)
-        x = np.concatenate([x, np.repeat(fill_x, pad, 0)])
-        y = np.concatenate([y, np.repeat(fill_y, pad, 0)])
+
+    def padded(a, cast):
+        a = np.asarray(a)
+        if pad:
+            fill = a[:1] if n else np.zeros((1, *a.shape[1:]), a.dtype)
+            a = np.concatenate([a, np.repeat(fill, pad, 0)])
+        return a.astype(dtype) if cast and dtype is not None and np.issubdtype(a.dtype, np.floating) else a
+
+    x = jax.tree_util.tree_map(lambda a: padded(a, True), x)
+    y = jax.tree_util.tree_map(lambda a: padded(a, False), y)
     if dtype is not None:
-        x, m = x.astype(dtype), m.astype(dtype)
+        m = m.astype(dtype)
     sh = NamedSharding(mesh, P(None, AXIS))
 
     def put(a):
         local = a.reshape(nc, wl, *a.shape[1:])
         return jax.make_array_from_process_local_data(sh, local, (nc, D * c, *a.shape[1:]))
 
-    return put(x), put(y), put(m)
+    return jax.tree_util.tree_map(put, x), jax.tree_util.tree_map(put, y), put(m)
 
 
 def local_rows(arr: jax.Array, n_local: int) -> np.ndarray:

@@ -25,6 +25,7 @@ for one device, `distributed.Sharded` for a mesh); the numerics are `kernels`, t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -33,7 +34,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from . import checks, closed_form, distributed, kernels, kfac, linsolve
+from . import checks, closed_form, distributed, kernels, kfac, linsolve, models
 from .backend import Local
 from .kernels import Curvature
 
@@ -64,30 +65,31 @@ def class_gradients(loss_fn: LossFn, params, x_val, y_val, num_classes: int, *,
     return be.class_gradients(flat.loss, flat.theta, chunks, y_val, num_classes)
 
 
-def _curvature(loss_fn, params, curvature: str, apply) -> Curvature:
+def _curvature(loss_fn, params, curvature: str, apply, output_loss=None) -> Curvature:
     checks.check_choice(curvature, "curvature", ("hessian", "gauss_newton"))
     f = kernels.flatten(loss_fn, params).loss
     if curvature == "hessian":
         return Curvature(f, None, "hessian")
     if apply is None:
         checks.fail("apply", "None", "the model's apply(params, x_batch) -> logits",
-                    "pass apply= for Gauss-Newton curvature")
-    return Curvature(f, kernels.flat_logits(apply, params), "gauss_newton")
+                    "pass apply= for Gauss-Newton curvature, or write the loss as "
+                    "models.OutputLoss(apply, output_loss)")
+    return Curvature(f, kernels.flat_logits(apply, params), "gauss_newton", output_loss)
 
 
 def cross_entropy_mismatch(loss_fn: LossFn, params, apply, x, y, n: int = 16) -> float:
     """Max relative difference, over the first n samples, between ``loss_fn`` and the softmax
     cross-entropy of ``apply``'s logits (0 when loss_fn is that cross-entropy)."""
-    xs, ys = jnp.asarray(x[:n]), jnp.asarray(y[:n])
+    xs, ys = kernels.take(x, slice(0, n)), jnp.asarray(y[:n])
     ours = jax.vmap(loss_fn, (None, 0, 0))(params, xs, ys)
     ce = optax.softmax_cross_entropy_with_integer_labels(apply(params, xs), ys)
     return float(jnp.max(jnp.abs(ours - ce) / jnp.maximum(jnp.abs(ce), 1e-6)))
 
 
 def _not_cross_entropy(loss_fn, params, apply, x, y) -> str | None:
-    """Why Gauss-Newton / K-FAC would be wrong for this loss (None when loss_fn is the softmax
-    cross-entropy of apply's logits, checked on 16 training samples): they use that loss's
-    output Hessian diag p − ppᵀ whatever the loss."""
+    """Why Gauss-Newton with the closed-form output Hessian, or K-FAC, would be wrong for this
+    loss (None when loss_fn is the softmax cross-entropy of apply's logits, checked on 16
+    training samples): they use that loss's output Hessian diag p − ppᵀ whatever the loss."""
     gap = cross_entropy_mismatch(loss_fn, params, apply, x, y)
     if gap <= 1e-4:
         return None
@@ -95,26 +97,87 @@ def _not_cross_entropy(loss_fn, params, apply, x, y) -> str | None:
             f"on 16 training samples)")
 
 
-def _refuse(what: str, why: str):
-    checks.fail("config", what, "a loss that is softmax cross-entropy of apply's logits for Gauss-Newton / K-FAC / EK-FAC",
-                f"{why}; use curvature='hessian' with solver 'cg', 'dense' or 'lissa'")
+def output_hessian_min_eig(output_loss, apply, params, x, y, n: int = 16) -> float:
+    """The smallest eigenvalue of the output loss's Hessian (w.r.t. the logits) over the first n
+    samples, relative to the largest magnitude: < 0 means Gauss-Newton is not PSD here."""
+    xs, ys = kernels.take(x, slice(0, n)), jnp.asarray(y[:n])
+    H = jax.vmap(jax.hessian(output_loss))(apply(params, xs), ys)
+    ev = jnp.linalg.eigvalsh(H)
+    return float(jnp.min(ev) / jnp.maximum(jnp.max(jnp.abs(ev)), 1e-30))
+
+
+def _refuse(what: str, why: str, fix: str | None = None):
+    checks.fail("config", what, "a loss that is softmax cross-entropy of apply's logits for K-FAC / EK-FAC "
+                "and for Gauss-Newton with a plain loss_fn",
+                fix or f"{why}; write the loss as models.OutputLoss(apply, output_loss) for an exact "
+                "Gauss-Newton, or use curvature='hessian' with solver 'cg', 'dense' or 'lissa'")
 
 
 def _resolve_curvature(config: "InfluenceConfig", loss_fn, params, apply, x, y):
-    """(config with its curvature decided, a details note): "auto" takes Gauss-Newton only for a
-    cross-entropy loss (`_not_cross_entropy`), else the Hessian (and says so); an explicit
-    Gauss-Newton / K-FAC request for another loss is refused, never answered with the wrong
-    curvature."""
-    ce_based = config.solver in ("kfac", "ekfac") or config.curvature in ("auto", "gauss_newton")
-    if apply is None or not ce_based:
-        return (dataclasses.replace(config, curvature="hessian") if config.curvature == "auto" else config), {}
+    """(config with its curvature decided, apply, the output loss for Gauss-Newton (None =
+    closed-form cross-entropy), a details note).
+
+    * A loss written as `models.OutputLoss` carries its own output loss, so Gauss-Newton uses
+      that loss's Hessian w.r.t. the logits (autodiff; exact for any output loss). "auto" takes
+      it when that Hessian is PSD on 16 training samples, else the full Hessian (noted).
+    * A plain ``loss_fn`` with ``apply``: Gauss-Newton only when loss_fn is the softmax
+      cross-entropy of apply's logits (`_not_cross_entropy`); "auto" takes the Hessian
+      otherwise (noted), an explicit Gauss-Newton request is refused.
+    * K-FAC / EK-FAC factor the cross-entropy Fisher: refused for any other loss.
+
+    Never answers with a curvature that is not the one the loss defines.
+    """
+    split = isinstance(loss_fn, models.OutputLoss)
+    if split and apply is None:
+        apply = loss_fn.apply
+    kfac_like = config.solver in ("kfac", "ekfac") or config.preconditioner != "none"
+    note: dict = {}
+    if kfac_like:
+        why = "apply is None" if apply is None else _not_cross_entropy(loss_fn, params, apply, x, y)
+        if why is not None:
+            _refuse(f"solver={config.solver!r}, preconditioner={config.preconditioner!r}", why,
+                    f"{why}; K-FAC / EK-FAC factor the softmax cross-entropy Fisher: use solver='cg' "
+                    "(exact Gauss-Newton of an OutputLoss, or the Hessian) for this loss")
+    if config.curvature == "hessian" or apply is None:
+        return dataclasses.replace(config, curvature="hessian") if config.curvature == "auto" else config, \
+            apply, None, note
+    if split:
+        out = None if loss_fn.is_cross_entropy else loss_fn.output_loss
+        if config.curvature == "auto" and out is not None and not kfac_like:
+            lo = output_hessian_min_eig(out, apply, params, x, y)
+            if lo < -1e-6:
+                return dataclasses.replace(config, curvature="hessian"), apply, None, {
+                    "curvature_note": f"the output loss's Hessian is indefinite (relative min eigenvalue "
+                                      f"{lo:.2g} on 16 training samples): the Hessian is used, not Gauss-Newton"}
+        return dataclasses.replace(config, curvature="gauss_newton"), apply, out, note
     why = _not_cross_entropy(loss_fn, params, apply, x, y)
     if why is None:
-        return (dataclasses.replace(config, curvature="gauss_newton") if config.curvature == "auto" else config), {}
-    if config.curvature == "auto" and config.solver not in ("kfac", "ekfac"):
-        return dataclasses.replace(config, curvature="hessian"), {
-            "curvature_note": f"{why}: the Hessian is used, since Gauss-Newton here assumes cross-entropy"}
+        return dataclasses.replace(config, curvature="gauss_newton"), apply, None, note
+    if config.curvature == "auto" and not kfac_like:
+        return dataclasses.replace(config, curvature="hessian"), apply, None, {
+            "curvature_note": f"{why}: the Hessian is used, since Gauss-Newton needs the loss's output "
+                              "Hessian (write the loss as models.OutputLoss(apply, output_loss) to get it)"}
     _refuse(f"curvature={config.curvature!r}, solver={config.solver!r}", why)
+
+
+def check_loss(loss_fn, params, x, y, name: str = "loss_fn") -> None:
+    """The loss must map one sample (no batch axis) to a finite scalar (abstract evaluation
+    first, so a batched loss is named before any compilation)."""
+    if not callable(loss_fn):
+        checks.fail(name, type(loss_fn).__name__, "a function (params, x, y) -> scalar",
+                    "pass e.g. models.per_sample_loss(apply)")
+    x0, y0 = kernels.take(x, 0), jnp.asarray(y[0])
+    try:
+        out = jax.eval_shape(loss_fn, params, x0, y0)
+    except Exception as e:  # the user's function failed on one sample
+        checks.fail(name, f"a function that raised {type(e).__name__}: {str(e)[:200]} on one sample",
+                    "a per-sample function (params, x, y) -> scalar, x without a batch axis",
+                    "write the loss for one sample; the library vmaps it (models.per_sample_loss "
+                    "turns an apply(params, x_batch) into one)")
+    if getattr(out, "shape", None) != ():
+        checks.fail(name, f"an output of shape {getattr(out, 'shape', type(out).__name__)} for one sample",
+                    "a scalar per sample", "return the loss of the one sample given (do not average a "
+                    "batch, do not keep a batch axis); the library vmaps it over samples")
 
 
 def make_hvp(loss_fn: LossFn, params, x_train, y_train, *, weight_decay: float,
@@ -129,10 +192,10 @@ def make_hvp(loss_fn: LossFn, params, x_train, y_train, *, weight_decay: float,
         (hvp, theta): v (P,) -> H v (jitted programs, the data passed as jit arguments, never
         captured as constants) and the flat parameter vector.
     """
-    curv = _curvature(loss_fn, params, curvature, apply)
-    why = None if curvature != "gauss_newton" else _not_cross_entropy(loss_fn, params, apply, x_train, y_train)
-    if why is not None:
-        _refuse("curvature='gauss_newton'", why)
+    checks.check_choice(curvature, "curvature", ("hessian", "gauss_newton"))
+    config, apply, out, _ = _resolve_curvature(InfluenceConfig(curvature=curvature), loss_fn, params,
+                                               apply, x_train, y_train)
+    curv = _curvature(loss_fn, params, config.curvature, apply, out)
     theta = kernels.flatten(loss_fn, params).theta
     be = _backend(mesh)
     chunks = be.chunks(x_train, y_train, batch_size, theta.dtype)
@@ -254,12 +317,17 @@ class InfluenceConfig:
         return cls(curvature="gauss_newton", rtol=1e-4, max_steps=200, **kw)
 
 
+_RESULT_ARRAYS = ("P", "steps", "residual", "converged", "negative_curvature", "solutions", "sample_ids")
+_RESULT_META = ("method", "solver", "curvature", "damping", "escalations", "details", "names")
+
+
 @dataclasses.dataclass(frozen=True)
 class InfluenceResult:
-    """The influence matrix and how it was obtained.
+    """The influence matrix and how it was obtained (a pytree: its arrays are the leaves).
 
     Attributes:
-        P: (N, K) category-wise influence (P > 0 beneficial).
+        P: (N, K) category-wise influence (P > 0 beneficial); K classes, or groups when the
+            validation set was partitioned by `groups=`.
         method: "jvp", "per_sample" or "closed_form".
         solver, curvature: what computed the inverse-HVPs.
         damping: the damping finally used (after any escalation).
@@ -267,6 +335,12 @@ class InfluenceResult:
         steps, residual, converged, negative_curvature: per-class solve diagnostics.
         solutions: the K inverse-HVP solutions U (K, P), flat.
         details: method-specific diagnostics (e.g. LiSSA's scale and λ_max).
+        names: the K column names (class or group names), or None.
+        sample_ids: (N,) ids of the training samples (the rows), or None.
+
+    `save(path)` writes one ``.npz`` with plain keys (``P``, ``solutions``, ``names``,
+    ``sample_ids``, the diagnostics, and ``meta`` as JSON); `InfluenceResult.load(path)` reads it
+    back.
     """
 
     P: jax.Array
@@ -281,6 +355,8 @@ class InfluenceResult:
     negative_curvature: np.ndarray
     solutions: jax.Array | None = None
     details: dict = dataclasses.field(default_factory=dict)
+    names: tuple | None = None
+    sample_ids: np.ndarray | None = None
 
     @property
     def regions(self) -> np.ndarray:
@@ -296,8 +372,76 @@ class InfluenceResult:
             "relative_residual": np.asarray(self.residual).tolist(),
             "converged": bool(np.all(self.converged)),
             "regions": {REGION_NAMES[r]: int((reg == r).sum()) for r in REGION_NAMES},
+            **({"names": list(self.names)} if self.names is not None else {}),
             **({"details": self.details} if self.details else {}),
         }
+
+    def save(self, path) -> str:
+        """Write the result to ``path`` (``.npz``; see the class docstring). Returns the path."""
+        import json
+
+        path = str(path)
+        arrays = {k: np.asarray(getattr(self, k)) for k in _RESULT_ARRAYS if getattr(self, k) is not None}
+        if self.names is not None:
+            arrays["names"] = np.asarray([str(n) for n in self.names])
+        meta = {k: getattr(self, k) for k in ("method", "solver", "curvature", "damping")}
+        meta.update(damping=float(self.damping), escalations=list(self.escalations), details=self.details)
+        arrays["meta"] = np.asarray(json.dumps(meta, default=_jsonable))
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "InfluenceResult":
+        """Read a result written by `save` (P and solutions come back as device arrays)."""
+        import json
+
+        with np.load(str(path), allow_pickle=False) as z:
+            if "P" not in z.files or "meta" not in z.files:
+                checks.fail("path", f"{path} with keys {z.files}", "a file written by InfluenceResult.save",
+                            "save the result with result.save(path)")
+            meta = json.loads(str(z["meta"]))
+            get = lambda k: z[k] if k in z.files else None  # noqa: E731
+            names = tuple(str(n) for n in z["names"]) if "names" in z.files else None
+            sol = get("solutions")
+            return cls(jnp.asarray(z["P"]), meta["method"], meta["solver"], meta["curvature"],
+                       float(meta["damping"]), tuple(meta["escalations"]), get("steps"), get("residual"),
+                       get("converged"), get("negative_curvature"),
+                       None if sol is None else jnp.asarray(sol), meta["details"], names, get("sample_ids"))
+
+
+def _jsonable(v):
+    return v.tolist() if hasattr(v, "tolist") else str(v)
+
+
+class _Static:
+    """A JSON-like value (dict, list) as pytree metadata: hashed and compared by its JSON text,
+    so a result can be passed into a jitted function (its treedef is part of the cache key)."""
+
+    def __init__(self, value):
+        import json
+
+        self.value = value
+        self._key = json.dumps(value, sort_keys=True, default=_jsonable)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and self._key == other._key
+
+
+def _flatten_result(r):
+    meta = tuple(_Static(getattr(r, k)) if k in ("escalations", "details") else getattr(r, k) for k in _RESULT_META)
+    return tuple(getattr(r, k) for k in _RESULT_ARRAYS), meta
+
+
+def _unflatten_result(meta, arrays):
+    meta = [m.value if isinstance(m, _Static) else m for m in meta]
+    return InfluenceResult(**dict(zip(_RESULT_ARRAYS, arrays)), **dict(zip(_RESULT_META, meta)))
+
+
+jax.tree_util.register_pytree_node(InfluenceResult, _flatten_result, _unflatten_result)
 
 
 def influence_regions(P) -> np.ndarray:
@@ -319,31 +463,91 @@ def choose_method(num_params: int, num_classes: int, chunk_size: int) -> str:
     return "jvp"
 
 
+def _validate_train(x_train, y_train, num_classes):
+    xt = checks.as_inputs(x_train, "x_train")
+    yt = checks.as_labels(y_train, "y_train", num_classes=num_classes, n=checks.num_inputs(xt), x_name="x_train")
+    return xt, yt
+
+
+def _validate_val(xt, x_val, y_val, num_classes):
+    xv = checks.as_inputs(x_val, "x_val")
+    yv = checks.as_labels(y_val, "y_val", num_classes=num_classes, n=checks.num_inputs(xv), x_name="x_val")
+    st, sv = jax.tree_util.tree_structure(xt), jax.tree_util.tree_structure(xv)
+    if st != sv:
+        checks.fail("x_val", f"inputs structured as {sv}", f"the training inputs' structure {st}",
+                    "pass validation inputs of the same kind as the training inputs")
+    for a, b in zip(jax.tree_util.tree_leaves(xt), jax.tree_util.tree_leaves(xv)):
+        if a.shape[1:] != b.shape[1:]:
+            checks.fail("x_val", f"sample shape {b.shape[1:]}", f"the training sample shape {a.shape[1:]}",
+                        "featurise both sets the same way")
+    return xv, yv
+
+
 def _validate(x_train, y_train, x_val, y_val, num_classes):
-    xt = checks.as_features(x_train, "x_train")
-    yt = checks.as_labels(y_train, "y_train", num_classes=num_classes, n=xt.shape[0], x_name="x_train")
-    xv = checks.as_features(x_val, "x_val")
-    yv = checks.as_labels(y_val, "y_val", num_classes=num_classes, n=xv.shape[0], x_name="x_val")
-    if xt.shape[1:] != xv.shape[1:]:
-        checks.fail("x_val", f"sample shape {xv.shape[1:]}", f"the training sample shape {xt.shape[1:]}",
-                     "featurise both sets the same way")
+    xt, yt = _validate_train(x_train, y_train, num_classes)
+    xv, yv = _validate_val(xt, x_val, y_val, num_classes)
     checks.check_all_classes_present(yv, num_classes, "y_val")
     return xt, yt, xv, yv
 
 
+def _groups(groups, yv, num_classes, group_names, class_names):
+    """(group id per validation sample, number of groups, column names)."""
+    if groups is None:
+        checks.check_all_classes_present(yv, num_classes, "y_val")
+        return yv, num_classes, class_names
+    g = checks.as_labels(groups, "groups", n=yv.shape[0], x_name="x_val")
+    G = int(g.max()) + 1 if group_names is None else len(group_names)
+    if g.max() >= G:
+        checks.fail("groups", f"group id {int(g.max())} with {G} group_names", f"ids in [0, {G})",
+                    "give one name per group")
+    counts = np.bincount(g, minlength=G)
+    if (counts == 0).any():
+        checks.fail("groups", f"no validation samples in group(s) {np.flatnonzero(counts == 0).tolist()}",
+                    "at least one validation sample in every group 0..G-1",
+                    "renumber the groups to 0..G-1 without gaps, or drop the empty group's name")
+    return g, G, tuple(group_names) if group_names is not None else None
 
-def _solver(config: InfluenceConfig, be, curv, data, G, matvec, *, model, params, x_train,
+
+@functools.partial(jax.jit, static_argnums=0)
+def _measure_chunk(measure, params, xb, yb):
+    return jax.vmap(measure, (None, 0, 0))(params, xb, yb)
+
+
+def _check_finite_measure(measure, params, xv, yv):
+    """A user measurement must be finite on every validation sample (its mean is what P is the
+    influence on; a NaN there has a finite gradient and would pass unseen)."""
+    for xb, yb, mb in kernels.iter_chunks(kernels.pad_chunks(xv, yv, 512)):
+        vals = np.asarray(_measure_chunk(measure, params, xb, yb))[np.asarray(mb) > 0]
+        if not np.all(np.isfinite(vals)):
+            checks.fail("measure_fn", f"{int((~np.isfinite(vals)).sum())} non-finite value(s) on the validation set",
+                        "a finite measurement on every validation sample",
+                        "guard logs and divisions in measure_fn (e.g. clip probabilities)")
+
+
+@functools.lru_cache(maxsize=64)
+def _on_pairs(measure):
+    """measure(params, x, y) as a function of ((x, y), group): validation chunks carry the
+    group id where the kernels expect the label, so any partition reuses the class kernels."""
+
+    def f(params, xy, g):
+        del g
+        return measure(params, xy[0], xy[1])
+
+    return f
+
+
+def _solver(config: InfluenceConfig, be, curv, data, matvec, *, model, params, x_train,
             weight_decay, num_classes) -> tuple[Callable, dict]:
-    """damping -> `linsolve.SolveResult` for ``config.solver`` (one signature for every
-    estimator), and the estimator's diagnostics."""
+    """(G, damping) -> `linsolve.SolveResult` for ``config.solver`` (one signature for every
+    estimator; the factors, if any, computed once here), and the estimator's diagnostics."""
     if config.solver in ("cg", "dense") and config.preconditioner == "none":
-        return (lambda d: be.solve(config.solver, curv, data, G, d, config.rtol, config.atol,
-                                   config.max_steps)), {}
+        return (lambda G, d: be.solve(config.solver, curv, data, G, d, config.rtol, config.atol,
+                                      config.max_steps)), {}
     theta = data.theta
     if config.solver == "lissa":
         details: dict = {}
 
-        def lissa(d):
+        def lissa(G, d):
             lam = linsolve.power_iteration(lambda v: matvec(v[None])[0] + d * v, theta.size,
                                            theta.dtype, seed=config.seed)
             details.update(lissa_scale=1.2 * lam, lambda_max=lam)
@@ -355,13 +559,16 @@ def _solver(config: InfluenceConfig, be, curv, data, G, matvec, *, model, params
     if model is None:
         checks.fail("model", "None", "the nnx model (K-FAC/EK-FAC read its Dense/Conv layers)",
                     "pass model= to category_influence")
+    if not isinstance(x_train, np.ndarray):
+        checks.fail("x_train", "a pytree of input arrays", "one input array for K-FAC / EK-FAC",
+                    "use solver='cg' for models with structured inputs")
     factors = kfac.compute_factors(model, params, x_train, batch_size=config.hvp_batch_size,
                                    num_classes=num_classes)
     if config.solver == "cg":  # preconditioned by the factors
-        return (lambda d: be.solve("cg", curv, data, G, d, config.rtol, config.atol, config.max_steps,
-                                   factors=factors, ekfac=config.preconditioner == "ekfac")), {}
+        return (lambda G, d: be.solve("cg", curv, data, G, d, config.rtol, config.atol, config.max_steps,
+                                      factors=factors, ekfac=config.preconditioner == "ekfac")), {}
 
-    def solve(d):
+    def solve(G, d):
         res = kfac.solve_kfac(factors, G, damping=weight_decay + d, ekfac=config.solver == "ekfac")
         return linsolve.with_residual(res, matvec, G, d) if config.report_residual else res
 
@@ -381,29 +588,139 @@ def _check_request(config, num_classes, weight_decay, mesh):
                     "drop mesh= to precondition CG with K-FAC/EK-FAC factors")
 
 
+class Influence:
+    """The training side of influence, fitted once; `influence` then answers for any
+    validation set, any grouping of it and any measurement.
+
+    Fitting validates the training set, decides the curvature (`InfluenceConfig.curvature`),
+    places the training chunks, resolves the damping and, for K-FAC / EK-FAC, computes the
+    factors. Each `influence` call costs one pass over its validation set, K solves and one
+    pass over the training set for P's rows.
+
+    Args:
+        loss_fn: per-sample ``loss_fn(params, x, y)`` (x unbatched; any pytree of arrays). A
+            `models.OutputLoss` (``output_loss(apply(params, x), y)``) gives an exact
+            Gauss-Newton for any output loss.
+        params: trained parameters (any pytree).
+        x_train, y_train: the training set the model was trained on: inputs (N, ...) (an array,
+            or a pytree of arrays with a shared leading axis; integer token IDs stay integers)
+            and integer labels (N,).
+        num_classes, weight_decay, config, apply, model, mesh: as for `category_influence`.
+        class_names: names of the K classes (carried into results).
+        sample_ids: (N,) ids of the training samples (carried into results; default 0..N-1).
+
+    Example:
+        >>> fit = Influence(loss_fn, params, x_train, y_train, num_classes=10, weight_decay=1e-3)
+        >>> by_class = fit.influence(x_val, y_val)
+        >>> by_domain = fit.influence(x_val, y_val, groups=domain_ids, group_names=("a", "b"))
+    """
+
+    def __init__(self, loss_fn: LossFn, params, x_train, y_train, *, num_classes: int,
+                 weight_decay: float, config: InfluenceConfig = InfluenceConfig(), apply=None,
+                 model=None, mesh=None, class_names=None, sample_ids=None):
+        _check_request(config, num_classes, weight_decay, mesh)
+        xt, yt = _validate_train(x_train, y_train, num_classes)
+        n = checks.num_inputs(xt)
+        check_loss(loss_fn, params, xt, yt)
+        if class_names is not None and len(class_names) != num_classes:
+            checks.fail("class_names", f"{len(class_names)} names", f"{num_classes}, one per class",
+                        "pass one name per class, in label order")
+        if sample_ids is not None and np.shape(sample_ids) != (n,):
+            checks.fail("sample_ids", f"shape {np.shape(sample_ids)}", f"shape ({n},), one id per training sample",
+                        "pass one id per row of x_train")
+        config, apply, out, note = _resolve_curvature(config, loss_fn, params, apply, xt, yt)
+        flat = kernels.flatten(loss_fn, params)
+        theta = flat.theta
+        checks.check_finite_array(theta, "params", "influence: parameters")
+        be = _backend(mesh, config.execution)
+        self.loss_fn, self.params, self.config, self.apply = loss_fn, params, config, apply
+        self.num_classes, self.weight_decay, self.mesh = int(num_classes), float(weight_decay), mesh
+        self.class_names = None if class_names is None else tuple(str(c) for c in class_names)
+        self.sample_ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
+        self._x, self._y, self._n, self._flat, self._be = xt, yt, n, flat, be
+        self.curvature = _curvature(loss_fn, params, config.curvature, apply, out)
+        self._data = be.objective(theta, be.chunks(xt, yt, config.hvp_batch_size, theta.dtype), n, weight_decay)
+        self._matvec = be.matvec(self.curvature, self._data)
+        self._solve, self._details = _solver(config, be, self.curvature, self._data, self._matvec, model=model,
+                                             params=params, x_train=xt, weight_decay=weight_decay,
+                                             num_classes=num_classes)
+        self.damping = linsolve.resolve_damping(config.damping, self._matvec, theta, config.seed)
+        self._details = {**self._details, **note, "execution": be.execution}
+
+    def influence(self, x_val, y_val, *, groups=None, group_names=None, measure_fn=None) -> InfluenceResult:
+        """P (N, K) for this validation set: column k is the influence of every training sample
+        on the mean measurement of validation group k (by default: class k's mean loss).
+
+        Args:
+            x_val, y_val: validation inputs (same structure as the training inputs) and labels.
+            groups: (n_val,) integer group ids 0..G-1 partitioning the validation set (a domain,
+                a demographic group, ...); default: the classes (every class must be present).
+            group_names: the G group names (default: the class names for classes).
+            measure_fn: per-sample ``measure_fn(params, x, y)`` to lower, averaged per group
+                (default: the training loss_fn); e.g. a margin loss or a calibration term.
+                P > 0 still means "up-weighting the sample lowers the group's measurement".
+        """
+        config, be, flat = self.config, self._be, self._flat
+        theta = flat.theta
+        xv, yv = _validate_val(self._x, x_val, y_val, self.num_classes)
+        g, K, names = _groups(groups, yv, self.num_classes, group_names, self.class_names)
+        measure = self.loss_fn if measure_fn is None else measure_fn
+        if measure_fn is not None:
+            check_loss(measure_fn, self.params, xv, yv, "measure_fn")
+            _check_finite_measure(measure_fn, self.params, xv, yv)
+        fv = kernels.flatten(_on_pairs(measure), self.params).loss
+        G = be.class_gradients(fv, theta, be.chunks((xv, yv), g, 512, theta.dtype), g, K)
+        if measure_fn is not None and not np.all(np.isfinite(np.asarray(G))):
+            checks.fail("measure_fn", "non-finite gradients of the mean measurement of some group",
+                        "a measurement with finite values and gradients on the validation set",
+                        "guard logs and divisions in measure_fn (e.g. clip probabilities)")
+        checks.check_finite_array(G, "class gradients", "influence: class gradients")
+        res, damping, escalations = linsolve.solve_escalating(lambda d: self._solve(G, d), self.damping,
+                                                              escalate=config.escalate_damping)
+        checks.check_finite_array(res.value, "inverse-HVP solutions", "influence: curvature solve")
+        if config.throw:
+            linsolve.check_solve(res, rtol=config.rtol)
+        method = choose_method(theta.size, K, config.chunk_size) if config.method == "auto" else config.method
+        P = jnp.asarray(be.influence_rows(flat.loss, method, theta, res.value,
+                                          be.chunks(self._x, self._y, config.chunk_size, theta.dtype), self._n))
+        checks.check_finite_array(P, "P", "influence: influence matrix")
+        return InfluenceResult(P, method, config.solver, config.curvature, damping, tuple(escalations),
+                               np.asarray(res.steps), np.asarray(res.residual), np.asarray(res.converged),
+                               np.asarray(res.negative_curvature), res.value, dict(self._details), names,
+                               self.sample_ids)
+
+
 def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, *,
                        num_classes: int, weight_decay: float,
                        config: InfluenceConfig = InfluenceConfig(), apply=None,
-                       model=None, mesh=None) -> InfluenceResult:
+                       model=None, mesh=None, groups=None, group_names=None, measure_fn=None,
+                       class_names=None, sample_ids=None) -> InfluenceResult:
     """The N×K category-wise influence matrix P of a trained model (``docs/method.md``).
 
     P[i, k] = (1/N) · g_kᵀ (H + δI)⁻¹ ∇ℓ(z_i; θ), g_k = ∇ mean_{val, class k} ℓ; P > 0 is beneficial.
     For new weights w the first-order change of class k's validation loss is
     ΔL_k ≈ −Σ_i (w_i − 1) P[i, k] (training objective (1/N) Σ w_i ℓ_i + (λ/2)‖θ‖²).
+    One call of `Influence` (fit) and `Influence.influence` (query); keep the `Influence` to
+    ask again for other validation sets, groupings or measurements without refitting.
 
     Args:
-        loss_fn: per-sample ``loss_fn(params, x, y)`` (x unbatched); see `models.per_sample_loss`.
+        loss_fn: per-sample ``loss_fn(params, x, y)`` (x unbatched); see `models.per_sample_loss`
+            and `models.OutputLoss`.
         params: trained parameters (any pytree).
-        x_train, y_train: the training set the model was trained on, (N, ...) and (N,).
-        x_val, y_val: the validation set; every class must be present.
+        x_train, y_train: the training set the model was trained on, (N, ...) and (N,); inputs
+            may be a pytree of arrays with a shared leading axis (integer token IDs stay integers).
+        x_val, y_val: the validation set; every class must be present (unless `groups` is given).
         num_classes: K.
         weight_decay: λ used in training (it is part of the Hessian).
         config: `InfluenceConfig`.
-        apply: ``apply(params, x_batch) -> logits``; needed for Gauss-Newton.
+        apply: ``apply(params, x_batch) -> logits``; needed for Gauss-Newton with a plain
+            loss_fn (an `OutputLoss` carries its own).
         model: the flax nnx module whose params these are; needed for K-FAC / EK-FAC.
         mesh: a `jax.sharding.Mesh` from `distributed.make_mesh` to shard the samples over
             devices (class gradients, every HVP inside CG, the P stage); None = one device.
             In a multi-process job pass this process's samples; P holds their rows.
+        groups, group_names, measure_fn: see `Influence.influence`.
+        class_names, sample_ids: carried into the result (see `Influence`).
 
     Returns:
         `InfluenceResult` with P (N, K) and solver diagnostics.
@@ -419,36 +736,59 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
         >>> res.P.shape
         (1078, 10)
     """
-    _check_request(config, num_classes, weight_decay, mesh)
-    xt, yt, xv, yv = _validate(x_train, y_train, x_val, y_val, num_classes)
-    config, curvature_note = _resolve_curvature(config, loss_fn, params, apply, xt, yt)
+    _check_request(config, num_classes, weight_decay, mesh)  # every input checked before any work
+    xt, yt = _validate_train(x_train, y_train, num_classes)
+    xv, yv = _validate_val(xt, x_val, y_val, num_classes)
+    _groups(groups, yv, num_classes, group_names, class_names)
+    fit = Influence(loss_fn, params, xt, yt, num_classes=num_classes, weight_decay=weight_decay,
+                    config=config, apply=apply, model=model, mesh=mesh, class_names=class_names,
+                    sample_ids=sample_ids)
+    return fit.influence(xv, yv, groups=groups, group_names=group_names, measure_fn=measure_fn)
+
+
+def influence_matrix(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, *, num_classes: int,
+                     weight_decay, damping, curvature: str = "hessian", rtol=1e-6, max_steps: int = 1000,
+                     chunk_size: int = 256, hvp_batch_size: int = 1024):
+    """The jittable core: P (N, K) and the CG diagnostics (`linsolve.SolveResult`), in pure JAX.
+
+    The same numbers as `category_influence` with ``solver="cg"``, but no validation, no host
+    loops and no algorithm choice, so it composes with `jax.jit`, `jax.vmap` (e.g. over a stack
+    of checkpoints' params, to average influence over training) and `jax.grad`. Validate inputs
+    with `category_influence` once; use this inside your own transforms.
+
+    Args:
+        loss_fn: per-sample loss; a `models.OutputLoss` for ``curvature="gauss_newton"`` (its own
+            output Hessian is used).
+        params, x_train, y_train, x_val, y_val: as for `category_influence` (arrays or pytrees;
+            every class must be present in y_val: an absent class gives a zero column).
+        num_classes, max_steps, chunk_size, hvp_batch_size: static (Python ints).
+        weight_decay, damping, rtol: numbers or scalar arrays (may be traced).
+        curvature: "hessian" or "gauss_newton" (static).
+    """
     flat = kernels.flatten(loss_fn, params)
-    theta = flat.theta
-    xt, xv = xt.astype(theta.dtype), xv.astype(theta.dtype)
-    checks.check_finite_array(theta, "params", "influence: parameters")
-    be = _backend(mesh, config.execution)
-    G = be.class_gradients(flat.loss, theta, be.chunks(xv, yv, 512, theta.dtype), yv, num_classes)
-    checks.check_finite_array(G, "class gradients", "influence: class gradients")
-    curv = _curvature(loss_fn, params, config.curvature, apply)
-    data = be.objective(theta, be.chunks(xt, yt, config.hvp_batch_size, theta.dtype), xt.shape[0],
-                        weight_decay)
-    matvec = be.matvec(curv, data)
-    solve, details = _solver(config, be, curv, data, G, matvec, model=model, params=params,
-                             x_train=xt, weight_decay=weight_decay, num_classes=num_classes)
-    damping = linsolve.resolve_damping(config.damping, matvec, theta, config.seed)
-    res, damping, escalations = linsolve.solve_escalating(solve, damping,
-                                                          escalate=config.escalate_damping)
-    checks.check_finite_array(res.value, "inverse-HVP solutions", "influence: curvature solve")
-    if config.throw:
-        linsolve.check_solve(res, rtol=config.rtol)
-    method = choose_method(theta.size, num_classes, config.chunk_size) if config.method == "auto" else config.method
-    P = jnp.asarray(be.influence_rows(flat.loss, method, theta, res.value,
-                                      be.chunks(xt, yt, config.chunk_size, theta.dtype), xt.shape[0]))
-    checks.check_finite_array(P, "P", "influence: influence matrix")
-    return InfluenceResult(P, method, config.solver, config.curvature, damping, tuple(escalations),
-                           np.asarray(res.steps), np.asarray(res.residual), np.asarray(res.converged),
-                           np.asarray(res.negative_curvature), res.value,
-                           {**details, **curvature_note, "execution": be.execution})
+    theta, dt, K = flat.theta, flat.theta.dtype, int(num_classes)
+    if curvature == "gauss_newton":
+        if not isinstance(loss_fn, models.OutputLoss):
+            raise checks.InputError("argument `loss_fn`: got a plain function; expected a models.OutputLoss for "
+                                    "curvature='gauss_newton'. Fix: pass models.OutputLoss(apply, output_loss)")
+        out = None if loss_fn.is_cross_entropy else loss_fn.output_loss
+        curv = Curvature(flat.loss, kernels.flat_logits(loss_fn.apply, params), "gauss_newton", out)
+    else:
+        curv = Curvature(flat.loss, None, "hessian")
+    n = kernels.num_samples(x_train)
+
+    def chunks(x, y, size):
+        c = kernels.pad_chunks(x, y, size, xp=jnp)
+        return kernels.Chunks(kernels.cast_floats(c.x, dt), c.y, c.mask.astype(dt))
+
+    counts = jnp.maximum(jnp.bincount(jnp.asarray(y_val), length=K), 1).astype(dt)
+    G = kernels.class_gradients(flat.loss, theta, chunks(x_val, y_val, 512), counts, K)
+    data = kernels.ObjectiveData(theta, chunks(x_train, y_train, hvp_batch_size), jnp.asarray(n, dt),
+                                 jnp.asarray(weight_decay, dt))
+    res = linsolve.solve_cg(kernels.curvature_matvec(curv, data), G, damping=jnp.asarray(damping, dt),
+                            rtol=jnp.asarray(rtol, dt), atol=jnp.asarray(0.0, dt), max_steps=int(max_steps))
+    rows = kernels.influence_rows(flat.loss, "jvp", theta, res.value, chunks(x_train, y_train, chunk_size))
+    return rows.reshape(-1, K)[:n] / n, res
 
 
 def linear_category_influence(params, x_train, y_train, x_val, y_val, *, num_classes: int,

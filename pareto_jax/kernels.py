@@ -49,22 +49,55 @@ class Chunks(NamedTuple):
     mask: Any
 
 
-def pad_chunks(x: np.ndarray, y: np.ndarray, chunk: int) -> Chunks:
+def pad_chunks(x, y, chunk: int, xp=np) -> Chunks:
     """Reshape (n, ...) into (n_chunks, chunk, ...) with padding and a 0/1 mask (host arrays).
 
-    The chunk size is balanced (``ceil(n / n_chunks)``) so padding stays below one sample per
-    chunk; padded rows repeat the first sample and carry mask 0.
+    `x` (and `y`) may be an array or any pytree of arrays sharing the leading sample axis (e.g.
+    a dict of token IDs and attention masks); every leaf is chunked the same way and keeps its
+    dtype. The chunk size is balanced (``ceil(n / n_chunks)``) so padding stays below one
+    sample per chunk; padded rows repeat the first sample and carry mask 0. ``xp=jax.numpy``
+    does the same on traced arrays (inside `jax.jit`; the shapes are static).
     """
-    n = x.shape[0]
+    n = num_samples(x)
     chunk = max(1, min(int(chunk), n))
     nc = -(-n // chunk)
     chunk = -(-n // nc)
     pad = nc * chunk - n
-    if pad:
-        x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
-        y = np.concatenate([y, np.repeat(y[:1], pad, 0)])
-    m = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    return Chunks(x.reshape(nc, chunk, *x.shape[1:]), y.reshape(nc, chunk), m.reshape(nc, chunk))
+
+    def split(a):
+        a = xp.asarray(a)
+        if pad:
+            a = xp.concatenate([a, xp.repeat(a[:1], pad, 0)])
+        return a.reshape(nc, chunk, *a.shape[1:])
+
+    m = xp.concatenate([xp.ones(n, np.float32), xp.zeros(pad, np.float32)])
+    return Chunks(jax.tree_util.tree_map(split, x), jax.tree_util.tree_map(split, y), m.reshape(nc, chunk))
+
+
+def num_samples(x) -> int:
+    """The leading (sample) axis of an array or of the first leaf of a pytree of arrays."""
+    return int(np.shape(jax.tree_util.tree_leaves(x)[0])[0])
+
+
+def take(x, index):
+    """``x[index]`` on every leaf of an array or pytree of arrays (the sample axis first)."""
+    return jax.tree_util.tree_map(lambda a: a[index], x)
+
+
+def iter_chunks(chunks: Chunks):
+    """(x, y, mask) of each chunk in turn (x and y may be pytrees)."""
+    for i in range(chunks.mask.shape[0]):
+        yield take(chunks.x, i), take(chunks.y, i), chunks.mask[i]
+
+
+def cast_floats(x, dtype):
+    """Floating leaves of `x` as `dtype` (device arrays); integer leaves (token IDs) unchanged."""
+
+    def cast(a):
+        a = jnp.asarray(a)
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return jax.tree_util.tree_map(cast, x)
 
 
 def loops_on_host(setting: str = "auto") -> bool:
@@ -103,7 +136,7 @@ def _flat_fns(loss_fn, apply, treedef, spec):
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
     f = None if loss_fn is None else (lambda theta, x, y: loss_fn(unravel(theta), x, y))
-    g = None if apply is None else (lambda theta, x: apply(unravel(theta), x[None])[0])
+    g = None if apply is None else (lambda theta, x: apply(unravel(theta), take(x, None))[0])
     return f, g, unravel
 
 
@@ -162,13 +195,17 @@ class Curvature:
     Attributes:
         loss: flat per-sample loss f(θ, x, y).
         logits: flat per-sample logits g(θ, x) (needed for Gauss-Newton, else None).
-        kind: "hessian" (∇²L_T) or "gauss_newton" (Jᵀ H_out J for softmax cross-entropy over
-            the logits; positive semi-definite by construction).
+        kind: "hessian" (∇²L_T) or "gauss_newton" (Jᵀ H_out J, H_out the Hessian of the output
+            loss with respect to the logits).
+        output_loss: the per-sample output loss ``output_loss(logits, y)`` whose Hessian H_out is
+            (autodiff, exact for any such loss); None = softmax cross-entropy, whose H_out is
+            diag(p) − ppᵀ in closed form (positive semi-definite).
     """
 
     loss: Callable
     logits: Callable | None
     kind: str
+    output_loss: Callable | None = None
 
 
 class ObjectiveData(NamedTuple):
@@ -191,8 +228,16 @@ def chunk_product(curv: Curvature, theta, xb, yb, mb, v):
         return jax.jvp(jax.grad(data_term), (theta,), (v,))[1]
     fb = lambda th: jax.vmap(curv.logits, (None, 0))(th, xb)  # noqa: E731
     logits, jv = jax.jvp(fb, (theta,), (v,))
-    p = jax.nn.softmax(logits, -1)
-    hjv = p * jv - p * jnp.sum(p * jv, -1, keepdims=True)
+    if curv.output_loss is None:  # softmax cross-entropy: H_out = diag(p) − ppᵀ
+        p = jax.nn.softmax(logits, -1)
+        hjv = p * jv - p * jnp.sum(p * jv, -1, keepdims=True)
+    else:
+        out = curv.output_loss
+
+        def h_out(z, y, t):  # H_out t for one sample, forward-over-reverse on the output loss
+            return jax.jvp(jax.grad(lambda zz: out(zz, y)), (z,), (t,))[1]
+
+        hjv = jax.vmap(h_out)(logits, yb, jv)
     _, vjp = jax.vjp(fb, theta)
     return vjp(hjv * mb[:, None])[0]
 

@@ -149,6 +149,10 @@ def load_factors(path: str | Path) -> Factors:
 def _discover(model: nnx.Module, x0) -> tuple[Any, Any, tuple[Layer, ...]]:
     """(graphdef, state treedef, layers in call order) from an abstract forward pass."""
     graphdef, state = nnx.split(model)
+    if jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nnx.Param))):
+        checks.fail("model", f"an {type(model).__name__} with state other than nnx.Param (batch statistics, "
+                    "RNG state)", "a model of nnx.Linear / nnx.Conv layers and parameter-free functions for "
+                    "K-FAC / EK-FAC", "use solver='cg' (any model) for this model")
     paths = {id(m): tuple(p) for p, m in nnx.iter_graph(model) if isinstance(m, (nnx.Linear, nnx.Conv))}
     recs: list = []
     with _tapped(recs, None):

@@ -117,46 +117,95 @@ def make_model(kind: str, input_shape: Sequence[int], num_classes: int, *, seed:
 class _Split:
     graphdef: Any
     treedef: Any
+    rest: Any  # the nnx state that is not an nnx.Param (batch statistics, RNG state), held fixed
 
-    def state(self, params):
-        return jax.tree_util.tree_unflatten(self.treedef, jax.tree_util.tree_leaves(params))
+    def module(self, params):
+        state = jax.tree_util.tree_unflatten(self.treedef, jax.tree_util.tree_leaves(params))
+        m = nnx.merge(self.graphdef, state, self.rest)
+        m.eval()  # deterministic: dropout off, batch norm on its running statistics
+        return m
+
+
+def _split(model: nnx.Module) -> tuple[_Split, Params]:
+    if not isinstance(model, nnx.Module):
+        checks.fail("model", type(model).__name__, "a flax nnx.Module",
+                    "pass an nnx module; for linen, equinox or plain JAX pass apply(params, x) and "
+                    "loss_fn directly")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if not jax.tree_util.tree_leaves(params):
+        checks.fail("model", f"an {type(model).__name__} with no nnx.Param", "a module with trainable "
+                    "nnx.Param variables (the parameters influence differentiates)",
+                    "wrap trainable arrays in nnx.Param (nnx.Linear, nnx.Conv, nnx.Embed do)")
+    return _Split(graphdef, jax.tree_util.tree_structure(params), rest), nnx.to_pure_dict(params)
 
 
 def functional(model: nnx.Module) -> tuple[ApplyFn, Params]:
     """Split an nnx module into a pure ``apply(params, x_batch) -> logits`` and its params.
 
-    The params are a nested dict of arrays (`nnx.to_pure_dict`), so optax, `ravel_pytree`,
-    `vmap`, `jvp` and checkpoints all see plain pytrees.
+    Only the `nnx.Param` variables are params (a nested dict of arrays, `nnx.to_pure_dict`), so
+    optax, `ravel_pytree`, `vmap`, `jvp` and checkpoints all see plain pytrees. Everything else
+    the module holds (BatchNorm's running statistics, Dropout's RNG state, other variables) is
+    held fixed at its current value, and `apply` runs the module in evaluation mode (dropout
+    off, batch norm on its running statistics): influence is a property of the trained model as
+    it predicts. Training through `apply` (`pareto_jax.train`) therefore also runs in
+    evaluation mode; train a model with live batch statistics or dropout with your own loop.
+    `x_batch` may be an array or any pytree of arrays the module accepts (integer token IDs
+    stay integers).
     """
-    graphdef, state = nnx.split(model)
-    sp = _Split(graphdef, jax.tree_util.tree_structure(state))
-    params = nnx.to_pure_dict(state)
+    sp, params = _split(model)
 
     def apply(params, x):
-        return nnx.merge(sp.graphdef, sp.state(params))(x)
+        return sp.module(params)(x)
 
     return apply, params
 
 
 def functional_features(model: nnx.Module) -> ApplyFn:
     """Pure ``features(params, x_batch)`` giving the penultimate-layer activations."""
-    graphdef, state = nnx.split(model)
-    sp = _Split(graphdef, jax.tree_util.tree_structure(state))
+    sp, _ = _split(model)
 
     def features(params, x):
-        return nnx.merge(sp.graphdef, sp.state(params)).features(x)
+        return sp.module(params).features(x)
 
     return features
 
 
-def per_sample_loss(apply: ApplyFn) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
-    """Cross-entropy of one sample: ``loss_fn(params, x, y)`` with x unbatched, y a scalar int."""
+def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Softmax cross-entropy of one sample's logits (K,) with an integer label."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
-    def loss_fn(params, x, y):
-        logits = apply(params, x[None])[0]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
-    return loss_fn
+@dataclasses.dataclass(frozen=True)
+class OutputLoss:
+    """A per-sample loss written through the model's logits: ``output_loss(apply(params, x), y)``.
+
+    Called as ``loss_fn(params, x, y)`` (one sample, no batch axis; x may be a pytree), so it
+    goes wherever a loss function goes. Because the split is known, Gauss-Newton curvature
+    uses this loss's own Hessian with respect to the logits (by autodiff), which makes it exact
+    for any output loss: a scaled, label-smoothed or focal cross-entropy, a per-class weighted
+    one, a squared error on the logits. Hashable, so jitted callers cache on it.
+
+    Attributes:
+        apply: ``apply(params, x_batch) -> logits (batch, K)``.
+        output_loss: ``output_loss(logits (K,), y) -> scalar`` for one sample.
+    """
+
+    apply: ApplyFn
+    output_loss: Callable = cross_entropy
+
+    def __call__(self, params, x, y):
+        logits = self.apply(params, jax.tree_util.tree_map(lambda a: a[None], x))[0]
+        return self.output_loss(logits, y)
+
+    @property
+    def is_cross_entropy(self) -> bool:
+        return self.output_loss is cross_entropy
+
+
+def per_sample_loss(apply: ApplyFn, output_loss: Callable = cross_entropy) -> OutputLoss:
+    """``loss_fn(params, x, y)`` of one sample (x unbatched, y a scalar int): `output_loss`
+    (default softmax cross-entropy) of ``apply``'s logits, as an `OutputLoss`."""
+    return OutputLoss(apply, output_loss)
 
 
 def linear_head_params(W: jax.Array, b: jax.Array) -> Params:
