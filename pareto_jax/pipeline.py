@@ -230,11 +230,12 @@ def stage_influence(job: Job, state, fp_train: str):
                 weight_decay=wd, apply=job.apply, mesh=job.mesh,
                 config=icfg or influence.InfluenceConfig(curvature="gauss_newton"))
         d = st.dir("influence")
-        io.save_pytree(d / "P.npz", {"P": np.asarray(r.P)})
+        r = dataclasses.replace(r, names=tuple(s.class_names), sample_ids=np.arange(len(s.train)))
+        r.save(d / "P.npz")  # plain keys: P, names, sample_ids, solutions, meta (InfluenceResult.load)
         io.write_json(d / "influence.json", r.summary())
         st.finish("influence", fp, icfg)
     idir = st.root / "influence"
-    P = io.load_pytree(idir / "P.npz", {"P": np.zeros((len(s.train), K), np.float32)})[0]["P"]
+    P = influence.InfluenceResult.load(idir / "P.npz").P
     return np.asarray(P), io.read_json(idir / "influence.json"), fp
 
 

@@ -93,7 +93,7 @@ def weighted_objective(loss_fn: LossFn, params, x, y, w, *, weight_decay: float,
                        normalizer: str = "weights") -> jax.Array:
     """The full-batch training objective L_w(θ) (see the module docstring)."""
     losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, x, y)
-    scale = 1.0 / (jnp.sum(w) if normalizer == "weights" else x.shape[0])
+    scale = 1.0 / (jnp.sum(w) if normalizer == "weights" else kernels.num_samples(x))
     return scale * jnp.sum(w * losses) + 0.5 * weight_decay * l2(params)
 
 
@@ -159,7 +159,7 @@ def epoch_fns(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, ba
 
     def step(params, opt_state, x, y, w, mask, ib, sb, scale):
         mb = sb if mask is None else sb * mask[ib]
-        (_, data), g = jax.value_and_grad(batch_loss, has_aux=True)(params, x[ib], y[ib], w[ib], mb, scale)
+        (_, data), g = jax.value_and_grad(batch_loss, has_aux=True)(params, kernels.take(x, ib), y[ib], w[ib], mb, scale)
         if axis_name is not None:
             g = jax.tree_util.tree_map(lambda gi, p: gi + wd * p, psum(g), params)
         updates, opt_state = opt.update(g, opt_state, params)
@@ -260,11 +260,11 @@ def _eval_fn(apply, num_classes: int):
 def evaluate(apply, params, x, y, num_classes: int, *, batch_size: int = 1024) -> ClassMetrics:
     """Per-class accuracy and loss of ``apply(params, ·)`` on (x, y), in fixed-size chunks."""
     f = _eval_fn(apply, num_classes)
-    xc, yc, mc = kernels.pad_chunks(np.asarray(x), np.asarray(y), batch_size)
+    chunks = kernels.pad_chunks(checks.as_inputs(x, "x"), np.asarray(y), batch_size)
     acc = np.zeros(num_classes)
     loss = np.zeros(num_classes)
     cnt = np.zeros(num_classes)
-    for xb, yb, m in zip(xc, yc, mc):
+    for xb, yb, m in kernels.iter_chunks(chunks):
         a, l_, c = f(params, xb, yb, m)
         acc += np.asarray(a, np.float64)
         loss += np.asarray(l_, np.float64)
@@ -286,9 +286,10 @@ class TrainResult:
 
 
 def _prepare(x, y, weights, num_classes):
-    x = checks.as_features(x, "x_train")
-    y = checks.as_labels(y, "y_train", num_classes=num_classes, n=x.shape[0], x_name="x_train")
-    w = np.ones(x.shape[0]) if weights is None else checks.as_weights(weights, x.shape[0], "weights")
+    x = checks.as_inputs(x, "x_train")
+    n = checks.num_inputs(x)
+    y = checks.as_labels(y, "y_train", num_classes=num_classes, n=n, x_name="x_train")
+    w = np.ones(n) if weights is None else checks.as_weights(weights, n, "weights")
     return x, y, w
 
 
@@ -340,8 +341,8 @@ def train(loss_fn: LossFn, params, x, y, config: TrainConfig = TrainConfig(), *,
     x, y, w = _prepare(x, y, weights, num_classes)
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params if state is None else state.params))
     st = init_state(params, config) if state is None else state
-    ep_fn = epoch_fn or make_epoch_fn(loss_fn, config, x.shape[0])
-    xd, yd, wd = jnp.asarray(x, dtype), jnp.asarray(y), jnp.asarray(w, dtype)
+    ep_fn = epoch_fn or make_epoch_fn(loss_fn, config, checks.num_inputs(x))
+    xd, yd, wd = kernels.cast_floats(x, dtype), jnp.asarray(y), jnp.asarray(w, dtype)
     n_ep = config.epochs if epochs is None else epochs
     history, ckpts = [], {}
     p, o = st.params, st.opt_state

@@ -9,11 +9,11 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_three_notebooks():
-    assert len(NOTEBOOKS) == 3
+def test_there_are_four_notebooks():
+    assert len(NOTEBOOKS) == 4
 
 
-# the quickstart runs by default; the other two (about 20 s each) with -m slow
+# the quickstart runs by default; the others (20 s to a few minutes each) with -m slow
 @pytest.mark.parametrize("path", [p if p.name.startswith("01") else pytest.param(p, marks=pytest.mark.slow)
                                   for p in NOTEBOOKS], ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):

@@ -210,8 +210,8 @@ def _rel(a, b):
 MODELS = ["mlp", "cnn", "text", "plain"]
 # the full matrix with -m slow; by default every model with cross-entropy and focal, and every
 # loss on the MLP (the bench of each axis, in 20 of the 32 cases)
-MATRIX = [pytest.param(m, l, c, marks=() if (l in ("ce", "focal") or m == "mlp") else pytest.mark.slow)
-          for m in MODELS for l in LOSSES for c in ("hessian", "gauss_newton")]
+MATRIX = [pytest.param(m, lo, c, marks=() if (lo in ("ce", "focal") or m == "mlp") else pytest.mark.slow)
+          for m in MODELS for lo in LOSSES for c in ("hessian", "gauss_newton")]
 
 
 @pytest.mark.parametrize("kind, loss, curvature", MATRIX)
@@ -437,3 +437,17 @@ def test_bad_inputs_name_the_argument(trained, case):
             match = "x_val"
         with pytest.raises(InputError, match=match):
             call()
+
+
+def test_ceiling_and_program_results_are_pytrees(trained):
+    from pareto_jax import pareto
+
+    with jax.enable_x64(True):
+        apply, params, xt, yt, xv, yv, _ = trained("mlp")
+        P = np.asarray(influence.category_influence(models.OutputLoss(apply), params, xt, yt, xv, yv,
+                                                    num_classes=K, weight_decay=WD).P)
+    for r in (pareto.ceiling_test(P), pareto.solve_reweighting(P, targets=[0], alpha=0.9, rho=0.5)):
+        leaves, tree = jax.tree_util.tree_flatten(r)
+        assert leaves, type(r).__name__
+        back = jax.tree_util.tree_unflatten(tree, leaves)
+        assert back.summary() == r.summary()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from .. import checks
@@ -59,6 +60,13 @@ class CeilingResult:
             "pca_heuristic_improvable": self.pca_heuristic_improvable,
             "status": self.status, "message": self.message,
         }
+
+
+# a pytree: the arrays are leaves, the scalars and strings metadata (jax.tree_util round trips)
+jax.tree_util.register_dataclass(
+    CeilingResult, data_fields=["direction", "predicted_gains", "certificate"],
+    meta_fields=["improvable", "t_star", "certificate_residual", "tol", "pca_explained_ratio",
+                 "pca_heuristic_improvable", "status", "message"])
 
 
 def pca_explained_ratio(P) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from .. import checks
@@ -113,6 +114,12 @@ class ReweightResult:
                 "max_violation": self.max_violation, "n_saturated": self.n_saturated,
                 "n_fractional": self.n_fractional, "n_unchanged": self.n_unchanged, "solver": self.solver, "notes": list(self.notes),
                 "predicted_loss_change": None if self.w is None else self.predicted_loss_change.tolist()}
+
+
+jax.tree_util.register_dataclass(
+    ReweightResult, data_fields=["w", "predicted_loss_change", "duals"],
+    meta_fields=["status", "message", "objective", "max_violation", "n_saturated", "n_fractional", "solver",
+                 "notes", "n_unchanged"])
 
 
 def program_data(P, targets, alpha, config, class_weights=None):
