@@ -99,6 +99,11 @@ def _finish_product(acc, V, n, weight_decay):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
+def _jvp_rows_step(f, theta, U, xb, yb, mb):
+    return kernels.jvp_chunk(f, theta, U, xb, yb) * mb[:, None]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
 def _rows_step(f, theta, U, xb, yb, mb):
     return kernels.per_sample_chunk(f, theta, U, xb, yb) * mb[:, None]
 
@@ -115,6 +120,10 @@ class Local:
         return self.execution == "stepped"
 
     def chunks(self, x, y, chunk_size: int, dtype) -> Chunks:
+        """Padded chunks on the device, or for a `kernels.Source` a `kernels.Stream` that puts
+        one chunk on the device at a time (every stage then runs stepped)."""
+        if isinstance(x, kernels.Source):
+            return kernels.Stream(x, chunk_size, dtype)
         xc, yc, mc = kernels.pad_chunks(x, y, chunk_size)
         return Chunks(kernels.cast_floats(xc, dtype), jax.tree_util.tree_map(jnp.asarray, yc),
                       jnp.asarray(mc, dtype))
@@ -122,7 +131,7 @@ class Local:
     def class_gradients(self, f, theta, chunks: Chunks, y, num_classes: int):
         counts = np.bincount(np.asarray(y), minlength=num_classes).astype(np.float64)
         counts = jnp.asarray(np.maximum(counts, 1), theta.dtype)
-        if not self.stepped:
+        if not self.stepped and not isinstance(chunks, kernels.Stream):
             return class_gradients_program(f, theta, chunks, counts, num_classes)
         acc = jnp.zeros((num_classes, theta.size), theta.dtype)
         for xb, yb, mb in kernels.iter_chunks(chunks):
@@ -135,7 +144,7 @@ class Local:
 
     def matvec(self, curv: Curvature, data: ObjectiveData):
         """V (K, P) -> (H + λI) V."""
-        if not self.stepped:
+        if not self.stepped and not isinstance(data.chunks, kernels.Stream):
             return lambda V: matvec_program(curv, data, V)
 
         def stepped(V):
@@ -149,7 +158,7 @@ class Local:
     def solve(self, method, curv, data, G, damping, rtol, atol, max_steps, *, factors=None,
               ekfac: bool = True) -> linsolve.SolveResult:
         """CG or dense; with `factors` (`kfac.Factors`), CG preconditioned by them."""
-        if self.stepped and method == "cg":
+        if (self.stepped or isinstance(data.chunks, kernels.Stream)) and method == "cg":
             pre = None if factors is None else (
                 lambda R: kfac.apply_inverse(factors, R, damping=data.weight_decay + damping, ekfac=ekfac))
             return linsolve.solve_cg_stepped(self.matvec(curv, data), G, damping=damping, rtol=rtol,
@@ -168,6 +177,19 @@ class Local:
 
     def influence_rows(self, f, method, theta, U, chunks: Chunks, n_real: int):
         U = jnp.asarray(U, theta.dtype)
+        if isinstance(chunks, kernels.Stream):  # rows written to the host as each chunk is done
+            step = _jvp_rows_step if method == "jvp" else _rows_step
+            P = np.zeros((n_real, U.shape[0]), np.dtype(theta.dtype))
+            i = 0
+            for xb, yb, mb in chunks:
+                r = np.asarray(step(f, theta, U, xb, yb, mb))[: min(chunks.chunk, n_real - i)]
+                P[i:i + len(r)] = r
+                i += len(r)
+            if i != n_real:
+                raise ValueError(f"the training source yielded {i} samples on this pass, {n_real} on the first: "
+                                 "batches() must give the same samples every time it is called")
+            P /= n_real
+            return jnp.asarray(P)
         if not self.stepped or method == "jvp":  # forward mode only: fast inside a loop too
             return influence_rows_program(f, method, theta, U, chunks, n_real)[:n_real]
         rows = [_rows_step(f, theta, U, xb, yb, mb) for xb, yb, mb in kernels.iter_chunks(chunks)]

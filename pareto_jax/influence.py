@@ -469,17 +469,50 @@ def _validate_train(x_train, y_train, num_classes):
     return xt, yt
 
 
+def _is_source(x) -> bool:
+    return callable(x) and not hasattr(x, "shape") and not isinstance(x, (dict, list, tuple))
+
+
+def _validate_source(batches, y_train, num_classes):
+    """One pass over a batch source: every batch validated on the host (inputs, labels, the
+    same structure and sample shape throughout); returns (`kernels.Source`, the first batch)."""
+    if y_train is not None:
+        checks.fail("y_train", "labels beside a batch source", "None (the labels come with each batch)",
+                    "yield (x_batch, y_batch) from x_train() and pass y_train=None")
+    n, first = 0, None
+    for i, item in enumerate(batches()):
+        if not (isinstance(item, tuple) and len(item) == 2):
+            checks.fail("x_train", f"a batch source whose batch {i} is a {type(item).__name__}",
+                        "(x_batch, y_batch) pairs", "make x_train() yield (inputs, labels) tuples")
+        xb = checks.as_inputs(item[0], f"x_train batch {i}")
+        yb = checks.as_labels(item[1], f"y_train batch {i}", num_classes=num_classes, n=checks.num_inputs(xb),
+                              x_name=f"x_train batch {i}")
+        if first is None:
+            first = (xb, yb)
+        else:
+            _same_kind(first[0], xb, f"x_train batch {i}", "the first batch's")
+        n += yb.shape[0]
+    if first is None:
+        checks.fail("x_train", "a batch source that yielded nothing", "at least one (x_batch, y_batch)",
+                    "check that x_train() returns a fresh iterator on every call")
+    return kernels.Source(batches, n), first
+
+
+def _same_kind(ref, x, name, what):
+    sr, sx = jax.tree_util.tree_structure(ref), jax.tree_util.tree_structure(x)
+    if sr != sx:
+        checks.fail(name, f"inputs structured as {sx}", f"{what} structure {sr}",
+                    "pass inputs of the same kind everywhere")
+    for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(x)):
+        if a.shape[1:] != b.shape[1:]:
+            checks.fail(name, f"sample shape {b.shape[1:]}", f"{what} sample shape {a.shape[1:]}",
+                        "featurise every set the same way")
+
+
 def _validate_val(xt, x_val, y_val, num_classes):
     xv = checks.as_inputs(x_val, "x_val")
     yv = checks.as_labels(y_val, "y_val", num_classes=num_classes, n=checks.num_inputs(xv), x_name="x_val")
-    st, sv = jax.tree_util.tree_structure(xt), jax.tree_util.tree_structure(xv)
-    if st != sv:
-        checks.fail("x_val", f"inputs structured as {sv}", f"the training inputs' structure {st}",
-                    "pass validation inputs of the same kind as the training inputs")
-    for a, b in zip(jax.tree_util.tree_leaves(xt), jax.tree_util.tree_leaves(xv)):
-        if a.shape[1:] != b.shape[1:]:
-            checks.fail("x_val", f"sample shape {b.shape[1:]}", f"the training sample shape {a.shape[1:]}",
-                        "featurise both sets the same way")
+    _same_kind(xt, xv, "x_val", "the training inputs'")
     return xv, yv
 
 
@@ -604,7 +637,10 @@ class Influence:
         params: trained parameters (any pytree).
         x_train, y_train: the training set the model was trained on: inputs (N, ...) (an array,
             or a pytree of arrays with a shared leading axis; integer token IDs stay integers)
-            and integer labels (N,).
+            and integer labels (N,). Or, to stream a training set that does not fit in memory:
+            ``x_train`` a function returning a fresh iterator of (x_batch, y_batch) on every
+            call, and ``y_train=None``; each pass puts one chunk on the device at a time and P's
+            rows are written to the host as they are computed (CG on one device).
         num_classes, weight_decay, config, apply, model, mesh: as for `category_influence`.
         class_names: names of the K classes (carried into results).
         sample_ids: (N,) ids of the training samples (carried into results; default 0..N-1).
@@ -619,16 +655,24 @@ class Influence:
                  weight_decay: float, config: InfluenceConfig = InfluenceConfig(), apply=None,
                  model=None, mesh=None, class_names=None, sample_ids=None):
         _check_request(config, num_classes, weight_decay, mesh)
-        xt, yt = _validate_train(x_train, y_train, num_classes)
-        n = checks.num_inputs(xt)
-        check_loss(loss_fn, params, xt, yt)
+        if _is_source(x_train):
+            xt, (x_ex, y_ex) = _validate_source(x_train, y_train, num_classes)
+            yt, n = None, xt.n
+            if config.solver != "cg" or config.preconditioner != "none" or mesh is not None:
+                checks.fail("config", f"solver={config.solver!r}, preconditioner={config.preconditioner!r}, "
+                            f"mesh={'set' if mesh is not None else None}", "solver='cg' on one device for a batch source",
+                            "use InfluenceConfig(solver='cg') without a mesh, or pass arrays")
+        else:
+            xt, yt = _validate_train(x_train, y_train, num_classes)
+            x_ex, y_ex, n = xt, yt, checks.num_inputs(xt)
+        check_loss(loss_fn, params, x_ex, y_ex)
         if class_names is not None and len(class_names) != num_classes:
             checks.fail("class_names", f"{len(class_names)} names", f"{num_classes}, one per class",
                         "pass one name per class, in label order")
         if sample_ids is not None and np.shape(sample_ids) != (n,):
             checks.fail("sample_ids", f"shape {np.shape(sample_ids)}", f"shape ({n},), one id per training sample",
                         "pass one id per row of x_train")
-        config, apply, out, note = _resolve_curvature(config, loss_fn, params, apply, xt, yt)
+        config, apply, out, note = _resolve_curvature(config, loss_fn, params, apply, x_ex, y_ex)
         flat = kernels.flatten(loss_fn, params)
         theta = flat.theta
         checks.check_finite_array(theta, "params", "influence: parameters")
@@ -637,7 +681,7 @@ class Influence:
         self.num_classes, self.weight_decay, self.mesh = int(num_classes), float(weight_decay), mesh
         self.class_names = None if class_names is None else tuple(str(c) for c in class_names)
         self.sample_ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
-        self._x, self._y, self._n, self._flat, self._be = xt, yt, n, flat, be
+        self._x, self._y, self._n, self._flat, self._be, self._example = xt, yt, n, flat, be, x_ex
         self.curvature = _curvature(loss_fn, params, config.curvature, apply, out)
         self._data = be.objective(theta, be.chunks(xt, yt, config.hvp_batch_size, theta.dtype), n, weight_decay)
         self._matvec = be.matvec(self.curvature, self._data)
@@ -645,7 +689,8 @@ class Influence:
                                              params=params, x_train=xt, weight_decay=weight_decay,
                                              num_classes=num_classes)
         self.damping = linsolve.resolve_damping(config.damping, self._matvec, theta, config.seed)
-        self._details = {**self._details, **note, "execution": be.execution}
+        self._details = {**self._details, **note,
+                         "execution": be.execution if yt is not None else "stepped (streamed from a batch source)"}
 
     def influence(self, x_val, y_val, *, groups=None, group_names=None, measure_fn=None) -> InfluenceResult:
         """P (N, K) for this validation set: column k is the influence of every training sample
@@ -662,7 +707,7 @@ class Influence:
         """
         config, be, flat = self.config, self._be, self._flat
         theta = flat.theta
-        xv, yv = _validate_val(self._x, x_val, y_val, self.num_classes)
+        xv, yv = _validate_val(self._example, x_val, y_val, self.num_classes)
         g, K, names = _groups(groups, yv, self.num_classes, group_names, self.class_names)
         measure = self.loss_fn if measure_fn is None else measure_fn
         if measure_fn is not None:
@@ -737,9 +782,12 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
         (1078, 10)
     """
     _check_request(config, num_classes, weight_decay, mesh)  # every input checked before any work
-    xt, yt = _validate_train(x_train, y_train, num_classes)
-    xv, yv = _validate_val(xt, x_val, y_val, num_classes)
-    _groups(groups, yv, num_classes, group_names, class_names)
+    xt, yt = (x_train, y_train) if _is_source(x_train) else _validate_train(x_train, y_train, num_classes)
+    if not _is_source(xt):
+        xv, yv = _validate_val(xt, x_val, y_val, num_classes)
+        _groups(groups, yv, num_classes, group_names, class_names)
+    else:
+        xv, yv = x_val, y_val
     fit = Influence(loss_fn, params, xt, yt, num_classes=num_classes, weight_decay=weight_decay,
                     config=config, apply=apply, model=model, mesh=mesh, class_names=class_names,
                     sample_ids=sample_ids)

@@ -84,10 +84,55 @@ def take(x, index):
     return jax.tree_util.tree_map(lambda a: a[index], x)
 
 
-def iter_chunks(chunks: Chunks):
-    """(x, y, mask) of each chunk in turn (x and y may be pytrees)."""
+def iter_chunks(chunks):
+    """(x, y, mask) of each chunk in turn (x and y may be pytrees); a `Stream` yields its own."""
+    if isinstance(chunks, Stream):
+        yield from chunks
+        return
     for i in range(chunks.mask.shape[0]):
         yield take(chunks.x, i), take(chunks.y, i), chunks.mask[i]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Training samples that never sit in memory at once: ``batches()`` returns a fresh iterator
+    of (x_batch, y_batch) host arrays (x may be a pytree) on every call; ``n`` samples in all."""
+
+    batches: Callable
+    n: int
+
+
+class Stream:
+    """A `Source` re-cut into fixed-size chunks, one chunk on the device at a time (so every
+    chunk program compiles once, whatever the source's batch sizes). Iterating yields
+    (x, y, mask) like `iter_chunks`; the last chunk is padded with mask 0."""
+
+    def __init__(self, source: Source, chunk: int, dtype):
+        self.source, self.chunk, self.dtype = source, max(1, int(chunk)), dtype
+
+    def _emit(self, xs, ys, real):
+        pad = self.chunk - real
+
+        def fill(a):
+            return np.concatenate([a, np.repeat(a[:1], pad, 0)]) if pad else a
+
+        mb = np.concatenate([np.ones(real, np.float32), np.zeros(pad, np.float32)])
+        return (cast_floats(jax.tree_util.tree_map(fill, xs), self.dtype),
+                jax.tree_util.tree_map(lambda a: jnp.asarray(fill(a)), ys), jnp.asarray(mb, self.dtype))
+
+    def __iter__(self):
+        cat = lambda parts: jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)  # noqa: E731
+        xs, ys, have = [], [], 0
+        for xb, yb in self.source.batches():
+            xs.append(jax.tree_util.tree_map(np.asarray, xb))
+            ys.append(np.asarray(yb))
+            have += num_samples(xb)
+            while have >= self.chunk:
+                X, Y = cat(xs), cat(ys)
+                yield self._emit(take(X, slice(0, self.chunk)), Y[:self.chunk], self.chunk)
+                xs, ys, have = [take(X, slice(self.chunk, None))], [Y[self.chunk:]], have - self.chunk
+        if have:
+            yield self._emit(cat(xs), cat(ys), have)
 
 
 def cast_floats(x, dtype):
