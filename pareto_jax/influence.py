@@ -570,7 +570,7 @@ def _on_pairs(measure):
 
 
 def _solver(config: InfluenceConfig, be, curv, data, matvec, *, model, params, x_train,
-            weight_decay, num_classes) -> tuple[Callable, dict]:
+            weight_decay, num_classes, factors=None) -> tuple[Callable, dict]:
     """(G, damping) -> `linsolve.SolveResult` for ``config.solver`` (one signature for every
     estimator; the factors, if any, computed once here), and the estimator's diagnostics."""
     if config.solver in ("cg", "dense") and config.preconditioner == "none":
@@ -595,17 +595,19 @@ def _solver(config: InfluenceConfig, be, curv, data, matvec, *, model, params, x
     if not isinstance(x_train, np.ndarray):
         checks.fail("x_train", "a pytree of input arrays", "one input array for K-FAC / EK-FAC",
                     "use solver='cg' for models with structured inputs")
-    factors = kfac.compute_factors(model, params, x_train, batch_size=config.hvp_batch_size,
-                                   num_classes=num_classes)
+    if factors is None:
+        factors = kfac.compute_factors(model, params, x_train, batch_size=config.hvp_batch_size,
+                                       num_classes=num_classes)
+    details = {"factors": factors}  # kept by Influence for save(); not a diagnostic
     if config.solver == "cg":  # preconditioned by the factors
         return (lambda G, d: be.solve("cg", curv, data, G, d, config.rtol, config.atol, config.max_steps,
-                                      factors=factors, ekfac=config.preconditioner == "ekfac")), {}
+                                      factors=factors, ekfac=config.preconditioner == "ekfac")), details
 
     def solve(G, d):
         res = kfac.solve_kfac(factors, G, damping=weight_decay + d, ekfac=config.solver == "ekfac")
         return linsolve.with_residual(res, matvec, G, d) if config.report_residual else res
 
-    return solve, {}
+    return solve, details
 
 
 def _check_request(config, num_classes, weight_decay, mesh):
@@ -653,7 +655,7 @@ class Influence:
 
     def __init__(self, loss_fn: LossFn, params, x_train, y_train, *, num_classes: int,
                  weight_decay: float, config: InfluenceConfig = InfluenceConfig(), apply=None,
-                 model=None, mesh=None, class_names=None, sample_ids=None):
+                 model=None, mesh=None, class_names=None, sample_ids=None, _saved=None):
         _check_request(config, num_classes, weight_decay, mesh)
         if _is_source(x_train):
             xt, (x_ex, y_ex) = _validate_source(x_train, y_train, num_classes)
@@ -685,12 +687,61 @@ class Influence:
         self.curvature = _curvature(loss_fn, params, config.curvature, apply, out)
         self._data = be.objective(theta, be.chunks(xt, yt, config.hvp_batch_size, theta.dtype), n, weight_decay)
         self._matvec = be.matvec(self.curvature, self._data)
+        saved = _saved or {}
         self._solve, self._details = _solver(config, be, self.curvature, self._data, self._matvec, model=model,
                                              params=params, x_train=xt, weight_decay=weight_decay,
-                                             num_classes=num_classes)
-        self.damping = linsolve.resolve_damping(config.damping, self._matvec, theta, config.seed)
+                                             num_classes=num_classes, factors=saved.get("factors"))
+        self.factors = self._details.pop("factors", None)
+        self.damping = saved["damping"] if "damping" in saved else \
+            linsolve.resolve_damping(config.damping, self._matvec, theta, config.seed)
         self._details = {**self._details, **note,
                          "execution": be.execution if yt is not None else "stepped (streamed from a batch source)"}
+
+    def _fingerprint(self) -> list:
+        theta = np.asarray(self._flat.theta, np.float64)
+        return [int(theta.size), float(theta.sum()), float(np.linalg.norm(theta)), int(self._n)]
+
+    def save(self, folder):
+        """Write the fitted state to `folder`: ``state.json`` (the resolved config, damping,
+        curvature, sizes, class names and a fingerprint of the params and N), ``sample_ids.npy``
+        and, for K-FAC / EK-FAC, ``factors.npz``. Returns the folder."""
+        from pathlib import Path
+
+        from . import io
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        io.write_json(folder / "state.json", {
+            "config": dataclasses.asdict(self.config), "damping": self.damping, "num_classes": self.num_classes,
+            "weight_decay": self.weight_decay, "class_names": self.class_names,
+            "fingerprint": self._fingerprint()})
+        np.save(folder / "sample_ids.npy", self.sample_ids)
+        if self.factors is not None:
+            kfac.save_factors(folder / "factors.npz", self.factors)
+        return folder
+
+    @classmethod
+    def load(cls, folder, loss_fn: LossFn, params, x_train, y_train, *, apply=None, model=None,
+             mesh=None) -> "Influence":
+        """The `Influence` saved in `folder`, for the same model, params and training set (checked
+        by fingerprint): the damping and any K-FAC / EK-FAC factors are read, not recomputed."""
+        from pathlib import Path
+
+        from . import io
+
+        folder = Path(folder)
+        st = io.read_json(folder / "state.json")
+        saved = {"damping": float(st["damping"])}
+        if (folder / "factors.npz").exists():
+            saved["factors"] = kfac.load_factors(folder / "factors.npz")
+        fit = cls(loss_fn, params, x_train, y_train, num_classes=st["num_classes"], weight_decay=st["weight_decay"],
+                  config=InfluenceConfig(**st["config"]), apply=apply, model=model, mesh=mesh,
+                  class_names=st["class_names"], sample_ids=np.load(folder / "sample_ids.npy"), _saved=saved)
+        if not np.allclose(fit._fingerprint(), st["fingerprint"], rtol=1e-6, atol=0):
+            checks.fail("params", f"parameters / a training set with fingerprint {fit._fingerprint()}",
+                        f"the ones saved in {folder} ({st['fingerprint']}: size, sum, norm, N)",
+                        "load with the params and training set the state was fitted on, or fit again")
+        return fit
 
     def influence(self, x_val, y_val, *, groups=None, group_names=None, measure_fn=None) -> InfluenceResult:
         """P (N, K) for this validation set: column k is the influence of every training sample

@@ -520,3 +520,22 @@ def test_streamed_peak_memory_is_flat_in_n(tmp_path):
     output = (400000 - 20000) * 10 * 4 / 2**20
     assert growth < 3 * output + 16, (a, b)
     assert growth < 0.35 * b["x_in_memory_MiB"], (a, b)
+
+
+@pytest.mark.parametrize("solver", ["cg", "ekfac"])
+def test_a_fitted_state_saves_and_loads(trained, tmp_path, solver):
+    with jax.enable_x64(True):
+        apply, params, xt, yt, xv, yv, _ = trained("mlp")
+        lf = models.OutputLoss(apply)
+        kw = dict(model=MLP(nnx.Rngs(0))) if solver == "ekfac" else {}
+        fit = Influence(lf, params, xt, yt, num_classes=K, weight_decay=WD, config=InfluenceConfig(solver=solver),
+                        class_names=("a", "b", "c"), **kw)
+        assert (fit.factors is not None) == (solver == "ekfac")
+        fit.save(tmp_path / "fit")
+        back = Influence.load(tmp_path / "fit", lf, params, xt, yt, **kw)
+        assert back.damping == fit.damping and back.class_names == ("a", "b", "c")
+        np.testing.assert_allclose(np.asarray(back.influence(xv, yv).P), np.asarray(fit.influence(xv, yv).P),
+                                   rtol=1e-12, atol=0)
+        other = jax.tree_util.tree_map(lambda a: a * 1.01, params)
+        with pytest.raises(InputError, match="fingerprint"):
+            Influence.load(tmp_path / "fit", lf, other, xt, yt, **kw)
