@@ -198,13 +198,28 @@ def _inputs(layer: Layer, a):
     return at
 
 
-@functools.lru_cache(maxsize=32)
-def _forward_program(graphdef, treedef, layers):
-    """jit: (params, xb) -> (softmax probabilities, ã per layer, the VJP of the logits with
-    respect to every layer's output). The VJP is a pytree (its residuals are the forward pass's
-    activations), so every class's backward pass reuses this one forward pass across jit calls."""
+def output_root(logits, y, output_loss=None):
+    """R (B, K, K) with H_out = R Rᵀ per sample: for softmax cross-entropy (None) the columns
+    r_c = √p_c (p − e_c), so H_out = diag p − ppᵀ; for another output loss ``out(logits, y)``
+    its Hessian w.r.t. the logits by autodiff, as Q √max(λ, 0) (a non-convex loss's negative
+    curvature is clipped: K-FAC needs a PSD factor)."""
+    if output_loss is None:
+        p = jax.nn.softmax(logits, -1)
+        eye = jnp.eye(p.shape[1], dtype=p.dtype)
+        return jnp.sqrt(p)[:, None, :] * (p[:, :, None] - eye[None])
+    H = jax.vmap(jax.hessian(output_loss))(logits, y)
+    lam, Q = jnp.linalg.eigh(H)
+    return Q * jnp.sqrt(jnp.maximum(lam, 0.0))[:, None, :]
 
-    def forward(params, xb):
+
+@functools.lru_cache(maxsize=32)
+def _forward_program(graphdef, treedef, layers, output_loss=None):
+    """jit: (params, xb, yb) -> (R, ã per layer, the VJP of the logits with respect to every
+    layer's output), R the per-sample root of the output loss's Hessian (`output_root`). The VJP
+    is a pytree (its residuals are the forward pass's activations), so every class's backward
+    pass reuses this one forward pass across jit calls."""
+
+    def forward(params, xb, yb):
         taps0 = [jnp.zeros((xb.shape[0], *l.out_shape), xb.dtype) for l in layers]
 
         def fwd(taps):
@@ -215,14 +230,14 @@ def _forward_program(graphdef, treedef, layers):
             return logits, [r[1] for r in rec]
 
         logits, vjp, acts = jax.vjp(fwd, taps0, has_aux=True)
-        return jax.nn.softmax(logits, -1), [_inputs(l, a) for l, a in zip(layers, acts)], vjp
+        return output_root(logits, yb, output_loss), [_inputs(l, a) for l, a in zip(layers, acts)], vjp
 
     return jax.jit(forward)
 
 
-def _class_cotangent(p, c, mb):
-    """r_c = √p_c (p − e_c) per sample, masked: H_out = Σ_c r_c r_cᵀ = diag p − ppᵀ."""
-    return jnp.sqrt(p[:, c])[:, None] * (p - jax.nn.one_hot(c, p.shape[1], dtype=p.dtype)) * mb[:, None]
+def _class_cotangent(R, c, mb):
+    """Column c of the output Hessian's root per sample, masked: H_out = Σ_c r_c r_cᵀ."""
+    return R[:, :, c] * mb[:, None]
 
 
 def _pseudo_gradients(vjp, p, c, mb):
@@ -274,8 +289,13 @@ def _layout(params, layers) -> tuple[tuple, ...]:
                   where[l.path + ("bias",)][0] if l.has_bias else -1) for l in layers), off
 
 
-def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_classes: int) -> Factors:
-    """K-FAC and EK-FAC factors of the softmax cross-entropy Gauss-Newton matrix over the data x.
+def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_classes: int,
+                    y=None, output_loss=None) -> Factors:
+    """K-FAC and EK-FAC factors of the Gauss-Newton matrix over the data x.
+
+    The output side uses the softmax cross-entropy's H_out = diag p − ppᵀ (no labels needed),
+    or, with ``output_loss(logits, y)`` and the labels `y`, that loss's own Hessian w.r.t. the
+    logits (`output_root`).
 
     Two streamed passes over x in batches of `batch_size`: the second moments A and S (then
     their eigendecompositions), and EK-FAC's corrected eigenvalues. Per batch, one forward pass,
@@ -288,25 +308,27 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     n = x.shape[0]
     graphdef, treedef, layers = _discover(model, x[:1])
     layout, num_params = _layout(params, layers)
-    forward = _forward_program(graphdef, treedef, layers)
-    xc, _, mc = kernels.pad_chunks(x, np.zeros(n, np.int32), batch_size)
+    if output_loss is not None and y is None:
+        checks.fail("y", "None", "the training labels when output_loss is given", "pass y=")
+    forward = _forward_program(graphdef, treedef, layers, output_loss)
+    xc, yc, mc = kernels.pad_chunks(x, np.zeros(n, np.int32) if y is None else np.asarray(y), batch_size)
     dt = jnp.result_type(*jax.tree_util.tree_leaves(params))
 
     def batches():  # one batch on the device at a time, in each pass
-        return ((jnp.asarray(xb, dt), jnp.asarray(mb, dt)) for xb, mb in zip(xc, mc))
+        return ((jnp.asarray(xb, dt), jnp.asarray(yb), jnp.asarray(mb, dt)) for xb, yb, mb in zip(xc, yc, mc))
 
     A = [jnp.zeros((l.in_features + l.has_bias,) * 2, dt) for l in layers]
     S = [jnp.zeros((l.out_features,) * 2, dt) for l in layers]
-    for xb, mb in batches():
-        p, ins, vjp = forward(params, xb)
+    for xb, yb, mb in batches():
+        p, ins, vjp = forward(params, xb, yb)
         A = _input_moments(A, ins, mb)
         for c in range(num_classes):
             S = _output_moments(S, vjp, p, c, mb)
     eig = [(jnp.linalg.eigh(a / n), jnp.linalg.eigh(s / n)) for a, s in zip(A, S)]
     QAs, QGs = [e[0][1] for e in eig], [e[1][1] for e in eig]
     C = [jnp.zeros((qa.shape[0], qg.shape[0]), dt) for qa, qg in zip(QAs, QGs)]
-    for xb, mb in batches():
-        p, ins, vjp = forward(params, xb)
+    for xb, yb, mb in batches():
+        p, ins, vjp = forward(params, xb, yb)
         rot_in = _rotate_inputs(ins, QAs)
         for c in range(num_classes):
             C = _corrected(C, vjp, p, c, mb, rot_in, QGs)

@@ -539,3 +539,42 @@ def test_a_fitted_state_saves_and_loads(trained, tmp_path, solver):
         other = jax.tree_util.tree_map(lambda a: a * 1.01, params)
         with pytest.raises(InputError, match="fingerprint"):
             Influence.load(tmp_path / "fit", lf, other, xt, yt, **kw)
+
+
+class Lin(nnx.Module):
+    def __init__(self, rngs):
+        self.head = nnx.Linear(5, K, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, x):
+        return self.head(x)
+
+
+@pytest.mark.parametrize("loss", ["ce", "10ce", "smoothed", "focal"])
+def test_kfac_output_factor_is_the_loss_own(loss):
+    """One dense layer: K-FAC is A ⊗ S with A = mean ããᵀ (ã = [x, 1]) and S = mean H_out (the
+    output loss's Hessian w.r.t. the logits, negative eigenvalues clipped), formed densely here
+    from `jax.hessian`; P from solver='kfac' must equal P from that Kronecker matrix."""
+    with jax.enable_x64(True):
+        m = Lin(nnx.Rngs(0))
+        apply, params = models.functional(m)
+        xt, yt, xv, yv = _data("mlp")
+        params = _train(apply, params, xt, yt)
+        out = LOSSES[loss]
+        res = influence.category_influence(models.OutputLoss(apply, out), params, xt, yt, xv, yv, num_classes=K,
+                                           weight_decay=WD, model=m,
+                                           config=InfluenceConfig(solver="kfac", damping=DAMP, escalate_damping=False))
+        W, b = params["head"]["kernel"], params["head"]["bias"]
+        at = np.concatenate([xt, np.ones((N, 1))], 1)                  # ã (N, d+1)
+        z = xt @ W + b
+        lam, Q = np.linalg.eigh(np.asarray(jax.vmap(jax.hessian(out))(z, yt)))
+        Hout = np.einsum("nij,nj,nkj->nik", Q, np.maximum(lam, 0), Q)
+        M = np.kron(at.T @ at / N, Hout.mean(0)) + (WD + DAMP) * np.eye(at.shape[1] * K)
+        g = np.asarray(jax.vmap(jax.grad(out))(z, yt))                 # dℓ/dz per training sample
+        per = np.einsum("ni,nk->nik", at, g).reshape(N, -1)            # vec of ã gᵀ, row-major (d+1, K)
+        zv = xv @ W + b
+        gv = np.asarray(jax.vmap(jax.grad(out))(zv, yv))
+        av = np.concatenate([xv, np.ones((NV, 1))], 1)
+        onehot = np.eye(K)[yv] / np.bincount(yv)
+        Gk = np.einsum("nc,ni,nk->cik", onehot, av, gv).reshape(K, -1)  # class-mean gradients
+        ref = per @ np.linalg.solve(M, Gk.T) / N
+        assert _rel(res.P, ref) < 1e-8, loss
