@@ -8,8 +8,9 @@ The names most users need are here; every module keeps its own (``pareto_jax.inf
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from .checks import InputError, NumericalError
-from .influence import (InfluenceConfig, InfluenceResult, category_influence,
-                        linear_category_influence, predict_class_loss_change)
+from .influence import (Influence, InfluenceConfig, InfluenceResult, category_influence,
+                        influence_matrix, linear_category_influence, predict_class_loss_change)
+from .models import OutputLoss, functional
 from .pareto import (CeilingResult, ReweightConfig, ReweightResult, ceiling_test, pareto_frontier,
                      solve_reweighting, solve_reweighting_batch)
 
@@ -19,7 +20,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0+unknown"
 
 __all__ = [
-    "InputError", "NumericalError", "InfluenceConfig", "InfluenceResult", "category_influence",
+    "InputError", "NumericalError", "Influence", "InfluenceConfig", "InfluenceResult", "category_influence",
+    "influence_matrix", "OutputLoss", "functional",
     "linear_category_influence", "predict_class_loss_change", "CeilingResult", "ReweightConfig",
     "ReweightResult", "ceiling_test", "pareto_frontier", "solve_reweighting",
     "solve_reweighting_batch", "__version__",

@@ -888,9 +888,19 @@ def influence_matrix(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, *,
     G = kernels.class_gradients(flat.loss, theta, chunks(x_val, y_val, 512), counts, K)
     data = kernels.ObjectiveData(theta, chunks(x_train, y_train, hvp_batch_size), jnp.asarray(n, dt),
                                  jnp.asarray(weight_decay, dt))
-    res = linsolve.solve_cg(kernels.curvature_matvec(curv, data), G, damping=jnp.asarray(damping, dt),
-                            rtol=jnp.asarray(rtol, dt), atol=jnp.asarray(0.0, dt), max_steps=int(max_steps))
-    rows = kernels.influence_rows(flat.loss, "jvp", theta, res.value, chunks(x_train, y_train, chunk_size))
+    matvec, d = kernels.curvature_matvec(curv, data), jnp.asarray(damping, dt)
+
+    def op(v):
+        return matvec(v) + d * v
+
+    def cg(op_, b):  # CG for one right-hand side; its diagnostics as the auxiliary output
+        r = linsolve.solve_cg(op_, b, rtol=jnp.asarray(rtol, dt), atol=jnp.asarray(0.0, dt), max_steps=int(max_steps))
+        return r.value, r
+
+    # custom_linear_solve: reverse-mode derivatives by implicit differentiation (one more solve
+    # with the same symmetric operator), where a while_loop alone has none
+    U, res = jax.vmap(lambda g: jax.lax.custom_linear_solve(op, g, cg, symmetric=True, has_aux=True))(G)
+    rows = kernels.influence_rows(flat.loss, "jvp", theta, U, chunks(x_train, y_train, chunk_size))
     return rows.reshape(-1, K)[:n] / n, res
 
 

@@ -578,3 +578,27 @@ def test_kfac_output_factor_is_the_loss_own(loss):
         Gk = np.einsum("nc,ni,nk->cik", onehot, av, gv).reshape(K, -1)  # class-mean gradients
         ref = per @ np.linalg.solve(M, Gk.T) / N
         assert _rel(res.P, ref) < 1e-8, loss
+
+
+def test_the_core_is_differentiable(trained):
+    """Reverse mode through the core (the CG solve by implicit differentiation): d(ΣP)/d(damping)
+    and d(ΣP)/dθ along a random direction against central finite differences."""
+    with jax.enable_x64(True):
+        apply, params, xt, yt, xv, yv, _ = trained("mlp")
+        lf = models.OutputLoss(apply)
+        damp = safe_damping(apply, ce, params, xt, yt, "hessian")
+
+        def total(p, d):
+            return influence.influence_matrix(lf, p, xt, yt, xv, yv, num_classes=K, weight_decay=WD, damping=d,
+                                              rtol=1e-13, max_steps=500)[0].sum()
+
+        gp, gd = jax.jit(jax.grad(total, argnums=(0, 1)))(params, damp)
+        h = 1e-5
+        fd_d = (total(params, damp + h) - total(params, damp - h)) / (2 * h)
+        assert abs(float(gd) - float(fd_d)) < 1e-5 * abs(float(fd_d))
+        rng = np.random.default_rng(3)
+        v = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape)), params)
+        shift = lambda t: jax.tree_util.tree_map(lambda a, b: a + t * b, params, v)  # noqa: E731
+        fd_p = (total(shift(h), damp) - total(shift(-h), damp)) / (2 * h)
+        dot = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(v)))
+        assert abs(dot - float(fd_p)) < 1e-4 * abs(float(fd_p)), (dot, float(fd_p))
