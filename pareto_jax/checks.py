@@ -51,6 +51,16 @@ def as_features(x: Any, name: str = "x", *, min_ndim: int = 2) -> np.ndarray:
     return arr
 
 
+def check_not_traced(tree: Any, name: str, core: str) -> None:
+    """A host-validated entry point called under `jax.jit` / `vmap` / `grad` gets tracers: say
+    so, and name the pure function to use inside transforms, instead of a conversion error."""
+    import jax
+
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree)):
+        fail(name, "traced values (this function was called inside jax.jit, vmap or grad)",
+             "concrete arrays: it validates its input on the host", f"inside transforms call {core}")
+
+
 def as_inputs(x: Any, name: str = "x", *, min_ndim: int = 2):
     """Model inputs: one array, or any pytree of arrays (a dict of token IDs and masks, a tuple
     of modalities) whose leaves share the leading sample axis. Floating leaves must be finite;
@@ -182,6 +192,7 @@ def check_finite_array(arr: Any, name: str, stage: str) -> None:
 
 
 def as_influence_matrix(P: Any, name: str = "P") -> np.ndarray:
+    check_not_traced(P, name, "it outside the transform, on a concrete P (the ceiling test and the program finish on the host)")
     arr = np.asarray(P, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         fail(name, f"shape {arr.shape}", "a 2-D influence matrix of shape (n_train, n_classes)",

@@ -837,6 +837,8 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
         (1078, 10)
     """
     _check_request(config, num_classes, weight_decay, mesh)  # every input checked before any work
+    checks.check_not_traced((params, x_train if not _is_source(x_train) else None, x_val), "params",
+                            "influence.influence_matrix (pure JAX: jit, vmap and grad work)")
     xt, yt = (x_train, y_train) if _is_source(x_train) else _validate_train(x_train, y_train, num_classes)
     if not _is_source(xt):
         xv, yv = _validate_val(xt, x_val, y_val, num_classes)

@@ -602,3 +602,16 @@ def test_the_core_is_differentiable(trained):
         fd_p = (total(shift(h), damp) - total(shift(-h), damp)) / (2 * h)
         dot = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(v)))
         assert abs(dot - float(fd_p)) < 1e-4 * abs(float(fd_p)), (dot, float(fd_p))
+
+
+def test_host_entry_points_under_jit_say_what_to_use(trained):
+    from pareto_jax import pareto
+
+    with jax.enable_x64(True):
+        apply, params, xt, yt, xv, yv, _ = trained("mlp")
+        lf = models.OutputLoss(apply)
+        with pytest.raises(InputError, match="influence_matrix"):
+            jax.jit(lambda p: influence.category_influence(lf, p, xt, yt, xv, yv, num_classes=K,
+                                                           weight_decay=WD).P)(params)
+        with pytest.raises(InputError, match="outside the transform"):
+            jax.jit(lambda P: pareto.ceiling_test(P).t_star)(jnp.ones((5, 2)))
