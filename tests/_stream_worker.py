@@ -2,8 +2,8 @@
 
     python tests/_stream_worker.py N OUT.json
 
-The training set (d = 128, K = 10) is generated batch by batch from per-batch seeds and never
-held whole; an MLP 128-32-10, Gauss-Newton CG (3 steps), the jvp P stage.
+The training set (d = 256, K = 10) is generated batch by batch from per-batch seeds and never
+held whole; an MLP 256-32-10, Gauss-Newton CG (3 steps), the jvp P stage.
 """
 
 import json
@@ -23,13 +23,13 @@ def batches():
     for b in range(0, N, B):
         rng = np.random.default_rng(b)
         m = min(B, N - b)
-        yield rng.random((m, 128), np.float32) - 0.5, rng.integers(0, 10, m)
+        yield rng.random((m, 256), np.float32) - 0.5, rng.integers(0, 10, m)
 
 
 rng = np.random.default_rng(0)
-xv = rng.random((500, 128), np.float32) - 0.5
+xv = rng.random((500, 256), np.float32) - 0.5
 yv = np.arange(500) % 10
-apply, params = models.functional(models.make_model("mlp", (128,), 10, hidden=(32,), seed=0))
+apply, params = models.functional(models.make_model("mlp", (256,), 10, hidden=(32,), seed=0))
 lf = models.per_sample_loss(apply)
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 cfg = influence.InfluenceConfig(curvature="gauss_newton", damping=1e-2, max_steps=3, rtol=1e-3,
@@ -38,6 +38,6 @@ r = influence.category_influence(lf, params, batches, None, xv, yv, num_classes=
 r.P.block_until_ready()
 rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out = {"N": N, "rss_before_MiB": rss0 / 1024, "rss_peak_MiB": rss1 / 1024, "P_shape": list(r.P.shape),
-       "x_in_memory_MiB": N * 128 * 4 / 2**20, "execution": r.details["execution"]}
+       "x_in_memory_MiB": N * 256 * 4 / 2**20, "execution": r.details["execution"]}
 json.dump(out, open(sys.argv[2], "w"))
 print(json.dumps(out))
