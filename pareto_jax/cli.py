@@ -25,8 +25,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     from .datasets import DATASETS
 
     p.add_argument("--dataset", default="digits", choices=DATASETS,
-                   help="dataset (digits is embedded; cifar10/stl10 need --path)")
-    p.add_argument("--path", default=None, help="folder/file of a user-supplied dataset")
+                   help="dataset: digits and mnist5k are shipped with packages; npz (your own features: "
+                        "--path FILE.npz with arrays x, y and optionally class_names, or x_train/y_train/"
+                        "x_val/y_val/x_test/y_test), cifar10 and stl10 need --path; emotion and ag_news "
+                        "read --path or $PARETO_JAX_DATA/<name> (default ../shared/data/<name>)")
+    p.add_argument("--path", default=None, help="file or folder of the dataset (see --dataset)")
     p.add_argument("--features", default="tfidf", choices=("tfidf", "minilm"),
                    help="text features for emotion / ag_news")
     p.add_argument("--max-train", type=int, default=None, help="cap on training samples")
@@ -34,13 +37,59 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="linear", choices=("linear", "mlp", "cnn"))
+    p.add_argument("--model", default="linear", choices=("linear", "mlp", "cnn"), help="classifier to train")
     p.add_argument("--hidden", type=_int_tuple, default=(64,), help="MLP hidden sizes, e.g. 128,64")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--weight-decay", type=float, default=1e-3)
-    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "gd"))
+    p.add_argument("--epochs", type=int, default=40, help="training epochs (>= 1)")
+    p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate (> 0)")
+    p.add_argument("--weight-decay", type=float, default=1e-3, help="L2 weight decay λ (part of the influence Hessian)")
+    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "gd"), help="optax optimizer")
+
+
+def _flag(ok: bool, flag: str, value, expected: str, fix: str) -> None:
+    if not ok:
+        raise checks.InputError(f"flag {flag}: got {value!r}; expected {expected}. Fix: {fix}")
+
+
+def _number(v) -> bool:
+    return v is not None and v == v and abs(v) != float("inf")
+
+
+def check_run_args(a) -> None:
+    """Every flag of `run` checked before any work, each error naming the flag and the fix."""
+    _flag(a.epochs >= 1, "--epochs", a.epochs, "an integer >= 1", "train for at least one epoch, e.g. --epochs 40")
+    _flag(a.batch_size >= 1, "--batch-size", a.batch_size, "an integer >= 1", "e.g. --batch-size 128")
+    _flag(_number(a.lr) and a.lr > 0, "--lr", a.lr, "a learning rate > 0", "e.g. --lr 0.05")
+    _flag(_number(a.weight_decay) and a.weight_decay >= 0, "--weight-decay", a.weight_decay, "a number >= 0",
+          "e.g. --weight-decay 1e-3 (0 for none)")
+    _flag(_number(a.alpha) and 0 <= a.alpha <= 1, "--alpha", a.alpha, "a number in [0, 1] (the share of each "
+          "class's influence it must keep)", "e.g. --alpha 0.9")
+    _flag(_number(a.rho) and a.rho >= 0, "--rho", a.rho, "a number >= 0 (0 turns the trust region off)",
+          "e.g. --rho 0.5")
+    _flag(_number(a.w_max) and a.w_max > 0, "--w-max", a.w_max, "a number > 0 (>= 1 keeps w = 1 allowed)",
+          "e.g. --w-max 2")
+    _flag(a.retrain_epochs >= 1, "--retrain-epochs", a.retrain_epochs, "an integer >= 1", "e.g. --retrain-epochs 5")
+    _flag(a.population >= 2, "--population", a.population, "an integer >= 2", "e.g. --population 16")
+    _flag(a.generations >= 1, "--generations", a.generations, "an integer >= 1", "e.g. --generations 6")
+    _flag(a.max_train is None or a.max_train >= 1, "--max-train", a.max_train, "an integer >= 1",
+          "drop the flag to use every training sample")
+    _flag(len(a.hidden) >= 1 and min(a.hidden) >= 1, "--hidden", a.hidden, "positive layer sizes", "e.g. --hidden 128,64")
+    if a.targets is not None:
+        _flag(len(a.targets) >= 1 and min(a.targets) >= 0 and len(set(a.targets)) == len(a.targets), "--targets",
+              a.targets, "distinct class indices >= 0", "e.g. --targets 3,8")
+    _flag(a.dataset not in ("npz", "cifar10", "stl10") or a.path is not None, "--path", a.path,
+          f"the file or folder of the {a.dataset} data", f"pass --path with --dataset {a.dataset}")
+
+
+def default_out(a) -> str:
+    """runs/<dataset>-<model>-<8 hex of the config>: the same config reuses its folder (resume),
+    a different one never overwrites it."""
+    import dataclasses
+
+    from . import io
+
+    cfg = dataclasses.replace(_run_config(a), out_dir="")
+    return f"runs/{a.dataset}-{a.model}-{io.fingerprint('run', cfg)[:8]}"
 
 
 def _run_config(a):
@@ -76,12 +125,16 @@ def _devices(s: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = argparse.ArgumentParser(
-        prog="pareto-jax",
+        prog="pareto-jax", formatter_class=fmt,
         description="Can a trained classifier still be improved for every class at once by "
                     "re-weighting its own training data?")
+    ap.add_argument("--version", action="version", version=f"pareto-jax {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="train the model on a dataset and report per-class accuracy")
+    p = sub.add_parser("run", help="train the model on a dataset and report per-class accuracy", formatter_class=fmt)
     _add_data_args(p)
     _add_model_args(p)
     p.add_argument("--targets", type=_int_tuple, default=None,
@@ -90,10 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rho", type=float, default=0.5, help="trust region |w-1| <= rho (0: off)")
     p.add_argument("--w-max", type=float, default=2.0, help="upper bound on weights")
     p.add_argument("--search", action="store_true", help="search alpha with PARETO-LP-GA")
-    p.add_argument("--population", type=int, default=16)
-    p.add_argument("--generations", type=int, default=6)
-    p.add_argument("--retrain-epochs", type=int, default=5)
-    p.add_argument("--out", default="runs/default", help="run folder (finished stages are reused)")
+    p.add_argument("--population", type=int, default=16, help="search population (with --search)")
+    p.add_argument("--generations", type=int, default=6, help="search generations (with --search)")
+    p.add_argument("--retrain-epochs", type=int, default=5,
+                   help="epochs with the new weights, beside as many plain epochs (the comparison)")
+    p.add_argument("--out", default=None, help="run folder; finished stages are reused (default: "
+                   "runs/<dataset>-<model>-<hash of the config>, so different configs never overwrite each other)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--devices", type=_devices, default=None,
                    help="shard over this many devices ('all' for every device; default: one)")
@@ -102,13 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "slices, SLURM; or set PARETO_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID)")
 
     q = sub.add_parser("improve", help="label-noise experiment: Direct Improvement, Course "
-                                       "Correction, baselines and the Pareto frontier")
-    q.add_argument("--dataset", default="mnist5k", choices=("digits", "mnist5k"))
-    q.add_argument("--noise-classes", type=_int_tuple, default=(3, 8))
+                                       "Correction, baselines and the Pareto frontier", formatter_class=fmt)
+    q.add_argument("--dataset", default="mnist5k", choices=("digits", "mnist5k"), help="dataset")
+    q.add_argument("--noise-classes", type=_int_tuple, default=(3, 8), help="classes whose labels are flipped")
     q.add_argument("--noise", type=float, default=0.4, help="fraction of each noisy class flipped")
-    q.add_argument("--population", type=int, default=16)
-    q.add_argument("--generations", type=int, default=6)
-    q.add_argument("--retrain", default="converge", choices=("converge", "epoch"))
+    q.add_argument("--population", type=int, default=16, help="search population")
+    q.add_argument("--generations", type=int, default=6, help="search generations")
+    q.add_argument("--retrain", default="converge", choices=("converge", "epoch"),
+                   help="evaluate a weighting by retraining to convergence or by one weighted epoch")
     q.add_argument("--alpha-min", type=float, default=0.95,
                    help="draw the initial α from [alpha-min, 1] (near 1: close to a Pareto step)")
     q.add_argument("--w-max", type=float, default=1.0,
@@ -116,18 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "method's up-weighting too)")
     q.add_argument("--rounds", type=int, default=1,
                    help="iterated Direct Improvement rounds (linear model, --retrain converge)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--out", default="runs/improve")
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--seed", type=int, default=0, help="seed for data, noise, init and search")
+    q.add_argument("--out", default="runs/improve", help="output folder")
+    q.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    r = sub.add_parser("reproduce", help="reproduce an experiment of the method and write a report")
+    r = sub.add_parser("reproduce", help="reproduce an experiment of the method and write a report",
+                       formatter_class=fmt)
     r.add_argument("experiment", choices=("synthetic", "deletion", "improve"))
     r.add_argument("--dataset", default=None,
                    help="deletion: digits (default), mnist5k, emotion, ag_news, cifar10, stl10; "
                         "improve: mnist5k (default) or digits")
     r.add_argument("--path", default=None, help="dataset files for cifar10 / stl10")
     r.add_argument("--quick", action="store_true", help="small sizes (CI)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seed")
     r.add_argument("--out", default=None, help="report folder (default reports/<experiment>)")
     return ap
 
@@ -140,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "run":
             from . import pipeline
 
+            check_run_args(a)
+            if a.out is None:
+                a.out = default_out(a)
             if a.distributed:
                 from . import distributed
 

@@ -392,6 +392,31 @@ def load_emotion(path: str | os.PathLike, split: str | None = None) -> TextDatas
     return TextDataset(tuple(texts), np.array(labels), EMOTION_CLASSES, f"emotion/{p.stem}")
 
 
+def load_npz(path: str | os.PathLike, *, val_fraction: float = 0.2, test_fraction: float = 0.2,
+             seed: int = 0) -> Splits:
+    """Your own features from one ``.npz``: arrays ``x`` (n, ...) and integer ``y`` (n,), split
+    stratified and seeded; or predefined splits ``x_train``, ``y_train``, ``x_val``, ``y_val``,
+    ``x_test``, ``y_test``. Optional ``class_names`` (K strings; default "0".."K-1")."""
+    p = Path(path)
+    if not p.is_file():
+        checks.fail("path", str(p), "an existing .npz file", "pass --path FILE.npz (np.savez(FILE, x=..., y=...))")
+    with np.load(p, allow_pickle=False) as z:
+        keys = set(z.files)
+        split_keys = {f"{a}_{b}" for a in "xy" for b in ("train", "val", "test")}
+        if not ({"x", "y"} <= keys or split_keys <= keys):
+            checks.fail("path", f"{p} with arrays {sorted(keys)}", "arrays x and y, or x_train, y_train, x_val, "
+                        "y_val, x_test, y_test", "save with np.savez(FILE, x=features, y=labels)")
+        ys = [z[k] for k in (("y",) if "y" in keys else ("y_train", "y_val", "y_test"))]
+        K = int(max(int(np.max(y)) for y in ys)) + 1
+        names = tuple(str(c) for c in z["class_names"]) if "class_names" in keys else tuple(str(k) for k in range(K))
+        name = p.stem
+        if split_keys <= keys:
+            d = {b: Dataset(z[f"x_{b}"], z[f"y_{b}"], names, f"{name}/{b}") for b in ("train", "val", "test")}
+            return Splits(d["train"], d["val"], d["test"])
+        return stratified_split(Dataset(z["x"], z["y"], names, name), val_fraction=val_fraction,
+                                test_fraction=test_fraction, seed=seed)
+
+
 def shared_data_dir() -> Path:
     """The project's shared folder of text corpora (``../shared/data`` from the repository root).
 

@@ -20,7 +20,7 @@ def _subsample(splits: data.Splits, max_train: int | None, seed: int) -> data.Sp
 
 
 DATASETS = ("digits", "mnist5k", "disks-separable", "disks-overlapping", "emotion", "ag_news",
-            "cifar10", "stl10")
+            "cifar10", "stl10", "npz")
 
 
 def load_splits(name: str = "digits", *, seed: int = 0, path: str | None = None,
@@ -48,6 +48,11 @@ def load_splits(name: str = "digits", *, seed: int = 0, path: str | None = None,
     elif name.startswith("disks"):
         ds = data.make_disks(name.split("-", 1)[1], seed=seed)
         s = data.stratified_split(ds, val_fraction=0.25, test_fraction=0.25, seed=seed)
+    elif name == "npz":
+        if path is None:
+            checks.fail("path", "None", "the .npz file of your features and labels",
+                        "pass --path FILE.npz (arrays x, y; see data.load_npz)")
+        s = data.load_npz(path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     elif name in ("cifar10", "stl10"):
         if path is None:
             checks.fail("path", "None", f"the folder holding the {name} files",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -182,8 +183,11 @@ class Job(NamedTuple):
 
 def make_job(config: RunConfig, out) -> Job:
     root = Path(config.out_dir)
-    io.write_json(root / "config.json", config)
     splits = load_data(config.data)
+    if config.targets:  # checked before anything is written or trained
+        checks.as_class_indices(config.targets, splits.num_classes, "targets (--targets)")
+    mesh = distributed.mesh_from_setting(config.devices)
+    io.write_json(root / "config.json", config)
     apply, params0 = build_model(config.model, splits)
     tcfg = config.train
     if tcfg.epochs not in tcfg.checkpoint_epochs:
@@ -192,7 +196,7 @@ def make_job(config: RunConfig, out) -> Job:
           f"{len(splits.val)} val / {len(splits.test)} test, {splits.num_classes} classes; "
           f"model {config.model.kind}", file=out)
     return Job(config, splits, apply, params0, models.per_sample_loss(apply), tcfg,
-                distributed.mesh_from_setting(config.devices), Stages(root, log=out), out)
+                mesh, Stages(root, log=out), out)
 
 
 def stage_train(job: Job, progress: bool):
@@ -209,6 +213,8 @@ def stage_train(job: Job, progress: bool):
         metrics = job.metrics(res.params)
         metrics["history"] = list(res.history)
         io.write_json(tdir / "metrics.json", metrics)
+        if not train.checkpoint_path(tdir, tcfg.epochs).exists():  # never mark a failed stage finished
+            raise RuntimeError(f"training wrote no checkpoint at {train.checkpoint_path(tdir, tcfg.epochs)}")
         st.finish("train", fp, {"data": config.data, "model": config.model, "train": tcfg})
     template = train.init_state(job.params0, tcfg)
     state = train.load_checkpoint(train.checkpoint_path(tdir, tcfg.epochs), template)
@@ -285,10 +291,49 @@ def stage_retrain(job: Job, state, w, fp_w: str) -> dict:
         kw = dict(state=state, epochs=n_ep, epoch_fn=job.epoch_fn())
         new = train.train(job.loss_fn, None, s.train.x, s.train.y, job.train_config, weights=w, **kw).params
         plain = train.train(job.loss_fn, None, s.train.x, s.train.y, job.train_config, **kw).params
+        correct = lambda p: (train.predict(job.apply, p, s.test.x) == s.test.y).astype(int).tolist()  # noqa: E731
         io.write_json(st.dir("retrain") / "metrics.json",
-                      {"reweighted": job.metrics(new), "unweighted": job.metrics(plain)})
+                      {"reweighted": job.metrics(new), "unweighted": job.metrics(plain),
+                       "test_correct": {"reweighted": correct(new), "unweighted": correct(plain)}})
         st.finish("retrain", fp, {"retrain_epochs": n_ep})
     return io.read_json(st.root / "retrain" / "metrics.json")
+
+
+def _fmt(v) -> str:
+    return "off" if v is None else (f"{v:.3g}" if isinstance(v, (int, float)) else str(v))
+
+
+def class_mcnemar(after: dict, y_test, num_classes: int) -> list[float]:
+    """Per class, the exact two-sided McNemar p-value of the reweighted against the plain
+    extra-epoch model on the test samples of that class (paired: the same images): with b the
+    samples only the plain model gets right and c those only the reweighted one does,
+    p = min(1, 2 · P[Binomial(b + c, 1/2) <= min(b, c)])."""
+    from scipy.stats import binom
+
+    rw = np.asarray(after["test_correct"]["reweighted"], bool)
+    pl = np.asarray(after["test_correct"]["unweighted"], bool)
+    y = np.asarray(y_test)
+    out = []
+    for k in range(num_classes):
+        m = y == k
+        b, c = int((pl & ~rw & m).sum()), int((~pl & rw & m).sum())
+        out.append(1.0 if b + c == 0 else float(min(1.0, 2 * binom.cdf(min(b, c), b + c, 0.5))))
+    return out
+
+
+def harm_sentence(names, change, pvals, targets, level: float = 0.05) -> str:
+    """One plain sentence: did any class get worse than the plain extra epochs beyond noise?"""
+    worse = [(n, 100 * d, p) for n, d, p in zip(names, change, pvals) if d < 0 and p < level]
+    better = [(n, 100 * d, p) for n, d, p in zip(names, change, pvals) if d > 0 and p < level]
+    if worse:
+        s = "; ".join(f"class {n} {d:+.1f} points (p = {p:.3f})" for n, d, p in worse)
+        head = f"Beyond noise (exact McNemar p < {level}), re-weighting made some classes WORSE than plain training: {s}."
+    else:
+        head = (f"No class got worse than plain training beyond noise (every drop has McNemar p >= {level} "
+                "on this test split).")
+    gains = "; ".join(f"class {n} {d:+.1f} points (p = {p:.3f})" for n, d, p in better)
+    tail = f" Gains beyond noise: {gains}." if better else " No gain is beyond noise either."
+    return head + tail + f" Targets: {', '.join(map(str, targets))}."
 
 
 def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
@@ -302,18 +347,38 @@ def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
     print(f"ceiling test: first-order Pareto improvement {'exists' if ceiling['improvable'] else 'does not exist'} "
           f"(t* = {ceiling['t_star']:.3g}; PCA heuristic ratio {ceiling['pca_explained_ratio (heuristic)']:.2f})",
           file=out)
+    if "found" in prog:
+        print(f"search: {'found a weighting' if prog['found'] else 'found no weighting better than w = 1 on validation'}"
+              f" (alpha {_fmt(prog.get('alpha'))}, rho {_fmt(prog.get('rho'))}, fitness {_fmt(prog.get('fitness'))})",
+              file=out)
+    else:
+        print(f"program: alpha {_fmt(prog.get('alpha'))}, rho {_fmt(job.config.reweight.rho)}", file=out)
     print(f"program: targets {summary['targets']}, {prog['n_saturated']} weights saturated, "
           f"max violation {prog['max_violation']:.1e}", file=out)
     b = np.asarray(before["test"]["accuracy"])
     a = np.asarray(after["reweighted"]["test"]["accuracy"])
     u = np.asarray(after["unweighted"]["test"]["accuracy"])
     n_ep = job.config.retrain_epochs
+    pvals = class_mcnemar(after, job.splits.test.y, len(names))
+    summary["test_mcnemar_p"] = pvals
     print(format_table(names, {"test before": b, f"+{n_ep} ep plain": u, f"+{n_ep} ep reweighted": a,
-                               "change": np.array([f"{100 * (x - y):+.1f}" for x, y in zip(a, u)])}), file=out)
+                               "change (pts)": np.array([f"{100 * (x - y):+.1f}" for x, y in zip(a, u)]),
+                               "McNemar p": np.array([f"{p:.3f}" for p in pvals])}), file=out)
+    print(harm_sentence(names, a - u, pvals, summary["targets"]), file=out)
+    io.write_json(root / "summary.json", summary)
     print(f"overall test accuracy: before {before['test']['overall_accuracy']:.4f}, plain "
           f"{after['unweighted']['test']['overall_accuracy']:.4f}, reweighted "
           f"{after['reweighted']['test']['overall_accuracy']:.4f}; run folder {root}", file=out)
     return summary
+
+
+def _timed(job: Job, name: str, stage, *args):
+    """Run one stage with a status line before and after (its wall time)."""
+    print(f"[{name}] running", file=job.out, flush=True)
+    t0 = time.perf_counter()
+    r = stage(*args)
+    print(f"[{name}] done in {time.perf_counter() - t0:.1f} s", file=job.out, flush=True)
+    return r
 
 
 def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> dict:
@@ -330,12 +395,12 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
     """
     job = make_job(config, out or sys.stdout)
     names = job.splits.class_names
-    state, before, fp_train = stage_train(job, progress)
-    P, inf_summary, fp_inf = stage_influence(job, state, fp_train)
-    ceiling = stage_ceiling(job, P, fp_inf)
+    state, before, fp_train = _timed(job, "train", stage_train, job, progress)
+    P, inf_summary, fp_inf = _timed(job, "influence", stage_influence, job, state, fp_train)
+    ceiling = _timed(job, "ceiling", stage_ceiling, job, P, fp_inf)
     val_acc = np.asarray(before["val"]["accuracy"])
     targets = tuple(config.targets) if config.targets else tuple(int(i) for i in np.argsort(val_acc, kind="stable")[:2])
-    name, prog, fp_w = stage_weights(job, P, state, targets, fp_inf, progress)
+    name, prog, fp_w = _timed(job, "weights", stage_weights, job, P, state, targets, fp_inf, progress)
     st = job.stages
     summary = {"targets": [names[t] for t in targets], "ceiling": ceiling, "influence": inf_summary,
                "program": prog, "stages_run": st.ran, "stages_skipped": st.skipped}
@@ -345,5 +410,5 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
               f"{prog['status']} ({prog['message']})", file=job.out)
         raise ProgramFailed(prog["status"], prog["message"])
     w = np.asarray(io.load_pytree(st.root / name / "weights.npz", {"w": np.zeros(len(job.splits.train))})[0]["w"])
-    after = stage_retrain(job, state, w, fp_w)
+    after = _timed(job, "retrain", stage_retrain, job, state, w, fp_w)
     return report(job, summary, before, after)

@@ -257,6 +257,21 @@ def _eval_fn(apply, num_classes: int):
     return jax.jit(f)
 
 
+@functools.lru_cache(maxsize=64)
+def _predict_fn(apply):
+    return jax.jit(lambda params, xb: jnp.argmax(apply(params, xb), -1))
+
+
+def predict(apply, params, x, *, batch_size: int = 1024) -> np.ndarray:
+    """The predicted class of every sample of x (an array or a pytree of arrays), in chunks."""
+    f = _predict_fn(apply)
+    x = checks.as_inputs(x, "x")
+    n = checks.num_inputs(x)
+    chunks = kernels.pad_chunks(x, np.zeros(n, np.int32), batch_size)
+    out = [np.asarray(f(params, xb))[np.asarray(mb) > 0] for xb, _, mb in kernels.iter_chunks(chunks)]
+    return np.concatenate(out)
+
+
 def evaluate(apply, params, x, y, num_classes: int, *, batch_size: int = 1024) -> ClassMetrics:
     """Per-class accuracy and loss of ``apply(params, ·)`` on (x, y), in fixed-size chunks."""
     f = _eval_fn(apply, num_classes)

@@ -27,10 +27,23 @@ def test_run_writes_run_folder(tmp_path, capsys):
     (["run", "--epochs", "x"], "invalid int"),
     (["run", "--dataset", "cifar10"], "path"),
     (["run", "--dataset", "cifar10", "--path", "/nonexistent/dir"], "not a folder"),
-    (["run", "--lr", "-1"], "learning_rate"),
-    (["run", "--alpha", "2"], "alpha"),
-    (["run", "--targets", "3,99"], "targets"),
-    (["run", "--rho", "-1"], "rho"),
+    (["run", "--lr", "-1"], "flag --lr"),
+    (["run", "--lr", "0"], "flag --lr"),
+    (["run", "--alpha", "2"], "flag --alpha"),
+    (["run", "--alpha", "1.5"], "flag --alpha"),
+    (["run", "--targets", "3,99"], "--targets"),
+    (["run", "--targets", "12"], "--targets"),
+    (["run", "--rho", "-1"], "flag --rho"),
+    (["run", "--epochs", "0"], "flag --epochs"),
+    (["run", "--batch-size", "0"], "flag --batch-size"),
+    (["run", "--weight-decay", "-1"], "flag --weight-decay"),
+    (["run", "--w-max", "0"], "flag --w-max"),
+    (["run", "--population", "1", "--search"], "flag --population"),
+    (["run", "--generations", "0"], "flag --generations"),
+    (["run", "--retrain-epochs", "0"], "flag --retrain-epochs"),
+    (["run", "--hidden", "0"], "flag --hidden"),
+    (["run", "--dataset", "npz"], "flag --path"),
+    (["run", "--dataset", "npz", "--path", "/nonexistent.npz"], "existing .npz"),
     (["run", "--dataset", "emotion", "--path", "/nonexistent/emotion"], "no file"),
     (["run", "--devices", "0"], "positive integer or 'all'"),
     (["run", "--devices", "64", "--epochs", "1"], "num_devices"),
@@ -40,6 +53,62 @@ def test_bad_arguments_exit_2_with_message(args, match, tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2, p.stderr
     assert match in p.stderr
+    assert not (tmp_path / "o").exists(), "a bad argument must fail before any work is written"
+
+
+def test_bad_flags_fail_before_any_work_in_process(tmp_path, capsys):
+    """The same checks in-process (fast): nothing trained, nothing written, the flag named."""
+    for args in (["--alpha", "1.5"], ["--lr", "0"], ["--epochs", "0"], ["--targets", "12"]):
+        rc = cli.main(["run", *args, "--out", str(tmp_path / "o"), "--no-progress"])
+        assert rc == 2 and args[0] in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+
+
+def test_version_help_defaults_and_default_run_folder(tmp_path, capsys, monkeypatch):
+    from pareto_jax import __version__
+
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert __version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    assert "(default: 0.05)" in capsys.readouterr().out  # --lr's default is shown
+    a = cli.build_parser().parse_args(["run"])
+    b = cli.build_parser().parse_args(["run", "--model", "mlp"])
+    c = cli.build_parser().parse_args(["run", "--lr", "0.01"])
+    names = {cli.default_out(x) for x in (a, b, c)}
+    assert len(names) == 3 and cli.default_out(a) == cli.default_out(cli.build_parser().parse_args(["run"]))
+    assert cli.default_out(a).startswith("runs/digits-linear-")
+
+
+def test_npz_dataset_through_the_cli(tmp_path, capsys):
+    """Your own features: x, y and class names in one .npz; and predefined splits."""
+    import os
+    import stat
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    f = tmp_path / "mine.npz"
+    np.savez(f, x=d.data[:600].astype(np.float32) / 16, y=d.target[:600],
+             class_names=np.array([f"digit{k}" for k in range(10)]))
+    rc = cli.main(["run", "--dataset", "npz", "--path", str(f), "--epochs", "3", "--retrain-epochs", "1",
+                   "--out", str(tmp_path / "r"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "digit3" in out and "McNemar p" in out
+    assert "beyond noise" in out
+    um = os.umask(0)
+    os.umask(um)
+    for art in ("config.json", "summary.json", "influence/P.npz"):  # not mkstemp's 0600
+        assert stat.S_IMODE(os.stat(tmp_path / "r" / art).st_mode) == 0o666 & ~um, art
+    from pareto_jax import data
+
+    g = tmp_path / "split.npz"
+    np.savez(g, x_train=d.data[:300], y_train=d.target[:300], x_val=d.data[300:400], y_val=d.target[300:400],
+             x_test=d.data[400:500], y_test=d.target[400:500])
+    s = data.load_npz(g)
+    assert (len(s.train), len(s.val), len(s.test)) == (300, 100, 100) and s.class_names[3] == "3"
 
 
 def test_infeasible_program_exits_4(tmp_path):
@@ -58,3 +127,32 @@ def test_infeasible_program_exits_4(tmp_path):
     assert "infeasible" in p.stderr
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["program"]["status"] == 2
+
+
+def test_per_class_mcnemar_and_the_harm_sentence():
+    """Exact McNemar per class against scipy's exact binomial test (an independent reference),
+    and the sentence says WORSE exactly when a drop is beyond noise."""
+    import numpy as np
+    from scipy.stats import binomtest
+
+    from pareto_jax import pipeline
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    plain = rng.uniform(size=120) < 0.8
+    rew = plain.copy()
+    rew[(y == 0) & ~plain] = True                     # class 0: the re-weighted model fixes all of its errors
+    flip = np.flatnonzero((y == 2) & plain)[:9]       # class 2: nine new errors
+    rew[flip] = False
+    after = {"test_correct": {"reweighted": rew.astype(int).tolist(), "unweighted": plain.astype(int).tolist()}}
+    p = pipeline.class_mcnemar(after, y, 3)
+    for k in range(3):
+        m = y == k
+        b, c = int((plain & ~rew & m).sum()), int((~plain & rew & m).sum())
+        ref = 1.0 if b + c == 0 else binomtest(c, b + c, 0.5).pvalue
+        assert p[k] == pytest.approx(ref, rel=1e-12), k
+    change = np.array([(rew & (y == k)).mean() - (plain & (y == k)).mean() for k in range(3)])
+    text = pipeline.harm_sentence(["a", "b", "c"], change, p, ["a"])
+    assert "WORSE" in text and "class c" in text and p[2] < 0.05
+    calm = pipeline.harm_sentence(["a", "b", "c"], np.array([0.02, 0.0, -0.02]), [0.5, 1.0, 0.5], ["a"])
+    assert "No class got worse" in calm and "WORSE" not in calm
