@@ -1,4 +1,10 @@
-"""Matplotlib figures for the reports (Agg backend; every figure is also saved as JSON data)."""
+"""Matplotlib figures for the reports and notebooks.
+
+Every function builds a `matplotlib.figure.Figure` directly (no pyplot, so the global backend and
+rcParams are never touched: a notebook keeps its inline backend) and returns it; given a `path`,
+it also writes the PNG and the figure's data as JSON beside it, and records the PNG's file name
+as the figure's label (``fig.get_label()``).
+"""
 
 from __future__ import annotations
 
@@ -13,30 +19,29 @@ REGION_COLOURS = {1: "#2b8a3e", 0: "#868e96", -1: "#c92a2a"}
 REGION_LABELS = {1: "joint-positive", 0: "trade-off", -1: "joint-negative"}
 
 
-def _plt():
-    import matplotlib
+def _figure(figsize, ncols: int = 1):
+    """(Figure, axes) without pyplot."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"figure.dpi": 110, "font.size": 10, "axes.titlesize": 11})
-    return plt
+    fig = Figure(figsize=figsize, dpi=110)
+    return fig, fig.subplots(1, ncols)
 
 
-def save(fig, path: Path, payload: dict) -> str:
-    """Save a figure as PNG plus its data as JSON next to it; returns the PNG file name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save(fig, path, payload: dict):
+    """Lay out `fig`; with a `path`, write it as PNG plus its data as JSON next to it (the PNG's
+    file name becomes the figure's label). Returns the Figure."""
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
-    io.write_json(path.with_suffix(".json"), payload)
-    _plt().close(fig)
-    return path.name
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, bbox_inches="tight")
+        io.write_json(path.with_suffix(".json"), payload)
+        fig.set_label(path.name)
+    return fig
 
 
-def decision_boundary(x, y, predict, path, *, title: str, highlight=None) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+def decision_boundary(x, y, predict, path, *, title: str, highlight=None):
+    fig, ax = _figure((4.6, 4.2))
     lo, hi = x.min(0) - 0.4, x.max(0) + 0.4
     gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
     z = predict(np.column_stack([gx.ravel(), gy.ravel()]).astype(np.float32)).reshape(gx.shape)
@@ -55,10 +60,9 @@ def decision_boundary(x, y, predict, path, *, title: str, highlight=None) -> str
     return save(fig, path, {"x": x, "y": y, "highlight": [] if highlight is None else highlight})
 
 
-def influence_scatter(P, regions, path, *, title: str, class_names=("class 0", "class 1")) -> str:
-    plt = _plt()
+def influence_scatter(P, regions, path, *, title: str, class_names=("class 0", "class 1")):
     P = np.asarray(P)
-    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    fig, ax = _figure((4.6, 4.2))
     for r in (0, 1, -1):
         m = regions == r
         ax.scatter(P[m, 0], P[m, 1], s=9, c=REGION_COLOURS[r], label=f"{REGION_LABELS[r]} ({m.sum()})",
@@ -78,10 +82,9 @@ def influence_scatter(P, regions, path, *, title: str, class_names=("class 0", "
 
 
 def rounds_plot(acc, path, *, title: str, class_names=("class 0", "class 1"),
-                ylabel: str = "test accuracy") -> str:
-    plt = _plt()
+                ylabel: str = "test accuracy"):
     acc = np.asarray(acc)
-    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    fig, ax = _figure((4.6, 3.4))
     for k in range(acc.shape[1]):
         ax.plot(range(acc.shape[0]), acc[:, k], "o-", label=class_names[k])
     ax.set_xticks(range(acc.shape[0]))
@@ -94,11 +97,10 @@ def rounds_plot(acc, path, *, title: str, class_names=("class 0", "class 1"),
 
 
 def heatmap(M, path, *, title: str, class_names: Sequence[str], xlabel: str, ylabel: str,
-            cbar: str, fmt: str = "{:.2g}") -> str:
-    plt = _plt()
+            cbar: str, fmt: str = "{:.2g}"):
     M = np.asarray(M, np.float64)
     K = M.shape[0]
-    fig, ax = plt.subplots(figsize=(0.5 * K + 2.6, 0.45 * K + 1.8))
+    fig, ax = _figure((0.5 * K + 2.6, 0.45 * K + 1.8))
     v = np.abs(M).max() or 1.0
     im = ax.imshow(M, cmap="RdBu", vmin=-v, vmax=v)
     ax.set_xticks(range(M.shape[1]), [str(c)[:8] for c in class_names], rotation=45, ha="right")
@@ -115,9 +117,8 @@ def heatmap(M, path, *, title: str, class_names: Sequence[str], xlabel: str, yla
     return save(fig, path, {"matrix": M, "class_names": list(class_names)})
 
 
-def deletion_scatter(infl, acc, labels, path, *, title: str, rho: float) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+def deletion_scatter(infl, acc, labels, path, *, title: str, rho: float):
+    fig, ax = _figure((4.8, 3.8))
     for lab, mk, col in (("beneficial removed", "o", "#1c7ed6"), ("detrimental removed", "s", "#e8590c")):
         m = np.asarray(labels) == lab
         ax.scatter(np.asarray(infl)[m], 100 * np.asarray(acc)[m], s=14, marker=mk, c=col, label=lab,
@@ -133,14 +134,23 @@ def deletion_scatter(infl, acc, labels, path, *, title: str, rho: float) -> str:
                             "spearman": rho})
 
 
-def frontier_plot(gains, ceiling, a: int, b: int, path, *, class_names, verified=None) -> str:
-    plt = _plt()
+def frontier_plot(gains, ceiling, a: int, b: int, path, *, class_names, verified=None):
     G = np.asarray(gains)
-    fig, axes = plt.subplots(1, 2 if verified else 1, figsize=(9.2 if verified else 4.8, 3.9))
+    fig, axes = _figure((9.2 if verified else 4.8, 3.9), 2 if verified else 1)
     ax = axes[0] if verified else axes
-    ax.scatter(G[:, a], G[:, b], c="#1c7ed6", s=22, label="frontier points (sweep of β)")
-    ax.axvline(ceiling[a], color="#e03131", ls="--", lw=0.8, label=f"ceiling {class_names[a]}")
-    ax.axhline(ceiling[b], color="#2f9e44", ls="--", lw=0.8, label=f"ceiling {class_names[b]}")
+    xa, xb = G[:, a], G[:, b]
+    # the points no other point beats on both classes: the frontier seen in this plane, as a curve
+    top = np.array([not np.any((xa >= xa[i]) & (xb >= xb[i]) & ((xa > xa[i]) | (xb > xb[i])))
+                    for i in range(len(G))])
+    order = np.flatnonzero(top)[np.argsort(xa[top], kind="stable")]
+    ax.scatter(xa[~top], xb[~top], s=12, c="#adb5bd", label="other frontier points (weight on other classes)")
+    ax.plot(xa[order], xb[order], "-o", color="#1c7ed6", ms=4, lw=1.2, label="frontier in this plane")
+    if verified:
+        idx = [int(v["point"]) for v in verified if "point" in v]
+        if idx:
+            ax.scatter(G[idx, a], G[idx, b], s=70, facecolors="none", edgecolors="k", lw=1.0, label="retrained")
+    ax.axvline(ceiling[a], color="#e03131", ls="--", lw=0.8, label=f"ceiling of class {class_names[a]} alone")
+    ax.axhline(ceiling[b], color="#2f9e44", ls="--", lw=0.8, label=f"ceiling of class {class_names[b]} alone")
     ax.set_xlabel(f"predicted val-loss decrease, class {class_names[a]}")
     ax.set_ylabel(f"predicted val-loss decrease, class {class_names[b]}")
     ax.set_title("first-order Pareto frontier\n(no class predicted worse)")
@@ -161,12 +171,11 @@ def frontier_plot(gains, ceiling, a: int, b: int, path, *, class_names, verified
     return save(fig, path, payload)
 
 
-def bars(names, values, path, *, title: str, ylabel: str, class_names=None) -> str:
+def bars(names, values, path, *, title: str, ylabel: str, class_names=None):
     """Grouped bars: rows of `values` are methods, columns classes."""
-    plt = _plt()
     V = np.asarray(values, np.float64)
     m, k = V.shape
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * k + 2.5), 3.8))
+    fig, ax = _figure((max(5.0, 0.9 * k + 2.5), 3.8))
     width = 0.8 / m
     for i in range(m):
         ax.bar(np.arange(k) + (i - (m - 1) / 2) * width, V[i], width, label=names[i])

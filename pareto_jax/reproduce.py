@@ -77,9 +77,9 @@ def _synthetic_case(case, n, seed, weight_decay, out_dir) -> dict:
     figs = {
         "boundary": plots.decision_boundary(tr.x, tr.y, predict, out_dir / f"{case}_boundary.png",
                                             title=f"{case} disks: training data",
-                                            highlight=np.flatnonzero(reg == -1)),
+                                            highlight=np.flatnonzero(reg == -1)).get_label(),
         "influence": plots.influence_scatter(P, reg, out_dir / f"{case}_influence.png",
-                                             title=f"{case}: influence vectors"),
+                                             title=f"{case}: influence vectors").get_label(),
     }
     entry = {
         "n_train": len(tr), "n_flipped": int(flipped.size), "test_accuracy": acc.tolist(),
@@ -95,7 +95,7 @@ def _synthetic_case(case, n, seed, weight_decay, out_dir) -> dict:
         entry.update(_removal_rounds(tr, s, apply, infl, acc, tr_acc, flipped, weight_decay))
         figs["rounds"] = plots.rounds_plot(entry["rounds_train_accuracy"], out_dir / "separable_rounds.png",
                                            title="removing joint-negative samples",
-                                           ylabel="training accuracy (given labels)")
+                                           ylabel="training accuracy (given labels)").get_label()
     return entry
 
 
@@ -246,19 +246,19 @@ def _deletion_figures(dataset, names, infl, dacc, comp, rho, out_dir) -> dict:
     ys = np.concatenate([dacc["beneficial"].ravel(), dacc["detrimental"].ravel()])
     labels = ["beneficial removed"] * K * K + ["detrimental removed"] * K * K
     figs = {"scatter": plots.deletion_scatter(xs, ys, labels, out_dir / "scatter.png",
-                                              title=f"{dataset}: removal vs accuracy change", rho=rho)}
+                                              title=f"{dataset}: removal vs accuracy change", rho=rho).get_label()}
     for kind in ("beneficial", "detrimental"):
         figs[f"influence_{kind}"] = plots.heatmap(
             infl[kind], out_dir / f"influence_{kind}.png", title=f"summed influence, {kind} removed",
-            class_names=names, xlabel="class k", ylabel="removal targeted at class t", cbar="Σ P[i, k]")
+            class_names=names, xlabel="class k", ylabel="removal targeted at class t", cbar="Σ P[i, k]").get_label()
         figs[f"accuracy_{kind}"] = plots.heatmap(
             100 * dacc[kind], out_dir / f"accuracy_{kind}.png",
             title=f"test accuracy change, {kind} removed", class_names=names, xlabel="class k",
-            ylabel="removal targeted at class t", cbar="points", fmt="{:.0f}")
+            ylabel="removal targeted at class t", cbar="points", fmt="{:.0f}").get_label()
         figs[f"composition_{kind}"] = plots.heatmap(
             comp[kind], out_dir / f"composition_{kind}.png",
             title=f"labels of the {kind} removed sets", class_names=names, xlabel="label of removed sample",
-            ylabel="removal targeted at class t", cbar="samples", fmt="{:.0f}")
+            ylabel="removal targeted at class t", cbar="samples", fmt="{:.0f}").get_label()
     return figs
 
 
@@ -333,14 +333,14 @@ def reproduce_improve(out_dir: str = "reports/improve", *, quick: bool = False, 
         M = [100 * (np.asarray(r["test_acc"]) - np.asarray(blk["ref_test"])) for r in blk["rows"].values()]
         figs[key] = plots.bars(list(blk["rows"]), M, out_dir / f"{key}.png",
                                title=f"{title}: test accuracy change per class", ylabel="points",
-                               class_names=names)
+                               class_names=names).get_label()
         md += [f"![]({key}.png)", ""]
     fr = rep.get("frontier")
     if fr:
         a, b = cfg.noise_classes[:2]
         figs["frontier"] = plots.frontier_plot(np.asarray(fr["gains"]), np.asarray(fr["ceiling_loss_decrease"]),
                                                a, b, out_dir / "frontier.png", class_names=names,
-                                               verified=fr["verified"])
+                                               verified=fr["verified"]).get_label()
         md += ["## Pareto frontier (first order, trust region ρ = %s)" % fr["rho"], "",
                _md_table(["class"] + list(names),
                          [["estimated ceiling (val-loss decrease)"] + [f"{v:.3f}" for v in fr["ceiling_loss_decrease"]]]),

@@ -92,3 +92,20 @@ def test_iterated_direct_improvement_never_gives_back_validation(tmp_path):
     with pytest.raises(checks.InputError, match="rounds"):
         experiments.run_improve(pipeline.dataclasses.replace(cfg, model=pipeline.ModelConfig(kind="mlp")),
                              progress=False, out=io.StringIO())
+
+
+def test_plot_functions_return_figures_and_leave_the_backend_alone(tmp_path):
+    import matplotlib
+
+    from pareto_jax import plots
+
+    before = matplotlib.get_backend()
+    rng = np.random.default_rng(0)
+    G = rng.uniform(size=(12, 3))
+    figs = [plots.frontier_plot(G, G.max(0), 0, 1, tmp_path / "f.png", class_names=["a", "b", "c"]),
+            plots.bars(["m1", "m2"], rng.normal(size=(2, 3)), None, title="t", ylabel="y", class_names=list("abc")),
+            plots.heatmap(rng.normal(size=(3, 3)), None, title="t", class_names=list("abc"), xlabel="x", ylabel="y",
+                          cbar="c")]
+    assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
+    assert matplotlib.get_backend() == before
+    assert figs[0].get_label() == "f.png" and (tmp_path / "f.png").exists() and (tmp_path / "f.json").exists()
