@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/improve", help="output folder")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    rep = sub.add_parser("report", help="write RUN_DIR/report/report.md (table, tests, figures) for a finished run",
+                         formatter_class=fmt)
+    rep.add_argument("run_dir", help="a run folder written by `pareto-jax run`")
+
     r = sub.add_parser("reproduce", help="reproduce an experiment of the method and write a report",
                        formatter_class=fmt)
     r.add_argument("experiment", choices=("synthetic", "deletion", "improve"))
@@ -205,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(f"distributed: {distributed.initialize()}", file=sys.stderr)
             pipeline.run(_run_config(a), progress=not a.no_progress)
+            return 0
+        if a.command == "report":
+            from . import pipeline
+
+            print(f"wrote {pipeline.write_report(a.run_dir)}")
             return 0
         if a.command == "improve":
             from . import experiments, pareto, pipeline, search

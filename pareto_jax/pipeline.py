@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from . import checks, data, datasets, distributed, influence, io, models, pareto, search, train
+from . import checks, data, datasets, distributed, influence, io, models, pareto, plots, search, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,7 +368,8 @@ def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
     io.write_json(root / "summary.json", summary)
     print(f"overall test accuracy: before {before['test']['overall_accuracy']:.4f}, plain "
           f"{after['unweighted']['test']['overall_accuracy']:.4f}, reweighted "
-          f"{after['reweighted']['test']['overall_accuracy']:.4f}; run folder {root}", file=out)
+          f"{after['reweighted']['test']['overall_accuracy']:.4f}; run folder {root} "
+          f"(figures and tables: pareto-jax report {root})", file=out)
     return summary
 
 
@@ -412,3 +413,59 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
     w = np.asarray(io.load_pytree(st.root / name / "weights.npz", {"w": np.zeros(len(job.splits.train))})[0]["w"])
     after = _timed(job, "retrain", stage_retrain, job, state, w, fp_w)
     return report(job, summary, before, after)
+
+
+def _md_row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def write_report(run_dir) -> Path:
+    """`pareto-jax report RUN_DIR`: ``report.md`` with its PNG figures in ``RUN_DIR/report/``,
+    from a finished run folder: the per-class table (before, plain extra epochs, re-weighted,
+    change, McNemar p) and the sentence on harm, the ceiling test, the program or search, and
+    figures of the per-class change, the weights, the influence between classes and the
+    first-order frontier of the targets."""
+    root = Path(run_dir)
+    if not (root / "summary.json").exists() or not (root / "retrain" / "metrics.json").exists():
+        checks.fail("RUN_DIR", str(root), "a finished run folder (with summary.json and retrain/)",
+                    "run `pareto-jax run --out RUN_DIR` to the end first")
+    summary, cfg = io.read_json(root / "summary.json"), io.read_json(root / "config.json")
+    after = io.read_json(root / "retrain" / "metrics.json")
+    before = io.read_json(root / "train" / "metrics.json")
+    res = influence.InfluenceResult.load(root / "influence" / "P.npz")
+    names = list(res.names or [str(k) for k in range(res.P.shape[1])])
+    P = np.asarray(res.P, np.float64)
+    wdir = "search" if (root / "search" / "weights.npz").exists() else "program"
+    w = np.asarray(io.load_pytree(root / wdir / "weights.npz", {"w": np.zeros(P.shape[0])})[0]["w"])
+    out = root / "report"
+    b = np.asarray(before["test"]["accuracy"])
+    u = np.asarray(after["unweighted"]["test"]["accuracy"])
+    a = np.asarray(after["reweighted"]["test"]["accuracy"])
+    pv = summary.get("test_mcnemar_p") or [float("nan")] * len(names)
+    figs = [plots.bars(["plain extra epochs", "re-weighted"], 100 * np.stack([u - b, a - b]), out / "change.png",
+                       title="test accuracy change from the trained model", ylabel="points", class_names=names),
+            plots.histogram(w, out / "weights.png", title=f"sample weights ({wdir})", xlabel="w"),
+            plots.heatmap(np.corrcoef(P.T), out / "influence_correlation.png",
+                          title="correlation of P's columns", class_names=names, xlabel="class",
+                          ylabel="class", cbar="correlation")]
+    tg = [names.index(t) for t in summary["targets"] if t in names]
+    if len(tg) >= 2:
+        fr = pareto.pareto_frontier(P, rho=0.5, n_random=8, seed=0)
+        figs.append(plots.frontier_plot(fr.gains, fr.ceiling, tg[0], tg[1], out / "frontier.png", class_names=names))
+    ceil, prog = summary["ceiling"], summary["program"]
+    md = [f"# pareto-jax run: {cfg['data']['name']}, model {cfg['model']['kind']}", "",
+          f"Run folder `{root}`; targets {', '.join(summary['targets'])}.", "",
+          _md_row(["class", "test before", "plain extra epochs", "re-weighted", "change (points)", "McNemar p"]),
+          _md_row(["---"] * 6)]
+    md += [_md_row([n, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}", f"{100 * (z - y):+.1f}", f"{p:.3f}"])
+           for n, x, y, z, p in zip(names, b, u, a, pv)]
+    md += ["", harm_sentence(names, a - u, pv, summary["targets"]), "",
+           f"**Ceiling test**: a first-order Pareto improvement {'exists' if ceil['improvable'] else 'does not exist'}"
+           f" (t* = {ceil['t_star']:.3g}).", "",
+           f"**Weights** ({wdir}): status {prog.get('status')} ({prog.get('message')}), "
+           f"alpha {_fmt(prog.get('alpha'))}" + (f", found {prog['found']}" if "found" in prog else "")
+           + f"; {int((np.abs(w - 1) > 1e-9).sum())} of {len(w)} weights changed.", ""]
+    md += [f"![]({f.get_label()})" for f in figs]
+    io.write_json(out / "report.json", {"figures": [f.get_label() for f in figs], "targets": summary["targets"]})
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out / "report.md"

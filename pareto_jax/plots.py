@@ -185,3 +185,14 @@ def bars(names, values, path, *, title: str, ylabel: str, class_names=None):
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     return save(fig, path, {"methods": list(names), "values": V})
+
+
+def histogram(values, path, *, title: str, xlabel: str, bins: int = 40):
+    """A histogram (e.g. of the program's sample weights)."""
+    v = np.asarray(values, np.float64)
+    fig, ax = _figure((4.8, 3.2))
+    ax.hist(v, bins=bins, color="#1c7ed6")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    return save(fig, path, {"values": v})

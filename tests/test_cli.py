@@ -20,6 +20,14 @@ def test_run_writes_run_folder(tmp_path, capsys):
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["program"]["status"] == 0 and s["program"]["max_violation"] <= 1e-9
     assert set(s["stages_run"]) == {"train", "influence", "ceiling", "program", "retrain"}
+    # the report of the finished run folder
+    assert cli.main(["report", str(tmp_path / "r")]) == 0
+    rep = (tmp_path / "r" / "report" / "report.md").read_text()
+    assert "McNemar p" in rep and "Ceiling test" in rep and "beyond noise" in rep
+    figs = json.loads((tmp_path / "r" / "report" / "report.json").read_text())["figures"]
+    assert {"change.png", "weights.png", "influence_correlation.png", "frontier.png"} <= set(figs)
+    assert all((tmp_path / "r" / "report" / f).exists() for f in figs)
+    assert cli.main(["report", str(tmp_path / "nothing")]) == 2
 
 
 @pytest.mark.parametrize("args, match", [
