@@ -21,6 +21,13 @@ def _int_tuple(s: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
 
 
+def _float_tuple(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     from .datasets import DATASETS
 
@@ -68,6 +75,8 @@ def check_run_args(a) -> None:
           "e.g. --rho 0.5")
     _flag(_number(a.w_max) and a.w_max > 0, "--w-max", a.w_max, "a number > 0 (>= 1 keeps w = 1 allowed)",
           "e.g. --w-max 2")
+    _flag(all(_number(t) and 0 < t <= 1 for t in a.steps), "--steps", a.steps, "steps in (0, 1]",
+          "e.g. --steps 0.25,0.5,1 (or an empty string to use the program's weights as solved)")
     _flag(a.retrain_epochs >= 1, "--retrain-epochs", a.retrain_epochs, "an integer >= 1", "e.g. --retrain-epochs 5")
     _flag(a.population >= 2, "--population", a.population, "an integer >= 2", "e.g. --population 16")
     _flag(a.generations >= 1, "--generations", a.generations, "an integer >= 1", "e.g. --generations 6")
@@ -101,7 +110,7 @@ def _run_config(a):
     return pipeline.RunConfig(
         targets=a.targets or None, alpha=a.alpha,
         reweight=pareto.ReweightConfig(w_max=a.w_max, rho=None if a.rho == 0 else a.rho),
-        search=scfg, retrain_epochs=a.retrain_epochs,
+        search=scfg, retrain_epochs=a.retrain_epochs, steps=tuple(a.steps),
         data=pipeline.DataConfig(name=a.dataset, path=a.path, features=a.features,
                                  max_train=a.max_train, seed=a.seed),
         model=pipeline.ModelConfig(kind=a.model, hidden=a.hidden, seed=a.seed),
@@ -142,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.9, help="program threshold for every class")
     p.add_argument("--rho", type=float, default=0.5, help="trust region |w-1| <= rho (0: off)")
     p.add_argument("--w-max", type=float, default=2.0, help="upper bound on weights")
+    p.add_argument("--steps", type=_float_tuple, default=(0.25, 0.5, 1.0),
+                   help="steps t of w = 1 + t(w* - 1) tried on validation (retrained each) to pick the "
+                        "program's step; an empty string uses w* as solved")
     p.add_argument("--search", action="store_true", help="search alpha with PARETO-LP-GA")
     p.add_argument("--population", type=int, default=16, help="search population (with --search)")
     p.add_argument("--generations", type=int, default=6, help="search generations (with --search)")

@@ -77,6 +77,7 @@ class RunConfig:
     search: search.SearchConfig | None = None
     influence: influence.InfluenceConfig | None = None
     retrain_epochs: int = 5
+    steps: tuple[float, ...] = (0.25, 0.5, 1.0)
     out_dir: str = "runs/default"
     devices: int | str | None = None
 
@@ -254,19 +255,52 @@ def stage_ceiling(job: Job, P, fp_inf: str) -> dict:
     return io.read_json(job.stages.root / "ceiling" / "ceiling.json")
 
 
+def choose_step(job: Job, state, w, targets) -> tuple[np.ndarray, dict]:
+    """The program's direction w − 1 taken a step t (w_t = 1 + t (w − 1)) chosen on validation:
+    each t in ``config.steps`` is retrained for ``retrain_epochs`` from the checkpoint beside as
+    many plain epochs, and scored by `evaluation.fitness` of its validation accuracy change
+    against the plain epochs (every target must gain; then the least harm to the others). If no
+    step gains on every target, the best target gain is kept and the summary says so. Test data
+    are never looked at."""
+    from . import evaluation
+
+    s, K, n_ep = job.splits, job.splits.num_classes, job.config.retrain_epochs
+    kw = dict(state=state, epochs=n_ep, epoch_fn=job.epoch_fn())
+    val = lambda p: train.evaluate(job.apply, p, s.val.x, s.val.y, K).accuracy  # noqa: E731
+    plain = val(train.train(job.loss_fn, None, s.train.x, s.train.y, job.train_config, **kw).params)
+    scored = {}
+    for t in job.config.steps:
+        wt = 1.0 + t * (np.asarray(w) - 1.0)
+        acc = val(train.train(job.loss_fn, None, s.train.x, s.train.y, job.train_config, weights=wt, **kw).params)
+        scored[float(t)] = evaluation.fitness(acc - plain, targets) + (acc - plain,)
+    best = max(scored, key=lambda t: scored[t][:2])
+    ok = np.isfinite(scored[best][0])
+    return 1.0 + best * (np.asarray(w) - 1.0), {
+        "step": best, "step_found": bool(ok),
+        "step_note": ("every target gained on validation at this step" if ok else
+                      "no step gained on every target on validation; the step with the best mean target gain is kept"),
+        "step_candidates": {str(t): {"fitness": v[0], "target_gain": v[1], "val_change": v[2].tolist()}
+                            for t, v in scored.items()}}
+
+
 def stage_weights(job: Job, P, state, targets, fp_inf: str, progress: bool):
     """4. The weights: the program with the fixed α, or the search's; returns (stage name,
     program summary, fingerprint)."""
     config, st, s = job.config, job.stages, job.splits
     name = "program" if config.search is None else "search"
-    fp = (io.fingerprint("program", fp_inf, targets, config.alpha, config.reweight) if name == "program"
+    fp = (io.fingerprint("program", fp_inf, targets, config.alpha, config.reweight, config.steps,
+                         config.retrain_epochs if config.steps else None) if name == "program"
           else io.fingerprint("search", fp_inf, targets, config.search))
     if not st.done(name, fp):
         d = st.dir(name)
         if name == "program":
             sol = pareto.solve_reweighting(P, targets, config.alpha, config.reweight)
             w, prog = sol.w, {"targets": targets, "alpha": config.alpha, **sol.summary()}
-            made_by = {"targets": targets, "alpha": config.alpha, "reweight": config.reweight}
+            if w is not None and config.steps:
+                w, choice = choose_step(job, state, w, targets)
+                prog.update(choice)
+            made_by = {"targets": targets, "alpha": config.alpha, "reweight": config.reweight,
+                       "steps": config.steps}
         else:
             prob = search.SearchProblem(job.loss_fn, job.apply, state, job.train_config, s.train.x,
                                         s.train.y, s.val.x, s.val.y, s.test.x, s.test.y, s.num_classes)
@@ -352,7 +386,9 @@ def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
               f" (alpha {_fmt(prog.get('alpha'))}, rho {_fmt(prog.get('rho'))}, fitness {_fmt(prog.get('fitness'))})",
               file=out)
     else:
-        print(f"program: alpha {_fmt(prog.get('alpha'))}, rho {_fmt(job.config.reweight.rho)}", file=out)
+        print(f"program: alpha {_fmt(prog.get('alpha'))}, rho {_fmt(job.config.reweight.rho)}"
+              + (f", step {prog['step']:g} chosen on validation from {list(prog['step_candidates'])} "
+                 f"({prog['step_note']})" if "step" in prog else ""), file=out)
     print(f"program: targets {summary['targets']}, {prog['n_saturated']} weights saturated, "
           f"max violation {prog['max_violation']:.1e}", file=out)
     b = np.asarray(before["test"]["accuracy"])

@@ -20,6 +20,10 @@ def test_run_writes_run_folder(tmp_path, capsys):
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["program"]["status"] == 0 and s["program"]["max_violation"] <= 1e-9
     assert set(s["stages_run"]) == {"train", "influence", "ceiling", "program", "retrain"}
+    # the step: chosen on validation among the candidates by (fitness, mean target gain)
+    cands = s["program"]["step_candidates"]
+    best = max(cands, key=lambda t: (float(cands[t]["fitness"]), cands[t]["target_gain"]))
+    assert float(best) == s["program"]["step"]
     # the report of the finished run folder
     assert cli.main(["report", str(tmp_path / "r")]) == 0
     rep = (tmp_path / "r" / "report" / "report.md").read_text()

@@ -62,7 +62,11 @@ def test_rerun_skips_finished_stages_and_config_changes_invalidate_downstream(tm
     s3 = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8), tmp_path)
     assert s3["stages_run"] == ["program", "retrain"]
     s4 = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8, retrain_epochs=3), tmp_path)
-    assert s4["stages_run"] == ["retrain"]
+    assert s4["stages_run"] == ["program", "retrain"]  # the step is chosen by retraining that many epochs
+    s4b = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8, retrain_epochs=3, steps=()), tmp_path)
+    assert s4b["stages_run"] == ["program", "retrain"]
+    s4c = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8, retrain_epochs=4, steps=()), tmp_path)
+    assert s4c["stages_run"] == ["retrain"]  # without the step choice, only retraining depends on it
     s5 = _run(pipeline.dataclasses.replace(SMALL, train=pipeline.dataclasses.replace(SMALL.train, epochs=5)),
               tmp_path)
     assert s5["stages_run"] == ["train", "influence", "ceiling", "program", "retrain"]
