@@ -90,6 +90,19 @@ def check_run_args(a) -> None:
           f"the file or folder of the {a.dataset} data", f"pass --path with --dataset {a.dataset}")
 
 
+def check_improve_args(a) -> None:
+    """The `improve` flags, checked before any work."""
+    _flag(_number(a.noise) and 0 <= a.noise < 1, "--noise", a.noise, "a fraction in [0, 1)", "e.g. --noise 0.4")
+    _flag(len(a.noise_classes) >= 1 and min(a.noise_classes) >= 0 and max(a.noise_classes) <= 9, "--noise-classes",
+          a.noise_classes, "digit classes in 0..9", "e.g. --noise-classes 3,8")
+    _flag(a.population >= 2, "--population", a.population, "an integer >= 2", "e.g. --population 16")
+    _flag(a.generations >= 1, "--generations", a.generations, "an integer >= 1", "e.g. --generations 6")
+    _flag(_number(a.alpha_min) and 0 <= a.alpha_min <= 1, "--alpha-min", a.alpha_min, "a number in [0, 1]",
+          "e.g. --alpha-min 0.95")
+    _flag(_number(a.w_max) and a.w_max > 0, "--w-max", a.w_max, "a number > 0", "e.g. --w-max 1")
+    _flag(a.rounds >= 1, "--rounds", a.rounds, "an integer >= 1", "e.g. --rounds 1")
+
+
 def default_out(a) -> str:
     """runs/<dataset>-<model>-<8 hex of the config>: the same config reuses its folder (resume),
     a different one never overwrites it."""
@@ -230,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "improve":
             from . import experiments, pareto, pipeline, search
 
+            check_improve_args(a)
             cfg = experiments.ImproveConfig(
                 data=pipeline.DataConfig(name=a.dataset, seed=a.seed), noise_classes=a.noise_classes,
                 noise_fraction=a.noise,

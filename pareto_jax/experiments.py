@@ -109,11 +109,13 @@ def _improve_row(val_acc, test_acc, delta_val, ref_test, targets: list) -> dict:
 
 def format_improve_table(block: dict, class_names) -> str:
     t = block["targets"]
+    w = max([len("method"), *(len(str(n)) for n in block["rows"])])  # the longest method name sets the column
+    cw = max([7, *(len(str(class_names[i])) for i in t)])
     lines = [f"targets: {', '.join(block['target_names'])}   (test accuracy change, points)",
-             f"{'method':24s} " + " ".join(f"{class_names[i]:>7s}" for i in t)
+             f"{'method':{w}s} " + " ".join(f"{class_names[i]:>{cw}s}" for i in t)
              + f" {'worst other':>12s}"]
     for name, r in block["rows"].items():
-        lines.append(f"{name:24s} " + " ".join(f"{v:+7.2f}" for v in r["target_test_points"])
+        lines.append(f"{name:{w}s} " + " ".join(f"{v:+{cw}.2f}" for v in r["target_test_points"])
                      + f" {r['worst_other_test_points']:+12.2f}")
     return "\n".join(lines)
 

@@ -168,3 +168,20 @@ def test_per_class_mcnemar_and_the_harm_sentence():
     assert "WORSE" in text and "class c" in text and p[2] < 0.05
     calm = pipeline.harm_sentence(["a", "b", "c"], np.array([0.02, 0.0, -0.02]), [0.5, 1.0, 0.5], ["a"])
     assert "No class got worse" in calm and "WORSE" not in calm
+
+
+def test_improve_table_aligns_long_method_names():
+    from pareto_jax import experiments
+
+    row = {"target_test_points": [1.0, -2.5], "worst_other_test_points": -3.0}
+    block = {"targets": [3, 8], "target_names": ["3", "8"],
+             "rows": {"unweighted": row, "class_balanced, val-matched": row}}
+    lines = experiments.format_improve_table(block, [str(k) for k in range(10)]).splitlines()[1:]
+    assert len({len(line) for line in lines}) == 1, lines  # every row as wide as the header
+
+
+@pytest.mark.parametrize("args, flag", [(["--noise", "1.5"], "--noise"), (["--population", "1"], "--population"),
+                                        (["--rounds", "0"], "--rounds")])
+def test_improve_flags_fail_fast(args, flag, tmp_path, capsys):
+    assert cli.main(["improve", *args, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert flag in capsys.readouterr().err and not (tmp_path / "o").exists()
