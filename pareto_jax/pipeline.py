@@ -184,7 +184,11 @@ class Job(NamedTuple):
 
 def make_job(config: RunConfig, out) -> Job:
     root = Path(config.out_dir)
+    print(f"[data] loading {config.data.name} (text corpora are featurised on first use: a minute or two)"
+          if config.data.name in ("emotion", "ag_news") else f"[data] loading {config.data.name}", file=out, flush=True)
+    t0 = time.perf_counter()
     splits = load_data(config.data)
+    print(f"[data] done in {time.perf_counter() - t0:.1f} s", file=out, flush=True)
     if config.targets:  # checked before anything is written or trained
         checks.as_class_indices(config.targets, splits.num_classes, "targets (--targets)")
     mesh = distributed.mesh_from_setting(config.devices)

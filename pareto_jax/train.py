@@ -361,7 +361,11 @@ def train(loss_fn: LossFn, params, x, y, config: TrainConfig = TrainConfig(), *,
     n_ep = config.epochs if epochs is None else epochs
     history, ckpts = [], {}
     p, o = st.params, st.opt_state
-    bar = tqdm(range(st.epoch, st.epoch + n_ep), disable=not progress, desc="train", unit="epoch")
+    import sys
+
+    tty = sys.stderr.isatty()  # in a log file: a line every 10 s at most, not one per refresh
+    bar = tqdm(range(st.epoch, st.epoch + n_ep), disable=not progress, desc="train", unit="epoch",
+               mininterval=0.1 if tty else 10.0, ascii=not tty)
     for e in bar:
         p, o, loss = ep_fn(p, o, xd, yd, wd, e)
         loss = float(loss)
@@ -370,7 +374,7 @@ def train(loss_fn: LossFn, params, x, y, config: TrainConfig = TrainConfig(), *,
                 f"training: the loss became {loss} at epoch {e + 1}. Fix: lower learning_rate "
                 "or raise weight_decay.")
         history.append(loss)
-        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if run_dir is not None and (e + 1) in config.checkpoint_epochs:
             ckpts[e + 1] = str(save_checkpoint(run_dir, TrainState(p, o, e + 1), config))
     return TrainResult(TrainState(p, o, st.epoch + n_ep), tuple(history), ckpts)
