@@ -499,8 +499,10 @@ def test_a_bad_batch_source_is_named(trained):
 
 
 def test_streamed_peak_memory_is_flat_in_n(tmp_path):
-    """20× the samples (10,000 → 200,000) from a batch source: the peak grows by about the N×K
-    output only, far less than the 98 MiB the inputs would take in memory."""
+    """4× the samples (50,000 → 200,000 of 512 features) from a batch source: the peak grows by a
+    few copies of the N×K output (host P, its device copy, the finiteness check), far less than
+    the 293 MiB more the inputs would take in memory (measured: +15 MiB; from 100,000 to 400,000,
+    +37 MiB against 586 MiB of inputs)."""
     import json
     import os
     import subprocess
@@ -510,18 +512,18 @@ def test_streamed_peak_memory_is_flat_in_n(tmp_path):
     here = Path(__file__).parent
     env = dict(os.environ, PYTHONPATH=str(here.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = {}
-    for n in (10000, 200000):
+    for n in (50000, 200000):
         out = tmp_path / f"s{n}.json"
         r = subprocess.run([sys.executable, str(here / "_stream_worker.py"), str(n), str(out)], env=env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         res[n] = json.loads(out.read_text())
-    a, b = res[10000], res[200000]
+    a, b = res[50000], res[200000]
     assert b["P_shape"] == [200000, 10] and "streamed" in b["execution"]
     growth = b["rss_peak_MiB"] - a["rss_peak_MiB"]
-    output = (200000 - 10000) * 10 * 4 / 2**20
-    assert growth < 5 * output + 16, (a, b)  # measured 31-39 MiB: P on the host, on the device, checks
-    assert growth < 0.35 * b["x_in_memory_MiB"], (a, b)
+    output = (200000 - 50000) * 10 * 4 / 2**20
+    assert growth < 5 * output + 16, (a, b)
+    assert growth < 0.1 * (b["x_in_memory_MiB"] - a["x_in_memory_MiB"]), (a, b)
 
 
 @pytest.mark.parametrize("solver", ["cg", "ekfac"])
