@@ -112,8 +112,9 @@ class Local:
     """One device: arrays go to the default device; each stage runs as one compiled program or
     with its loops on the host ("stepped"; the default on CPU, see `kernels.loops_on_host`)."""
 
-    def __init__(self, execution: str = "auto"):
+    def __init__(self, execution: str = "auto", progress: bool = False):
         self.execution = "stepped" if kernels.loops_on_host(execution) else "compiled"
+        self.progress = progress  # a CG progress bar (stepped solves only)
 
     @property
     def stepped(self) -> bool:
@@ -162,7 +163,8 @@ class Local:
             pre = None if factors is None else (
                 lambda R: kfac.apply_inverse(factors, R, damping=data.weight_decay + damping, ekfac=ekfac))
             return linsolve.solve_cg_stepped(self.matvec(curv, data), G, damping=damping, rtol=rtol,
-                                             atol=atol, max_steps=int(max_steps), precond_batched=pre)
+                                             atol=atol, max_steps=int(max_steps), precond_batched=pre,
+                                             progress=self.progress)
         dt = data.theta.dtype
         args = (method, curv, data, G, jnp.asarray(damping, dt), jnp.asarray(rtol, dt),
                 jnp.asarray(atol, dt), int(max_steps))

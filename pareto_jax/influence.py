@@ -44,8 +44,8 @@ JOINT_POSITIVE, TRADE_OFF, JOINT_NEGATIVE = 1, 0, -1
 REGION_NAMES = {JOINT_POSITIVE: "joint-positive", TRADE_OFF: "trade-off", JOINT_NEGATIVE: "joint-negative"}
 
 
-def _backend(mesh, execution: str = "auto"):
-    return Local(execution) if mesh is None else distributed.Sharded(mesh)
+def _backend(mesh, execution: str = "auto", progress: bool = False):
+    return Local(execution, progress) if mesh is None else distributed.Sharded(mesh)
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -657,7 +657,8 @@ class Influence:
 
     def __init__(self, loss_fn: LossFn, params, x_train, y_train, *, num_classes: int,
                  weight_decay: float, config: InfluenceConfig = InfluenceConfig(), apply=None,
-                 model=None, mesh=None, class_names=None, sample_ids=None, _saved=None):
+                 model=None, mesh=None, class_names=None, sample_ids=None, progress: bool = False,
+                 _saved=None):
         _check_request(config, num_classes, weight_decay, mesh)
         if _is_source(x_train):
             xt, (x_ex, y_ex) = _validate_source(x_train, y_train, num_classes)
@@ -680,7 +681,7 @@ class Influence:
         flat = kernels.flatten(loss_fn, params)
         theta = flat.theta
         checks.check_finite_array(theta, "params", "influence: parameters")
-        be = _backend(mesh, config.execution)
+        be = _backend(mesh, config.execution, progress)
         self.loss_fn, self.params, self.config, self.apply = loss_fn, params, config, apply
         self.num_classes, self.weight_decay, self.mesh = int(num_classes), float(weight_decay), mesh
         self.class_names = None if class_names is None else tuple(str(c) for c in class_names)
@@ -794,7 +795,7 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
                        num_classes: int, weight_decay: float,
                        config: InfluenceConfig = InfluenceConfig(), apply=None,
                        model=None, mesh=None, groups=None, group_names=None, measure_fn=None,
-                       class_names=None, sample_ids=None) -> InfluenceResult:
+                       class_names=None, sample_ids=None, progress: bool = False) -> InfluenceResult:
     """The N×K category-wise influence matrix P of a trained model (``docs/method.md``).
 
     P[i, k] = (1/N) · g_kᵀ (H + δI)⁻¹ ∇ℓ(z_i; θ), g_k = ∇ mean_{val, class k} ℓ; P > 0 is beneficial.
@@ -821,6 +822,7 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
             In a multi-process job pass this process's samples; P holds their rows.
         groups, group_names, measure_fn: see `Influence.influence`.
         class_names, sample_ids: carried into the result (see `Influence`).
+        progress: a progress bar over the CG iterations (host-stepped solves, the CPU default).
 
     Returns:
         `InfluenceResult` with P (N, K) and solver diagnostics.
@@ -847,7 +849,7 @@ def category_influence(loss_fn: LossFn, params, x_train, y_train, x_val, y_val, 
         xv, yv = x_val, y_val
     fit = Influence(loss_fn, params, xt, yt, num_classes=num_classes, weight_decay=weight_decay,
                     config=config, apply=apply, model=model, mesh=mesh, class_names=class_names,
-                    sample_ids=sample_ids)
+                    sample_ids=sample_ids, progress=progress)
     return fit.influence(xv, yv, groups=groups, group_names=group_names, measure_fn=measure_fn)
 
 

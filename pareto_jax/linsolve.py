@@ -166,7 +166,8 @@ def _bucket(count: int, total: int) -> int:
 def solve_cg_stepped(matvec_batched: Callable[[jax.Array], jax.Array], b: jax.Array, *,
                      damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
                      max_steps: int | None = None,
-                     precond_batched: Callable[[jax.Array], jax.Array] | None = None) -> SolveResult:
+                     precond_batched: Callable[[jax.Array], jax.Array] | None = None,
+                     progress: bool = False) -> SolveResult:
     """`solve_cg` with the iterations driven from the host: the same steps (`cg_advance`,
     `cg_direction`, jitted), with ``matvec_batched(V) -> A V`` (itself free to loop over data
     chunks on the host). Only the right-hand sides still active are multiplied (padded to a
@@ -182,14 +183,28 @@ def solve_cg_stepped(matvec_batched: Callable[[jax.Array], jax.Array], b: jax.Ar
     pre = (lambda r: r) if precond_batched is None else precond_batched
     _, tol = _tolerance(b, rt, at)
     c = _cg_start(b, jnp.zeros_like(b), b, pre(b), tol)
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=max_steps, desc="influence CG", unit="step", leave=False,
+                   mininterval=0.1 if tty else 10.0, ascii=not tty)
     while int(c.it) < max_steps:
         active = np.flatnonzero(np.asarray(c.active))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(unsolved=f"{active.size}/{K}", refresh=False)
         if active.size == 0:
             break
         rows = np.concatenate([active, np.repeat(active[:1], _bucket(active.size, K) - active.size)])
         Ap = jnp.zeros_like(c.p).at[active].set(mv(c.p[rows])[: active.size])
         c, ok = _cg_advance(c, Ap)
         c = _cg_direction(c, ok, pre(c.r), tol)
+    if bar is not None:
+        bar.close()
     return _cg_result(b, c.x, b - mv(c.x), c.steps, c.neg, rt, at)
 
 

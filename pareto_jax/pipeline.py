@@ -226,7 +226,7 @@ def stage_train(job: Job, progress: bool):
     return state, io.read_json(tdir / "metrics.json"), fp
 
 
-def stage_influence(job: Job, state, fp_train: str):
+def stage_influence(job: Job, state, fp_train: str, progress: bool = False):
     """2. The influence matrix P; returns (P, its diagnostics, fingerprint)."""
     icfg, st, s = job.config.influence, job.stages, job.splits
     K, wd = s.num_classes, job.train_config.weight_decay
@@ -238,7 +238,7 @@ def stage_influence(job: Job, state, fp_train: str):
         else:
             r = influence.category_influence(
                 job.loss_fn, state.params, s.train.x, s.train.y, s.val.x, s.val.y, num_classes=K,
-                weight_decay=wd, apply=job.apply, mesh=job.mesh,
+                weight_decay=wd, apply=job.apply, mesh=job.mesh, progress=progress,
                 config=icfg or influence.InfluenceConfig(curvature="gauss_newton"))
         d = st.dir("influence")
         r = dataclasses.replace(r, names=tuple(s.class_names), sample_ids=np.arange(len(s.train)))
@@ -437,7 +437,7 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
     job = make_job(config, out or sys.stdout)
     names = job.splits.class_names
     state, before, fp_train = _timed(job, "train", stage_train, job, progress)
-    P, inf_summary, fp_inf = _timed(job, "influence", stage_influence, job, state, fp_train)
+    P, inf_summary, fp_inf = _timed(job, "influence", stage_influence, job, state, fp_train, progress)
     ceiling = _timed(job, "ceiling", stage_ceiling, job, P, fp_inf)
     val_acc = np.asarray(before["val"]["accuracy"])
     targets = tuple(config.targets) if config.targets else tuple(int(i) for i in np.argsort(val_acc, kind="stable")[:2])
