@@ -142,9 +142,15 @@ def _kfac_old_pseudo_gradient():
 
     from pareto_jax import kfac
 
-    def _class_cotangent(p, c, mb):  # the formula before the fix: entry j weighted by √p_j
-        return jnp.sqrt(p) * (p - jax.nn.one_hot(c, p.shape[1], dtype=p.dtype)) * mb[:, None]
-    _swap(kfac, "_class_cotangent", lambda o: _class_cotangent)
+    def make(orig):
+        def output_root(logits, y, output_loss=None):  # the formula before the fix: entry i of
+            if output_loss is not None:                # column c weighted by √p_i, not √p_c
+                return orig(logits, y, output_loss)
+            p = jax.nn.softmax(logits, -1)
+            eye = jnp.eye(p.shape[1], dtype=p.dtype)
+            return jnp.sqrt(p)[:, :, None] * (p[:, :, None] - eye[None])
+        return output_root
+    _swap(kfac, "output_root", make)
 
 
 def _closed_form_weight_decay_ignored():
