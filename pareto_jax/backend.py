@@ -120,6 +120,11 @@ class Local:
     def stepped(self) -> bool:
         return self.execution == "stepped"
 
+    def _on_host(self, chunks) -> bool:
+        """Whether a stage over `chunks` loops on the host: stepped execution, or a `kernels.Stream`
+        (its chunks arrive one at a time, so no single program can hold them)."""
+        return self.stepped or isinstance(chunks, kernels.Stream)
+
     def chunks(self, x, y, chunk_size: int, dtype) -> Chunks:
         """Padded chunks on the device, or for a `kernels.Source` a `kernels.Stream` that puts
         one chunk on the device at a time (every stage then runs stepped)."""
@@ -132,7 +137,7 @@ class Local:
     def class_gradients(self, f, theta, chunks: Chunks, y, num_classes: int):
         counts = np.bincount(np.asarray(y), minlength=num_classes).astype(np.float64)
         counts = jnp.asarray(np.maximum(counts, 1), theta.dtype)
-        if not self.stepped and not isinstance(chunks, kernels.Stream):
+        if not self._on_host(chunks):
             return class_gradients_program(f, theta, chunks, counts, num_classes)
         acc = jnp.zeros((num_classes, theta.size), theta.dtype)
         for xb, yb, mb in kernels.iter_chunks(chunks):
@@ -145,7 +150,7 @@ class Local:
 
     def matvec(self, curv: Curvature, data: ObjectiveData):
         """V (K, P) -> (H + λI) V."""
-        if not self.stepped and not isinstance(data.chunks, kernels.Stream):
+        if not self._on_host(data.chunks):
             return lambda V: matvec_program(curv, data, V)
 
         def stepped(V):
@@ -159,7 +164,7 @@ class Local:
     def solve(self, method, curv, data, G, damping, rtol, atol, max_steps, *, factors=None,
               ekfac: bool = True) -> linsolve.SolveResult:
         """CG or dense; with `factors` (`kfac.Factors`), CG preconditioned by them."""
-        if (self.stepped or isinstance(data.chunks, kernels.Stream)) and method == "cg":
+        if self._on_host(data.chunks) and method == "cg":
             pre = None if factors is None else (
                 lambda R: kfac.apply_inverse(factors, R, damping=data.weight_decay + damping, ekfac=ekfac))
             return linsolve.solve_cg_stepped(self.matvec(curv, data), G, damping=damping, rtol=rtol,

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from . import checks, closed_form, distributed, kernels, kfac, linsolve, models
+from . import checks, closed_form, distributed, io, kernels, kfac, linsolve, models
 from .backend import Local
 from .kernels import Curvature
 
@@ -379,18 +379,18 @@ class InfluenceResult:
         }
 
     def save(self, path) -> str:
-        """Write the result to ``path`` (``.npz``; see the class docstring). Returns the path."""
+        """Write the result to ``path`` (``.npz``, atomically; see the class docstring). Returns
+        the path."""
         import json
 
         path = str(path)
-        arrays = {k: np.asarray(getattr(self, k)) for k in _RESULT_ARRAYS if getattr(self, k) is not None}
+        arrays = {k: getattr(self, k) for k in _RESULT_ARRAYS if getattr(self, k) is not None}
         if self.names is not None:
-            arrays["names"] = np.asarray([str(n) for n in self.names])
-        meta = {k: getattr(self, k) for k in ("method", "solver", "curvature", "damping")}
-        meta.update(damping=float(self.damping), escalations=list(self.escalations), details=self.details)
-        arrays["meta"] = np.asarray(json.dumps(meta, default=_jsonable))
-        with open(path, "wb") as fh:
-            np.savez(fh, **arrays)
+            arrays["names"] = [str(n) for n in self.names]
+        meta = {"method": self.method, "solver": self.solver, "curvature": self.curvature,
+                "damping": float(self.damping), "escalations": self.escalations, "details": self.details}
+        arrays["meta"] = json.dumps(io.to_jsonable(meta), default=str)
+        io.save_arrays(path, arrays)
         return path
 
     @classmethod
@@ -398,22 +398,17 @@ class InfluenceResult:
         """Read a result written by `save` (P and solutions come back as device arrays)."""
         import json
 
-        with np.load(str(path), allow_pickle=False) as z:
-            if "P" not in z.files or "meta" not in z.files:
-                checks.fail("path", f"{path} with keys {z.files}", "a file written by InfluenceResult.save",
-                            "save the result with result.save(path)")
-            meta = json.loads(str(z["meta"]))
-            get = lambda k: z[k] if k in z.files else None  # noqa: E731
-            names = tuple(str(n) for n in z["names"]) if "names" in z.files else None
-            sol = get("solutions")
-            return cls(jnp.asarray(z["P"]), meta["method"], meta["solver"], meta["curvature"],
-                       float(meta["damping"]), tuple(meta["escalations"]), get("steps"), get("residual"),
-                       get("converged"), get("negative_curvature"),
-                       None if sol is None else jnp.asarray(sol), meta["details"], names, get("sample_ids"))
-
-
-def _jsonable(v):
-    return v.tolist() if hasattr(v, "tolist") else str(v)
+        z = io.load_arrays(path)
+        if "P" not in z or "meta" not in z:
+            checks.fail("path", f"{path} with keys {sorted(z)}", "a file written by InfluenceResult.save",
+                        "save the result with result.save(path)")
+        meta = json.loads(str(z["meta"]))
+        names = tuple(str(n) for n in z["names"]) if "names" in z else None
+        sol = z.get("solutions")
+        return cls(jnp.asarray(z["P"]), meta["method"], meta["solver"], meta["curvature"],
+                   float(meta["damping"]), tuple(meta["escalations"]), z.get("steps"), z.get("residual"),
+                   z.get("converged"), z.get("negative_curvature"),
+                   None if sol is None else jnp.asarray(sol), meta["details"], names, z.get("sample_ids"))
 
 
 class _Static:
@@ -424,7 +419,7 @@ class _Static:
         import json
 
         self.value = value
-        self._key = json.dumps(value, sort_keys=True, default=_jsonable)
+        self._key = json.dumps(io.to_jsonable(value), sort_keys=True, default=str)
 
     def __hash__(self):
         return hash(self._key)
@@ -702,17 +697,14 @@ class Influence:
         self._details = {**self._details, **note,
                          "execution": be.execution if yt is not None else "stepped (streamed from a batch source)"}
 
-    def _fingerprint(self) -> list:
-        theta = np.asarray(self._flat.theta, np.float64)
-        return [int(theta.size), float(theta.sum()), float(np.linalg.norm(theta)), int(self._n)]
+    def _fingerprint(self) -> str:
+        return io.fingerprint(self._flat.theta, self._n)  # the params' bytes and N
 
     def save(self, folder):
         """Write the fitted state to `folder`: ``state.json`` (the resolved config, damping,
         curvature, sizes, class names and a fingerprint of the params and N), ``sample_ids.npy``
         and, for K-FAC / EK-FAC, ``factors.npz``. Returns the folder."""
         from pathlib import Path
-
-        from . import io
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -732,8 +724,6 @@ class Influence:
         by fingerprint): the damping and any K-FAC / EK-FAC factors are read, not recomputed."""
         from pathlib import Path
 
-        from . import io
-
         folder = Path(folder)
         st = io.read_json(folder / "state.json")
         saved = {"damping": float(st["damping"])}
@@ -742,9 +732,9 @@ class Influence:
         fit = cls(loss_fn, params, x_train, y_train, num_classes=st["num_classes"], weight_decay=st["weight_decay"],
                   config=InfluenceConfig(**st["config"]), apply=apply, model=model, mesh=mesh,
                   class_names=st["class_names"], sample_ids=np.load(folder / "sample_ids.npy"), _saved=saved)
-        if not np.allclose(fit._fingerprint(), st["fingerprint"], rtol=1e-6, atol=0):
+        if fit._fingerprint() != st["fingerprint"]:
             checks.fail("params", f"parameters / a training set with fingerprint {fit._fingerprint()}",
-                        f"the ones saved in {folder} ({st['fingerprint']}: size, sum, norm, N)",
+                        f"the ones saved in {folder} (fingerprint {st['fingerprint']} of the params and N)",
                         "load with the params and training set the state was fitted on, or fit again")
         return fit
 
