@@ -381,6 +381,8 @@ def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
     summary["test_accuracy"] = {"before": before["test"]["accuracy"],
                                 "reweighted": after["reweighted"]["test"]["accuracy"],
                                 "unweighted": after["unweighted"]["test"]["accuracy"]}
+    pvals = class_mcnemar(after, job.splits.test.y, len(names))
+    summary["test_mcnemar_p"] = pvals
     io.write_json(root / "summary.json", summary)
     print(f"ceiling test: first-order Pareto improvement {'exists' if ceiling['improvable'] else 'does not exist'} "
           f"(t* = {ceiling['t_star']:.3g}; PCA heuristic ratio {ceiling['pca_explained_ratio (heuristic)']:.2f})",
@@ -399,13 +401,10 @@ def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
     a = np.asarray(after["reweighted"]["test"]["accuracy"])
     u = np.asarray(after["unweighted"]["test"]["accuracy"])
     n_ep = job.config.retrain_epochs
-    pvals = class_mcnemar(after, job.splits.test.y, len(names))
-    summary["test_mcnemar_p"] = pvals
     print(format_table(names, {"test before": b, f"+{n_ep} ep plain": u, f"+{n_ep} ep reweighted": a,
                                "change (pts)": np.array([f"{100 * (x - y):+.1f}" for x, y in zip(a, u)]),
                                "McNemar p": np.array([f"{p:.3f}" for p in pvals])}), file=out)
     print(harm_sentence(names, a - u, pvals, summary["targets"]), file=out)
-    io.write_json(root / "summary.json", summary)
     print(f"overall test accuracy: before {before['test']['overall_accuracy']:.4f}, plain "
           f"{after['unweighted']['test']['overall_accuracy']:.4f}, reweighted "
           f"{after['reweighted']['test']['overall_accuracy']:.4f}; run folder {root} "
