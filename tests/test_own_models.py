@@ -272,20 +272,31 @@ def test_a_scaled_loss_is_not_given_cross_entropy_curvature(trained):
         assert _rel(wrong, right) > 1.0
 
 
+def ce_minus_square(z, y):  # a non-convex output loss: H_out = H_CE − e_y e_yᵀ is indefinite
+    return ce(z, y) - 0.5 * z[y] ** 2
+
+
 def test_auto_curvature_takes_the_hessian_when_the_output_loss_is_indefinite(trained):
+    """The PSD check decides on the output Hessians themselves, computed here independently
+    (numpy eigenvalues of `jax.hessian`): an indefinite one gets the Hessian with a note, a PSD one
+    (10·CE; the focal loss at this trained model) Gauss-Newton."""
     with jax.enable_x64(True):
         apply, params, xt, yt, xv, yv, _ = trained("mlp")
-        lo = influence.output_hessian_min_eig(focal, apply, params, xt, yt)
+
+        def min_eig(out):
+            H = np.asarray(jax.vmap(jax.hessian(out))(apply(params, xt[:16]), yt[:16]))
+            return min(np.linalg.eigvalsh(h).min() for h in H)
+
         cfg = InfluenceConfig(damping=DAMP, rtol=1e-10)
-        res = influence.category_influence(models.OutputLoss(apply, focal), params, xt, yt, xv, yv,
-                                           num_classes=K, weight_decay=WD, config=cfg)
-        if lo < -1e-6:
-            assert res.curvature == "hessian" and "indefinite" in res.details["curvature_note"]
-        else:
-            assert res.curvature == "gauss_newton"
-        res = influence.category_influence(models.OutputLoss(apply, ce10), params, xt, yt, xv, yv,
-                                           num_classes=K, weight_decay=WD, config=cfg)
-        assert res.curvature == "gauss_newton" and "curvature_note" not in res.details
+        run = lambda out: influence.category_influence(models.OutputLoss(apply, out), params, xt, yt, xv, yv,  # noqa: E731
+                                                       num_classes=K, weight_decay=WD, config=cfg)
+        assert min_eig(ce_minus_square) < -0.1
+        res = run(ce_minus_square)
+        assert res.curvature == "hessian" and "indefinite" in res.details["curvature_note"]
+        for out in (ce10, focal):
+            assert min_eig(out) > -1e-12
+            res = run(out)
+            assert res.curvature == "gauss_newton" and "curvature_note" not in res.details
 
 
 # ----------------------------------------------------------------------------- adapters
