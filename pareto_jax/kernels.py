@@ -212,8 +212,10 @@ def class_gradient_chunk(f, theta, xb, yb, mb, counts, num_classes: int):
     """One chunk's share of the K class-mean gradients, (K, P): the VJP of the chunk's
     per-sample losses with the K columns of one_hot(y)·mask/count."""
     losses_fn = lambda th: jax.vmap(f, (None, 0, 0))(th, xb, yb)  # noqa: E731
-    _, vjp = jax.vjp(losses_fn, theta)
-    cot = jax.nn.one_hot(yb, num_classes, dtype=theta.dtype) * mb[:, None].astype(theta.dtype) / counts
+    losses, vjp = jax.vjp(losses_fn, theta)
+    # the cotangent takes the losses' dtype: a model may compute in a wider type than its params
+    cot = (jax.nn.one_hot(yb, num_classes, dtype=theta.dtype) * mb[:, None].astype(theta.dtype) / counts
+           ).astype(losses.dtype)
     return jax.vmap(lambda c: vjp(c)[0])(cot.T)
 
 

@@ -234,6 +234,28 @@ def test_influence_matches_the_dense_reference(trained, kind, loss, curvature):
         assert _rel(res.P, ref) < 1e-7, (kind, loss, curvature)
 
 
+@pytest.mark.parametrize("kind, loss", [("mlp", "10ce"), ("plain", "focal"), ("text", "focal")])
+def test_float32_gauss_newton_of_another_loss_matches_the_float64_reference(trained, kind, loss):
+    """The same trained model in float32 (params and float inputs; token IDs stay int32): Gauss-
+    Newton with the loss's own output Hessian, against the float64 dense reference. The token
+    model's nnx.Embed was built with param_dtype float64 and computes in it whatever its params:
+    its losses come out float64 while θ is float32 (the class-gradient cotangent must follow the
+    losses' dtype), so its P is float64; the other two compute in float32 throughout."""
+    with jax.enable_x64(True):
+        apply, params, xt, yt, xv, yv, _ = trained(kind)
+        out = LOSSES[loss]
+        damp = safe_damping(apply, out, params, xt, yt, "gauss_newton")
+        ref = dense_reference(apply, out, params, xt, yt, xv, yv, "gauss_newton", damp)
+        f32 = lambda t: jax.tree_util.tree_map(  # noqa: E731
+            lambda a: np.asarray(a, np.float32) if np.issubdtype(np.asarray(a).dtype, np.floating) else a, t)
+        res = influence.category_influence(models.OutputLoss(apply, out), f32(params), f32(xt), yt, f32(xv), yv,
+                                           num_classes=K, weight_decay=WD,
+                                           config=InfluenceConfig(curvature="gauss_newton", damping=damp, rtol=1e-5,
+                                                                  escalate_damping=False))
+        assert res.P.dtype == (jnp.float64 if kind == "text" else jnp.float32) and res.curvature == "gauss_newton"
+        assert _rel(res.P, ref) < 2e-3, _rel(res.P, ref)
+
+
 @pytest.mark.parametrize("loss", ["ce", "10ce", "smoothed"])
 def test_gauss_newton_equals_the_hessian_on_a_linear_model(trained, loss):
     """Convex output loss on a linear model: J is constant, so the Gauss-Newton matrix is the
