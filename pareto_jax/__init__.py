@@ -7,12 +7,15 @@ The names most users need are here; every module keeps its own (``pareto_jax.inf
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from . import cache
 from .checks import InputError, NumericalError
 from .influence import (Influence, InfluenceConfig, InfluenceResult, category_influence,
                         influence_matrix, linear_category_influence, predict_class_loss_change)
 from .models import OutputLoss, functional
-from .pareto import (CeilingResult, ReweightConfig, ReweightResult, ceiling_test, pareto_frontier,
-                     solve_reweighting, solve_reweighting_batch)
+from .pareto import (CeilingResult, ReweightConfig, ReweightResult, ceiling_program, ceiling_test,
+                     pareto_frontier, reweight, solve_reweighting, solve_reweighting_batch)
+
+cache.enable()  # compiled solvers persist across processes (``pareto_jax.cache``; opt out there)
 
 try:
     __version__ = _version("pareto-jax")
@@ -23,6 +26,6 @@ __all__ = [
     "InputError", "NumericalError", "Influence", "InfluenceConfig", "InfluenceResult", "category_influence",
     "influence_matrix", "OutputLoss", "functional",
     "linear_category_influence", "predict_class_loss_change", "CeilingResult", "ReweightConfig",
-    "ReweightResult", "ceiling_test", "pareto_frontier", "solve_reweighting",
-    "solve_reweighting_batch", "__version__",
+    "ReweightResult", "ceiling_program", "ceiling_test", "pareto_frontier", "reweight",
+    "solve_reweighting", "solve_reweighting_batch", "__version__",
 ]

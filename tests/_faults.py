@@ -200,30 +200,28 @@ def _missing_psum():
 # ----------------------------------------------------------------------------- program
 
 def _zero_duals():
-    import numpy as np
-
     from pareto_jax.pareto import dual
 
     def post(r, *a, **k):
-        z, w, info = r
-        return np.zeros_like(z), w, info
-    _wrap_result(dual, "run_dual", post)
+        z, w, its, err = r
+        return z * 0.0, w, its, err
+    _wrap_result(dual, "dual_solve", post)
 
 
 def _reduced_cost_sign():
-    from pareto_jax.pareto import resolve
+    from pareto_jax.pareto import exact
 
     def pre(a, k):
         w, r, eta, lo, hi, tol = a
         return (w, -r, eta, lo, hi, tol), k
-    _wrap_args(resolve, "_certified", pre)
+    _wrap_args(exact, "_certified", pre)
 
 
 def _certificate_skipped():
-    import numpy as np
+    import jax.numpy as jnp
 
-    from pareto_jax.pareto import resolve
-    _swap(resolve, "_certified", lambda o: (lambda w, r, eta, lo, hi, tol: np.ones(np.shape(w), bool)))
+    from pareto_jax.pareto import exact
+    _swap(exact, "_certified", lambda o: (lambda w, r, eta, lo, hi, tol: jnp.ones(jnp.shape(w), bool)))
 
 
 def _float64_recheck_skipped():
@@ -232,8 +230,22 @@ def _float64_recheck_skipped():
 
 
 def _qp_gap_skipped():
-    from pareto_jax.pareto import dual
-    _swap(dual, "qp_gap", lambda o: (lambda *a, **k: (0.0, 1.0)))
+    import jax.numpy as jnp
+
+    from pareto_jax.pareto import exact
+
+    def post(r, *a, **k):
+        status, gap, obj = r
+        return jnp.zeros_like(status), gap, obj
+    _wrap_result(exact, "qp_certificate", post)
+
+
+def _simplex_dual_sign():
+    from pareto_jax.pareto import simplex
+
+    def post(r, *a, **k):
+        return r._replace(y=-r.y)
+    _wrap_result(simplex, "dual_simplex", post)
 
 
 def _ceiling_direction_flipped():
@@ -375,18 +387,21 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
     "missing_psum": ("sharded curvature product not summed over devices",
                      ["tests/test_distributed.py::test_influence_stages_match_single_device"], _missing_psum),
     "zero_duals": ("the dual stage returns zeros",
-                   ["tests/test_pareto.py::test_dual_solver_matches_highs"], _zero_duals),
+                   ["tests/test_pareto.py::test_device_solver_matches_highs"], _zero_duals),
     "reduced_cost_sign": ("the optimality certificate reads the reduced cost with the wrong sign",
-                          ["tests/test_pareto.py::test_dual_solver_matches_highs"], _reduced_cost_sign),
-    "certificate_skipped": ("the exact resolution accepts its restricted LP without the certificate",
-                            ["tests/test_pareto.py::test_batch_resolution_recovers_from_bad_duals"],
+                          ["tests/test_pareto.py::test_device_solver_matches_highs"], _reduced_cost_sign),
+    "certificate_skipped": ("the exact finish accepts its restricted LP without the certificate",
+                            ["tests/test_pareto.py::test_exact_finish_recovers_from_bad_duals"],
                             _certificate_skipped),
     "float64_recheck_skipped": ("the float64 feasibility re-check always passes",
-                                ["tests/test_pareto.py::test_a_wrong_resolution_is_caught_by_the_float64_recheck"],
+                                ["tests/test_pareto.py::test_a_wrong_device_answer_is_caught_by_the_float64_recheck"],
                                 _float64_recheck_skipped),
     "qp_gap_skipped": ("the QP's duality-gap certificate always passes",
-                       ["tests/test_pareto.py::test_qp_from_inexact_duals_is_optimal_or_handed_on"],
+                       ["tests/test_pareto.py::test_qp_certificate_refuses_inexact_duals"],
                        _qp_gap_skipped),
+    "simplex_dual_sign": ("the bounded dual simplex returns its row duals negated",
+                          ["tests/test_pareto.py::test_ceiling_device_matches_highs",
+                           "tests/test_pareto.py::test_device_solver_matches_highs"], _simplex_dual_sign),
     "ceiling_direction_flipped": ("the ceiling test returns −d",
                                   ["tests/test_pareto.py::test_ceiling_improvable_cases"], _ceiling_direction_flipped),
     "nan_check_removed": ("NaN in P accepted",

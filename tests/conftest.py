@@ -4,6 +4,8 @@ import os
 import warnings
 
 os.environ.setdefault("XLA_FLAGS", "")
+# the suite compiles from scratch, as on a clean CI machine (tests/test_cache.py tests the cache)
+os.environ.setdefault("PARETO_JAX_COMPILATION_CACHE", "0")
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
 
 import jax  # noqa: E402

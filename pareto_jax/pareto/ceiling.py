@@ -3,8 +3,10 @@
 A first-order Pareto improvement exists iff some weights w have Σ_i (w_i − 1) P[i, k] > 0 for
 every class k. The LP ``max t s.t. Σ_i d_i P[i,k] >= t ∀k, −1 <= d_i <= 1`` decides it: t* > 0
 means improvable; otherwise its dual λ >= 0, Σλ = 1, with Pλ = 0 is the certificate (Gordan's
-theorem of the alternative). The original method's PCA heuristic is reported beside it,
-labelled as a heuristic.
+theorem of the alternative). `ceiling_test` solves it on the device by the bounded dual simplex
+(`exact.ceiling_program`, pure JAX: jit it, vmap it over a stack of P); HiGHS is the reference
+(``solver="highs"``). The original method's PCA heuristic is reported beside it, labelled as a
+heuristic.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .. import checks
-from . import highs
+from . import exact, highs
+from .program import bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +81,16 @@ def pca_explained_ratio(P) -> float:
     return float(s[0] ** 2 / tot) if tot > 0 else 0.0
 
 
-def ceiling_test(P, *, tol: float | None = None) -> CeilingResult:
+_ceiling_jit = jax.jit(exact.ceiling_program)
+
+
+def ceiling_test(P, *, tol: float | None = None, solver: str = "simplex") -> CeilingResult:
     """Decide whether a first-order Pareto improvement exists (exact LP) and report the heuristic.
 
     Args:
         P: influence matrix (N, K).
         tol: threshold on t* (default 1e-9 · max_k Σ_i |P[i, k]|).
+        solver: "simplex" (on the device, `exact.ceiling_program`) or "highs" (the host reference).
 
     Returns:
         `CeilingResult`.
@@ -100,12 +108,22 @@ def ceiling_test(P, *, tol: float | None = None) -> CeilingResult:
         checks.fail("P", "an all-zero matrix", "an influence matrix with some non-zero entry",
                     "check that the model and data produced gradients")
     tol = 1e-9 * scale if tol is None else float(tol)
-    res, d, t, lam = highs.ceiling_lp(P / scale)
-    if res.status != 0:
-        raise checks.NumericalError(f"ceiling test LP: HiGHS returned status {res.status} ({res.message})")
-    t = t * scale
+    checks.check_choice(solver, "solver", ("simplex", "highs"))
+    if solver == "highs":
+        res, d, t, lam = highs.ceiling_lp(P / scale)
+        status, message, t = int(res.status), res.message, t * scale
+    else:
+        n = P.shape[0]  # N padded with zero rows: one compile serves many N
+        with jax.enable_x64(True):
+            sol = _ceiling_jit(jnp.asarray(np.pad(P, ((0, bucket(n) - n), (0, 0)))))
+            sol = jax.tree_util.tree_map(np.asarray, sol)
+        status, d, t, lam = int(sol.status), np.asarray(sol.direction[:n], np.float64), float(sol.t_star), sol.certificate
+        message = highs.STATUS_MESSAGES.get(status, "")
+    if status != 0:
+        raise checks.NumericalError(f"ceiling test LP ({solver}): status {status} ({message})")
     ratio = pca_explained_ratio(P)
     return CeilingResult(
-        improvable=bool(t > tol), t_star=t, direction=d, predicted_gains=P.T @ d, certificate=lam,
-        certificate_residual=float(np.abs(P @ lam).sum()), tol=tol, pca_explained_ratio=ratio,
-        pca_heuristic_improvable=bool(ratio > 0.2), status=int(res.status), message=res.message)
+        improvable=bool(t > tol), t_star=float(t), direction=d, predicted_gains=P.T @ d,
+        certificate=np.asarray(lam, np.float64), certificate_residual=float(np.abs(P @ lam).sum()), tol=tol,
+        pca_explained_ratio=ratio, pca_heuristic_improvable=bool(ratio > 0.2), status=status,
+        message=message)

@@ -7,24 +7,28 @@ class k's validation loss by ΔL_k ≈ −Σ_i (w_i − 1) P[i, k] (first order)
     subject to  Σ_i w_i P[i, k] >= α_k Σ_i P[i, k]   for every class k
                 max(0, 1−ρ) <= w_i <= min(w_max, 1+ρ),   Σ_i |w_i − 1| <= B (optional)
 
-`solve_reweighting` (one α) and `solve_reweighting_batch` (a population of α) solve it with the
-structured dual solver (`dual`: K ≪ N coupling constraints, so the dual has K (+1) variables)
-followed, for the LP, by the exact active-set resolution (`resolve`); HiGHS (`highs`) is the
-exact reference (``solver="highs"``) and the fallback when the dual path cannot certify its
-answer, which the result reports (``solver="dual→highs"`` and its notes). Every returned w is
-re-checked in float64; an infeasible program gives status 2 and no w, never a silently wrong w.
+`solve_reweighting` (one α) and `solve_reweighting_batch` (a population of α) are the host
+front doors: they validate, pad N to a few sizes (`bucket`), and run `exact.solve_program` on
+the device in float64 (the structured dual stage, then the LP's exact finish by a bounded dual
+simplex with an optimality certificate on the whole problem, or the QP's duality-gap
+certificate), with no host solver. HiGHS (`highs`) is the exact reference, used only when asked
+(``solver="highs"``) and by the tests. Every returned w is re-checked in float64; an infeasible
+program gives status 2 and no w, an uncertified one status 1 or 4 and no w: never a silently
+wrong w. `exact.solve_program` itself is pure JAX (jit, vmap over α, ρ, class weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .. import checks
-from . import dual, highs, resolve
+from . import dual, exact, highs
 from .highs import INFEASIBLE, NUMERICAL, STATUS_MESSAGES, SUCCESS
 
 
@@ -37,12 +41,12 @@ class ReweightConfig:
         rho: trust region |w_i − 1| <= ρ (None: off).
         budget: L1 budget Σ_i |w_i − 1| <= B (None: off).
         mu: proximal term (μ/2)‖w − 1‖² in units of P (0: the LP). Smooth, interior weights.
-        solver: "dual" (structured, jaxopt-based) or "highs" (exact reference; LP only, or QP
-            through highspy when μ > 0).
+        solver: "dual" (on the device: the structured dual stage and the exact finish) or
+            "highs" (the host reference: scipy's HiGHS for the LP, highspy for the QP).
         rtol: relative optimality tolerance of the dual solver.
         max_iter: Newton iterations per continuation stage.
         feas_tol: allowed constraint violation after the float64 re-check (absolute, in units of
-            P); above it HiGHS solves the whole program (reported as "dual→highs").
+            P); above it the status is 4 (numerical).
     """
 
     w_max: float = 2.0
@@ -86,8 +90,9 @@ class ReweightResult:
         n_saturated: weights at a bound (0 / w_max / trust-region edge).
         n_fractional: weights strictly between their bounds, other than those left at 1.
         predicted_loss_change: −Pᵀ(w − 1) per class (negative = predicted improvement).
-        solver: what produced w ("dual", "highs", or "dual→highs" after a fallback).
-        notes: what the solver did beyond the plain solve (repairs, fallbacks).
+        solver: what produced w ("dual": the device path, or "highs").
+        notes: what the solver did (the exact finish's size and rounds, the QP's gap, a
+            Farkas certificate).
         duals: ν (K,) multipliers of the class constraints (and the budget's, if any).
         n_unchanged: weights left at exactly 1 (strictly inside the bounds).
     """
@@ -145,13 +150,14 @@ def program_data(P, targets, alpha, config, class_weights=None):
 
 
 def check_feasibility(P, w, b, config: ReweightConfig) -> float:
-    """Max violation (float64) of the coupling, box and budget constraints at w."""
+    """Max violation (float64) of the coupling and box constraints at w, and of the budget
+    relative to max(1, B)."""
     P = np.asarray(P, np.float64)
     w = np.asarray(w, np.float64)
     lo, hi = config.bounds
     v = [np.max(b - P.T @ w, initial=0.0), np.max(lo - w, initial=0.0), np.max(w - hi, initial=0.0)]
-    if config.budget is not None:
-        v.append(max(np.abs(w - 1).sum() - config.budget, 0.0))
+    if config.budget is not None:  # in units of the budget (a sum of N weights' moves)
+        v.append(max(np.abs(w - 1).sum() - config.budget, 0.0) / max(1.0, config.budget))
     return float(max(v))
 
 
@@ -186,41 +192,67 @@ def _highs_solve(P, c, b, config, label, notes=()) -> ReweightResult:
     return _result(P, c, b, w, config, label, notes, duals)
 
 
-_UNSETTLED = (NUMERICAL, "the restricted LPs did not settle")
+def bucket(n: int) -> int:
+    """The padded size for N rows: the next of 64, 96, 128, 192, 256, ... (one compile serves
+    every N up to it; at most a third of the rows are padding)."""
+    size = 64
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
 
 
-def from_duals(P, c, b, z, config, verdict, resolved=None) -> ReweightResult:
-    """The program's answer from duals z: a verdict of `dual.verdict`, else the QP's closed
-    form or the LP's exact resolution (`resolved`, if the batch already did it), then the
-    float64 re-check. Falls back to HiGHS (reported) when the duals cannot decide."""
-    lo, hi = config.bounds
-    if verdict is not None and verdict[0] == "infeasible":
-        note = (f"the duals are a Farkas certificate: every w in the box violates a class "
-                f"constraint by at least {-verdict[1]:.3g}")
-        return _result(P, c, b, None, config, "dual", (note,), z, INFEASIBLE,
-                       "The problem is infeasible (Farkas certificate from the duals).")
-    if verdict is not None:
-        return _highs_solve(P, c, b, config, "dual→highs", ("dual diverged (a sign of infeasibility); HiGHS decides",))
+@functools.partial(jax.jit, static_argnames=("has_budget", "qp", "mode"))
+def _device_batch(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, mode):
+    def one(c, b, lo, hi):
+        return exact.solve_program(P, c, b, lo, hi, budget if has_budget else None, mu if qp else 0.0,
+                                   n_valid=n_valid)
+
+    if mode == "vmap":
+        return jax.vmap(one)(C, B, LO, HI)
+    return jax.lax.map(lambda a: one(*a), (C, B, LO, HI))
+
+
+def _device_solve(P, C, B, bounds, config, mode):
+    """All rows on the device in float64, N padded to `bucket`(N): a `ProgramSolution` of numpy
+    arrays with a leading row axis, unpadded."""
+    n = P.shape[0]
+    size = bucket(n)
+    pad = ((0, size - n), (0, 0))
+    with jax.enable_x64(True):
+        sol = _device_batch(jnp.asarray(np.pad(P, pad)), jnp.asarray(np.pad(C, pad[::-1])),
+                            jnp.asarray(B), jnp.asarray(bounds[0]), jnp.asarray(bounds[1]),
+                            float(config.budget or 0.0), float(config.mu), n,
+                            has_budget=config.budget is not None, qp=config.mu > 0, mode=mode)
+        sol = jax.tree_util.tree_map(np.asarray, sol)
+    return sol._replace(w=sol.w[:, :n])
+
+
+def result_from_solution(P, c, b, sol, config) -> ReweightResult:
+    """The `ReweightResult` of one row of a device solve (with the host's float64 re-check)."""
+    K = P.shape[1]
+    st = int(sol.status)
+    duals = np.asarray(sol.duals, np.float64)
     if config.mu > 0:
-        u, _, _ = dual.primal_from_dual(z, P, c, lo, hi, config.mu, config.budget is not None)
-        w, duals, notes = 1.0 + np.asarray(u, np.float64), z, ()
-        gap, bar = dual.qp_gap(P, c, b, z, w, config)
-        if not gap <= bar:  # duals short of the optimum: w is feasible at best, not optimal
-            return _highs_solve(P, c, b, config, "dual→highs",
-                                (f"duality gap {gap:.3g} > {bar:.3g} (the dual stage stopped short); HiGHS decides",))
+        notes = [f"duality gap {float(sol.gap):.3g} after {int(sol.iterations)} Newton steps"]
     else:
-        if resolved is None:
-            resolved = resolve.resolve_lp(P, c[None], b[None], np.array([lo]), np.array([hi]), z[None],
-                                          budget=config.budget).get(0, _UNSETTLED)
-        if not isinstance(resolved, resolve.Resolved):
-            return _highs_solve(P, c, b, config, "dual→highs", (f"exact resolution failed ({resolved[1]}); HiGHS decides",))
-        w, duals = resolved.w, resolved.duals
-        notes = (f"resolved {resolved.n_free} ambiguous weights exactly",)
-    viol = check_feasibility(P, w, b, config)
-    if viol > config.feas_tol:
-        return _highs_solve(P, c, b, config, "dual→highs",
-                            (*notes, f"float64 re-check found violation {viol:.3g} > {config.feas_tol:g}; HiGHS repairs"))
-    return _result(P, c, b, w, config, "dual", notes, duals)
+        notes = [f"exact finish: {int(sol.n_free)} weights free in the restricted LP, "
+                 f"{int(sol.rounds)} round(s), {int(sol.iterations)} iterations"]
+    if st == INFEASIBLE:
+        notes.append(f"the duals are a Farkas certificate: every w in the box violates a class "
+                     f"constraint (or the budget) by at least {-float(sol.farkas):.3g}")
+        return _result(P, c, b, None, config, "dual", notes, duals, INFEASIBLE,
+                       "The problem is infeasible (Farkas certificate from the duals).")
+    if st != SUCCESS:
+        why = ("the restricted LPs did not settle" if config.mu == 0
+               else "the dual stage did not close the duality gap")
+        notes.append(f"{why}; solver='highs' solves this program exactly on the host")
+        return _result(P, c, b, None, config, "dual", notes, duals, st,
+                       f"{STATUS_MESSAGES[st]}: no certified optimum ({why})")
+    r = _result(P, c, b, np.asarray(sol.w, np.float64), config, "dual", notes, duals)
+    if r.max_violation > config.feas_tol:  # certified on the device, refused by the host's re-check
+        return dataclasses.replace(r, status=NUMERICAL, message=f"{STATUS_MESSAGES[NUMERICAL]}: the float64 "
+                                   f"re-check found violation {r.max_violation:.3g} > feas_tol {config.feas_tol:g}")
+    return r
 
 
 def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightConfig = ReweightConfig(),
@@ -252,18 +284,16 @@ def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightC
     P, c, b = program_data(P, targets, alpha, config, class_weights)
     if config.solver == "highs":
         return _highs_solve(P, c, b, config, "highs")
-    z, _, _ = dual.run_dual(P, c[None], b[None], config)
-    z = np.asarray(z)[0]
-    return from_duals(P, c, b, z, config, dual.verdict(P, b, z, config))
+    sol = _device_solve(P, c[None], b[None], np.array(config.bounds)[:, None], config, "vmap")
+    return result_from_solution(P, c, b, jax.tree_util.tree_map(lambda a: a[0], sol), config)
 
 
 def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = ReweightConfig(), *,
                             batch: str = "auto", rhos=None, class_weights=None,
                             **overrides) -> list[ReweightResult]:
-    """Solve the program for a population of α at once: one compiled dual stage for all rows of
-    `alphas` (shape (M, K)), then all rows' exact resolutions together (one block-diagonal
-    HiGHS LP per round) and each solution's float64 re-check. Same solutions as one
-    `solve_reweighting` per row.
+    """Solve the program for a population of α at once: one compiled device solve
+    (`exact.solve_program`) over all rows of `alphas` (shape (M, K)), then each solution's
+    float64 re-check on the host. Same solutions as one `solve_reweighting` per row.
 
     Args:
         batch: "vmap" (lock-step over the population: best on accelerators), "map" (one compiled
@@ -289,14 +319,6 @@ def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = Reweigh
         return [solve_reweighting(P64, targets, a, c, class_weights=cw)
                 for a, c, cw in zip(alphas, cfgs, betas)]
     bounds = np.array([c.bounds for c in cfgs]).T
-    Z, _, _ = dual.run_dual(P64, C, B, config, mode, bounds=bounds)
-    verdicts = [dual.verdict(P64, B[i], Z[i], cfgs[i]) for i in range(len(alphas))]
-    resolved = {}
-    rows = [i for i, v in enumerate(verdicts) if v is None]
-    if config.mu == 0 and rows:
-        # the rows whose LP is resolved exactly: all at once, one HiGHS call per round
-        got = resolve.resolve_lp(P64, C[rows], B[rows], bounds[0, rows], bounds[1, rows], Z[rows],
-                                 budget=config.budget)
-        resolved = {i: got.get(j, _UNSETTLED) for j, i in enumerate(rows)}
-    return [from_duals(P64, C[i], B[i], Z[i], cfgs[i], verdicts[i], resolved.get(i))
+    sol = _device_solve(P64, C, B, bounds, config, mode)
+    return [result_from_solution(P64, C[i], B[i], jax.tree_util.tree_map(lambda a: a[i], sol), cfgs[i])
             for i in range(len(alphas))]
