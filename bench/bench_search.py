@@ -1,5 +1,7 @@
-"""Search benchmark: one batched generation (vmapped program solves + vmapped weighted epoch)
-vs the sequential path (one candidate at a time), population 32, on the same candidates.
+"""Search benchmark: one generation three ways on the same candidates, population 32: fused (the
+population's programs, weighted epochs and validation counts in one jitted call), batched in two
+calls (the batched program solve, then the vmapped epochs) and sequential (one candidate at a
+time).
 
 Correctness first: both paths must give identical fitness values. Compilation is excluded
 (each path first evaluates a different warm-up population); each time is the best of
@@ -56,8 +58,8 @@ def main():
     M = a.population
     rows = {}
     fits = {}
-    for batched in (True, False):
-        scfg = search.SearchConfig(population=M, batched=batched)
+    for tag, batched, fused in (("fused", True, True), ("batched", True, False), ("sequential", False, False)):
+        scfg = search.SearchConfig(population=M, batched=batched, fused=fused)
         ev = evaluation.Evaluator(prob)
         ref = np.asarray(ev.acc(st.params, ev.xv, ev.yv))
         popn = search.Population(ev, P, (3, 8), ref, scfg)
@@ -65,29 +67,33 @@ def main():
         popn.evaluate(warm)  # compile
         genome = np.column_stack([np.random.default_rng(1).uniform(0.5, 1, (M, 10)),
                                   np.random.default_rng(2).uniform(0, 1, M)])
-        tag = "batched" if batched else "sequential"
 
         def generation():
             popn.cache.clear()
             return popn.evaluate(genome)
 
         rows[f"t_{tag}"], cands = best_of(generation, a.repeats)
-        fits[batched] = [c.fitness for c in cands]
+        fits[tag] = [c.fitness for c in cands]
+        if fused:
+            assert popn.fused and ev._gen, "the fused path did not run"
+            continue
         # the two halves of a generation, timed on their own: program solves, then training
         W = np.stack([popn.solutions[g.tobytes()].w if popn.solutions[g.tobytes()].w is not None
                       else np.ones(len(P)) for g in genome])
         rows[f"t_train_{tag}"], _ = best_of(lambda: _util.block(ev.train_many(W, batched)[0]), a.repeats)
         rows[f"t_programs_{tag}"], _ = best_of(lambda: popn.solve(genome), a.repeats)
-    same = all((x == y) or (np.isinf(x) and np.isinf(y)) for x, y in zip(fits[True], fits[False]))
-    assert same, (fits[True], fits[False])
+    same = all(all((x == y) or (np.isinf(x) and np.isinf(y)) for x, y in zip(fits["fused"], fits[t]))
+               for t in ("batched", "sequential"))
+    assert same, fits
     out = {"dataset": ds, "n_train": int(len(noisy.y)), "population": M, **rows,
+           "speedup_fused": rows["t_sequential"] / rows["t_fused"],
            "speedup": rows["t_sequential"] / rows["t_batched"],
            "speedup_training": rows["t_train_sequential"] / rows["t_train_batched"],
            "speedup_programs": rows["t_programs_sequential"] / rows["t_programs_batched"],
            "identical_fitness": same,
-           "n_finite": int(np.isfinite(fits[True]).sum())}
-    print(_util.table([out], ["dataset", "n_train", "population", "t_batched", "t_sequential",
-                              "speedup", "t_train_batched", "t_train_sequential", "speedup_training",
+           "n_finite": int(np.isfinite(fits["fused"]).sum())}
+    print(_util.table([out], ["dataset", "n_train", "population", "t_fused", "t_batched", "t_sequential",
+                              "speedup_fused", "speedup", "t_train_batched", "t_train_sequential", "speedup_training",
                               "t_programs_batched", "t_programs_sequential", "speedup_programs",
                               "identical_fitness", "n_finite"]))
     p = _util.write("search" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "result": out})

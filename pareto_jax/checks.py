@@ -192,7 +192,8 @@ def check_finite_array(arr: Any, name: str, stage: str) -> None:
 
 
 def as_influence_matrix(P: Any, name: str = "P") -> np.ndarray:
-    check_not_traced(P, name, "it outside the transform, on a concrete P (the ceiling test and the program finish on the host)")
+    check_not_traced(P, name, "pareto.reweight / pareto.ceiling_program (the same solvers as pure JAX, "
+                              "statuses as arrays, no input checks)")
     arr = np.asarray(P, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         fail(name, f"shape {arr.shape}", "a 2-D influence matrix of shape (n_train, n_classes)",

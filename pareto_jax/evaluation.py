@@ -84,12 +84,18 @@ class SearchProblem:
 
 
 @functools.lru_cache(maxsize=16)
-def _acc_fn(apply, K):
-    """Per-class accuracy; counts are summed as integers and divided in float64 on the host, so
-    batched and sequential evaluations agree bit for bit."""
+def _hits_fn(apply, K):
+    """Per-class correct counts (int32, (K,)) of `apply` on (x, y): pure, jittable."""
     def hits(params, x, y):
         correct = (jnp.argmax(apply(params, x), -1) == y)
         return jnp.sum(jax.nn.one_hot(y, K, dtype=jnp.int32) * correct[:, None].astype(jnp.int32), 0)
+    return hits
+
+
+def _acc_fn(apply, K):
+    """Per-class accuracy; counts are summed as integers and divided in float64 on the host, so
+    batched and sequential evaluations agree bit for bit."""
+    hits = _hits_fn(apply, K)
 
     one, many = jax.jit(hits), jax.jit(jax.vmap(hits, in_axes=(0, None, None)))
 
@@ -125,6 +131,7 @@ class Evaluator:
         else:
             self.fit_batch = jax.jit(jax.vmap(fit, in_axes=(None, None, None, 0)))
         self.acc, self.acc_batch = _acc_fn(problem.apply, problem.num_classes)
+        self._gen = {}
         dt = jnp.result_type(*jax.tree_util.tree_leaves(problem.state.params))
         self.dt = dt
         self.x = jnp.asarray(problem.x_train, dt)
@@ -135,6 +142,32 @@ class Evaluator:
     def _scaled(self, W):
         W = np.asarray(W, np.float64)
         return W if self.p.base_weights is None else W * self.p.base_weights
+
+    def generation(self, P, C, B, LO, HI, config):
+        """One GA generation as one jitted call over the population: every member's program on
+        the device (`pareto.exact.solve_program`, P padded as `solve_reweighting_batch` pads it),
+        its weights (all ones where the program failed, times any base weights), its weighted
+        epoch from θ^e (vmapped) and its validation hit counts. Returns (`ProgramSolution` of
+        numpy arrays, unpadded; per-class validation accuracies (M, K)).
+
+        Run under float64 (the program needs it); the epochs see the same float32 data and
+        params as `train_many`'s.
+        """
+        n = self.x.shape[0]
+        size = pareto.bucket(n)
+        key = (config.budget is not None, config.mu > 0)
+        if key not in self._gen:
+            self._gen[key] = _generation_fn(self, *key)
+        base = np.ones(n) if self.p.base_weights is None else np.asarray(self.p.base_weights, np.float64)
+        s = self.p.state
+        with jax.enable_x64(True):
+            sol, params, hits = self._gen[key](
+                jnp.asarray(np.pad(P, ((0, size - n), (0, 0)))), jnp.asarray(np.pad(C, ((0, 0), (0, size - n)))),
+                jnp.asarray(B), jnp.asarray(LO), jnp.asarray(HI), float(config.budget or 0.0), float(config.mu),
+                n, jnp.asarray(base), s.params, s.opt_state, self.x, self.y, self.xv, self.yv, s.epoch)
+            sol = jax.tree_util.tree_map(np.asarray, sol)
+        counts = np.maximum(np.bincount(np.asarray(self.yv), minlength=self.p.num_classes), 1)
+        return sol._replace(w=sol.w[:, :n]), params, np.asarray(hits, np.float64) / counts
 
     def train_one(self, w):
         return self._train(self._scaled(w))
@@ -184,6 +217,29 @@ class Evaluator:
         n = jax.tree_util.tree_leaves(params_batch)[0].shape[0]
         return np.stack([np.asarray(self.acc(jax.tree_util.tree_map(lambda a: a[i], params_batch), x, y),
                                     np.float64) for i in range(n)])
+
+
+def _generation_fn(ev: "Evaluator", has_budget: bool, qp: bool):
+    """The jitted generation of `Evaluator.generation` (programs → weights → epochs → hits)."""
+    n = ev.x.shape[0]
+    cfg = ev.p.train_config
+    fns = train.epoch_fns(ev.p.loss_fn, cfg, n, *train.batches_per_epoch(n, cfg.batch_size))
+    hits = _hits_fn(ev.p.apply, ev.p.num_classes)
+    dt = ev.dt
+
+    def gen(P, C, B, LO, HI, budget, mu, n_valid, base, params, opt_state, x, y, xv, yv, epoch_index):
+        def solve(c, b, lo, hi):
+            return pareto.solve_program(P, c, b, lo, hi, budget if has_budget else None, mu if qp else 0.0,
+                                        n_valid=n_valid)
+        sol = jax.vmap(solve)(C, B, LO, HI)
+        W = jnp.where((sol.status == 0)[:, None], sol.w[:, :n], 1.0) * base
+        M = C.shape[0]
+        p, _, _ = jax.vmap(fns.body, in_axes=(0, 0, None, None, 0, None, None))(
+            train.broadcast_population(params, M), train.broadcast_population(opt_state, M), x, y,
+            W.astype(dt), None, epoch_index)
+        return sol, p, jax.vmap(hits, in_axes=(0, None, None))(p, xv, yv)
+
+    return jax.jit(gen)
 
 
 def relative_change(acc, ref) -> np.ndarray:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from . import checks, io, pareto
@@ -43,6 +44,10 @@ class SearchConfig:
         seed: generator seed.
         batched: one vmapped epoch for the whole population (False: one candidate at a time,
             for memory-limited cases; same results).
+        fused: a batched generation (retrain "epoch", no mesh, the device solver) runs as one
+            jitted call: the population's programs, weights, weighted epochs and validation
+            counts, with no host step between them (`Evaluator.generation`). False: the
+            programs and the epochs are two calls (same results).
         reweight: the program's options (bounds, trust region, μ, solver).
         fixed_alpha: α of the "program with fixed α" baseline.
         topk_fraction: fraction of samples up-weighted by the top-k baseline.
@@ -75,6 +80,7 @@ class SearchConfig:
     alpha_range: tuple[float, float] = (0.5, 1.0)
     seed: int = 0
     batched: bool = True
+    fused: bool = True
     reweight: pareto.ReweightConfig = pareto.ReweightConfig(w_max=2.0)
     fixed_alpha: float = 0.9
     topk_fraction: float = 0.1
@@ -209,6 +215,25 @@ class Population:
         # one candidate at a time (memory-limited path): same programs, same answers
         return [pareto.solve_reweighting(self.P, self.targets, a, c, class_weights=b) for a, c, b in progs]
 
+    @property
+    def fused(self) -> bool:
+        c = self.cfg
+        return (c.batched and c.fused and c.retrain == "epoch" and self.ev.mesh is None
+                and c.reweight.solver == "dual")
+
+    def generation(self, genomes: np.ndarray):
+        """(program results, validation accuracies) of these genomes from one jitted call."""
+        K = self.P.shape[1]
+        progs = [self.cfg.program_of(g, self.targets, K) for g in genomes]
+        data = [pareto.program_data(self.P, self.targets, a, c, b) for a, c, b in progs]
+        P64 = data[0][0]
+        C, B = np.stack([d[1] for d in data]), np.stack([d[2] for d in data])
+        bounds = np.array([p[1].bounds for p in progs]).T
+        sol, _, acc = self.ev.generation(P64, C, B, bounds[0], bounds[1], self.cfg.reweight)
+        sols = [pareto.result_from_solution(P64, C[i], B[i], jax.tree_util.tree_map(lambda a: a[i], sol), progs[i][1])
+                for i in range(len(progs))]
+        return sols, acc
+
     def evaluate(self, alphas: np.ndarray) -> list[Candidate]:
         keys = [np.asarray(a, np.float64).tobytes() for a in alphas]
         todo = [i for i, k in enumerate(keys) if k not in self.cache]
@@ -219,13 +244,17 @@ class Population:
         idx = list(uniq.values())
         if idx:
             K = self.P.shape[1]
-            sols = self.solve(np.stack([alphas[i] for i in idx]))
-            W = np.stack([s.w if s.w is not None else np.ones(self.P.shape[0]) for s in sols])
-            params, _ = self.ev.train_many(W, self.cfg.batched)
-            acc = self.ev.accuracies(params, "val", self.cfg.batched)
+            genomes = np.stack([alphas[i] for i in idx])
+            if self.fused:
+                sols, acc = self.generation(genomes)
+            else:
+                sols = self.solve(genomes)
+                W = np.stack([s.w if s.w is not None else np.ones(self.P.shape[0]) for s in sols])
+                params, _ = self.ev.train_many(W, self.cfg.batched)
+                acc = self.ev.accuracies(params, "val", self.cfg.batched)
             for j, i in enumerate(idx):
                 d = relative_change(acc[j], self.ref_val)
-                f, tb = fitness(d, self.targets) if sols[j].w is not None else (NEG_INF, NEG_INF)
+                f, tb = fitness(d, self.targets) if sols[j].success else (NEG_INF, NEG_INF)
                 g = np.asarray(alphas[i], np.float64)
                 a, rcfg, _ = self.cfg.program_of(g, self.targets, K)
                 self.cache[keys[i]] = Candidate(g, a, rcfg.rho, f, tb, d, sols[j].status)

@@ -31,17 +31,44 @@ def test_fitness_definition():
 
 
 def test_batched_and_sequential_generations_agree(digits_problem):
+    """The fused generation (one jitted call), the two-call batched one and the sequential one
+    evaluate the same candidates with the same fitness."""
     prob, P = digits_problem
     cfg = search.SearchConfig(population=6, generations=2, seed=3)
     a = search.run_search(prob, P, [3, 8], config=cfg)
     b = search.run_search(prob, P, [3, 8], config=dataclasses.replace(cfg, batched=False))
+    c = search.run_search(prob, P, [3, 8], config=dataclasses.replace(cfg, fused=False))
     fa = [(c.genome.tolist(), c.fitness) for c in a.evaluations]
-    fb = [(c.genome.tolist(), c.fitness) for c in b.evaluations]
-    assert len(fa) == len(fb)
-    for (ga, xa), (gb, xb) in zip(fa, fb):
-        assert ga == gb
-        assert xa == pytest.approx(xb, abs=1e-9) or (xa == xb == float("-inf"))
-    np.testing.assert_allclose(a.val_acc, b.val_acc)
+    for other in (b, c):
+        fb = [(c.genome.tolist(), c.fitness) for c in other.evaluations]
+        assert len(fa) == len(fb)
+        for (ga, xa), (gb, xb) in zip(fa, fb):
+            assert ga == gb
+            assert xa == pytest.approx(xb, abs=1e-9) or (xa == xb == float("-inf"))
+        np.testing.assert_allclose(a.val_acc, other.val_acc)
+
+
+def test_fused_generation_is_one_call_with_the_two_call_answers(digits_problem):
+    """`Population.generation` (programs, epochs, counts in one jitted call) gives the weights
+    and validation accuracies of `solve` + `train_many` + `accuracies`; the fused path is the
+    one a default batched search takes."""
+    prob, P = digits_problem
+    cfg = search.SearchConfig(population=5, seed=1)
+    ev = evaluation.Evaluator(prob)
+    pop = search.Population(ev, P, [3, 8], ev.accuracies(
+        __import__("jax").tree_util.tree_map(lambda a: a[None], prob.state.params))[0], cfg)
+    assert pop.fused
+    genomes = np.random.default_rng(0).uniform(0.6, 1.0, (5, 10 + cfg.n_genes))
+    sols, acc = pop.generation(genomes)
+    assert len(ev._gen) == 1  # the jitted generation ran
+    ref = pop.solve(genomes)
+    for s, r in zip(sols, ref):
+        assert s.status == r.status
+        if r.w is not None:
+            np.testing.assert_allclose(s.w, r.w, atol=1e-12)
+    W = np.stack([r.w if r.w is not None else np.ones(P.shape[0]) for r in ref])
+    params, _ = ev.train_many(W, True)
+    np.testing.assert_allclose(acc, ev.accuracies(params, "val", True))
 
 
 def test_search_is_deterministic_and_reports_consistently(digits_problem):

@@ -15,13 +15,15 @@ from .dual import dual_solve
 from .exact import CeilingSolution, ProgramSolution, ceiling_program, reweight, solve_program
 from .frontier import FrontierResult, pareto_frontier
 from .highs import INFEASIBLE, ITERATION_LIMIT, NUMERICAL, STATUS_MESSAGES, SUCCESS, UNBOUNDED
-from .program import (ReweightConfig, ReweightResult, check_feasibility, program_data,
+from .program import (ReweightConfig, ReweightResult, bucket, check_feasibility, program_data,
+                      result_from_solution,
                       solve_reweighting, solve_reweighting_batch)
 
 __all__ = [
     "CeilingResult", "ceiling_test", "pca_explained_ratio", "dual_solve", "CeilingSolution",
     "ProgramSolution", "ceiling_program", "reweight", "solve_program", "FrontierResult",
     "pareto_frontier", "INFEASIBLE", "ITERATION_LIMIT", "NUMERICAL", "STATUS_MESSAGES", "SUCCESS",
-    "UNBOUNDED", "ReweightConfig", "ReweightResult", "check_feasibility", "program_data",
+    "UNBOUNDED", "ReweightConfig", "ReweightResult", "bucket", "check_feasibility", "program_data",
+    "result_from_solution",
     "solve_reweighting", "solve_reweighting_batch",
 ]

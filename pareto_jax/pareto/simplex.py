@@ -32,8 +32,9 @@ RUNNING = -1
 
 class SimplexResult(NamedTuple):
     """x (n,), row duals y (m,) with reduced costs d = c − Aᵀy, status (linprog codes, an
-    int32 array), iterations, and the ray ρ (m,) of the last pivot row (a Farkas ray when the
-    status is infeasible: ρᵀA x stays on one side of ρᵀb for every x in the box)."""
+    int32 array), iterations, the ray ρ (m,) of the last pivot row (a Farkas ray when the
+    status is infeasible: ρᵀA x stays on one side of ρᵀb for every x in the box) and the final
+    basis (m,) (a warm start for a larger problem with the same rows)."""
 
     x: jax.Array
     y: jax.Array
@@ -41,6 +42,7 @@ class SimplexResult(NamedTuple):
     status: jax.Array
     iterations: jax.Array
     ray: jax.Array
+    basis: jax.Array
 
 
 def tolerances(dtype):
@@ -147,4 +149,4 @@ def dual_simplex(A, b, c, l, u, basis0, *, max_iter: int, n_breaks: int = 128, p
     _, isb, y, d, at_upper, xN, xB = factor(basis, at_upper)
     status = jnp.where(status == RUNNING, ITERATION_LIMIT, status)
     x = xN.at[basis].set(jnp.clip(xB, l[basis], u[basis]))
-    return SimplexResult(x, y, d, status.astype(jnp.int32), it, ray)
+    return SimplexResult(x, y, d, status.astype(jnp.int32), it, ray, basis)
