@@ -165,6 +165,6 @@ def dual_solve(P, c, b, lo, hi, mu_final, budget, *, has_budget: bool, max_iter:
 
 def batch_mode(mode: str) -> str:
     checks.check_choice(mode, "batch", ("auto", "vmap", "map"))
-    if mode == "auto":  # lock-step vmap pays for the slowest member; on CPU a compiled loop wins
-        return "map" if jax.default_backend() == "cpu" else "vmap"
-    return mode
+    # "auto" is vmap everywhere: with the device finish, lock-step vmap was faster than a compiled
+    # loop on CPU too (population of 32, N = 1e5, K = 10: 4.9 s against 6.2 s, bench_pareto)
+    return "vmap" if mode == "auto" else mode

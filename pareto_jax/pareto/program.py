@@ -296,9 +296,8 @@ def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = Reweigh
     float64 re-check on the host. Same solutions as one `solve_reweighting` per row.
 
     Args:
-        batch: "vmap" (lock-step over the population: best on accelerators), "map" (one compiled
-            loop over the population: best on CPU, where lock-step pays for the slowest member)
-            or "auto" (map on CPU, vmap elsewhere). Both give the same solutions.
+        batch: "vmap" (lock-step over the population), "map" (one compiled loop over it) or
+            "auto" (vmap: measured faster on CPU too). Both give the same solutions.
         rhos: optional per-row trust regions (M,), overriding `config.rho` row by row.
         class_weights: optional per-row objective weights β (M, K) (or one row for all),
             replacing `targets` as in `solve_reweighting`.
