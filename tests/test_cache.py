@@ -6,10 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-
-from pareto_jax import cache
-
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = """
 import time, numpy as np
@@ -20,19 +16,29 @@ print(r.status, time.perf_counter() - t)
 """
 
 
-def test_cache_folder_choice(monkeypatch, tmp_path):
-    before = jax.config.jax_compilation_cache_dir
-    try:
-        monkeypatch.setenv("PARETO_JAX_COMPILATION_CACHE", "0")
-        assert cache.enable() is None
-        monkeypatch.setenv("PARETO_JAX_COMPILATION_CACHE", "1")
-        monkeypatch.setenv("PARETO_JAX_CACHE_DIR", str(tmp_path / "c"))
-        jax.config.update("jax_compilation_cache_dir", None)
-        assert cache.enable() == tmp_path / "c" and (tmp_path / "c").is_dir()
-        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
-        assert cache.enable() == tmp_path / "mine"  # the user's own choice stands
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before)
+CHOICE = """
+import os, sys, jax
+from pareto_jax import cache
+tmp = sys.argv[1]
+os.environ["PARETO_JAX_COMPILATION_CACHE"] = "0"
+assert cache.enable() is None
+os.environ["PARETO_JAX_COMPILATION_CACHE"] = "1"
+os.environ["PARETO_JAX_CACHE_DIR"] = tmp + "/c"
+jax.config.update("jax_compilation_cache_dir", None)
+assert str(cache.enable()) == tmp + "/c" and os.path.isdir(tmp + "/c")
+jax.config.update("jax_compilation_cache_dir", tmp + "/mine")
+assert str(cache.enable()) == tmp + "/mine"  # the user's own choice stands
+print("ok")
+"""
+
+
+def test_cache_folder_choice(tmp_path):
+    # in a subprocess: the suite's own process never turns the cache on (a process whose cache
+    # settings were switched back and forth crashed later inside XLA's compiler, twice)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", CHOICE, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 def test_second_process_reuses_the_compiled_program(tmp_path):
