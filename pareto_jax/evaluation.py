@@ -228,10 +228,7 @@ def _generation_fn(ev: "Evaluator", has_budget: bool, qp: bool):
     dt = ev.dt
 
     def gen(P, C, B, LO, HI, budget, mu, n_valid, base, params, opt_state, x, y, xv, yv, epoch_index):
-        def solve(c, b, lo, hi):
-            return pareto.solve_program(P, c, b, lo, hi, budget if has_budget else None, mu if qp else 0.0,
-                                        n_valid=n_valid)
-        sol = jax.vmap(solve)(C, B, LO, HI)
+        sol = pareto.program.solve_rows(P, C, B, LO, HI, budget, mu, n_valid, has_budget=has_budget, qp=qp)
         W = jnp.where((sol.status == 0)[:, None], sol.w[:, :n], 1.0) * base
         M = C.shape[0]
         p, _, _ = jax.vmap(fns.body, in_axes=(0, 0, None, None, 0, None, None))(

@@ -86,7 +86,6 @@ def _margin(r, eta, valid):
 def _restricted(P, c, b, lo, hi, budget, idx, fixed_w, valid, has_budget):
     """The elastic restricted LP on the weights `idx` (others fixed at `fixed_w`) in the
     simplex's form: (A, rhs, cost, l, u, basis0, number of structural columns)."""
-    K = P.shape[1]
     Pf = P[idx]
     ok = valid[idx]
     rest = b - P.T @ fixed_w + Pf.T @ fixed_w[idx]

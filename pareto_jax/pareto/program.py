@@ -20,7 +20,6 @@ wrong w. `exact.solve_program` itself is pure JAX (jit, vmap over α, ρ, class 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
@@ -201,8 +200,9 @@ def bucket(n: int) -> int:
     return size
 
 
-@functools.partial(jax.jit, static_argnames=("has_budget", "qp", "mode"))
-def _device_batch(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, mode):
+def solve_rows(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, mode="vmap"):
+    """`exact.solve_program` for every row of (C, B, LO, HI) on one P (pure JAX, unjitted: the
+    batch front door and the fused search generation both trace it)."""
     def one(c, b, lo, hi):
         return exact.solve_program(P, c, b, lo, hi, budget if has_budget else None, mu if qp else 0.0,
                                    n_valid=n_valid)
@@ -210,6 +210,9 @@ def _device_batch(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, mode)
     if mode == "vmap":
         return jax.vmap(one)(C, B, LO, HI)
     return jax.lax.map(lambda a: one(*a), (C, B, LO, HI))
+
+
+_device_batch = jax.jit(solve_rows, static_argnames=("has_budget", "qp", "mode"))
 
 
 def _device_solve(P, C, B, bounds, config, mode):
@@ -229,7 +232,6 @@ def _device_solve(P, C, B, bounds, config, mode):
 
 def result_from_solution(P, c, b, sol, config) -> ReweightResult:
     """The `ReweightResult` of one row of a device solve (with the host's float64 re-check)."""
-    K = P.shape[1]
     st = int(sol.status)
     duals = np.asarray(sol.duals, np.float64)
     if config.mu > 0:
