@@ -207,10 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce", help="reproduce an experiment of the method and write a report",
                        formatter_class=fmt)
-    r.add_argument("experiment", choices=("synthetic", "deletion", "improve"))
+    r.add_argument("experiment", choices=("synthetic", "deletion", "improve", "frontier"))
     r.add_argument("--dataset", default=None,
                    help="deletion: digits (default), mnist5k, emotion, ag_news, cifar10, stl10; "
-                        "improve: mnist5k (default) or digits")
+                        "improve: emotion, ag_news, digits, mnist5k, mnist5k-noisy or all (default; "
+                        "comma-separated lists too); frontier: mnist5k (default) or digits")
+    r.add_argument("--resume", action="store_true",
+                   help="improve: read back seeds already finished in the report folder instead of rerunning them")
+    r.add_argument("--seeds", type=int, default=None, help="improve: seeds per dataset (default 5; 1 with --quick)")
+    r.add_argument("--model", default=None, choices=("linear", "cnn", "cnn-features"),
+                   help="deletion on digits / mnist5k: linear on pixels (default), the CNN's penultimate "
+                        "features (cnn-features), or the whole CNN (cnn)")
     r.add_argument("--path", default=None, help="dataset files for cifar10 / stl10")
     r.add_argument("--quick", action="store_true", help="small sizes (CI)")
     r.add_argument("--seed", type=int, default=0, help="seed")
@@ -257,14 +264,21 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "reproduce":
             from . import reproduce
 
-            out = a.out or f"reports/{a.experiment}" + (f"_{a.dataset}" if a.dataset and a.experiment == "deletion" else "")
+            out = a.out or (f"reports/{a.experiment}"
+                            + (f"_{a.dataset}" if a.dataset and a.experiment == "deletion" else "")
+                            + (f"_{a.model}" if a.model and a.experiment == "deletion" else ""))
             if a.experiment == "synthetic":
                 reproduce.reproduce_synthetic(out, quick=a.quick, seed=a.seed)
             elif a.experiment == "deletion":
                 reproduce.reproduce_deletion(a.dataset or "digits", out, quick=a.quick, seed=a.seed,
-                                             path=a.path)
+                                             path=a.path, model=a.model or "linear")
+            elif a.experiment == "frontier":
+                reproduce.reproduce_frontier(out, quick=a.quick, seed=a.seed, dataset=a.dataset)
             else:
-                reproduce.reproduce_improve(out, quick=a.quick, seed=a.seed, dataset=a.dataset)
+                ds = None if a.dataset in (None, "all") else a.dataset.split(",")
+                if a.seeds is not None and a.seeds < 1:
+                    checks.fail("--seeds", str(a.seeds), "at least 1", "e.g. --seeds 5")
+                reproduce.reproduce_improve(out, datasets=ds, seeds=a.seeds, quick=a.quick, resume=a.resume)
             return 0
     except checks.InputError as e:
         print(f"pareto-jax: error: {e}", file=sys.stderr)

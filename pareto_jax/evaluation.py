@@ -92,6 +92,13 @@ def _hits_fn(apply, K):
     return hits
 
 
+@functools.lru_cache(maxsize=16)
+def _correct_fn(apply):
+    """Per-sample correctness (bool, (M, n)) of a stacked population of params: jitted."""
+    return jax.jit(jax.vmap(lambda params, x, y: jnp.argmax(apply(params, x), -1) == y,
+                            in_axes=(0, None, None)))
+
+
 def _acc_fn(apply, K):
     """Per-class accuracy; counts are summed as integers and divided in float64 on the host, so
     batched and sequential evaluations agree bit for bit."""
@@ -210,6 +217,12 @@ class Evaluator:
         outs = [self._train(w) for w in W]
         return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[o[0] for o in outs]), None
 
+    def correct(self, params_batch, split: str = "test") -> np.ndarray:
+        """Which samples of a split each member of a stacked population of params gets right
+        ((M, n) bool): what the paired (McNemar) tests of the improvement study compare."""
+        x, y = (self.xv, self.yv) if split == "val" else (self.xt, self.yt)
+        return np.asarray(_correct_fn(self.p.apply)(params_batch, x, y))
+
     def accuracies(self, params_batch, split: str = "val", batched: bool = True) -> np.ndarray:
         x, y = (self.xv, self.yv) if split == "val" else (self.xt, self.yt)
         if batched:
@@ -288,17 +301,20 @@ def baseline_weights(P, y_train, targets: Sequence[int], num_classes: int,
 def evaluate_weightings(problem: SearchProblem, weightings: dict[str, np.ndarray], ref_params,
                         *, batched: bool = True, retrain: str = "epoch",
                         max_iter: int = 500, mesh=None) -> dict[str, dict]:
-    """Retrain from θ^e per weighting (as the search does); per-class val/test accuracy and Δ."""
+    """Retrain from θ^e per weighting (as the search does); per-class val/test accuracy and Δ,
+    and which test samples each retrained model gets right ("test_correct")."""
     ev = Evaluator(problem, retrain, max_iter, mesh)
     names = list(weightings)
     W = np.stack([weightings[n] for n in names])
     params, _ = ev.train_many(W, batched)
     va = ev.accuracies(params, "val", batched)
     te = ev.accuracies(params, "test", batched)
+    ok = ev.correct(params, "test")
     rv = np.asarray(ev.acc(ref_params, ev.xv, ev.yv), np.float64)
     rt = np.asarray(ev.acc(ref_params, ev.xt, ev.yt), np.float64)
     return {n: {"val_acc": va[i], "test_acc": te[i], "delta_val": relative_change(va[i], rv),
-                "delta_test": relative_change(te[i], rt)} for i, n in enumerate(names)}
+                "delta_test": relative_change(te[i], rt), "test_correct": ok[i]}
+            for i, n in enumerate(names)}
 
 
 MATCH_STEPS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.15, 0.1, 0.06, 0.03, 0.015)

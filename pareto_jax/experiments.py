@@ -1,6 +1,7 @@
 """The improvement experiments: Direct Improvement, Course Correction and the Pareto frontier
 on a trained model, each beside its baselines (``pareto-jax improve``, and
-`pareto_jax.reproduce.reproduce_improve` for the report). See ``docs/method.md``.
+`pareto_jax.reproduce.reproduce_frontier` for the one-seed report, `pareto_jax.study` for the
+study over datasets and seeds). See ``docs/method.md``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import jax
 import numpy as np
 import scipy.stats
 
@@ -37,6 +39,12 @@ class ImproveConfig:
     is the default: on validation, over data seeds 0–3 of this experiment, it gave a mean target
     gain of 11.1 points against 9.5 with the method's w_max = 2, no validation class worse in
     either.
+    `influence`: how P is computed for a non-linear model (None: Gauss-Newton CG with
+    `influence_damping`, or the automatic damping when that is 0); a linear model uses the
+    closed form.
+    `noise_fraction` = 0 (or no `noise_classes`) trains on the labels as given: the weak
+    classes are then weak by nature. `n_targets`: without `targets`, the search improves the
+    `n_targets` classes weakest on validation at θ^e (never chosen on test).
     `matched_baselines`: also report each baseline scaled toward w = 1 by the step that the
     search's own validation rule picks (`evaluation.harm_matched_baselines`), so that the search is
     compared with the baselines at equal validation harm.
@@ -55,32 +63,41 @@ class ImproveConfig:
     frontier: bool = True
     frontier_rho: float = 0.5
     influence_damping: float = 0.0
+    influence: influence.InfluenceConfig | None = None
     out_dir: str = "runs/improve"
     rounds: int = 1
     alpha_min: float = 0.95
     matched_baselines: bool = True
     w_max: float = 1.0
+    n_targets: int = 2
 
     def __post_init__(self):
         checks.check_positive(self.rounds, "rounds", integer=True)
         checks.check_positive(self.w_max, "w_max")
         checks.check_in_range(self.alpha_min, "alpha_min", 0.0, 1.0)
+        checks.check_positive(self.n_targets, "n_targets", integer=True)
 
 
-def _influence_at(apply, loss_fn, params, splits, K, wd, damping, model_kind):
+def _influence_at(apply, loss_fn, params, splits, K, wd, damping, model_kind, config=None):
     if model_kind == "linear":
         return influence.linear_category_influence(params, splits.train.x, splits.train.y,
                                                    splits.val.x, splits.val.y, num_classes=K,
                                                    weight_decay=wd, damping=damping)
-    cfg = influence.InfluenceConfig(curvature="gauss_newton", damping=damping or "auto")
+    cfg = config or influence.InfluenceConfig(curvature="gauss_newton", damping=damping or "auto")
     return influence.category_influence(loss_fn, params, splits.train.x, splits.train.y,
                                         splits.val.x, splits.val.y, num_classes=K,
                                         weight_decay=wd, config=cfg, apply=apply)
 
 
-def _search_block(res, baselines, class_names, targets, matched=None) -> dict:
+def bits(correct) -> str:
+    """A boolean vector as a string of 0/1 (compact in JSON)."""
+    return "".join("1" if c else "0" for c in np.asarray(correct, bool))
+
+
+def _search_block(res, baselines, class_names, targets, matched=None, ref_correct=None) -> dict:
     rows = {"search (PARETO-LP-GA)": {"val_acc": res.val_acc, "test_acc": res.test_acc,
-                                      "delta_val": res.delta_val, "delta_test": res.delta_test}}
+                                      "delta_val": res.delta_val, "delta_test": res.delta_test,
+                                      "test_correct": res.test_correct}}
     rows.update(baselines)
     rows.update({f"{n}, val-matched": r for n, r in (matched or {}).items()})
     t = list(targets)
@@ -93,7 +110,11 @@ def _search_block(res, baselines, class_names, targets, matched=None) -> dict:
             "best_fitness": res.best.fitness,
             "found": res.found, "program": res.program, "history": list(res.history),
             "matched_t": {n: r["t"] for n, r in (matched or {}).items()},
-            "rows": summary}
+            "rows": summary,
+            # per test sample, right (1) or wrong (0): the paired tests of `study` use these
+            "test_correct": {name: bits(r["test_correct"]) for name, r in rows.items()
+                             if r.get("test_correct") is not None},
+            "ref_test_correct": None if ref_correct is None else bits(ref_correct)}
 
 
 def _improve_row(val_acc, test_acc, delta_val, ref_test, targets: list) -> dict:
@@ -137,15 +158,18 @@ class _Setting(NamedTuple):
 
     def influence_at(self, params, config: "ImproveConfig"):
         return _influence_at(self.apply, self.loss_fn, params, self.splits, self.num_classes,
-                             self.weight_decay, config.influence_damping, config.model.kind)
+                             self.weight_decay, config.influence_damping, config.model.kind,
+                             config.influence)
 
 
 def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
     """Train on the label-noised training split, keeping every epoch's state."""
     splits = load_data(config.data)
-    noisy, flipped = data.inject_label_noise(splits.train, config.noise_classes, config.noise_fraction,
-                                             seed=config.data.seed)
-    splits = data.Splits(noisy, splits.val, splits.test)
+    flipped = np.zeros(0, int)
+    if config.noise_fraction > 0 and config.noise_classes:
+        noisy, flipped = data.inject_label_noise(splits.train, config.noise_classes, config.noise_fraction,
+                                                 seed=config.data.seed)
+        splits = data.Splits(noisy, splits.val, splits.test)
     apply, params = build_model(config.model, splits)
     loss_fn = models.per_sample_loss(apply)
     tc = config.train
@@ -156,10 +180,12 @@ def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
         state = train.train(loss_fn, None, splits.train.x, splits.train.y, tc, state=state, epochs=1,
                             epoch_fn=ep_fn).state
         states.append(state)
-    print(f"{splits.train.name}: {len(splits.train)} train ({flipped.size} labels flipped in classes "
-          f"{list(config.noise_classes)}), {len(splits.val)} val, {len(splits.test)} test", file=out)
+    noise = (f" ({flipped.size} labels flipped in classes {list(config.noise_classes)})" if flipped.size
+             else " (labels as given)")
+    print(f"{splits.train.name}: {len(splits.train)} train{noise}, {len(splits.val)} val, "
+          f"{len(splits.test)} test", file=out)
     report = {"config": io.to_jsonable(config), "n_flipped": int(flipped.size),
-              "class_names": list(splits.class_names)}
+              "class_names": list(splits.class_names), "y_test": splits.test.y.tolist()}
     return _Setting(splits, apply, loss_fn, states, splits.num_classes, tc.weight_decay), report
 
 
@@ -175,7 +201,7 @@ def _direct(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> 
         st_e = train.TrainState(th, st_e.opt_state, st_e.epoch)
     inf_e = setting.influence_at(st_e.params, config)
     acc_e = train.evaluate(setting.apply, st_e.params, s.val.x, s.val.y, K).accuracy
-    targets = config.targets or tuple(int(i) for i in np.argsort(acc_e, kind="stable")[:2])
+    targets = config.targets or tuple(int(i) for i in np.argsort(acc_e, kind="stable")[:config.n_targets])
     prob = setting.problem_at(st_e, tc)
     res = search.run_search(prob, inf_e.P, targets, mode="direct", config=scfg, progress=progress)
     block = _with_baselines(res, prob, inf_e.P, st_e.params, targets, setting, config, scfg, scfg.retrain)
@@ -195,7 +221,8 @@ def _with_baselines(res, prob, P, ref, targets, setting, config, scfg, retrain) 
     matched = (evaluation.harm_matched_baselines(prob, bw, ref, targets, retrain=retrain,
                                                  max_iter=scfg.retrain_max_iter)
                if config.matched_baselines else {})
-    return _search_block(res, base, setting.splits.class_names, targets, matched)
+    ref_ok = evaluation.Evaluator(prob).correct(jax.tree_util.tree_map(lambda a: a[None], ref), "test")[0]
+    return _search_block(res, base, setting.splits.class_names, targets, matched, ref_ok)
 
 
 def _course_correction(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> dict:

@@ -196,3 +196,23 @@ def histogram(values, path, *, title: str, xlabel: str, bins: int = 40):
     ax.set_ylabel("samples")
     ax.set_title(title)
     return save(fig, path, {"values": v})
+
+
+def interval_bars(methods, values, errors, series, path, *, title: str, ylabel: str):
+    """Horizontal bars with error bars: rows of `values` (M, S) are methods, columns the `series`
+    (e.g. mean target gain, worst other class); `errors` the interval half-widths."""
+    V, E = np.asarray(values, np.float64), np.asarray(errors, np.float64)
+    m, s = V.shape
+    fig, ax = _figure((7.5, 0.45 * m * s + 1.6))
+    h = 0.8 / s
+    colours = ("#2b8a3e", "#c92a2a", "#1c7ed6", "#868e96")
+    for j in range(s):
+        ax.barh(np.arange(m) + (j - (s - 1) / 2) * h, V[:, j], h, xerr=E[:, j], label=series[j],
+                color=colours[j % len(colours)], capsize=2)
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_yticks(range(m), list(methods), fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return save(fig, path, {"methods": list(methods), "series": list(series), "values": V, "half_widths": E})

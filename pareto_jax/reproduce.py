@@ -6,6 +6,7 @@ The CLI (``pareto-jax reproduce ...``) and the notebooks call these functions.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from . import data, datasets, influence, io, models, pareto, plots, train
+from . import checks, data, datasets, influence, io, models, pareto, plots, train
 
 REFERENCE = {
     "synthetic_rounds": "0.92/0.84 → 0.99/0.98 → 0.99/0.99 → 1.0/1.0",
@@ -184,55 +185,136 @@ def _write(out_dir: Path, name: str, res: dict, md: list[str], out) -> None:
 # ----------------------------------------------------------------------------- deletion check
 
 
+DELETION_MODELS = ("linear", "cnn-features", "cnn")
+_DELETION_CNN_TRAIN = train.TrainConfig(epochs=15, batch_size=64, learning_rate=3e-3, weight_decay=1e-4)
+
+
+def _train_cnn(s: data.Splits, seed: int, tc: train.TrainConfig):
+    """A small CNN trained on the training split (Adam, minibatches): (apply, params, features)."""
+    shape = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1)}[s.train.name.split("/")[0]]
+    m = models.make_model("cnn", s.train.x.shape[1:], s.num_classes, seed=seed, image_shape=shape)
+    apply, params = models.functional(m)
+    feats = models.functional_features(m)
+    tc = dataclasses.replace(tc, seed=seed)
+    params = train.train(models.per_sample_loss(apply), params, s.train.x, s.train.y, tc).params
+    return apply, params, feats
+
+
+def _deletion_linear(xt, s, K, weight_decay, xv, xte):
+    """Linear head fitted to convergence (float64): P in closed form, removal = refit."""
+    apply, _, params = _fit_linear(xt, s.train.y, K, weight_decay)
+    P = np.asarray(influence.linear_category_influence(
+        params, xt, s.train.y, xv, s.val.y, num_classes=K, weight_decay=weight_decay).P)
+    base = train.evaluate(apply, params, xte, s.test.y, K).accuracy
+
+    def removed(W):
+        accs = []
+        for w in W:
+            _, _, pr = _fit_linear(xt, s.train.y, K, weight_decay, weights=w, init=params)
+            accs.append(train.evaluate(apply, pr, xte, s.test.y, K).accuracy)
+        return np.stack(accs)
+
+    return P, base, removed
+
+
+def _deletion_cnn(s, K, seed, tc: train.TrainConfig, retrain_epochs: int):
+    """The whole CNN: P by Gauss-Newton CG at the trained params; a removal is `retrain_epochs`
+    more epochs from them with the removed samples at weight 0, compared with the same epochs
+    with every weight 1 (the base); all removals are trained at once (vmapped population)."""
+    apply, params, _ = _train_cnn(s, seed, tc)
+    loss_fn = models.per_sample_loss(apply)
+    cfg = influence.InfluenceConfig(curvature="gauss_newton", damping="auto")
+    P = np.asarray(influence.category_influence(loss_fn, params, s.train.x, s.train.y, s.val.x, s.val.y,
+                                                num_classes=K, weight_decay=tc.weight_decay, config=cfg,
+                                                apply=apply).P)
+    n = len(s.train)
+    ep = train.make_epoch_fn(loss_fn, tc, n, population=True)
+    opt0 = train.init_state(params, tc).opt_state
+    x, y = jnp.asarray(s.train.x), jnp.asarray(s.train.y)
+
+    def continue_training(W):
+        M = W.shape[0]
+        p, o = train.broadcast_population(params, M), train.broadcast_population(opt0, M)
+        for e in range(retrain_epochs):
+            p, o, _ = ep(p, o, x, y, jnp.asarray(W, jnp.float32), tc.epochs + e)
+        return np.stack([train.evaluate(apply, jax.tree_util.tree_map(lambda a: a[i], p), s.test.x, s.test.y,
+                                        K).accuracy for i in range(M)])
+
+    base = continue_training(np.ones((1, n)))[0]
+    return P, base, continue_training
+
+
 def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, quick: bool = False,
                        seed: int = 0, features: str | None = None, weight_decay: float = 1e-3,
-                       fraction: float = 0.1, path: str | None = None, out=None) -> dict:
+                       fraction: float = 0.1, path: str | None = None, model: str = "linear",
+                       retrain_epochs: int = 3, out=None) -> dict:
     """Per class t, remove the top `fraction` (beneficial) or the bottom `fraction`
     (detrimental) of training samples by P[:, t], retrain, and correlate the removed set's
-    summed influence with the actual per-class test-accuracy change over all K×K cells."""
+    summed influence with the actual per-class test-accuracy change over all K×K cells.
+
+    `model` (digits, mnist5k): "linear" (softmax on pixels, refit to convergence), "cnn-features"
+    (a trained CNN's penultimate layer as fixed features, a linear head on them: last-layer
+    influence) or "cnn" (the whole CNN: Gauss-Newton CG influence, removals retrained for
+    `retrain_epochs` epochs from the trained CNN against the same epochs without removal)."""
     out = out or sys.stdout
-    out_dir = Path(out_dir or f"reports/deletion_{dataset}")
     text = dataset in ("emotion", "ag_news")
+    checks.check_choice(model, "model", DELETION_MODELS)
+    if model != "linear" and dataset not in ("digits", "mnist5k"):
+        checks.fail("model", model, "'linear' for this dataset (the CNN variants are for digits and mnist5k)",
+                    "drop --model, or use --dataset digits / mnist5k")
+    out_dir = Path(out_dir or f"reports/deletion_{dataset}" + ("" if model == "linear" else f"_{model}"))
     feats = features or ("tfidf" if quick else "minilm") if text else "tfidf"
     max_train = (600 if quick else None) if dataset != "emotion" else (1200 if quick else 6000)
     s = datasets.load_splits(dataset, seed=seed, features=feats, max_train=max_train, path=path)
     K, names = s.num_classes, s.class_names
-    md = [f"# Deletion check: {dataset}", "",
-          f"Linear softmax head on {'pixels' if not text else feats + ' features'} "
-          f"({s.train.x.shape[1]} dims), L2 λ = {weight_decay}, fitted to convergence with L-BFGS "
-          f"(float64). {len(s.train)} train / {len(s.val)} val / {len(s.test)} test. Influence on the "
-          f"validation split (closed form); accuracy changes on the held-out test split. "
+    tc = dataclasses.replace(_DELETION_CNN_TRAIN, epochs=4 if quick else _DELETION_CNN_TRAIN.epochs)
+    what = {"linear": f"Linear softmax head on {'pixels' if not text else feats + ' features'} "
+                      f"({s.train.x.shape[1]} dims), L2 λ = {weight_decay}, fitted to convergence with L-BFGS "
+                      "(float64); influence in closed form; a removal is a refit",
+            "cnn-features": f"A CNN (conv 8-16, dense 64) trained {tc.epochs} epochs (Adam); its penultimate "
+                            f"layer (64 features) fixed, a linear softmax head on it (L2 λ = {weight_decay}) "
+                            "fitted to convergence (float64): last-layer influence in closed form; a removal "
+                            "refits the head",
+            "cnn": f"The whole CNN (conv 8-16, dense 64) trained {tc.epochs} epochs (Adam, L2 λ = "
+                   f"{tc.weight_decay}); influence by Gauss-Newton CG at the trained params; a removal is "
+                   f"{retrain_epochs} more epochs from them with the removed samples at weight 0, against "
+                   f"the same {retrain_epochs} epochs with every sample (the base)"}[model]
+    md = [f"# Deletion check: {dataset}" + ("" if model == "linear" else f" ({model})"), "",
+          f"{what}. {len(s.train)} train / {len(s.val)} val / {len(s.test)} test. Influence on the "
+          f"validation split; accuracy changes on the held-out test split. "
           f"Removed sets: {fraction:.0%} of the training set per class and direction.", ""]
-    with jax.enable_x64(True):
-        xt = s.train.x.astype(np.float64)
-        apply, loss_fn, params = _fit_linear(xt, s.train.y, K, weight_decay)
-        P = np.asarray(influence.linear_category_influence(
-            params, xt, s.train.y, s.val.x.astype(np.float64), s.val.y, num_classes=K,
-            weight_decay=weight_decay).P)
-        base = train.evaluate(apply, params, s.test.x.astype(np.float64), s.test.y, K).accuracy
-        m = max(1, int(round(fraction * len(s.train))))
-        infl = {"beneficial": np.zeros((K, K)), "detrimental": np.zeros((K, K))}
-        dacc = {"beneficial": np.zeros((K, K)), "detrimental": np.zeros((K, K))}
-        comp = {"beneficial": np.zeros((K, K), int), "detrimental": np.zeros((K, K), int)}
-        for t in range(K):
-            order = np.argsort(-P[:, t], kind="stable")
-            for kind, idx in (("beneficial", order[:m]), ("detrimental", order[-m:])):
-                w = np.ones(len(s.train))
-                w[idx] = 0.0
-                _, _, pr = _fit_linear(xt, s.train.y, K, weight_decay, weights=w, init=params)
-                acc = train.evaluate(apply, pr, s.test.x.astype(np.float64), s.test.y, K).accuracy
-                infl[kind][t] = P[idx].sum(0)
-                dacc[kind][t] = acc - base
-                comp[kind][t] = np.bincount(s.train.y[idx], minlength=K)
+    m = max(1, int(round(fraction * len(s.train))))
+    with jax.enable_x64(model != "cnn"):
+        if model == "cnn":
+            P, base, removed = _deletion_cnn(s, K, seed, tc, retrain_epochs)
+        else:
+            xs_ = (s.train.x, s.val.x, s.test.x)
+            if model == "cnn-features":
+                with jax.enable_x64(False):
+                    _, cnn_params, feats_fn = _train_cnn(s, seed, tc)
+                    xs_ = [np.asarray(models.frozen_features(feats_fn, cnn_params, x_)) for x_ in xs_]
+            xt, xv, xte = (np.asarray(x_, np.float64) for x_ in xs_)
+            P, base, removed = _deletion_linear(xt, s, K, weight_decay, xv, xte)
+        orders = [np.argsort(-P[:, t], kind="stable") for t in range(K)]
+        sets = {"beneficial": [o[:m] for o in orders], "detrimental": [o[-m:] for o in orders]}
+        W = np.ones((2 * K, len(s.train)))
+        for j, idx in enumerate(sets["beneficial"] + sets["detrimental"]):
+            W[j, idx] = 0.0
+        acc = removed(W)
+    infl, dacc, comp = {}, {}, {}
+    for j, kind in enumerate(("beneficial", "detrimental")):
+        infl[kind] = np.stack([P[idx].sum(0) for idx in sets[kind]])
+        dacc[kind] = acc[j * K:(j + 1) * K] - base
+        comp[kind] = np.stack([np.bincount(s.train.y[idx], minlength=K) for idx in sets[kind]])
     xs = np.concatenate([infl["beneficial"].ravel(), infl["detrimental"].ravel()])
     ys = np.concatenate([dacc["beneficial"].ravel(), dacc["detrimental"].ravel()])
     rho = float(scipy.stats.spearmanr(xs, ys)[0])
     rho_b = float(scipy.stats.spearmanr(infl["beneficial"].ravel(), dacc["beneficial"].ravel())[0])
     rho_d = float(scipy.stats.spearmanr(infl["detrimental"].ravel(), dacc["detrimental"].ravel())[0])
     figs = _deletion_figures(dataset, names, infl, dacc, comp, rho, out_dir)
-    res = {"dataset": dataset, "features": feats if text else "pixels", "n_train": len(s.train),
+    res = {"dataset": dataset, "model": model, "features": feats if text else "pixels", "n_train": len(s.train),
            "spearman_all": rho, "spearman_beneficial": rho_b, "spearman_detrimental": rho_d,
-           "reference": REFERENCE["deletion_spearman"], "base_test_accuracy": base.tolist(),
+           "reference": REFERENCE["deletion_spearman"], "base_test_accuracy": np.asarray(base).tolist(),
            "summed_influence": {k: v.tolist() for k, v in infl.items()},
            "accuracy_change": {k: v.tolist() for k, v in dacc.items()},
            "label_composition": {k: v.tolist() for k, v in comp.items()}, "figures": figs}
@@ -281,9 +363,11 @@ def _deletion_markdown(res: dict, dacc: dict) -> list[str]:
 # ----------------------------------------------------------------------------- improvement
 
 
-def reproduce_improve(out_dir: str = "reports/improve", *, quick: bool = False, seed: int = 0,
-                      dataset: str | None = None, retrain: str = "converge", out=None) -> dict:
-    """Direct Improvement, Course Correction (with baselines) and the frontier, as a report."""
+def reproduce_frontier(out_dir: str = "reports/frontier", *, quick: bool = False, seed: int = 0,
+                       dataset: str | None = None, retrain: str = "converge", out=None) -> dict:
+    """The controlled label-noise case in one seed: Direct Improvement, Course Correction (with
+    baselines) and the first-order Pareto frontier checked by retraining, as a report. The
+    improvement study over datasets and seeds is `reproduce_improve`."""
     out = out or sys.stdout
     from . import experiments, pipeline, search
 
@@ -350,3 +434,14 @@ def reproduce_improve(out_dir: str = "reports/improve", *, quick: bool = False, 
     rep["figures"] = figs
     _write(out_dir, "improve_report", rep, md, out)
     return rep
+
+
+def reproduce_improve(out_dir: str = "reports/improve", *, datasets=None, seeds: int | None = None,
+                      quick: bool = False, resume: bool = False, out=None) -> dict:
+    """The improvement study (`pareto_jax.study`): every dataset of `study.SETTINGS` (or the
+    given ones) over `seeds` seeds (5; 1 with `quick`), written as one report."""
+    from . import study
+
+    datasets = tuple(datasets) if datasets else tuple(study.SETTINGS)
+    return study.reproduce_study(datasets, seeds=seeds or (1 if quick else 5), quick=quick,
+                                 out_dir=out_dir, resume=resume, out=out)

@@ -175,6 +175,7 @@ class SearchResult:
         history: per generation: best / mean finite fitness, feasible count, seconds.
         evaluations: every distinct candidate evaluated (α, fitness, Δ).
         found: False when no candidate improved every target.
+        test_correct: which test samples the best candidate's model gets right (bool, (n_test,)).
     """
 
     mode: str
@@ -192,6 +193,7 @@ class SearchResult:
     history: tuple[dict, ...]
     evaluations: tuple[Candidate, ...]
     found: bool
+    test_correct: np.ndarray | None = None
 
 
 class Population:
@@ -383,7 +385,8 @@ def _result(mode, targets, P, pop: Population, ev: Evaluator, ref, ref_val, hist
     test_acc = np.asarray(ev.acc(params, ev.xt, ev.yt), np.float64)
     return SearchResult(mode, targets, best, w, sol.summary(), params, ref_val, ref_test, val_acc,
                         test_acc, relative_change(val_acc, ref_val), relative_change(test_acc, ref_test),
-                        tuple(history), tuple(everything), bool(np.isfinite(best.fitness)))
+                        tuple(history), tuple(everything), bool(np.isfinite(best.fitness)),
+                        ev.correct(jax.tree_util.tree_map(lambda a: a[None], params), "test")[0])
 
 
 def crossover(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndarray:

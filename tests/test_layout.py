@@ -25,7 +25,7 @@ LAYERS = [
     {"backend", "distributed"},
     {"influence"},
     {"evaluation", "search"},
-    {"pipeline", "experiments", "reproduce", "plots", "cli"},
+    {"pipeline", "experiments", "study", "reproduce", "plots", "cli"},
 ]
 
 

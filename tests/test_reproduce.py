@@ -44,8 +44,8 @@ def test_deletion_quick(tmp_path, dataset):
 
 
 @pytest.mark.slow  # experiment-scale (a search and its retrainings); the search itself is tested in test_search
-def test_improve_quick(tmp_path):
-    r = reproduce.reproduce_improve(str(tmp_path), quick=True, out=io.StringIO())
+def test_frontier_quick(tmp_path):
+    r = reproduce.reproduce_frontier(str(tmp_path), quick=True, out=io.StringIO())
     _check_report(tmp_path, ["direct.png", "frontier.png"])
     d = r["direct"]
     assert set(d["rows"]) >= {"search (PARETO-LP-GA)", "unweighted", "class_balanced", "trim_negative",

@@ -1,0 +1,148 @@
+"""The improvement study (`pareto_jax.study`): its statistics against independent references,
+the summary against numbers computed by hand, and a quick study run end to end."""
+
+import io
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from pareto_jax import reproduce, study
+
+
+def _mcnemar_by_enumeration(m, r):
+    """Two-sided exact McNemar by summing binomial(b + c, 1/2) probabilities no likelier than b."""
+    b = sum(1 for x, y in zip(m, r) if x and not y)
+    c = sum(1 for x, y in zip(m, r) if y and not x)
+    n = b + c
+    if n == 0:
+        return b, c, 1.0
+    pmf = [math.comb(n, i) / 2 ** n for i in range(n + 1)]
+    p = sum(q for q in pmf if q <= pmf[b] * (1 + 1e-12))
+    return b, c, min(1.0, p)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mcnemar_matches_enumeration(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 200))
+    ref = rng.random(n) < 0.7
+    flip = rng.random(n) < rng.uniform(0.02, 0.3)
+    m = np.where(flip, rng.random(n) < 0.6, ref)  # paired: most samples agree
+    got = study.mcnemar(m, ref)
+    b, c, p = _mcnemar_by_enumeration(m.tolist(), ref.tolist())
+    assert (got["gained"], got["lost"], got["net"]) == (b, c, b - c)
+    assert got["p"] == pytest.approx(p, rel=1e-9)
+
+
+def test_mcnemar_is_paired():
+    # same accuracy (50 %) but every sample swapped: a paired test sees 10 vs 10 discordant pairs
+    # (p = 1); shifted by four samples it sees 14 gained and 6 lost
+    ref = np.array([True] * 10 + [False] * 10)
+    assert study.mcnemar(~ref, ref)["p"] == 1.0
+    m = np.concatenate([~ref[:14], ref[14:]])
+    r = study.mcnemar(np.r_[m, [True] * 4], np.r_[ref, [False] * 4])
+    assert (r["gained"], r["lost"]) == (14, 6)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 9])
+def test_interval_is_the_t_interval(n):
+    v = np.random.default_rng(n).normal(1.0, 2.0, n)
+    lo, hi = scipy.stats.t.interval(0.95, n - 1, loc=v.mean(), scale=scipy.stats.sem(v))
+    iv = study.interval(v)
+    assert iv["mean"] == pytest.approx(v.mean()) and iv["n"] == n
+    assert iv["half_width"] == pytest.approx((hi - lo) / 2, rel=1e-10)
+    assert study.interval([3.0])["half_width"] == 0.0
+
+
+def _fake_run(seed, y, targets, rows):
+    """One seed's report as `experiments.run_improve` writes it; rows: name -> (test_correct)."""
+    K = 3
+    counts = np.bincount(y, minlength=K)
+    ref_ok = rows.pop("theta_e")
+    ref_test = np.bincount(y[ref_ok], minlength=K) / counts
+    block = {"targets": targets, "target_names": [str(t) for t in targets], "found": seed == 0,
+             "ref_test": ref_test.tolist(), "rows": {}, "test_correct": {}}
+    for name, ok in rows.items():
+        acc = np.bincount(y[ok], minlength=K) / counts
+        pts = 100 * (acc - ref_test)
+        block["rows"][name] = {"target_test_points": pts[targets].tolist(),
+                               "worst_other_test_points": float(np.delete(pts, targets).min()),
+                               "test_acc": acc.tolist()}
+        block["test_correct"][name] = "".join("1" if o else "0" for o in ok)
+    return {"seed": seed, "y_test": y.tolist(), "direct": block}
+
+
+def test_summary_equals_hand_computation():
+    rng = np.random.default_rng(0)
+    runs, hand = [], {"gain": [], "worst": [], "b": 0, "c": 0}
+    for seed, targets in ((0, [0]), (1, [2]), (2, [0])):
+        y = rng.integers(0, 3, 60)
+        base = rng.random(60) < 0.6
+        extra = np.where(rng.random(60) < 0.2, ~base, base)
+        srch = np.where(rng.random(60) < 0.2, ~extra, extra)
+        runs.append(_fake_run(seed, y, targets, {"theta_e": base, "unweighted": extra,
+                                                 study.SEARCH_ROW: srch}))
+        cnt = np.bincount(y, minlength=3)
+        pts = [100 * (np.sum(srch & (y == k)) - np.sum(base & (y == k))) / cnt[k] for k in range(3)]
+        hand["gain"].append(np.mean([pts[t] for t in targets]))
+        hand["worst"].append(min(pts[k] for k in range(3) if k not in targets))
+        on_t = np.isin(y, targets)
+        hand["b"] += int(np.sum(srch & ~extra & on_t))
+        hand["c"] += int(np.sum(~srch & extra & on_t))
+    s = study.summarize(runs, "direct", ["a", "b", "c"])
+    m = s["methods"][study.SEARCH_ROW]
+    assert s["n_seeds"] == 3 and s["found"] == 1
+    assert m["target_gain"]["mean"] == pytest.approx(np.mean(hand["gain"]))
+    sd = np.std(hand["gain"], ddof=1)
+    assert m["target_gain"]["half_width"] == pytest.approx(scipy.stats.t.ppf(0.975, 2) * sd / np.sqrt(3))
+    assert m["worst_other"]["mean"] == pytest.approx(np.mean(hand["worst"]))
+    t = m["mcnemar_vs_extra_epoch"]["targets"]
+    assert (t["gained"], t["lost"]) == (hand["b"], hand["c"])
+    assert t["p"] == pytest.approx(scipy.stats.binomtest(hand["b"], hand["b"] + hand["c"]).pvalue)
+    assert s["methods"]["unweighted"]["mcnemar_vs_extra_epoch"] is None
+
+
+def test_quick_study_end_to_end_and_resume(tmp_path):
+    out = io.StringIO()
+    r = study.reproduce_study(("mnist5k-noisy",), seeds=2, quick=True, out_dir=str(tmp_path), out=out)
+    res = r["mnist5k-noisy"]
+    text = (tmp_path / "report.md").read_text()
+    for fig in res["figures"].values():
+        png = tmp_path / fig
+        assert png.exists() and png.stat().st_size > 5000 and f"]({fig})" in text
+    assert "CIFAR-10 (paper" in text and "McNemar" in text
+    d = res["summary"]["direct"]
+    assert d["n_seeds"] == 2 and {study.SEARCH_ROW, "unweighted", "trim_negative"} <= set(d["methods"])
+    # the paired counts agree with the accuracies the search computed (per class, over seeds):
+    # gained − lost = (method hits − extra-epoch hits)
+    runs = [json.loads((tmp_path / "mnist5k-noisy" / f"seed_{s}" / "seed.json").read_text()) for s in (0, 1)]
+    for name in (study.SEARCH_ROW, "trim_negative"):
+        per_class = d["methods"][name]["mcnemar_vs_extra_epoch"]["per_class"]
+        for k, pc in enumerate(per_class):
+            hits = sum(round((np.asarray(r_["direct"]["rows"][name]["test_acc"][k])
+                              - np.asarray(r_["direct"]["rows"]["unweighted"]["test_acc"][k]))
+                             * np.sum(np.asarray(r_["y_test"]) == k)) for r_ in runs)
+            assert pc["net"] == hits, (name, k)
+    # resuming reads every seed back and rebuilds the same summary
+    again = study.reproduce_study(("mnist5k-noisy",), seeds=2, quick=True, out_dir=str(tmp_path),
+                                  resume=True, out=io.StringIO())
+    assert again["mnist5k-noisy"]["summary"] == json.loads(json.dumps(res["summary"]))
+
+
+@pytest.mark.slow  # experiment-scale: a CNN, its Gauss-Newton influence and the searches
+@pytest.mark.parametrize("dataset", ["digits", "emotion", "ag_news"])
+def test_quick_study_other_datasets(tmp_path, dataset):
+    r = reproduce.reproduce_improve(str(tmp_path), datasets=[dataset], quick=True, out=io.StringIO())
+    assert r[dataset]["summary"]["direct"]["n_seeds"] == 1
+
+
+def test_cli_improve_rejects_bad_arguments(tmp_path):
+    for args, word in ((["--dataset", "nonsense"], "dataset"), (["--seeds", "0"], "seeds")):
+        p = subprocess.run([sys.executable, "-m", "pareto_jax.cli", "reproduce", "improve", *args,
+                            "--out", str(tmp_path)], capture_output=True, text=True)
+        assert p.returncode == 2 and word in p.stderr, p.stderr
