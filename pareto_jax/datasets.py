@@ -69,6 +69,16 @@ def load_splits(name: str = "digits", *, seed: int = 0, path: str | None = None,
             full = data.load_ag_news(f)
             i_tr, i_va, i_te = data.stratified_indices(full.y, (1 - val_fraction - test_fraction,
                                                            val_fraction, test_fraction), seed)
+            if features == "minilm":
+                # embeddings need no fitting: embed the whole file once (one cache entry for
+                # every seed's split) and index it
+                x = text.minilm_embed(full.texts, cache_dir=cache_dir)
+                if max_train is not None and len(i_tr) > max_train:
+                    keep, _ = data.stratified_indices(full.y[i_tr], (max_train / len(i_tr),
+                                                                     1 - max_train / len(i_tr)), seed)
+                    i_tr = i_tr[keep]
+                return data.Splits(*(data.Dataset(x[i], full.y[i], full.class_names, f"{name}-minilm/{part}")
+                                     for i, part in ((i_tr, "train"), (i_va, "val"), (i_te, "test"))))
             tr, va, te = full.subset(i_tr), full.subset(i_va), full.subset(i_te)
         if max_train is not None and len(tr) > max_train:
             keep, _ = data.stratified_indices(tr.y, (max_train / len(tr), 1 - max_train / len(tr)), seed)

@@ -344,6 +344,38 @@ def _split_drops_a_validation_class():
     _wrap_result(data, "stratified_indices", post)
 
 
+# ----------------------------------------------------------------------------- the improvement study
+
+def _mcnemar_unpaired():
+    import numpy as np
+    import scipy.stats
+
+    from pareto_jax import study
+
+    def unpaired(m, r):  # compares the two accuracies, not the discordant pairs
+        b, c = int(np.sum(m)), int(np.sum(r))
+        return {"gained": b, "lost": c, "net": b - c,
+                "p": float(scipy.stats.binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0}
+    _swap(study, "mcnemar", lambda o: unpaired)
+
+
+def _interval_uses_normal():
+    import numpy as np
+
+    from pareto_jax import study
+
+    def normal(values, level=0.95):
+        v = np.asarray(values, np.float64)
+        hw = 1.96 * v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0
+        return {"mean": float(v.mean()), "half_width": float(hw), "n": int(v.size)}
+    _swap(study, "interval", lambda o: normal)
+
+
+def _study_reference_is_the_search():
+    from pareto_jax import study
+    study.REFERENCE_ROW = study.SEARCH_ROW  # every method tested against the search itself
+
+
 FAULTS: dict[str, tuple[str, list[str], object]] = {
     "influence_sign": ("P negated (beneficial reported as harmful)",
                        ["tests/test_influence.py::test_sign_and_scale_identity_against_retraining"], _influence_sign),
@@ -420,6 +452,13 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
                                  _crossover_returns_parent),
     "checkpoint_ignored": ("the search starts over instead of resuming from its checkpoint",
                            ["tests/test_search.py::test_search_resumes_from_its_checkpoint"], _checkpoint_ignored),
+    "mcnemar_unpaired": ("the study's McNemar test counts correct answers, not discordant pairs",
+                         ["tests/test_study.py::test_mcnemar_matches_enumeration"], _mcnemar_unpaired),
+    "interval_uses_normal": ("the study's intervals use 1.96 instead of the t quantile",
+                             ["tests/test_study.py::test_interval_is_the_t_interval"], _interval_uses_normal),
+    "study_reference_is_the_search": ("the study's paired tests compare with the search, not the extra epoch",
+                                      ["tests/test_study.py::test_summary_equals_hand_computation"],
+                                      _study_reference_is_the_search),
     "split_drops_a_validation_class": ("the split leaves a class out of validation",
                                        ["tests/test_data.py::test_stratified_split_is_stratified_and_reproducible"],
                                        _split_drops_a_validation_class),
@@ -438,4 +477,5 @@ def plant(name: str | None = None) -> None:
     import pareto_jax.distributed  # noqa: F401
     import pareto_jax.experiments  # noqa: F401
     import pareto_jax.reproduce  # noqa: F401
+    import pareto_jax.study  # noqa: F401
     FAULTS[name][2]()

@@ -176,3 +176,25 @@ def test_text_tfidf_splits_from_shared_data():
     s = datasets.load_splits("ag_news", features="tfidf", max_train=400, seed=0)
     assert s.train.x.shape[0] == 400 and s.val.x.shape[1] == s.train.x.shape[1]
     assert np.all(s.train.class_counts() == 100)
+
+
+def test_ag_news_minilm_split_equals_embedding_each_split(tmp_path):
+    """The MiniLM path embeds the whole file once and indexes it; that must be what embedding
+    each split's texts separately (the TF-IDF path's structure) gives, subsample included."""
+    from pareto_jax import text
+
+    rng = np.random.default_rng(0)
+    words = ["market", "team", "season", "chip", "bank", "election", "goal", "software", "shares", "war"]
+    rows = [f'{i % 4 + 1},"{" ".join(rng.choice(words, 4))}","{" ".join(rng.choice(words, 7))}"' for i in range(48)]
+    f = tmp_path / "ag.csv"
+    f.write_text("\n".join(rows) + "\n")
+    cache = str(tmp_path / "cache")
+    got = datasets.load_splits("ag_news", path=str(f), features="minilm", cache_dir=cache, seed=3, max_train=20)
+    full = data.load_ag_news(f)
+    i_tr, i_va, i_te = data.stratified_indices(full.y, (0.6, 0.2, 0.2), 3)
+    keep, _ = data.stratified_indices(full.y[i_tr], (20 / len(i_tr), 1 - 20 / len(i_tr)), 3)
+    ref = text.featurize_splits(full.subset(i_tr[keep]), full.subset(i_va), full.subset(i_te),
+                                method="minilm", cache_dir=str(tmp_path / "cache2"), name="ag_news")
+    for a, b in ((got.train, ref.train), (got.val, ref.val), (got.test, ref.test)):
+        assert a.name == b.name and np.array_equal(a.y, b.y)
+        np.testing.assert_allclose(a.x, b.x, rtol=1e-4, atol=1e-5)

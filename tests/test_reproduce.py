@@ -109,3 +109,20 @@ def test_plot_functions_return_figures_and_leave_the_backend_alone(tmp_path):
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
     assert matplotlib.get_backend() == before
     assert figs[0].get_label() == "f.png" and (tmp_path / "f.png").exists() and (tmp_path / "f.json").exists()
+
+
+def test_deletion_model_choice_is_checked(tmp_path):
+    from pareto_jax import checks
+
+    with pytest.raises(checks.InputError, match="model"):
+        reproduce.reproduce_deletion("digits", str(tmp_path), model="resnet", out=io.StringIO())
+    with pytest.raises(checks.InputError, match="digits and mnist5k"):
+        reproduce.reproduce_deletion("ag_news", str(tmp_path), model="cnn", quick=True, out=io.StringIO())
+
+
+@pytest.mark.slow  # a CNN, and (for "cnn") its Gauss-Newton influence and 2K retrainings
+@pytest.mark.parametrize("model", ["cnn-features", "cnn"])
+def test_deletion_with_deep_features_quick(tmp_path, model):
+    r = reproduce.reproduce_deletion("digits", str(tmp_path), quick=True, model=model, out=io.StringIO())
+    _check_report(tmp_path, ["scatter.png", "influence_beneficial.png"])
+    assert r["model"] == model and r["spearman_all"] < -0.3

@@ -40,13 +40,15 @@ def test_mcnemar_matches_enumeration(seed):
 
 
 def test_mcnemar_is_paired():
-    # same accuracy (50 %) but every sample swapped: a paired test sees 10 vs 10 discordant pairs
-    # (p = 1); shifted by four samples it sees 14 gained and 6 lost
+    # every answer swapped, same accuracy: 10 vs 10 discordant pairs, p = 1
     ref = np.array([True] * 10 + [False] * 10)
-    assert study.mcnemar(~ref, ref)["p"] == 1.0
-    m = np.concatenate([~ref[:14], ref[14:]])
-    r = study.mcnemar(np.r_[m, [True] * 4], np.r_[ref, [False] * 4])
-    assert (r["gained"], r["lost"]) == (14, 6)
+    assert study.mcnemar(~ref, ref) == {"gained": 10, "lost": 10, "net": 0, "p": 1.0}
+    # 14 gained, 6 lost among 50 samples, 30 right in both: only the 20 discordant ones count
+    r = np.array([True] * 6 + [False] * 14 + [True] * 30)
+    m = np.array([False] * 6 + [True] * 14 + [True] * 30)
+    got = study.mcnemar(m, r)
+    assert (got["gained"], got["lost"]) == (14, 6)
+    assert got["p"] == pytest.approx(scipy.stats.binomtest(14, 20).pvalue)
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 9])

@@ -45,7 +45,26 @@ def _dual_value(z, P, c, b, lo, hi, mu, budget, has_budget):
     return val + (eta * budget if has_budget else 0.0)
 
 
-def _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget):
+def weighted_gram(P, d, live, cap):
+    """Pᵀ diag(d) P, from the rows with d > 0 only when at most `cap` of the `live` rows have
+    d > 0 (a gather of `cap` rows: cap·K² work instead of N·K²), else from every row. Late in
+    the continuation only the weights strictly inside their bounds have d > 0, a few times K of
+    them, so most Newton steps take the gathered branch. `cap` is static; None: every row."""
+    if cap is None or cap >= P.shape[0]:
+        return (P * d[:, None]).T @ P
+    on = (d > 0) & live
+    count = jnp.sum(on)
+
+    def gathered(_):
+        idx = jnp.nonzero(on, size=cap, fill_value=0)[0]
+        dd = jnp.where(jnp.arange(cap) < count, d[idx], 0.0)
+        Pf = P[idx]
+        return (Pf * dd[:, None]).T @ Pf
+
+    return jax.lax.cond(count <= cap, gathered, lambda _: (P * (d * live)[:, None]).T @ P, None)
+
+
+def _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget, live=None, cap=None):
     u, r, eta = primal_from_dual(z, P, c, lo, hi, mu, has_budget)
     g_nu = P.T @ (1.0 + u) - b
     g_eta = (budget - jnp.sum(jnp.abs(u))) if has_budget else jnp.zeros((), P.dtype)
@@ -54,7 +73,8 @@ def _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget):
     # H = Aᵀ diag(d) A with A = [P, −sign(r)] (the η column only with a budget), built blockwise
     # so that no N×(K+1) copy of P is made
     K = P.shape[1]
-    H = jnp.zeros((K + 1, K + 1), P.dtype).at[:K, :K].set((P * d[:, None]).T @ P)
+    live = jnp.ones(P.shape[0], bool) if live is None else live
+    H = jnp.zeros((K + 1, K + 1), P.dtype).at[:K, :K].set(weighted_gram(P, d, live, cap))
     if has_budget:
         sd = jnp.sign(r) * d
         h = -(P.T @ sd)
@@ -62,7 +82,7 @@ def _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget):
     return jnp.concatenate([g_nu, g_eta[None]]), H
 
 
-def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, *, has_budget, max_iter, tol):
+def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, *, has_budget, max_iter, tol, cap):
     K1 = z.shape[0]
     gscale = 1.0 + jnp.max(jnp.abs(b)) + jnp.max(jnp.abs(c))
     qp = jaxopt.BoxCDQP(maxiter=50, tol=1e-10, implicit_diff=False)
@@ -115,28 +135,30 @@ def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, *, has_budget, max_iter
         t, k = jax.lax.while_loop(ls_cond, lambda s: (s[0] * 0.5, s[1] + 1), (jnp.ones((), z.dtype), 0))
         ok = active & (k < 40)
         z = jnp.where(ok, jnp.clip(z + t * d, 0.0, upper), z)
-        g, H = _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget)
+        g, H = _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget, live, cap)
         # no sufficient decrease: keep z, raise λ; past λ = 1e8 (a gradient step of nothing)
         # the stage ends
         lam = jnp.where(ok, jnp.maximum(lam * 0.25, 1e-3), lam * 16.0)
         it = jnp.where(ok | (lam <= 1e8), it + 1, max_iter)
         return (z, it, jnp.where(active, proj_grad_norm(z, g), err), g, H, f(z), lam)
 
-    g0, H0 = _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget)
+    g0, H0 = _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget, live, cap)
     st = jax.lax.while_loop(cond, body, (z, 0, proj_grad_norm(z, g0), g0, H0, f(z),
                                          jnp.ones((), z.dtype)))
     return st[0], st[1], st[2]
 
 
-@functools.partial(jax.jit, static_argnames=("has_budget", "max_iter", "n_stages"))
+@functools.partial(jax.jit, static_argnames=("has_budget", "max_iter", "n_stages", "gram_cap"))
 def dual_solve(P, c, b, lo, hi, mu_final, budget, *, has_budget: bool, max_iter: int,
-               n_stages: int, tol: float = 1e-10, z0=None):
+               n_stages: int, tol: float = 1e-10, z0=None, gram_cap: int | None = None):
     """The structured dual stage: minimise the (smoothed) dual over ν >= 0 (and η >= 0).
 
     Continuation: μ goes geometrically from a scale where most weights are interior down to
     `mu_final` in `n_stages` stages (one stage when μ is the QP's own), each warm-started and
     solved by projected semismooth Newton (jaxopt BoxCDQP subproblems). Pure and jittable;
-    `vmap` it over b (a population of α) or c (targets).
+    `vmap` it over b (a population of α) or c (targets). `gram_cap` (static): build the
+    Hessian from the interior rows alone whenever at most this many rows are interior
+    (`weighted_gram`); None: always from every row.
 
     Returns:
         (z, w, iterations, projected-gradient error) with z = (ν, η) and w the primal weights
@@ -151,11 +173,13 @@ def dual_solve(P, c, b, lo, hi, mu_final, budget, *, has_budget: bool, max_iter:
     if not has_budget:
         upper = upper.at[-1].set(0.0)
 
+    live = jnp.any(P != 0, axis=1)  # zero rows (padding) never enter the Hessian
+
     def stage(carry, j):
         z, its = carry
         mu = mu0 * ratio ** j if n_stages > 1 else mu_final
-        z, it, err = _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, has_budget=has_budget,
-                                   max_iter=max_iter, tol=tol)
+        z, it, err = _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, has_budget=has_budget,
+                                   max_iter=max_iter, tol=tol, cap=gram_cap)
         return (z, its + it), err
 
     (z, its), errs = jax.lax.scan(stage, (z, 0), jnp.arange(n_stages))

@@ -233,7 +233,8 @@ def solve_program(P, c, b, lo, hi, budget=None, mu=0.0, *, n_valid=None, m_cap: 
         mu_s = jnp.asarray(1e-4 if K <= 16 else 1e-6, dt)
         n_stages, newton_iter = (3 if K <= 16 else 7), 25
     z, wq, newton, _ = dual.dual_solve(Ps, cs, bs, lo, hi, mu_s, B, has_budget=has_budget,
-                                       max_iter=newton_iter, n_stages=n_stages, tol=rtol)
+                                       max_iter=newton_iter, n_stages=n_stages, tol=rtol,
+                                       gram_cap=default_m_cap(n, K))
     nu, eta = z[:K], z[K]
     farkas = farkas_bound(Ps, bs, nu, eta, lo, hi, B, has_budget)
     # rounding of a sum over N rows grows with the column sums of |P|
