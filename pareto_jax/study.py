@@ -148,11 +148,11 @@ def summarize(seeds: list[dict], mode: str, class_names) -> dict | None:
     if not blocks:
         return None
     K = len(class_names)
-    methods = list(dict.fromkeys(m for _, b in blocks for m in b["rows"]))
+    methods = sorted(dict.fromkeys(m for _, b in blocks for m in b["rows"]), key=_order)
     out = {"n_seeds": len(blocks), "targets": [b["target_names"] for _, b in blocks],
            "found": sum(bool(b["found"]) for _, b in blocks), "methods": {}}
     for m in methods:
-        gain, least, worst, rel_gain, rel_worst = [], [], [], [], []
+        gain, least, worst, rel_gain, rel_worst, per_class_pts = [], [], [], [], [], []
         pooled = {"targets": ([], []), "others": ([], [])}
         per_class = [([], []) for _ in range(K)]
         for r, b in blocks:
@@ -163,6 +163,7 @@ def summarize(seeds: list[dict], mode: str, class_names) -> dict | None:
             gain.append(pts.mean())
             least.append(pts.min())
             worst.append(row["worst_other_test_points"])
+            per_class_pts.append(100 * (np.asarray(row["test_acc"]) - np.asarray(b["ref_test"])))
             rel = evaluation.relative_change(row["test_acc"], b["ref_test"])
             rel_gain.append(rel[t].mean())
             rel_worst.append(np.delete(rel, t).min() if K > len(t) else 0.0)
@@ -181,28 +182,43 @@ def summarize(seeds: list[dict], mode: str, class_names) -> dict | None:
             "worst_other": interval(worst), "target_gain_relative_pct": interval(rel_gain),
             "worst_other_relative_pct": interval(rel_worst),
             "per_seed": {"target_gain": [float(v) for v in gain], "worst_other": [float(v) for v in worst]},
+            "per_class_points": np.mean(per_class_pts, 0).tolist(),
             "mcnemar_vs_extra_epoch": None if m == REFERENCE_ROW or not pooled["targets"][0] else {
                 "targets": mcnemar(cat(pooled["targets"][0]), cat(pooled["targets"][1])),
                 "others": mcnemar(cat(pooled["others"][0]), cat(pooled["others"][1])),
                 "per_class": [mcnemar(cat(a), cat(c)) for a, c in per_class]}}
     out["best_at_matched_harm"] = best_at_matched_harm(out["methods"])
+    pred = [b["program"]["predicted_loss_change"] for _, b in blocks
+            if (b.get("program") or {}).get("predicted_loss_change") is not None]
+    out["search_predicted_loss_change"] = np.mean(pred, 0).tolist() if pred else None
     return out
 
 
 def best_at_matched_harm(methods: dict) -> dict:
     """Among the search and the baselines scaled to its validation harm ("val-matched"), the
-    method with the highest mean target gain, and the search's paired difference to it."""
-    cands = [m for m in methods if m == SEARCH_ROW or m.endswith(", val-matched")]
+    method with the highest mean target gain; and the search's paired difference (over seeds)
+    to the best val-matched baseline."""
+    matched = [m for m in methods if m.endswith(", val-matched")]
+    cands = matched + ([SEARCH_ROW] if SEARCH_ROW in methods else [])
     if not cands:
         return {}
-    best = max(cands, key=lambda m: methods[m]["target_gain"]["mean"])
+    gain = lambda m: methods[m]["target_gain"]["mean"]  # noqa: E731
+    best = max(cands, key=gain)
     res = {"method": best, "target_gain": methods[best]["target_gain"],
            "worst_other": methods[best]["worst_other"]}
-    a = methods[SEARCH_ROW]["per_seed"]["target_gain"] if SEARCH_ROW in methods else []
-    b = methods[best]["per_seed"]["target_gain"]
-    if best != SEARCH_ROW and len(a) == len(b) and a:
-        res["search_minus_best"] = interval(np.subtract(a, b))
+    if matched and SEARCH_ROW in methods:
+        rival = max(matched, key=gain)
+        a = methods[SEARCH_ROW]["per_seed"]["target_gain"]
+        b = methods[rival]["per_seed"]["target_gain"]
+        if len(a) == len(b):
+            res["best_baseline"] = rival
+            res["search_minus_best_baseline"] = interval(np.subtract(a, b))
     return res
+
+
+def _order(name: str) -> tuple:
+    """Report order: the search, the plain extra epoch, the raw baselines, the val-matched ones."""
+    return (0 if name == SEARCH_ROW else 1 if name == REFERENCE_ROW else 3 if name.endswith("val-matched") else 2)
 
 
 # ----------------------------------------------------------------------------- report
@@ -253,16 +269,36 @@ def dataset_markdown(name: str, res: dict) -> list[str]:
         if b:
             line = (f"Best at matched validation harm: **{b['method']}**, mean target gain "
                     f"{_fmt(b['target_gain'])} points, worst other class {_fmt(b['worst_other'])}.")
-            if "search_minus_best" in b:
-                d = b["search_minus_best"]
-                beyond = abs(d["mean"]) > d["half_width"] and d["n"] > 1
-                line += (f" The search's target gain minus it, paired over seeds: {_fmt(d)} points"
-                         f" ({'beyond' if beyond else 'within'} the interval).")
+            if "search_minus_best_baseline" in b:
+                d = b["search_minus_best_baseline"]
+                beyond = d["n"] > 1 and abs(d["mean"]) > d["half_width"]
+                line += (f" The search's target gain minus that of the best val-matched baseline "
+                         f"({b['best_baseline']}), paired over seeds: {_fmt(d)} points"
+                         + ("" if d["n"] < 2 else f" ({'beyond' if beyond else 'within'} its 95 % interval)")
+                         + ".")
             md += [line, ""]
+        if b and b["method"] != SEARCH_ROW:
+            md += _why_lost(s, b["method"], res["class_names"])
         fig = res["figures"].get(mode)
         if fig:
             md += [f"![]({fig})", ""]
     return md
+
+
+def _why_lost(s: dict, winner: str, class_names) -> list[str]:
+    """Where a baseline beats the search at matched harm: per class, the mean test change of
+    both and what the search's program predicted (first-order validation-loss change)."""
+    a, w = s["methods"][SEARCH_ROW]["per_class_points"], s["methods"][winner]["per_class_points"]
+    pred = s.get("search_predicted_loss_change")
+    rows = [[c, f"{x:+.1f}", f"{y:+.1f}", "–" if pred is None else f"{p:+.4f}"]
+            for c, x, y, p in zip(class_names, a, w, pred or [None] * len(a))]
+    pays = [class_names[k] for k in range(len(a)) if a[k] < w[k] - 1.0]
+    return [f"The search loses to {winner} here. Per class, mean over seeds (test points against the "
+            "reference, and the search program's predicted change of the validation loss, negative = "
+            "predicted better; the targets differ between seeds):", "",
+            _md_table(["class", "search", winner, "search: predicted val-loss change"], rows), "",
+            ("Classes where the search ends more than a point below it: " + ", ".join(pays) + "."
+             if pays else "No class is more than a point below it; the difference is spread thin."), ""]
 
 
 def _md_table(header, rows) -> str:
