@@ -7,6 +7,7 @@ The CLI (``pareto-jax reproduce ...``) and the notebooks call these functions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -30,10 +31,17 @@ def _md_table(header, rows) -> str:
     return "\n".join(out)
 
 
+@functools.lru_cache(maxsize=8)
+def _linear_model(shape, K):
+    """(apply, loss_fn, initial params) of a linear softmax model, one per shape: the refits of
+    a sweep share one loss function, hence one compiled L-BFGS program."""
+    apply, params = models.functional(models.make_model("linear", shape, K))
+    return apply, models.per_sample_loss(apply), params
+
+
 def _fit_linear(x, y, K, wd, *, weights=None, init=None, normalizer="weights"):
-    apply, params = models.functional(models.make_model("linear", x.shape[1:], K))
+    apply, loss_fn, params = _linear_model(tuple(x.shape[1:]), K)
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params if init is None else init)
-    loss_fn = models.per_sample_loss(apply)
     p, it, gn = train.fit_lbfgs(loss_fn, params, x.astype(np.float64), y, weights=weights,
                                 weight_decay=wd, normalizer=normalizer, max_iter=2000, tol=1e-8)
     return apply, loss_fn, p
