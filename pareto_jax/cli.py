@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                 reproduce.reproduce_frontier(out, quick=a.quick, seed=a.seed, dataset=a.dataset)
             else:
                 ds = None if a.dataset in (None, "all") else a.dataset.split(",")
+                if a.seed != 0:
+                    checks.fail("--seed", str(a.seed), "not used by improve", "use --seeds N (seeds 0 .. N-1)")
                 if a.seeds is not None and a.seeds < 1:
                     checks.fail("--seeds", str(a.seeds), "at least 1", "e.g. --seeds 5")
                 reproduce.reproduce_improve(out, datasets=ds, seeds=a.seeds, quick=a.quick, resume=a.resume)

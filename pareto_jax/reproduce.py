@@ -198,14 +198,15 @@ _DELETION_CNN_TRAIN = train.TrainConfig(epochs=15, batch_size=64, learning_rate=
 
 
 def _train_cnn(s: data.Splits, seed: int, tc: train.TrainConfig):
-    """A small CNN trained on the training split (Adam, minibatches): (apply, params, features)."""
+    """A small CNN trained on the training split (Adam, minibatches, batch order from `seed`):
+    (apply, its final `TrainState`, features)."""
     shape = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1)}[s.train.name.split("/")[0]]
     m = models.make_model("cnn", s.train.x.shape[1:], s.num_classes, seed=seed, image_shape=shape)
     apply, params = models.functional(m)
     feats = models.functional_features(m)
-    tc = dataclasses.replace(tc, seed=seed)
-    params = train.train(models.per_sample_loss(apply), params, s.train.x, s.train.y, tc).params
-    return apply, params, feats
+    state = train.train(models.per_sample_loss(apply), params, s.train.x, s.train.y,
+                        dataclasses.replace(tc, seed=seed)).state
+    return apply, state, feats
 
 
 def _deletion_linear(xt, s, K, weight_decay, xv, xte):
@@ -216,40 +217,44 @@ def _deletion_linear(xt, s, K, weight_decay, xv, xte):
     base = train.evaluate(apply, params, xte, s.test.y, K).accuracy
 
     def removed(W):
+        """(per-class test accuracy of each refit, of the model without removal)."""
         accs = []
         for w in W:
             _, _, pr = _fit_linear(xt, s.train.y, K, weight_decay, weights=w, init=params)
             accs.append(train.evaluate(apply, pr, xte, s.test.y, K).accuracy)
-        return np.stack(accs)
+        return np.stack(accs), base
 
-    return P, base, removed
+    return P, removed
 
 
 def _deletion_cnn(s, K, seed, tc: train.TrainConfig, retrain_epochs: int):
     """The whole CNN: P by Gauss-Newton CG at the trained params; a removal is `retrain_epochs`
-    more epochs from them with the removed samples at weight 0, compared with the same epochs
-    with every weight 1 (the base); all removals are trained at once (vmapped population)."""
-    apply, params, _ = _train_cnn(s, seed, tc)
+    more epochs from the trained state (params and Adam's moments) with the removed samples at
+    weight 0, compared with the same epochs with every weight 1 (the base, trained in the same
+    vmapped population as the removals, so both see the same batch order and arithmetic)."""
+    apply, state, _ = _train_cnn(s, seed, tc)
     loss_fn = models.per_sample_loss(apply)
     cfg = influence.InfluenceConfig(curvature="gauss_newton", damping="auto")
-    P = np.asarray(influence.category_influence(loss_fn, params, s.train.x, s.train.y, s.val.x, s.val.y,
-                                                num_classes=K, weight_decay=tc.weight_decay, config=cfg,
-                                                apply=apply).P)
+    P = np.asarray(influence.category_influence(loss_fn, state.params, s.train.x, s.train.y, s.val.x,
+                                                s.val.y, num_classes=K, weight_decay=tc.weight_decay,
+                                                config=cfg, apply=apply).P)
     n = len(s.train)
+    tc = dataclasses.replace(tc, seed=seed)
     ep = train.make_epoch_fn(loss_fn, tc, n, population=True)
-    opt0 = train.init_state(params, tc).opt_state
     x, y = jnp.asarray(s.train.x), jnp.asarray(s.train.y)
 
-    def continue_training(W):
+    def removed(W):
+        """(per-class test accuracy after each removal's epochs, after the same epochs without)."""
+        W = np.vstack([np.ones((1, n)), W])  # row 0: the base
         M = W.shape[0]
-        p, o = train.broadcast_population(params, M), train.broadcast_population(opt0, M)
+        p, o = train.broadcast_population(state.params, M), train.broadcast_population(state.opt_state, M)
         for e in range(retrain_epochs):
             p, o, _ = ep(p, o, x, y, jnp.asarray(W, jnp.float32), tc.epochs + e)
-        return np.stack([train.evaluate(apply, jax.tree_util.tree_map(lambda a: a[i], p), s.test.x, s.test.y,
-                                        K).accuracy for i in range(M)])
+        acc = np.stack([train.evaluate(apply, jax.tree_util.tree_map(lambda a: a[i], p), s.test.x,
+                                       s.test.y, K).accuracy for i in range(M)])
+        return acc[1:], acc[0]
 
-    base = continue_training(np.ones((1, n)))[0]
-    return P, base, continue_training
+    return P, removed
 
 
 def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, quick: bool = False,
@@ -285,8 +290,9 @@ def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, q
                             "refits the head",
             "cnn": f"The whole CNN (conv 8-16, dense 64) trained {tc.epochs} epochs (Adam, L2 λ = "
                    f"{tc.weight_decay}); influence by Gauss-Newton CG at the trained params; a removal is "
-                   f"{retrain_epochs} more epochs from them with the removed samples at weight 0, against "
-                   f"the same {retrain_epochs} epochs with every sample (the base)"}[model]
+                   f"{retrain_epochs} more epochs from the trained state (params and Adam's moments) with the "
+                   f"removed samples at weight 0, against the same {retrain_epochs} epochs with every sample "
+                   "(the base), all in one vmapped population"}[model]
     md = [f"# Deletion check: {dataset}" + ("" if model == "linear" else f" ({model})"), "",
           f"{what}. {len(s.train)} train / {len(s.val)} val / {len(s.test)} test. Influence on the "
           f"validation split; accuracy changes on the held-out test split. "
@@ -294,21 +300,21 @@ def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, q
     m = max(1, int(round(fraction * len(s.train))))
     with jax.enable_x64(model != "cnn"):
         if model == "cnn":
-            P, base, removed = _deletion_cnn(s, K, seed, tc, retrain_epochs)
+            P, removed = _deletion_cnn(s, K, seed, tc, retrain_epochs)
         else:
             xs_ = (s.train.x, s.val.x, s.test.x)
             if model == "cnn-features":
                 with jax.enable_x64(False):
-                    _, cnn_params, feats_fn = _train_cnn(s, seed, tc)
-                    xs_ = [np.asarray(models.frozen_features(feats_fn, cnn_params, x_)) for x_ in xs_]
+                    _, cnn_state, feats_fn = _train_cnn(s, seed, tc)
+                    xs_ = [np.asarray(models.frozen_features(feats_fn, cnn_state.params, x_)) for x_ in xs_]
             xt, xv, xte = (np.asarray(x_, np.float64) for x_ in xs_)
-            P, base, removed = _deletion_linear(xt, s, K, weight_decay, xv, xte)
+            P, removed = _deletion_linear(xt, s, K, weight_decay, xv, xte)
         orders = [np.argsort(-P[:, t], kind="stable") for t in range(K)]
         sets = {"beneficial": [o[:m] for o in orders], "detrimental": [o[-m:] for o in orders]}
         W = np.ones((2 * K, len(s.train)))
         for j, idx in enumerate(sets["beneficial"] + sets["detrimental"]):
             W[j, idx] = 0.0
-        acc = removed(W)
+        acc, base = removed(W)
     infl, dacc, comp = {}, {}, {}
     for j, kind in enumerate(("beneficial", "detrimental")):
         infl[kind] = np.stack([P[idx].sum(0) for idx in sets[kind]])

@@ -391,7 +391,6 @@ def train_one_epoch_from(loss_fn: LossFn, state: TrainState, x, y, weights,
 
 
 @functools.lru_cache(maxsize=32)
-@functools.lru_cache(maxsize=32)
 def lbfgs_fit_fn(loss_fn, weight_decay: float, normalizer: str, max_iter: int, tol: float):
     """The jitted full-batch L-BFGS fit, one per (loss, settings): repeated `fit_lbfgs` calls
     with the same loss (e.g. a deletion sweep's refits) reuse its compiled program."""

@@ -81,14 +81,17 @@ def _fake_run(seed, y, targets, rows):
 
 def test_summary_equals_hand_computation():
     rng = np.random.default_rng(0)
-    runs, hand = [], {"gain": [], "worst": [], "b": 0, "c": 0}
+    runs, hand = [], {"gain": [], "worst": [], "b": 0, "c": 0, "bo": 0, "co": 0, "b1": 0, "c1": 0}
     for seed, targets in ((0, [0]), (1, [2]), (2, [0])):
         y = rng.integers(0, 3, 60)
         base = rng.random(60) < 0.6
         extra = np.where(rng.random(60) < 0.2, ~base, base)
         srch = np.where(rng.random(60) < 0.2, ~extra, extra)
-        runs.append(_fake_run(seed, y, targets, {"theta_e": base, "unweighted": extra,
-                                                 study.SEARCH_ROW: srch}))
+        rows = {"theta_e": base, "unweighted": extra, study.SEARCH_ROW: srch,
+                "topk_upweight, val-matched": extra.copy()}
+        if seed == 1:  # a baseline whose program failed in one seed
+            rows["fixed_alpha_lp, val-matched"] = np.ones(60, bool)
+        runs.append(_fake_run(seed, y, targets, rows))
         cnt = np.bincount(y, minlength=3)
         pts = [100 * (np.sum(srch & (y == k)) - np.sum(base & (y == k))) / cnt[k] for k in range(3)]
         hand["gain"].append(np.mean([pts[t] for t in targets]))
@@ -96,6 +99,10 @@ def test_summary_equals_hand_computation():
         on_t = np.isin(y, targets)
         hand["b"] += int(np.sum(srch & ~extra & on_t))
         hand["c"] += int(np.sum(~srch & extra & on_t))
+        hand["bo"] += int(np.sum(srch & ~extra & ~on_t))
+        hand["co"] += int(np.sum(~srch & extra & ~on_t))
+        hand["b1"] += int(np.sum(srch & ~extra & (y == 1)))
+        hand["c1"] += int(np.sum(~srch & extra & (y == 1)))
     s = study.summarize(runs, "direct", ["a", "b", "c"])
     m = s["methods"][study.SEARCH_ROW]
     assert s["n_seeds"] == 3 and s["found"] == 1
@@ -106,7 +113,19 @@ def test_summary_equals_hand_computation():
     t = m["mcnemar_vs_extra_epoch"]["targets"]
     assert (t["gained"], t["lost"]) == (hand["b"], hand["c"])
     assert t["p"] == pytest.approx(scipy.stats.binomtest(hand["b"], hand["b"] + hand["c"]).pvalue)
+    o = m["mcnemar_vs_extra_epoch"]["others"]
+    assert (o["gained"], o["lost"]) == (hand["bo"], hand["co"])
+    c1 = m["mcnemar_vs_extra_epoch"]["per_class"][1]
+    assert (c1["gained"], c1["lost"]) == (hand["b1"], hand["c1"])
     assert s["methods"]["unweighted"]["mcnemar_vs_extra_epoch"] is None
+    # a method answered in one seed of three: its n says so, and it cannot be "best at matched
+    # harm" (its mean is over another set of seeds), though its one seed gains most
+    assert s["methods"]["fixed_alpha_lp, val-matched"]["n"] == 1
+    best = s["best_at_matched_harm"]
+    assert best["method"] in (study.SEARCH_ROW, "topk_upweight, val-matched")
+    assert best["best_baseline"] == "topk_upweight, val-matched"
+    diff = np.subtract(hand["gain"], s["methods"]["topk_upweight, val-matched"]["per_seed"]["target_gain"])
+    assert best["search_minus_best_baseline"]["mean"] == pytest.approx(diff.mean())
 
 
 def test_quick_study_end_to_end_and_resume(tmp_path):
@@ -131,8 +150,10 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
                              * np.sum(np.asarray(r_["y_test"]) == k)) for r_ in runs)
             assert pc["net"] == hits, (name, k)
     # resuming reads every seed back and rebuilds the same summary
+    log = io.StringIO()
     again = study.reproduce_study(("mnist5k-noisy",), seeds=2, quick=True, out_dir=str(tmp_path),
-                                  resume=True, out=io.StringIO())
+                                  resume=True, out=log)
+    assert log.getvalue().count("read back") == 2
     assert again["mnist5k-noisy"]["summary"] == json.loads(json.dumps(res["summary"]))
 
 
