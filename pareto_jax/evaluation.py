@@ -161,7 +161,6 @@ class Evaluator:
         params as `train_many`'s.
         """
         n = self.x.shape[0]
-        size = pareto.bucket(n)
         key = (config.budget is not None, config.mu > 0)
         if key not in self._gen:
             self._gen[key] = _generation_fn(self, *key)
@@ -169,7 +168,7 @@ class Evaluator:
         s = self.p.state
         with jax.enable_x64(True):
             sol, params, hits = self._gen[key](
-                jnp.asarray(np.pad(P, ((0, size - n), (0, 0)))), jnp.asarray(np.pad(C, ((0, 0), (0, size - n)))),
+                *map(jnp.asarray, pareto.program.pad_rows(P, C)),
                 jnp.asarray(B), jnp.asarray(LO), jnp.asarray(HI), float(config.budget or 0.0), float(config.mu),
                 n, jnp.asarray(base), s.params, s.opt_state, self.x, self.y, self.xv, self.yv, s.epoch)
             sol = jax.tree_util.tree_map(np.asarray, sol)

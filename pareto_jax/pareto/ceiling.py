@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import checks
 from . import exact, highs
-from .program import bucket
+from .program import pad_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,7 @@ def ceiling_test(P, *, tol: float | None = None, solver: str = "simplex") -> Cei
     else:
         n = P.shape[0]  # N padded with zero rows: one compile serves many N
         with jax.enable_x64(True):
-            sol = _ceiling_jit(jnp.asarray(np.pad(P, ((0, bucket(n) - n), (0, 0)))))
+            sol = _ceiling_jit(jnp.asarray(pad_rows(P)))
             sol = jax.tree_util.tree_map(np.asarray, sol)
         status, d, t, lam = int(sol.status), np.asarray(sol.direction[:n], np.float64), float(sol.t_star), sol.certificate
         message = highs.STATUS_MESSAGES.get(status, "")

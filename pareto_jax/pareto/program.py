@@ -200,6 +200,16 @@ def bucket(n: int) -> int:
     return size
 
 
+def pad_rows(P, C=None):
+    """P (N, K) padded with zero rows to `bucket`(N), and C (M, N) with zero columns to match:
+    the shapes every device solve is compiled for (zero rows change no constraint or objective;
+    `n_valid` keeps them at w = 1)."""
+    n = P.shape[0]
+    extra = bucket(n) - n
+    Pp = np.pad(P, ((0, extra), (0, 0)))
+    return Pp if C is None else (Pp, np.pad(C, ((0, 0), (0, extra))))
+
+
 def solve_rows(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, mode="vmap"):
     """`exact.solve_program` for every row of (C, B, LO, HI) on one P (pure JAX, unjitted: the
     batch front door and the fused search generation both trace it)."""
@@ -219,10 +229,9 @@ def _device_solve(P, C, B, bounds, config, mode):
     """All rows on the device in float64, N padded to `bucket`(N): a `ProgramSolution` of numpy
     arrays with a leading row axis, unpadded."""
     n = P.shape[0]
-    size = bucket(n)
-    pad = ((0, size - n), (0, 0))
+    Pp, Cp = pad_rows(P, C)
     with jax.enable_x64(True):
-        sol = _device_batch(jnp.asarray(np.pad(P, pad)), jnp.asarray(np.pad(C, pad[::-1])),
+        sol = _device_batch(jnp.asarray(Pp), jnp.asarray(Cp),
                             jnp.asarray(B), jnp.asarray(bounds[0]), jnp.asarray(bounds[1]),
                             float(config.budget or 0.0), float(config.mu), n,
                             has_budget=config.budget is not None, qp=config.mu > 0, mode=mode)
