@@ -40,8 +40,9 @@ class ImproveConfig:
     gain of 11.1 points against 9.5 with the method's w_max = 2, no validation class worse in
     either.
     `influence`: how P is computed for a non-linear model (None: Gauss-Newton CG with
-    `influence_damping`, or the automatic damping when that is 0); a linear model uses the
-    closed form.
+    `influence_damping`, or the automatic damping when that is 0; an `InfluenceConfig`; or
+    "last_layer": the influence through the last (linear) layer alone, in closed form on the
+    network's penultimate activations); a linear model uses the closed form.
     `noise_fraction` = 0 (or no `noise_classes`) trains on the labels as given: the weak
     classes are then weak by nature. `n_targets`: without `targets`, the search improves the
     `n_targets` classes weakest on validation at θ^e (never chosen on test).
@@ -63,7 +64,7 @@ class ImproveConfig:
     frontier: bool = True
     frontier_rho: float = 0.5
     influence_damping: float = 0.0
-    influence: influence.InfluenceConfig | None = None
+    influence: influence.InfluenceConfig | str | None = None
     out_dir: str = "runs/improve"
     rounds: int = 1
     alpha_min: float = 0.95
@@ -76,9 +77,16 @@ class ImproveConfig:
         checks.check_positive(self.w_max, "w_max")
         checks.check_in_range(self.alpha_min, "alpha_min", 0.0, 1.0)
         checks.check_positive(self.n_targets, "n_targets", integer=True)
+        if isinstance(self.influence, str):
+            checks.check_choice(self.influence, "influence", ("last_layer",))
 
 
-def _influence_at(apply, loss_fn, params, splits, K, wd, damping, model_kind, config=None):
+def _influence_at(apply, loss_fn, params, splits, K, wd, damping, model_kind, config=None, features=None):
+    if config == "last_layer":
+        # the head alone, on the network's penultimate activations held fixed: closed form
+        f = [models.frozen_features(features, params, x) for x in (splits.train.x, splits.val.x)]
+        return influence.linear_category_influence(params, f[0], splits.train.y, f[1], splits.val.y,
+                                                   num_classes=K, weight_decay=wd, damping=damping)
     if model_kind == "linear":
         return influence.linear_category_influence(params, splits.train.x, splits.train.y,
                                                    splits.val.x, splits.val.y, num_classes=K,
@@ -150,6 +158,7 @@ class _Setting(NamedTuple):
     states: list
     num_classes: int
     weight_decay: float
+    features: Callable | None = None
 
     def problem_at(self, st, train_config) -> evaluation.SearchProblem:
         s = self.splits
@@ -159,7 +168,7 @@ class _Setting(NamedTuple):
     def influence_at(self, params, config: "ImproveConfig"):
         return _influence_at(self.apply, self.loss_fn, params, self.splits, self.num_classes,
                              self.weight_decay, config.influence_damping, config.model.kind,
-                             config.influence)
+                             config.influence, self.features)
 
 
 def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
@@ -170,7 +179,7 @@ def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
         noisy, flipped = data.inject_label_noise(splits.train, config.noise_classes, config.noise_fraction,
                                                  seed=config.data.seed)
         splits = data.Splits(noisy, splits.val, splits.test)
-    apply, params = build_model(config.model, splits)
+    apply, params, features = build_model(config.model, splits, with_features=True)
     loss_fn = models.per_sample_loss(apply)
     tc = config.train
     ep_fn = train.make_epoch_fn(loss_fn, tc, len(splits.train))
@@ -186,7 +195,7 @@ def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
           f"{len(splits.test)} test", file=out)
     report = {"config": io.to_jsonable(config), "n_flipped": int(flipped.size),
               "class_names": list(splits.class_names), "y_test": splits.test.y.tolist()}
-    return _Setting(splits, apply, loss_fn, states, splits.num_classes, tc.weight_decay), report
+    return _Setting(splits, apply, loss_fn, states, splits.num_classes, tc.weight_decay, features), report
 
 
 def _direct(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> dict:

@@ -169,3 +169,34 @@ def test_cli_improve_rejects_bad_arguments(tmp_path):
         p = subprocess.run([sys.executable, "-m", "pareto_jax.cli", "reproduce", "improve", *args,
                             "--out", str(tmp_path)], capture_output=True, text=True)
         assert p.returncode == 2 and word in p.stderr, p.stderr
+
+
+def test_last_layer_influence_is_the_head_alone(x64):
+    """`ImproveConfig(influence="last_layer")` (the MNIST-5k CNN setting): P equals the influence
+    of a linear model on the network's penultimate activations with the head's weights, computed
+    by the generic dense solver (autodiff Hessian of that linear model)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pareto_jax import data, experiments, influence, models, train
+
+    s = data.stratified_split(data.load_digits(), seed=0)
+    s = data.Splits(s.train.subset(np.arange(120)), s.val, s.test)
+    m = models.make_model("mlp", (64,), 10, seed=1, hidden=(16,))
+    apply, params = models.functional(m)
+    feats = models.functional_features(m)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+    loss = models.per_sample_loss(apply)
+    params = train.train(loss, params, s.train.x.astype(np.float64), s.train.y,
+                         train.TrainConfig(epochs=30, learning_rate=0.01, weight_decay=1e-2)).params
+    got = experiments._influence_at(apply, loss, params, s, 10, 1e-2, 0.0, "mlp", "last_layer", feats)
+    F = [np.asarray(feats(params, jnp.asarray(x, jnp.float64))) for x in (s.train.x, s.val.x)]
+    head = models.make_model("linear", (16,), 10)
+    happly, _ = models.functional(head)
+    hp = models.linear_head_params(params["head"]["kernel"], params["head"]["bias"])
+    ref = influence.category_influence(models.per_sample_loss(happly), hp, F[0], s.train.y, F[1], s.val.y,
+                                       num_classes=10, weight_decay=1e-2, apply=happly,
+                                       config=influence.InfluenceConfig(solver="dense", curvature="hessian",
+                                                                        damping=0.0))
+    np.testing.assert_allclose(np.asarray(got.P), np.asarray(ref.P), rtol=1e-6,
+                               atol=1e-9 * np.abs(np.asarray(ref.P)).max())
