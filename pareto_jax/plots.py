@@ -203,7 +203,7 @@ def interval_bars(methods, values, errors, series, path, *, title: str, ylabel: 
     (e.g. mean target gain, worst other class); `errors` the interval half-widths."""
     V, E = np.asarray(values, np.float64), np.asarray(errors, np.float64)
     m, s = V.shape
-    fig, ax = _figure((7.5, 0.45 * m * s + 1.6))
+    fig, ax = _figure((7.5, 0.28 * m * s + 1.4))
     h = 0.8 / s
     colours = ("#2b8a3e", "#c92a2a", "#1c7ed6", "#868e96")
     for j in range(s):
