@@ -81,7 +81,10 @@ class ImproveConfig:
             checks.check_choice(self.influence, "influence", ("last_layer",))
 
 
-def _influence_at(apply, loss_fn, params, splits, K, wd, damping, model_kind, config=None, features=None):
+def influence_at(apply, loss_fn, params, splits, K, wd, damping, model_kind, config=None, features=None):
+    """P of the experiments at `params`: closed form for a linear model; for a deep one,
+    `config` (an `InfluenceConfig`, default Gauss-Newton CG) or "last_layer" (the head alone, in
+    closed form on the penultimate activations that `features(params, x)` gives)."""
     if config == "last_layer":
         # the head alone, on the network's penultimate activations held fixed: closed form
         f = [models.frozen_features(features, params, x) for x in (splits.train.x, splits.val.x)]
@@ -166,7 +169,7 @@ class _Setting(NamedTuple):
                                         s.val.x, s.val.y, s.test.x, s.test.y, self.num_classes)
 
     def influence_at(self, params, config: "ImproveConfig"):
-        return _influence_at(self.apply, self.loss_fn, params, self.splits, self.num_classes,
+        return influence_at(self.apply, self.loss_fn, params, self.splits, self.num_classes,
                              self.weight_decay, config.influence_damping, config.model.kind,
                              config.influence, self.features)
 
@@ -329,7 +332,7 @@ def frontier_experiment(loss_fn, apply, params, splits, K, wd, config, *, out=No
     retraining (L-BFGS to convergence, fixed-N normaliser) at a few frontier points."""
     out = out or sys.stdout
     theta, it, gn = train.fit_lbfgs(loss_fn, params, splits.train.x, splits.train.y, weight_decay=wd)
-    inf = _influence_at(apply, loss_fn, theta, splits, K, wd, config.influence_damping, config.model.kind)
+    inf = influence_at(apply, loss_fn, theta, splits, K, wd, config.influence_damping, config.model.kind)
     fr = pareto.pareto_frontier(inf.P, rho=config.frontier_rho, n_random=8, seed=config.data.seed)
     base = train.evaluate(apply, theta, splits.val.x, splits.val.y, K)
     pts = []
