@@ -128,9 +128,11 @@ def test_summary_equals_hand_computation():
     assert best["search_minus_best_baseline"]["mean"] == pytest.approx(diff.mean())
 
 
-def test_quick_study_end_to_end_and_resume(tmp_path):
+# one seed by default (the intervals and pooling are tested above on synthetic seeds); two with -m slow
+@pytest.mark.parametrize("n_seeds", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_quick_study_end_to_end_and_resume(tmp_path, n_seeds):
     out = io.StringIO()
-    r = study.reproduce_study(("mnist5k-noisy",), seeds=2, quick=True, out_dir=str(tmp_path), out=out)
+    r = study.reproduce_study(("mnist5k-noisy",), seeds=n_seeds, quick=True, out_dir=str(tmp_path), out=out)
     res = r["mnist5k-noisy"]
     text = (tmp_path / "report.md").read_text()
     for fig in res["figures"].values():
@@ -138,10 +140,11 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
         assert png.exists() and png.stat().st_size > 5000 and f"]({fig})" in text
     assert "CIFAR-10 (paper" in text and "McNemar" in text
     d = res["summary"]["direct"]
-    assert d["n_seeds"] == 2 and {study.SEARCH_ROW, "unweighted", "trim_negative"} <= set(d["methods"])
+    assert d["n_seeds"] == n_seeds and {study.SEARCH_ROW, "unweighted", "trim_negative"} <= set(d["methods"])
     # the paired counts agree with the accuracies the search computed (per class, over seeds):
     # gained − lost = (method hits − extra-epoch hits)
-    runs = [json.loads((tmp_path / "mnist5k-noisy" / f"seed_{s}" / "seed.json").read_text()) for s in (0, 1)]
+    runs = [json.loads((tmp_path / "mnist5k-noisy" / f"seed_{s}" / "seed.json").read_text())
+            for s in range(n_seeds)]
     for name in (study.SEARCH_ROW, "trim_negative"):
         per_class = d["methods"][name]["mcnemar_vs_extra_epoch"]["per_class"]
         for k, pc in enumerate(per_class):
@@ -151,9 +154,9 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
             assert pc["net"] == hits, (name, k)
     # resuming reads every seed back and rebuilds the same summary
     log = io.StringIO()
-    again = study.reproduce_study(("mnist5k-noisy",), seeds=2, quick=True, out_dir=str(tmp_path),
+    again = study.reproduce_study(("mnist5k-noisy",), seeds=n_seeds, quick=True, out_dir=str(tmp_path),
                                   resume=True, out=log)
-    assert log.getvalue().count("read back") == 2
+    assert log.getvalue().count("read back") == n_seeds
     assert again["mnist5k-noisy"]["summary"] == json.loads(json.dumps(res["summary"]))
 
 
