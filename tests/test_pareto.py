@@ -126,7 +126,7 @@ def _check_against_highs(P, targets, alpha, opt, class_weights=None, *, drawn=Tr
     return got
 
 
-@settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.sampled_from([40, 1000]), k=st.sampled_from([3, 10]),
        seed=st.integers(0, 10_000), opt=st.sampled_from(OPTIONS),
        alpha_lo=st.floats(0.0, 1.0), n_targets=st.integers(1, 2))
