@@ -217,6 +217,10 @@ def solve_rows(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, mode="vm
         return exact.solve_program(P, c, b, lo, hi, budget if has_budget else None, mu if qp else 0.0,
                                    n_valid=n_valid)
 
+    if C.shape[0] == 1:
+        # one program: no vmap, so the dual stage's lax.cond (`dual.weighted_gram`) stays a
+        # branch instead of becoming a select that computes both sides
+        return jax.tree_util.tree_map(lambda a: a[None], one(C[0], B[0], LO[0], HI[0]))
     if mode == "vmap":
         return jax.vmap(one)(C, B, LO, HI)
     return jax.lax.map(lambda a: one(*a), (C, B, LO, HI))
