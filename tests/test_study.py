@@ -161,7 +161,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path, n_seeds):
 
 
 @pytest.mark.slow  # experiment-scale: a CNN, its Gauss-Newton influence and the searches
-@pytest.mark.parametrize("dataset", ["digits", "emotion", "ag_news"])
+@pytest.mark.parametrize("dataset", ["digits", "mnist5k", "emotion", "ag_news"])
 def test_quick_study_other_datasets(tmp_path, dataset):
     r = reproduce.reproduce_improve(str(tmp_path), datasets=[dataset], quick=True, out=io.StringIO())
     assert r[dataset]["summary"]["direct"]["n_seeds"] == 1
