@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-import jax
 import numpy as np
 import scipy.stats
 
@@ -105,7 +104,7 @@ def bits(correct) -> str:
     return "".join("1" if c else "0" for c in np.asarray(correct, bool))
 
 
-def _search_block(res, baselines, class_names, targets, matched=None, ref_correct=None) -> dict:
+def _search_block(res, baselines, class_names, targets, matched=None) -> dict:
     rows = {"search (PARETO-LP-GA)": {"val_acc": res.val_acc, "test_acc": res.test_acc,
                                       "delta_val": res.delta_val, "delta_test": res.delta_test,
                                       "test_correct": res.test_correct}}
@@ -124,8 +123,7 @@ def _search_block(res, baselines, class_names, targets, matched=None, ref_correc
             "rows": summary,
             # per test sample, right (1) or wrong (0): the paired tests of `study` use these
             "test_correct": {name: bits(r["test_correct"]) for name, r in rows.items()
-                             if r.get("test_correct") is not None},
-            "ref_test_correct": None if ref_correct is None else bits(ref_correct)}
+                             if r.get("test_correct") is not None}}
 
 
 def _improve_row(val_acc, test_acc, delta_val, ref_test, targets: list) -> dict:
@@ -233,8 +231,7 @@ def _with_baselines(res, prob, P, ref, targets, setting, config, scfg, retrain) 
     matched = (evaluation.harm_matched_baselines(prob, bw, ref, targets, retrain=retrain,
                                                  max_iter=scfg.retrain_max_iter)
                if config.matched_baselines else {})
-    ref_ok = evaluation.Evaluator(prob).correct(jax.tree_util.tree_map(lambda a: a[None], ref), "test")[0]
-    return _search_block(res, base, setting.splits.class_names, targets, matched, ref_ok)
+    return _search_block(res, base, setting.splits.class_names, targets, matched)
 
 
 def _course_correction(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> dict:

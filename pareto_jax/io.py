@@ -1,4 +1,5 @@
-"""Atomic artifact writing: pytrees as .npz, records as JSON, and config fingerprints."""
+"""Atomic artifact writing: pytrees as .npz, records as JSON, config fingerprints, and the
+reports' Markdown tables."""
 
 from __future__ import annotations
 
@@ -126,3 +127,10 @@ def fingerprint(*objs: Any) -> str:
             h.update(json.dumps(to_jsonable(o), sort_keys=True).encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def md_table(header, rows) -> str:
+    """A Markdown table (the reports' format): a header row, then one row per item."""
+    out = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(out)

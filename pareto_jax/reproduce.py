@@ -24,13 +24,6 @@ REFERENCE = {
 }
 
 
-def _md_table(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        out.append("| " + " | ".join(str(c) for c in r) + " |")
-    return "\n".join(out)
-
-
 @functools.lru_cache(maxsize=8)
 def _linear_model(shape, K):
     """(apply, loss_fn, initial params) of a linear softmax model, one per shape: the refits of
@@ -133,7 +126,7 @@ def _synthetic_markdown(res: dict) -> list[str]:
             "Influence on the clean validation split. t* is the exact LP's value (relative: divided "
             "by max_k Σ_i |P[i,k]|); |cos| is the cosine between an influence vector and (1, 1): 0 "
             "means on the line y = −x.", "",
-            _md_table(["case", "exact test: improvable", "t*", "t* relative", "certificate λ",
+            io.md_table(["case", "exact test: improvable", "t*", "t* relative", "certificate λ",
                        "PCA ratio (heuristic)", "PCA says improvable", "median |cos(P_i, (1,1))|"],
                       [[c, res[c]["ceiling"]["improvable"], f"{res[c]['ceiling']['t_star']:.3g}",
                         f"{res[c]['t_star_relative']:.3g}",
@@ -151,7 +144,7 @@ def _synthetic_markdown(res: dict) -> list[str]:
             f"{sep['joint_negative_that_are_flipped']} of the {sep['regions']['joint-negative']} joint-negative "
             "samples are flipped ones.", "",
             "## Removing joint-negative samples (separable case)", "",
-            _md_table(["round", "removed", "train acc class 0", "train acc class 1",
+            io.md_table(["round", "removed", "train acc class 0", "train acc class 1",
                        "test acc class 0", "test acc class 1"],
                       [[i, "-" if i == 0 else sep["rounds_removed"][i - 1], f"{a[0]:.3f}", f"{a[1]:.3f}",
                         f"{b[0]:.3f}", f"{b[1]:.3f}"]
@@ -194,18 +187,15 @@ def _write(out_dir: Path, name: str, res: dict, md: list[str], out) -> None:
 
 
 DELETION_MODELS = ("linear", "cnn-features", "cnn")
-_DELETION_CNN_TRAIN = train.TrainConfig(epochs=15, batch_size=64, learning_rate=3e-3, weight_decay=1e-4)
 
 
-def _train_cnn(s: data.Splits, seed: int, tc: train.TrainConfig):
-    """A small CNN trained on the training split (Adam, minibatches, batch order from `seed`):
-    (apply, its final `TrainState`, features)."""
-    shape = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1)}[s.train.name.split("/")[0]]
-    m = models.make_model("cnn", s.train.x.shape[1:], s.num_classes, seed=seed, image_shape=shape)
-    apply, params = models.functional(m)
-    feats = models.functional_features(m)
-    state = train.train(models.per_sample_loss(apply), params, s.train.x, s.train.y,
-                        dataclasses.replace(tc, seed=seed)).state
+def _train_cnn(s: data.Splits, tc: train.TrainConfig):
+    """The study's CNN (`pipeline.build_model`, init seed = `tc.seed`) trained on the training
+    split: (apply, its final `TrainState`, features)."""
+    from .pipeline import ModelConfig, build_model
+
+    apply, params, feats = build_model(ModelConfig("cnn", seed=tc.seed), s, with_features=True)
+    state = train.train(models.per_sample_loss(apply), params, s.train.x, s.train.y, tc).state
     return apply, state, feats
 
 
@@ -227,19 +217,18 @@ def _deletion_linear(xt, s, K, weight_decay, xv, xte):
     return P, removed
 
 
-def _deletion_cnn(s, K, seed, tc: train.TrainConfig, retrain_epochs: int):
+def _deletion_cnn(s, K, tc: train.TrainConfig, retrain_epochs: int):
     """The whole CNN: P by Gauss-Newton CG at the trained params; a removal is `retrain_epochs`
     more epochs from the trained state (params and Adam's moments) with the removed samples at
     weight 0, compared with the same epochs with every weight 1 (the base, trained in the same
     vmapped population as the removals, so both see the same batch order and arithmetic)."""
-    apply, state, _ = _train_cnn(s, seed, tc)
+    apply, state, _ = _train_cnn(s, tc)
     loss_fn = models.per_sample_loss(apply)
     cfg = influence.InfluenceConfig(curvature="gauss_newton", damping="auto")
     P = np.asarray(influence.category_influence(loss_fn, state.params, s.train.x, s.train.y, s.val.x,
                                                 s.val.y, num_classes=K, weight_decay=tc.weight_decay,
                                                 config=cfg, apply=apply).P)
     n = len(s.train)
-    tc = dataclasses.replace(tc, seed=seed)
     ep = train.make_epoch_fn(loss_fn, tc, n, population=True)
     x, y = jnp.asarray(s.train.x), jnp.asarray(s.train.y)
 
@@ -280,7 +269,9 @@ def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, q
     max_train = (600 if quick else None) if dataset != "emotion" else (1200 if quick else 6000)
     s = datasets.load_splits(dataset, seed=seed, features=feats, max_train=max_train, path=path)
     K, names = s.num_classes, s.class_names
-    tc = dataclasses.replace(_DELETION_CNN_TRAIN, epochs=4 if quick else _DELETION_CNN_TRAIN.epochs)
+    from .study import CNN_TRAIN
+
+    tc = dataclasses.replace(CNN_TRAIN, epochs=4 if quick else CNN_TRAIN.epochs, seed=seed)
     what = {"linear": f"Linear softmax head on {'pixels' if not text else feats + ' features'} "
                       f"({s.train.x.shape[1]} dims), L2 λ = {weight_decay}, fitted to convergence with L-BFGS "
                       "(float64); influence in closed form; a removal is a refit",
@@ -300,12 +291,12 @@ def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, q
     m = max(1, int(round(fraction * len(s.train))))
     with jax.enable_x64(model != "cnn"):
         if model == "cnn":
-            P, removed = _deletion_cnn(s, K, seed, tc, retrain_epochs)
+            P, removed = _deletion_cnn(s, K, tc, retrain_epochs)
         else:
             xs_ = (s.train.x, s.val.x, s.test.x)
             if model == "cnn-features":
                 with jax.enable_x64(False):
-                    _, cnn_state, feats_fn = _train_cnn(s, seed, tc)
+                    _, cnn_state, feats_fn = _train_cnn(s, tc)
                     xs_ = [np.asarray(models.frozen_features(feats_fn, cnn_state.params, x_)) for x_ in xs_]
             xt, xv, xte = (np.asarray(x_, np.float64) for x_ in xs_)
             P, removed = _deletion_linear(xt, s, K, weight_decay, xv, xte)
@@ -363,7 +354,7 @@ def _deletion_markdown(res: dict, dacc: dict) -> list[str]:
     diag_b = np.diag(dacc["beneficial"]).mean() * 100
     diag_d = np.diag(dacc["detrimental"]).mean() * 100
     return ["## Result", "",
-           _md_table(["cells", "Spearman ρ (summed influence vs accuracy change)"],
+           io.md_table(["cells", "Spearman ρ (summed influence vs accuracy change)"],
                      [["all 2·K·K", f"{rho:.3f}"], ["beneficial removed (K·K)", f"{rho_b:.3f}"],
                       ["detrimental removed (K·K)", f"{rho_d:.3f}"]]),
            "", f"Reference: {REFERENCE['deletion_spearman']}.", "",
@@ -422,7 +413,7 @@ def reproduce_frontier(out_dir: str = "reports/frontier", *, quick: bool = False
             rows.append([name] + [f"{v:+.1f}" for v in r["target_test_points"]]
                         + [f"{r['worst_other_test_points']:+.1f}"])
         md += [f"## {title} (epoch {blk['epoch']})", "",
-               _md_table(["method"] + [f"class {names[t]} (test, points)" for t in blk["targets"]]
+               io.md_table(["method"] + [f"class {names[t]} (test, points)" for t in blk["targets"]]
                          + ["worst other class (points)"], rows), "",
                f"Best α: {np.round(blk['best_alpha'], 3).tolist()}, ρ = {blk['best_rho']}; "
                f"validation fitness {blk['best_fitness']:.3f}; found = {blk['found']}. "
@@ -440,7 +431,7 @@ def reproduce_frontier(out_dir: str = "reports/frontier", *, quick: bool = False
                                                a, b, out_dir / "frontier.png", class_names=names,
                                                verified=fr["verified"]).get_label()
         md += ["## Pareto frontier (first order, trust region ρ = %s)" % fr["rho"], "",
-               _md_table(["class"] + list(names),
+               io.md_table(["class"] + list(names),
                          [["estimated ceiling (val-loss decrease)"] + [f"{v:.3f}" for v in fr["ceiling_loss_decrease"]]]),
                "", f"Retrained at {len(fr['verified'])} frontier points: predicted vs actual per-class "
                f"validation-loss change, Spearman {fr['spearman_predicted_vs_actual']:.3f}, Pearson "

@@ -50,8 +50,11 @@ def weighted_gram(P, d, live, cap):
     d > 0 (a gather of `cap` rows: cap·K² work instead of N·K²), else from every row. Late in
     the continuation only the weights strictly inside their bounds have d > 0, a few times K of
     them, so most Newton steps take the gathered branch. `cap` is static; None: every row."""
-    if cap is None or cap >= P.shape[0]:
+    def every_row(_=None):  # (rows that are not live are zero: they add nothing)
         return (P * d[:, None]).T @ P
+
+    if cap is None or cap >= P.shape[0]:
+        return every_row()
     on = (d > 0) & live
     count = jnp.sum(on)
 
@@ -61,10 +64,10 @@ def weighted_gram(P, d, live, cap):
         Pf = P[idx]
         return (Pf * dd[:, None]).T @ Pf
 
-    return jax.lax.cond(count <= cap, gathered, lambda _: (P * (d * live)[:, None]).T @ P, None)
+    return jax.lax.cond(count <= cap, gathered, every_row, None)
 
 
-def _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget, live=None, cap=None):
+def _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget, live, cap):
     u, r, eta = primal_from_dual(z, P, c, lo, hi, mu, has_budget)
     g_nu = P.T @ (1.0 + u) - b
     g_eta = (budget - jnp.sum(jnp.abs(u))) if has_budget else jnp.zeros((), P.dtype)
@@ -73,7 +76,6 @@ def _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget, live=None, cap=N
     # H = Aᵀ diag(d) A with A = [P, −sign(r)] (the η column only with a budget), built blockwise
     # so that no N×(K+1) copy of P is made
     K = P.shape[1]
-    live = jnp.ones(P.shape[0], bool) if live is None else live
     H = jnp.zeros((K + 1, K + 1), P.dtype).at[:K, :K].set(weighted_gram(P, d, live, cap))
     if has_budget:
         sd = jnp.sign(r) * d
