@@ -257,30 +257,37 @@ def test_tiny_influence_scale_stays_feasible():
 
 
 
-@pytest.mark.parametrize("n_on", [0, 5, 40, 41, 300])
-def test_weighted_gram_takes_the_gathered_branch_only_when_it_is_exact(n_on, x64):
-    """The dual stage's Hessian Pᵀdiag(d)P from at most `cap` interior rows (else every row)
-    equals the dense product computed in numpy, on either side of the cap, with zero padding
-    rows that must not count against it."""
+@pytest.mark.parametrize("n_on", [0, 5, 40, 41, 300, 309, 310, 350])
+def test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact(n_on, x64):
+    """The dual stage's Hessian scale·Σ_{on} p pᵀ from at most `cap` interior rows, or from the
+    Gram of every live row minus at most `cap` others, else from every row: equal to the dense
+    product computed in numpy on every side of both caps, with zero padding rows that must
+    count neither as interior nor as others."""
     from pareto_jax.pareto import dual
 
     rng = np.random.default_rng(n_on)
-    N, K, cap = 400, 7, 40
+    N, K, cap, pad = 400, 7, 40, 50
     P = rng.normal(size=(N, K))
-    P[-50:] = 0.0                                   # padding rows (interior, but never live)
-    d = np.zeros(N)
-    on = rng.choice(N - 50, n_on, replace=False)
-    d[on] = rng.uniform(0.5, 2.0, n_on)
-    d[-50:] = 3.0
-    ref = (P * d[:, None]).T @ P
-    live = jnp.asarray(np.any(P != 0, 1))
-    got = jax.jit(dual.weighted_gram, static_argnums=3)(jnp.asarray(P), jnp.asarray(d), live, cap)
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-12, atol=1e-12)
-    # which branch: the gathered one sees only `cap` rows, so with more interior rows than the
-    # cap, a gather alone would miss some (this is what the branch choice guards)
-    idx = np.flatnonzero(d * np.any(P != 0, 1) > 0)[:cap]
-    partial = (P[idx] * d[idx, None]).T @ P[idx]
-    assert np.allclose(partial, ref) == (n_on <= cap)
+    P[-pad:] = 0.0                                  # padding rows (never live)
+    on = np.zeros(N, bool)
+    on[rng.choice(N - pad, n_on, replace=False)] = True
+    on[-pad:] = rng.uniform(size=pad) < 0.5         # padding may look interior: must not count
+    ref = 2.5 * (P[on].T @ P[on])
+    live = np.any(P != 0, 1)
+    G = P[live].T @ P[live]
+    f = jax.jit(dual.weighted_gram, static_argnums=4)
+    got = f(jnp.asarray(P), jnp.asarray(on), 2.5, jnp.asarray(live), cap, jnp.asarray(G))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-11, atol=1e-11)
+    # without G: the on-rows gather or every row
+    got = f(jnp.asarray(P), jnp.asarray(on), 2.5, jnp.asarray(live), cap)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-11, atol=1e-11)
+    # which branch: a gather sees only `cap` rows, so past the cap on either side it alone
+    # would be wrong (this is what the branch choice guards)
+    live_on, live_off = np.flatnonzero(on & live), np.flatnonzero(~on & live)
+    from_on = 2.5 * (P[live_on[:cap]].T @ P[live_on[:cap]])
+    from_off = 2.5 * (G - P[live_off[:cap]].T @ P[live_off[:cap]])
+    assert np.allclose(from_on, ref) == (n_on <= cap)
+    assert np.allclose(from_off, ref) == (N - pad - n_on <= cap)
 
 
 def test_exact_finish_recovers_from_bad_duals():

@@ -31,65 +31,88 @@ with warnings.catch_warnings():
 def primal_from_dual(z, P, c, lo, hi, mu, has_budget):
     """Closed-form primal u = w − 1 at duals z (works on numpy or jax arrays)."""
     xp = jnp if isinstance(P, jax.Array) else np
-    nu = z[:-1]
-    eta = z[-1] if has_budget else 0.0
-    r = c + P @ nu
-    s = xp.sign(r) * xp.maximum(xp.abs(r) - eta, 0.0)
-    u = xp.clip(s / mu, lo - 1.0, hi - 1.0)
+    r = c + P @ z[:-1]
+    u, eta = _primal_from_r(xp, z, r, lo, hi, mu, has_budget)
     return u, r, eta
 
 
-def _dual_value(z, P, c, b, lo, hi, mu, budget, has_budget):
-    u, r, eta = primal_from_dual(z, P, c, lo, hi, mu, has_budget)
+def _primal_from_r(xp, z, r, lo, hi, mu, has_budget):
+    """(u, η) at duals z whose reduced costs r = c + Pν are already known."""
+    eta = z[-1] if has_budget else 0.0
+    s = xp.sign(r) * xp.maximum(xp.abs(r) - eta, 0.0)
+    return xp.clip(s / mu, lo - 1.0, hi - 1.0), eta
+
+
+def _dual_value(z, r, b, lo, hi, mu, budget, has_budget):
+    """g(z) from its reduced costs r (one pass over P computes r; value and gradient share it)."""
+    u, eta = _primal_from_r(jnp, z, r, lo, hi, mu, has_budget)
     val = jnp.sum(r * (1.0 + u)) - eta * jnp.sum(jnp.abs(u)) - 0.5 * mu * jnp.sum(u * u) - z[:-1] @ b
     return val + (eta * budget if has_budget else 0.0)
 
 
-def weighted_gram(P, d, live, cap):
-    """Pᵀ diag(d) P, from the rows with d > 0 only when at most `cap` of the `live` rows have
-    d > 0 (a gather of `cap` rows: cap·K² work instead of N·K²), else from every row. Late in
-    the continuation only the weights strictly inside their bounds have d > 0, a few times K of
-    them, so most Newton steps take the gathered branch. `cap` is static; None: every row."""
+def weighted_gram(P, on, scale, live, cap, G=None):
+    """scale · Σ_{i: on_i} p_i p_iᵀ (= Pᵀ diag(d) P for the dual's generalised Hessian, whose
+    d is 1/μ on the weights strictly inside their bounds and 0 elsewhere), by the cheapest exact
+    route for the current interior set:
+    - at most `cap` live rows on: a fixed-size gather of them (cap·K² work instead of N·K²);
+      late in the continuation only a few times K weights are interior;
+    - at most `cap` live rows off and G = Σ_{live} p pᵀ given (computed once per solve): G minus
+      the gather of the off rows; early in the continuation almost every weight is interior;
+    - else every row.
+    `cap` is static (None: every row). Rows that are not `live` (zero padding) never count."""
     def every_row(_=None):  # (rows that are not live are zero: they add nothing)
-        return (P * d[:, None]).T @ P
+        Pm = jnp.where(on[:, None], P, 0.0)
+        return scale * jax.lax.dot_general(Pm, P, (((0,), (0,)), ((), ())))
 
     if cap is None or cap >= P.shape[0]:
         return every_row()
-    on = (d > 0) & live
-    count = jnp.sum(on)
+    on = on & live
+    off = live & ~on
+    n_on, n_off = jnp.sum(on), jnp.sum(off)
 
-    def gathered(_):
-        idx = jnp.nonzero(on, size=cap, fill_value=0)[0]
-        dd = jnp.where(jnp.arange(cap) < count, d[idx], 0.0)
-        Pf = P[idx]
-        return (Pf * dd[:, None]).T @ Pf
+    def gram_of(mask, count):
+        idx = jnp.nonzero(mask, size=cap, fill_value=0)[0]
+        Pf = jnp.where((jnp.arange(cap) < count)[:, None], P[idx], 0.0)
+        return jax.lax.dot_general(Pf, Pf, (((0,), (0,)), ((), ())))
 
-    return jax.lax.cond(count <= cap, gathered, every_row, None)
+    branches = [lambda _: scale * gram_of(on, n_on), every_row]
+    index = jnp.where(n_on <= cap, 0, 1)
+    if G is not None:
+        branches.append(lambda _: scale * (G - gram_of(off, n_off)))
+        index = jnp.where((n_on > cap) & (n_off <= cap), 2, index)
+    return jax.lax.switch(index, branches, None)
 
 
-def _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget, live, cap):
-    u, r, eta = primal_from_dual(z, P, c, lo, hi, mu, has_budget)
-    g_nu = P.T @ (1.0 + u) - b
+def _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G):
+    u, eta = _primal_from_r(jnp, z, r, lo, hi, mu, has_budget)
+    # (v @ P, not P.T @ v: XLA:CPU materialises the transpose, measured 10x slower at N = 1e5)
+    g_nu = (1.0 + u) @ P - b
     g_eta = (budget - jnp.sum(jnp.abs(u))) if has_budget else jnp.zeros((), P.dtype)
     s = jnp.sign(r) * jnp.maximum(jnp.abs(r) - eta, 0.0) / mu
-    d = ((s > lo - 1.0) & (s < hi - 1.0) & (jnp.abs(r) > eta)).astype(P.dtype) / mu
+    on = (s > lo - 1.0) & (s < hi - 1.0) & (jnp.abs(r) > eta)
+    d = on.astype(P.dtype) / mu
     # H = Aᵀ diag(d) A with A = [P, −sign(r)] (the η column only with a budget), built blockwise
     # so that no N×(K+1) copy of P is made
     K = P.shape[1]
-    H = jnp.zeros((K + 1, K + 1), P.dtype).at[:K, :K].set(weighted_gram(P, d, live, cap))
+    H = jnp.zeros((K + 1, K + 1), P.dtype).at[:K, :K].set(weighted_gram(P, on, 1.0 / mu, live, cap, G))
     if has_budget:
         sd = jnp.sign(r) * d
-        h = -(P.T @ sd)
+        h = -(sd @ P)
         H = H.at[:K, K].set(h).at[K, :K].set(h).at[K, K].set(jnp.sum(jnp.sign(r) * sd))
     return jnp.concatenate([g_nu, g_eta[None]]), H
 
 
-def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, *, has_budget, max_iter, tol, cap):
+def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, *, has_budget, max_iter, tol, cap):
     K1 = z.shape[0]
     gscale = 1.0 + jnp.max(jnp.abs(b)) + jnp.max(jnp.abs(c))
     qp = jaxopt.BoxCDQP(maxiter=50, tol=1e-10, implicit_diff=False)
-    f = functools.partial(_dual_value, P=P, c=c, b=b, lo=lo, hi=hi, mu=mu, budget=budget,
-                          has_budget=has_budget)
+
+    def at(z):  # (z, r, g(z)): one pass over P
+        r = c + P @ z[:-1]
+        return z, r, _dual_value(z, r, b, lo, hi, mu, budget, has_budget)
+
+    def grad_hess(z, r):
+        return _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G)
 
     def proj_grad_norm(z, g):
         pg = jnp.where((z <= 0) & (g > 0), 0.0, g)
@@ -101,9 +124,9 @@ def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, *, has_budget, ma
         return (it < max_iter) & (err > tol * gscale)
 
     def body(st):
-        # (g, H, f0) at z are carried from the previous step: one gradient/Hessian pass and
-        # one value pass over P per accepted step, plus the line search's trial values
-        z, it, err, g, H, f0, lam = st
+        # (r, g, H, f0) at z are carried from the previous step: per step one gradient/Hessian
+        # pass over P, plus one pass per line-search trial (whose r the accepted point keeps)
+        z, it, err, g, H, f0, lam, r = st
         # under vmap every element runs the body until the last one is done: elements already
         # converged must not burn line-search passes over P
         active = (it < max_iter) & (err > tol * gscale)
@@ -128,25 +151,33 @@ def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, *, has_budget, ma
         d0 = jnp.where(q0 <= 0, d0, 0.0)
         d = qp.run(d0, params_obj=(H, g), params_ineq=(-z, upper - z)).params
 
-        def ls_cond(s):
-            t, k = s
-            znew = jnp.clip(z + t * d, 0.0, upper)
-            # sufficient decrease, up to rounding in f (else a converged z would burn 40 halvings)
-            return active & (f(znew) > f0 + 1e-4 * g @ (znew - z) + 1e-13 * jnp.abs(f0)) & (k < 40)
+        def trial(t):
+            return at(jnp.clip(z + t * d, 0.0, upper))
 
-        t, k = jax.lax.while_loop(ls_cond, lambda s: (s[0] * 0.5, s[1] + 1), (jnp.ones((), z.dtype), 0))
+        def ls_cond(s):
+            _, k, zn, _, fn = s
+            # sufficient decrease, up to rounding in f (else a converged z would burn 40 halvings)
+            return active & (fn > f0 + 1e-4 * g @ (zn - z) + 1e-13 * jnp.abs(f0)) & (k < 40)
+
+        def ls_body(s):
+            t = s[0] * 0.5
+            return (t, s[1] + 1, *trial(t))
+
+        one = jnp.ones((), z.dtype)
+        _, k, zn, rn, fn = jax.lax.while_loop(ls_cond, ls_body, (one, 0, *trial(one)))
         ok = active & (k < 40)
-        z = jnp.where(ok, jnp.clip(z + t * d, 0.0, upper), z)
-        g, H = _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget, live, cap)
+        z, r, f0 = jnp.where(ok, zn, z), jnp.where(ok, rn, r), jnp.where(ok, fn, f0)
+        g, H = grad_hess(z, r)
         # no sufficient decrease: keep z, raise λ; past λ = 1e8 (a gradient step of nothing)
         # the stage ends
         lam = jnp.where(ok, jnp.maximum(lam * 0.25, 1e-3), lam * 16.0)
         it = jnp.where(ok | (lam <= 1e8), it + 1, max_iter)
-        return (z, it, jnp.where(active, proj_grad_norm(z, g), err), g, H, f(z), lam)
+        return (z, it, jnp.where(active, proj_grad_norm(z, g), err), g, H, f0, lam, r)
 
-    g0, H0 = _dual_grad_hess(z, P, c, b, lo, hi, mu, budget, has_budget, live, cap)
-    st = jax.lax.while_loop(cond, body, (z, 0, proj_grad_norm(z, g0), g0, H0, f(z),
-                                         jnp.ones((), z.dtype)))
+    z, r0, f_0 = at(z)
+    g0, H0 = grad_hess(z, r0)
+    st = jax.lax.while_loop(cond, body, (z, 0, proj_grad_norm(z, g0), g0, H0, f_0,
+                                         jnp.ones((), z.dtype), r0))
     return st[0], st[1], st[2]
 
 
@@ -176,11 +207,14 @@ def dual_solve(P, c, b, lo, hi, mu_final, budget, *, has_budget: bool, max_iter:
         upper = upper.at[-1].set(0.0)
 
     live = jnp.any(P != 0, axis=1)  # zero rows (padding) never enter the Hessian
+    # Σ_live p pᵀ once: early stages, where almost every weight is interior, subtract the few
+    # others from it (`weighted_gram`)
+    G = None if gram_cap is None else jax.lax.dot_general(P, P, (((0,), (0,)), ((), ())))
 
     def stage(carry, j):
         z, its = carry
         mu = mu0 * ratio ** j if n_stages > 1 else mu_final
-        z, it, err = _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, has_budget=has_budget,
+        z, it, err = _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, has_budget=has_budget,
                                    max_iter=max_iter, tol=tol, cap=gram_cap)
         return (z, its + it), err
 

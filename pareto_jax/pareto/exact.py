@@ -88,7 +88,7 @@ def _restricted(P, c, b, lo, hi, budget, idx, fixed_w, valid, has_budget):
     simplex's form: (A, rhs, cost, l, u, basis0, number of structural columns)."""
     Pf = P[idx]
     ok = valid[idx]
-    rest = b - P.T @ fixed_w + Pf.T @ fixed_w[idx]
+    rest = b - fixed_w @ P + fixed_w[idx] @ Pf
     if not has_budget:
         G, h, cost = Pf.T, rest, -c[idx]
         l, u = jnp.where(ok, lo, 1.0), jnp.where(ok, hi, 1.0)
@@ -181,15 +181,19 @@ def qp_certificate(P, c, b, mu, budget, nu, eta, w, has_budget):
 
     w maximises the Lagrangian at (ν, η), so g(ν, η) − f(w) = νᵀ(Pᵀw − b) + η(B − Σ|w − 1|);
     with w feasible (checked after), f(w) is within the gap of the optimum. The allowance is
-    1e-8 of the objective's scale (|f(w)|, or 1e-3 Σ|P| when that is smaller); above it the
-    status is 1 (the dual stage stopped short).
+    1e-8 of the objective's scale (|f(w)|, or 1e-3 Σ|P| when that is smaller) plus the rounding
+    of the gap's own sums (8 ε Σ_k ν_k Σ_i |P_ik w_i|: in float32 the binding constraints'
+    slacks are only known to that); above it the status is 1 (the dual stage stopped short).
     """
-    gap = nu @ (P.T @ w - b)
+    gap = nu @ (w @ P - b)
     if has_budget:
         gap = gap + eta * (budget - jnp.sum(jnp.abs(w - 1.0)))
     gap = jnp.abs(gap)
     obj = c @ w - 0.5 * mu * jnp.sum((w - 1.0) ** 2)
-    bar = 1e-8 * jnp.maximum(jnp.abs(obj), 1e-3 * jnp.sum(jnp.abs(P)))
+    rounding = 8 * jnp.finfo(P.dtype).eps * (nu @ (jnp.abs(w) @ jnp.abs(P)))
+    if has_budget:
+        rounding = rounding + 8 * jnp.finfo(P.dtype).eps * eta * (budget + jnp.sum(jnp.abs(w - 1.0)))
+    bar = 1e-8 * jnp.maximum(jnp.abs(obj), 1e-3 * jnp.sum(jnp.abs(P))) + rounding
     return jnp.where(gap <= bar, SUCCESS, ITERATION_LIMIT).astype(jnp.int32), gap, obj
 
 
@@ -253,7 +257,7 @@ def solve_program(P, c, b, lo, hi, budget=None, mu=0.0, *, n_valid=None, m_cap: 
         its = its + newton
         gap = jnp.zeros((), dt)
         obj = cs @ w
-    viol = jnp.maximum(jnp.max(bs - Ps.T @ w), 0.0)
+    viol = jnp.maximum(jnp.max(bs - w @ Ps), 0.0)
     viol = jnp.maximum(viol, jnp.maximum(jnp.max(lo - w), jnp.max(w - hi)))
     if has_budget:
         viol = jnp.maximum(viol, jnp.sum(jnp.abs(w - 1.0)) - B)
@@ -328,7 +332,7 @@ def ceiling_program(P, *, n_breaks: int = 4096, n_sub: int = 512,
     d = res.x[:n]
     lam = jnp.maximum(res.y, 0.0)
     lam = lam / jnp.maximum(jnp.sum(lam), jnp.finfo(dt).tiny)
-    t = jnp.maximum(jnp.min(Ps.T @ d), 0.0) * scale
+    t = jnp.maximum(jnp.min(d @ Ps), 0.0) * scale
     return CeilingSolution(t, d, lam, jnp.sum(jnp.abs(P @ lam)), res.status, res.iterations + its)
 
 

@@ -108,7 +108,7 @@ def dual_simplex(A, b, c, l, u, basis0, *, max_iter: int, n_breaks: int = 128, p
         lu = jsl.lu_factor(A[:, basis])
         isb = jnp.zeros(n, bool).at[basis].set(True)
         y = jsl.lu_solve(lu, c[basis], trans=1)
-        d = jnp.where(isb, 0.0, c - A.T @ y)
+        d = jnp.where(isb, 0.0, c - y @ A)  # (not A.T @ y: XLA:CPU copies the transpose)
         # boxed nonbasic columns sit at the bound their reduced cost asks for (ties keep theirs)
         at_upper = ~isb & boxed & jnp.where(d < -dtol, True, jnp.where(d > dtol, False, at_upper))
         xN = jnp.where(isb, 0.0, jnp.where(at_upper, u_fin, l))
@@ -127,7 +127,7 @@ def dual_simplex(A, b, c, l, u, basis0, *, max_iter: int, n_breaks: int = 128, p
         above = xB[r] > uB[r]
         delta = jnp.where(above, xB[r] - uB[r], lB[r] - xB[r])
         rho = binv[r]
-        alpha = A.T @ rho
+        alpha = rho @ A
         q, flip, unbounded = _ratio_test(alpha, d, isb, at_upper, width, delta, above, k_br)
         leaving = basis[r]
         new_upper = jnp.where(flip, ~at_upper, at_upper).at[leaving].set(above & boxed[leaving])
