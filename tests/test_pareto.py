@@ -472,3 +472,32 @@ def test_device_program_in_float32(opt):
     assert w.min() >= lo - 1e-6 and w.max() <= hi + 1e-6
     obj = c @ w - 0.5 * cfg.mu * np.sum((w - 1) ** 2)
     assert abs(obj - ref.objective) <= 1e-4 * max(abs(ref.objective), 1e-3 * np.abs(P64).sum())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["normal", "rounded (ties)", "half inf", "few distinct", "wide magnitudes"])
+def test_smallest_equals_top_k(kind, dtype):
+    """`select.smallest` (the exact finish's and the ceiling's selection without a full sort)
+    returns exactly ``lax.top_k(−key, k)``'s indices (order and ties included) on keys long
+    enough to take its own path, with ties, infinities and skewed values; jitted and vmapped."""
+    from pareto_jax.pareto import select
+
+    rng = np.random.default_rng(len(kind))
+    n = 20_000
+    X = rng.normal(size=(3, n))
+    if kind == "rounded (ties)":
+        X = np.round(X, 1)
+    elif kind == "half inf":
+        X[rng.uniform(size=X.shape) < 0.5] = np.inf
+    elif kind == "few distinct":
+        X = rng.integers(0, 3, X.shape).astype(float)
+    elif kind == "wide magnitudes":
+        X = np.abs(X) * 10.0 ** rng.integers(-30, 30, X.shape)
+    with jax.enable_x64(dtype == np.float64):
+        Xj = jnp.asarray(X.astype(dtype))
+        for k in (1, 7, 152):
+            assert n > 4 * select.default_cap(k)  # the selection's own path, not top_k's
+            ref = np.asarray(jax.vmap(lambda x: jax.lax.top_k(-x, k)[1])(Xj))
+            got = np.asarray(jax.jit(jax.vmap(lambda x: select.smallest(x, k)))(Xj))
+            np.testing.assert_array_equal(got, ref)
+            np.testing.assert_array_equal(np.asarray(jax.jit(select.smallest, static_argnums=1)(Xj[0], k)), ref[0])

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import dual, simplex
+from . import dual, select, simplex
 from .highs import INFEASIBLE, ITERATION_LIMIT, NUMERICAL, SUCCESS
 
 _PENALTY = 1e6  # per unit of (scaled) violation of a restricted row; duals are O(1) in these units
@@ -131,7 +131,7 @@ def lp_finish(P, c, b, lo, hi, budget, nu, eta, valid, *, has_budget: bool, m_ca
 
     def one_round(st):
         rnd, key, fixed_w, _, _, _, _, _, its = st
-        _, idx = jax.lax.top_k(-key, m_cap)
+        idx = select.smallest(key, m_cap)
         A, h, cost, l, u, basis0, nx = _restricted(P, c, b, lo, hi, budget, idx, fixed_w, valid, has_budget)
         res = simplex.dual_simplex(A, h, cost, l, u, basis0, max_iter=max_iter)
         R = h.shape[0]
@@ -158,7 +158,7 @@ def lp_finish(P, c, b, lo, hi, budget, nu, eta, valid, *, has_budget: bool, m_ca
         new_key = jnp.where(~good, -1.0 - viol / (jnp.max(viol) + 1e-300),
                             jnp.where(inF, m2n, 2.0 + m2n))
         new_key = jnp.where(valid, new_key, jnp.inf)
-        _, idx_next = jax.lax.top_k(-new_key, m_cap)
+        idx_next = select.smallest(new_key, m_cap)
         in_next = jnp.zeros(n, bool).at[idx_next].set(True)
         infeasible = elastic > 1e-9 * (1.0 + jnp.max(jnp.abs(h)))
         status = jnp.where(done, SUCCESS, jnp.where(res.status == NUMERICAL, NUMERICAL, ITERATION_LIMIT))

@@ -20,6 +20,7 @@ wrong w. `exact.solve_program` itself is pure JAX (jit, vmap over α, ρ, class 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -200,14 +201,22 @@ def bucket(n: int) -> int:
     return size
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _pad_device(a, size, axis):
+    shape = list(a.shape)
+    shape[axis] = size
+    return jax.lax.dynamic_update_slice(jnp.zeros(shape, a.dtype), a, (0,) * a.ndim)
+
+
 def pad_rows(P, C=None):
     """P (N, K) padded with zero rows to `bucket`(N), and C (M, N) with zero columns to match:
     the shapes every device solve is compiled for (zero rows change no constraint or objective;
-    `n_valid` keeps them at w = 1)."""
-    n = P.shape[0]
-    extra = bucket(n) - n
-    Pp = np.pad(P, ((0, extra), (0, 0)))
-    return Pp if C is None else (Pp, np.pad(C, ((0, 0), (0, extra))))
+    `n_valid` keeps them at w = 1). Device arrays of P's dtype (padded on the device: a fresh
+    host array of N·K float64 first-touches its pages, 0.11 s per 80 MB)."""
+    size = bucket(P.shape[0])
+    with jax.enable_x64(True):  # (float64 stays float64)
+        Pp = _pad_device(jnp.asarray(P), size, 0)
+        return Pp if C is None else (Pp, _pad_device(jnp.asarray(C), size, 1))
 
 
 def solve_rows(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, mode="vmap"):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
+from . import select
 from .highs import INFEASIBLE, ITERATION_LIMIT, NUMERICAL, SUCCESS
 
 RUNNING = -1
@@ -66,7 +67,7 @@ def _ratio_test(alpha, d, isb, at_upper, width, delta, above, k_br):
     bp = jnp.where(elig, jnp.maximum(d / jnp.where(elig, a_s, 1.0), 0.0), jnp.inf)
     # the k_br nearest breakpoints, ties broken towards the larger pivot
     key = bp - 1e-14 * jnp.abs(alpha) / (1.0 + jnp.max(jnp.abs(alpha)))
-    _, order = jax.lax.top_k(-key, k_br)
+    order = select.smallest(key, k_br)  # (= top_k(−key): without sorting all n when n is large)
     drop = jnp.where(elig[order], width[order] * jnp.abs(alpha[order]), 0.0)
     cum = jnp.cumsum(drop)
     n_elig = jnp.sum(elig[order])
