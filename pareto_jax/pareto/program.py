@@ -222,17 +222,17 @@ def pad_rows(P, C=None):
 def solve_rows(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, mode="vmap"):
     """`exact.solve_program` for every row of (C, B, LO, HI) on one P (pure JAX, unjitted: the
     batch front door and the fused search generation both trace it)."""
-    def one(c, b, lo, hi):
+    def one(c, b, lo, hi, gram_cap=None):  # (a Hessian branch choice only pays outside vmap)
         return exact.solve_program(P, c, b, lo, hi, budget if has_budget else None, mu if qp else 0.0,
-                                   n_valid=n_valid)
+                                   n_valid=n_valid, gram_cap=gram_cap)
 
     if C.shape[0] == 1:
         # one program: no vmap, so the dual stage's lax.cond (`dual.weighted_gram`) stays a
         # branch instead of becoming a select that computes both sides
-        return jax.tree_util.tree_map(lambda a: a[None], one(C[0], B[0], LO[0], HI[0]))
+        return jax.tree_util.tree_map(lambda a: a[None], one(C[0], B[0], LO[0], HI[0], "auto"))
     if mode == "vmap":
         return jax.vmap(one)(C, B, LO, HI)
-    return jax.lax.map(lambda a: one(*a), (C, B, LO, HI))
+    return jax.lax.map(lambda a: one(*a, "auto"), (C, B, LO, HI))
 
 
 _device_batch = jax.jit(solve_rows, static_argnames=("has_budget", "qp", "mode"))
