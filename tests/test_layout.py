@@ -20,7 +20,7 @@ LAYERS = [
     {"data", "text", "datasets"},
     {"kernels", "linsolve", "kfac", "closed_form", "models", "pareto", "pareto.ceiling",
      "pareto.dual", "pareto.exact", "pareto.frontier", "pareto.highs", "pareto.program",
-     "pareto.simplex"},
+     "pareto.select", "pareto.simplex"},
     {"train"},
     {"backend", "distributed"},
     {"influence"},
