@@ -29,6 +29,8 @@ _SAMPLE = 16384
 
 def _ordered_bits(x):
     """An integer image of float x whose signed order is x's order (−0 just below +0)."""
+    if x.dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(f"smallest: float32 or float64 keys, not {x.dtype}")
     it = jnp.int64 if x.dtype == jnp.float64 else jnp.int32
     b = jax.lax.bitcast_convert_type(x, it)
     return jnp.where(b < 0, b ^ jnp.iinfo(it).max, b)
