@@ -33,7 +33,7 @@ def _pytest(tests: list[str], fault: str | None) -> tuple[int, float, str]:
     if fault:
         env["PARETO_JAX_FAULT"] = fault
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+    p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "", *tests],
                        cwd=HERE.parent, env=env, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
     tail = p.stdout.strip().splitlines()[-1:] or [""]

@@ -88,6 +88,7 @@ def test_version_help_defaults_and_default_run_folder(tmp_path, capsys, monkeypa
     assert cli.default_out(a).startswith("runs/digits-linear-")
 
 
+@pytest.mark.slow  # (the suite's time budget)
 def test_npz_dataset_through_the_cli(tmp_path, capsys):
     """Your own features: x, y and class names in one .npz; and predefined splits."""
     import os

@@ -52,6 +52,7 @@ def test_same_seed_gives_bitwise_identical_results(tmp_path):
     assert _jsons(tmp_path / "a", names) == _jsons(tmp_path / "b", names)
 
 
+@pytest.mark.slow  # (the suite's time budget)
 def test_rerun_skips_finished_stages_and_config_changes_invalidate_downstream(tmp_path):
     s1 = _run(SMALL, tmp_path)
     assert s1["stages_skipped"] == []

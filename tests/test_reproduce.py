@@ -19,6 +19,7 @@ def _check_report(folder, figures):
         assert f"]({name})" in text, name
 
 
+@pytest.mark.slow  # (the suite's time budget)
 def test_synthetic_quick(tmp_path):
     r = reproduce.reproduce_synthetic(str(tmp_path), quick=True, out=io.StringIO())
     _check_report(tmp_path, ["separable_boundary.png", "separable_influence.png", "separable_rounds.png",
@@ -32,8 +33,9 @@ def test_synthetic_quick(tmp_path):
     assert r["overlapping"]["t_star_relative"] < sep["t_star_relative"]
 
 
-# digits is the slow one (a CNN-free but 1,000-sample retraining sweep); AG News stays in the default run
-@pytest.mark.parametrize("dataset", [pytest.param("digits", marks=pytest.mark.slow), "ag_news"])
+# both slow (a 1,000-sample retraining sweep on digits; AG News 15 s): the suite's time budget
+@pytest.mark.slow  # (the suite's time budget)
+@pytest.mark.parametrize("dataset", ["digits", "ag_news"])
 def test_deletion_quick(tmp_path, dataset):
     r = reproduce.reproduce_deletion(dataset, str(tmp_path), quick=True, out=io.StringIO())
     _check_report(tmp_path, ["scatter.png", "influence_beneficial.png", "accuracy_beneficial.png",

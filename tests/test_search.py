@@ -71,6 +71,7 @@ def test_fused_generation_is_one_call_with_the_two_call_answers(digits_problem):
     np.testing.assert_allclose(acc, ev.accuracies(params, "val", True))
 
 
+@pytest.mark.slow  # (the suite's time budget; test_reliability checks bitwise determinism by default)
 def test_search_is_deterministic_and_reports_consistently(digits_problem):
     prob, P = digits_problem
     cfg = search.SearchConfig(population=6, generations=3, seed=1)
@@ -96,6 +97,7 @@ def test_crossover_mixes_both_parents():
     np.testing.assert_array_equal(search.crossover(a, b, rng, 0.0), a)
 
 
+@pytest.mark.slow  # (the suite's time budget; the planted-fault check still runs it)
 def test_search_resumes_from_its_checkpoint(digits_problem, tmp_path):
     """Killed after generation 1, the search must start again at generation 2 (not at 0) and
     end where an uninterrupted run ends."""
@@ -122,6 +124,7 @@ def test_search_resumes_from_its_checkpoint(digits_problem, tmp_path):
     np.testing.assert_array_equal(resumed.weights, full.weights)
 
 
+@pytest.mark.slow  # (the suite's time budget)
 def test_all_minus_infinity_population_is_handled(digits_problem):
     prob, P = digits_problem
     ev_acc = train.evaluate(prob.apply, prob.state.params, prob.x_val, prob.y_val, 10).accuracy
@@ -196,6 +199,7 @@ def test_harm_matched_baselines_follow_the_search_rule(digits_problem):
         evaluation.harm_matched_baselines(prob, bw, prob.state.params, [3, 8], steps=(0.0,))
 
 
+@pytest.mark.slow  # (the suite's time budget)
 def test_others_weight_gene(digits_problem):
     """The extra objective gene: β = 0 is the method's program exactly; with the gene searched,
     the batched and sequential generations still agree, and the winner's weights are those of
