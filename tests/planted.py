@@ -2,7 +2,7 @@
 
     python -m tests.planted            # all faults (what .ci/run runs)
     python -m tests.planted NAME ...   # some of them
-    python -m tests.planted --no-baseline   # skip the fault-free run (.ci/run: the suite just passed)
+    python -m tests.planted --no-baseline   # skip the fault-free run (when the full suite, slow tests included, just passed)
     python -m tests.planted --list
 
 First the union of the named tests runs once without a fault and must pass (else a fault would
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
         for name, (what, tests, _) in FAULTS.items():
             print(f"{name:34s} {what}\n{'':34s} caught by {', '.join(tests)}")
         return 0
-    baseline = "--no-baseline" not in argv  # .ci/run: the full suite has just passed
+    baseline = "--no-baseline" not in argv  # (the planted tests include slow ones: .ci/run keeps the baseline)
     argv = [a for a in argv if a != "--no-baseline"]
     names = argv or list(FAULTS)
     unknown = [n for n in names if n not in FAULTS]
