@@ -50,6 +50,11 @@ def _dual_value(z, r, b, lo, hi, mu, budget, has_budget):
     return val + (eta * budget if has_budget else 0.0)
 
 
+def _gram(A, B):
+    """AᵀB, contracting the row axis in place (no transposed copy of a tall A)."""
+    return jax.lax.dot_general(A, B, (((0,), (0,)), ((), ())))
+
+
 def weighted_gram(P, on, scale, live, cap, G=None):
     """scale · Σ_{i: on_i} p_i p_iᵀ (= Pᵀ diag(d) P for the dual's generalised Hessian, whose
     d is 1/μ on the weights strictly inside their bounds and 0 elsewhere), by the cheapest exact
@@ -62,7 +67,7 @@ def weighted_gram(P, on, scale, live, cap, G=None):
     `cap` is static (None: every row). Rows that are not `live` (zero padding) never count."""
     def every_row(_=None):  # (rows that are not live are zero: they add nothing)
         Pm = jnp.where(on[:, None], P, 0.0)
-        return scale * jax.lax.dot_general(Pm, P, (((0,), (0,)), ((), ())))
+        return scale * _gram(Pm, P)
 
     if cap is None or cap >= P.shape[0]:
         return every_row()
@@ -73,7 +78,7 @@ def weighted_gram(P, on, scale, live, cap, G=None):
     def gram_of(mask, count):
         idx = jnp.nonzero(mask, size=cap, fill_value=0)[0]
         Pf = jnp.where((jnp.arange(cap) < count)[:, None], P[idx], 0.0)
-        return jax.lax.dot_general(Pf, Pf, (((0,), (0,)), ((), ())))
+        return _gram(Pf, Pf)
 
     branches = [lambda _: scale * gram_of(on, n_on), every_row]
     index = jnp.where(n_on <= cap, 0, 1)
@@ -90,13 +95,12 @@ def _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G):
     g_eta = (budget - jnp.sum(jnp.abs(u))) if has_budget else jnp.zeros((), P.dtype)
     s = jnp.sign(r) * jnp.maximum(jnp.abs(r) - eta, 0.0) / mu
     on = (s > lo - 1.0) & (s < hi - 1.0) & (jnp.abs(r) > eta)
-    d = on.astype(P.dtype) / mu
     # H = Aᵀ diag(d) A with A = [P, −sign(r)] (the η column only with a budget), built blockwise
     # so that no N×(K+1) copy of P is made
     K = P.shape[1]
     H = jnp.zeros((K + 1, K + 1), P.dtype).at[:K, :K].set(weighted_gram(P, on, 1.0 / mu, live, cap, G))
     if has_budget:
-        sd = jnp.sign(r) * d
+        sd = jnp.sign(r) * on.astype(P.dtype) / mu
         h = -(sd @ P)
         H = H.at[:K, K].set(h).at[K, :K].set(h).at[K, K].set(jnp.sum(jnp.sign(r) * sd))
     return jnp.concatenate([g_nu, g_eta[None]]), H
@@ -209,7 +213,7 @@ def dual_solve(P, c, b, lo, hi, mu_final, budget, *, has_budget: bool, max_iter:
     live = jnp.any(P != 0, axis=1)  # zero rows (padding) never enter the Hessian
     # Σ_live p pᵀ once: early stages, where almost every weight is interior, subtract the few
     # others from it (`weighted_gram`)
-    G = None if gram_cap is None else jax.lax.dot_general(P, P, (((0,), (0,)), ((), ())))
+    G = None if gram_cap is None else _gram(P, P)
 
     def stage(carry, j):
         z, its = carry

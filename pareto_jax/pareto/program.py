@@ -227,8 +227,8 @@ def solve_rows(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, mode="vm
                                    n_valid=n_valid, gram_cap=gram_cap)
 
     if C.shape[0] == 1:
-        # one program: no vmap, so the dual stage's lax.cond (`dual.weighted_gram`) stays a
-        # branch instead of becoming a select that computes both sides
+        # one program: no vmap, so the dual stage's lax.switch (`dual.weighted_gram`) stays a
+        # branch instead of becoming a select that computes every side
         return jax.tree_util.tree_map(lambda a: a[None], one(C[0], B[0], LO[0], HI[0], "auto"))
     if mode == "vmap":
         return jax.vmap(one)(C, B, LO, HI)
