@@ -278,13 +278,25 @@ def _gram_complement_not_subtracted():
     from pareto_jax.pareto import dual
 
     def make(orig):
-        def weighted_gram(P, on, scale, live, cap, G=None):
+        def weighted_gram(P, on, scale, live, cap, G=None, Q=None):
             import jax.numpy as jnp
             n_off = jnp.sum(live & ~on)
-            full = orig(P, on, scale, live, cap, G)
+            full = orig(P, on, scale, live, cap, G, Q)
             return full if G is None else jnp.where((jnp.sum(on & live) > cap) & (n_off <= cap), scale * G, full)
         return weighted_gram
     _swap(dual, "weighted_gram", make)
+
+
+def _pair_products_wrong():
+    from pareto_jax.pareto import dual
+
+    def make(orig):
+        def pair_products(P):  # p_ik p_ik instead of p_ik p_ij: the diagonal's pattern everywhere
+            import numpy as np
+            iu, _ = np.triu_indices(P.shape[1])
+            return P[:, iu] * P[:, iu]
+        return pair_products
+    _swap(dual, "pair_products", make)
 
 
 def _nan_check_removed():
@@ -470,6 +482,9 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
     "gram_complement_not_subtracted": ("the dual Hessian's Gram-minus-others branch forgets the others",
                                        ["tests/test_pareto.py::test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact"],
                                        _gram_complement_not_subtracted),
+    "pair_products_wrong": ("the vmapped dual Hessian's row pair products pair each entry with itself",
+                            ["tests/test_pareto.py::test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact"],
+                            _pair_products_wrong),
     "nan_check_removed": ("NaN in P accepted",
                           ["tests/test_pareto.py::test_nan_in_P_is_rejected"], _nan_check_removed),
     "epoch_ignores_weights": ("the weighted epoch trains with w = 1",

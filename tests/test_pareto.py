@@ -260,7 +260,8 @@ def test_tiny_influence_scale_stays_feasible():
 @pytest.mark.parametrize("n_on", [0, 5, 40, 41, 300, 309, 310, 350])
 def test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact(n_on, x64):
     """The dual stage's Hessian scale·Σ_{on} p pᵀ from at most `cap` interior rows, or from the
-    Gram of every live row minus at most `cap` others, else from every row: equal to the dense
+    Gram of every live row minus at most `cap` others, else from every row (directly, or from
+    the rows' pair products under a vmap): equal to the dense
     product computed in numpy on every side of both caps, with zero padding rows that must
     count neither as interior nor as others."""
     from pareto_jax.pareto import dual
@@ -281,6 +282,12 @@ def test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact(n_on, x64):
     # without G: the on-rows gather or every row
     got = f(jnp.asarray(P), jnp.asarray(on), 2.5, jnp.asarray(live), cap)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-11, atol=1e-11)
+    # every row from the rows' pair products, under a vmap over masks (a population's route)
+    ons = np.stack([on, ~on, np.roll(on, 3)])
+    got = jax.jit(jax.vmap(lambda m: dual.weighted_gram(jnp.asarray(P), m, 2.5, jnp.asarray(live), None,
+                                                        Q=dual.pair_products(jnp.asarray(P)))))(jnp.asarray(ons))
+    for m, g in zip(ons, np.asarray(got)):
+        np.testing.assert_allclose(g, 2.5 * (P[m].T @ P[m]), rtol=1e-11, atol=1e-11)
     # which branch: a gather sees only `cap` rows, so past the cap on either side it alone
     # would be wrong (this is what the branch choice guards)
     live_on, live_off = np.flatnonzero(on & live), np.flatnonzero(~on & live)

@@ -28,6 +28,13 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
     import jaxopt
 
+_PAIR_LIMIT = 2**23  # elements of `pair_products` (64 MiB in float64)
+# the stopping bar of every continuation stage but the last (relative, like `tol`): those stages
+# only warm-start the next, whose Newton steps converge from near enough anyway (population of
+# 32 programs at N = 3000, K = 10: 21.5 -> 16.5 mean Newton steps, same answers)
+_STAGE_TOL = 1e-2
+
+
 def primal_from_dual(z, P, c, lo, hi, mu, has_budget):
     """Closed-form primal u = w − 1 at duals z (works on numpy or jax arrays)."""
     xp = jnp if isinstance(P, jax.Array) else np
@@ -55,7 +62,13 @@ def _gram(A, B):
     return jax.lax.dot_general(A, B, (((0,), (0,)), ((), ())))
 
 
-def weighted_gram(P, on, scale, live, cap, G=None):
+def pair_products(P):
+    """(N, K(K+1)/2): row i holds p_ik p_ij for k <= j (the upper triangle of p_i p_iᵀ)."""
+    iu, ju = np.triu_indices(P.shape[1])
+    return P[:, iu] * P[:, ju]
+
+
+def weighted_gram(P, on, scale, live, cap, G=None, Q=None):
     """scale · Σ_{i: on_i} p_i p_iᵀ (= Pᵀ diag(d) P for the dual's generalised Hessian, whose
     d is 1/μ on the weights strictly inside their bounds and 0 elsewhere), by the cheapest exact
     route for the current interior set:
@@ -63,9 +76,15 @@ def weighted_gram(P, on, scale, live, cap, G=None):
       late in the continuation only a few times K weights are interior;
     - at most `cap` live rows off and G = Σ_{live} p pᵀ given (computed once per solve): G minus
       the gather of the off rows; early in the continuation almost every weight is interior;
-    - else every row.
+    - else every row: with Q = `pair_products`(P) given, as the mask times Q (under a `vmap`
+      over programs sharing P, one (M, N) × (N, K(K+1)/2) matrix product for all of them, half
+      the work of M masked Gram products; measured 2.7x faster at N = 3072, K = 10, M = 32).
     `cap` is static (None: every row). Rows that are not `live` (zero padding) never count."""
     def every_row(_=None):  # (rows that are not live are zero: they add nothing)
+        if Q is not None:
+            t = scale * (on.astype(P.dtype) @ Q)
+            iu, ju = np.triu_indices(P.shape[1])
+            return jnp.zeros((P.shape[1],) * 2, P.dtype).at[iu, ju].set(t).at[ju, iu].set(t)
         Pm = jnp.where(on[:, None], P, 0.0)
         return scale * _gram(Pm, P)
 
@@ -88,7 +107,7 @@ def weighted_gram(P, on, scale, live, cap, G=None):
     return jax.lax.switch(index, branches, None)
 
 
-def _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G):
+def _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G, Q=None):
     u, eta = _primal_from_r(jnp, z, r, lo, hi, mu, has_budget)
     # (v @ P, not P.T @ v: XLA:CPU materialises the transpose, measured 10x slower at N = 1e5)
     g_nu = (1.0 + u) @ P - b
@@ -98,7 +117,7 @@ def _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G):
     # H = Aᵀ diag(d) A with A = [P, −sign(r)] (the η column only with a budget), built blockwise
     # so that no N×(K+1) copy of P is made
     K = P.shape[1]
-    H = jnp.zeros((K + 1, K + 1), P.dtype).at[:K, :K].set(weighted_gram(P, on, 1.0 / mu, live, cap, G))
+    H = jnp.zeros((K + 1, K + 1), P.dtype).at[:K, :K].set(weighted_gram(P, on, 1.0 / mu, live, cap, G, Q))
     if has_budget:
         sd = jnp.sign(r) * on.astype(P.dtype) / mu
         h = -(sd @ P)
@@ -106,17 +125,20 @@ def _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G):
     return jnp.concatenate([g_nu, g_eta[None]]), H
 
 
-def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, *, has_budget, max_iter, tol, cap):
+def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, Q, *, has_budget, max_iter, tol, cap):
     K1 = z.shape[0]
     gscale = 1.0 + jnp.max(jnp.abs(b)) + jnp.max(jnp.abs(c))
-    qp = jaxopt.BoxCDQP(maxiter=50, tol=1e-10, implicit_diff=False)
+    # at most 10 coordinate-descent sweeps per subproblem: from d0 (below) every sweep lowers the
+    # model, so any stopping point is a descent direction. Under vmap the sweeps run in lock
+    # step and cost as much as the rest of the step; 50 sweeps made no fewer Newton steps
+    qp = jaxopt.BoxCDQP(maxiter=10, tol=1e-10, implicit_diff=False)
 
     def at(z):  # (z, r, g(z)): one pass over P
         r = c + P @ z[:-1]
         return z, r, _dual_value(z, r, b, lo, hi, mu, budget, has_budget)
 
     def grad_hess(z, r):
-        return _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G)
+        return _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G, Q)
 
     def proj_grad_norm(z, g):
         pg = jnp.where((z <= 0) & (g > 0), 0.0, g)
@@ -214,12 +236,16 @@ def dual_solve(P, c, b, lo, hi, mu_final, budget, *, has_budget: bool, max_iter:
     # Σ_live p pᵀ once: early stages, where almost every weight is interior, subtract the few
     # others from it (`weighted_gram`)
     G = None if gram_cap is None else _gram(P, P)
+    # every row each step (gram_cap None: a vmap over programs): the rows' pair products once,
+    # where they fit (`weighted_gram`)
+    Q = pair_products(P) if gram_cap is None and P.shape[0] * K * (K + 1) // 2 <= _PAIR_LIMIT else None
 
     def stage(carry, j):
         z, its = carry
         mu = mu0 * ratio ** j if n_stages > 1 else mu_final
-        z, it, err = _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, has_budget=has_budget,
-                                   max_iter=max_iter, tol=tol, cap=gram_cap)
+        stage_tol = jnp.where(j == n_stages - 1, tol, jnp.maximum(tol, _STAGE_TOL))
+        z, it, err = _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, Q, has_budget=has_budget,
+                                   max_iter=max_iter, tol=stage_tol, cap=gram_cap)
         return (z, its + it), err
 
     (z, its), errs = jax.lax.scan(stage, (z, 0), jnp.arange(n_stages))
