@@ -508,3 +508,26 @@ def test_smallest_equals_top_k(kind, dtype):
             got = np.asarray(jax.jit(jax.vmap(lambda x: select.smallest(x, k)))(Xj))
             np.testing.assert_array_equal(got, ref)
             np.testing.assert_array_equal(np.asarray(jax.jit(select.smallest, static_argnums=1)(Xj[0], k)), ref[0])
+            # short keys (the path of a population's programs at small N: bisection from the whole
+            # range, no sample)
+            short = Xj[:, :3072]
+            assert 2 * (k + 64) < 3072 <= 4 * select.default_cap(k)
+            np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(lambda x: select.smallest(x, k)))(short)),
+                                          np.asarray(jax.vmap(lambda x: jax.lax.top_k(-x, k)[1])(short)))
+
+
+def test_smallest_when_the_sample_misleads_and_the_keys_span_both_signs():
+    """The sample's bracket fails (every sampled key is among the smallest), so the bracket is
+    widened to the whole range, which for keys of both signs near ±1e300 spans more than int64's
+    range: the bisection must still run (it once stopped at once and returned the first indices)."""
+    from pareto_jax.pareto import select
+
+    n, k = 2**17, 152
+    rng = np.random.default_rng(0)
+    x = 1e300 * (1.0 + rng.uniform(size=n))
+    sampled = np.arange(16_384) * (n // 16_384)
+    x[sampled] = -1e300 * (1.0 + rng.uniform(size=sampled.size))
+    with jax.enable_x64(True):
+        xj = jnp.asarray(x)
+        ref = np.asarray(jax.lax.top_k(-xj, k)[1])
+        np.testing.assert_array_equal(np.asarray(jax.jit(select.smallest, static_argnums=1)(xj, k)), ref)
