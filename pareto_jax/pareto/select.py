@@ -82,9 +82,12 @@ def smallest(key, k: int, *, cap: int | None = None):
     def count(t):
         return jnp.sum(ik <= t)
 
-    bottom = jnp.min(ik) - 1  # (nothing is <= it; an image never reaches the type's minimum)
+    # nothing is <= bottom (only a negative NaN with every payload bit set has the type's minimum
+    # as its image; the callers' keys are never NaN)
+    bottom = jnp.min(ik) - 1
     if short:
-        lo, hi, c_hi = bottom, jnp.max(ik), jnp.asarray(n, count(bottom).dtype)
+        lo, hi = bottom, jnp.max(ik)
+        c_hi = count(hi)  # (= n)
     else:
         lo, hi, c_hi = _sample_bracket(ik, k, count, bottom)
 
