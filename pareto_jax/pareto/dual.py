@@ -33,6 +33,11 @@ _PAIR_LIMIT = 2**23  # elements of `pair_products` (64 MiB in float64)
 # only warm-start the next, whose Newton steps converge from near enough anyway (population of
 # 32 programs at N = 3000, K = 10: 21.5 -> 16.5 mean Newton steps, same answers)
 _STAGE_TOL = 1e-2
+# each Newton step's box subproblem: at most 10 coordinate-descent sweeps. From the projected-Newton
+# start every sweep lowers the model, so any stopping point is a descent direction; under vmap
+# the sweeps run in lock step and cost as much as the rest of the step, and 50 sweeps made no
+# fewer Newton steps
+_BOX_QP = jaxopt.BoxCDQP(maxiter=10, tol=1e-10, implicit_diff=False)
 
 
 def primal_from_dual(z, P, c, lo, hi, mu, has_budget):
@@ -128,10 +133,6 @@ def _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G, Q=
 def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, Q, *, has_budget, max_iter, tol, cap):
     K1 = z.shape[0]
     gscale = 1.0 + jnp.max(jnp.abs(b)) + jnp.max(jnp.abs(c))
-    # at most 10 coordinate-descent sweeps per subproblem: from d0 (below) every sweep lowers the
-    # model, so any stopping point is a descent direction. Under vmap the sweeps run in lock
-    # step and cost as much as the rest of the step; 50 sweeps made no fewer Newton steps
-    qp = jaxopt.BoxCDQP(maxiter=10, tol=1e-10, implicit_diff=False)
 
     def at(z):  # (z, r, g(z)): one pass over P
         r = c + P @ z[:-1]
@@ -175,7 +176,7 @@ def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, Q, *, has_budg
         # K = 30, N = 40, and the stage stalled)
         q0 = 0.5 * d0 @ H @ d0 + g @ d0
         d0 = jnp.where(q0 <= 0, d0, 0.0)
-        d = qp.run(d0, params_obj=(H, g), params_ineq=(-z, upper - z)).params
+        d = _BOX_QP.run(d0, params_obj=(H, g), params_ineq=(-z, upper - z)).params
 
         def trial(t):
             return at(jnp.clip(z + t * d, 0.0, upper))
