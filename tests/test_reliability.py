@@ -130,7 +130,7 @@ def test_run_killed_mid_search_resumes_to_the_same_result(tmp_path):
 # ----------------------------------------------------------------------------- properties
 
 
-@settings(max_examples=examples(6), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(12, 60), d=st.integers(1, 5), k=st.integers(2, 4), seed=st.integers(0, 10_000),
        wd=st.sampled_from([1e-2, 1e-1]))
 def test_property_closed_form_equals_dense_generic(n, d, k, seed, wd):
@@ -147,7 +147,7 @@ def test_property_closed_form_equals_dense_generic(n, d, k, seed, wd):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12 * np.abs(b).max())
 
 
-@settings(max_examples=examples(6), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(8, 40), hidden=st.integers(1, 6), k=st.integers(2, 4), seed=st.integers(0, 10_000),
        chunk=st.integers(1, 50))
 def test_property_forward_mode_equals_per_sample(n, hidden, k, seed, chunk):
@@ -163,7 +163,7 @@ def test_property_forward_mode_equals_per_sample(n, hidden, k, seed, chunk):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
-@settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(8), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.sampled_from([30, 120]), k=st.sampled_from([2, 4]), seed=st.integers(0, 10_000),
        alpha=st.floats(0.0, 1.0), rho=st.sampled_from([None, 0.1, 0.5]))
 def test_property_program_is_feasible_or_reports_why(n, k, seed, alpha, rho):
