@@ -101,6 +101,7 @@ def test_cg_detects_negative_curvature(x64):
         linsolve.check_solve(res, rtol=1e-10)
 
 
+@pytest.mark.slow  # (the suite's time budget; test_reliability's property test compares the same paths)
 def test_generic_paths_agree_with_closed_form_on_digits(x64):
     s, apply, loss_fn, params = digits_linear()
     kw = dict(num_classes=10, weight_decay=1e-2)
