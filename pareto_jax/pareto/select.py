@@ -44,22 +44,6 @@ def default_cap(k: int) -> int:
     return 4 * k + 1024
 
 
-def _sample_bracket(ik, k, count, bottom):
-    """1. (lo, hi, count(hi)) from a strided sample: about 3k keys expected <= hi, k/3 <= lo."""
-    n = ik.shape[0]
-    s = min(n, _SAMPLE)
-    sample = jnp.sort(ik[(jnp.arange(s) * (n // s))])
-    r_hi = min(s - 1, -(-3 * k * s // n))
-    r_lo = k * s // (3 * n) - 1
-    hi = sample[r_hi]
-    c_hi = count(hi)
-    hi, c_hi = jnp.where(c_hi >= k, hi, jnp.max(ik)), jnp.where(c_hi >= k, c_hi, n)
-    if r_lo < 0:
-        return bottom, hi, c_hi
-    lo = sample[r_lo]
-    return jnp.where(count(lo) < k, lo, bottom), hi, c_hi
-
-
 def smallest(key, k: int, *, cap: int | None = None):
     """Indices of the k smallest entries of the 1-D float array `key`, in increasing key order,
     ties to the lower index: ``jax.lax.top_k(-key, k)[1]`` (module docstring). `k` and `cap`
@@ -78,10 +62,23 @@ def smallest(key, k: int, *, cap: int | None = None):
     def count(t):
         return jnp.sum(ik <= t)
 
+    # 1. a bracket from a strided sample: about 3k keys expected <= hi and k/3 <= lo
+    s = min(n, _SAMPLE)
+    sample = jnp.sort(ik[(jnp.arange(s) * (n // s))])
+    r_hi = min(s - 1, -(-3 * k * s // n))
+    r_lo = k * s // (3 * n) - 1
+    hi = sample[r_hi]
+    c_hi = count(hi)
+    top = jnp.max(ik)
+    hi, c_hi = jnp.where(c_hi >= k, hi, top), jnp.where(c_hi >= k, c_hi, n)
     # nothing is <= bottom (only a negative NaN with every payload bit set has the type's minimum
     # as its image; the callers' keys are never NaN)
     bottom = jnp.min(ik) - 1
-    lo, hi, c_hi = _sample_bracket(ik, k, count, bottom)
+    if r_lo >= 0:
+        lo = sample[r_lo]
+        lo = jnp.where(count(lo) < k, lo, bottom)
+    else:
+        lo = bottom
 
     # 2. bisection while too many keys are <= hi and the bracket can still narrow (lo + 1 < hi,
     # not hi − lo > 1: a bracket of keys of both signs can span more than the type's range)
