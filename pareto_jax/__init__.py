@@ -2,30 +2,56 @@
 re-weighting its own training data, and if so with which weights? See ``docs/method.md``.
 
 The names most users need are here; every module keeps its own (``pareto_jax.influence``,
-``pareto_jax.pareto``, ``pareto_jax.search``, ...).
+``pareto_jax.pareto``, ``pareto_jax.search``, ...). Importing the package loads nothing heavy and
+changes no global state: each name below (and each submodule) is imported on first use, and the
+persistent compilation cache is switched on by the entry points (the CLI, `pipeline.run`) or by
+you (`pareto_jax.cache.enable()`).
 """
 
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version as _version
-
-from . import cache
-from .checks import InputError, NumericalError
-from .influence import (Influence, InfluenceConfig, InfluenceResult, category_influence,
-                        influence_matrix, linear_category_influence, predict_class_loss_change)
-from .models import OutputLoss, functional
-from .pareto import (CeilingResult, ReweightConfig, ReweightResult, ceiling_program, ceiling_test,
-                     pareto_frontier, reweight, solve_reweighting, solve_reweighting_batch)
-
-cache.enable()  # compiled solvers persist across processes (``pareto_jax.cache``; opt out there)
 
 try:
     __version__ = _version("pareto-jax")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0+unknown"
 
-__all__ = [
-    "InputError", "NumericalError", "Influence", "InfluenceConfig", "InfluenceResult", "category_influence",
-    "influence_matrix", "OutputLoss", "functional",
-    "linear_category_influence", "predict_class_loss_change", "CeilingResult", "ReweightConfig",
-    "ReweightResult", "ceiling_program", "ceiling_test", "pareto_frontier", "reweight",
-    "solve_reweighting", "solve_reweighting_batch", "__version__",
-]
+# public name -> the submodule that defines it
+_NAMES = {
+    "InputError": "checks", "NumericalError": "checks",
+    "Status": "results",
+    "InfluenceConfig": "config", "ReweightConfig": "config", "TrainConfig": "config",
+    "SearchConfig": "config", "RunConfig": "config",
+    "Objective": "train",
+    "Influence": "influence", "InfluenceResult": "influence", "category_influence": "influence",
+    "influence_matrix": "influence", "linear_category_influence": "influence",
+    "predict_class_loss_change": "influence",
+    "OutputLoss": "models", "functional": "models",
+    "CeilingResult": "pareto", "ReweightResult": "pareto", "ceiling_program": "pareto", "ceiling_test": "pareto",
+    "pareto_frontier": "pareto", "reweight": "pareto", "solve_reweighting": "pareto",
+    "solve_reweighting_batch": "pareto",
+}
+_SUBMODULES = {
+    "backend", "cache", "checks", "cli", "closed_form", "config", "data", "datasets", "distributed",
+    "evaluation", "experiments", "influence", "io", "kernels", "kfac", "linsolve", "models", "pareto",
+    "pipeline", "plots", "reproduce", "results", "search", "setup", "stats", "study", "text", "train",
+}
+
+__all__ = [*_NAMES, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NAMES) | _SUBMODULES)

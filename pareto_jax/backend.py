@@ -8,9 +8,13 @@ data sit on one device or many. Both backends have the same methods:
 * ``class_gradients(f, theta, chunks, y, num_classes)`` -> (K, P);
 * ``objective(theta, chunks, n, weight_decay)`` -> `kernels.ObjectiveData` placed for this backend;
 * ``matvec(curvature, data)`` -> V (K, P) -> (H + λI) V, batched over the rows;
-* ``solve(method, curvature, data, G, damping, rtol, atol, max_steps)`` -> `linsolve.SolveResult`
-  with method "cg" or "dense" (one device: CG may also be preconditioned by K-FAC/EK-FAC
-  factors);
+* ``solve(method, curvature, data, G, damping, rtol, atol, max_steps, factors=None, ekfac=True)``
+  -> `linsolve.SolveResult` with method "cg" (preconditioned by K-FAC/EK-FAC `factors` when
+  given) or "dense";
+* ``lissa(curvature, data, G, *, scale, damping, rtol, max_steps, seed)`` -> LiSSA's result,
+  one chunk of the training set per draw;
+* ``factors(model, params, x, y, *, batch_size, num_classes, output_loss, weight_decay)`` ->
+  `kfac.Factors` of the training set (K-FAC / EK-FAC);
 * ``influence_rows(f, method, theta, U, chunks, n_real)`` -> P as a (n_real, K) array;
 * ``execution``: "compiled" or "stepped", how the loops ran (reported in every result).
 
@@ -56,9 +60,9 @@ def solve_program(method, curv, data, G, damping, rtol, atol, max_steps, factor_
     if method == "dense":
         return linsolve.solve_dense(matvec, G, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps)
     precond = None
-    if factor_arrays is not None:
-        factors = kfac.Factors(layers, factor_arrays, layout, G.shape[-1])
-        precond = kfac.preconditioner(factors, data.weight_decay + damping, ekfac=ekfac)
+    if factor_arrays is not None:  # λ is the objective's (in `data`), δ the damping
+        factors = kfac.Factors(layers, factor_arrays, layout, G.shape[-1], data.weight_decay)
+        precond = kfac.preconditioner(factors, damping, ekfac=ekfac)
     return linsolve.solve_cg(matvec, G, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps,
                              precond=precond)
 
@@ -165,8 +169,9 @@ class Local:
               ekfac: bool = True) -> linsolve.SolveResult:
         """CG or dense; with `factors` (`kfac.Factors`), CG preconditioned by them."""
         if self._on_host(data.chunks) and method == "cg":
+            dmp = jnp.asarray(damping, data.theta.dtype)  # (λ + δ then sums in the data's dtype)
             pre = None if factors is None else (
-                lambda R: kfac.apply_inverse(factors, R, damping=data.weight_decay + damping, ekfac=ekfac))
+                lambda R: kfac.apply_inverse(factors, R, damping=dmp, ekfac=ekfac))
             return linsolve.solve_cg_stepped(self.matvec(curv, data), G, damping=damping, rtol=rtol,
                                              atol=atol, max_steps=int(max_steps), precond_batched=pre,
                                              progress=self.progress)
@@ -181,6 +186,11 @@ class Local:
     def lissa(self, curv, data, G, *, scale, damping, rtol, max_steps, seed) -> linsolve.SolveResult:
         """LiSSA with minibatch curvature products, one chunk of `data` per draw (compiled)."""
         return lissa_program(curv, data, G, scale, damping, rtol, int(max_steps), seed)
+
+    def factors(self, model, params, x, y, *, batch_size, num_classes, output_loss, weight_decay):
+        """K-FAC / EK-FAC factors of the training set, streamed in batches on this device."""
+        return kfac.compute_factors(model, params, x, batch_size=batch_size, num_classes=num_classes, y=y,
+                                    output_loss=output_loss, weight_decay=weight_decay)
 
     def influence_rows(self, f, method, theta, U, chunks: Chunks, n_real: int):
         U = jnp.asarray(U, theta.dtype)

@@ -12,7 +12,12 @@ import numpy as np
 
 
 class InputError(ValueError):
-    """A public function received an argument it cannot use."""
+    """A public function received an argument it cannot use. `argument` names it (the command
+    line maps a config field's name to its flag)."""
+
+    def __init__(self, message: str, argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
 
 
 class NumericalError(FloatingPointError):
@@ -20,7 +25,7 @@ class NumericalError(FloatingPointError):
 
 
 def fail(name: str, got: str, expected: str, fix: str) -> None:
-    raise InputError(f"argument `{name}`: got {got}; expected {expected}. Fix: {fix}")
+    raise InputError(f"argument `{name}`: got {got}; expected {expected}. Fix: {fix}", name)
 
 
 def _shape(a: Any) -> tuple:
@@ -163,6 +168,16 @@ def check_positive(value: Any, name: str, *, allow_zero: bool = False, integer: 
         kind = "an integer" if integer else "a number"
         bound = ">= 0" if allow_zero else "> 0"
         fail(name, repr(value), f"{kind} {bound}", f"set `{name}` to {kind} {bound}")
+
+
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(value: Any, name: str = "seed") -> None:
+    """A seed: an integer in [0, 2**32 − 1] (what JAX's and NumPy's generators both take)."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value <= SEED_MAX
+    if not ok:
+        fail(name, repr(value), f"an integer in [0, {SEED_MAX}]", f"set `{name}` to e.g. 0")
 
 
 def check_in_range(value: Any, name: str, lo: float, hi: float) -> None:

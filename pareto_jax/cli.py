@@ -12,6 +12,8 @@ import sys
 import warnings
 
 from . import checks
+from .config import (DATASETS, MODEL_KINDS, OPTIMIZERS, RETRAIN, TEXT_FEATURES, DataConfig, ImproveConfig,
+                     ModelConfig, ReweightConfig, RunConfig, SearchConfig, TrainConfig)
 
 
 def _int_tuple(s: str) -> tuple[int, ...]:
@@ -28,110 +30,108 @@ def _float_tuple(s: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    from .datasets import DATASETS
+_RUN = RunConfig()
+_IMPROVE = ImproveConfig()
 
-    p.add_argument("--dataset", default="digits", choices=DATASETS,
+# config field -> the flag that sets it (a config's error names the field; the CLI names the flag)
+FLAGS = {
+    "epochs": "--epochs", "batch_size": "--batch-size", "learning_rate": "--lr", "weight_decay": "--weight-decay",
+    "optimizer": "--optimizer", "alpha": "--alpha", "rho": "--rho", "w_max": "--w-max", "steps": "--steps",
+    "retrain_epochs": "--retrain-epochs", "population": "--population", "generations": "--generations",
+    "max_train": "--max-train", "hidden": "--hidden", "targets": "--targets", "seed": "--seed",
+    "dataset": "--dataset", "features": "--features", "model": "--model", "out_dir": "--out",
+    "noise_fraction": "--noise", "noise_classes": "--noise-classes", "alpha_min": "--alpha-min",
+    "rounds": "--rounds", "retrain": "--retrain", "elite": "--population", "alpha_range": "--alpha-min",
+}
+
+
+def _as_flag_error(e: checks.InputError) -> checks.InputError:
+    """A config's error about field F as the same error about the flag that sets F."""
+    flag = FLAGS.get(e.argument or "")
+    if flag is None:
+        return e
+    return checks.InputError(str(e).replace(f"argument `{e.argument}`", f"flag {flag}", 1)
+                             .replace(f"set `{e.argument}` to", f"pass {flag} as")
+                             .replace(f"{e.argument}=", f"{flag} "), flag)
+
+
+def _add_data_args(p: argparse.ArgumentParser, defaults: DataConfig) -> None:
+    p.add_argument("--dataset", default=defaults.name, choices=DATASETS,
                    help="dataset: digits and mnist5k are shipped with packages; npz (your own features: "
                         "--path FILE.npz with arrays x, y and optionally class_names, or x_train/y_train/"
                         "x_val/y_val/x_test/y_test), cifar10 and stl10 need --path; emotion and ag_news "
                         "read --path or $PARETO_JAX_DATA/<name> (default ../shared/data/<name>)")
-    p.add_argument("--path", default=None, help="file or folder of the dataset (see --dataset)")
-    p.add_argument("--features", default="tfidf", choices=("tfidf", "minilm"),
+    p.add_argument("--path", default=defaults.path, help="file or folder of the dataset (see --dataset)")
+    p.add_argument("--features", default=defaults.features, choices=TEXT_FEATURES,
                    help="text features for emotion / ag_news")
-    p.add_argument("--max-train", type=int, default=None, help="cap on training samples")
-    p.add_argument("--seed", type=int, default=0, help="seed for splits, init and shuffling")
+    p.add_argument("--max-train", type=int, default=defaults.max_train, help="cap on training samples")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed for splits, init and shuffling")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="linear", choices=("linear", "mlp", "cnn"), help="classifier to train")
-    p.add_argument("--hidden", type=_int_tuple, default=(64,), help="MLP hidden sizes, e.g. 128,64")
-    p.add_argument("--epochs", type=int, default=40, help="training epochs (>= 1)")
-    p.add_argument("--batch-size", type=int, default=128, help="minibatch size")
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate (> 0)")
-    p.add_argument("--weight-decay", type=float, default=1e-3, help="L2 weight decay λ (part of the influence Hessian)")
-    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd", "gd"), help="optax optimizer")
+def _add_model_args(p: argparse.ArgumentParser, model: ModelConfig, tc: TrainConfig) -> None:
+    p.add_argument("--model", default=model.kind, choices=MODEL_KINDS, help="classifier to train")
+    p.add_argument("--hidden", type=_int_tuple, default=model.hidden, help="MLP hidden sizes, e.g. 128,64")
+    p.add_argument("--epochs", type=int, default=tc.epochs, help="training epochs (>= 1)")
+    p.add_argument("--batch-size", type=int, default=tc.batch_size, help="minibatch size")
+    p.add_argument("--lr", type=float, default=tc.learning_rate, help="learning rate (> 0)")
+    p.add_argument("--weight-decay", type=float, default=tc.weight_decay,
+                   help="L2 weight decay λ (part of the influence Hessian)")
+    p.add_argument("--optimizer", default=tc.optimizer, choices=OPTIMIZERS, help="optax optimizer")
 
 
 def _flag(ok: bool, flag: str, value, expected: str, fix: str) -> None:
     if not ok:
-        raise checks.InputError(f"flag {flag}: got {value!r}; expected {expected}. Fix: {fix}")
+        raise checks.InputError(f"flag {flag}: got {value!r}; expected {expected}. Fix: {fix}", flag)
 
 
-def _number(v) -> bool:
-    return v is not None and v == v and abs(v) != float("inf")
-
-
-def check_run_args(a) -> None:
-    """Every flag of `run` checked before any work, each error naming the flag and the fix."""
+def _run_config(a) -> RunConfig:
+    """The `RunConfig` of `run`'s flags: every flag checked by the configs it fills (errors name
+    the flag), plus what only the command line knows; before anything else is imported."""
     _flag(a.epochs >= 1, "--epochs", a.epochs, "an integer >= 1", "train for at least one epoch, e.g. --epochs 40")
-    _flag(a.batch_size >= 1, "--batch-size", a.batch_size, "an integer >= 1", "e.g. --batch-size 128")
-    _flag(_number(a.lr) and a.lr > 0, "--lr", a.lr, "a learning rate > 0", "e.g. --lr 0.05")
-    _flag(_number(a.weight_decay) and a.weight_decay >= 0, "--weight-decay", a.weight_decay, "a number >= 0",
-          "e.g. --weight-decay 1e-3 (0 for none)")
-    _flag(_number(a.alpha) and 0 <= a.alpha <= 1, "--alpha", a.alpha, "a number in [0, 1] (the share of each "
-          "class's influence it must keep)", "e.g. --alpha 0.9")
-    _flag(_number(a.rho) and a.rho >= 0, "--rho", a.rho, "a number >= 0 (0 turns the trust region off)",
-          "e.g. --rho 0.5")
-    _flag(_number(a.w_max) and a.w_max > 0, "--w-max", a.w_max, "a number > 0 (>= 1 keeps w = 1 allowed)",
-          "e.g. --w-max 2")
-    _flag(all(_number(t) and 0 < t <= 1 for t in a.steps), "--steps", a.steps, "steps in (0, 1]",
-          "e.g. --steps 0.25,0.5,1 (or an empty string to use the program's weights as solved)")
-    _flag(a.retrain_epochs >= 1, "--retrain-epochs", a.retrain_epochs, "an integer >= 1", "e.g. --retrain-epochs 5")
-    _flag(a.population >= 2, "--population", a.population, "an integer >= 2", "e.g. --population 16")
-    _flag(a.generations >= 1, "--generations", a.generations, "an integer >= 1", "e.g. --generations 6")
-    _flag(a.max_train is None or a.max_train >= 1, "--max-train", a.max_train, "an integer >= 1",
-          "drop the flag to use every training sample")
-    _flag(len(a.hidden) >= 1 and min(a.hidden) >= 1, "--hidden", a.hidden, "positive layer sizes", "e.g. --hidden 128,64")
-    if a.targets is not None:
-        _flag(len(a.targets) >= 1 and min(a.targets) >= 0 and len(set(a.targets)) == len(a.targets), "--targets",
-              a.targets, "distinct class indices >= 0", "e.g. --targets 3,8")
     _flag(a.dataset not in ("npz", "cifar10", "stl10") or a.path is not None, "--path", a.path,
           f"the file or folder of the {a.dataset} data", f"pass --path with --dataset {a.dataset}")
+    _flag(a.rho == a.rho and a.rho >= 0, "--rho", a.rho, "a number >= 0 (0 turns the trust region off)",
+          "e.g. --rho 0.5")
+    try:
+        return RunConfig(
+            targets=a.targets or None, alpha=a.alpha,
+            reweight=ReweightConfig(w_max=a.w_max, rho=None if a.rho == 0 else a.rho),
+            search=SearchConfig(population=a.population, generations=a.generations, seed=a.seed) if a.search else None,
+            retrain_epochs=a.retrain_epochs, steps=tuple(a.steps),
+            data=DataConfig(name=a.dataset, path=a.path, features=a.features, max_train=a.max_train, seed=a.seed),
+            model=ModelConfig(kind=a.model, hidden=a.hidden, seed=a.seed),
+            train=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr,
+                              weight_decay=a.weight_decay, optimizer=a.optimizer, seed=a.seed,
+                              checkpoint_epochs=(a.epochs,)),
+            out_dir=a.out or "runs/default", devices=a.devices)
+    except checks.InputError as e:
+        raise _as_flag_error(e) from None
 
 
-def check_improve_args(a) -> None:
-    """The `improve` flags, checked before any work."""
-    _flag(_number(a.noise) and 0 <= a.noise < 1, "--noise", a.noise, "a fraction in [0, 1)", "e.g. --noise 0.4")
+def _improve_config(a) -> ImproveConfig:
+    """The `ImproveConfig` of `improve`'s flags (checked by the configs; errors name the flag)."""
     _flag(len(a.noise_classes) >= 1 and min(a.noise_classes) >= 0 and max(a.noise_classes) <= 9, "--noise-classes",
           a.noise_classes, "digit classes in 0..9", "e.g. --noise-classes 3,8")
-    _flag(a.population >= 2, "--population", a.population, "an integer >= 2", "e.g. --population 16")
-    _flag(a.generations >= 1, "--generations", a.generations, "an integer >= 1", "e.g. --generations 6")
-    _flag(_number(a.alpha_min) and 0 <= a.alpha_min <= 1, "--alpha-min", a.alpha_min, "a number in [0, 1]",
-          "e.g. --alpha-min 0.95")
-    _flag(_number(a.w_max) and a.w_max > 0, "--w-max", a.w_max, "a number > 0", "e.g. --w-max 1")
-    _flag(a.rounds >= 1, "--rounds", a.rounds, "an integer >= 1", "e.g. --rounds 1")
+    try:
+        reweight = ReweightConfig(w_max=a.w_max)
+        return ImproveConfig(
+            data=DataConfig(name=a.dataset, seed=a.seed), noise_classes=a.noise_classes, noise_fraction=a.noise,
+            search=SearchConfig(population=a.population, generations=a.generations, seed=a.seed,
+                                retrain=a.retrain, alpha_range=(min(max(a.alpha_min, 0.0), 1.0), 1.0),
+                                reweight=reweight),
+            alpha_min=a.alpha_min, reweight=reweight, retrain=a.retrain, rounds=a.rounds, out_dir=a.out)
+    except checks.InputError as e:
+        raise _as_flag_error(e) from None
 
 
-def default_out(a) -> str:
+def default_out(cfg: RunConfig, a) -> str:
     """runs/<dataset>-<model>-<8 hex of the config>: the same config reuses its folder (resume),
     a different one never overwrites it."""
     import dataclasses
 
     from . import io
 
-    cfg = dataclasses.replace(_run_config(a), out_dir="")
-    return f"runs/{a.dataset}-{a.model}-{io.fingerprint('run', cfg)[:8]}"
-
-
-def _run_config(a):
-    from . import pareto, pipeline, search, train
-
-    scfg = None
-    if a.search:
-        scfg = search.SearchConfig(population=a.population, generations=a.generations, seed=a.seed)
-    return pipeline.RunConfig(
-        targets=a.targets or None, alpha=a.alpha,
-        reweight=pareto.ReweightConfig(w_max=a.w_max, rho=None if a.rho == 0 else a.rho),
-        search=scfg, retrain_epochs=a.retrain_epochs, steps=tuple(a.steps),
-        data=pipeline.DataConfig(name=a.dataset, path=a.path, features=a.features,
-                                 max_train=a.max_train, seed=a.seed),
-        model=pipeline.ModelConfig(kind=a.model, hidden=a.hidden, seed=a.seed),
-        train=train.TrainConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr,
-                                weight_decay=a.weight_decay, optimizer=a.optimizer, seed=a.seed,
-                                checkpoint_epochs=(a.epochs,)),
-        out_dir=a.out, devices=a.devices,
-    )
+    return f"runs/{a.dataset}-{a.model}-{io.fingerprint('run', dataclasses.replace(cfg, out_dir='-'))[:8]}"
 
 
 def _devices(s: str):
@@ -157,20 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"pareto-jax {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="train the model on a dataset and report per-class accuracy", formatter_class=fmt)
-    _add_data_args(p)
-    _add_model_args(p)
-    p.add_argument("--targets", type=_int_tuple, default=None,
+    _add_data_args(p, _RUN.data)
+    _add_model_args(p, _RUN.model, _RUN.train)
+    p.add_argument("--targets", type=_int_tuple, default=_RUN.targets,
                    help="classes to improve, e.g. 3,8 (default: the two weakest on validation)")
-    p.add_argument("--alpha", type=float, default=0.9, help="program threshold for every class")
-    p.add_argument("--rho", type=float, default=0.5, help="trust region |w-1| <= rho (0: off)")
-    p.add_argument("--w-max", type=float, default=2.0, help="upper bound on weights")
-    p.add_argument("--steps", type=_float_tuple, default=(0.25, 0.5, 1.0),
+    p.add_argument("--alpha", type=float, default=_RUN.alpha, help="program threshold for every class")
+    p.add_argument("--rho", type=float, default=_RUN.reweight.rho, help="trust region |w-1| <= rho (0: off)")
+    p.add_argument("--w-max", type=float, default=_RUN.reweight.w_max, help="upper bound on weights")
+    p.add_argument("--steps", type=_float_tuple, default=_RUN.steps,
                    help="steps t of w = 1 + t(w* - 1) tried on validation (retrained each) to pick the "
                         "program's step; an empty string uses w* as solved")
     p.add_argument("--search", action="store_true", help="search alpha with PARETO-LP-GA")
-    p.add_argument("--population", type=int, default=16, help="search population (with --search)")
-    p.add_argument("--generations", type=int, default=6, help="search generations (with --search)")
-    p.add_argument("--retrain-epochs", type=int, default=5,
+    p.add_argument("--population", type=int, default=SearchConfig.population,
+                   help="search population (with --search)")
+    p.add_argument("--generations", type=int, default=SearchConfig.generations,
+                   help="search generations (with --search)")
+    p.add_argument("--retrain-epochs", type=int, default=_RUN.retrain_epochs,
                    help="epochs with the new weights, beside as many plain epochs (the comparison)")
     p.add_argument("--out", default=None, help="run folder; finished stages are reused (default: "
                    "runs/<dataset>-<model>-<hash of the config>, so different configs never overwrite each other)")
@@ -183,22 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("improve", help="label-noise experiment: Direct Improvement, Course "
                                        "Correction, baselines and the Pareto frontier", formatter_class=fmt)
-    q.add_argument("--dataset", default="mnist5k", choices=("digits", "mnist5k"), help="dataset")
-    q.add_argument("--noise-classes", type=_int_tuple, default=(3, 8), help="classes whose labels are flipped")
-    q.add_argument("--noise", type=float, default=0.4, help="fraction of each noisy class flipped")
-    q.add_argument("--population", type=int, default=16, help="search population")
-    q.add_argument("--generations", type=int, default=6, help="search generations")
-    q.add_argument("--retrain", default="converge", choices=("converge", "epoch"),
+    q.add_argument("--dataset", default=_IMPROVE.data.name, choices=("digits", "mnist5k"), help="dataset")
+    q.add_argument("--noise-classes", type=_int_tuple, default=_IMPROVE.noise_classes,
+                   help="classes whose labels are flipped")
+    q.add_argument("--noise", type=float, default=_IMPROVE.noise_fraction, help="fraction of each noisy class flipped")
+    q.add_argument("--population", type=int, default=SearchConfig.population, help="search population")
+    q.add_argument("--generations", type=int, default=SearchConfig.generations, help="search generations")
+    q.add_argument("--retrain", default=_IMPROVE.retrain, choices=RETRAIN,
                    help="evaluate a weighting by retraining to convergence or by one weighted epoch")
-    q.add_argument("--alpha-min", type=float, default=0.95,
+    q.add_argument("--alpha-min", type=float, default=_IMPROVE.alpha_min,
                    help="draw the initial α from [alpha-min, 1] (near 1: close to a Pareto step)")
-    q.add_argument("--w-max", type=float, default=1.0,
+    q.add_argument("--w-max", type=float, default=_IMPROVE.reweight.w_max,
                    help="upper bound on a weight (1: down-weighting only, the default; 2: the "
                         "method's up-weighting too)")
-    q.add_argument("--rounds", type=int, default=1,
+    q.add_argument("--rounds", type=int, default=_IMPROVE.rounds,
                    help="iterated Direct Improvement rounds (linear model, --retrain converge)")
-    q.add_argument("--seed", type=int, default=0, help="seed for data, noise, init and search")
-    q.add_argument("--out", default="runs/improve", help="output folder")
+    q.add_argument("--seed", type=int, default=_IMPROVE.data.seed, help="seed for data, noise, init and search")
+    q.add_argument("--out", default=_IMPROVE.out_dir, help="output folder")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     rep = sub.add_parser("report", help="write RUN_DIR/report/report.md (table, tests, figures) for a finished run",
@@ -231,16 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         if a.command == "run":
-            from . import pipeline
+            import dataclasses
 
-            check_run_args(a)
+            cfg = _run_config(a)  # every flag checked before JAX is imported
             if a.out is None:
-                a.out = default_out(a)
+                cfg = dataclasses.replace(cfg, out_dir=default_out(cfg, a))
+            from . import cache, pipeline
+
+            cache.enable()
             if a.distributed:
                 from . import distributed
 
                 print(f"distributed: {distributed.initialize()}", file=sys.stderr)
-            pipeline.run(_run_config(a), progress=not a.no_progress)
+            pipeline.run(cfg, progress=not a.no_progress)
             return 0
         if a.command == "report":
             from . import pipeline
@@ -248,22 +254,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {pipeline.write_report(a.run_dir)}")
             return 0
         if a.command == "improve":
-            from . import experiments, pareto, pipeline, search
+            cfg = _improve_config(a)
+            from . import cache, experiments
 
-            check_improve_args(a)
-            cfg = experiments.ImproveConfig(
-                data=pipeline.DataConfig(name=a.dataset, seed=a.seed), noise_classes=a.noise_classes,
-                noise_fraction=a.noise,
-                search=search.SearchConfig(population=a.population, generations=a.generations,
-                                           seed=a.seed, retrain=a.retrain,
-                                           alpha_range=(a.alpha_min, 1.0),
-                                           reweight=pareto.ReweightConfig(w_max=a.w_max)),
-                alpha_min=a.alpha_min, w_max=a.w_max, rounds=a.rounds, out_dir=a.out)
+            cache.enable()
             experiments.run_improve(cfg, progress=not a.no_progress)
             return 0
         if a.command == "reproduce":
-            from . import reproduce
+            if a.experiment == "improve":
+                if a.seed != 0:
+                    checks.fail("--seed", str(a.seed), "not used by improve", "use --seeds N (seeds 0 .. N-1)")
+                if a.seeds is not None and a.seeds < 1:
+                    checks.fail("--seeds", str(a.seeds), "at least 1", "e.g. --seeds 5")
+            else:
+                checks.check_seed(a.seed, "--seed")
+            from . import cache, reproduce
 
+            cache.enable()
             out = a.out or (f"reports/{a.experiment}"
                             + (f"_{a.dataset}" if a.dataset and a.experiment == "deletion" else "")
                             + (f"_{a.model}" if a.model and a.experiment == "deletion" else ""))
@@ -276,10 +283,6 @@ def main(argv: list[str] | None = None) -> int:
                 reproduce.reproduce_frontier(out, quick=a.quick, seed=a.seed, dataset=a.dataset)
             else:
                 ds = None if a.dataset in (None, "all") else a.dataset.split(",")
-                if a.seed != 0:
-                    checks.fail("--seed", str(a.seed), "not used by improve", "use --seeds N (seeds 0 .. N-1)")
-                if a.seeds is not None and a.seeds < 1:
-                    checks.fail("--seeds", str(a.seeds), "at least 1", "e.g. --seeds 5")
                 reproduce.reproduce_improve(out, datasets=ds, seeds=a.seeds, quick=a.quick, resume=a.resume)
             return 0
     except checks.InputError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import checks, data, text
+from .config import DATASETS
 
 
 def _subsample(splits: data.Splits, max_train: int | None, seed: int) -> data.Splits:
@@ -19,8 +20,6 @@ def _subsample(splits: data.Splits, max_train: int | None, seed: int) -> data.Sp
     return data.Splits(splits.train.subset(keep), splits.val, splits.test)
 
 
-DATASETS = ("digits", "mnist5k", "disks-separable", "disks-overlapping", "emotion", "ag_news",
-            "cifar10", "stl10", "npz")
 
 
 def load_splits(name: str = "digits", *, seed: int = 0, path: str | None = None,

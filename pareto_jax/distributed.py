@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import checks, kernels, linsolve, train
+from . import checks, kernels, kfac, linsolve, train
 from .kernels import Chunks, ObjectiveData
 
 AXIS = "data"
@@ -224,15 +224,38 @@ def _matvec_sharded(curv, mesh, V, theta, xc, yc, mc, wd):
                          out_specs=P())(V, theta, xc, yc, mc, wd)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _solve_sharded(method, curv, mesh, max_steps, theta, xc, yc, mc, wd, G, damping, rtol, atol):
-    def local(theta, xc, yc, mc, wd, G, damping, rtol, atol):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=("layers", "layout", "ekfac"))
+def _solve_sharded(method, curv, mesh, max_steps, theta, xc, yc, mc, wd, G, damping, rtol, atol,
+                   factor_arrays=None, *, layers=None, layout=None, ekfac=True):
+    def local(theta, xc, yc, mc, wd, G, damping, rtol, atol, factor_arrays):
         matvec = kernels.curvature_matvec(curv, _local_objective(theta, xc, yc, mc, wd), AXIS)
-        fn = linsolve.solve_dense if method == "dense" else linsolve.solve_cg
-        return fn(matvec, G, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps)
+        if method == "dense":
+            return linsolve.solve_dense(matvec, G, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps)
+        precond = None
+        if factor_arrays is not None:  # the factors replicated: every device preconditions alike
+            factors = kfac.Factors(layers, factor_arrays, layout, G.shape[-1], wd)
+            precond = kfac.preconditioner(factors, damping, ekfac=ekfac)
+        return linsolve.solve_cg(matvec, G, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps,
+                                 precond=precond)
 
-    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(), _DATA, _DATA, _DATA) + (P(),) * 5,
-                         out_specs=P())(theta, xc, yc, mc, wd, G, damping, rtol, atol)
+    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(), _DATA, _DATA, _DATA) + (P(),) * 6,
+                         out_specs=P())(theta, xc, yc, mc, wd, G, damping, rtol, atol, factor_arrays)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _lissa_sharded(curv, mesh, max_steps, theta, xc, yc, mc, wd, G, scale, damping, rtol, seed):
+    def local(theta, xc, yc, mc, wd, G, scale, damping, rtol, seed):
+        def batch_matvec(v, i):
+            # the objective on minibatch i: every device's chunk i, summed over the devices
+            c = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0), Chunks(xc, yc, mc))
+            d = ObjectiveData(theta, c, jnp.maximum(jax.lax.psum(jnp.sum(c.mask), AXIS), 1.0), wd)
+            return kernels.curvature_matvec(curv, d, AXIS)(v)
+
+        return linsolve.solve_lissa(batch_matvec, G, mc.shape[0], scale=scale, damping=damping, rtol=rtol,
+                                    max_steps=max_steps, seed=seed)
+
+    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(), _DATA, _DATA, _DATA) + (P(),) * 6,
+                         out_specs=P())(theta, xc, yc, mc, wd, G, scale, damping, rtol, seed)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -271,12 +294,36 @@ class Sharded:
         """V (K, P) -> (H + λI) V, each product sharded."""
         return lambda V: _matvec_sharded(curv, self.mesh, V, data.theta, *data.chunks, data.weight_decay)
 
-    def solve(self, method, curv, data, G, damping, rtol, atol, max_steps) -> linsolve.SolveResult:
+    def solve(self, method, curv, data, G, damping, rtol, atol, max_steps, *, factors=None,
+              ekfac: bool = True) -> linsolve.SolveResult:
+        """CG (preconditioned by replicated K-FAC/EK-FAC `factors` when given) or dense, every
+        product sharded; the recurrences run replicated."""
         dt = data.theta.dtype
         G = replicate(self.mesh, jnp.asarray(G, dt))
-        return _solve_sharded(method, curv, self.mesh, int(max_steps), data.theta, *data.chunks,
-                              data.weight_decay, G, jnp.asarray(damping, dt), jnp.asarray(rtol, dt),
-                              jnp.asarray(atol, dt))
+        args = (method, curv, self.mesh, int(max_steps), data.theta, *data.chunks, data.weight_decay, G,
+                jnp.asarray(damping, dt), jnp.asarray(rtol, dt), jnp.asarray(atol, dt))
+        if factors is None:
+            return _solve_sharded(*args)
+        return _solve_sharded(*args, replicate(self.mesh, factors.factors), layers=factors.layers,
+                              layout=factors.layout, ekfac=ekfac)
+
+    def lissa(self, curv, data, G, *, scale, damping, rtol, max_steps, seed) -> linsolve.SolveResult:
+        """LiSSA: each draw is one chunk index, the same chunk of every device's slice."""
+        dt = data.theta.dtype
+        return _lissa_sharded(curv, self.mesh, int(max_steps), data.theta, *data.chunks, data.weight_decay,
+                              replicate(self.mesh, jnp.asarray(G, dt)), jnp.asarray(scale, dt),
+                              jnp.asarray(damping, dt), jnp.asarray(rtol, dt), jnp.asarray(seed, jnp.uint32))
+
+    def factors(self, model, params, x, y, *, batch_size, num_classes, output_loss, weight_decay):
+        """K-FAC / EK-FAC factors: their moments are streamed over this process's samples, which in a
+        one-process job are all of them (a multi-process job would need the moments summed over
+        processes, which is not implemented: refused)."""
+        if jax.process_count() > 1:
+            checks.fail("config.solver", "K-FAC / EK-FAC factors in a multi-process job",
+                        "one process (the factors' moments are not summed over processes)",
+                        "use solver='cg' (sharded products) in a multi-process job")
+        return kfac.compute_factors(model, params, x, batch_size=batch_size, num_classes=num_classes, y=y,
+                                    output_loss=output_loss, weight_decay=weight_decay)
 
     def influence_rows(self, f, method, theta, U, chunks: Chunks, n_real: int) -> np.ndarray:
         out = _influence_sharded(f, method, self.mesh, replicate(self.mesh, theta),

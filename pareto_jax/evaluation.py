@@ -20,25 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checks, pareto, train
+from .config import BaselineConfig, ReweightConfig
 
 NEG_INF = float("-inf")
-
-
-@dataclasses.dataclass(frozen=True)
-class BaselineConfig:
-    """Settings of the baselines (`baseline_weights`).
-
-    Attributes:
-        fixed_alpha: α of the "program with fixed α" baseline.
-        topk_fraction: fraction of samples up-weighted by the top-k baseline.
-        topk_weight: the weight they get.
-        reweight: the program's options for the fixed-α baseline.
-    """
-
-    fixed_alpha: float = 0.9
-    topk_fraction: float = 0.1
-    topk_weight: float = 2.0
-    reweight: pareto.ReweightConfig = pareto.ReweightConfig(w_max=2.0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,6 +65,11 @@ class SearchProblem:
         if self.base_weights is not None:
             object.__setattr__(self, "base_weights",
                                checks.as_weights(self.base_weights, self.x_train.shape[0], "base_weights"))
+
+    @property
+    def objective(self) -> train.Objective:
+        """The objective the checkpoint was trained with (`train.Objective.of`)."""
+        return train.Objective.of(self.loss_fn, self.train_config)
 
 
 @functools.lru_cache(maxsize=16)
@@ -128,8 +117,8 @@ class Evaluator:
         n = problem.x_train.shape[0]
         self.epoch = train.make_epoch_fn(problem.loss_fn, problem.train_config, n)
         self.epoch_batch = train.make_epoch_fn(problem.loss_fn, problem.train_config, n, population=True)
-        fit = train.lbfgs_fit_fn(problem.loss_fn, float(problem.train_config.weight_decay), "n",
-                                  int(max_iter), 1e-6)
+        # "converge": the fixed-N objective, under which the first-order guarantees hold
+        fit = train.lbfgs_fit_fn(dataclasses.replace(problem.objective, normalizer="n"), int(max_iter), 1e-6)
         self.fit = fit
         # L-BFGS iteration counts differ across members: lock-step vmap pays for the slowest,
         # so on CPU the population is looped inside one compiled program instead
@@ -150,30 +139,30 @@ class Evaluator:
         W = np.asarray(W, np.float64)
         return W if self.p.base_weights is None else W * self.p.base_weights
 
-    def generation(self, P, C, B, LO, HI, config):
+    def generation(self, batch: pareto.ProgramBatch):
         """One GA generation as one jitted call over the population: every member's program on
-        the device (`pareto.exact.solve_program`, P padded as `solve_reweighting_batch` pads it),
-        its weights (all ones where the program failed, times any base weights), its weighted
-        epoch from θ^e (vmapped) and its validation hit counts. Returns (`ProgramSolution` of
-        numpy arrays, unpadded; per-class validation accuracies (M, K)).
+        the device (the batch's `pareto.program.solve_rows`, P padded as every device solve pads
+        it), its weights (all ones where the program failed, times any base weights), its
+        weighted epoch from θ^e (vmapped) and its validation hit counts. Returns (the programs'
+        `ReweightResult`s, read as `pareto.read` reads every device solve; per-class validation
+        accuracies (M, K)).
 
         Run under float64 (the program needs it); the epochs see the same float32 data and
         params as `train_many`'s.
         """
         n = self.x.shape[0]
-        key = (config.budget is not None, config.mu > 0)
-        if key not in self._gen:
-            self._gen[key] = _generation_fn(self, *key)
         base = np.ones(n) if self.p.base_weights is None else np.asarray(self.p.base_weights, np.float64)
         s = self.p.state
         with jax.enable_x64(True):
-            sol, params, hits = self._gen[key](
-                *map(jnp.asarray, pareto.program.pad_rows(P, C)),
-                jnp.asarray(B), jnp.asarray(LO), jnp.asarray(HI), float(config.budget or 0.0), float(config.mu),
-                n, jnp.asarray(base), s.params, s.opt_state, self.x, self.y, self.xv, self.yv, s.epoch)
+            args, static = batch.device_args()
+            key = tuple(sorted(static.items()))
+            if key not in self._gen:
+                self._gen[key] = _generation_fn(self, **static)
+            sol, params, hits = self._gen[key](*args, jnp.asarray(base), s.params, s.opt_state, self.x, self.y,
+                                               self.xv, self.yv, s.epoch)
             sol = jax.tree_util.tree_map(np.asarray, sol)
         counts = np.maximum(np.bincount(np.asarray(self.yv), minlength=self.p.num_classes), 1)
-        return sol._replace(w=sol.w[:, :n]), params, np.asarray(hits, np.float64) / counts
+        return pareto.read(batch, sol._replace(w=sol.w[:, :n])), np.asarray(hits, np.float64) / counts
 
     def train_one(self, w):
         return self._train(self._scaled(w))
@@ -231,7 +220,7 @@ class Evaluator:
                                     np.float64) for i in range(n)])
 
 
-def _generation_fn(ev: "Evaluator", has_budget: bool, qp: bool):
+def _generation_fn(ev: "Evaluator", *, has_budget: bool, qp: bool, rtol: float):
     """The jitted generation of `Evaluator.generation` (programs → weights → epochs → hits)."""
     n = ev.x.shape[0]
     cfg = ev.p.train_config
@@ -240,7 +229,8 @@ def _generation_fn(ev: "Evaluator", has_budget: bool, qp: bool):
     dt = ev.dt
 
     def gen(P, C, B, LO, HI, budget, mu, n_valid, base, params, opt_state, x, y, xv, yv, epoch_index):
-        sol = pareto.program.solve_rows(P, C, B, LO, HI, budget, mu, n_valid, has_budget=has_budget, qp=qp)
+        sol = pareto.program.solve_rows(P, C, B, LO, HI, budget, mu, n_valid, has_budget=has_budget, qp=qp,
+                                        rtol=rtol)
         W = jnp.where((sol.status == 0)[:, None], sol.w[:, :n], 1.0) * base
         M = C.shape[0]
         p, _, _ = jax.vmap(fns.body, in_axes=(0, 0, None, None, 0, None, None))(
@@ -270,14 +260,15 @@ def fitness(delta, targets: Sequence[int]) -> tuple[float, float]:
 
 
 def baseline_weights(P, y_train, targets: Sequence[int], num_classes: int,
-                     config: BaselineConfig = BaselineConfig()) -> dict[str, np.ndarray]:
+                     config: BaselineConfig = BaselineConfig(),
+                     reweight: ReweightConfig = ReweightConfig()) -> dict[str, np.ndarray]:
     """The baselines of ``docs/method.md`` as weight vectors (each then gets one weighted epoch).
 
     * unweighted: w = 1 (the ordinary epoch e+1);
     * class_balanced: w_i ∝ 1/count(y_i), mean 1;
     * trim_negative: w_i = 0 where Σ_k P[i, k] < 0;
     * topk_upweight: w_i = `topk_weight` for the top `topk_fraction` of Σ_{t∈targets} P[i, t];
-    * fixed_alpha_lp: the program with α = `fixed_alpha` for every class (no search).
+    * fixed_alpha_lp: the program (`reweight`) with α = `fixed_alpha` for every class (no search).
     """
     P = np.asarray(P, np.float64)
     n = P.shape[0]
@@ -291,7 +282,7 @@ def baseline_weights(P, y_train, targets: Sequence[int], num_classes: int,
     w = np.ones(n)
     w[np.argsort(-score, kind="stable")[:k]] = config.topk_weight
     out["topk_upweight"] = w
-    sol = pareto.solve_reweighting(P, targets, config.fixed_alpha, config.reweight)
+    sol = pareto.solve_reweighting(P, targets, config.fixed_alpha, reweight)
     if sol.w is not None:
         out["fixed_alpha_lp"] = sol.w
     return out

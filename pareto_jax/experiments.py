@@ -15,88 +15,27 @@ import numpy as np
 import scipy.stats
 
 from . import checks, data, evaluation, influence, io, models, pareto, search, train
-from .pipeline import DataConfig, ModelConfig, build_model, load_data
+from .config import ImproveConfig, InfluenceConfig, SearchConfig
+from .setup import build_model, load_data
 
 
-@dataclasses.dataclass(frozen=True)
-class ImproveConfig:
-    """Direct Improvement, Course Correction, baselines and frontier on one dataset.
-
-    The training split gets label noise in `noise_classes` (a `noise_fraction` of each class's
-    training samples flipped to random other classes), which makes those classes weak;
-    validation and test stay clean. The search selects on validation; test is reported.
-
-    `alpha_min`: the search's initial α are drawn from [alpha_min, 1] (unless `search` is
-    given; mutation may leave that range): thresholds near 1 keep every class's first-order loss
-    change near zero, i.e. close to a Pareto step.
-    `rounds` > 1 (linear model, retraining to convergence) iterates Direct Improvement: after
-    each round the model is refit with the cumulative weights, P is recomputed for that weighted
-    objective, and the search runs again from there with its weights acting multiplicatively;
-    a round is kept only if it improves every target without any validation class getting
-    worse (relative to the previous round), so the rounds never trade back what they gained.
-    `w_max` (used when `search` is None): the upper bound on a weight. 1 (down-weighting only)
-    is the default: on validation, over data seeds 0–3 of this experiment, it gave a mean target
-    gain of 11.1 points against 9.5 with the method's w_max = 2, no validation class worse in
-    either.
-    `influence`: how P is computed for a non-linear model (None: Gauss-Newton CG with
-    `influence_damping`, or the automatic damping when that is 0; an `InfluenceConfig`; or
-    "last_layer": the influence through the last (linear) layer alone, in closed form on the
-    network's penultimate activations); a linear model uses the closed form.
-    `noise_fraction` = 0 (or no `noise_classes`) trains on the labels as given: the weak
-    classes are then weak by nature. `n_targets`: without `targets`, the search improves the
-    `n_targets` classes weakest on validation at θ^e (never chosen on test).
-    `matched_baselines`: also report each baseline scaled toward w = 1 by the step that the
-    search's own validation rule picks (`evaluation.harm_matched_baselines`), so that the search is
-    compared with the baselines at equal validation harm.
-    """
-
-    data: DataConfig = DataConfig(name="mnist5k")
-    model: ModelConfig = ModelConfig(kind="linear")
-    train: train.TrainConfig = train.TrainConfig(epochs=20, batch_size=128, learning_rate=0.003,
-                                                 weight_decay=1e-3)
-    noise_classes: tuple[int, ...] = (3, 8)
-    noise_fraction: float = 0.4
-    epoch: int | None = None
-    targets: tuple[int, ...] | None = None
-    search: search.SearchConfig | None = None
-    course_correction: bool = True
-    frontier: bool = True
-    frontier_rho: float = 0.5
-    influence_damping: float = 0.0
-    influence: influence.InfluenceConfig | str | None = None
-    out_dir: str = "runs/improve"
-    rounds: int = 1
-    alpha_min: float = 0.95
-    matched_baselines: bool = True
-    w_max: float = 1.0
-    n_targets: int = 2
-
-    def __post_init__(self):
-        checks.check_positive(self.rounds, "rounds", integer=True)
-        checks.check_positive(self.w_max, "w_max")
-        checks.check_in_range(self.alpha_min, "alpha_min", 0.0, 1.0)
-        checks.check_positive(self.n_targets, "n_targets", integer=True)
-        if isinstance(self.influence, str):
-            checks.check_choice(self.influence, "influence", ("last_layer",))
-
-
-def influence_at(apply, loss_fn, params, splits, K, wd, damping, model_kind, config=None, features=None):
-    """P of the experiments at `params`: closed form for a linear model; for a deep one,
-    `config` (an `InfluenceConfig`, default Gauss-Newton CG) or "last_layer" (the head alone, in
-    closed form on the penultimate activations that `features(params, x)` gives)."""
+def influence_at(objective: train.Objective, apply, params, splits, K, model_kind, config=None, features=None):
+    """P of the experiments at `params` for the training `objective`: closed form (undamped) for
+    a linear model; for a deep one, `config` (an `InfluenceConfig`, default Gauss-Newton CG with
+    the automatic damping) or "last_layer" (the head alone, in closed form on the penultimate
+    activations that `features(params, x)` gives)."""
+    wd = objective.weight_decay
     if config == "last_layer":
         # the head alone, on the network's penultimate activations held fixed: closed form
         f = [models.frozen_features(features, params, x) for x in (splits.train.x, splits.val.x)]
         return influence.linear_category_influence(params, f[0], splits.train.y, f[1], splits.val.y,
-                                                   num_classes=K, weight_decay=wd, damping=damping)
+                                                   num_classes=K, weight_decay=wd)
     if model_kind == "linear":
         return influence.linear_category_influence(params, splits.train.x, splits.train.y,
-                                                   splits.val.x, splits.val.y, num_classes=K,
-                                                   weight_decay=wd, damping=damping)
-    cfg = config or influence.InfluenceConfig(curvature="gauss_newton", damping=damping or "auto")
-    return influence.category_influence(loss_fn, params, splits.train.x, splits.train.y,
-                                        splits.val.x, splits.val.y, num_classes=K,
-                                        weight_decay=wd, config=cfg, apply=apply)
+                                                   splits.val.x, splits.val.y, num_classes=K, weight_decay=wd)
+    cfg = config or InfluenceConfig(curvature="gauss_newton")
+    return influence.category_influence(objective, params, splits.train.x, splits.train.y,
+                                        splits.val.x, splits.val.y, num_classes=K, config=cfg, apply=apply)
 
 
 def bits(correct) -> str:
@@ -158,18 +97,23 @@ class _Setting(NamedTuple):
     loss_fn: Callable
     states: list
     num_classes: int
-    weight_decay: float
+    objective: train.Objective
     features: Callable | None = None
+
+    @property
+    def refit(self) -> train.Objective:
+        """The objective of retraining to convergence: the fixed-N normaliser, under which the
+        first-order predictions are exact."""
+        return dataclasses.replace(self.objective, normalizer="n")
 
     def problem_at(self, st, train_config) -> evaluation.SearchProblem:
         s = self.splits
         return evaluation.SearchProblem(self.loss_fn, self.apply, st, train_config, s.train.x, s.train.y,
                                         s.val.x, s.val.y, s.test.x, s.test.y, self.num_classes)
 
-    def influence_at(self, params, config: "ImproveConfig"):
-        return influence_at(self.apply, self.loss_fn, params, self.splits, self.num_classes,
-                             self.weight_decay, config.influence_damping, config.model.kind,
-                             config.influence, self.features)
+    def influence_at(self, params, config: ImproveConfig):
+        return influence_at(self.objective, self.apply, params, self.splits, self.num_classes, config.model.kind,
+                            config.influence, self.features)
 
 
 def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
@@ -196,7 +140,8 @@ def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
           f"{len(splits.test)} test", file=out)
     report = {"config": io.to_jsonable(config), "n_flipped": int(flipped.size),
               "class_names": list(splits.class_names), "y_test": splits.test.y.tolist()}
-    return _Setting(splits, apply, loss_fn, states, splits.num_classes, tc.weight_decay, features), report
+    return _Setting(splits, apply, loss_fn, states, splits.num_classes, train.Objective.of(loss_fn, tc),
+                    features), report
 
 
 def _direct(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> dict:
@@ -206,8 +151,8 @@ def _direct(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> 
     e = config.epoch if config.epoch is not None else tc.epochs
     st_e = setting.states[e]
     if scfg.retrain == "converge":
-        th, _, _ = train.fit_lbfgs(setting.loss_fn, st_e.params, s.train.x, s.train.y,
-                                   weight_decay=tc.weight_decay, max_iter=scfg.retrain_max_iter)
+        th, _, _ = train.fit_lbfgs(setting.refit, st_e.params, s.train.x, s.train.y,
+                                   max_iter=scfg.retrain_max_iter)
         st_e = train.TrainState(th, st_e.opt_state, st_e.epoch)
     inf_e = setting.influence_at(st_e.params, config)
     acc_e = train.evaluate(setting.apply, st_e.params, s.val.x, s.val.y, K).accuracy
@@ -226,7 +171,7 @@ def _direct(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> 
 def _with_baselines(res, prob, P, ref, targets, setting, config, scfg, retrain) -> dict:
     """The search's result beside the baselines (raw and, if asked, val-matched)."""
     K = setting.num_classes
-    bw = evaluation.baseline_weights(P, setting.splits.train.y, targets, K, scfg.baselines)
+    bw = evaluation.baseline_weights(P, setting.splits.train.y, targets, K, scfg.baselines, scfg.reweight)
     base = evaluation.evaluate_weightings(prob, bw, ref, retrain=retrain, max_iter=scfg.retrain_max_iter)
     matched = (evaluation.harm_matched_baselines(prob, bw, ref, targets, retrain=retrain,
                                                  max_iter=scfg.retrain_max_iter)
@@ -266,8 +211,8 @@ def run_improve(config: ImproveConfig = ImproveConfig(), *, progress: bool = Tru
     """The improvement experiment: train on noisy data, then Direct Improvement, Course
     Correction and the Pareto frontier, each beside its baselines; writes ``improve.json``."""
     out = out or sys.stdout
-    scfg = config.search or search.SearchConfig(alpha_range=(config.alpha_min, 1.0),
-                                                reweight=pareto.ReweightConfig(w_max=config.w_max))
+    scfg = config.search or SearchConfig(alpha_range=(config.alpha_min, 1.0), reweight=config.reweight,
+                                         retrain=config.retrain)
     if config.rounds > 1 and (config.model.kind != "linear" or scfg.retrain != "converge"):
         checks.fail("rounds", config.rounds, "1 unless the model is linear and retrain='converge'",
                     "use rounds=1, or a linear model retrained to convergence")
@@ -276,9 +221,7 @@ def run_improve(config: ImproveConfig = ImproveConfig(), *, progress: bool = Tru
     if config.course_correction:
         report["course_correction"] = _course_correction(setting, config, scfg, progress, out)
     if config.frontier:
-        report["frontier"] = frontier_experiment(setting.loss_fn, setting.apply, setting.states[-1].params,
-                                                 setting.splits, setting.num_classes,
-                                                 config.train.weight_decay, config, out=out)
+        report["frontier"] = frontier_experiment(setting, setting.states[-1].params, config, out=out)
     out_dir = Path(config.out_dir)
     io.write_json(out_dir / "improve.json", report)
     print(f"\nwrote {out_dir / 'improve.json'}", file=out)
@@ -287,16 +230,15 @@ def run_improve(config: ImproveConfig = ImproveConfig(), *, progress: bool = Tru
 
 def _iterate_direct(block, res, config, scfg, st_e, setting: _Setting, targets, progress, out):
     """Iterated Direct Improvement (see `ImproveConfig.rounds`); adds a row to `block`."""
-    splits, apply, loss_fn = setting.splits, setting.apply, setting.loss_fn
-    K, wd = setting.num_classes, setting.weight_decay
+    splits, apply = setting.splits, setting.apply
+    K, wd = setting.num_classes, setting.objective.weight_decay
     base = np.ones(len(splits.train))
     st, cur, log = st_e, res, []
     for r in range(config.rounds):
         if r > 0:
             P_r = influence.linear_category_influence(st.params, splits.train.x, splits.train.y,
                                                       splits.val.x, splits.val.y, num_classes=K,
-                                                      weight_decay=wd, damping=config.influence_damping,
-                                                      weights=base).P
+                                                      weight_decay=wd, weights=base).P
             prob = dataclasses.replace(setting.problem_at(st, config.train), base_weights=base)
             cur = search.run_search(prob, np.asarray(P_r), targets, mode="direct",
                                     config=dataclasses.replace(scfg, seed=scfg.seed + r), progress=progress)
@@ -305,8 +247,8 @@ def _iterate_direct(block, res, config, scfg, st_e, setting: _Setting, targets, 
                         "fitness": float(cur.best.fitness)})
             break
         base = base * cur.weights
-        th, _, _ = train.fit_lbfgs(loss_fn, st.params, splits.train.x, splits.train.y, weights=base,
-                                   weight_decay=wd, max_iter=scfg.retrain_max_iter)
+        th, _, _ = train.fit_lbfgs(setting.refit, st.params, splits.train.x, splits.train.y, weights=base,
+                                   max_iter=scfg.retrain_max_iter)
         st = train.TrainState(th, st.opt_state, st.epoch)
         va = train.evaluate(apply, th, splits.val.x, splits.val.y, K).accuracy
         te = train.evaluate(apply, th, splits.test.x, splits.test.y, K).accuracy
@@ -323,21 +265,20 @@ def _iterate_direct(block, res, config, scfg, st_e, setting: _Setting, targets, 
     print(f"iterated Direct Improvement: {len(kept)} of {config.rounds} rounds kept", file=out)
 
 
-def frontier_experiment(loss_fn, apply, params, splits, K, wd, config, *, out=None,
-                        n_verify: int = 4) -> dict:
+def frontier_experiment(setting: _Setting, params, config, *, out=None, n_verify: int = 4) -> dict:
     """Frontier at the converged model: predicted per-class loss decreases, then actual
     retraining (L-BFGS to convergence, fixed-N normaliser) at a few frontier points."""
     out = out or sys.stdout
-    theta, it, gn = train.fit_lbfgs(loss_fn, params, splits.train.x, splits.train.y, weight_decay=wd)
-    inf = influence_at(apply, loss_fn, theta, splits, K, wd, config.influence_damping, config.model.kind)
+    splits, apply, K = setting.splits, setting.apply, setting.num_classes
+    theta, it, gn = train.fit_lbfgs(setting.refit, params, splits.train.x, splits.train.y)
+    inf = influence_at(setting.objective, apply, theta, splits, K, config.model.kind)
     fr = pareto.pareto_frontier(inf.P, rho=config.frontier_rho, n_random=8, seed=config.data.seed)
     base = train.evaluate(apply, theta, splits.val.x, splits.val.y, K)
     pts = []
     order = list(config.noise_classes)[:n_verify] + [K + i for i in range(max(0, n_verify - len(config.noise_classes)))]
     for j in order:
         w = fr.weights[j]
-        th_w, _, _ = train.fit_lbfgs(loss_fn, theta, splits.train.x, splits.train.y, weights=w,
-                                     weight_decay=wd, normalizer="n")
+        th_w, _, _ = train.fit_lbfgs(setting.refit, theta, splits.train.x, splits.train.y, weights=w)
         m = train.evaluate(apply, th_w, splits.val.x, splits.val.y, K)
         mt = train.evaluate(apply, th_w, splits.test.x, splits.test.y, K)
         pts.append({"point": int(j), "class_weights": fr.class_weights[j].tolist(),

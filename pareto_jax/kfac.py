@@ -26,6 +26,7 @@ See ``docs/method.md`` §3.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 from pathlib import Path
@@ -38,30 +39,51 @@ from flax import nnx
 
 from . import checks, io, kernels
 from .linsolve import SolveResult
+from .results import Status
 
 # ----------------------------------------------------------------------------- layer taps
 
 
+_RECORDER: contextvars.ContextVar = contextvars.ContextVar("pareto_jax_kfac_recorder", default=None)
+
+
+@functools.lru_cache(maxsize=None)
+def _tapping_class(cls):
+    """A subclass of a Linear / Conv class whose call records (module, input, output shape) and
+    adds the current tap to its output (`_tapped`)."""
+
+    def __call__(self, x, *a, **k):
+        out = cls.__call__(self, x, *a, **k)
+        rec = _RECORDER.get()
+        if rec is None:
+            return out
+        records, taps = rec
+        i = len(records)
+        records.append((self, x, out.shape))
+        return out if taps is None else out + taps[i]
+
+    tapping = type(f"Tapped{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
+    _TAPPING.add(tapping)
+    return tapping
+
+
+_TAPPING: set = set()
+
+
 @contextlib.contextmanager
-def _tapped(records: list, taps: list | None):
-    """Record every nnx.Linear / nnx.Conv call (module, input, output shape) and add `taps[i]`
-    to the i-th output, so a VJP with respect to the taps gives each layer's output gradient."""
-    orig_lin, orig_conv = nnx.Linear.__call__, nnx.Conv.__call__
-
-    def wrap(orig):
-        def call(self, x, *a, **k):
-            out = orig(self, x, *a, **k)
-            i = len(records)
-            records.append((self, x, out.shape))
-            return out if taps is None else out + taps[i]
-
-        return call
-
-    nnx.Linear.__call__, nnx.Conv.__call__ = wrap(orig_lin), wrap(orig_conv)
+def _tapped(module: nnx.Module, records: list, taps: list | None):
+    """Within the block, every nnx.Linear / nnx.Conv call of `module` (a copy made by
+    `nnx.merge` for this trace, never the user's model, and never the flax classes themselves)
+    records (module, input, output shape) and adds `taps[i]` to the i-th output, so a VJP with
+    respect to the taps gives each layer's output gradient."""
+    for _, sub in nnx.iter_graph(module):
+        if isinstance(sub, (nnx.Linear, nnx.Conv)) and type(sub) not in _TAPPING:
+            sub.__class__ = _tapping_class(type(sub))
+    token = _RECORDER.set((records, taps))
     try:
-        yield
+        yield module
     finally:
-        nnx.Linear.__call__, nnx.Conv.__call__ = orig_lin, orig_conv
+        _RECORDER.reset(token)
 
 
 class Layer(NamedTuple):
@@ -111,12 +133,17 @@ class LayerFactors(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Factors:
     """K-FAC / EK-FAC factors of every Dense / Conv layer, with each layer's place in the flat
-    parameter vector (`layout`: (kernel offset, kernel shape, bias offset or −1) per layer)."""
+    parameter vector (`layout`: (kernel offset, kernel shape, bias offset or −1) per layer).
+
+    They approximate the curvature of the whole training objective, G + λI: `weight_decay` is
+    that λ, so every solve with them takes only the damping δ on top (as every other solver
+    does)."""
 
     layers: tuple[Layer, ...]
     factors: tuple[LayerFactors, ...]
     layout: tuple[tuple, ...]
     num_params: int
+    weight_decay: float = 0.0
 
 
 def save_factors(path: str | Path, f: Factors) -> None:
@@ -126,7 +153,8 @@ def save_factors(path: str | Path, f: Factors) -> None:
               for k in LayerFactors._fields}
     io.save_arrays(path, arrays)
     io.write_json(Path(path).with_suffix(".json"), {
-        "layers": [l._asdict() for l in f.layers], "layout": f.layout, "num_params": f.num_params})
+        "layers": [l._asdict() for l in f.layers], "layout": f.layout, "num_params": f.num_params,
+        "weight_decay": f.weight_decay})
 
 
 def load_factors(path: str | Path) -> Factors:
@@ -143,7 +171,7 @@ def load_factors(path: str | Path) -> Factors:
     facs = tuple(LayerFactors(*(jnp.asarray(arrays[f"layer{i}/{k}"]) for k in LayerFactors._fields))
                  for i in range(len(layers)))
     layout = tuple((int(k), tuple(s), int(b)) for k, s, b in meta["layout"])
-    return Factors(layers, facs, layout, int(meta["num_params"]))
+    return Factors(layers, facs, layout, int(meta["num_params"]), float(meta.get("weight_decay", 0.0)))
 
 
 def _discover(model: nnx.Module, x0) -> tuple[Any, Any, tuple[Layer, ...]]:
@@ -153,10 +181,11 @@ def _discover(model: nnx.Module, x0) -> tuple[Any, Any, tuple[Layer, ...]]:
         checks.fail("model", f"an {type(model).__name__} with state other than nnx.Param (batch statistics, "
                     "RNG state)", "a model of nnx.Linear / nnx.Conv layers and parameter-free functions for "
                     "K-FAC / EK-FAC", "use solver='cg' (any model) for this model")
-    paths = {id(m): tuple(p) for p, m in nnx.iter_graph(model) if isinstance(m, (nnx.Linear, nnx.Conv))}
+    copy = nnx.merge(graphdef, state)
+    paths = {id(m): tuple(p) for p, m in nnx.iter_graph(copy) if isinstance(m, (nnx.Linear, nnx.Conv))}
     recs: list = []
-    with _tapped(recs, None):
-        jax.eval_shape(lambda x: model(x), jnp.asarray(x0))
+    with _tapped(copy, recs, None) as m:
+        jax.eval_shape(lambda x: m(x), jnp.asarray(x0))
     layers = []
     for mod, _, out_shape in recs:
         has_bias = getattr(mod, "bias", None) is not None and getattr(mod, "use_bias", True)
@@ -224,8 +253,8 @@ def _forward_program(graphdef, treedef, layers, output_loss=None):
 
         def fwd(taps):
             rec: list = []
-            with _tapped(rec, taps):
-                m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(params)))
+            m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(params)))
+            with _tapped(m, rec, taps):
                 logits = m(xb)
             return logits, [r[1] for r in rec]
 
@@ -290,8 +319,9 @@ def _layout(params, layers) -> tuple[tuple, ...]:
 
 
 def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_classes: int,
-                    y=None, output_loss=None) -> Factors:
-    """K-FAC and EK-FAC factors of the Gauss-Newton matrix over the data x.
+                    y=None, output_loss=None, weight_decay: float = 0.0) -> Factors:
+    """K-FAC and EK-FAC factors of the Gauss-Newton matrix over the data x (and `weight_decay`, the
+    objective's λ, which every solve with them adds; see `Factors`).
 
     The output side uses the softmax cross-entropy's H_out = diag p − ppᵀ (no labels needed),
     or, with ``output_loss(logits, y)`` and the labels `y`, that loss's own Hessian w.r.t. the
@@ -334,7 +364,7 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
             C = _corrected(C, vjp, p, c, mb, rot_in, QGs)
     facs = tuple(LayerFactors(qa, qg, jnp.outer(jnp.maximum(la, 0.0), jnp.maximum(ls, 0.0)), ci / n)
                  for ((la, qa), (ls, qg)), ci in zip(eig, C))
-    return Factors(layers, facs, layout, num_params)
+    return Factors(layers, facs, layout, num_params, float(weight_decay))
 
 
 # ----------------------------------------------------------------------------- the solve
@@ -368,31 +398,34 @@ def _solve_all(factors_arrays, *, b, damping, layers, layout, ekfac):
 
 
 def apply_inverse(factors: Factors, b, *, damping, ekfac: bool = True) -> jax.Array:
-    """(F̂ + damping·I)⁻¹ b for the rows of b (K, P): the bare array (see `solve_kfac`)."""
+    """(F̂ + (λ + δ)·I)⁻¹ b for the rows of b (K, P), λ the factors' weight decay and δ the
+    `damping`: the bare array (see `solve_kfac`)."""
     b = jnp.asarray(b)
     if b.shape[-1] != factors.num_params:
         checks.fail("b", f"vectors of size {b.shape[-1]}", f"size {factors.num_params} (the flat params)",
                     "compute the factors for the same model and parameters")
-    return _solve_all(factors.factors, b=b, damping=jnp.asarray(damping, b.dtype), layers=factors.layers,
+    return _solve_all(factors.factors, b=b, damping=jnp.asarray(factors.weight_decay + damping, b.dtype),
+                      layers=factors.layers,
                       layout=factors.layout, ekfac=ekfac)
 
 
 def solve_kfac(factors: Factors, b, *, damping: float, ekfac: bool = True) -> SolveResult:
-    """(F̂ + damping·I)⁻¹ b for flat vectors b (K, P), block-diagonal over layers.
+    """(F̂ + (λ + δ)·I)⁻¹ b for flat vectors b (K, P), block-diagonal over layers: F̂ + λI
+    approximates the objective's curvature G + λI (λ the factors' `weight_decay`), and
+    `damping` δ is added on top, as for every solver.
 
-    `damping` should include the weight decay λ of the objective (H = GGN + λI). The result's
-    residual is NaN (the factored system is solved exactly; `linsolve.with_residual` sets it
-    against the true curvature) and `converged` is False: K-FAC/EK-FAC solve an approximation
-    of the curvature, so no tolerance on the true system was met. `negative_curvature` is never
-    set; a zero eigenvalue with no damping gives a non-finite solution, which
-    `linsolve.solve_escalating` answers with more damping.
+    The result's residual is NaN (the factored system is solved exactly; `linsolve.with_residual`
+    sets it against the true curvature), `converged` is False and the status APPROXIMATE:
+    K-FAC/EK-FAC solve an approximation of the curvature, so no tolerance on the true system was
+    met. `negative_curvature` is never set; a zero eigenvalue with no damping gives a non-finite
+    solution, which `linsolve.solve_escalating` answers with more damping.
     """
     U = apply_inverse(factors, b, damping=damping, ekfac=ekfac)
     K = U.shape[0]
     return SolveResult(U, jnp.zeros(K, jnp.int32), jnp.full(K, jnp.nan, U.dtype), jnp.zeros(K, bool),
-                       jnp.zeros(K, bool))
+                       jnp.zeros(K, bool), jnp.full(K, int(Status.APPROXIMATE), jnp.int32))
 
 
-def preconditioner(factors: Factors, damping: float, *, ekfac: bool = True):
-    """v -> (F̂ + damping·I)⁻¹ v, for use as a CG preconditioner (`linsolve.solve_cg(precond=...)`)."""
-    return lambda v: _precondition(factors, v, damping, ekfac)
+def preconditioner(factors: Factors, damping, *, ekfac: bool = True):
+    """v -> (F̂ + (λ + δ)·I)⁻¹ v, for use as a CG preconditioner (`linsolve.solve_cg(precond=...)`)."""
+    return lambda v: _precondition(factors, v, factors.weight_decay + damping, ekfac)

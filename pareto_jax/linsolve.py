@@ -1,7 +1,7 @@
 """Linear solves (A + δI) X = B for the K class right-hand sides, one interface for all methods.
 
 Every solver takes the operator it needs and the right-hand sides and returns a `SolveResult`
-(value, steps, residual, converged, negative_curvature):
+(value, steps, residual, converged, negative_curvature, status):
 
 * `solve_cg(matvec, B, *, damping, rtol, atol, max_steps, precond)`: batched (preconditioned)
   conjugate gradient, each right-hand side stopping on its own relative residual, as one
@@ -11,7 +11,10 @@ Every solver takes the operator it needs and the right-hand sides and returns a 
   recursion of LiSSA;
 * `pareto_jax.kfac.solve_kfac(factors, B, *, damping)`: K-FAC / EK-FAC (Kronecker factors).
 
-What is shared by all of them lives here once: the "auto" damping (`resolve_damping`), damping
+`damping` is δ everywhere: the system is (A + δI) with A the curvature of the training objective,
+which already holds the weight decay λ. The solver objects users choose between
+(`pareto_jax.influence.solvers`) are built on these functions. What is shared by all of them
+lives here once: the "auto" damping (`resolve_damping`), damping
 escalation on negative curvature or non-finite solutions (`solve_escalating`), the residual
 against the true operator for methods that solve an approximation (`with_residual`), and the
 outside-jit check that raises (`check_solve`).
@@ -27,6 +30,7 @@ import numpy as np
 
 from . import checks
 from .kernels import hutchinson_damping
+from .results import Status
 
 
 class SolveResult(NamedTuple):
@@ -40,6 +44,9 @@ class SolveResult(NamedTuple):
         converged: the method's own stopping rule was met (for CG: residual <= rtol).
         negative_curvature: the damped operator was found not positive definite (CG met
             pᵀ(A + δI)p <= 0, the dense matrix has an eigenvalue <= 0, LiSSA diverged).
+        status: `results.Status` per right-hand side: SUCCESS (converged), ITERATION_LIMIT,
+            NUMERICAL (negative curvature, divergence) or APPROXIMATE (K-FAC / EK-FAC: their
+            factored system solved exactly, which bounds nothing on the true one).
     """
 
     value: jax.Array
@@ -47,6 +54,14 @@ class SolveResult(NamedTuple):
     residual: jax.Array
     converged: jax.Array
     negative_curvature: jax.Array
+    status: jax.Array
+
+
+def status_of(converged, negative_curvature):
+    """The per-right-hand-side status of an iterative or direct solve."""
+    return jnp.where(converged, int(Status.SUCCESS),
+                     jnp.where(negative_curvature, int(Status.NUMERICAL), int(Status.ITERATION_LIMIT))
+                     ).astype(jnp.int32)
 
 
 def _squeeze(res: SolveResult, single: bool) -> SolveResult:
@@ -109,10 +124,10 @@ def cg_result(b, x, true_r, steps, neg, rtol, atol) -> SolveResult:
     rnorm = jnp.sqrt(_dot(true_r, true_r))
     rel = rnorm / jnp.where(bnorm > 0, bnorm, 1.0)
     conv = (rnorm <= jnp.maximum(tol, 0.0) * (1 + 1e-3)) | (rel <= rtol * 1.001) | (bnorm == 0)
-    return SolveResult(x, steps, rel, conv & ~neg, neg)
+    return SolveResult(x, steps, rel, conv & ~neg, neg, status_of(conv & ~neg, neg))
 
 
-def solve_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, damping: float = 0.0,
+def solve_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, damping: float,
              rtol: float = 1e-6, atol: float = 0.0, max_steps: int | None = None,
              x0: jax.Array | None = None, precond: Callable[[jax.Array], jax.Array] | None = None) -> SolveResult:
     """Conjugate gradient for (A + δI) x = b, batched over the rows of b (one compiled loop).
@@ -164,7 +179,7 @@ def _bucket(count: int, total: int) -> int:
 
 
 def solve_cg_stepped(matvec_batched: Callable[[jax.Array], jax.Array], b: jax.Array, *,
-                     damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
+                     damping: float, rtol: float = 1e-6, atol: float = 0.0,
                      max_steps: int | None = None,
                      precond_batched: Callable[[jax.Array], jax.Array] | None = None,
                      progress: bool = False) -> SolveResult:
@@ -213,7 +228,7 @@ def materialize(matvec: Callable[[jax.Array], jax.Array], dim: int, dtype=jnp.fl
     return jax.lax.map(matvec, jnp.eye(dim, dtype=dtype))
 
 
-def solve_dense(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, damping: float = 0.0,
+def solve_dense(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, damping: float,
                 rtol: float = 1e-6, atol: float = 0.0, max_steps: int | None = None,
                 x0: jax.Array | None = None) -> SolveResult:
     """Dense reference solve with the signature of `solve_cg`: materialises A, then `solve`.
@@ -233,7 +248,7 @@ def solve_dense(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, dampi
     evals = jnp.linalg.eigvalsh(A)
     neg = jnp.broadcast_to(evals[0] <= 0, (b.shape[0],))
     conv = ((rel <= jnp.maximum(rtol, 1e-3)) | (jnp.linalg.norm(r, axis=1) <= atol)) & ~neg
-    return _squeeze(SolveResult(x, jnp.zeros(b.shape[0], jnp.int32), rel, conv, neg), single)
+    return _squeeze(SolveResult(x, jnp.zeros(b.shape[0], jnp.int32), rel, conv, neg, status_of(conv, neg)), single)
 
 
 def power_iteration(matvec, dim: int, dtype, *, steps: int = 20, seed: int = 0) -> float:
@@ -248,7 +263,7 @@ def power_iteration(matvec, dim: int, dtype, *, steps: int = 20, seed: int = 0) 
     return abs(lam)
 
 
-def solve_lissa(batch_matvec, b, n_batches: int, *, scale: float, damping: float = 0.0,
+def solve_lissa(batch_matvec, b, n_batches: int, *, scale: float, damping: float,
                 rtol: float = 1e-6, max_steps: int = 1000, seed: int = 0) -> SolveResult:
     """LiSSA (Agarwal et al. 2017) for (A + δI) x = b with K right-hand sides.
 
@@ -290,7 +305,8 @@ def solve_lissa(batch_matvec, b, n_batches: int, *, scale: float, damping: float
     (v, done, steps, diverged), _ = jax.lax.scan(step, init, jnp.arange(max_steps))
     x = v / scale
     x = jnp.where(jnp.isfinite(x), x, 0.0)
-    return SolveResult(x, steps, jnp.where(done, 0.0, jnp.nan), done & ~diverged, diverged)
+    return SolveResult(x, steps, jnp.where(done, 0.0, jnp.nan), done & ~diverged, diverged,
+                       status_of(done & ~diverged, diverged))
 
 
 # ----------------------------------------------------------------------------- shared by all methods

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from . import checks, kernels
+from .config import MODEL_KINDS, ModelConfig
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
@@ -45,7 +46,7 @@ class LinearClassifier(nnx.Module):
 class MLP(nnx.Module):
     """Fully connected network with tanh hidden layers (smooth, so Hessians are well defined)."""
 
-    def __init__(self, in_features: int, num_classes: int, *, hidden: Sequence[int] = (64,),
+    def __init__(self, in_features: int, num_classes: int, *, hidden: Sequence[int] = ModelConfig.hidden,
                  rngs: nnx.Rngs):
         sizes = [in_features, *hidden]
         self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
@@ -65,7 +66,7 @@ class CNN(nnx.Module):
     """Small convnet: conv(3×3)-tanh-avgpool blocks, then a dense tanh layer and a linear head."""
 
     def __init__(self, image_shape: Sequence[int], num_classes: int, *,
-                 channels: Sequence[int] = (8, 16), dense: int = 64, rngs: nnx.Rngs):
+                 channels: Sequence[int] = ModelConfig.channels, dense: int = ModelConfig.dense, rngs: nnx.Rngs):
         self.image_shape = tuple(int(s) for s in image_shape)
         h, w, c = self.image_shape
         convs = []
@@ -89,12 +90,9 @@ class CNN(nnx.Module):
         return self.head(self.features(x))
 
 
-MODEL_KINDS = ("linear", "mlp", "cnn")
-
-
 def make_model(kind: str, input_shape: Sequence[int], num_classes: int, *, seed: int = 0,
-               hidden: Sequence[int] = (64,), image_shape: Sequence[int] | None = None,
-               channels: Sequence[int] = (8, 16), dense: int = 64) -> nnx.Module:
+               hidden: Sequence[int] = ModelConfig.hidden, image_shape: Sequence[int] | None = None,
+               channels: Sequence[int] = ModelConfig.channels, dense: int = ModelConfig.dense) -> nnx.Module:
     """Build a classifier by name ("linear", "mlp" or "cnn") for inputs of `input_shape`."""
     checks.check_choice(kind, "model", MODEL_KINDS)
     checks.check_positive(num_classes, "num_classes", integer=True)

@@ -3,9 +3,9 @@ ceiling test, weights (the program or the search), retraining, report.
 
 ``run(RunConfig(...))`` runs the stages in order; each is a named function below that computes
 its artifact, writes it into the run folder next to the config that produced it, and loads it
-back (so a rerun skips every finished stage whose config did not change). The experiments that
-reuse the data and model specs defined here live in `pareto_jax.experiments` and
-`pareto_jax.reproduce`.
+back (so a rerun skips every finished stage whose config did not change). The records of the job
+are `pareto_jax.config`'s (`RunConfig` and the stage configs); the data and model set-up it shares
+with the experiments is `pareto_jax.setup`.
 """
 
 from __future__ import annotations
@@ -18,68 +18,9 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from . import checks, data, datasets, distributed, influence, io, models, pareto, plots, search, train
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    name: str = "digits"
-    path: str | None = None
-    features: str = "tfidf"
-    max_train: int | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        checks.check_choice(self.name, "dataset", datasets.DATASETS)
-        checks.check_choice(self.features, "features", ("tfidf", "minilm"))
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    kind: str = "linear"
-    hidden: tuple[int, ...] = (64,)
-    channels: tuple[int, ...] = (8, 16)
-    dense: int = 64
-    image_shape: tuple[int, ...] | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        checks.check_choice(self.kind, "model", models.MODEL_KINDS)
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """The main job: train, influence, ceiling test, reweighting program (or the search),
-    retraining with the weights, and per-class accuracy before and after.
-
-    Attributes:
-        targets: classes the program maximises (None: the two weakest validation classes).
-        alpha: the program's threshold for every class.
-        reweight: the program's options (bounds, trust region, μ, solver).
-        search: if set, PARETO-LP-GA picks α (and ρ) instead of the fixed `alpha`.
-        influence: numerical choices; None: the closed form for a linear model, else
-            ``InfluenceConfig(curvature="gauss_newton")``.
-        retrain_epochs: epochs of training with the new weights from the trained model; the same
-            number of unweighted epochs is run beside it as the fair comparison.
-        devices: None/1 = one device; an int or "all" = a `distributed` mesh over that many
-            devices: training data-parallel, the influence stage sharded over samples, the search
-            population sharded. With minibatches the training result depends on the device
-            count (each device shuffles its own slice), so it is part of the train fingerprint.
-    """
-
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    train: train.TrainConfig = train.TrainConfig(epochs=40, batch_size=128, learning_rate=0.05,
-                                                 weight_decay=1e-3, checkpoint_epochs=(40,))
-    targets: tuple[int, ...] | None = None
-    alpha: float = 0.9
-    reweight: pareto.ReweightConfig = pareto.ReweightConfig(w_max=2.0, rho=0.5)
-    search: search.SearchConfig | None = None
-    influence: influence.InfluenceConfig | None = None
-    retrain_epochs: int = 5
-    steps: tuple[float, ...] = (0.25, 0.5, 1.0)
-    out_dir: str = "runs/default"
-    devices: int | str | None = None
+from . import cache, checks, data, distributed, influence, io, models, pareto, plots, search, stats, train
+from .config import DataConfig, InfluenceConfig, ModelConfig, RunConfig  # noqa: F401  (the job's records)
+from .setup import build_model, load_data
 
 
 class Stages:
@@ -116,25 +57,6 @@ class Stages:
         self.ran.append(name)
 
 
-def load_data(cfg: DataConfig) -> data.Splits:
-    return datasets.load_splits(cfg.name, seed=cfg.seed, path=cfg.path, features=cfg.features,
-                            max_train=cfg.max_train)
-
-
-_IMAGE_SHAPES = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1)}
-
-
-def build_model(cfg: ModelConfig, splits: data.Splits, *, with_features: bool = False):
-    """(apply, params) of the configured model for these splits; with `with_features`, also
-    its penultimate-layer ``features(params, x)`` (`models.functional_features`)."""
-    shape = cfg.image_shape or _IMAGE_SHAPES.get(splits.train.name.split("/")[0])
-    m = models.make_model(cfg.kind, splits.train.x.shape[1:], splits.num_classes, seed=cfg.seed,
-                          hidden=cfg.hidden, channels=cfg.channels, dense=cfg.dense,
-                          image_shape=shape)
-    apply, params = models.functional(m)
-    return (apply, params, models.functional_features(m)) if with_features else (apply, params)
-
-
 def format_table(class_names, columns: dict[str, Any], *, fmt: str = "{:.3f}") -> str:
     """A plain-text table: one row per class, one column per named array."""
     names = [str(c) for c in class_names]
@@ -168,6 +90,7 @@ class Job(NamedTuple):
     params0: Any
     loss_fn: Callable
     train_config: train.TrainConfig
+    objective: train.Objective
     mesh: Any
     stages: Stages
     out: Any
@@ -202,8 +125,9 @@ def make_job(config: RunConfig, out) -> Job:
     print(f"dataset {splits.train.name.split('/')[0]}: {len(splits.train)} train / "
           f"{len(splits.val)} val / {len(splits.test)} test, {splits.num_classes} classes; "
           f"model {config.model.kind}", file=out)
-    return Job(config, splits, apply, params0, models.per_sample_loss(apply), tcfg,
-                mesh, Stages(root, log=out), out)
+    loss_fn = models.per_sample_loss(apply)
+    return Job(config, splits, apply, params0, loss_fn, tcfg, train.Objective.of(loss_fn, tcfg),
+               mesh, Stages(root, log=out), out)
 
 
 def stage_train(job: Job, progress: bool):
@@ -231,17 +155,17 @@ def stage_train(job: Job, progress: bool):
 def stage_influence(job: Job, state, fp_train: str, progress: bool = False):
     """2. The influence matrix P; returns (P, its diagnostics, fingerprint)."""
     icfg, st, s = job.config.influence, job.stages, job.splits
-    K, wd = s.num_classes, job.train_config.weight_decay
+    K = s.num_classes
     fp = io.fingerprint("influence", fp_train, icfg)
     if not st.done("influence", fp):
         if icfg is None and job.config.model.kind == "linear":
             r = influence.linear_category_influence(state.params, s.train.x, s.train.y, s.val.x, s.val.y,
-                                                    num_classes=K, weight_decay=wd)
+                                                    num_classes=K, weight_decay=job.objective.weight_decay)
         else:
             r = influence.category_influence(
-                job.loss_fn, state.params, s.train.x, s.train.y, s.val.x, s.val.y, num_classes=K,
-                weight_decay=wd, apply=job.apply, mesh=job.mesh, progress=progress,
-                config=icfg or influence.InfluenceConfig(curvature="gauss_newton"))
+                job.objective, state.params, s.train.x, s.train.y, s.val.x, s.val.y, num_classes=K,
+                apply=job.apply, mesh=job.mesh, progress=progress,
+                config=icfg or InfluenceConfig(curvature="gauss_newton"))
         d = st.dir("influence")
         r = dataclasses.replace(r, names=tuple(s.class_names), sample_ids=np.arange(len(s.train)))
         r.save(d / "P.npz")  # plain keys: P, names, sample_ids, solutions, meta (InfluenceResult.load)
@@ -344,21 +268,10 @@ def _fmt(v) -> str:
 
 
 def class_mcnemar(after: dict, y_test, num_classes: int) -> list[float]:
-    """Per class, the exact two-sided McNemar p-value of the reweighted against the plain
-    extra-epoch model on the test samples of that class (paired: the same images): with b the
-    samples only the plain model gets right and c those only the reweighted one does,
-    p = min(1, 2 · P[Binomial(b + c, 1/2) <= min(b, c)])."""
-    from scipy.stats import binom
-
-    rw = np.asarray(after["test_correct"]["reweighted"], bool)
-    pl = np.asarray(after["test_correct"]["unweighted"], bool)
-    y = np.asarray(y_test)
-    out = []
-    for k in range(num_classes):
-        m = y == k
-        b, c = int((pl & ~rw & m).sum()), int((~pl & rw & m).sum())
-        out.append(1.0 if b + c == 0 else float(min(1.0, 2 * binom.cdf(min(b, c), b + c, 0.5))))
-    return out
+    """Per class, the exact two-sided McNemar p-value (`stats.mcnemar`) of the reweighted against
+    the plain extra-epoch model on the test samples of that class (paired: the same images)."""
+    return stats.class_mcnemar(after["test_correct"]["reweighted"], after["test_correct"]["unweighted"],
+                               y_test, num_classes)
 
 
 def harm_sentence(names, change, pvals, targets, level: float = 0.05) -> str:
@@ -435,6 +348,7 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
         The summary dict. Raises `ProgramFailed` if the program is infeasible (after writing
         its status).
     """
+    cache.enable()  # an entry point: compiled solvers persist across processes (`pareto_jax.cache`)
     job = make_job(config, out or sys.stdout)
     names = job.splits.class_names
     state, before, fp_train = _timed(job, "train", stage_train, job, progress)
@@ -491,7 +405,7 @@ def write_report(run_dir) -> Path:
                           ylabel="class", cbar="correlation")]
     tg = [names.index(t) for t in summary["targets"] if t in names]
     if len(tg) >= 2:
-        fr = pareto.pareto_frontier(P, rho=0.5, n_random=8, seed=0)
+        fr = pareto.pareto_frontier(P, n_random=8, seed=0)
         figs.append(plots.frontier_plot(fr.gains, fr.ceiling, tg[0], tg[1], out / "frontier.png", class_names=names))
     ceil, prog = summary["ceiling"], summary["program"]
     md = [f"# pareto-jax run: {cfg['data']['name']}, model {cfg['model']['kind']}", "",

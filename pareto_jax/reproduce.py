@@ -17,6 +17,8 @@ import numpy as np
 import scipy.stats
 
 from . import checks, data, datasets, influence, io, models, pareto, plots, train
+from .config import (DataConfig, ImproveConfig, InfluenceConfig, ModelConfig, ReweightConfig, SearchConfig,
+                     TrainConfig)
 
 REFERENCE = {
     "synthetic_rounds": "0.92/0.84 → 0.99/0.98 → 0.99/0.99 → 1.0/1.0",
@@ -35,8 +37,8 @@ def _linear_model(shape, K):
 def _fit_linear(x, y, K, wd, *, weights=None, init=None, normalizer="weights"):
     apply, loss_fn, params = _linear_model(tuple(x.shape[1:]), K)
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params if init is None else init)
-    p, it, gn = train.fit_lbfgs(loss_fn, params, x.astype(np.float64), y, weights=weights,
-                                weight_decay=wd, normalizer=normalizer, max_iter=2000, tol=1e-8)
+    p, it, gn = train.fit_lbfgs(train.Objective(loss_fn, wd, normalizer), params, x.astype(np.float64), y,
+                                weights=weights, max_iter=2000, tol=1e-8)
     return apply, loss_fn, p
 
 
@@ -157,7 +159,7 @@ def _synthetic_markdown(res: dict) -> list[str]:
 
 
 def reproduce_synthetic(out_dir: str = "reports/synthetic", *, quick: bool = False, seed: int = 0,
-                        weight_decay: float = 1e-3, out=None) -> dict:
+                        weight_decay: float = TrainConfig.weight_decay, out=None) -> dict:
     """Both 2-D cases with logistic regression (``docs/method.md``), and three rounds of removing
     the joint-negative samples in the improvable case."""
     out = out or sys.stdout
@@ -190,9 +192,9 @@ DELETION_MODELS = ("linear", "cnn-features", "cnn")
 
 
 def _train_cnn(s: data.Splits, tc: train.TrainConfig):
-    """The study's CNN (`pipeline.build_model`, init seed = `tc.seed`) trained on the training
+    """The study's CNN (`setup.build_model`, init seed = `tc.seed`) trained on the training
     split: (apply, its final `TrainState`, features)."""
-    from .pipeline import ModelConfig, build_model
+    from .setup import build_model
 
     apply, params, feats = build_model(ModelConfig("cnn", seed=tc.seed), s, with_features=True)
     state = train.train(models.per_sample_loss(apply), params, s.train.x, s.train.y, tc).state
@@ -224,10 +226,10 @@ def _deletion_cnn(s, K, tc: train.TrainConfig, retrain_epochs: int):
     vmapped population as the removals, so both see the same batch order and arithmetic)."""
     apply, state, _ = _train_cnn(s, tc)
     loss_fn = models.per_sample_loss(apply)
-    cfg = influence.InfluenceConfig(curvature="gauss_newton", damping="auto")
-    P = np.asarray(influence.category_influence(loss_fn, state.params, s.train.x, s.train.y, s.val.x,
-                                                s.val.y, num_classes=K, weight_decay=tc.weight_decay,
-                                                config=cfg, apply=apply).P)
+    cfg = InfluenceConfig(curvature="gauss_newton", damping="auto")
+    P = np.asarray(influence.category_influence(train.Objective.of(loss_fn, tc), state.params, s.train.x,
+                                                s.train.y, s.val.x, s.val.y, num_classes=K, config=cfg,
+                                                apply=apply).P)
     n = len(s.train)
     ep = train.make_epoch_fn(loss_fn, tc, n, population=True)
     x, y = jnp.asarray(s.train.x), jnp.asarray(s.train.y)
@@ -247,7 +249,7 @@ def _deletion_cnn(s, K, tc: train.TrainConfig, retrain_epochs: int):
 
 
 def reproduce_deletion(dataset: str = "digits", out_dir: str | None = None, *, quick: bool = False,
-                       seed: int = 0, features: str | None = None, weight_decay: float = 1e-3,
+                       seed: int = 0, features: str | None = None, weight_decay: float = TrainConfig.weight_decay,
                        fraction: float = 0.1, path: str | None = None, model: str = "linear",
                        retrain_epochs: int = 3, out=None) -> dict:
     """Per class t, remove the top `fraction` (beneficial) or the bottom `fraction`
@@ -374,15 +376,15 @@ def reproduce_frontier(out_dir: str = "reports/frontier", *, quick: bool = False
     baselines) and the first-order Pareto frontier checked by retraining, as a report. The
     improvement study over datasets and seeds is `reproduce_improve`."""
     out = out or sys.stdout
-    from . import experiments, pipeline, search
+    from . import experiments
 
     out_dir = Path(out_dir)
     ds = dataset or ("digits" if quick else "mnist5k")
     alpha_min = 0.95
-    scfg = search.SearchConfig(population=8 if quick else 16, generations=3 if quick else 6,
-                               seed=seed, retrain=retrain, alpha_range=(alpha_min, 1.0),
-                               reweight=pareto.ReweightConfig(w_max=1.0))
-    cfg = experiments.ImproveConfig(data=pipeline.DataConfig(name=ds, seed=seed), search=scfg,
+    scfg = SearchConfig(population=8 if quick else 16, generations=3 if quick else 6,
+                        seed=seed, retrain=retrain, alpha_range=(alpha_min, 1.0),
+                        reweight=ReweightConfig.downweight_only())
+    cfg = ImproveConfig(data=DataConfig(name=ds, seed=seed), search=scfg,
                                     out_dir=str(out_dir), alpha_min=alpha_min,
                                     rounds=1 if quick or retrain != "converge" else 3)
     rep = experiments.run_improve(cfg, progress=not quick, out=out)

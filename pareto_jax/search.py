@@ -25,127 +25,50 @@ import jax
 import numpy as np
 
 from . import checks, io, pareto
-from .evaluation import NEG_INF, BaselineConfig, Evaluator, SearchProblem, fitness, relative_change
+from .config import SearchConfig
+from .evaluation import NEG_INF, Evaluator, SearchProblem, fitness, relative_change
 
 
-@dataclasses.dataclass(frozen=True)
-class SearchConfig:
-    """Genetic-search settings (all seeded).
+class Genome:
+    """What a genome of a `SearchConfig` means: α (K thresholds), then the trust-region gene if
+    `search_rho` is set, then the others' weight if `others_weight` is set."""
 
-    Attributes:
-        population: candidates per generation.
-        generations: number of generations (the first is random).
-        elite: best candidates copied unchanged into the next generation.
-        tournament: tournament size for parent selection.
-        crossover_rate: probability that a child mixes two parents (uniform crossover).
-        mutation_rate: per-gene probability of a Gaussian mutation.
-        mutation_sigma: its standard deviation (α is clipped to [0, 1]).
-        alpha_range: initial α drawn uniformly from this range.
-        seed: generator seed.
-        batched: one vmapped epoch for the whole population (False: one candidate at a time,
-            for memory-limited cases; same results).
-        fused: a batched generation (retrain "epoch", no mesh, the device solver) runs as one
-            jitted call: the population's programs, weights, weighted epochs and validation
-            counts, with no host step between them (`Evaluator.generation`). False: the
-            programs and the epochs are two calls (same results).
-        reweight: the program's options (bounds, trust region, μ, solver).
-        fixed_alpha: α of the "program with fixed α" baseline.
-        topk_fraction: fraction of samples up-weighted by the top-k baseline.
-        topk_weight: the weight they get (its own setting: with the program's w_max = 1, top-k
-            up-weighting would otherwise change nothing).
-        search_rho: if set, (ρ_min, ρ_max): the genome gets one more gene, the trust region
-            |w_i − 1| <= ρ on a log scale in this range, so the search also chooses how far
-            from the trained weighting to step (an extension of the method, which searches α
-            only); None searches α alone with `reweight.rho`.
-        others_weight: if set, (β_min, β_max): one more gene (the last), the weight β of the
-            non-target classes in the program's objective, Σ_targets Σ_i w_i P[i, t] +
-            β·Σ_others Σ_i w_i P[i, k] (β = 0 is the method's objective). With β > 0 the program
-            also prefers samples that are harmful to every class, the direction of trimming;
-            an extension of the method, selected on validation like every other gene. None:
-            the method's objective.
-        retrain: how a candidate's weights are tried: "epoch" (the method: one weighted epoch
-            from θ^e with the checkpoint's optimizer) or "converge" (full-batch L-BFGS on the
-            fixed-N weighted objective from θ^e until the gradient is small: the setting in
-            which the first-order program's guarantees hold, for convex models).
-        retrain_max_iter: L-BFGS iteration cap for "converge".
-    """
-
-    population: int = 16
-    generations: int = 6
-    elite: int = 2
-    tournament: int = 3
-    crossover_rate: float = 0.9
-    mutation_rate: float = 0.25
-    mutation_sigma: float = 0.15
-    alpha_range: tuple[float, float] = (0.5, 1.0)
-    seed: int = 0
-    batched: bool = True
-    fused: bool = True
-    reweight: pareto.ReweightConfig = pareto.ReweightConfig(w_max=2.0)
-    fixed_alpha: float = 0.9
-    topk_fraction: float = 0.1
-    topk_weight: float = 2.0
-    search_rho: tuple[float, float] | None = (0.05, 1.0)
-    others_weight: tuple[float, float] | None = None
-    retrain: str = "epoch"
-    retrain_max_iter: int = 500
-
-    def __post_init__(self):
-        checks.check_positive(self.population, "population", integer=True)
-        checks.check_positive(self.generations, "generations", integer=True)
-        checks.check_positive(self.elite, "elite", integer=True, allow_zero=True)
-        if self.elite >= self.population:
-            checks.fail("elite", repr(self.elite), f"fewer than population ({self.population})",
-                         "lower elite or raise population")
-        checks.check_positive(self.tournament, "tournament", integer=True)
-        checks.check_in_range(self.crossover_rate, "crossover_rate", 0.0, 1.0)
-        checks.check_in_range(self.mutation_rate, "mutation_rate", 0.0, 1.0)
-        checks.check_positive(self.mutation_sigma, "mutation_sigma", allow_zero=True)
-        lo, hi = self.alpha_range
-        if not (0.0 <= lo <= hi <= 1.0):
-            checks.fail("alpha_range", repr(self.alpha_range), "0 <= lo <= hi <= 1", "e.g. (0.5, 1.0)")
-        checks.check_in_range(self.fixed_alpha, "fixed_alpha", 0.0, 1.0)
-        checks.check_in_range(self.topk_fraction, "topk_fraction", 0.0, 1.0)
-        checks.check_positive(self.topk_weight, "topk_weight")
-        checks.check_choice(self.retrain, "retrain", ("epoch", "converge"))
-        checks.check_positive(self.retrain_max_iter, "retrain_max_iter", integer=True)
-        if self.search_rho is not None:
-            a, b = self.search_rho
-            if not (0 < a <= b):
-                checks.fail("search_rho", repr(self.search_rho), "0 < ρ_min <= ρ_max", "e.g. (0.05, 1.0)")
-        if self.others_weight is not None:
-            a, b = self.others_weight
-            if not (0 <= a <= b):
-                checks.fail("others_weight", repr(self.others_weight), "0 <= β_min <= β_max", "e.g. (0.0, 1.0)")
+    def __init__(self, config: SearchConfig):
+        self.config = config
 
     @property
-    def n_genes(self) -> int:
-        return (self.search_rho is not None) + (self.others_weight is not None)
+    def n_extra(self) -> int:
+        """Genes after the K thresholds."""
+        return (self.config.search_rho is not None) + (self.config.others_weight is not None)
 
     def beta_of(self, gene: float) -> float:
-        a, b = self.others_weight
+        a, b = self.config.others_weight
         return float(a + gene * (b - a))
+
+    def rho_of(self, gene: float) -> float:
+        a, b = self.config.search_rho
+        return float(np.exp(np.log(a) + gene * (np.log(b) - np.log(a))))
 
     def program_of(self, genome, targets, K: int):
         """(α, ReweightConfig, class weights or None) of a genome."""
         g = np.asarray(genome, np.float64)
-        cfg = self.reweight
-        if self.search_rho is not None:
+        cfg = self.config.reweight
+        if self.config.search_rho is not None:
             cfg = dataclasses.replace(cfg, rho=self.rho_of(g[K]))
         beta = None
-        if self.others_weight is not None:
+        if self.config.others_weight is not None:
             beta = np.full(K, self.beta_of(g[-1]))
             beta[list(targets)] = 1.0
         return g[:K], cfg, beta
 
-    @property
-    def baselines(self) -> BaselineConfig:
-        """The baselines' settings (`evaluation.baseline_weights`)."""
-        return BaselineConfig(self.fixed_alpha, self.topk_fraction, self.topk_weight, self.reweight)
-
-    def rho_of(self, gene: float) -> float:
-        a, b = self.search_rho
-        return float(np.exp(np.log(a) + gene * (np.log(b) - np.log(a))))
+    def batch(self, P, genomes, targets) -> pareto.ProgramBatch:
+        """The programs of these genomes, prepared for the device (`pareto.prepare`)."""
+        K = np.shape(P)[1]
+        progs = [self.program_of(g, targets, K) for g in genomes]
+        rhos = None if self.config.search_rho is None else np.array([p[1].rho for p in progs])
+        betas = None if self.config.others_weight is None else np.stack([p[2] for p in progs])
+        return pareto.prepare(P, targets, np.stack([p[0] for p in progs]), self.config.reweight, rhos=rhos,
+                              class_weights=betas)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,64 +124,44 @@ class Population:
 
     def __init__(self, ev: Evaluator, P, targets, ref_val, config: SearchConfig):
         self.ev, self.P, self.targets, self.ref_val, self.cfg = ev, P, tuple(targets), ref_val, config
+        self.genome = Genome(config)
         self.cache: dict[bytes, Candidate] = {}
         self.solutions: dict[bytes, pareto.ReweightResult] = {}
-
-    def solve(self, genomes: np.ndarray) -> list[pareto.ReweightResult]:
-        """The programs of these genomes: one batched solve, or one at a time."""
-        K = self.P.shape[1]
-        progs = [self.cfg.program_of(g, self.targets, K) for g in genomes]
-        if self.cfg.batched:
-            A = np.stack([p[0] for p in progs])
-            rhos = None if self.cfg.search_rho is None else np.array([p[1].rho for p in progs])
-            betas = None if self.cfg.others_weight is None else np.stack([p[2] for p in progs])
-            return pareto.solve_reweighting_batch(self.P, self.targets, A, self.cfg.reweight, rhos=rhos,
-                                                  class_weights=betas)
-        # one candidate at a time (memory-limited path): same programs, same answers
-        return [pareto.solve_reweighting(self.P, self.targets, a, c, class_weights=b) for a, c, b in progs]
 
     @property
     def fused(self) -> bool:
         c = self.cfg
         return (c.batched and c.fused and c.retrain == "epoch" and self.ev.mesh is None
-                and c.reweight.solver == "dual")
+                and c.reweight.solver == "device")
 
-    def generation(self, genomes: np.ndarray):
-        """(program results, validation accuracies) of these genomes from one jitted call."""
-        K = self.P.shape[1]
-        progs = [self.cfg.program_of(g, self.targets, K) for g in genomes]
-        data = [pareto.program_data(self.P, self.targets, a, c, b) for a, c, b in progs]
-        P64 = data[0][0]
-        C, B = np.stack([d[1] for d in data]), np.stack([d[2] for d in data])
-        bounds = np.array([p[1].bounds for p in progs]).T
-        sol, _, acc = self.ev.generation(P64, C, B, bounds[0], bounds[1], self.cfg.reweight)
-        sols = [pareto.result_from_solution(P64, C[i], B[i], jax.tree_util.tree_map(lambda a: a[i], sol), progs[i][1])
-                for i in range(len(progs))]
-        return sols, acc
+    def _programs_and_accuracies(self, genomes: np.ndarray):
+        """(program results, validation accuracies) of these genomes: one jitted generation
+        (fused), a batched solve then the batched epochs, or one candidate at a time."""
+        batch = self.genome.batch(self.P, genomes, self.targets)
+        if self.fused:
+            return self.ev.generation(batch)
+        sols = pareto.solve_batch(batch) if self.cfg.batched else \
+            [pareto.solve_reweighting(batch.P, self.targets, a, c, class_weights=b)
+             for a, c, b in (self.genome.program_of(g, self.targets, self.P.shape[1]) for g in genomes)]
+        W = np.stack([s.w if s.w is not None else np.ones(self.P.shape[0]) for s in sols])
+        params, _ = self.ev.train_many(W, self.cfg.batched)
+        return sols, self.ev.accuracies(params, "val", self.cfg.batched)
 
     def evaluate(self, alphas: np.ndarray) -> list[Candidate]:
         keys = [np.asarray(a, np.float64).tobytes() for a in alphas]
-        todo = [i for i, k in enumerate(keys) if k not in self.cache]
-        todo = list(dict.fromkeys(todo))
-        uniq = {}
-        for i in todo:
-            uniq.setdefault(keys[i], i)
+        uniq: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            if k not in self.cache:
+                uniq.setdefault(k, i)
         idx = list(uniq.values())
         if idx:
             K = self.P.shape[1]
-            genomes = np.stack([alphas[i] for i in idx])
-            if self.fused:
-                sols, acc = self.generation(genomes)
-            else:
-                sols = self.solve(genomes)
-                W = np.stack([s.w if s.w is not None else np.ones(self.P.shape[0]) for s in sols])
-                params, _ = self.ev.train_many(W, self.cfg.batched)
-                acc = self.ev.accuracies(params, "val", self.cfg.batched)
+            sols, acc = self._programs_and_accuracies(np.stack([alphas[i] for i in idx]))
             for j, i in enumerate(idx):
                 d = relative_change(acc[j], self.ref_val)
                 f, tb = fitness(d, self.targets) if sols[j].success else (NEG_INF, NEG_INF)
                 g = np.asarray(alphas[i], np.float64)
-                a, rcfg, _ = self.cfg.program_of(g, self.targets, K)
+                a, rcfg, _ = self.genome.program_of(g, self.targets, K)
                 self.cache[keys[i]] = Candidate(g, a, rcfg.rho, f, tb, d, sols[j].status)
                 self.solutions[keys[i]] = sols[j]
         return [self.cache[k] for k in keys]
@@ -345,7 +248,7 @@ def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str =
 def _start(config: SearchConfig, K: int, rng, pop: Population, checkpoint):
     """(first generation, its genomes, history): a random population, or the checkpoint's."""
     lo, hi = config.alpha_range
-    genomes = rng.uniform(lo, hi, (config.population, K + config.n_genes))
+    genomes = rng.uniform(lo, hi, (config.population, K + Genome(config).n_extra))
     if config.search_rho is not None:
         genomes[:, K] = rng.uniform(0.0, 1.0, config.population)
     if config.others_weight is not None:
@@ -376,7 +279,7 @@ def _result(mode, targets, P, pop: Population, ev: Evaluator, ref, ref_val, hist
     K = P.shape[1]
     everything = sorted(pop.cache.values(), key=_rank_key, reverse=True)
     best = everything[0]
-    a, rcfg, beta = config.program_of(best.genome, targets, K)
+    a, rcfg, beta = Genome(config).program_of(best.genome, targets, K)
     sol = pareto.solve_reweighting(P, targets, a, rcfg, class_weights=beta)
     w = sol.w
     params, _ = ev.train_one(w if w is not None else np.ones(P.shape[0]))

@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.stats
 
-from . import checks, evaluation, experiments, influence, io, pareto, plots, search, train
-from .pipeline import DataConfig, ModelConfig
+from . import checks, evaluation, experiments, io, plots
+from .config import (DataConfig, ImproveConfig, InfluenceConfig, ModelConfig, ReweightConfig, SearchConfig,
+                     TrainConfig)
+from .stats import interval, mcnemar
 
 SEARCH_ROW = "search (PARETO-LP-GA)"
 REFERENCE_ROW = "unweighted"
@@ -42,23 +43,23 @@ class StudySetting:
 
     dataset: str
     model: ModelConfig
-    train: train.TrainConfig
+    train: TrainConfig
     features: str = "tfidf"
     noise_classes: tuple[int, ...] = ()
     noise_fraction: float = 0.0
     n_targets: int = 2
     max_train: int | None = None
-    influence: influence.InfluenceConfig | str = None
+    influence: InfluenceConfig | str | None = None
     description: str = ""
 
 
 # deep models: Gauss-Newton CG, automatic damping, stopped at a relative residual of 1e-3 (on the
 # digits CNN, P then differs from P at 1e-6 by 0.5 % in norm, for half the CG steps)
-INFLUENCE = influence.InfluenceConfig(curvature="gauss_newton", rtol=1e-3)
+INFLUENCE = InfluenceConfig(curvature="gauss_newton", rtol=1e-3)
 
-_TEXT_TRAIN = train.TrainConfig(epochs=12, batch_size=128, learning_rate=1e-3, weight_decay=1e-4)
+_TEXT_TRAIN = TrainConfig(epochs=12, batch_size=128, learning_rate=1e-3, weight_decay=1e-4)
 # the CNN's training, also the deletion check's (`reproduce.reproduce_deletion`, model "cnn*")
-CNN_TRAIN = train.TrainConfig(epochs=15, batch_size=64, learning_rate=3e-3, weight_decay=1e-4)
+CNN_TRAIN = TrainConfig(epochs=15, batch_size=64, learning_rate=3e-3, weight_decay=1e-4)
 
 SETTINGS: dict[str, StudySetting] = {
     "emotion": StudySetting("emotion", ModelConfig("mlp", hidden=(64,)), _TEXT_TRAIN, features="minilm",
@@ -79,7 +80,7 @@ SETTINGS: dict[str, StudySetting] = {
                                         "influence through the last layer (closed form on the CNN's "
                                         "penultimate activations)"),
     "mnist5k-noisy": StudySetting("mnist5k", ModelConfig("linear"),
-                                  train.TrainConfig(epochs=20, batch_size=128, learning_rate=0.003,
+                                  TrainConfig(epochs=20, batch_size=128, learning_rate=0.003,
                                                     weight_decay=1e-3),
                                   noise_classes=(3, 8), noise_fraction=0.4,
                                   description="controlled case: MNIST-5k with 40 % of the training "
@@ -93,19 +94,18 @@ def _quick(st: StudySetting) -> StudySetting:
     return dataclasses.replace(st, train=tc, features="tfidf", max_train=600)
 
 
-def search_config(seed: int, quick: bool) -> search.SearchConfig:
+def search_config(seed: int, quick: bool) -> SearchConfig:
     """The study's search: α from [0.95, 1], trust region searched, down-weighting only, one
     weighted epoch per candidate (the method's Direct Improvement and Course Correction)."""
-    return search.SearchConfig(population=6 if quick else 16, generations=2 if quick else 6, seed=seed,
-                               retrain="epoch", alpha_range=(0.95, 1.0),
-                               reweight=pareto.ReweightConfig(w_max=1.0))
+    return SearchConfig(population=6 if quick else 16, generations=2 if quick else 6, seed=seed,
+                        retrain="epoch", alpha_range=(0.95, 1.0), reweight=ReweightConfig.downweight_only())
 
 
-def seed_config(name: str, seed: int, out_dir: Path, *, quick: bool = False) -> experiments.ImproveConfig:
+def seed_config(name: str, seed: int, out_dir: Path, *, quick: bool = False) -> ImproveConfig:
     """The `experiments.ImproveConfig` of one seed of one dataset."""
     st = SETTINGS[name]
     st = _quick(st) if quick else st
-    return experiments.ImproveConfig(
+    return ImproveConfig(
         data=DataConfig(name=st.dataset, seed=seed, features=st.features, max_train=st.max_train),
         model=dataclasses.replace(st.model, seed=seed), train=dataclasses.replace(st.train, seed=seed),
         noise_classes=st.noise_classes, noise_fraction=st.noise_fraction, n_targets=st.n_targets,
@@ -113,7 +113,7 @@ def seed_config(name: str, seed: int, out_dir: Path, *, quick: bool = False) -> 
         influence=st.influence or INFLUENCE)
 
 
-def _same_config(saved: dict, cfg: experiments.ImproveConfig) -> bool:
+def _same_config(saved: dict, cfg: ImproveConfig) -> bool:
     """Whether a saved seed ran with `cfg` (compared as JSON, the output folder aside)."""
     want = json.loads(json.dumps(io.to_jsonable(cfg), sort_keys=True, default=str))
     got = dict(saved)
@@ -132,27 +132,6 @@ def run_seed(name: str, seed: int, out_dir: Path, *, quick: bool = False, out=No
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def interval(values, level: float = 0.95) -> dict:
-    """Mean and the half-width of its t-interval over seeds (0 with one seed)."""
-    v = np.asarray(values, np.float64)
-    n = v.size
-    if n == 0:
-        return {"mean": float("nan"), "half_width": float("nan"), "n": 0}
-    hw = float(scipy.stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
-    return {"mean": float(v.mean()), "half_width": hw, "n": int(n)}
-
-
-def mcnemar(method_correct, ref_correct) -> dict:
-    """Exact McNemar test on paired outcomes: b = samples only the method gets right, c = only
-    the reference; under no difference each discordant pair is a fair coin, so the two-sided
-    p-value is the binomial test of b in b + c. Pooling discordant pairs over seeds (strata)
-    keeps the test exact."""
-    m, r = np.asarray(method_correct, bool), np.asarray(ref_correct, bool)
-    b, c = int(np.sum(m & ~r)), int(np.sum(~m & r))
-    p = float(scipy.stats.binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0
-    return {"gained": b, "lost": c, "net": b - c, "p": p}
 
 
 def _unbits(s: str) -> np.ndarray:

@@ -27,48 +27,63 @@ import numpy as np
 import optax
 
 from . import checks, io, kernels
+from .config import NORMALIZERS, TrainConfig
 
 LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """How to train (the model and data are passed separately).
+class Objective:
+    """The training objective, the one record of it (module docstring):
+
+        L_w(θ) = s · (1/N) Σ_i w_i ℓ(z_i; θ) + (λ/2)‖θ‖²,   s = N / Σ w (normalizer "weights") or 1 ("n").
+
+    Training builds it from its `TrainConfig` (`Objective.of`), and the same record is what
+    influence (its curvature is this objective's at w = 1), the evaluator's retraining, the
+    L-BFGS refit and the unrolled estimator take: λ is never copied by hand. Hashable (a static
+    argument of jitted programs) when its loss is.
 
     Attributes:
-        epochs: passes over the training set.
-        batch_size: minibatch size; None (or >= N) means full batch.
-        optimizer: "adam", "sgd" (with `momentum`) or "gd" (plain full-step gradient descent).
-        learning_rate: step size.
-        weight_decay: λ of the L2 term (λ/2)‖θ‖² inside the loss (not decoupled), so the
-            influence functions see the same objective.
-        momentum: for "sgd".
-        normalizer: "weights" (Σ w ℓ / Σ w) or "n" (Σ w ℓ / N).
-        seed: shuffling seed; epoch e uses fold_in(seed, e), so continuing from a checkpoint
-            replays the same batch order as uninterrupted training.
-        checkpoint_epochs: epochs after which to save params and optimizer state.
+        loss_fn: per-sample ``loss_fn(params, x, y)`` (x unbatched).
+        weight_decay: λ.
+        normalizer: "weights" or "n".
     """
 
-    epochs: int = 40
-    batch_size: int | None = 128
-    optimizer: str = "adam"
-    learning_rate: float = 1e-2
-    weight_decay: float = 1e-3
-    momentum: float = 0.9
-    normalizer: str = "weights"
-    seed: int = 0
-    checkpoint_epochs: tuple[int, ...] = ()
+    loss_fn: LossFn
+    weight_decay: float = TrainConfig.weight_decay
+    normalizer: str = TrainConfig.normalizer
 
     def __post_init__(self):
-        checks.check_positive(self.epochs, "epochs", integer=True, allow_zero=True)
-        if self.batch_size is not None:
-            checks.check_positive(self.batch_size, "batch_size", integer=True)
-        checks.check_choice(self.optimizer, "optimizer", ("adam", "sgd", "gd"))
-        checks.check_positive(self.learning_rate, "learning_rate")
+        if not callable(self.loss_fn):
+            checks.fail("loss_fn", type(self.loss_fn).__name__, "a function (params, x, y) -> scalar",
+                        "pass e.g. models.per_sample_loss(apply)")
         checks.check_positive(self.weight_decay, "weight_decay", allow_zero=True)
-        checks.check_in_range(self.momentum, "momentum", 0.0, 0.999)
-        checks.check_choice(self.normalizer, "normalizer", ("weights", "n"))
-        object.__setattr__(self, "checkpoint_epochs", tuple(int(e) for e in self.checkpoint_epochs))
+        checks.check_choice(self.normalizer, "normalizer", NORMALIZERS)
+        object.__setattr__(self, "weight_decay", float(self.weight_decay))
+
+    @classmethod
+    def of(cls, loss_fn: LossFn, config: TrainConfig) -> "Objective":
+        """The objective that `config` trains `loss_fn` with."""
+        return cls(loss_fn, config.weight_decay, config.normalizer)
+
+    def value(self, params, x, y, w) -> jax.Array:
+        """L_w(θ) on the full batch (x, y) with weights w."""
+        return weighted_objective(self.loss_fn, params, x, y, w, weight_decay=self.weight_decay,
+                                  normalizer=self.normalizer)
+
+
+def as_objective(loss_fn, weight_decay=None) -> Objective:
+    """An `Objective` from an `Objective` (weight_decay must then be None or the same λ), or from
+    a per-sample loss and its λ (the front doors' two ways in)."""
+    if isinstance(loss_fn, Objective):
+        if weight_decay is not None and float(weight_decay) != loss_fn.weight_decay:
+            checks.fail("weight_decay", repr(weight_decay), f"None (the objective's own λ = {loss_fn.weight_decay})",
+                        "drop weight_decay=, or pass the objective with the λ it was trained with")
+        return loss_fn
+    if weight_decay is None:
+        checks.fail("weight_decay", "None", "the λ the model was trained with (it is part of the curvature)",
+                    "pass weight_decay=, or pass train.Objective.of(loss_fn, train_config) instead of loss_fn")
+    return Objective(loss_fn, weight_decay, "n")
 
 
 class TrainState(NamedTuple):
@@ -131,7 +146,8 @@ def epoch_fns(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, ba
     and λθ is added once: `pareto_jax.distributed.make_epoch_fn` wraps this same body.
     """
     opt = make_optimizer(config)
-    wd, norm, seed = config.weight_decay, config.normalizer, config.seed
+    objective = Objective.of(loss_fn, config)
+    wd, norm, seed = objective.weight_decay, objective.normalizer, config.seed
     psum = (lambda a: a) if axis_name is None else functools.partial(jax.lax.psum, axis_name=axis_name)
 
     def batch_loss(params, xb, yb, wb, mb, scale):
@@ -391,15 +407,15 @@ def train_one_epoch_from(loss_fn: LossFn, state: TrainState, x, y, weights,
 
 
 @functools.lru_cache(maxsize=32)
-def lbfgs_fit_fn(loss_fn, weight_decay: float, normalizer: str, max_iter: int, tol: float):
-    """The jitted full-batch L-BFGS fit, one per (loss, settings): repeated `fit_lbfgs` calls
-    with the same loss (e.g. a deletion sweep's refits) reuse its compiled program."""
+def lbfgs_fit_fn(objective: Objective, max_iter: int, tol: float):
+    """The jitted full-batch L-BFGS fit of `objective`, one per (objective, settings): repeated
+    `fit_lbfgs` calls with the same objective (e.g. a deletion sweep's refits) reuse its compiled
+    program."""
     opt = optax.lbfgs()
 
     def fit(params, x, y, w):
         def obj(p):
-            return weighted_objective(loss_fn, p, x, y, w, weight_decay=weight_decay,
-                                      normalizer=normalizer)
+            return objective.value(p, x, y, w)
 
         vg = optax.value_and_grad_from_state(obj)
 
@@ -423,17 +439,18 @@ def lbfgs_fit_fn(loss_fn, weight_decay: float, normalizer: str, max_iter: int, t
     return jax.jit(fit)
 
 
-def fit_lbfgs(loss_fn: LossFn, params, x, y, *, weights=None, weight_decay: float,
-              normalizer: str = "n", max_iter: int = 1000, tol: float = 1e-6):
+def fit_lbfgs(objective: Objective, params, x, y, *, weights=None, max_iter: int = 1000, tol: float = 1e-6):
     """Minimise the full-batch weighted objective L_w(θ) with optax's L-BFGS (zoom line search).
 
     For convex models this is "retraining to convergence": the reference the influence
     predictions are checked against. Returns (params, iterations, final gradient norm).
     """
-    checks.check_choice(normalizer, "normalizer", ("weights", "n"))
+    if not isinstance(objective, Objective):
+        checks.fail("objective", type(objective).__name__, "a train.Objective (loss, λ, normaliser)",
+                    "pass train.Objective(loss_fn, weight_decay, normalizer='n')")
     x = checks.as_features(x, "x")
     w = np.ones(x.shape[0]) if weights is None else checks.as_weights(weights, x.shape[0])
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
-    fit = lbfgs_fit_fn(loss_fn, float(weight_decay), normalizer, int(max_iter), float(tol))
+    fit = lbfgs_fit_fn(objective, int(max_iter), float(tol))
     p, it, gn = fit(params, jnp.asarray(x, dtype), jnp.asarray(y), jnp.asarray(w, dtype))
     return p, int(it), float(gn)

@@ -18,10 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import checks
+from ..config import PROGRAM_SOLVERS
+from ..results import message as status_message
+from ..results import pytree_result, raise_for_status
 from . import exact, highs
 from .program import pad_rows
 
 
+@pytree_result(data=("direction", "predicted_gains", "certificate"))
 @dataclasses.dataclass(frozen=True)
 class CeilingResult:
     """Outcome of `ceiling_test`.
@@ -66,13 +70,6 @@ class CeilingResult:
         }
 
 
-# a pytree: the arrays are leaves, the scalars and strings metadata (jax.tree_util round trips)
-jax.tree_util.register_dataclass(
-    CeilingResult, data_fields=["direction", "predicted_gains", "certificate"],
-    meta_fields=["improvable", "t_star", "certificate_residual", "tol", "pca_explained_ratio",
-                 "pca_heuristic_improvable", "status", "message"])
-
-
 def pca_explained_ratio(P) -> float:
     """Explained-variance ratio of the first principal component of the centred P (heuristic)."""
     P = np.asarray(P, np.float64)
@@ -84,13 +81,17 @@ def pca_explained_ratio(P) -> float:
 _ceiling_jit = jax.jit(exact.ceiling_program)
 
 
-def ceiling_test(P, *, tol: float | None = None, solver: str = "simplex") -> CeilingResult:
+def ceiling_test(P, *, tol: float | None = None, solver: str = "device", throw: bool = True) -> CeilingResult:
     """Decide whether a first-order Pareto improvement exists (exact LP) and report the heuristic.
 
     Args:
         P: influence matrix (N, K).
         tol: threshold on t* (default 1e-9 · max_k Σ_i |P[i, k]|).
-        solver: "simplex" (on the device, `exact.ceiling_program`) or "highs" (the host reference).
+        solver: "device" (the bounded dual simplex in JAX, `exact.ceiling_program`) or "highs"
+            (the host reference).
+        throw: raise `NumericalError` when the LP fails (the default: the ceiling LP is always
+            feasible, so a failure is numerical and its t* means nothing); False returns the
+            result with its status, `improvable` False.
 
     Returns:
         `CeilingResult`.
@@ -107,23 +108,28 @@ def ceiling_test(P, *, tol: float | None = None, solver: str = "simplex") -> Cei
     if scale == 0:
         checks.fail("P", "an all-zero matrix", "an influence matrix with some non-zero entry",
                     "check that the model and data produced gradients")
+    if tol is not None:
+        checks.check_positive(tol, "tol", allow_zero=True)
     tol = 1e-9 * scale if tol is None else float(tol)
-    checks.check_choice(solver, "solver", ("simplex", "highs"))
+    checks.check_choice(solver, "solver", PROGRAM_SOLVERS)
     if solver == "highs":
         res, d, t, lam = highs.ceiling_lp(P / scale)
-        status, message, t = int(res.status), res.message, t * scale
+        status, message = int(res.status), res.message
+        if d is None:  # no answer: nothing to report but the status
+            d, t, lam = np.zeros(P.shape[0]), float("nan"), np.full(P.shape[1], 1.0 / P.shape[1])
+        t = t * scale
     else:
         n = P.shape[0]  # N padded with zero rows: one compile serves many N
         with jax.enable_x64(True):
             sol = _ceiling_jit(jnp.asarray(pad_rows(P)))
             sol = jax.tree_util.tree_map(np.asarray, sol)
         status, d, t, lam = int(sol.status), np.asarray(sol.direction[:n], np.float64), float(sol.t_star), sol.certificate
-        message = highs.STATUS_MESSAGES.get(status, "")
-    if status != 0:
-        raise checks.NumericalError(f"ceiling test LP ({solver}): status {status} ({message})")
+        message = status_message(status)
+    if throw:
+        raise_for_status(status, f"ceiling test LP ({solver})")
     ratio = pca_explained_ratio(P)
     return CeilingResult(
-        improvable=bool(t > tol), t_star=float(t), direction=d, predicted_gains=P.T @ d,
+        improvable=bool(status == 0 and t > tol), t_star=float(t), direction=d, predicted_gains=P.T @ d,
         certificate=np.asarray(lam, np.float64), certificate_residual=float(np.abs(P @ lam).sum()), tol=tol,
         pca_explained_ratio=ratio, pca_heuristic_improvable=bool(ratio > 0.2), status=status,
         message=message)

@@ -16,7 +16,8 @@
    The QP (μ > 0): the closed form w(z) at the duals, certified by its duality gap.
 4. the float64 (where enabled) violation of the returned w.
 
-Statuses come back as arrays (`highs.SUCCESS`, `INFEASIBLE`, `ITERATION_LIMIT`, `NUMERICAL`):
+Statuses come back as int32 arrays of `results.Status` codes (SUCCESS, INFEASIBLE, ITERATION_LIMIT,
+NUMERICAL):
 a w is only to be used when the status is `SUCCESS`.
 """
 
@@ -27,8 +28,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ..config import ReweightConfig, weight_bounds
+from ..results import Status
 from . import dual, select, simplex
-from .highs import INFEASIBLE, ITERATION_LIMIT, NUMERICAL, SUCCESS
+
+# plain ints on the device (JAX takes an int, not an IntEnum member, as a constant)
+SUCCESS, INFEASIBLE = int(Status.SUCCESS), int(Status.INFEASIBLE)
+ITERATION_LIMIT, NUMERICAL = int(Status.ITERATION_LIMIT), int(Status.NUMERICAL)
 
 _PENALTY = 1e6  # per unit of (scaled) violation of a restricted row; duals are O(1) in these units
 
@@ -340,7 +346,8 @@ def ceiling_program(P, *, n_breaks: int = 4096, n_sub: int = 512,
     return CeilingSolution(t, d, lam, jnp.sum(jnp.abs(P @ lam)), res.status, res.iterations + its)
 
 
-def reweight(P, class_weights, alpha, *, w_max=2.0, rho=None, budget=None, mu=0.0, gram_cap="auto") -> ProgramSolution:
+def reweight(P, class_weights, alpha, *, w_max=ReweightConfig.w_max, rho=None, budget=None, mu=0.0,
+             gram_cap="auto") -> ProgramSolution:
     """The reweighting program from its user-facing parameters, in pure JAX (jit, vmap, on device).
 
     maximise Σ_k β_k Σ_i w_i P[i, k] − (μ/2)‖w − 1‖² s.t. Σ_i w_i P[i, k] >= α_k Σ_i P[i, k],
@@ -363,7 +370,5 @@ def reweight(P, class_weights, alpha, *, w_max=2.0, rho=None, budget=None, mu=0.
     dt = P.dtype
     beta = jnp.asarray(class_weights, dt)
     alpha = jnp.broadcast_to(jnp.asarray(alpha, dt), (P.shape[1],))
-    lo, hi = jnp.zeros((), dt), jnp.asarray(w_max, dt)
-    if rho is not None:
-        lo, hi = jnp.maximum(lo, 1.0 - rho), jnp.minimum(hi, 1.0 + rho)
+    lo, hi = weight_bounds(jnp.asarray(w_max, dt), rho, maximum=jnp.maximum, minimum=jnp.minimum)
     return solve_program(P, P @ beta, alpha * P.sum(0), lo, hi, budget, mu, gram_cap=gram_cap)

@@ -4,7 +4,7 @@ These are the whole programs solved by HiGHS on the host: `lp` (the reweighting 
 optional L1 budget), `qp` (the proximal variant, through highspy), `ceiling_lp` (the exact
 ceiling test). Every matrix is divided by max|P| first: HiGHS's absolute feasibility tolerance
 would otherwise accept violations of 1e-9 on influence matrices of size ~1e-6 (found by the
-property tests). Status codes follow `scipy.optimize.linprog`.
+property tests). Status codes follow `scipy.optimize.linprog` (`results.Status`).
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.optimize
 
-SUCCESS, ITERATION_LIMIT, INFEASIBLE, UNBOUNDED, NUMERICAL = 0, 1, 2, 3, 4
-STATUS_MESSAGES = {
-    SUCCESS: "optimal", ITERATION_LIMIT: "iteration limit reached", INFEASIBLE: "infeasible",
-    UNBOUNDED: "unbounded", NUMERICAL: "numerical difficulties",
-}
+from ..results import Status
+
+SUCCESS, INFEASIBLE, NUMERICAL = int(Status.SUCCESS), int(Status.INFEASIBLE), int(Status.NUMERICAL)
 
 OPTIONS = dict(primal_feasibility_tolerance=1e-10, dual_feasibility_tolerance=1e-10)
 

@@ -28,69 +28,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import checks
+from ..config import ReweightConfig
+from ..results import Status, message, pytree_result
 from . import dual, exact, highs
-from .highs import INFEASIBLE, NUMERICAL, STATUS_MESSAGES, SUCCESS
 
 
-@dataclasses.dataclass(frozen=True)
-class ReweightConfig:
-    """Options of the reweighting program (the problem data P, targets, α come separately).
-
-    Attributes:
-        w_max: upper bound on every weight.
-        rho: trust region |w_i − 1| <= ρ (None: off).
-        budget: L1 budget Σ_i |w_i − 1| <= B (None: off).
-        mu: proximal term (μ/2)‖w − 1‖² in units of P (0: the LP). Smooth, interior weights.
-        solver: "dual" (on the device: the structured dual stage and the exact finish) or
-            "highs" (the host reference: scipy's HiGHS for the LP, highspy for the QP).
-        rtol: relative optimality tolerance of the dual solver.
-        max_iter: Newton iterations per continuation stage.
-        feas_tol: allowed constraint violation after the float64 re-check (absolute, in units of
-            P); above it the status is 4 (numerical).
-    """
-
-    w_max: float = 2.0
-    rho: float | None = None
-    budget: float | None = None
-    mu: float = 0.0
-    solver: str = "dual"
-    rtol: float = 1e-9
-    max_iter: int = 100
-    feas_tol: float = 1e-9
-
-    def __post_init__(self):
-        checks.check_positive(self.w_max, "w_max")
-        if self.rho is not None:
-            checks.check_positive(self.rho, "rho")
-        if self.budget is not None:
-            checks.check_positive(self.budget, "budget")
-        checks.check_positive(self.mu, "mu", allow_zero=True)
-        checks.check_choice(self.solver, "solver", ("dual", "highs"))
-        checks.check_positive(self.rtol, "rtol")
-        checks.check_positive(self.max_iter, "max_iter", integer=True)
-        checks.check_positive(self.feas_tol, "feas_tol")
-
-    @property
-    def bounds(self) -> tuple[float, float]:
-        lo, hi = 0.0, float(self.w_max)
-        if self.rho is not None:
-            lo, hi = max(lo, 1.0 - self.rho), min(hi, 1.0 + self.rho)
-        return lo, hi
-
-
+@pytree_result(data=("w", "predicted_loss_change", "duals"))
 @dataclasses.dataclass(frozen=True)
 class ReweightResult:
     """Solution of the reweighting program.
 
     Attributes:
         w: weights (N,), or None when no feasible w exists.
-        status, message: scipy linprog status code and text.
+        status, message: the `results.Status` code (scipy linprog's) and its text.
         objective: Σ_{targets} Σ_i w_i P[i, k] − (μ/2)‖w − 1‖².
         max_violation: max over constraints of the float64 violation (coupling, box, budget).
         n_saturated: weights at a bound (0 / w_max / trust-region edge).
         n_fractional: weights strictly between their bounds, other than those left at 1.
         predicted_loss_change: −Pᵀ(w − 1) per class (negative = predicted improvement).
-        solver: what produced w ("dual": the device path, or "highs").
+        solver: what produced w ("device" or "highs").
         notes: what the solver did (the exact finish's size and rounds, the QP's gap, a
             Farkas certificate).
         duals: ν (K,) multipliers of the class constraints (and the budget's, if any).
@@ -112,25 +68,26 @@ class ReweightResult:
 
     @property
     def success(self) -> bool:
-        return self.status == SUCCESS
+        return self.status == Status.SUCCESS
 
     def summary(self) -> dict:
         return {"status": self.status, "message": self.message, "objective": self.objective,
                 "max_violation": self.max_violation, "n_saturated": self.n_saturated,
-                "n_fractional": self.n_fractional, "n_unchanged": self.n_unchanged, "solver": self.solver, "notes": list(self.notes),
+                "n_fractional": self.n_fractional, "n_unchanged": self.n_unchanged, "solver": self.solver,
+                "notes": list(self.notes),
                 "predicted_loss_change": None if self.w is None else self.predicted_loss_change.tolist()}
-
-
-jax.tree_util.register_dataclass(
-    ReweightResult, data_fields=["w", "predicted_loss_change", "duals"],
-    meta_fields=["status", "message", "objective", "max_violation", "n_saturated", "n_fractional", "solver",
-                 "notes", "n_unchanged"])
 
 
 def program_data(P, targets, alpha, config, class_weights=None):
     """Validated (P in float64, objective c = Pβ, thresholds b = α ⊙ Σ_i P[i, :]) of one program."""
+    del config  # (the bounds are `ReweightConfig.bounds`; kept for the callers' signature)
     P = checks.as_influence_matrix(P)
-    n, K = P.shape
+    return (P, *_row_data(P, targets, alpha, class_weights))
+
+
+def _row_data(P, targets, alpha, class_weights):
+    """(c, b) of one program on an already validated float64 P."""
+    K = P.shape[1]
     if class_weights is not None:
         beta = np.asarray(class_weights, np.float64)
         if beta.shape != (K,) or not np.all(np.isfinite(beta)) or beta.min() < 0 or beta.sum() <= 0:
@@ -144,9 +101,7 @@ def program_data(P, targets, alpha, config, class_weights=None):
     if a.shape != (K,) or not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1:
         checks.fail("alpha", f"{np.asarray(alpha).tolist()}", f"{K} thresholds in [0, 1] (or one scalar)",
                      "keep at least a fraction α_k ∈ [0, 1] of each class's total influence")
-    c = P @ beta
-    b = a * P.sum(0)
-    return P, c, b
+    return P @ beta, a * P.sum(0)
 
 
 def check_feasibility(P, w, b, config: ReweightConfig) -> float:
@@ -161,10 +116,10 @@ def check_feasibility(P, w, b, config: ReweightConfig) -> float:
     return float(max(v))
 
 
-def _result(P, c, b, w, config, solver, notes, duals, status=SUCCESS, message="optimal") -> ReweightResult:
+def _result(P, c, b, w, config, solver, notes, duals, status=Status.SUCCESS, message_="optimal") -> ReweightResult:
     """The `ReweightResult` of w (None: no solution) with its float64 re-check."""
     if w is None:
-        return ReweightResult(None, status, message, float("nan"), float("nan"), 0, 0,
+        return ReweightResult(None, int(status), message_, float("nan"), float("nan"), 0, 0,
                               np.full(P.shape[1], np.nan), solver, tuple(notes), duals)
     lo, hi = config.bounds
     w = np.clip(w, lo, hi)
@@ -175,21 +130,90 @@ def _result(P, c, b, w, config, solver, notes, duals, status=SUCCESS, message="o
     at_bound = (w <= lo + eps) | (w >= hi - eps)
     unchanged = np.abs(w - 1.0) <= eps
     obj = float(c @ w - 0.5 * config.mu * np.sum((w - 1) ** 2))
-    return ReweightResult(w, status, message, obj, viol, int(at_bound.sum()),
+    return ReweightResult(w, int(status), message_, obj, viol, int(at_bound.sum()),
                           int((~at_bound & ~unchanged).sum()), -(P.T @ (w - 1.0)), solver,
                           tuple(notes), duals, int((unchanged & ~at_bound).sum()))
 
 
-def _highs_solve(P, c, b, config, label, notes=()) -> ReweightResult:
-    """The whole program by HiGHS (LP, or QP when μ > 0), reported under `label`."""
+def _highs_solve(P, c, b, config) -> ReweightResult:
+    """The whole program by HiGHS (LP, or QP when μ > 0)."""
     lo, hi = config.bounds
     if config.mu > 0:
         st, msg, w, duals = highs.qp(P, c, b, lo, hi, config.mu, config.budget)
     else:
         st, msg, w, duals = highs.lp(P, c, b, lo, hi, config.budget)
-    if st != SUCCESS:
-        return _result(P, c, b, None, config, label, notes, None, st, STATUS_MESSAGES.get(st, msg))
-    return _result(P, c, b, w, config, label, notes, duals)
+    if st != Status.SUCCESS:
+        return _result(P, c, b, None, config, "highs", (), None, st, message(st) if st in Status._value2member_map_
+                       else msg)
+    return _result(P, c, b, w, config, "highs", (), duals)
+
+
+# ----------------------------------------------------------------------------- the one program path
+#
+# prepare (validate; the rows' objectives, thresholds and bounds)  ->  solve on the device (one
+# compiled program for every row, N padded to a bucket)  ->  read (each row's float64 re-check
+# and status). `solve_reweighting`, `solve_reweighting_batch`, the search's population and the
+# evaluator's fused generation all go through these three steps.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProgramBatch:
+    """M programs on one P, prepared for the device (`prepare`).
+
+    Attributes:
+        P: (N, K) float64. C: (M, N) objectives (Pβ). B: (M, K) thresholds (α ⊙ Σ_i P[i, :]).
+        lo, hi: (M,) each row's weight bounds (`ReweightConfig.bounds`, the trust region applied).
+        configs: each row's `ReweightConfig` (they differ at most in ρ).
+    """
+
+    P: np.ndarray
+    C: np.ndarray
+    B: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    configs: tuple[ReweightConfig, ...]
+
+    @property
+    def config(self) -> ReweightConfig:
+        """The settings every row shares (budget, μ, solver, tolerances)."""
+        return self.configs[0]
+
+    def device_args(self):
+        """(P padded, C padded, B, lo, hi, budget, μ, N) as the device solve takes them (P and C
+        padded to `bucket`(N) on the device), and its static keywords."""
+        cfg = self.config
+        Pp, Cp = pad_rows(self.P, self.C)
+        args = (Pp, Cp, jnp.asarray(self.B), jnp.asarray(self.lo), jnp.asarray(self.hi),
+                float(cfg.budget or 0.0), float(cfg.mu), self.P.shape[0])
+        return args, {"has_budget": cfg.budget is not None, "qp": cfg.mu > 0, "rtol": float(cfg.rtol)}
+
+
+def prepare(P, targets, alphas, config: ReweightConfig, *, rhos=None, class_weights=None) -> ProgramBatch:
+    """Validate M programs on one P and prepare them for the device.
+
+    Args:
+        P: (N, K) influence matrix. targets: class indices maximised (or None with
+            `class_weights`). alphas: (M, K) thresholds (or one row, or one scalar).
+        config: the settings every row shares. rhos: optional per-row trust regions (M,),
+            replacing `config.rho` row by row. class_weights: optional objective weights β,
+            one row for all or (M, K).
+    """
+    P = checks.as_influence_matrix(P)
+    K = P.shape[1]
+    alphas = np.asarray(alphas, np.float64)
+    alphas = np.full((1, K), float(alphas)) if alphas.ndim == 0 else np.atleast_2d(alphas)
+    M = alphas.shape[0]
+    if class_weights is None:
+        betas = [None] * M
+    else:
+        cw = np.asarray(class_weights, np.float64)
+        betas = list(cw) if cw.ndim == 2 and cw.shape[0] == M else [cw] * M
+    rows = [_row_data(P, targets, a, cw) for a, cw in zip(alphas, betas)]
+    cfgs = tuple([config] * M if rhos is None else
+                 [dataclasses.replace(config, rho=float(r)) for r in np.broadcast_to(rhos, (M,))])
+    bounds = np.array([c.bounds for c in cfgs], np.float64).reshape(M, 2)
+    return ProgramBatch(P, np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
+                        bounds[:, 0], bounds[:, 1], cfgs)
 
 
 def bucket(n: int) -> int:
@@ -219,12 +243,12 @@ def pad_rows(P, C=None):
         return Pp if C is None else (Pp, _pad_device(jnp.asarray(C), size, 1))
 
 
-def solve_rows(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, mode="vmap"):
+def solve_rows(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, rtol, mode="vmap"):
     """`exact.solve_program` for every row of (C, B, LO, HI) on one P (pure JAX, unjitted: the
-    batch front door and the fused search generation both trace it)."""
+    batch path below and the evaluator's fused generation both trace it)."""
     def one(c, b, lo, hi, gram_cap=None):  # (a Hessian branch choice only pays outside vmap)
         return exact.solve_program(P, c, b, lo, hi, budget if has_budget else None, mu if qp else 0.0,
-                                   n_valid=n_valid, gram_cap=gram_cap)
+                                   n_valid=n_valid, gram_cap=gram_cap, rtol=rtol)
 
     if C.shape[0] == 1:
         # one program: no vmap, so the dual stage's lax.switch (`dual.weighted_gram`) stays a
@@ -235,21 +259,24 @@ def solve_rows(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, mode="vm
     return jax.lax.map(lambda a: one(*a, "auto"), (C, B, LO, HI))
 
 
-_device_batch = jax.jit(solve_rows, static_argnames=("has_budget", "qp", "mode"))
+_device_batch = jax.jit(solve_rows, static_argnames=("has_budget", "qp", "rtol", "mode"))
 
 
-def _device_solve(P, C, B, bounds, config, mode):
-    """All rows on the device in float64, N padded to `bucket`(N): a `ProgramSolution` of numpy
+def solve_device(batch: ProgramBatch, mode: str = "vmap"):
+    """Every row of the batch on the device in float64: an `exact.ProgramSolution` of numpy
     arrays with a leading row axis, unpadded."""
-    n = P.shape[0]
-    Pp, Cp = pad_rows(P, C)
     with jax.enable_x64(True):
-        sol = _device_batch(jnp.asarray(Pp), jnp.asarray(Cp),
-                            jnp.asarray(B), jnp.asarray(bounds[0]), jnp.asarray(bounds[1]),
-                            float(config.budget or 0.0), float(config.mu), n,
-                            has_budget=config.budget is not None, qp=config.mu > 0, mode=mode)
+        args, static = batch.device_args()
+        sol = _device_batch(*args, **static, mode=mode)
         sol = jax.tree_util.tree_map(np.asarray, sol)
-    return sol._replace(w=sol.w[:, :n])
+    return sol._replace(w=sol.w[:, :batch.P.shape[0]])
+
+
+def read(batch: ProgramBatch, sol) -> list[ReweightResult]:
+    """Each row's `ReweightResult` from a device solve (`solve_device`, or a fused generation's
+    program stage): the float64 re-check on the host, and the status."""
+    return [result_from_solution(batch.P, batch.C[i], batch.B[i], jax.tree_util.tree_map(lambda a: a[i], sol),
+                                 batch.configs[i]) for i in range(batch.C.shape[0])]
 
 
 def result_from_solution(P, c, b, sol, config) -> ReweightResult:
@@ -261,26 +288,35 @@ def result_from_solution(P, c, b, sol, config) -> ReweightResult:
     else:
         notes = [f"exact finish: {int(sol.n_free)} weights free in the restricted LP, "
                  f"{int(sol.rounds)} round(s), {int(sol.iterations)} iterations"]
-    if st == INFEASIBLE:
+    if st == Status.INFEASIBLE:
         notes.append(f"the duals are a Farkas certificate: every w in the box violates a class "
                      f"constraint (or the budget) by at least {-float(sol.farkas):.3g}")
-        return _result(P, c, b, None, config, "dual", notes, duals, INFEASIBLE,
+        return _result(P, c, b, None, config, "device", notes, duals, Status.INFEASIBLE,
                        "The problem is infeasible (Farkas certificate from the duals).")
-    if st != SUCCESS:
+    if st != Status.SUCCESS:
         why = ("the restricted LPs did not settle" if config.mu == 0
                else "the dual stage did not close the duality gap")
         notes.append(f"{why}; solver='highs' solves this program exactly on the host")
-        return _result(P, c, b, None, config, "dual", notes, duals, st,
-                       f"{STATUS_MESSAGES[st]}: no certified optimum ({why})")
-    r = _result(P, c, b, np.asarray(sol.w, np.float64), config, "dual", notes, duals)
+        return _result(P, c, b, None, config, "device", notes, duals, st,
+                       f"{message(st)}: no certified optimum ({why})")
+    r = _result(P, c, b, np.asarray(sol.w, np.float64), config, "device", notes, duals)
     if r.max_violation > config.feas_tol:  # certified on the device, refused by the host's re-check
-        return dataclasses.replace(r, status=NUMERICAL, message=f"{STATUS_MESSAGES[NUMERICAL]}: the float64 "
-                                   f"re-check found violation {r.max_violation:.3g} > feas_tol {config.feas_tol:g}")
+        return dataclasses.replace(r, status=int(Status.NUMERICAL), message=f"{message(Status.NUMERICAL)}: the "
+                                   f"float64 re-check found violation {r.max_violation:.3g} > feas_tol "
+                                   f"{config.feas_tol:g}")
     return r
 
 
+def solve_batch(batch: ProgramBatch, mode: str = "vmap") -> list[ReweightResult]:
+    """Every program of a prepared batch: on the device (`solve_device`, `read`), or row by row
+    by HiGHS when the batch's solver is "highs"."""
+    if batch.config.solver == "highs":
+        return [_highs_solve(batch.P, batch.C[i], batch.B[i], batch.configs[i]) for i in range(batch.C.shape[0])]
+    return read(batch, solve_device(batch, mode))
+
+
 def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightConfig = ReweightConfig(),
-                      *, class_weights=None, **overrides) -> ReweightResult:
+                      *, class_weights=None, throw: bool = False, **overrides) -> ReweightResult:
     """Solve the reweighting program (module docstring) for one threshold vector α.
 
     Args:
@@ -291,6 +327,7 @@ def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightC
             replace its fields, e.g. ``solve_reweighting(P, [3], 0.9, rho=0.5)``.
         class_weights: instead of `targets`, maximise Σ_k β_k Σ_i w_i P[i, k] for these β >= 0
             (used to trace the Pareto frontier).
+        throw: raise `NumericalError` unless the status is optimal (else the status says it).
 
     Returns:
         `ReweightResult` (status codes follow `scipy.optimize.linprog`). An infeasible program
@@ -305,11 +342,14 @@ def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightC
     """
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    P, c, b = program_data(P, targets, alpha, config, class_weights)
-    if config.solver == "highs":
-        return _highs_solve(P, c, b, config, "highs")
-    sol = _device_solve(P, c[None], b[None], np.array(config.bounds)[:, None], config, "vmap")
-    return result_from_solution(P, c, b, jax.tree_util.tree_map(lambda a: a[0], sol), config)
+    alpha = np.asarray(alpha, np.float64)
+    (r,) = solve_batch(prepare(P, targets, alpha if alpha.ndim == 0 else alpha[None], config,
+                               class_weights=class_weights))
+    if throw:
+        from ..results import raise_for_status
+
+        raise_for_status(r.status, "reweighting program", r.message)
+    return r
 
 
 def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = ReweightConfig(), *,
@@ -329,19 +369,4 @@ def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = Reweigh
     mode = dual.batch_mode(batch)
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    alphas = np.atleast_2d(np.asarray(alphas, np.float64))
-    betas = ([None] * len(alphas) if class_weights is None
-             else np.broadcast_to(np.asarray(class_weights, np.float64), alphas.shape))
-    probs = [program_data(P, targets, a, config, cw) for a, cw in zip(alphas, betas)]
-    P64 = probs[0][0]
-    C = np.stack([p[1] for p in probs])
-    B = np.stack([p[2] for p in probs])
-    cfgs = [config] * len(alphas) if rhos is None else \
-        [dataclasses.replace(config, rho=float(r)) for r in np.broadcast_to(rhos, (len(alphas),))]
-    if config.solver == "highs":
-        return [solve_reweighting(P64, targets, a, c, class_weights=cw)
-                for a, c, cw in zip(alphas, cfgs, betas)]
-    bounds = np.array([c.bounds for c in cfgs]).T
-    sol = _device_solve(P64, C, B, bounds, config, mode)
-    return [result_from_solution(P64, C[i], B[i], jax.tree_util.tree_map(lambda a: a[i], sol), cfgs[i])
-            for i in range(len(alphas))]
+    return solve_batch(prepare(P, targets, alphas, config, rhos=rhos, class_weights=class_weights), mode)

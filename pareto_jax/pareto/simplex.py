@@ -25,8 +25,12 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
+from ..results import Status
 from . import select
-from .highs import INFEASIBLE, ITERATION_LIMIT, NUMERICAL, SUCCESS
+
+# plain ints on the device (JAX takes an int, not an IntEnum member, as a constant)
+SUCCESS, INFEASIBLE = int(Status.SUCCESS), int(Status.INFEASIBLE)
+ITERATION_LIMIT, NUMERICAL = int(Status.ITERATION_LIMIT), int(Status.NUMERICAL)
 
 RUNNING = -1
 
