@@ -2,8 +2,8 @@
 category-wise influence computed by Kronfluence (EK-FAC, K-FAC, diagonal or identity) on the
 same network and data, in pareto_jax's sign and scale convention.
 
-Used by ``bench/bench_deep.py`` only when torch and kronfluence are importable; checked by
-``python -m bench._peer_torch_selftest``. Nothing here downloads data: the caller passes arrays.
+Used by ``bench/bench_deep.py`` only when torch and kronfluence are importable (which checks the
+ported network's logits equal ours before it times anything). Nothing here downloads data: the caller passes arrays.
 
 Install (a separate venv, never the test venv ``.venv``). The order matters: torch's CPU wheel
 first and pinned, or pip pulls a multi-GB CUDA build; kronfluence without its dependencies,

@@ -118,7 +118,7 @@ def main():
             P = np.asarray(_util.block(fn()))
             t = time.perf_counter() - t0
             if name in ("K-FAC", "EK-FAC"):
-                f = kfac.compute_factors(m, params, x, num_classes=K)
+                f = kfac.compute_factors(m, params, x, num_classes=K, weight_decay=0.0)
                 state_bytes[name] = sum(int(np.asarray(a).nbytes) for a in jax.tree_util.tree_leaves(f.factors))
             # deletion check with this estimator's own removal sets
             k10 = N // 10

@@ -91,7 +91,7 @@ def single_case(n, k, targets=(0, 1), seed=0):
     t_first = time.perf_counter() - t
     pareto.solve_reweighting(P, targets, warm)
     dev, t_dev = _best(lambda: pareto.solve_reweighting(P, targets, alpha))
-    assert dev.status == 0 and dev.solver == "dual", (dev.message, dev.notes)
+    assert dev.status == 0 and dev.solver == "device", (dev.message, dev.notes)
     cfg = pareto.ReweightConfig()
     _, c, b = pareto.program_data(P, targets, alpha, cfg)
     lo, hi = cfg.bounds
@@ -149,7 +149,7 @@ def population_case(n, k, m=32, targets=(0, 1), seed=0):
         warm = rng.uniform(0.9, 1.0, (m, k))
         pareto.solve_reweighting_batch(P, targets, warm, batch=mode)  # compile
         batch, t = _best(lambda: pareto.solve_reweighting_batch(P, targets, alphas, batch=mode))
-        assert all(s.status == 0 and s.solver == "dual" for s in batch)
+        assert all(s.status == 0 and s.solver == "device" for s in batch)
         out[f"t_device_{mode}"] = t
         out[f"speedup_{mode}"] = t_seq / t
         out[f"obj_rel_diff_{mode}"] = max(_check(P, c, b, s.w, r)[0] for (_, c, b), s, r in zip(data, batch, refs))

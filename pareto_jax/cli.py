@@ -93,17 +93,18 @@ def _run_config(a) -> RunConfig:
     _flag(a.rho == a.rho and a.rho >= 0, "--rho", a.rho, "a number >= 0 (0 turns the trust region off)",
           "e.g. --rho 0.5")
     try:
+        search = SearchConfig(population=a.population, generations=a.generations, seed=a.seed)  # (checked always)
         return RunConfig(
             targets=a.targets or None, alpha=a.alpha,
             reweight=ReweightConfig(w_max=a.w_max, rho=None if a.rho == 0 else a.rho),
-            search=SearchConfig(population=a.population, generations=a.generations, seed=a.seed) if a.search else None,
+            search=search if a.search else None,
             retrain_epochs=a.retrain_epochs, steps=tuple(a.steps),
             data=DataConfig(name=a.dataset, path=a.path, features=a.features, max_train=a.max_train, seed=a.seed),
             model=ModelConfig(kind=a.model, hidden=a.hidden, seed=a.seed),
             train=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr,
                               weight_decay=a.weight_decay, optimizer=a.optimizer, seed=a.seed,
                               checkpoint_epochs=(a.epochs,)),
-            out_dir=a.out or "runs/default", devices=a.devices)
+            out_dir=a.out or RunConfig.out_dir, devices=a.devices)
     except checks.InputError as e:
         raise _as_flag_error(e) from None
 
@@ -124,14 +125,15 @@ def _improve_config(a) -> ImproveConfig:
         raise _as_flag_error(e) from None
 
 
-def default_out(cfg: RunConfig, a) -> str:
+def default_out(a) -> str:
     """runs/<dataset>-<model>-<8 hex of the config>: the same config reuses its folder (resume),
     a different one never overwrites it."""
     import dataclasses
 
     from . import io
 
-    return f"runs/{a.dataset}-{a.model}-{io.fingerprint('run', dataclasses.replace(cfg, out_dir='-'))[:8]}"
+    cfg = dataclasses.replace(_run_config(a), out_dir="-")
+    return f"runs/{a.dataset}-{a.model}-{io.fingerprint('run', cfg)[:8]}"
 
 
 def _devices(s: str):
@@ -146,16 +148,7 @@ def _devices(s: str):
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    ap = argparse.ArgumentParser(
-        prog="pareto-jax", formatter_class=fmt,
-        description="Can a trained classifier still be improved for every class at once by "
-                    "re-weighting its own training data?")
-    ap.add_argument("--version", action="version", version=f"pareto-jax {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
+def _add_run_parser(sub, fmt) -> None:
     p = sub.add_parser("run", help="train the model on a dataset and report per-class accuracy", formatter_class=fmt)
     _add_data_args(p, _RUN.data)
     _add_model_args(p, _RUN.model, _RUN.train)
@@ -182,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true",
                    help="multi-process job: call jax.distributed.initialize() first (TPU pod "
                         "slices, SLURM; or set PARETO_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    ap = argparse.ArgumentParser(
+        prog="pareto-jax", formatter_class=fmt,
+        description="Can a trained classifier still be improved for every class at once by "
+                    "re-weighting its own training data?")
+    ap.add_argument("--version", action="version", version=f"pareto-jax {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub, fmt)
 
     q = sub.add_parser("improve", help="label-noise experiment: Direct Improvement, Course "
                                        "Correction, baselines and the Pareto frontier", formatter_class=fmt)
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = _run_config(a)  # every flag checked before JAX is imported
             if a.out is None:
-                cfg = dataclasses.replace(cfg, out_dir=default_out(cfg, a))
+                cfg = dataclasses.replace(cfg, out_dir=default_out(a))
             from . import cache, pipeline
 
             cache.enable()

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .config import NO_DAMPING
 from .kernels import pad_chunks
 
 
@@ -44,7 +45,7 @@ def _linear_hessian(xc, yc, mc, Theta, weight_decay, K):
 
 
 def linear_influence(x_train, y_train, x_val, y_val, W, b, *, weight_decay: float,
-                     damping: float = 0.0, chunk_size: int = 4096,
+                     damping: float = NO_DAMPING, chunk_size: int = 4096,
                      return_solutions: bool = False, weights=None):
     """Closed-form P for softmax regression logits = x·W + b (or a frozen-feature head).
 

@@ -143,7 +143,7 @@ class Factors:
     factors: tuple[LayerFactors, ...]
     layout: tuple[tuple, ...]
     num_params: int
-    weight_decay: float = 0.0
+    weight_decay: float
 
 
 def save_factors(path: str | Path, f: Factors) -> None:
@@ -171,7 +171,10 @@ def load_factors(path: str | Path) -> Factors:
     facs = tuple(LayerFactors(*(jnp.asarray(arrays[f"layer{i}/{k}"]) for k in LayerFactors._fields))
                  for i in range(len(layers)))
     layout = tuple((int(k), tuple(s), int(b)) for k, s, b in meta["layout"])
-    return Factors(layers, facs, layout, int(meta["num_params"]), float(meta.get("weight_decay", 0.0)))
+    if "weight_decay" not in meta:
+        checks.fail("path", f"{path} without the objective's weight decay", "factors saved by this version",
+                    "compute the factors again (their λ is part of every solve with them)")
+    return Factors(layers, facs, layout, int(meta["num_params"]), float(meta["weight_decay"]))
 
 
 def _discover(model: nnx.Module, x0) -> tuple[Any, Any, tuple[Layer, ...]]:
@@ -319,7 +322,7 @@ def _layout(params, layers) -> tuple[tuple, ...]:
 
 
 def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_classes: int,
-                    y=None, output_loss=None, weight_decay: float = 0.0) -> Factors:
+                    weight_decay: float, y=None, output_loss=None) -> Factors:
     """K-FAC and EK-FAC factors of the Gauss-Newton matrix over the data x (and `weight_decay`, the
     objective's λ, which every solve with them adds; see `Factors`).
 
@@ -393,7 +396,7 @@ def _precondition(factors: Factors, v, damping, ekfac: bool):
 
 @functools.partial(jax.jit, static_argnames=("layers", "layout", "ekfac"))
 def _solve_all(factors_arrays, *, b, damping, layers, layout, ekfac):
-    f = Factors(layers, factors_arrays, layout, b.shape[-1])
+    f = Factors(layers, factors_arrays, layout, b.shape[-1], 0.0)  # (`damping` holds λ + δ here)
     return jax.vmap(lambda v: _precondition(f, v, damping, ekfac))(b)
 
 

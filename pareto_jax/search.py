@@ -134,15 +134,26 @@ class Population:
         return (c.batched and c.fused and c.retrain == "epoch" and self.ev.mesh is None
                 and c.reweight.solver == "device")
 
+    def solve(self, genomes: np.ndarray) -> list[pareto.ReweightResult]:
+        """The programs of these genomes: one batched device solve, or one at a time (the
+        memory-limited path; same programs, same answers)."""
+        if self.cfg.batched:
+            return pareto.solve_batch(self.genome.batch(self.P, genomes, self.targets))
+        K = self.P.shape[1]
+        return [pareto.solve_reweighting(self.P, self.targets, a, c, class_weights=b)
+                for a, c, b in (self.genome.program_of(g, self.targets, K) for g in genomes)]
+
+    def generation(self, genomes: np.ndarray):
+        """(program results, validation accuracies) of these genomes from one jitted call
+        (`Evaluator.generation`)."""
+        return self.ev.generation(self.genome.batch(self.P, genomes, self.targets))
+
     def _programs_and_accuracies(self, genomes: np.ndarray):
         """(program results, validation accuracies) of these genomes: one jitted generation
-        (fused), a batched solve then the batched epochs, or one candidate at a time."""
-        batch = self.genome.batch(self.P, genomes, self.targets)
+        (fused), or the programs then the (batched or sequential) epochs."""
         if self.fused:
-            return self.ev.generation(batch)
-        sols = pareto.solve_batch(batch) if self.cfg.batched else \
-            [pareto.solve_reweighting(batch.P, self.targets, a, c, class_weights=b)
-             for a, c, b in (self.genome.program_of(g, self.targets, self.P.shape[1]) for g in genomes)]
+            return self.generation(genomes)
+        sols = self.solve(genomes)
         W = np.stack([s.w if s.w is not None else np.ones(self.P.shape[0]) for s in sols])
         params, _ = self.ev.train_many(W, self.cfg.batched)
         return sols, self.ev.accuracies(params, "val", self.cfg.batched)

@@ -162,13 +162,13 @@ def _closed_form_weight_decay_ignored():
 
 
 def _cross_entropy_check_removed():
-    from pareto_jax import influence
-    _swap(influence, "cross_entropy_mismatch", lambda o: (lambda *a, **k: 0.0))
+    from pareto_jax.influence import curvature
+    _swap(curvature, "cross_entropy_mismatch", lambda o: (lambda *a, **k: 0.0))
 
 
 def _output_hessian_ignored():
-    from pareto_jax import influence
-    _wrap_args(influence, "_curvature", lambda a, k: (a[:4], {}))  # Gauss-Newton back to CE's H_out
+    from pareto_jax.influence import curvature
+    _wrap_args(curvature, "build", lambda a, k: (a[:4], {}))  # Gauss-Newton back to CE's H_out
 
 
 def _adapter_not_in_eval_mode():
@@ -185,8 +185,8 @@ def _adapter_not_in_eval_mode():
 
 
 def _groups_ignored():
-    from pareto_jax import influence
-    _wrap_args(influence, "_groups", lambda a, k: ((None,) + tuple(a[1:]), k))
+    from pareto_jax.influence import validation
+    _wrap_args(validation, "groups", lambda a, k: ((None,) + tuple(a[1:]), k))
 
 
 def _missing_psum():
@@ -521,10 +521,10 @@ def plant(name: str | None = None) -> None:
         return
     if name not in FAULTS:
         raise KeyError(f"unknown fault {name!r}; known: {sorted(FAULTS)}")
-    import pareto_jax  # noqa: F401  (every submodule imported, so `_swap` sees all copies)
-    import pareto_jax.cli  # noqa: F401
-    import pareto_jax.distributed  # noqa: F401
-    import pareto_jax.experiments  # noqa: F401
-    import pareto_jax.reproduce  # noqa: F401
-    import pareto_jax.study  # noqa: F401
+    import importlib
+    import pkgutil
+
+    import pareto_jax  # every submodule imported (the package loads them lazily), so `_swap` sees all copies
+    for m in pkgutil.walk_packages(pareto_jax.__path__, "pareto_jax."):
+        importlib.import_module(m.name)
     FAULTS[name][2]()

@@ -66,9 +66,9 @@ CASES = [
     ("Emotion unknown label", lambda t: data.load_emotion(_write(t, "e.txt", "hi;grumpy\n")), InputError, "grumpy"),
     ("split fractions leave no training data", lambda t: data.stratified_split(data.load_digits(), val_fraction=0.5, test_fraction=0.5), InputError, "training"),
     ("more devices than JAX sees", lambda t: distributed.make_mesh(10_000), InputError, "num_devices"),
-    ("mesh with an unsharded estimator", lambda t: influence.category_influence(
+    ("K-FAC without the model", lambda t: influence.category_influence(
         LOSS, PARAMS, X, Y, X, Y, num_classes=3, weight_decay=1e-3,
-        config=influence.InfluenceConfig(solver="ekfac"), mesh=distributed.make_mesh(1)), InputError, "config.solver"),
+        config=influence.InfluenceConfig(solver="ekfac"), mesh=distributed.make_mesh(1)), InputError, "model"),
 ]
 
 
@@ -84,7 +84,7 @@ def test_bad_input(name, fn, err, match, tmp_path):
 def test_infeasible_program_is_a_status_not_a_wrong_w():
     P = -np.abs(PM)
     r = pareto.solve_reweighting(P, [0], 0.5, rho=0.1)
-    assert r.status == pareto.INFEASIBLE and r.w is None
+    assert r.status == pareto.Status.INFEASIBLE and r.w is None
 
 
 if __name__ == "__main__":  # the table for the issue note

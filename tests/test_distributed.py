@@ -132,14 +132,35 @@ def test_mesh_settings_and_errors():
     assert sum(s.stop - s.start for s in sl) == 7
 
 
-def test_mesh_rejects_unsharded_estimators():
+def test_every_solver_runs_on_a_mesh_and_matches_one_device():
+    """Every backend offers every solver: on a mesh (here one device, in process; the 4-device
+    worker runs CG and dense), LiSSA, K-FAC, EK-FAC and EK-FAC-preconditioned CG give what they
+    give on one device. LiSSA with one chunk holding the whole training set is the deterministic
+    Richardson iteration, so both backends reach the dense solution."""
     s = data.stratified_split(data.load_digits(), seed=0)
-    apply, params = models.functional(models.make_model("linear", (64,), 10))
-    with pytest.raises(checks.InputError, match="config.solver"):
-        influence.category_influence(models.per_sample_loss(apply), params, s.train.x, s.train.y,
-                                     s.val.x, s.val.y, num_classes=10, weight_decay=1e-3,
-                                     config=influence.InfluenceConfig(solver="lissa"),
-                                     mesh=distributed.make_mesh(1))
+    tr = s.train.subset(np.arange(200))
+    m = models.make_model("mlp", (64,), 10, seed=0, hidden=(8,))
+    apply, params = models.functional(m)
+    loss = models.per_sample_loss(apply)
+    kw = dict(num_classes=10, weight_decay=1e-2, apply=apply, model=m)
+    IC = influence.InfluenceConfig
+    mesh = distributed.make_mesh(1)
+    dense = influence.category_influence(loss, params, tr.x, tr.y, s.val.x, s.val.y, **kw,
+                                         config=IC(solver="dense", curvature="gauss_newton", damping=1e-2)).P
+    cases = {"lissa": (IC(solver="lissa", curvature="gauss_newton", damping=1e-2, hvp_batch_size=200,
+                          rtol=1e-9, max_steps=3000), 1e-3),
+             "kfac": (IC(solver="kfac", damping=1e-2), 1e-5),
+             "ekfac": (IC(solver="ekfac", damping=1e-2), 1e-5),
+             "pcg": (IC(preconditioner="ekfac", curvature="gauss_newton", damping=1e-2, rtol=1e-8), 1e-4)}
+    for name, (cfg, rtol) in cases.items():
+        one = influence.category_influence(loss, params, tr.x, tr.y, s.val.x, s.val.y, **kw, config=cfg)
+        sh = influence.category_influence(loss, params, tr.x, tr.y, s.val.x, s.val.y, **kw, config=cfg, mesh=mesh)
+        scale = np.abs(np.asarray(one.P)).max()
+        np.testing.assert_allclose(np.asarray(sh.P), np.asarray(one.P), rtol=rtol, atol=rtol * scale, err_msg=name)
+        assert sh.solver == cfg.solver and sh.damping == one.damping
+        if name in ("lissa", "pcg"):  # they solve the true system: both reach the dense answer
+            np.testing.assert_allclose(np.asarray(sh.P), np.asarray(dense), rtol=1e-3, atol=1e-3 * scale,
+                                       err_msg=name)
 
 
 @pytest.mark.slow  # (the suite's time budget)

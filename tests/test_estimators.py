@@ -40,11 +40,11 @@ def test_kfac_and_ekfac_are_exact_where_the_kronecker_product_is(dtype, rtol):
     proved nothing."""
     with jax.enable_x64(dtype == np.float64):
         m, apply, params, loss_fn, x, y = _confident_linear(dtype)
-        facs = kfac.compute_factors(m, params, x, num_classes=3, batch_size=16)
+        facs = kfac.compute_factors(m, params, x, num_classes=3, weight_decay=0.0, batch_size=16)
         hvp, theta = influence.make_hvp(loss_fn, params, x, y, weight_decay=0.1, curvature="gauss_newton",
                                         apply=apply)
         G = jnp.asarray(np.random.default_rng(0).normal(size=(3, theta.size)), dtype)
-        ref = linsolve.solve_dense(hvp, G.astype(jnp.float64) if dtype == np.float64 else G).value
+        ref = linsolve.solve_dense(hvp, G.astype(jnp.float64) if dtype == np.float64 else G, damping=0.0).value
         for ek in (True, False):
             U = kfac.solve_kfac(facs, G, damping=0.1, ekfac=ek).value
             assert np.abs(np.asarray(U) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max() < rtol
@@ -93,7 +93,7 @@ def test_ekfac_eigenvalues_are_the_gauss_newton_diagonal_in_the_kronecker_basis(
     conv layers: this checks the output-gradient weighting, the per-sample sums over conv
     positions and the rank-one shortcut for dense layers against an independent reference."""
     m, apply, params, loss_fn, x, y = _trained(kind)
-    facs = kfac.compute_factors(m, params, x, num_classes=10, batch_size=64)
+    facs = kfac.compute_factors(m, params, x, num_classes=10, weight_decay=0.0, batch_size=64)
     GGN = _explicit_ggn(apply, params, x)
     for layer, lf, (k0, kshape, b0) in zip(facs.layers, facs.factors, facs.layout):
         idx = np.asarray(kfac.kernel_matrix(jnp.arange(k0, k0 + int(np.prod(kshape))).reshape(kshape), layer.kind))
@@ -114,7 +114,7 @@ def test_kfac_solves_on_trained_networks_against_the_exact_gauss_newton(x64, kin
     hvp, theta = influence.make_hvp(loss_fn, params, x, y, weight_decay=wd, curvature="gauss_newton", apply=apply)
     G = influence.class_gradients(loss_fn, params, x, y, 10)
     ref = np.asarray(linsolve.solve_dense(hvp, G, damping=dmp).value)
-    facs = kfac.compute_factors(m, params, x, num_classes=10)
+    facs = kfac.compute_factors(m, params, x, num_classes=10, weight_decay=0.0)
 
     def cos(U):
         U = np.asarray(U)
@@ -130,8 +130,8 @@ def test_kfac_solves_on_trained_networks_against_the_exact_gauss_newton(x64, kin
 def test_factors_do_not_depend_on_the_batch_size_and_compile_once(x64):
     m, apply, params, loss_fn, x, y = _trained("cnn")
     G = jnp.asarray(np.random.default_rng(2).normal(size=(3, ravel_pytree(params)[0].size)))
-    a = kfac.compute_factors(m, params, x, num_classes=10, batch_size=64)
-    b = kfac.compute_factors(m, params, x, num_classes=10, batch_size=37)
+    a = kfac.compute_factors(m, params, x, num_classes=10, weight_decay=0.0, batch_size=64)
+    b = kfac.compute_factors(m, params, x, num_classes=10, weight_decay=0.0, batch_size=37)
     for ek in (False, True):
         np.testing.assert_allclose(kfac.solve_kfac(a, G, damping=1e-2, ekfac=ek).value,
                                    kfac.solve_kfac(b, G, damping=1e-2, ekfac=ek).value, rtol=1e-8)
@@ -145,9 +145,9 @@ def test_factors_do_not_depend_on_the_batch_size_and_compile_once(x64):
 
     m.__class__ = Counting
     try:
-        kfac.compute_factors(m, params, x, num_classes=10, batch_size=64)
+        kfac.compute_factors(m, params, x, num_classes=10, weight_decay=0.0, batch_size=64)
         first = len(traces)
-        kfac.compute_factors(m, params, x, num_classes=10, batch_size=64)
+        kfac.compute_factors(m, params, x, num_classes=10, weight_decay=0.0, batch_size=64)
         # a second call only discovers the layers (one abstract forward pass); no batch program
         # is traced again
         assert len(traces) - first == 1, (first, len(traces))
@@ -191,7 +191,7 @@ def test_factors_save_and_reuse(tmp_path, x64):
     m = models.make_model("mlp", (4,), 3, hidden=(5,), seed=2)
     apply, params = models.functional(m)
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params)
-    facs = kfac.compute_factors(m, params, x, num_classes=3)
+    facs = kfac.compute_factors(m, params, x, num_classes=3, weight_decay=0.0)
     kfac.save_factors(tmp_path / "f.npz", facs)
     back = kfac.load_factors(tmp_path / "f.npz")
     G = jnp.asarray(np.random.default_rng(0).normal(size=(2, ravel_pytree(params)[0].size)))
@@ -221,9 +221,9 @@ def test_lissa_converges_to_cg_on_convex_problem(x64):
 def test_lissa_detects_divergence(x64):
     A = jnp.diag(jnp.array([1.0, 5.0, 10.0]))
     b = jnp.ones((2, 3))
-    ok = linsolve.solve_lissa(lambda v, i: A @ v, b, 1, scale=12.0, rtol=1e-12, max_steps=2000)
+    ok = linsolve.solve_lissa(lambda v, i: A @ v, b, 1, scale=12.0, damping=0.0, rtol=1e-12, max_steps=2000)
     np.testing.assert_allclose(ok.value, np.linalg.solve(A, np.ones(3))[None].repeat(2, 0), rtol=1e-8)
-    bad = linsolve.solve_lissa(lambda v, i: A @ v, b, 1, scale=2.0, max_steps=500)  # s < λ_max/2
+    bad = linsolve.solve_lissa(lambda v, i: A @ v, b, 1, scale=2.0, damping=0.0, max_steps=500)  # s < λ_max/2
     assert bool(np.all(bad.negative_curvature)) and not bool(np.any(bad.converged))
     assert np.all(np.isfinite(bad.value))
 
@@ -276,3 +276,21 @@ def test_every_estimator_escalates_damping_and_reports_it(x64, solver, reason):
     else:
         r = influence.category_influence(loss_fn, params, x, y, x, y, config=off, **kw)
         assert r.escalations == () and np.any(r.negative_curvature)
+
+
+def test_kfac_layer_taps_leave_flax_and_the_users_model_alone():
+    """K-FAC records each layer's input and output gradient through a tapping subclass set on a
+    copy of the model made for the trace: flax's classes, the user's model and its layers'
+    classes are untouched (the layers used to be found by patching nnx.Linear for everyone)."""
+    from flax import nnx
+
+    m = models.make_model("cnn", (8, 8, 1), 3, seed=0, channels=(2,), dense=4)
+    _, params = models.functional(m)
+    calls = (nnx.Linear.__call__, nnx.Conv.__call__)
+    kinds = [type(sub) for _, sub in nnx.iter_graph(m)]
+    x = np.random.default_rng(0).normal(size=(10, 64)).astype(np.float32)
+    facs = kfac.compute_factors(m, params, x, num_classes=3, weight_decay=0.0)
+    assert len(facs.layers) == 3
+    assert (nnx.Linear.__call__, nnx.Conv.__call__) == calls
+    assert [type(sub) for _, sub in nnx.iter_graph(m)] == kinds
+    assert type(m.head) is nnx.Linear and m(x).shape == (10, 3)

@@ -88,14 +88,14 @@ def test_cg_stops_each_rhs_on_its_own_residual(x64):
     b = np.zeros((2, 20))
     b[0, 0] = 1.0          # an eigenvector: one step
     b[1] = 1.0             # needs many steps
-    res = linsolve.solve_cg(lambda v: jnp.asarray(A) @ v, jnp.asarray(b), rtol=1e-12)
+    res = linsolve.solve_cg(lambda v: jnp.asarray(A) @ v, jnp.asarray(b), damping=0.0, rtol=1e-12)
     assert int(res.steps[0]) == 1 and int(res.steps[1]) > 5
     np.testing.assert_allclose(res.value, np.linalg.solve(A, b.T).T, rtol=1e-10)
 
 
 def test_cg_detects_negative_curvature(x64):
     A = jnp.diag(jnp.array([1.0, -2.0, 3.0]))
-    res = linsolve.solve_cg(lambda v: A @ v, jnp.ones((1, 3)), rtol=1e-10)
+    res = linsolve.solve_cg(lambda v: A @ v, jnp.ones((1, 3)), damping=0.0, rtol=1e-10)
     assert bool(res.negative_curvature[0]) and not bool(res.converged[0])
     with pytest.raises(NumericalError, match="negative curvature"):
         linsolve.check_solve(res, rtol=1e-10)
@@ -253,7 +253,7 @@ def test_weighted_closed_form_matches_dense_reference_and_retraining(x64):
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
     lf = models.per_sample_loss(apply)
     v = np.random.default_rng(0).uniform(0, 2, len(y))
-    th, _, _ = train.fit_lbfgs(lf, params, x, y, weights=v, weight_decay=1e-2, tol=1e-10)
+    th, _, _ = train.fit_lbfgs(train.Objective(lf, 1e-2, "n"), params, x, y, weights=v, tol=1e-10)
     r = influence.linear_category_influence(th, x, y, s.val.x, s.val.y, num_classes=10,
                                             weight_decay=1e-2, weights=v)
     flat, unr = ravel_pytree(th)
@@ -266,7 +266,7 @@ def test_weighted_closed_form_matches_dense_reference_and_retraining(x64):
     # multiplicative re-weighting v -> v ⊙ (1 + ε d): predicted −ε Σ d_i P[i, k] vs refit
     d = np.random.default_rng(1).uniform(-1, 1, len(y))
     eps = 0.05
-    th2, _, _ = train.fit_lbfgs(lf, th, x, y, weights=v * (1 + eps * d), weight_decay=1e-2, tol=1e-10)
+    th2, _, _ = train.fit_lbfgs(train.Objective(lf, 1e-2, "n"), th, x, y, weights=v * (1 + eps * d), tol=1e-10)
     base = train.evaluate(apply, th, s.val.x, s.val.y, 10).loss
     actual = train.evaluate(apply, th2, s.val.x, s.val.y, 10).loss - base
     pred = -eps * d @ np.asarray(r.P)

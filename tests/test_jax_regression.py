@@ -50,7 +50,7 @@ def test_cg_from_zeros_on_constant_matrix():
     def matvec(v):
         return jnp.asarray(A_np) @ v  # constant captured inside the traced function
 
-    res = jax.jit(lambda b: linsolve.solve_cg(matvec, b, rtol=1e-6, max_steps=200))(b)
+    res = jax.jit(lambda b: linsolve.solve_cg(matvec, b, damping=0.0, rtol=1e-6, max_steps=200))(b)
     ref = np.linalg.solve(A_np.astype(np.float64), b.T.astype(np.float64)).T
     assert np.all(np.isfinite(np.asarray(res.value)))
     np.testing.assert_allclose(res.value, ref, rtol=1e-3, atol=1e-4)

@@ -109,7 +109,7 @@ def _check_against_highs(P, targets, alpha, opt, class_weights=None, *, drawn=Tr
         assume(False)
     with no_host_solver():
         got = pareto.solve_reweighting(P, targets, alpha, class_weights=class_weights, **opt)
-    assert got.solver == "dual" and got.status == ref.status, (got.message, got.notes)
+    assert got.solver == "device" and got.status == ref.status, (got.message, got.notes)
     if ref.status != 0:
         assert got.w is None
         return got
@@ -143,7 +143,7 @@ def test_device_solver_matches_highs(n, k, seed, opt, alpha_lo, n_targets):
     if opt.get("budget") == "frac":
         opt["budget"] = 0.1 * n
     got = _check_against_highs(P, targets, alpha, opt)
-    if got.status == 0 and got.solver == "dual" and "mu" not in opt:
+    if got.status == 0 and got.solver == "device" and "mu" not in opt:
         # the duals were good: the first restricted LP (at most 8(K+1)+64 weights) was certified
         # on the whole problem (with ν = 0 it takes more rounds or fails: planted "zero_duals")
         n_free, rounds = _finish(got)
@@ -203,9 +203,9 @@ def test_infeasible_program_gives_status_2_and_no_weights():
     P = np.abs(rng.normal(size=(300, 3)))
     P[:, 1] *= -1  # class 1: every sample detrimental, total influence negative
     # within |w − 1| <= 0.2, Σ w P[:,1] >= 0.5 Σ P[:,1] needs w <= 0.5: infeasible
-    for solver in ("dual", "highs"):
+    for solver in ("device", "highs"):
         r = pareto.solve_reweighting(P, [0], 0.5, rho=0.2, solver=solver)
-        assert r.status == pareto.INFEASIBLE and r.w is None and not r.success
+        assert r.status == pareto.Status.INFEASIBLE and r.w is None and not r.success
         assert "infeasible" in r.message
 
 
@@ -248,7 +248,7 @@ def test_tiny_influence_scale_stays_feasible():
     1.25e-9 (its tolerances are absolute); both solvers now scale P first."""
     rng = np.random.default_rng(378)
     P = rng.normal(size=(120, 4)) * 10.0 ** rng.integers(-6, 1)
-    for solver in ("dual", "highs"):
+    for solver in ("device", "highs"):
         r = pareto.solve_reweighting(P, [0], 0.0, solver=solver)
         assert r.status == 0
         assert np.all(P.T @ r.w >= -1e-9 * np.abs(P).sum(0)), solver
@@ -335,7 +335,7 @@ def test_farkas_certificate_is_a_valid_infeasibility_bound():
     lo, hi = cfg.bounds
     with jax.enable_x64(True):
         sol = jax.jit(exact.solve_program)(jnp.asarray(P), jnp.asarray(c), jnp.asarray(b), lo, hi)
-    assert int(sol.status) == pareto.INFEASIBLE and float(sol.farkas) < 0
+    assert int(sol.status) == pareto.Status.INFEASIBLE and float(sol.farkas) < 0
     n, K = P.shape
     res = scipy.optimize.linprog(np.r_[np.zeros(n), -1.0], A_ub=np.c_[-P.T, np.ones(K)], b_ub=-b,
                                  bounds=[(lo, hi)] * n + [(None, None)], method="highs")
@@ -393,7 +393,7 @@ def test_a_wrong_device_answer_is_caught_by_the_float64_recheck():
     assert np.max(b - P.T @ bad_w) > 1e-6 * np.abs(P).sum()
     sol = exact.ProgramSolution(bad_w, np.int32(0), c @ bad_w, 0.0, np.zeros(4), 1.0, 1, 10, 5, 0.0)
     got = program.result_from_solution(P, c, b, sol, cfg)
-    assert got.status == pareto.NUMERICAL and not got.success and "re-check" in got.message
+    assert got.status == pareto.Status.NUMERICAL and not got.success and "re-check" in got.message
 
 
 # ----------------------------------------------------------------------------- jit and vmap

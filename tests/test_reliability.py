@@ -178,4 +178,4 @@ def test_property_program_is_feasible_or_reports_why(n, k, seed, alpha, rho):
         assert np.all(P.T @ r.w >= alpha * P.sum(0) - 1e-9 * np.abs(P).sum(0))
         assert r.max_violation <= 1e-9
     else:
-        assert r.w is None and r.status == pareto.INFEASIBLE
+        assert r.w is None and r.status == pareto.Status.INFEASIBLE

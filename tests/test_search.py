@@ -60,7 +60,7 @@ def test_fused_generation_is_one_call_with_the_two_call_answers(digits_problem):
     pop = search.Population(ev, P, [3, 8], ev.accuracies(
         __import__("jax").tree_util.tree_map(lambda a: a[None], prob.state.params))[0], cfg)
     assert pop.fused
-    genomes = np.random.default_rng(0).uniform(0.6, 1.0, (5, 10 + cfg.n_genes))
+    genomes = np.random.default_rng(0).uniform(0.6, 1.0, (5, 10 + search.Genome(cfg).n_extra))
     sols, acc = pop.generation(genomes)
     assert len(ev._gen) == 1  # the jitted generation ran
     ref = pop.solve(genomes)
@@ -209,7 +209,7 @@ def test_others_weight_gene(digits_problem):
     prob, P = digits_problem
     zero = search.SearchConfig(others_weight=(0.0, 0.0))
     g = np.r_[np.full(10, 0.97), 0.5, 0.3]
-    a, rcfg, beta = zero.program_of(g, [3, 8], 10)
+    a, rcfg, beta = search.Genome(zero).program_of(g, [3, 8], 10)
     assert beta.tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 1, 0]
     w0 = pareto.solve_reweighting(P, None, a, rcfg, class_weights=beta).w
     np.testing.assert_array_equal(w0, pareto.solve_reweighting(P, [3, 8], a, rcfg).w)
@@ -222,7 +222,7 @@ def test_others_weight_gene(digits_problem):
     for x, y in zip(r1.evaluations, r2.evaluations):
         assert x.fitness == pytest.approx(y.fitness, abs=1e-9) or x.fitness == y.fitness == float("-inf")
     assert r1.best.genome.shape == (12,)
-    a, rcfg, beta = cfg.program_of(r1.best.genome, [3, 8], 10)
+    a, rcfg, beta = search.Genome(cfg).program_of(r1.best.genome, [3, 8], 10)
     assert 0 <= beta.min() <= 1 and beta[3] == beta[8] == 1
     if r1.weights is not None:
         ref = pareto.solve_reweighting(P, None, a, dataclasses.replace(rcfg, solver="highs"), class_weights=beta)

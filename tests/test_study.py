@@ -193,7 +193,7 @@ def test_last_layer_influence_is_the_head_alone(x64):
     loss = models.per_sample_loss(apply)
     params = train.train(loss, params, s.train.x.astype(np.float64), s.train.y,
                          train.TrainConfig(epochs=30, learning_rate=0.01, weight_decay=1e-2)).params
-    got = experiments.influence_at(apply, loss, params, s, 10, 1e-2, 0.0, "mlp", "last_layer", feats)
+    got = experiments.influence_at(train.Objective(loss, 1e-2), apply, params, s, 10, "mlp", "last_layer", feats)
     F = [np.asarray(feats(params, jnp.asarray(x, jnp.float64))) for x in (s.train.x, s.val.x)]
     head = models.make_model("linear", (16,), 10)
     happly, _ = models.functional(head)

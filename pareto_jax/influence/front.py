@@ -77,11 +77,11 @@ class Influence:
         else:
             xt, yt = _checked if _checked is not None else validation.train_set(x_train, y_train, num_classes)
             x_ex, y_ex, n = xt, yt, checks.num_inputs(xt)
-        if config.uses_factors:
-            _check_factor_inputs(model, xt)
         validation.loss(loss_fn, params, x_ex, y_ex)
         validation.class_names_and_ids(class_names, sample_ids, num_classes, n)
         choice = curvature.resolve(config, loss_fn, params, apply, x_ex, y_ex)
+        if config.uses_factors:
+            _check_factor_inputs(model, xt)
         config = choice.config
         flat = kernels.flatten(loss_fn, params)
         theta = flat.theta

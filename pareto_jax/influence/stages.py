@@ -213,7 +213,7 @@ def linear_category_influence(params, x_train, y_train, x_val, y_val, *, num_cla
 
 
 def predict_class_loss_change(result: InfluenceResult, weights, *, params=None,
-                              weight_decay: float = 0.0, normalizer: str = "n") -> np.ndarray:
+                              weight_decay: float | None = None, normalizer: str = "n") -> np.ndarray:
     """First-order change of each class's validation loss when retraining with `weights`.
 
     ΔL_k ≈ −Σ_i (w_i − 1) P[i, k] for the fixed-N objective (1/N) Σ w_i ℓ_i + (λ/2)‖θ‖².

@@ -1,0 +1,37 @@
+"""The names every choice may take, and the shared constants (defined once, here)."""
+
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------- vocabularies
+
+# inverse-curvature solvers of the influence stage (`pareto_jax.influence.solvers`)
+SOLVERS = ("cg", "dense", "lissa", "kfac", "ekfac")
+PRECONDITIONERS = ("none", "kfac", "ekfac")
+CURVATURES = ("auto", "hessian", "gauss_newton")
+ROW_METHODS = ("auto", "jvp", "per_sample")
+EXECUTIONS = ("auto", "compiled", "stepped")
+# the reweighting program and the ceiling test: on the device (pure JAX), or HiGHS on the host
+PROGRAM_SOLVERS = ("device", "highs")
+OPTIMIZERS = ("adam", "sgd", "gd")
+NORMALIZERS = ("weights", "n")
+MODEL_KINDS = ("linear", "mlp", "cnn")
+DATASETS = ("digits", "mnist5k", "disks-separable", "disks-overlapping", "emotion", "ag_news",
+            "cifar10", "stl10", "npz")
+TEXT_FEATURES = ("tfidf", "minilm")
+RETRAIN = ("epoch", "converge")
+
+# the closed form's and the exact reference's damping: none
+NO_DAMPING = 0.0
+
+# the trust region |w_i − 1| <= ρ of the main job and of the frontier
+TRUST_REGION = 0.5
+
+
+def weight_bounds(w_max, rho, *, maximum=max, minimum=min):
+    """(lo, hi) of every weight: [0, w_max] intersected with the trust region [1 − ρ, 1 + ρ]
+    (ρ None: off). The one place these bounds are computed: the host configs call it with
+    Python's max/min, `pareto.reweight` with ``jnp.maximum``/``jnp.minimum`` on traced values."""
+    lo, hi = 0.0, w_max
+    if rho is not None:
+        lo, hi = maximum(lo, 1.0 - rho), minimum(hi, 1.0 + rho)
+    return lo, hi
