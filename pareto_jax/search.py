@@ -26,6 +26,7 @@ import numpy as np
 
 from . import checks, io, pareto
 from .config import SearchConfig
+from .results import pytree_result
 from .evaluation import NEG_INF, Evaluator, SearchProblem, fitness, relative_change
 
 
@@ -84,6 +85,8 @@ class Candidate:
     status: int
 
 
+@pytree_result(data=("weights", "params", "ref_val", "ref_test", "val_acc", "test_acc", "delta_val", "delta_test",
+                    "test_correct"))
 @dataclasses.dataclass(frozen=True, eq=False)
 class SearchResult:
     """Outcome of `run_search`.

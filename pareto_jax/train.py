@@ -28,6 +28,7 @@ import optax
 
 from . import checks, io, kernels
 from .config import NORMALIZERS, TrainConfig
+from .results import pytree_result
 
 LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -247,6 +248,7 @@ def broadcast_population(tree, size: int):
     return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (size, *jnp.shape(a))), tree)
 
 
+@pytree_result(data=("accuracy", "loss", "counts"))
 @dataclasses.dataclass(frozen=True)
 class ClassMetrics:
     """Per-class accuracy and mean loss on one split (numpy arrays of length K)."""
@@ -305,6 +307,7 @@ def evaluate(apply, params, x, y, num_classes: int, *, batch_size: int = 1024) -
                             float(loss.sum() / cnt.sum()))
 
 
+@pytree_result(data=("state",))
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     state: TrainState

@@ -299,6 +299,24 @@ def _pair_products_wrong():
     _swap(dual, "pair_products", make)
 
 
+def _batch_rows_share_one_rho():
+    import dataclasses
+
+    from pareto_jax.pareto import program
+
+    def post(batch, *a, **k):  # every row gets the first row's bounds
+        return dataclasses.replace(batch, lo=batch.lo * 0 + batch.lo[0], hi=batch.hi * 0 + batch.hi[0])
+    _wrap_result(program, "prepare", post)
+
+
+def _kfac_weight_decay_twice():
+    from pareto_jax import kfac
+
+    def pre(a, k):  # the old meaning of damping (λ + δ) with the factors' λ added again
+        return a, {**k, "damping": k["damping"] + a[0].weight_decay}
+    _wrap_args(kfac, "apply_inverse", pre)
+
+
 def _nan_check_removed():
     import numpy as np
 
@@ -485,6 +503,12 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
     "pair_products_wrong": ("the vmapped dual Hessian's row pair products pair each entry with itself",
                             ["tests/test_pareto.py::test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact"],
                             _pair_products_wrong),
+    "batch_rows_share_one_rho": ("a prepared batch of programs gives every row the first row's trust region",
+                                 ["tests/test_pareto.py::test_one_batch_with_a_trust_region_per_row_equals_each_row_by_highs"],
+                                 _batch_rows_share_one_rho),
+    "kfac_weight_decay_twice": ("K-FAC adds the objective's λ twice (damping read as λ + δ on top of the factors' λ)",
+                                ["tests/test_estimators.py::test_kfac_and_ekfac_are_exact_where_the_kronecker_product_is"],
+                                _kfac_weight_decay_twice),
     "nan_check_removed": ("NaN in P accepted",
                           ["tests/test_pareto.py::test_nan_in_P_is_rejected"], _nan_check_removed),
     "epoch_ignores_weights": ("the weighted epoch trains with w = 1",

@@ -221,6 +221,28 @@ def test_batch_equals_individual_solves():
             assert b.max_violation <= 1e-9
 
 
+def test_one_batch_with_a_trust_region_per_row_equals_each_row_by_highs():
+    """The search's population: one prepared batch (`pareto.prepare`), each row with its own ρ
+    and objective weights, solved in one device call, equals each row's program solved alone by
+    HiGHS; and it is what `solve_reweighting_batch` with `rhos=` returns."""
+    P = _tradeoff_P(300, 4, 7)
+    rng = np.random.default_rng(1)
+    alphas, rhos = rng.uniform(0.5, 1.0, (5, 4)), np.array([0.1, 0.3, 0.5, 0.9, 2.0])
+    betas = rng.uniform(0.0, 1.0, (5, 4))
+    cfg = pareto.ReweightConfig(w_max=1.5)
+    batch = pareto.prepare(P, None, alphas, cfg, rhos=rhos, class_weights=betas)
+    np.testing.assert_allclose(batch.lo, [0.9, 0.7, 0.5, 0.1, 0.0], atol=1e-15)
+    np.testing.assert_allclose(batch.hi, [1.1, 1.3, 1.5, 1.5, 1.5], atol=1e-15)
+    got = pareto.solve_batch(batch)
+    again = pareto.solve_reweighting_batch(P, None, alphas, cfg, rhos=rhos, class_weights=betas)
+    for i, (a, r, b) in enumerate(zip(alphas, rhos, betas)):
+        ref = pareto.solve_reweighting(P, None, a, cfg, rho=float(r), class_weights=b, solver="highs")
+        assert got[i].status == ref.status == again[i].status == 0
+        assert got[i].objective == pytest.approx(ref.objective, rel=1e-9, abs=1e-12)
+        np.testing.assert_array_equal(got[i].w, again[i].w)
+        assert got[i].w.min() >= 1 - min(r, 1) - 1e-12 and got[i].w.max() <= min(1.5, 1 + r) + 1e-12
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(alpha=1.5), "alpha"), (dict(alpha=[0.5, 0.5]), "alpha"), (dict(targets=[7]), "targets"),
     (dict(targets=[]), "targets"), (dict(rho=-1.0), "rho"), (dict(budget=0.0), "budget"),

@@ -13,9 +13,11 @@ import numpy as np
 
 from .. import checks
 from ..config import TRUST_REGION
+from ..results import pytree_result
 from .program import ReweightConfig, solve_reweighting
 
 
+@pytree_result(data=("class_weights", "gains", "weights", "ceiling"))
 @dataclasses.dataclass(frozen=True)
 class FrontierResult:
     """First-order Pareto frontier of per-class loss decreases within a trust region.
