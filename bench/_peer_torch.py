@@ -3,7 +3,8 @@ category-wise influence computed by Kronfluence (EK-FAC, K-FAC, diagonal or iden
 same network and data, in pareto_jax's sign and scale convention.
 
 Used by ``bench/bench_deep.py`` only when torch and kronfluence are importable (which checks the
-ported network's logits equal ours before it times anything). Nothing here downloads data: the caller passes arrays.
+ported network's logits equal ours before it times anything). Nothing here downloads data: the
+caller passes arrays.
 
 Install (a separate venv, never the test venv ``.venv``). The order matters: torch's CPU wheel
 first and pinned, or pip pulls a multi-GB CUDA build; kronfluence without its dependencies,
@@ -17,7 +18,8 @@ import beside this torch); then the project itself, pinned off jax 0.10.2::
     .venv-bench/bin/pip install torch==2.13.0 'accelerate>=0.31.0' 'einops>=0.8.0' \\
         'einconv>=0.1.0' 'opt-einsum>=3.3.0' 'safetensors>=0.4.2' 'tqdm>=4.66.4'
     .venv-bench/bin/pip install -e '.[vision]' jax==0.10.1 jaxlib==0.10.1 torch==2.13.0
-    .venv-bench/bin/python -c "import jax, torch, kronfluence; print(jax.__version__, torch.__version__)"
+    .venv-bench/bin/python -c "import jax, torch, kronfluence; print(jax.__version__,
+    torch.__version__)"
 
 (resolved here: torch 2.13.0+cpu, kronfluence 1.0.1, accelerate 1.15.0, jax/jaxlib 0.10.1,
 flax 0.12.8; ``pip check`` then reports only the missing torchvision, which is expected.)
@@ -94,12 +96,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TorchCNN", "TorchMLP", "torch_model_from_jax", "kronfluence_category_influence",
-           "KRONFLUENCE_INSTALL"]
+__all__ = [
+    "TorchCNN",
+    "TorchMLP",
+    "torch_model_from_jax",
+    "kronfluence_category_influence",
+    "KRONFLUENCE_INSTALL",
+]
 
 KRONFLUENCE_INSTALL = (
     "pip install torch==2.13.0 && pip install --no-deps kronfluence==1.0.1 && "
-    "pip install torch==2.13.0 accelerate einops einconv opt-einsum safetensors tqdm")
+    "pip install torch==2.13.0 accelerate einops einconv opt-einsum safetensors tqdm"
+)
 
 
 # ----------------------------------------------------------------------------- the port
@@ -169,7 +177,9 @@ class TorchMLP(nn.Module):
 def _load_dense(layer: nn.Linear, p) -> None:
     k = np.asarray(p["kernel"])  # flax (in, out)
     if tuple(layer.weight.shape) != (k.shape[1], k.shape[0]):
-        raise ValueError(f"dense kernel {k.shape} does not fit torch layer {tuple(layer.weight.shape)}")
+        raise ValueError(
+            f"dense kernel {k.shape} does not fit torch layer {tuple(layer.weight.shape)}"
+        )
     layer.weight.data.copy_(_t(k.T))
     layer.bias.data.copy_(_t(p["bias"]))
 
@@ -178,12 +188,16 @@ def _load_conv(layer: nn.Conv2d, p) -> None:
     k = np.asarray(p["kernel"])  # flax (kh, kw, cin, cout) -> torch (cout, cin, kh, kw)
     kt = k.transpose(3, 2, 0, 1)
     if tuple(layer.weight.shape) != kt.shape:
-        raise ValueError(f"conv kernel {k.shape} does not fit torch layer {tuple(layer.weight.shape)}")
+        raise ValueError(
+            f"conv kernel {k.shape} does not fit torch layer {tuple(layer.weight.shape)}"
+        )
     layer.weight.data.copy_(_t(kt))
     layer.bias.data.copy_(_t(p["bias"]))
 
 
-def torch_model_from_jax(kind: str, params, *, image_shape=(28, 28, 1), num_classes: int = 10) -> nn.Module:
+def torch_model_from_jax(
+    kind: str, params, *, image_shape=(28, 28, 1), num_classes: int = 10
+) -> nn.Module:
     """A float32 torch module (eval mode) whose logits equal pareto_jax's
     ``models.functional(model)[0](params, x)`` for the same (n, d) float input x.
 
@@ -204,7 +218,11 @@ def torch_model_from_jax(kind: str, params, *, image_shape=(28, 28, 1), num_clas
         _load_dense(model.fc, params["fc"])
     elif kind == "mlp":
         layers = _seq(params.get("layers", {}))
-        in_features = int(np.shape(layers[0]["kernel"])[0]) if layers else int(np.shape(params["head"]["kernel"])[0])
+        in_features = (
+            int(np.shape(layers[0]["kernel"])[0])
+            if layers
+            else int(np.shape(params["head"]["kernel"])[0])
+        )
         hidden = [int(np.shape(p["kernel"])[1]) for p in layers]
         model = TorchMLP(in_features, hidden, num_classes)
         for layer, p in zip(model.layers, layers):
@@ -240,13 +258,17 @@ def _make_task():
         """Cross-entropy classification. Both losses are *sums* over the batch (Kronfluence reads
         per-sample gradients off the backward pass of the batch total)."""
 
-        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        def compute_train_loss(
+            self, batch: Any, model: nn.Module, sample: bool = False
+        ) -> torch.Tensor:
             x, y = batch
             logits = model(x)
             if not sample:
                 return F.cross_entropy(logits, y, reduction="sum")
             with torch.no_grad():  # the true Fisher: labels drawn from the model's own predictive
-                y_hat = torch.multinomial(torch.softmax(logits.detach(), dim=-1), num_samples=1).flatten()
+                y_hat = torch.multinomial(
+                    torch.softmax(logits.detach(), dim=-1), num_samples=1
+                ).flatten()
             return F.cross_entropy(logits, y_hat, reduction="sum")
 
         def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
@@ -256,8 +278,19 @@ def _make_task():
     return ClassificationTask()
 
 
-def _one_run(torch_model, train_ds, query_ds, *, strategy, use_empirical_fisher, damping, seed,
-             batch_size, query_batch_size, run_dir: Path) -> dict:
+def _one_run(
+    torch_model,
+    train_ds,
+    query_ds,
+    *,
+    strategy,
+    use_empirical_fisher,
+    damping,
+    seed,
+    batch_size,
+    query_batch_size,
+    run_dir: Path,
+) -> dict:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.module.tracked_module import TrackedModule
@@ -267,25 +300,42 @@ def _one_run(torch_model, train_ds, query_ds, *, strategy, use_empirical_fisher,
     torch.manual_seed(seed)  # the sampled labels of the true Fisher
     task = _make_task()
     model = prepare_model(copy.deepcopy(torch_model).float().eval(), task)
-    analyzer = Analyzer(analysis_name="pareto_peer", model=model, task=task, cpu=True,
-                        disable_tqdm=True, output_dir=str(run_dir), log_level=logging.WARNING)
+    analyzer = Analyzer(
+        analysis_name="pareto_peer",
+        model=model,
+        task=task,
+        cpu=True,
+        disable_tqdm=True,
+        output_dir=str(run_dir),
+        log_level=logging.WARNING,
+    )
     fargs = FactorArguments(strategy=strategy, use_empirical_fisher=use_empirical_fisher)
     sargs = ScoreArguments(damping_factor=float(damping))
     t = {}
     t0 = time.perf_counter()
-    analyzer.fit_covariance_matrices("factors", train_ds, per_device_batch_size=batch_size, factor_args=fargs)
+    analyzer.fit_covariance_matrices(
+        "factors", train_ds, per_device_batch_size=batch_size, factor_args=fargs
+    )
     t["covariance_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     analyzer.perform_eigendecomposition("factors", factor_args=fargs)
     t["eigendecomposition_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    analyzer.fit_lambda_matrices("factors", train_ds, per_device_batch_size=batch_size, factor_args=fargs)
+    analyzer.fit_lambda_matrices(
+        "factors", train_ds, per_device_batch_size=batch_size, factor_args=fargs
+    )
     t["lambda_s"] = time.perf_counter() - t0
     t["factors_s"] = t["covariance_s"] + t["eigendecomposition_s"] + t["lambda_s"]
     t0 = time.perf_counter()
-    analyzer.compute_pairwise_scores("scores", "factors", query_dataset=query_ds, train_dataset=train_ds,
-                                     per_device_query_batch_size=query_batch_size,
-                                     per_device_train_batch_size=batch_size, score_args=sargs)
+    analyzer.compute_pairwise_scores(
+        "scores",
+        "factors",
+        query_dataset=query_ds,
+        train_dataset=train_ds,
+        per_device_query_batch_size=query_batch_size,
+        per_device_train_batch_size=batch_size,
+        score_args=sargs,
+    )
     scores = analyzer.load_pairwise_scores("scores")["all_modules"]
     t["scores_s"] = time.perf_counter() - t0
     t["total_s"] = t["factors_s"] + t["scores_s"]
@@ -304,16 +354,33 @@ def _one_run(torch_model, train_ds, query_ds, *, strategy, use_empirical_fisher,
             cnt += m.numel()
         mean_lambda = tot / max(cnt, 1)
     modules = [n for n, mod in model.named_modules() if isinstance(mod, TrackedModule)]
-    return {"scores": scores.double().numpy(), "timings": t, "mean_lambda": mean_lambda,
-            "tracked_modules": modules}
+    return {
+        "scores": scores.double().numpy(),
+        "timings": t,
+        "mean_lambda": mean_lambda,
+        "tracked_modules": modules,
+    }
 
 
-def kronfluence_category_influence(torch_model: nn.Module, x_train, y_train, x_val, y_val, *,
-                                   num_classes: int, damping: float, strategy: str = "ekfac",
-                                   use_empirical_fisher: bool = False, seed: int = 0,
-                                   batch_size: int = 256, query_batch_size: int | None = None,
-                                   workdir: str | Path, repeats: int = 2, keep_files: bool = False,
-                                   num_threads: int = 2) -> dict:
+def kronfluence_category_influence(
+    torch_model: nn.Module,
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    *,
+    num_classes: int,
+    damping: float,
+    strategy: str = "ekfac",
+    use_empirical_fisher: bool = False,
+    seed: int = 0,
+    batch_size: int = 256,
+    query_batch_size: int | None = None,
+    workdir: str | Path,
+    repeats: int = 2,
+    keep_files: bool = False,
+    num_threads: int = 2,
+) -> dict:
     """Category-wise influence P (N, K) by Kronfluence, in pareto_jax's convention.
 
     P[i, k] = (1/N) · mean over validation samples q of class k of score(q, i), where score is
@@ -351,7 +418,9 @@ def kronfluence_category_influence(torch_model: nn.Module, x_train, y_train, x_v
     y_val = np.asarray(y_val).astype(np.int64)
     counts = np.bincount(y_val, minlength=num_classes)
     if counts.shape[0] != num_classes or np.any(counts == 0):
-        raise ValueError(f"every class 0..{num_classes - 1} must occur in y_val (counts {counts.tolist()})")
+        raise ValueError(
+            f"every class 0..{num_classes - 1} must occur in y_val (counts {counts.tolist()})"
+        )
     n = x_train.shape[0]
     train_ds = torch.utils.data.TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train))
     query_ds = torch.utils.data.TensorDataset(torch.from_numpy(x_val), torch.from_numpy(y_val))
@@ -367,9 +436,18 @@ def kronfluence_category_influence(torch_model: nn.Module, x_train, y_train, x_v
             with warnings.catch_warnings():
                 # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler(enabled=False): a FutureWarning
                 warnings.filterwarnings("ignore", category=FutureWarning, message=".*GradScaler.*")
-                last = _one_run(torch_model, train_ds, query_ds, strategy=strategy,
-                                use_empirical_fisher=use_empirical_fisher, damping=damping, seed=seed,
-                                batch_size=int(batch_size), query_batch_size=qbs, run_dir=run_dir)
+                last = _one_run(
+                    torch_model,
+                    train_ds,
+                    query_ds,
+                    strategy=strategy,
+                    use_empirical_fisher=use_empirical_fisher,
+                    damping=damping,
+                    seed=seed,
+                    batch_size=int(batch_size),
+                    query_batch_size=qbs,
+                    run_dir=run_dir,
+                )
         finally:
             if not keep_files:
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -381,19 +459,24 @@ def kronfluence_category_influence(torch_model: nn.Module, x_train, y_train, x_v
         "P": P,
         "scores_shape": tuple(last["scores"].shape),
         "runs": runs,
-        "factors_s_first": runs[0]["factors_s"], "scores_s_first": runs[0]["scores_s"],
+        "factors_s_first": runs[0]["factors_s"],
+        "scores_s_first": runs[0]["scores_s"],
         "factors_s_second": runs[1]["factors_s"] if len(runs) > 1 else None,
         "scores_s_second": runs[1]["scores_s"] if len(runs) > 1 else None,
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
         "max_run_diff": float(max(np.max(np.abs(p - P)) for p in Ps)),
         "mean_lambda": last["mean_lambda"],
         "tracked_modules": last["tracked_modules"],
-        "strategy": strategy, "damping": float(damping), "use_empirical_fisher": bool(use_empirical_fisher),
+        "strategy": strategy,
+        "damping": float(damping),
+        "use_empirical_fisher": bool(use_empirical_fisher),
         "fisher": "empirical" if use_empirical_fisher else "true (one sampled label per sample)",
-        "seed": seed, "batch_size": int(batch_size), "query_batch_size": qbs,
+        "seed": seed,
+        "batch_size": int(batch_size),
+        "query_batch_size": qbs,
         "num_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "kronfluence": kronfluence.__version__},
         "system": "u = (F̂ + δI)⁻¹ g_k, F̂ per data point, block-diagonal over layers; "
-                  "P = (1/N) uᵀ∇ℓ_i; identity: P = (1/N) g_kᵀ∇ℓ_i (δ ignored)",
+        "P = (1/N) uᵀ∇ℓ_i; identity: P = (1/N) g_kᵀ∇ℓ_i (δ ignored)",
     }
     return out

@@ -16,7 +16,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def block(x):
     import jax
 
-    return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+    return jax.tree_util.tree_map(
+        lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x
+    )
 
 
 def timeit(fn, *, repeats: int = 3, warmup: int = 1) -> float:
@@ -78,8 +80,14 @@ def xla_memory(jitted, *args) -> int:
 def in_subprocess(module: str, case: dict, timeout: int = 3600) -> dict:
     """Run `python -m module --case JSON` in a fresh process and parse its JSON line."""
     env = dict(os.environ)
-    p = subprocess.run([sys.executable, "-m", module, "--case", json.dumps(case)], capture_output=True,
-                       text=True, timeout=timeout, env=env, cwd=Path(__file__).resolve().parent.parent)
+    p = subprocess.run(
+        [sys.executable, "-m", module, "--case", json.dumps(case)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     if p.returncode != 0 or not lines:
         return {**case, "error": (p.stderr or p.stdout)[-2000:]}
@@ -89,9 +97,13 @@ def in_subprocess(module: str, case: dict, timeout: int = 3600) -> dict:
 def machine() -> dict:
     import jax
 
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-            "platform": platform.platform()}
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
 
 
 def write(name: str, payload: dict) -> Path:

@@ -74,11 +74,24 @@ def _setup(kind, n_train, epochs, seed=0):
     m = models.make_model("cnn", (784,), 10, image_shape=(28, 28, 1), seed=seed, **NETWORKS[kind])
     apply, params0 = models.functional(m)
     lf = models.per_sample_loss(apply)
-    cfg = train.TrainConfig(epochs=epochs, batch_size=128, learning_rate=3e-3, weight_decay=1e-4, seed=seed)
+    cfg = train.TrainConfig(
+        epochs=epochs, batch_size=128, learning_rate=3e-3, weight_decay=1e-4, seed=seed
+    )
     params = train.train(lf, params0, xt, yt, cfg).params
     acc = train.evaluate(apply, params, s.val.x, s.val.y, 10)
-    return dict(s=s, xt=xt, yt=yt, m=m, apply=apply, params0=params0, params=params, lf=lf, cfg=cfg,
-                val_acc=acc.overall_accuracy, n_params=int(sum(np.size(p) for p in _leaves(params))))
+    return dict(
+        s=s,
+        xt=xt,
+        yt=yt,
+        m=m,
+        apply=apply,
+        params0=params0,
+        params=params,
+        lf=lf,
+        cfg=cfg,
+        val_acc=acc.overall_accuracy,
+        n_params=int(sum(np.size(p) for p in _leaves(params))),
+    )
 
 
 def _leaves(tree):
@@ -104,15 +117,19 @@ def epoch_speed(st) -> dict:
     ours = train.make_epoch_fn(lf, cfg, n)
     fns = train.epoch_fns(lf, cfg, n, *train.batches_per_epoch(n, cfg.batch_size))
     idx, slot, _ = jax.jit(lambda w: fns.plan(w, None, 0))(w)
-    batches = [(x[np.asarray(i)[np.asarray(s) > 0]], y[np.asarray(i)[np.asarray(s) > 0]])
-               for i, s in zip(idx, slot)]
+    batches = [
+        (x[np.asarray(i)[np.asarray(s) > 0]], y[np.asarray(i)[np.asarray(s) > 0]])
+        for i, s in zip(idx, slot)
+    ]
     opt = optax.adam(cfg.learning_rate)
 
     @jax.jit
     def step(p, o, xb, yb):
         def loss(p):
             ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply(p, xb), yb))
-            return ce + 0.5 * cfg.weight_decay * sum(jnp.vdot(a, a) for a in jax.tree_util.tree_leaves(p))
+            return ce + 0.5 * cfg.weight_decay * sum(
+                jnp.vdot(a, a) for a in jax.tree_util.tree_leaves(p)
+            )
 
         u, o = opt.update(jax.grad(loss)(p), o, p)
         return optax.apply_updates(p, u), o
@@ -127,11 +144,19 @@ def epoch_speed(st) -> dict:
         return ours(state.params, state.opt_state, x, y, w, 0)[0]
 
     a, b = our_epoch(), minimal()
-    err = max(float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(v)) + 1e-30)) for u, v in zip(_leaves(a), _leaves(b)))
+    err = max(
+        float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(v)) + 1e-30))
+        for u, v in zip(_leaves(a), _leaves(b))
+    )
     assert err < 1e-3, f"our epoch and the minimal loop disagree ({err})"
     t_ours, t_min = _util.timeit(our_epoch, repeats=5), _util.timeit(minimal, repeats=5)
-    return {"t_epoch_ours": t_ours, "t_epoch_minimal": t_min, "ratio_epoch": t_ours / t_min,
-            "params_rel_diff": err, "execution": "stepped" if hasattr(ours, "plan") else "compiled"}
+    return {
+        "t_epoch_ours": t_ours,
+        "t_epoch_minimal": t_min,
+        "ratio_epoch": t_ours / t_min,
+        "params_rel_diff": err,
+        "execution": "stepped" if hasattr(ours, "plan") else "compiled",
+    }
 
 
 def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int) -> dict:
@@ -140,11 +165,25 @@ def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int)
 
     from pareto_jax import closed_form, influence, models
 
-    s, xt, yt, lf, apply, m, params = st["s"], st["xt"], st["yt"], st["lf"], st["apply"], st["m"], st["params"]
+    s, xt, yt, lf, apply, m, params = (
+        st["s"],
+        st["xt"],
+        st["yt"],
+        st["lf"],
+        st["apply"],
+        st["m"],
+        st["params"],
+    )
     wd = st["cfg"].weight_decay
     dmp = damping_total - wd
     kw = dict(num_classes=10, weight_decay=wd, apply=apply, model=m)
-    cg = dict(curvature="gauss_newton", damping=dmp, rtol=pcg_rtol, max_steps=max_steps, hvp_batch_size=256)
+    cg = dict(
+        curvature="gauss_newton",
+        damping=dmp,
+        rtol=pcg_rtol,
+        max_steps=max_steps,
+        hvp_batch_size=256,
+    )
     configs = {
         "EK-FAC": influence.InfluenceConfig(solver="ekfac", damping=dmp),
         "K-FAC": influence.InfluenceConfig(solver="kfac", damping=dmp),
@@ -154,25 +193,44 @@ def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int)
     rows = {}
     for name, cfg in configs.items():
         first, second, peak, res = _timed(
-            lambda cfg=cfg: influence.category_influence(lf, params, xt, yt, s.val.x, s.val.y, config=cfg, **kw))
-        rows[name] = {"P": np.asarray(res.P), "t_first": first, "t_second": second, "peak_extra_bytes": peak,
-                      "cg_steps_max": int(np.max(res.steps)),
-                      "residual_max": float(np.max(res.residual)), "converged": bool(np.all(res.converged)),
-                      "execution": res.details.get("execution"), "damping_total": wd + res.damping}
-        print(f"  {name}: {second:.1f} s (first {first:.1f} s), steps {rows[name]['cg_steps_max']}, "
-              f"residual {rows[name]['residual_max']:.3g}", flush=True)
+            lambda cfg=cfg: influence.category_influence(
+                lf, params, xt, yt, s.val.x, s.val.y, config=cfg, **kw
+            )
+        )
+        rows[name] = {
+            "P": np.asarray(res.P),
+            "t_first": first,
+            "t_second": second,
+            "peak_extra_bytes": peak,
+            "cg_steps_max": int(np.max(res.steps)),
+            "residual_max": float(np.max(res.residual)),
+            "converged": bool(np.all(res.converged)),
+            "execution": res.details.get("execution"),
+            "damping_total": wd + res.damping,
+        }
+        print(
+            f"  {name}: {second:.1f} s (first {first:.1f} s), steps {rows[name]['cg_steps_max']}, "
+            f"residual {rows[name]['residual_max']:.3g}",
+            flush=True,
+        )
 
     def last_layer():
         feat = models.functional_features(m)
         ft = models.frozen_features(feat, params, xt).astype(np.float64)
         fv = models.frozen_features(feat, params, s.val.x).astype(np.float64)
         head = params["head"]
-        return closed_form.linear_influence(ft, yt, fv, s.val.y, head["kernel"], head["bias"],
-                                            weight_decay=wd, damping=dmp)
+        return closed_form.linear_influence(
+            ft, yt, fv, s.val.y, head["kernel"], head["bias"], weight_decay=wd, damping=dmp
+        )
 
     first, second, peak, P = _timed(last_layer)
-    rows["last layer (closed form)"] = {"P": np.asarray(P), "t_first": first, "t_second": second,
-                                        "peak_extra_bytes": peak, "damping_total": damping_total}
+    rows["last layer (closed form)"] = {
+        "P": np.asarray(P),
+        "t_first": first,
+        "t_second": second,
+        "peak_extra_bytes": peak,
+        "damping_total": damping_total,
+    }
     return rows
 
 
@@ -191,15 +249,33 @@ def kronfluence_rows(st, damping_total: float, peer) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as wdir:
         for seed in (0, 1):
-            r = peer.kronfluence_category_influence(tm, st["xt"], st["yt"], s.val.x, s.val.y, num_classes=10,
-                                                    damping=damping_total, seed=seed, workdir=wdir,
-                                                    repeats=2 if seed == 0 else 1)
+            r = peer.kronfluence_category_influence(
+                tm,
+                st["xt"],
+                st["yt"],
+                s.val.x,
+                s.val.y,
+                num_classes=10,
+                damping=damping_total,
+                seed=seed,
+                workdir=wdir,
+                repeats=2 if seed == 0 else 1,
+            )
             t1 = r["factors_s_first"] + r["scores_s_first"]
-            t2 = (r["factors_s_second"] + r["scores_s_second"]) if r["factors_s_second"] is not None else None
+            t2 = (
+                (r["factors_s_second"] + r["scores_s_second"])
+                if r["factors_s_second"] is not None
+                else None
+            )
             rows[f"Kronfluence EK-FAC (seed {seed})"] = {
-                "P": r["P"], "t_first": t1, "t_second": t2,
+                "P": r["P"],
+                "t_first": t1,
+                "t_second": t2,
                 "peak_extra_bytes": max(x["peak_extra_bytes"] for x in r["runs"]),
-                "logit_rel_err": logit_err, "damping_total": damping_total, "fisher": r["fisher"]}
+                "logit_rel_err": logit_err,
+                "damping_total": damping_total,
+                "fisher": r["fisher"],
+            }
             print(f"  Kronfluence seed {seed}: first {t1:.1f} s, second {t2}", flush=True)
     return rows
 
@@ -211,11 +287,13 @@ def spearman_table(rows: dict) -> dict:
     names = list(rows)
     out = {}
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             pa, pb = rows[a]["P"], rows[b]["P"]
             per_class = [scipy.stats.spearmanr(pa[:, k], pb[:, k])[0] for k in range(pa.shape[1])]
-            out[f"{a} | {b}"] = {"spearman": float(scipy.stats.spearmanr(pa.ravel(), pb.ravel())[0]),
-                                 "worst_class": float(np.min(per_class))}
+            out[f"{a} | {b}"] = {
+                "spearman": float(scipy.stats.spearmanr(pa.ravel(), pb.ravel())[0]),
+                "worst_class": float(np.min(per_class)),
+            }
     return out
 
 
@@ -250,12 +328,18 @@ def retraining_check(st, rows: dict, classes, fraction: float = 0.1) -> dict:
         Wd = jnp.asarray(np.stack(W), x.dtype)
         for e in range(cfg.epochs):
             p, o, _ = pop(p, o, x, y, Wd, e)
-        actual = np.stack([train.evaluate(apply, _row(p, i), s.val.x, s.val.y, 10).loss - base
-                           for i in range(len(W))])
+        actual = np.stack(
+            [
+                train.evaluate(apply, _row(p, i), s.val.x, s.val.y, 10).loss - base
+                for i in range(len(W))
+            ]
+        )
         pred = np.stack(pred)
-        out[name] = {"spearman": float(scipy.stats.spearmanr(pred.ravel(), actual.ravel())[0]),
-                     "pearson": float(np.corrcoef(pred.ravel(), actual.ravel())[0, 1]),
-                     "cells": int(pred.size)}
+        out[name] = {
+            "spearman": float(scipy.stats.spearmanr(pred.ravel(), actual.ravel())[0]),
+            "pearson": float(np.corrcoef(pred.ravel(), actual.ravel())[0, 1]),
+            "cells": int(pred.size),
+        }
         print(f"  retraining agreement, {name}: Spearman {out[name]['spearman']:.3f}", flush=True)
     return out
 
@@ -270,12 +354,24 @@ def run_network(kind, a, peer, peer_error) -> dict:
     import numpy as np
 
     st = _setup(kind, a.n_train, a.epochs)
-    print(f"{kind}: {st['n_params']} params, {len(st['yt'])} train, val accuracy {st['val_acc']:.3f}", flush=True)
-    out = {"network": kind, "n_params": st["n_params"], "n_train": len(st["yt"]), "val_accuracy": st["val_acc"],
-           "damping_total": a.damping}
+    print(
+        f"{kind}: {st['n_params']} params, {len(st['yt'])} train, val accuracy {st['val_acc']:.3f}",
+        flush=True,
+    )
+    out = {
+        "network": kind,
+        "n_params": st["n_params"],
+        "n_train": len(st["yt"]),
+        "val_accuracy": st["val_acc"],
+        "damping_total": a.damping,
+    }
     out["epoch"] = epoch_speed(st)
-    print(f"  epoch {out['epoch']['t_epoch_ours']:.3f} s vs minimal loop {out['epoch']['t_epoch_minimal']:.3f} s "
-          f"(ratio {out['epoch']['ratio_epoch']:.2f})", flush=True)
+    print(
+        f"  epoch {out['epoch']['t_epoch_ours']:.3f} s vs minimal loop "
+        f"{out['epoch']['t_epoch_minimal']:.3f} s "
+        f"(ratio {out['epoch']['ratio_epoch']:.2f})",
+        flush=True,
+    )
     rows = influence_rows(st, a.damping, pcg_rtol=a.pcg_rtol, max_steps=a.max_steps)
     if peer is not None:
         rows.update(kronfluence_rows(st, a.damping, peer))
@@ -286,7 +382,9 @@ def run_network(kind, a, peer, peer_error) -> dict:
         val_acc = _class_val_acc(st)
         classes = [int(c) for c in np.argsort(val_acc, kind="stable")[: a.retrain_classes]]
         out["retraining_classes"] = classes
-        out["retraining"] = retraining_check(st, {k: v for k, v in rows.items() if "seed 1" not in k}, classes)
+        out["retraining"] = retraining_check(
+            st, {k: v for k, v in rows.items() if "seed 1" not in k}, classes
+        )
     out["methods"] = {k: {kk: vv for kk, vv in v.items() if kk != "P"} for k, v in rows.items()}
     return out
 
@@ -301,7 +399,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--networks", default="cnn,wide")
-    ap.add_argument("--damping", type=float, default=1e-3, help="curvature damping (ours: weight decay + δ)")
+    ap.add_argument(
+        "--damping", type=float, default=1e-3, help="curvature damping (ours: weight decay + δ)"
+    )
     ap.add_argument("--pcg-rtol", type=float, default=0.1)
     ap.add_argument("--max-steps", type=int, default=60)
     ap.add_argument("--retrain-classes", type=int, default=3)
@@ -312,19 +412,47 @@ def main():
     peer, err = _peer()
     results = [run_network(kind, a, peer, err) for kind in a.networks.split(",")]
     for r in results:
-        print(f"\n{r['network']} ({r['n_params']} params, N = {r['n_train']}, val accuracy {r['val_accuracy']:.3f}); "
-              f"epoch {r['epoch']['t_epoch_ours']:.3f} s, minimal loop {r['epoch']['t_epoch_minimal']:.3f} s, "
-              f"ratio {r['epoch']['ratio_epoch']:.2f}")
-        rows = [{"method": k, **{kk: v.get(kk) for kk in ("t_first", "t_second", "cg_steps_max", "residual_max")},
-                 "peak_MB": v["peak_extra_bytes"] / 2**20,
-                 "retrain_spearman": r.get("retraining", {}).get(k, {}).get("spearman")}
-                for k, v in r["methods"].items()]
-        print(_util.table(rows, ["method", "t_first", "t_second", "peak_MB", "cg_steps_max", "residual_max",
-                                 "retrain_spearman"]))
-        print(_util.table([{"pair": k, **v} for k, v in r["spearman"].items()], ["pair", "spearman", "worst_class"]))
+        print(
+            f"\n{r['network']} ({r['n_params']} params, N = {r['n_train']}, val accuracy "
+            f"{r['val_accuracy']:.3f}); "
+            f"epoch {r['epoch']['t_epoch_ours']:.3f} s, minimal loop "
+            f"{r['epoch']['t_epoch_minimal']:.3f} s, "
+            f"ratio {r['epoch']['ratio_epoch']:.2f}"
+        )
+        rows = [
+            {
+                "method": k,
+                **{kk: v.get(kk) for kk in ("t_first", "t_second", "cg_steps_max", "residual_max")},
+                "peak_MB": v["peak_extra_bytes"] / 2**20,
+                "retrain_spearman": r.get("retraining", {}).get(k, {}).get("spearman"),
+            }
+            for k, v in r["methods"].items()
+        ]
+        print(
+            _util.table(
+                rows,
+                [
+                    "method",
+                    "t_first",
+                    "t_second",
+                    "peak_MB",
+                    "cg_steps_max",
+                    "residual_max",
+                    "retrain_spearman",
+                ],
+            )
+        )
+        print(
+            _util.table(
+                [{"pair": k, **v} for k, v in r["spearman"].items()],
+                ["pair", "spearman", "worst_class"],
+            )
+        )
         if "kronfluence" in r:
             print(r["kronfluence"])
-    p = _util.write("deep" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "results": results})
+    p = _util.write(
+        "deep" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "results": results}
+    )
     print(f"wrote {p}")
 
 

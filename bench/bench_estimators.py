@@ -4,7 +4,8 @@ On an MLP and a small CNN trained on digits (real, offline), compare exact (dens
 CG (Hessian), GGN-CG, LiSSA (GGN), K-FAC, EK-FAC and the last-layer closed form against actual
 retraining (same init, same seed, same epochs; removed samples get weight 0):
 
-* deletion Spearman (docs/method.md §7): per class t, remove the top / bottom 10% by each estimator's
+* deletion Spearman (docs/method.md §7): per class t, remove the top / bottom 10% by each
+estimator's
   P[:, t], retrain, correlate the removed set's summed influence with the per-class validation
   accuracy change over all 2·K·K cells (each estimator picks its own sets);
 * linear datamodeling score (LDS): 24 random subsets keeping 90% of the training set, retrained
@@ -50,11 +51,15 @@ def main():
     epochs = 20 if a.quick else 60
     rows = []
     for kind in ("mlp", "cnn"):
-        m = models.make_model(kind, (64,), K, hidden=(32,), image_shape=(8, 8, 1), channels=(4, 8), dense=32, seed=0)
+        m = models.make_model(
+            kind, (64,), K, hidden=(32,), image_shape=(8, 8, 1), channels=(4, 8), dense=32, seed=0
+        )
         apply, p0 = models.functional(m)
         p0 = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), p0)
         loss_fn = models.per_sample_loss(apply)
-        cfg = train.TrainConfig(epochs=epochs, batch_size=128, learning_rate=0.01, weight_decay=wd, seed=0)
+        cfg = train.TrainConfig(
+            epochs=epochs, batch_size=128, learning_rate=0.01, weight_decay=wd, seed=0
+        )
         ep_batch = train.make_epoch_fn(loss_fn, cfg, N, population=True)
         opt = train.make_optimizer(cfg)
 
@@ -92,24 +97,112 @@ def main():
             feats = models.frozen_features(models.functional_features(m), params, x)
             fv = models.frozen_features(models.functional_features(m), params, xv)
             head = params["head"]
-            return closed_form.linear_influence(feats.astype(np.float64), y, fv.astype(np.float64), yv,
-                                              head["kernel"], head["bias"], weight_decay=wd, damping=1e-3)
+            return closed_form.linear_influence(
+                feats.astype(np.float64),
+                y,
+                fv.astype(np.float64),
+                yv,
+                head["kernel"],
+                head["bias"],
+                weight_decay=wd,
+                damping=1e-3,
+            )
 
         def cfgd(**k):
-            return influence.InfluenceConfig(**{"damping": 1e-3, "rtol": 1e-8, "max_steps": 2000, **k})
+            return influence.InfluenceConfig(
+                **{"damping": 1e-3, "rtol": 1e-8, "max_steps": 2000, **k}
+            )
 
         ests = {
-            "exact (dense Hessian)": lambda: influence.category_influence(loss_fn, params, x, y, xv, yv, num_classes=K, weight_decay=wd, config=cfgd(solver="dense", escalate_damping=False)).P,
-            "CG (Hessian)": lambda: influence.category_influence(loss_fn, params, x, y, xv, yv, num_classes=K, weight_decay=wd, config=cfgd()).P,
-            "GGN-CG": lambda: influence.category_influence(loss_fn, params, x, y, xv, yv, num_classes=K, weight_decay=wd, apply=apply, config=cfgd(curvature="gauss_newton")).P,
-            "LiSSA (GGN)": lambda: influence.category_influence(loss_fn, params, x, y, xv, yv, num_classes=K, weight_decay=wd, apply=apply, config=cfgd(solver="lissa", curvature="gauss_newton", hvp_batch_size=256, max_steps=1000, rtol=1e-5)).P,
-            "K-FAC": lambda: influence.category_influence(loss_fn, params, x, y, xv, yv, num_classes=K, weight_decay=wd, apply=apply, model=m, config=cfgd(solver="kfac")).P,
-            "EK-FAC": lambda: influence.category_influence(loss_fn, params, x, y, xv, yv, num_classes=K, weight_decay=wd, apply=apply, model=m, config=cfgd(solver="ekfac")).P,
+            "exact (dense Hessian)": lambda: (
+                influence.category_influence(
+                    loss_fn,
+                    params,
+                    x,
+                    y,
+                    xv,
+                    yv,
+                    num_classes=K,
+                    weight_decay=wd,
+                    config=cfgd(solver="dense", escalate_damping=False),
+                ).P
+            ),
+            "CG (Hessian)": lambda: (
+                influence.category_influence(
+                    loss_fn, params, x, y, xv, yv, num_classes=K, weight_decay=wd, config=cfgd()
+                ).P
+            ),
+            "GGN-CG": lambda: (
+                influence.category_influence(
+                    loss_fn,
+                    params,
+                    x,
+                    y,
+                    xv,
+                    yv,
+                    num_classes=K,
+                    weight_decay=wd,
+                    apply=apply,
+                    config=cfgd(curvature="gauss_newton"),
+                ).P
+            ),
+            "LiSSA (GGN)": lambda: (
+                influence.category_influence(
+                    loss_fn,
+                    params,
+                    x,
+                    y,
+                    xv,
+                    yv,
+                    num_classes=K,
+                    weight_decay=wd,
+                    apply=apply,
+                    config=cfgd(
+                        solver="lissa",
+                        curvature="gauss_newton",
+                        hvp_batch_size=256,
+                        max_steps=1000,
+                        rtol=1e-5,
+                    ),
+                ).P
+            ),
+            "K-FAC": lambda: (
+                influence.category_influence(
+                    loss_fn,
+                    params,
+                    x,
+                    y,
+                    xv,
+                    yv,
+                    num_classes=K,
+                    weight_decay=wd,
+                    apply=apply,
+                    model=m,
+                    config=cfgd(solver="kfac"),
+                ).P
+            ),
+            "EK-FAC": lambda: (
+                influence.category_influence(
+                    loss_fn,
+                    params,
+                    x,
+                    y,
+                    xv,
+                    yv,
+                    num_classes=K,
+                    weight_decay=wd,
+                    apply=apply,
+                    model=m,
+                    config=cfgd(solver="ekfac"),
+                ).P
+            ),
             "last layer (closed form)": est_last_layer,
         }
         state_bytes = {
-            "exact (dense Hessian)": n_params ** 2 * 8, "CG (Hessian)": 4 * K * n_params * 8,
-            "GGN-CG": 4 * K * n_params * 8, "LiSSA (GGN)": 3 * K * n_params * 8,
+            "exact (dense Hessian)": n_params**2 * 8,
+            "CG (Hessian)": 4 * K * n_params * 8,
+            "GGN-CG": 4 * K * n_params * 8,
+            "LiSSA (GGN)": 3 * K * n_params * 8,
             "last layer (closed form)": ((params["head"]["kernel"].shape[0] + 1) * K) ** 2 * 8,
         }
         for name, fn in ests.items():
@@ -119,7 +212,9 @@ def main():
             t = time.perf_counter() - t0
             if name in ("K-FAC", "EK-FAC"):
                 f = kfac.compute_factors(m, params, x, num_classes=K, weight_decay=0.0)
-                state_bytes[name] = sum(int(np.asarray(a).nbytes) for a in jax.tree_util.tree_leaves(f.factors))
+                state_bytes[name] = sum(
+                    int(np.asarray(a).nbytes) for a in jax.tree_util.tree_leaves(f.factors)
+                )
             # deletion check with this estimator's own removal sets
             k10 = N // 10
             W, sets = [], []
@@ -136,13 +231,30 @@ def main():
             pred = (1 - keep) @ P  # predicted loss increase per subset and class
             act = lds_loss - base_loss
             lds = float(np.nanmean([ss.spearmanr(pred[:, k], act[:, k])[0] for k in range(K)]))
-            row = {"model": kind, "params": n_params, "estimator": name, "deletion_spearman": rho_del,
-                   "lds": lds, "seconds": t, "state_MiB": state_bytes[name] / 2**20}
+            row = {
+                "model": kind,
+                "params": n_params,
+                "estimator": name,
+                "deletion_spearman": rho_del,
+                "lds": lds,
+                "seconds": t,
+                "state_MiB": state_bytes[name] / 2**20,
+            }
             rows.append(row)
             print(row, flush=True)
-    print("\nestimator quality vs retraining (digits; deletion ρ: more negative is better; LDS: higher is better)")
-    print(_util.table(rows, ["model", "params", "estimator", "deletion_spearman", "lds", "seconds", "state_MiB"]))
-    p = _util.write("estimators" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "rows": rows})
+    print(
+        "\nestimator quality vs retraining (digits; deletion ρ: more negative is better; LDS: "
+        "higher is better)"
+    )
+    print(
+        _util.table(
+            rows,
+            ["model", "params", "estimator", "deletion_spearman", "lds", "seconds", "state_MiB"],
+        )
+    )
+    p = _util.write(
+        "estimators" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "rows": rows}
+    )
     print(f"wrote {p}")
 
 

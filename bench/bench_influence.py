@@ -22,10 +22,10 @@ from bench import _util  # noqa: E402
 
 
 def _linear_case(n: int, d: int, k: int, materialise: bool, full: bool) -> dict:
-    from jax.flatten_util import ravel_pytree
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from jax.flatten_util import ravel_pytree
 
     from pareto_jax import closed_form, influence, kernels, models
 
@@ -55,7 +55,12 @@ def _linear_case(n: int, d: int, k: int, materialise: bool, full: bool) -> dict:
     loss_fn = models.per_sample_loss(models.functional(models.make_model("linear", (d,), k))[0])
     flat_U = jax.vmap(lambda u: ravel_pytree({"head": {"bias": u[d], "kernel": u[:d]}})[0])(U)
     m = min(n, 2000)
-    ref = influence.influence_from_solutions(loss_fn, params, flat_U, x[:m], y[:m], method="per_sample") * m
+    ref = (
+        influence.influence_from_solutions(
+            loss_fn, params, flat_U, x[:m], y[:m], method="per_sample"
+        )
+        * m
+    )
     got = np.asarray(closed_p()).reshape(-1, k)[:m]
     err = float(np.abs(got - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max())
     assert err < 1e-4, err
@@ -69,7 +74,9 @@ def _linear_case(n: int, d: int, k: int, materialise: bool, full: bool) -> dict:
 
     out["t_matmul_same_width"] = _util.timeit(wide, repeats=3)
     out["t_closed_form_P"] = _util.timeit(closed_p, repeats=3)
-    out["ratio_closed_form_P_vs_same_width_matmul"] = out["t_closed_form_P"] / out["t_matmul_same_width"]
+    out["ratio_closed_form_P_vs_same_width_matmul"] = (
+        out["t_closed_form_P"] / out["t_matmul_same_width"]
+    )
     out["ratio_closed_form_P_vs_matmul"] = out["t_closed_form_P"] / out["t_matmul"]
     out["mem_matmul"] = _util.xla_memory(matmul, xd, W)
     out["mem_closed_form_P"] = _util.xla_memory(closed_form.linear_P_chunks, xc, yc, mc, Theta, U)
@@ -78,7 +85,9 @@ def _linear_case(n: int, d: int, k: int, materialise: bool, full: bool) -> dict:
         yv = (np.arange(20 * k) % k).astype(np.int32)
 
         def full_closed():
-            return closed_form.linear_influence(x, y, xv, yv, W, b, weight_decay=1e-3, chunk_size=chunk)
+            return closed_form.linear_influence(
+                x, y, xv, yv, W, b, weight_decay=1e-3, chunk_size=chunk
+            )
 
         out["t_closed_form_total"] = _util.timeit(full_closed, repeats=1)
         out["rss_closed_form_total"] = _util.measure_peak(full_closed) if n <= 100_000 else -1
@@ -92,7 +101,9 @@ def _linear_case(n: int, d: int, k: int, materialise: bool, full: bool) -> dict:
             return grads(theta, xd, yd, flat_U)
 
         out["t_materialised_per_sample"] = _util.timeit(per_sample, repeats=1)
-        out["speedup_closed_form_vs_per_sample"] = out["t_materialised_per_sample"] / out["t_closed_form_P"]
+        out["speedup_closed_form_vs_per_sample"] = (
+            out["t_materialised_per_sample"] / out["t_closed_form_P"]
+        )
         out["mem_materialised_per_sample"] = _util.xla_memory(grads, theta, xd, yd, flat_U)
     return out
 
@@ -112,18 +123,36 @@ def _mlp_case(n: int, d: int, hidden: int, k: int, chunk: int) -> dict:
     theta, f = flat.theta, flat.loss
     U = jnp.asarray(rng.normal(size=(k, theta.size)).astype(np.float32))
     a = influence.influence_from_solutions(loss_fn, params, U, x[:512], y[:512], method="jvp")
-    bb = influence.influence_from_solutions(loss_fn, params, U, x[:512], y[:512], method="per_sample")
+    bb = influence.influence_from_solutions(
+        loss_fn, params, U, x[:512], y[:512], method="per_sample"
+    )
     err = float(np.abs(np.asarray(a) - np.asarray(bb)).max() / np.abs(np.asarray(bb)).max())
     assert err < 1e-4, err
-    out = {"case": "mlp", "n": n, "d": d, "hidden": hidden, "k": k, "params": int(theta.size),
-           "chunk": chunk, "check_rel_err": err}
+    out = {
+        "case": "mlp",
+        "n": n,
+        "d": d,
+        "hidden": hidden,
+        "k": k,
+        "params": int(theta.size),
+        "chunk": chunk,
+        "check_rel_err": err,
+    }
     for method in ("jvp", "per_sample"):
-        fn = lambda: influence.influence_from_solutions(loss_fn, params, U, x, y, method=method,  # noqa: E731
-                                                        chunk_size=chunk)
+        fn = lambda: influence.influence_from_solutions(
+            loss_fn,
+            params,
+            U,
+            x,
+            y,
+            method=method,  # noqa: E731
+            chunk_size=chunk,
+        )
         out[f"t_{method}"] = _util.timeit(fn, repeats=2)
         chunks = backend.Local().chunks(x, y, chunk, theta.dtype)
-        out[f"mem_{method}"] = _util.xla_memory(backend.influence_rows_program, f, method, theta, U, chunks,
-                                                x.shape[0])
+        out[f"mem_{method}"] = _util.xla_memory(
+            backend.influence_rows_program, f, method, theta, U, chunks, x.shape[0]
+        )
     out["ratio_per_sample_over_jvp"] = out["t_per_sample"] / out["t_jvp"]
     return out
 
@@ -143,34 +172,74 @@ def main() -> None:
         print(json.dumps(run_case(json.loads(a.case))))
         return
     ns = (10_000, 30_000) if a.quick else (10_000, 100_000, 1_000_000)
-    cases = [{"case": "linear", "n": n, "d": 512, "k": 10, "materialise": n <= 100_000,
-              "full": n <= 100_000} for n in ns]
+    cases = [
+        {
+            "case": "linear",
+            "n": n,
+            "d": 512,
+            "k": 10,
+            "materialise": n <= 100_000,
+            "full": n <= 100_000,
+        }
+        for n in ns
+    ]
     mlp_n = 5_000 if a.quick else 50_000
-    cases += [{"case": "mlp", "n": mlp_n, "d": 256, "hidden": 256, "k": k, "chunk": 256}
-              for k in (2, 10, 32)]
+    cases += [
+        {"case": "mlp", "n": mlp_n, "d": 256, "hidden": 256, "k": k, "chunk": 256}
+        for k in (2, 10, 32)
+    ]
     rows = []
     for c in cases:
         r = _util.in_subprocess("bench.bench_influence", c)
         rows.append(r)
         print(json.dumps(r), flush=True)
-    p = _util.write("influence" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "rows": rows})
+    p = _util.write(
+        "influence" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "rows": rows}
+    )
     lin = [r for r in rows if r.get("case") == "linear" and "error" not in r]
     for r in lin:
         for key in [k for k in r if k.startswith("mem_")]:
             r[key] = r[key] / 2**20 if r[key] > 0 else r[key]
     print("\nlast layer, d = 512, K = 10 (times in s, memory in MiB above baseline)")
-    print(_util.table(lin, ["n", "t_matmul", "t_matmul_same_width", "t_closed_form_P",
-                            "ratio_closed_form_P_vs_matmul", "ratio_closed_form_P_vs_same_width_matmul",
-                            "t_closed_form_total", "t_materialised_per_sample",
-                            "speedup_closed_form_vs_per_sample", "mem_matmul", "mem_closed_form_P",
-                            "mem_materialised_per_sample"]))
+    print(
+        _util.table(
+            lin,
+            [
+                "n",
+                "t_matmul",
+                "t_matmul_same_width",
+                "t_closed_form_P",
+                "ratio_closed_form_P_vs_matmul",
+                "ratio_closed_form_P_vs_same_width_matmul",
+                "t_closed_form_total",
+                "t_materialised_per_sample",
+                "speedup_closed_form_vs_per_sample",
+                "mem_matmul",
+                "mem_closed_form_P",
+                "mem_materialised_per_sample",
+            ],
+        )
+    )
     mlp = [r for r in rows if r.get("case") == "mlp" and "error" not in r]
     for r in mlp:
         for key in ("mem_jvp", "mem_per_sample"):
             r[key] = r[key] / 2**20 if r[key] > 0 else r[key]
     print("\nMLP P stage (times in s, memory in MiB)")
-    print(_util.table(mlp, ["n", "params", "k", "t_jvp", "t_per_sample", "ratio_per_sample_over_jvp",
-                            "mem_jvp", "mem_per_sample"]))
+    print(
+        _util.table(
+            mlp,
+            [
+                "n",
+                "params",
+                "k",
+                "t_jvp",
+                "t_per_sample",
+                "ratio_per_sample_over_jvp",
+                "mem_jvp",
+                "mem_per_sample",
+            ],
+        )
+    )
     errs = [r for r in rows if "error" in r]
     for r in errs:
         print("FAILED", r)

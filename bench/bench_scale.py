@@ -50,17 +50,39 @@ def case(c: dict) -> dict:
     out = {**c, "platform": jax.devices()[0].platform, "num_params": int(theta.size)}
 
     # P stage
-    p1 = lambda: influence.influence_from_solutions(lf, params, U, x, y, method="jvp", chunk_size=256)  # noqa: E731
-    pD = lambda: influence.influence_from_solutions(lf, params, U, x, y, mesh=mesh, method="jvp",  # noqa: E731
-                                                      chunk_size=256)
-    out["P_max_rel_diff"] = float(np.max(np.abs(np.asarray(p1()) - pD())) / np.max(np.abs(np.asarray(p1()))))
+    p1 = lambda: influence.influence_from_solutions(
+        lf, params, U, x, y, method="jvp", chunk_size=256
+    )  # noqa: E731
+    pD = lambda: influence.influence_from_solutions(
+        lf,
+        params,
+        U,
+        x,
+        y,
+        mesh=mesh,
+        method="jvp",  # noqa: E731
+        chunk_size=256,
+    )
+    out["P_max_rel_diff"] = float(
+        np.max(np.abs(np.asarray(p1()) - pD())) / np.max(np.abs(np.asarray(p1())))
+    )
     out["P_single_s"] = _util.timeit(p1, repeats=3)
     out["P_sharded_s"] = _util.timeit(pD, repeats=3)
     # HVPs (the work inside every CG step), K right-hand sides at once
-    h1, _ = influence.make_hvp(lf, params, x, y, weight_decay=1e-3, batch_size=1024, curvature="gauss_newton",
-                               apply=apply)
-    hD, _ = influence.make_hvp(lf, params, x, y, mesh=mesh, weight_decay=1e-3, batch_size=1024,
-                                 curvature="gauss_newton", apply=apply)
+    h1, _ = influence.make_hvp(
+        lf, params, x, y, weight_decay=1e-3, batch_size=1024, curvature="gauss_newton", apply=apply
+    )
+    hD, _ = influence.make_hvp(
+        lf,
+        params,
+        x,
+        y,
+        mesh=mesh,
+        weight_decay=1e-3,
+        batch_size=1024,
+        curvature="gauss_newton",
+        apply=apply,
+    )
     b1, bD = jax.jit(jax.vmap(h1)), jax.jit(jax.vmap(hD))
     out["hvp_max_rel_diff"] = float(jnp.max(jnp.abs(b1(V) - bD(V))) / jnp.max(jnp.abs(b1(V))))
     out["hvp_single_s"] = _util.timeit(lambda: b1(V), repeats=3)
@@ -74,8 +96,10 @@ def case(c: dict) -> dict:
         xd, yd, wd = jnp.asarray(x), jnp.asarray(y), jnp.ones(N)
         if bs is None:
             a, b = e1(params, o, xd, yd, wd, 0)[0], eD(params, o, xd, yd, wd, 0)[0]
-            out[f"{name}_max_abs_diff"] = max(float(jnp.max(jnp.abs(u - v))) for u, v in
-                                              zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+            out[f"{name}_max_abs_diff"] = max(
+                float(jnp.max(jnp.abs(u - v)))
+                for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+            )
         out[f"{name}_single_s"] = _util.timeit(lambda: e1(params, o, xd, yd, wd, 0), repeats=3)
         out[f"{name}_sharded_s"] = _util.timeit(lambda: eD(params, o, xd, yd, wd, 0), repeats=3)
     for k in ("P", "hvp", "epoch_fullbatch", "epoch_minibatch"):
@@ -88,8 +112,14 @@ def _spawn(c: dict, force_cpu: bool) -> dict:
     if force_cpu:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={c['devices']}"
         env["JAX_PLATFORMS"] = "cpu"
-    p = subprocess.run([sys.executable, "-m", "bench.bench_scale", "--case", json.dumps(c)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=3600)
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.bench_scale", "--case", json.dumps(c)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     if p.returncode != 0 or not lines:
         return {**c, "error": (p.stderr or p.stdout)[-1500:]}
@@ -111,32 +141,81 @@ def main():
     for D in (1, 2, 4):
         r = _spawn({"devices": D, "N": N, "hidden": 256}, force_cpu=True)
         rows.append(r)
-        print(r if "error" in r else {k: r[k] for k in ("devices", "P_speedup", "hvp_speedup", "epoch_fullbatch_speedup")},
-              flush=True)
+        print(
+            r
+            if "error" in r
+            else {
+                k: r[k] for k in ("devices", "P_speedup", "hvp_speedup", "epoch_fullbatch_speedup")
+            },
+            flush=True,
+        )
     gpu = []
     if jax.default_backend() != "cpu":
         for D in sorted({1, jax.device_count()}):
             gpu.append(_spawn({"devices": D, "N": 10 * N, "hidden": 256}, force_cpu=False))
     mem = []
-    for n in ((2000, 20000) if a.quick else (2000, 20000, 100000)):
+    for n in (2000, 20000) if a.quick else (2000, 20000, 100000):
         out = _util.RESULTS / f"_mem_{n}.json"
         _util.RESULTS.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(ROOT / "tests" / "_memory_worker.py"), str(n), str(out)], check=True,
-                       cwd=ROOT, capture_output=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "_memory_worker.py"), str(n), str(out)],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+        )
         mem.append(json.loads(out.read_text()))
         out.unlink()
-    print("\nthroughput vs forced CPU devices (ratio single-device time / sharded time; 2 physical cores)")
-    print(_util.table([r for r in rows if "error" not in r],
-                      ["devices", "N", "P_max_rel_diff", "P_speedup", "hvp_max_rel_diff", "hvp_speedup",
-                       "epoch_fullbatch_max_abs_diff", "epoch_fullbatch_speedup", "epoch_minibatch_speedup"]))
+    print(
+        "\nthroughput vs forced CPU devices (ratio single-device time / sharded time; 2 physical "
+        "cores)"
+    )
+    print(
+        _util.table(
+            [r for r in rows if "error" not in r],
+            [
+                "devices",
+                "N",
+                "P_max_rel_diff",
+                "P_speedup",
+                "hvp_max_rel_diff",
+                "hvp_speedup",
+                "epoch_fullbatch_max_abs_diff",
+                "epoch_fullbatch_speedup",
+                "epoch_minibatch_speedup",
+            ],
+        )
+    )
     if gpu:
         print("\naccelerator")
-        print(_util.table(gpu, ["devices", "platform", "N", "P_speedup", "hvp_speedup", "epoch_fullbatch_speedup"]))
+        print(
+            _util.table(
+                gpu,
+                ["devices", "platform", "N", "P_speedup", "hvp_speedup", "epoch_fullbatch_speedup"],
+            )
+        )
     print("\npeak memory vs N (P stage through category_influence, MLP)")
-    print(_util.table(mem, ["N", "num_params", "rss_peak_MiB", "P_stage_temp_MiB", "solve_temp_MiB",
-                            "N_by_P_gradients_MiB"]))
-    path = _util.write("scale_quick" if a.quick else "scale", {
-        "machine": _util.machine(), "throughput_cpu_forced": rows, "throughput_accelerator": gpu, "memory": mem})
+    print(
+        _util.table(
+            mem,
+            [
+                "N",
+                "num_params",
+                "rss_peak_MiB",
+                "P_stage_temp_MiB",
+                "solve_temp_MiB",
+                "N_by_P_gradients_MiB",
+            ],
+        )
+    )
+    path = _util.write(
+        "scale_quick" if a.quick else "scale",
+        {
+            "machine": _util.machine(),
+            "throughput_cpu_forced": rows,
+            "throughput_accelerator": gpu,
+            "memory": mem,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -28,7 +28,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dataset", default="mnist5k")
     ap.add_argument("--population", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5, help="each timing is the best of this many runs")
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="each timing is the best of this many runs"
+    )
     a = ap.parse_args()
 
     def best_of(fn, n):
@@ -50,23 +52,35 @@ def main():
     loss_fn = models.per_sample_loss(apply)
     cfg = train.TrainConfig(epochs=10, batch_size=128, learning_rate=0.003, weight_decay=1e-3)
     st = train.train(loss_fn, params, noisy.x, noisy.y, cfg).state
-    prob = search.SearchProblem(loss_fn, apply, st, cfg, noisy.x, noisy.y, s.val.x, s.val.y,
-                                s.test.x, s.test.y, 10)
-    P = np.asarray(influence.linear_category_influence(st.params, noisy.x, noisy.y, s.val.x, s.val.y,
-                                                       num_classes=10, weight_decay=1e-3).P)
+    prob = search.SearchProblem(
+        loss_fn, apply, st, cfg, noisy.x, noisy.y, s.val.x, s.val.y, s.test.x, s.test.y, 10
+    )
+    P = np.asarray(
+        influence.linear_category_influence(
+            st.params, noisy.x, noisy.y, s.val.x, s.val.y, num_classes=10, weight_decay=1e-3
+        ).P
+    )
     rng = np.random.default_rng(0)
     M = a.population
     rows = {}
     fits = {}
-    for tag, batched, fused in (("fused", True, True), ("batched", True, False), ("sequential", False, False)):
+    for tag, batched, fused in (
+        ("fused", True, True),
+        ("batched", True, False),
+        ("sequential", False, False),
+    ):
         scfg = search.SearchConfig(population=M, batched=batched, fused=fused)
         ev = evaluation.Evaluator(prob)
         ref = np.asarray(ev.acc(st.params, ev.xv, ev.yv))
         popn = search.Population(ev, P, (3, 8), ref, scfg)
         warm = np.column_stack([rng.uniform(0.5, 1, (M, 10)), rng.uniform(0, 1, M)])
         popn.evaluate(warm)  # compile
-        genome = np.column_stack([np.random.default_rng(1).uniform(0.5, 1, (M, 10)),
-                                  np.random.default_rng(2).uniform(0, 1, M)])
+        genome = np.column_stack(
+            [
+                np.random.default_rng(1).uniform(0.5, 1, (M, 10)),
+                np.random.default_rng(2).uniform(0, 1, M),
+            ]
+        )
 
         def generation():
             popn.cache.clear()
@@ -78,25 +92,61 @@ def main():
             assert popn.fused and ev._gen, "the fused path did not run"
             continue
         # the two halves of a generation, timed on their own: program solves, then training
-        W = np.stack([popn.solutions[g.tobytes()].w if popn.solutions[g.tobytes()].w is not None
-                      else np.ones(len(P)) for g in genome])
-        rows[f"t_train_{tag}"], _ = best_of(lambda: _util.block(ev.train_many(W, batched)[0]), a.repeats)
+        W = np.stack(
+            [
+                popn.solutions[g.tobytes()].w
+                if popn.solutions[g.tobytes()].w is not None
+                else np.ones(len(P))
+                for g in genome
+            ]
+        )
+        rows[f"t_train_{tag}"], _ = best_of(
+            lambda: _util.block(ev.train_many(W, batched)[0]), a.repeats
+        )
         rows[f"t_programs_{tag}"], _ = best_of(lambda: popn.solve(genome), a.repeats)
-    same = all(all((x == y) or (np.isinf(x) and np.isinf(y)) for x, y in zip(fits["fused"], fits[t]))
-               for t in ("batched", "sequential"))
+    same = all(
+        all((x == y) or (np.isinf(x) and np.isinf(y)) for x, y in zip(fits["fused"], fits[t]))
+        for t in ("batched", "sequential")
+    )
     assert same, fits
-    out = {"dataset": ds, "n_train": int(len(noisy.y)), "population": M, **rows,
-           "speedup_fused": rows["t_sequential"] / rows["t_fused"],
-           "speedup": rows["t_sequential"] / rows["t_batched"],
-           "speedup_training": rows["t_train_sequential"] / rows["t_train_batched"],
-           "speedup_programs": rows["t_programs_sequential"] / rows["t_programs_batched"],
-           "identical_fitness": same,
-           "n_finite": int(np.isfinite(fits["fused"]).sum())}
-    print(_util.table([out], ["dataset", "n_train", "population", "t_fused", "t_batched", "t_sequential",
-                              "speedup_fused", "speedup", "t_train_batched", "t_train_sequential", "speedup_training",
-                              "t_programs_batched", "t_programs_sequential", "speedup_programs",
-                              "identical_fitness", "n_finite"]))
-    p = _util.write("search" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "result": out})
+    out = {
+        "dataset": ds,
+        "n_train": int(len(noisy.y)),
+        "population": M,
+        **rows,
+        "speedup_fused": rows["t_sequential"] / rows["t_fused"],
+        "speedup": rows["t_sequential"] / rows["t_batched"],
+        "speedup_training": rows["t_train_sequential"] / rows["t_train_batched"],
+        "speedup_programs": rows["t_programs_sequential"] / rows["t_programs_batched"],
+        "identical_fitness": same,
+        "n_finite": int(np.isfinite(fits["fused"]).sum()),
+    }
+    print(
+        _util.table(
+            [out],
+            [
+                "dataset",
+                "n_train",
+                "population",
+                "t_fused",
+                "t_batched",
+                "t_sequential",
+                "speedup_fused",
+                "speedup",
+                "t_train_batched",
+                "t_train_sequential",
+                "speedup_training",
+                "t_programs_batched",
+                "t_programs_sequential",
+                "speedup_programs",
+                "identical_fitness",
+                "n_finite",
+            ],
+        )
+    )
+    p = _util.write(
+        "search" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "result": out}
+    )
     print(f"wrote {p}")
 
 

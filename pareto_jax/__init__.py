@@ -11,7 +11,8 @@ you (`pareto_jax.cache.enable()`).
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("pareto-jax")
@@ -20,23 +21,61 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 # public name -> the submodule that defines it
 _NAMES = {
-    "InputError": "checks", "NumericalError": "checks",
+    "InputError": "checks",
+    "NumericalError": "checks",
     "Status": "results",
-    "InfluenceConfig": "config", "ReweightConfig": "config", "TrainConfig": "config",
-    "SearchConfig": "config", "RunConfig": "config",
+    "InfluenceConfig": "config",
+    "ReweightConfig": "config",
+    "TrainConfig": "config",
+    "SearchConfig": "config",
+    "RunConfig": "config",
     "Objective": "train",
-    "Influence": "influence", "InfluenceResult": "influence", "category_influence": "influence",
-    "influence_matrix": "influence", "linear_category_influence": "influence",
+    "Influence": "influence",
+    "InfluenceResult": "influence",
+    "category_influence": "influence",
+    "influence_matrix": "influence",
+    "linear_category_influence": "influence",
     "predict_class_loss_change": "influence",
-    "OutputLoss": "models", "functional": "models",
-    "CeilingResult": "pareto", "ReweightResult": "pareto", "ceiling_program": "pareto", "ceiling_test": "pareto",
-    "pareto_frontier": "pareto", "reweight": "pareto", "solve_reweighting": "pareto",
+    "OutputLoss": "models",
+    "functional": "models",
+    "CeilingResult": "pareto",
+    "ReweightResult": "pareto",
+    "ceiling_program": "pareto",
+    "ceiling_test": "pareto",
+    "pareto_frontier": "pareto",
+    "reweight": "pareto",
+    "solve_reweighting": "pareto",
     "solve_reweighting_batch": "pareto",
 }
 _SUBMODULES = {
-    "backend", "cache", "checks", "cli", "closed_form", "config", "data", "datasets", "distributed",
-    "evaluation", "experiments", "influence", "io", "kernels", "kfac", "linsolve", "models", "pareto",
-    "pipeline", "plots", "reproduce", "results", "search", "setup", "stats", "study", "text", "train",
+    "backend",
+    "cache",
+    "checks",
+    "cli",
+    "closed_form",
+    "config",
+    "data",
+    "datasets",
+    "distributed",
+    "evaluation",
+    "experiments",
+    "influence",
+    "io",
+    "kernels",
+    "kfac",
+    "linsolve",
+    "models",
+    "pareto",
+    "pipeline",
+    "plots",
+    "reproduce",
+    "results",
+    "search",
+    "setup",
+    "stats",
+    "study",
+    "text",
+    "train",
 }
 
 __all__ = [*_NAMES, "__version__"]

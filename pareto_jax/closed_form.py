@@ -44,9 +44,20 @@ def _linear_hessian(xc, yc, mc, Theta, weight_decay, K):
     return H
 
 
-def linear_influence(x_train, y_train, x_val, y_val, W, b, *, weight_decay: float,
-                     damping: float = NO_DAMPING, chunk_size: int = 4096,
-                     return_solutions: bool = False, weights=None):
+def linear_influence(
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    W,
+    b,
+    *,
+    weight_decay: float,
+    damping: float = NO_DAMPING,
+    chunk_size: int = 4096,
+    return_solutions: bool = False,
+    weights=None,
+):
     """Closed-form P for softmax regression logits = x·W + b (or a frozen-feature head).
 
     Per-sample gradient (p_i − e_{y_i}) ⊗ [x_i, 1]; Hessian (1/N) Σ_i (diag p_i − p_i p_iᵀ) ⊗
@@ -107,8 +118,8 @@ def linear_P_chunks(xc, yc, mc, Theta, U):
     K + K(K−1) columns suffice; the bias row is added after the matmul (no [x, 1] copy).
     """
     K = Theta.shape[1]
-    D = U[:, :, :-1] - U[:, :, -1:]                                      # (K, d+1, K−1)
-    Df = jnp.transpose(D, (1, 0, 2)).reshape(Theta.shape[0], -1)        # (d+1, K(K−1))
+    D = U[:, :, :-1] - U[:, :, -1:]  # (K, d+1, K−1)
+    Df = jnp.transpose(D, (1, 0, 2)).reshape(Theta.shape[0], -1)  # (d+1, K(K−1))
     M = jnp.concatenate([Theta, Df], 1)
 
     def chunk(b):

@@ -48,8 +48,13 @@ class Dataset:
         if not self.class_names:
             checks.fail("class_names", "an empty tuple", "one name per class", "pass class names")
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
-        y = checks.as_labels(self.y, f"{self.name}.y", num_classes=len(self.class_names),
-                              n=x.shape[0], x_name=f"{self.name}.x")
+        y = checks.as_labels(
+            self.y,
+            f"{self.name}.y",
+            num_classes=len(self.class_names),
+            n=x.shape[0],
+            x_name=f"{self.name}.x",
+        )
         object.__setattr__(self, "y", y)
 
     @property
@@ -95,8 +100,13 @@ class TextDataset:
 
     def __post_init__(self):
         object.__setattr__(self, "texts", tuple(self.texts))
-        y = checks.as_labels(self.y, f"{self.name}.y", num_classes=len(self.class_names),
-                              n=len(self.texts), x_name=f"{self.name}.texts")
+        y = checks.as_labels(
+            self.y,
+            f"{self.name}.y",
+            num_classes=len(self.class_names),
+            n=len(self.texts),
+            x_name=f"{self.name}.texts",
+        )
         object.__setattr__(self, "y", y)
 
     def __len__(self) -> int:
@@ -104,7 +114,9 @@ class TextDataset:
 
     def subset(self, idx) -> "TextDataset":
         idx = np.asarray(idx)
-        return TextDataset(tuple(self.texts[i] for i in idx), self.y[idx], self.class_names, self.name)
+        return TextDataset(
+            tuple(self.texts[i] for i in idx), self.y[idx], self.class_names, self.name
+        )
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -119,8 +131,12 @@ def stratified_indices(y: np.ndarray, fractions: Sequence[float], seed: int) -> 
     y = np.asarray(y)
     fr = np.asarray(fractions, dtype=np.float64)
     if fr.ndim != 1 or np.any(fr < 0) or not np.isclose(fr.sum(), 1.0):
-        checks.fail("fractions", repr(list(fractions)), "non-negative fractions summing to 1",
-                     "e.g. (0.6, 0.2, 0.2)")
+        checks.fail(
+            "fractions",
+            repr(list(fractions)),
+            "non-negative fractions summing to 1",
+            "e.g. (0.6, 0.2, 0.2)",
+        )
     parts: list[list[np.ndarray]] = [[] for _ in fr]
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
@@ -137,37 +153,53 @@ def stratified_indices(y: np.ndarray, fractions: Sequence[float], seed: int) -> 
                     counts[np.argmax(counts)] -= 1
         bounds = np.concatenate([[0], np.cumsum(counts)])
         for j in range(len(fr)):
-            parts[j].append(idx[bounds[j]: bounds[j + 1]])
+            parts[j].append(idx[bounds[j] : bounds[j + 1]])
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
-def stratified_split(ds: Dataset, *, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                     seed: int = 0) -> Splits:
+def stratified_split(
+    ds: Dataset, *, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0
+) -> Splits:
     """Seeded, stratified train/validation/test split of one dataset."""
     checks.check_in_range(val_fraction, "val_fraction", 0.0, 0.9)
     checks.check_in_range(test_fraction, "test_fraction", 0.0, 0.9)
     fr = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
     if fr[0] <= 0:
-        checks.fail("val_fraction + test_fraction", f"{val_fraction + test_fraction}", "< 1",
-                     "leave some data for training")
+        checks.fail(
+            "val_fraction + test_fraction",
+            f"{val_fraction + test_fraction}",
+            "< 1",
+            "leave some data for training",
+        )
     tr, va, te = stratified_indices(ds.y, fr, seed)
-    return Splits(ds.subset(tr, f"{ds.name}/train"), ds.subset(va, f"{ds.name}/val"),
-                  ds.subset(te, f"{ds.name}/test"))
+    return Splits(
+        ds.subset(tr, f"{ds.name}/train"),
+        ds.subset(va, f"{ds.name}/val"),
+        ds.subset(te, f"{ds.name}/test"),
+    )
 
 
-def split_off_validation(train: Dataset, test: Dataset, *, val_fraction: float = 0.2,
-                         seed: int = 0) -> Splits:
-    """For datasets shipped with a train/test split: carve a stratified validation set from train."""
+def split_off_validation(
+    train: Dataset, test: Dataset, *, val_fraction: float = 0.2, seed: int = 0
+) -> Splits:
+    """For datasets shipped with a train/test split: carve a stratified validation set from "
+    "train."""
     tr, va = stratified_indices(train.y, (1 - val_fraction, val_fraction), seed)
-    return Splits(train.subset(tr, f"{train.name}/train"), train.subset(va, f"{train.name}/val"),
-                  test)
+    return Splits(
+        train.subset(tr, f"{train.name}/train"), train.subset(va, f"{train.name}/val"), test
+    )
 
 
 # ----------------------------------------------------------------------------- synthetic 2-D
 
 
-def make_disks(kind: str = "separable", *, n_per_class: int = 200,
-               flipped_per_class: Sequence[int] = (16, 32), seed: int = 0) -> Dataset:
+def make_disks(
+    kind: str = "separable",
+    *,
+    n_per_class: int = 200,
+    flipped_per_class: Sequence[int] = (16, 32),
+    seed: int = 0,
+) -> Dataset:
     """Two uniform disks in 2-D (the synthetic experiment of docs/method.md).
 
     Args:
@@ -195,8 +227,12 @@ def make_disks(kind: str = "separable", *, n_per_class: int = 200,
     if kind == "separable":
         flips = list(flipped_per_class)
         if len(flips) != 2 or any(f < 0 or f > n_per_class for f in flips):
-            checks.fail("flipped_per_class", repr(flipped_per_class),
-                         f"two counts in [0, {n_per_class}]", "e.g. (16, 32)")
+            checks.fail(
+                "flipped_per_class",
+                repr(flipped_per_class),
+                f"two counts in [0, {n_per_class}]",
+                "e.g. (16, 32)",
+            )
         for c, f in enumerate(flips):
             idx = rng.choice(np.flatnonzero(ys[c] == c) + c * n_per_class, size=f, replace=False)
             y[idx] = 1 - c
@@ -207,12 +243,14 @@ def make_disks(kind: str = "separable", *, n_per_class: int = 200,
 
 
 def load_digits() -> Dataset:
-    """scikit-learn's bundled handwritten digits (1,797 8×8 images, 10 classes), pixels in [0, 1]."""
+    """scikit-learn's bundled handwritten digits (1,797 8×8 images, 10 classes), pixels in [0, "
+    "1]."""
     from sklearn.datasets import load_digits as _ld
 
     d = _ld()
-    return Dataset(d.data.astype(np.float32) / 16.0, d.target, tuple(str(i) for i in range(10)),
-                   "digits")
+    return Dataset(
+        d.data.astype(np.float32) / 16.0, d.target, tuple(str(i) for i in range(10)), "digits"
+    )
 
 
 def load_mnist5k() -> Dataset:
@@ -227,14 +265,28 @@ def load_mnist5k() -> Dataset:
 
 # ----------------------------------------------------------------------------- CIFAR-10 / STL-10
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck")
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 
 def _need_file(path: Path, what: str) -> Path:
     if not path.exists():
-        checks.fail("path", f"no file {path}", f"the {what}",
-                     "point the loader at the folder holding the dataset's standard files")
+        checks.fail(
+            "path",
+            f"no file {path}",
+            f"the {what}",
+            "point the loader at the folder holding the dataset's standard files",
+        )
     return path
 
 
@@ -248,8 +300,12 @@ def load_cifar10(path: str | os.PathLike, split: str = "train") -> Dataset:
     checks.check_choice(split, "split", ("train", "test"))
     root = Path(path)
     if not root.is_dir():
-        checks.fail("path", f"{root} (not a folder)", "the cifar-10-batches-py folder",
-                     "pass the folder that holds data_batch_1 ... test_batch")
+        checks.fail(
+            "path",
+            f"{root} (not a folder)",
+            "the cifar-10-batches-py folder",
+            "pass the folder that holds data_batch_1 ... test_batch",
+        )
     files = sorted(root.glob("data_batch_*")) if split == "train" else [root / "test_batch"]
     if not files or not files[0].exists():
         _need_file(root / ("data_batch_1" if split == "train" else "test_batch"), "CIFAR-10 batch")
@@ -271,7 +327,18 @@ def load_cifar10(path: str | os.PathLike, split: str = "train") -> Dataset:
     return Dataset(x, np.concatenate(ys), names, f"cifar10/{split}")
 
 
-STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+STL10_CLASSES = (
+    "airplane",
+    "bird",
+    "car",
+    "cat",
+    "deer",
+    "dog",
+    "horse",
+    "monkey",
+    "ship",
+    "truck",
+)
 
 
 def load_stl10(path: str | os.PathLike, split: str = "train") -> Dataset:
@@ -287,8 +354,12 @@ def load_stl10(path: str | os.PathLike, split: str = "train") -> Dataset:
     yb = _need_file(root / f"{split}_y.bin", "STL-10 label file")
     raw = np.fromfile(xb, dtype=np.uint8)
     if raw.size % (3 * 96 * 96):
-        checks.fail("path", f"{xb.name} of {raw.size} bytes", "a multiple of 3·96·96 bytes",
-                     "check that the file is an uncorrupted STL-10 binary")
+        checks.fail(
+            "path",
+            f"{xb.name} of {raw.size} bytes",
+            "a multiple of 3·96·96 bytes",
+            "check that the file is an uncorrupted STL-10 binary",
+        )
     # images are stored column-major per channel: (n, 3, 96, 96) with x and y swapped
     x = raw.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1).astype(np.float32) / 255.0
     y = np.fromfile(yb, dtype=np.uint8).astype(np.int64) - 1
@@ -316,12 +387,20 @@ def load_ag_news(path: str | os.PathLike) -> TextDataset:
             if row_no == 0 and not row[0].strip().lstrip("-").isdigit():
                 continue  # header
             if len(row) < 2:
-                checks.fail("path", f"row {row_no + 1} with {len(row)} column(s)",
-                             "label,title[,description]", "check the CSV format")
+                checks.fail(
+                    "path",
+                    f"row {row_no + 1} with {len(row)} column(s)",
+                    "label,title[,description]",
+                    "check the CSV format",
+                )
             lab = int(row[0])
             if not 1 <= lab <= 4:
-                checks.fail("path", f"label {lab} on row {row_no + 1}", "labels 1..4",
-                             "AG News labels are 1=World 2=Sports 3=Business 4=Sci/Tech")
+                checks.fail(
+                    "path",
+                    f"label {lab} on row {row_no + 1}",
+                    "labels 1..4",
+                    "AG News labels are 1=World 2=Sports 3=Business 4=Sci/Tech",
+                )
             texts.append(" ".join(s.replace("\\", " ").strip() for s in row[1:]))
             labels.append(lab - 1)
     return TextDataset(tuple(texts), np.array(labels), AG_NEWS_CLASSES, "ag_news")
@@ -336,8 +415,12 @@ def _emotion_label(lab: str, where: str) -> int:
     else:
         v = -1
     if not 0 <= v < len(EMOTION_CLASSES):
-        checks.fail("path", f"label {lab!r} at {where}",
-                     f"one of {list(EMOTION_CLASSES)} or 0..5", "check the Emotion file")
+        checks.fail(
+            "path",
+            f"label {lab!r} at {where}",
+            f"one of {list(EMOTION_CLASSES)} or 0..5",
+            "check the Emotion file",
+        )
     return v
 
 
@@ -351,12 +434,18 @@ def load_emotion(path: str | os.PathLike, split: str | None = None) -> TextDatas
     p = Path(path)
     if p.is_dir():
         checks.check_choice(split, "split", ("train", "val", "validation", "test"))
-        names = [split] + (["validation"] if split == "val" else ["val"] if split == "validation" else [])
+        names = [split] + (
+            ["validation"] if split == "val" else ["val"] if split == "validation" else []
+        )
         cands = [p / f"{n}.{ext}" for n in names for ext in ("txt", "csv", "jsonl")]
         found = [c for c in cands if c.exists()]
         if not found:
-            checks.fail("path", f"no {split} file in {p}", f"one of {[c.name for c in cands]}",
-                         "point at the folder holding the Emotion files")
+            checks.fail(
+                "path",
+                f"no {split} file in {p}",
+                f"one of {[c.name for c in cands]}",
+                "point at the folder holding the Emotion files",
+            )
         p = found[0]
     else:
         _need_file(p, "Emotion file")
@@ -368,10 +457,16 @@ def load_emotion(path: str | os.PathLike, split: str | None = None) -> TextDatas
                 if line.strip():
                     rec = json.loads(line)
                     texts.append(str(rec["text"]))
-                    labels.append(_emotion_label(str(rec.get("label", rec.get("label_name"))), f"line {n}"))
+                    labels.append(
+                        _emotion_label(str(rec.get("label", rec.get("label_name"))), f"line {n}")
+                    )
         elif suffix == ".csv":
             rows = list(csv.reader(fh))
-            start = 1 if rows and rows[0] and rows[0][-1].strip().lower() in ("label", "label_name") else 0
+            start = (
+                1
+                if rows and rows[0] and rows[0][-1].strip().lower() in ("label", "label_name")
+                else 0
+            )
             for n, row in enumerate(rows[start:], start + 1):
                 if row:
                     texts.append(",".join(row[:-1]))
@@ -383,8 +478,12 @@ def load_emotion(path: str | os.PathLike, split: str | None = None) -> TextDatas
                     continue
                 text, sep, lab = line.rpartition(";")
                 if not sep:
-                    checks.fail("path", f"line {n} without ';'", "`text;label` lines",
-                                 "use the standard Emotion format")
+                    checks.fail(
+                        "path",
+                        f"line {n} without ';'",
+                        "`text;label` lines",
+                        "use the standard Emotion format",
+                    )
                 if n == 1 and lab.strip().lower() in ("label", "label_name"):
                     continue
                 texts.append(text)
@@ -392,29 +491,50 @@ def load_emotion(path: str | os.PathLike, split: str | None = None) -> TextDatas
     return TextDataset(tuple(texts), np.array(labels), EMOTION_CLASSES, f"emotion/{p.stem}")
 
 
-def load_npz(path: str | os.PathLike, *, val_fraction: float = 0.2, test_fraction: float = 0.2,
-             seed: int = 0) -> Splits:
+def load_npz(
+    path: str | os.PathLike, *, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0
+) -> Splits:
     """Your own features from one ``.npz``: arrays ``x`` (n, ...) and integer ``y`` (n,), split
     stratified and seeded; or predefined splits ``x_train``, ``y_train``, ``x_val``, ``y_val``,
     ``x_test``, ``y_test``. Optional ``class_names`` (K strings; default "0".."K-1")."""
     p = Path(path)
     if not p.is_file():
-        checks.fail("path", str(p), "an existing .npz file", "pass --path FILE.npz (np.savez(FILE, x=..., y=...))")
+        checks.fail(
+            "path",
+            str(p),
+            "an existing .npz file",
+            "pass --path FILE.npz (np.savez(FILE, x=..., y=...))",
+        )
     with np.load(p, allow_pickle=False) as z:
         keys = set(z.files)
         split_keys = {f"{a}_{b}" for a in "xy" for b in ("train", "val", "test")}
         if not ({"x", "y"} <= keys or split_keys <= keys):
-            checks.fail("path", f"{p} with arrays {sorted(keys)}", "arrays x and y, or x_train, y_train, x_val, "
-                        "y_val, x_test, y_test", "save with np.savez(FILE, x=features, y=labels)")
+            checks.fail(
+                "path",
+                f"{p} with arrays {sorted(keys)}",
+                "arrays x and y, or x_train, y_train, x_val, y_val, x_test, y_test",
+                "save with np.savez(FILE, x=features, y=labels)",
+            )
         ys = [z[k] for k in (("y",) if "y" in keys else ("y_train", "y_val", "y_test"))]
         K = int(max(int(np.max(y)) for y in ys)) + 1
-        names = tuple(str(c) for c in z["class_names"]) if "class_names" in keys else tuple(str(k) for k in range(K))
+        names = (
+            tuple(str(c) for c in z["class_names"])
+            if "class_names" in keys
+            else tuple(str(k) for k in range(K))
+        )
         name = p.stem
         if split_keys <= keys:
-            d = {b: Dataset(z[f"x_{b}"], z[f"y_{b}"], names, f"{name}/{b}") for b in ("train", "val", "test")}
+            d = {
+                b: Dataset(z[f"x_{b}"], z[f"y_{b}"], names, f"{name}/{b}")
+                for b in ("train", "val", "test")
+            }
             return Splits(d["train"], d["val"], d["test"])
-        return stratified_split(Dataset(z["x"], z["y"], names, name), val_fraction=val_fraction,
-                                test_fraction=test_fraction, seed=seed)
+        return stratified_split(
+            Dataset(z["x"], z["y"], names, name),
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+        )
 
 
 def shared_data_dir() -> Path:
@@ -435,8 +555,9 @@ def shared_data_dir() -> Path:
 # ----------------------------------------------------------------------------- registry
 
 
-def inject_label_noise(ds: Dataset, classes: Sequence[int], fraction: float, *,
-                       seed: int = 0) -> tuple[Dataset, np.ndarray]:
+def inject_label_noise(
+    ds: Dataset, classes: Sequence[int], fraction: float, *, seed: int = 0
+) -> tuple[Dataset, np.ndarray]:
     """Flip `fraction` of the samples of each class in `classes` to a uniformly random other class.
 
     Used to make chosen classes deliberately weak (their decision regions shrink). Apply it to

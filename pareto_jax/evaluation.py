@@ -57,14 +57,22 @@ class SearchProblem:
     def __post_init__(self):
         for n in ("train", "val", "test"):
             x = checks.as_features(getattr(self, f"x_{n}"), f"x_{n}")
-            y = checks.as_labels(getattr(self, f"y_{n}"), f"y_{n}", num_classes=self.num_classes,
-                                  n=x.shape[0], x_name=f"x_{n}")
+            y = checks.as_labels(
+                getattr(self, f"y_{n}"),
+                f"y_{n}",
+                num_classes=self.num_classes,
+                n=x.shape[0],
+                x_name=f"x_{n}",
+            )
             object.__setattr__(self, f"x_{n}", x)
             object.__setattr__(self, f"y_{n}", y)
         checks.check_all_classes_present(self.y_val, self.num_classes, "y_val")
         if self.base_weights is not None:
-            object.__setattr__(self, "base_weights",
-                               checks.as_weights(self.base_weights, self.x_train.shape[0], "base_weights"))
+            object.__setattr__(
+                self,
+                "base_weights",
+                checks.as_weights(self.base_weights, self.x_train.shape[0], "base_weights"),
+            )
 
     @property
     def objective(self) -> train.Objective:
@@ -75,17 +83,24 @@ class SearchProblem:
 @functools.lru_cache(maxsize=16)
 def _hits_fn(apply, K):
     """Per-class correct counts (int32, (K,)) of `apply` on (x, y): pure, jittable."""
+
     def hits(params, x, y):
-        correct = (jnp.argmax(apply(params, x), -1) == y)
-        return jnp.sum(jax.nn.one_hot(y, K, dtype=jnp.int32) * correct[:, None].astype(jnp.int32), 0)
+        correct = jnp.argmax(apply(params, x), -1) == y
+        return jnp.sum(
+            jax.nn.one_hot(y, K, dtype=jnp.int32) * correct[:, None].astype(jnp.int32), 0
+        )
+
     return hits
 
 
 @functools.lru_cache(maxsize=16)
 def _correct_fn(apply):
     """Per-sample correctness (bool, (M, n)) of a stacked population of params: jitted."""
-    return jax.jit(jax.vmap(lambda params, x, y: jnp.argmax(apply(params, x), -1) == y,
-                            in_axes=(0, None, None)))
+    return jax.jit(
+        jax.vmap(
+            lambda params, x, y: jnp.argmax(apply(params, x), -1) == y, in_axes=(0, None, None)
+        )
+    )
 
 
 def _acc_fn(apply, K):
@@ -109,16 +124,21 @@ def _acc_fn(apply, K):
 class Evaluator:
     """Jitted one-epoch training and per-class accuracy, single and batched over weights."""
 
-    def __init__(self, problem: SearchProblem, retrain: str = "epoch", max_iter: int = 500,
-                 mesh=None):
+    def __init__(
+        self, problem: SearchProblem, retrain: str = "epoch", max_iter: int = 500, mesh=None
+    ):
         self.p = problem
         self.mesh = mesh
         self.retrain = retrain
         n = problem.x_train.shape[0]
         self.epoch = train.make_epoch_fn(problem.loss_fn, problem.train_config, n)
-        self.epoch_batch = train.make_epoch_fn(problem.loss_fn, problem.train_config, n, population=True)
+        self.epoch_batch = train.make_epoch_fn(
+            problem.loss_fn, problem.train_config, n, population=True
+        )
         # "converge": the fixed-N objective, under which the first-order guarantees hold
-        fit = train.lbfgs_fit_fn(dataclasses.replace(problem.objective, normalizer="n"), int(max_iter), 1e-6)
+        fit = train.lbfgs_fit_fn(
+            dataclasses.replace(problem.objective, normalizer="n"), int(max_iter), 1e-6
+        )
         self.fit = fit
         # L-BFGS iteration counts differ across members: lock-step vmap pays for the slowest,
         # so on CPU the population is looped inside one compiled program instead
@@ -151,18 +171,33 @@ class Evaluator:
         params as `train_many`'s.
         """
         n = self.x.shape[0]
-        base = np.ones(n) if self.p.base_weights is None else np.asarray(self.p.base_weights, np.float64)
+        base = (
+            np.ones(n)
+            if self.p.base_weights is None
+            else np.asarray(self.p.base_weights, np.float64)
+        )
         s = self.p.state
         with jax.enable_x64(True):
             args, static = batch.device_args()
             key = tuple(sorted(static.items()))
             if key not in self._gen:
                 self._gen[key] = _generation_fn(self, **static)
-            sol, params, hits = self._gen[key](*args, jnp.asarray(base), s.params, s.opt_state, self.x, self.y,
-                                               self.xv, self.yv, s.epoch)
+            sol, params, hits = self._gen[key](
+                *args,
+                jnp.asarray(base),
+                s.params,
+                s.opt_state,
+                self.x,
+                self.y,
+                self.xv,
+                self.yv,
+                s.epoch,
+            )
             sol = jax.tree_util.tree_map(np.asarray, sol)
         counts = np.maximum(np.bincount(np.asarray(self.yv), minlength=self.p.num_classes), 1)
-        return pareto.read(batch, sol._replace(w=sol.w[:, :n])), np.asarray(hits, np.float64) / counts
+        return pareto.read(batch, sol._replace(w=sol.w[:, :n])), np.asarray(
+            hits, np.float64
+        ) / counts
 
     def train_one(self, w):
         return self._train(self._scaled(w))
@@ -172,7 +207,9 @@ class Evaluator:
         if self.retrain == "converge":
             p, _, _ = self.fit(s.params, self.x, self.y, jnp.asarray(w, self.dt))
             return p, s.opt_state
-        p, o, _ = self.epoch(s.params, s.opt_state, self.x, self.y, jnp.asarray(w, self.dt), s.epoch)
+        p, o, _ = self.epoch(
+            s.params, s.opt_state, self.x, self.y, jnp.asarray(w, self.dt), s.epoch
+        )
         return p, o
 
     def train_many(self, W, batched: bool):
@@ -183,14 +220,22 @@ class Evaluator:
             from . import distributed
 
             Wd, npop = distributed.shard_population(self.mesh, np.asarray(W, self.dt))
-            params, opt_state, x, y = distributed.replicate(self.mesh, (s.params, s.opt_state, self.x, self.y))
+            params, opt_state, x, y = distributed.replicate(
+                self.mesh, (s.params, s.opt_state, self.x, self.y)
+            )
             if self.retrain == "converge":
                 p, _, _ = self.fit_batch(params, x, y, Wd)
                 o = None
             else:
                 M = Wd.shape[0]
-                p, o, _ = self.epoch_batch(train.broadcast_population(params, M),
-                                           train.broadcast_population(opt_state, M), x, y, Wd, s.epoch)
+                p, o, _ = self.epoch_batch(
+                    train.broadcast_population(params, M),
+                    train.broadcast_population(opt_state, M),
+                    x,
+                    y,
+                    Wd,
+                    s.epoch,
+                )
             cut = lambda t: None if t is None else jax.tree_util.tree_map(lambda a: a[:npop], t)  # noqa: E731
             return cut(p), cut(o)
         if batched and self.retrain == "converge":
@@ -198,9 +243,14 @@ class Evaluator:
             return p, None
         if batched:
             M = W.shape[0]
-            p, o, _ = self.epoch_batch(train.broadcast_population(s.params, M),
-                                       train.broadcast_population(s.opt_state, M), self.x, self.y,
-                                       jnp.asarray(W, self.dt), s.epoch)
+            p, o, _ = self.epoch_batch(
+                train.broadcast_population(s.params, M),
+                train.broadcast_population(s.opt_state, M),
+                self.x,
+                self.y,
+                jnp.asarray(W, self.dt),
+                s.epoch,
+            )
             return p, o
         outs = [self._train(w) for w in W]
         return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[o[0] for o in outs]), None
@@ -216,8 +266,14 @@ class Evaluator:
         if batched:
             return np.asarray(self.acc_batch(params_batch, x, y), np.float64)
         n = jax.tree_util.tree_leaves(params_batch)[0].shape[0]
-        return np.stack([np.asarray(self.acc(jax.tree_util.tree_map(lambda a: a[i], params_batch), x, y),
-                                    np.float64) for i in range(n)])
+        return np.stack(
+            [
+                np.asarray(
+                    self.acc(jax.tree_util.tree_map(lambda a: a[i], params_batch), x, y), np.float64
+                )
+                for i in range(n)
+            ]
+        )
 
 
 def _generation_fn(ev: "Evaluator", *, has_budget: bool, qp: bool, rtol: float):
@@ -228,14 +284,23 @@ def _generation_fn(ev: "Evaluator", *, has_budget: bool, qp: bool, rtol: float):
     hits = _hits_fn(ev.p.apply, ev.p.num_classes)
     dt = ev.dt
 
-    def gen(P, C, B, LO, HI, budget, mu, n_valid, base, params, opt_state, x, y, xv, yv, epoch_index):
-        sol = pareto.program.solve_rows(P, C, B, LO, HI, budget, mu, n_valid, has_budget=has_budget, qp=qp,
-                                        rtol=rtol)
+    def gen(
+        P, C, B, LO, HI, budget, mu, n_valid, base, params, opt_state, x, y, xv, yv, epoch_index
+    ):
+        sol = pareto.program.solve_rows(
+            P, C, B, LO, HI, budget, mu, n_valid, has_budget=has_budget, qp=qp, rtol=rtol
+        )
         W = jnp.where((sol.status == 0)[:, None], sol.w[:, :n], 1.0) * base
         M = C.shape[0]
         p, _, _ = jax.vmap(fns.body, in_axes=(0, 0, None, None, 0, None, None))(
-            train.broadcast_population(params, M), train.broadcast_population(opt_state, M), x, y,
-            W.astype(dt), None, epoch_index)
+            train.broadcast_population(params, M),
+            train.broadcast_population(opt_state, M),
+            x,
+            y,
+            W.astype(dt),
+            None,
+            epoch_index,
+        )
         return sol, p, jax.vmap(hits, in_axes=(0, None, None))(p, xv, yv)
 
     return jax.jit(gen)
@@ -256,12 +321,19 @@ def fitness(delta, targets: Sequence[int]) -> tuple[float, float]:
     if np.any(delta[t] <= 0):
         return NEG_INF, float(np.mean(delta[t]))
     others = delta[~t]
-    return (float(np.mean(np.minimum(others, 0.0))) if others.size else 0.0), float(np.mean(delta[t]))
+    return (float(np.mean(np.minimum(others, 0.0))) if others.size else 0.0), float(
+        np.mean(delta[t])
+    )
 
 
-def baseline_weights(P, y_train, targets: Sequence[int], num_classes: int,
-                     config: BaselineConfig = BaselineConfig(),
-                     reweight: ReweightConfig = ReweightConfig()) -> dict[str, np.ndarray]:
+def baseline_weights(
+    P,
+    y_train,
+    targets: Sequence[int],
+    num_classes: int,
+    config: BaselineConfig = BaselineConfig(),
+    reweight: ReweightConfig = ReweightConfig(),
+) -> dict[str, np.ndarray]:
     """The baselines of ``docs/method.md`` as weight vectors (each then gets one weighted epoch).
 
     * unweighted: w = 1 (the ordinary epoch e+1);
@@ -275,8 +347,11 @@ def baseline_weights(P, y_train, targets: Sequence[int], num_classes: int,
     y = np.asarray(y_train)
     counts = np.bincount(y, minlength=num_classes).astype(np.float64)
     cb = 1.0 / counts[y]
-    out = {"unweighted": np.ones(n), "class_balanced": cb * n / cb.sum(),
-           "trim_negative": (P.sum(1) >= 0).astype(np.float64)}
+    out = {
+        "unweighted": np.ones(n),
+        "class_balanced": cb * n / cb.sum(),
+        "trim_negative": (P.sum(1) >= 0).astype(np.float64),
+    }
     score = P[:, list(targets)].sum(1)
     k = max(1, int(round(config.topk_fraction * n)))
     w = np.ones(n)
@@ -288,9 +363,16 @@ def baseline_weights(P, y_train, targets: Sequence[int], num_classes: int,
     return out
 
 
-def evaluate_weightings(problem: SearchProblem, weightings: dict[str, np.ndarray], ref_params,
-                        *, batched: bool = True, retrain: str = "epoch",
-                        max_iter: int = 500, mesh=None) -> dict[str, dict]:
+def evaluate_weightings(
+    problem: SearchProblem,
+    weightings: dict[str, np.ndarray],
+    ref_params,
+    *,
+    batched: bool = True,
+    retrain: str = "epoch",
+    max_iter: int = 500,
+    mesh=None,
+) -> dict[str, dict]:
     """Retrain from θ^e per weighting (as the search does); per-class val/test accuracy and Δ,
     and which test samples each retrained model gets right ("test_correct")."""
     ev = Evaluator(problem, retrain, max_iter, mesh)
@@ -302,18 +384,33 @@ def evaluate_weightings(problem: SearchProblem, weightings: dict[str, np.ndarray
     ok = ev.correct(params, "test")
     rv = np.asarray(ev.acc(ref_params, ev.xv, ev.yv), np.float64)
     rt = np.asarray(ev.acc(ref_params, ev.xt, ev.yt), np.float64)
-    return {n: {"val_acc": va[i], "test_acc": te[i], "delta_val": relative_change(va[i], rv),
-                "delta_test": relative_change(te[i], rt), "test_correct": ok[i]}
-            for i, n in enumerate(names)}
+    return {
+        n: {
+            "val_acc": va[i],
+            "test_acc": te[i],
+            "delta_val": relative_change(va[i], rv),
+            "delta_test": relative_change(te[i], rt),
+            "test_correct": ok[i],
+        }
+        for i, n in enumerate(names)
+    }
 
 
 MATCH_STEPS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.15, 0.1, 0.06, 0.03, 0.015)
 
 
-def harm_matched_baselines(problem: SearchProblem, weightings: dict[str, np.ndarray], ref_params,
-                           targets: Sequence[int], *, steps: Sequence[float] = MATCH_STEPS,
-                           batched: bool = True, retrain: str = "epoch", max_iter: int = 500,
-                           mesh=None) -> dict[str, dict]:
+def harm_matched_baselines(
+    problem: SearchProblem,
+    weightings: dict[str, np.ndarray],
+    ref_params,
+    targets: Sequence[int],
+    *,
+    steps: Sequence[float] = MATCH_STEPS,
+    batched: bool = True,
+    retrain: str = "epoch",
+    max_iter: int = 500,
+    mesh=None,
+) -> dict[str, dict]:
     """Each baseline given the search's own selection rule on validation.
 
     A baseline's weights w are scaled toward the trained weighting, w_t = 1 + t·(w − 1), for
@@ -328,15 +425,22 @@ def harm_matched_baselines(problem: SearchProblem, weightings: dict[str, np.ndar
     names = [n for n in weightings if n != "unweighted"]
     steps = [float(t) for t in steps]
     if not names or not steps or min(steps) <= 0 or max(steps) > 1:
-        checks.fail("steps", repr(steps), "values in (0, 1] and at least one baseline", "keep the default")
-    scaled = {(n, t): 1.0 + t * (np.asarray(weightings[n], np.float64) - 1.0) for n in names for t in steps}
-    got = evaluate_weightings(problem, scaled, ref_params, batched=batched, retrain=retrain,
-                              max_iter=max_iter, mesh=mesh)
+        checks.fail(
+            "steps", repr(steps), "values in (0, 1] and at least one baseline", "keep the default"
+        )
+    scaled = {
+        (n, t): 1.0 + t * (np.asarray(weightings[n], np.float64) - 1.0)
+        for n in names
+        for t in steps
+    }
+    got = evaluate_weightings(
+        problem, scaled, ref_params, batched=batched, retrain=retrain, max_iter=max_iter, mesh=mesh
+    )
     out = {}
     for n in names:
         scored = [(fitness(got[n, t]["delta_val"], targets), t) for t in steps]
-        (f, _), t = max(scored, key=lambda s: (s[0][0], s[0][1] if np.isfinite(s[0][1]) else NEG_INF))
+        (f, _), t = max(
+            scored, key=lambda s: (s[0][0], s[0][1] if np.isfinite(s[0][1]) else NEG_INF)
+        )
         out[n] = {"t": t, "fitness": f, **got[n, t]}
     return out
-
-

@@ -19,7 +19,9 @@ from .config import ImproveConfig, InfluenceConfig, SearchConfig
 from .setup import build_model, load_data
 
 
-def influence_at(objective: train.Objective, apply, params, splits, K, model_kind, config=None, features=None):
+def influence_at(
+    objective: train.Objective, apply, params, splits, K, model_kind, config=None, features=None
+):
     """P of the experiments at `params` for the training `objective`: closed form (undamped) for
     a linear model; for a deep one, `config` (an `InfluenceConfig`, default Gauss-Newton CG with
     the automatic damping) or "last_layer" (the head alone, in closed form on the penultimate
@@ -28,14 +30,31 @@ def influence_at(objective: train.Objective, apply, params, splits, K, model_kin
     if config == "last_layer":
         # the head alone, on the network's penultimate activations held fixed: closed form
         f = [models.frozen_features(features, params, x) for x in (splits.train.x, splits.val.x)]
-        return influence.linear_category_influence(params, f[0], splits.train.y, f[1], splits.val.y,
-                                                   num_classes=K, weight_decay=wd)
+        return influence.linear_category_influence(
+            params, f[0], splits.train.y, f[1], splits.val.y, num_classes=K, weight_decay=wd
+        )
     if model_kind == "linear":
-        return influence.linear_category_influence(params, splits.train.x, splits.train.y,
-                                                   splits.val.x, splits.val.y, num_classes=K, weight_decay=wd)
+        return influence.linear_category_influence(
+            params,
+            splits.train.x,
+            splits.train.y,
+            splits.val.x,
+            splits.val.y,
+            num_classes=K,
+            weight_decay=wd,
+        )
     cfg = config or InfluenceConfig(curvature="gauss_newton")
-    return influence.category_influence(objective, params, splits.train.x, splits.train.y,
-                                        splits.val.x, splits.val.y, num_classes=K, config=cfg, apply=apply)
+    return influence.category_influence(
+        objective,
+        params,
+        splits.train.x,
+        splits.train.y,
+        splits.val.x,
+        splits.val.y,
+        num_classes=K,
+        config=cfg,
+        apply=apply,
+    )
 
 
 def bits(correct) -> str:
@@ -44,48 +63,77 @@ def bits(correct) -> str:
 
 
 def _search_block(res, baselines, class_names, targets, matched=None) -> dict:
-    rows = {"search (PARETO-LP-GA)": {"val_acc": res.val_acc, "test_acc": res.test_acc,
-                                      "delta_val": res.delta_val, "delta_test": res.delta_test,
-                                      "test_correct": res.test_correct}}
+    rows = {
+        "search (PARETO-LP-GA)": {
+            "val_acc": res.val_acc,
+            "test_acc": res.test_acc,
+            "delta_val": res.delta_val,
+            "delta_test": res.delta_test,
+            "test_correct": res.test_correct,
+        }
+    }
     rows.update(baselines)
     rows.update({f"{n}, val-matched": r for n, r in (matched or {}).items()})
     t = list(targets)
-    summary = {name: _improve_row(r["val_acc"], r["test_acc"], r["delta_val"], res.ref_test, t)
-               for name, r in rows.items()}
-    return {"targets": t, "target_names": [class_names[i] for i in t],
-            "ref_val": res.ref_val.tolist(), "ref_test": res.ref_test.tolist(),
-            "best_alpha": res.best.alpha.tolist(), "best_rho": res.best.rho,
-            "best_genome": res.best.genome.tolist(),
-            "best_fitness": res.best.fitness,
-            "found": res.found, "program": res.program, "history": list(res.history),
-            "matched_t": {n: r["t"] for n, r in (matched or {}).items()},
-            "rows": summary,
-            # per test sample, right (1) or wrong (0): the paired tests of `study` use these
-            "test_correct": {name: bits(r["test_correct"]) for name, r in rows.items()
-                             if r.get("test_correct") is not None}}
+    summary = {
+        name: _improve_row(r["val_acc"], r["test_acc"], r["delta_val"], res.ref_test, t)
+        for name, r in rows.items()
+    }
+    return {
+        "targets": t,
+        "target_names": [class_names[i] for i in t],
+        "ref_val": res.ref_val.tolist(),
+        "ref_test": res.ref_test.tolist(),
+        "best_alpha": res.best.alpha.tolist(),
+        "best_rho": res.best.rho,
+        "best_genome": res.best.genome.tolist(),
+        "best_fitness": res.best.fitness,
+        "found": res.found,
+        "program": res.program,
+        "history": list(res.history),
+        "matched_t": {n: r["t"] for n, r in (matched or {}).items()},
+        "rows": summary,
+        # per test sample, right (1) or wrong (0): the paired tests of `study` use these
+        "test_correct": {
+            name: bits(r["test_correct"])
+            for name, r in rows.items()
+            if r.get("test_correct") is not None
+        },
+    }
 
 
 def _improve_row(val_acc, test_acc, delta_val, ref_test, targets: list) -> dict:
     """One method's row of an improvement table: test-point changes and validation Δ."""
     dt_pts = 100 * (np.asarray(test_acc) - np.asarray(ref_test))
     others = np.delete(dt_pts, targets)
-    return {"target_test_points": dt_pts[targets].tolist(),
-            "min_target_test_points": float(dt_pts[targets].min()),
-            "worst_other_test_points": float(others.min()) if others.size else 0.0,
-            "target_val_delta_pct": np.asarray(delta_val)[targets].tolist(),
-            "val_acc": np.asarray(val_acc).tolist(), "test_acc": np.asarray(test_acc).tolist()}
+    return {
+        "target_test_points": dt_pts[targets].tolist(),
+        "min_target_test_points": float(dt_pts[targets].min()),
+        "worst_other_test_points": float(others.min()) if others.size else 0.0,
+        "target_val_delta_pct": np.asarray(delta_val)[targets].tolist(),
+        "val_acc": np.asarray(val_acc).tolist(),
+        "test_acc": np.asarray(test_acc).tolist(),
+    }
 
 
 def format_improve_table(block: dict, class_names) -> str:
     t = block["targets"]
-    w = max([len("method"), *(len(str(n)) for n in block["rows"])])  # the longest method name sets the column
+    w = max(
+        [len("method"), *(len(str(n)) for n in block["rows"])]
+    )  # the longest method name sets the column
     cw = max([7, *(len(str(class_names[i])) for i in t)])
-    lines = [f"targets: {', '.join(block['target_names'])}   (test accuracy change, points)",
-             f"{'method':{w}s} " + " ".join(f"{class_names[i]:>{cw}s}" for i in t)
-             + f" {'worst other':>12s}"]
+    lines = [
+        f"targets: {', '.join(block['target_names'])}   (test accuracy change, points)",
+        f"{'method':{w}s} "
+        + " ".join(f"{class_names[i]:>{cw}s}" for i in t)
+        + f" {'worst other':>12s}",
+    ]
     for name, r in block["rows"].items():
-        lines.append(f"{name:{w}s} " + " ".join(f"{v:+{cw}.2f}" for v in r["target_test_points"])
-                     + f" {r['worst_other_test_points']:+12.2f}")
+        lines.append(
+            f"{name:{w}s} "
+            + " ".join(f"{v:+{cw}.2f}" for v in r["target_test_points"])
+            + f" {r['worst_other_test_points']:+12.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -108,12 +156,31 @@ class _Setting(NamedTuple):
 
     def problem_at(self, st, train_config) -> evaluation.SearchProblem:
         s = self.splits
-        return evaluation.SearchProblem(self.loss_fn, self.apply, st, train_config, s.train.x, s.train.y,
-                                        s.val.x, s.val.y, s.test.x, s.test.y, self.num_classes)
+        return evaluation.SearchProblem(
+            self.loss_fn,
+            self.apply,
+            st,
+            train_config,
+            s.train.x,
+            s.train.y,
+            s.val.x,
+            s.val.y,
+            s.test.x,
+            s.test.y,
+            self.num_classes,
+        )
 
     def influence_at(self, params, config: ImproveConfig):
-        return influence_at(self.objective, self.apply, params, self.splits, self.num_classes, config.model.kind,
-                            config.influence, self.features)
+        return influence_at(
+            self.objective,
+            self.apply,
+            params,
+            self.splits,
+            self.num_classes,
+            config.model.kind,
+            config.influence,
+            self.features,
+        )
 
 
 def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
@@ -121,8 +188,9 @@ def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
     splits = load_data(config.data)
     flipped = np.zeros(0, int)
     if config.noise_fraction > 0 and config.noise_classes:
-        noisy, flipped = data.inject_label_noise(splits.train, config.noise_classes, config.noise_fraction,
-                                                 seed=config.data.seed)
+        noisy, flipped = data.inject_label_noise(
+            splits.train, config.noise_classes, config.noise_fraction, seed=config.data.seed
+        )
         splits = data.Splits(noisy, splits.val, splits.test)
     apply, params, features = build_model(config.model, splits, with_features=True)
     loss_fn = models.per_sample_loss(apply)
@@ -131,17 +199,35 @@ def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
     state = train.init_state(params, tc)
     states = [state]
     for _ in range(tc.epochs):
-        state = train.train(loss_fn, None, splits.train.x, splits.train.y, tc, state=state, epochs=1,
-                            epoch_fn=ep_fn).state
+        state = train.train(
+            loss_fn, None, splits.train.x, splits.train.y, tc, state=state, epochs=1, epoch_fn=ep_fn
+        ).state
         states.append(state)
-    noise = (f" ({flipped.size} labels flipped in classes {list(config.noise_classes)})" if flipped.size
-             else " (labels as given)")
-    print(f"{splits.train.name}: {len(splits.train)} train{noise}, {len(splits.val)} val, "
-          f"{len(splits.test)} test", file=out)
-    report = {"config": io.to_jsonable(config), "n_flipped": int(flipped.size),
-              "class_names": list(splits.class_names), "y_test": splits.test.y.tolist()}
-    return _Setting(splits, apply, loss_fn, states, splits.num_classes, train.Objective.of(loss_fn, tc),
-                    features), report
+    noise = (
+        f" ({flipped.size} labels flipped in classes {list(config.noise_classes)})"
+        if flipped.size
+        else " (labels as given)"
+    )
+    print(
+        f"{splits.train.name}: {len(splits.train)} train{noise}, {len(splits.val)} val, "
+        f"{len(splits.test)} test",
+        file=out,
+    )
+    report = {
+        "config": io.to_jsonable(config),
+        "n_flipped": int(flipped.size),
+        "class_names": list(splits.class_names),
+        "y_test": splits.test.y.tolist(),
+    }
+    return _Setting(
+        splits,
+        apply,
+        loss_fn,
+        states,
+        splits.num_classes,
+        train.Objective.of(loss_fn, tc),
+        features,
+    ), report
 
 
 def _direct(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> dict:
@@ -151,15 +237,20 @@ def _direct(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> 
     e = config.epoch if config.epoch is not None else tc.epochs
     st_e = setting.states[e]
     if scfg.retrain == "converge":
-        th, _, _ = train.fit_lbfgs(setting.refit, st_e.params, s.train.x, s.train.y,
-                                   max_iter=scfg.retrain_max_iter)
+        th, _, _ = train.fit_lbfgs(
+            setting.refit, st_e.params, s.train.x, s.train.y, max_iter=scfg.retrain_max_iter
+        )
         st_e = train.TrainState(th, st_e.opt_state, st_e.epoch)
     inf_e = setting.influence_at(st_e.params, config)
     acc_e = train.evaluate(setting.apply, st_e.params, s.val.x, s.val.y, K).accuracy
-    targets = config.targets or tuple(int(i) for i in np.argsort(acc_e, kind="stable")[:config.n_targets])
+    targets = config.targets or tuple(
+        int(i) for i in np.argsort(acc_e, kind="stable")[: config.n_targets]
+    )
     prob = setting.problem_at(st_e, tc)
     res = search.run_search(prob, inf_e.P, targets, mode="direct", config=scfg, progress=progress)
-    block = _with_baselines(res, prob, inf_e.P, st_e.params, targets, setting, config, scfg, scfg.retrain)
+    block = _with_baselines(
+        res, prob, inf_e.P, st_e.params, targets, setting, config, scfg, scfg.retrain
+    )
     block["epoch"] = e
     if config.rounds > 1:
         _iterate_direct(block, res, config, scfg, st_e, setting, targets, progress, out)
@@ -171,11 +262,19 @@ def _direct(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> 
 def _with_baselines(res, prob, P, ref, targets, setting, config, scfg, retrain) -> dict:
     """The search's result beside the baselines (raw and, if asked, val-matched)."""
     K = setting.num_classes
-    bw = evaluation.baseline_weights(P, setting.splits.train.y, targets, K, scfg.baselines, scfg.reweight)
-    base = evaluation.evaluate_weightings(prob, bw, ref, retrain=retrain, max_iter=scfg.retrain_max_iter)
-    matched = (evaluation.harm_matched_baselines(prob, bw, ref, targets, retrain=retrain,
-                                                 max_iter=scfg.retrain_max_iter)
-               if config.matched_baselines else {})
+    bw = evaluation.baseline_weights(
+        P, setting.splits.train.y, targets, K, scfg.baselines, scfg.reweight
+    )
+    base = evaluation.evaluate_weightings(
+        prob, bw, ref, retrain=retrain, max_iter=scfg.retrain_max_iter
+    )
+    matched = (
+        evaluation.harm_matched_baselines(
+            prob, bw, ref, targets, retrain=retrain, max_iter=scfg.retrain_max_iter
+        )
+        if config.matched_baselines
+        else {}
+    )
     return _search_block(res, base, setting.splits.class_names, targets, matched)
 
 
@@ -183,9 +282,14 @@ def _course_correction(setting: _Setting, config: "ImproveConfig", scfg, progres
     """Course Correction at the epoch (second half of training) whose ordinary successor
     dropped some validation class the most."""
     s, K, tc, names = setting.splits, setting.num_classes, config.train, setting.splits.class_names
-    accs = [train.evaluate(setting.apply, st.params, s.val.x, s.val.y, K).accuracy for st in setting.states]
+    accs = [
+        train.evaluate(setting.apply, st.params, s.val.x, s.val.y, K).accuracy
+        for st in setting.states
+    ]
     # look in the second half of training: early epochs still move every class a lot
-    drops = [(float(np.max(accs[i] - accs[i + 1])), i) for i in range(max(1, tc.epochs // 2), tc.epochs)]
+    drops = [
+        (float(np.max(accs[i] - accs[i + 1])), i) for i in range(max(1, tc.epochs // 2), tc.epochs)
+    ]
     drop, e_cc = max(drops)
     if drop <= 0:
         print("\nCourse Correction: no class dropped between consecutive epochs", file=out)
@@ -195,33 +299,59 @@ def _course_correction(setting: _Setting, config: "ImproveConfig", scfg, progres
     inf_cc = setting.influence_at(st_cc.params, config)
     prob_cc = setting.problem_at(st_cc, tc)
     ref = setting.states[e_cc + 1].params
-    res_cc = search.run_search(prob_cc, inf_cc.P, cc_targets, mode="course_correction", ref_params=ref,
-                               config=dataclasses.replace(scfg, retrain="epoch"), progress=progress)
-    block = _with_baselines(res_cc, prob_cc, inf_cc.P, ref, cc_targets, setting, config, scfg, "epoch")
-    block.update({"epoch": e_cc, "val_drop_points": 100 * drop, "val_acc_e": accs[e_cc].tolist(),
-                  "val_acc_e_plus_1": accs[e_cc + 1].tolist()})
-    print(f"\nCourse Correction at epoch {e_cc} (ordinary epoch {e_cc + 1} dropped classes "
-          f"{[names[k] for k in cc_targets]} by up to {100 * drop:.1f} val points)", file=out)
+    res_cc = search.run_search(
+        prob_cc,
+        inf_cc.P,
+        cc_targets,
+        mode="course_correction",
+        ref_params=ref,
+        config=dataclasses.replace(scfg, retrain="epoch"),
+        progress=progress,
+    )
+    block = _with_baselines(
+        res_cc, prob_cc, inf_cc.P, ref, cc_targets, setting, config, scfg, "epoch"
+    )
+    block.update(
+        {
+            "epoch": e_cc,
+            "val_drop_points": 100 * drop,
+            "val_acc_e": accs[e_cc].tolist(),
+            "val_acc_e_plus_1": accs[e_cc + 1].tolist(),
+        }
+    )
+    print(
+        f"\nCourse Correction at epoch {e_cc} (ordinary epoch {e_cc + 1} dropped classes "
+        f"{[names[k] for k in cc_targets]} by up to {100 * drop:.1f} val points)",
+        file=out,
+    )
     print(format_improve_table(block, names), file=out)
     return block
 
 
-def run_improve(config: ImproveConfig = ImproveConfig(), *, progress: bool = True,
-                out=None) -> dict:
+def run_improve(
+    config: ImproveConfig = ImproveConfig(), *, progress: bool = True, out=None
+) -> dict:
     """The improvement experiment: train on noisy data, then Direct Improvement, Course
     Correction and the Pareto frontier, each beside its baselines; writes ``improve.json``."""
     out = out or sys.stdout
-    scfg = config.search or SearchConfig(alpha_range=(config.alpha_min, 1.0), reweight=config.reweight,
-                                         retrain=config.retrain)
+    scfg = config.search or SearchConfig(
+        alpha_range=(config.alpha_min, 1.0), reweight=config.reweight, retrain=config.retrain
+    )
     if config.rounds > 1 and (config.model.kind != "linear" or scfg.retrain != "converge"):
-        checks.fail("rounds", config.rounds, "1 unless the model is linear and retrain='converge'",
-                    "use rounds=1, or a linear model retrained to convergence")
+        checks.fail(
+            "rounds",
+            config.rounds,
+            "1 unless the model is linear and retrain='converge'",
+            "use rounds=1, or a linear model retrained to convergence",
+        )
     setting, report = _train_noisy(config, out)
     report["direct"] = _direct(setting, config, scfg, progress, out)
     if config.course_correction:
         report["course_correction"] = _course_correction(setting, config, scfg, progress, out)
     if config.frontier:
-        report["frontier"] = frontier_experiment(setting, setting.states[-1].params, config, out=out)
+        report["frontier"] = frontier_experiment(
+            setting, setting.states[-1].params, config, out=out
+        )
     out_dir = Path(config.out_dir)
     io.write_json(out_dir / "improve.json", report)
     print(f"\nwrote {out_dir / 'improve.json'}", file=out)
@@ -236,32 +366,66 @@ def _iterate_direct(block, res, config, scfg, st_e, setting: _Setting, targets, 
     st, cur, log = st_e, res, []
     for r in range(config.rounds):
         if r > 0:
-            P_r = influence.linear_category_influence(st.params, splits.train.x, splits.train.y,
-                                                      splits.val.x, splits.val.y, num_classes=K,
-                                                      weight_decay=wd, weights=base).P
+            P_r = influence.linear_category_influence(
+                st.params,
+                splits.train.x,
+                splits.train.y,
+                splits.val.x,
+                splits.val.y,
+                num_classes=K,
+                weight_decay=wd,
+                weights=base,
+            ).P
             prob = dataclasses.replace(setting.problem_at(st, config.train), base_weights=base)
-            cur = search.run_search(prob, np.asarray(P_r), targets, mode="direct",
-                                    config=dataclasses.replace(scfg, seed=scfg.seed + r), progress=progress)
+            cur = search.run_search(
+                prob,
+                np.asarray(P_r),
+                targets,
+                mode="direct",
+                config=dataclasses.replace(scfg, seed=scfg.seed + r),
+                progress=progress,
+            )
         if not cur.found or cur.best.fitness < 0:
-            log.append({"round": r + 1, "kept": False, "found": bool(cur.found),
-                        "fitness": float(cur.best.fitness)})
+            log.append(
+                {
+                    "round": r + 1,
+                    "kept": False,
+                    "found": bool(cur.found),
+                    "fitness": float(cur.best.fitness),
+                }
+            )
             break
         base = base * cur.weights
-        th, _, _ = train.fit_lbfgs(setting.refit, st.params, splits.train.x, splits.train.y, weights=base,
-                                   max_iter=scfg.retrain_max_iter)
+        th, _, _ = train.fit_lbfgs(
+            setting.refit,
+            st.params,
+            splits.train.x,
+            splits.train.y,
+            weights=base,
+            max_iter=scfg.retrain_max_iter,
+        )
         st = train.TrainState(th, st.opt_state, st.epoch)
         va = train.evaluate(apply, th, splits.val.x, splits.val.y, K).accuracy
         te = train.evaluate(apply, th, splits.test.x, splits.test.y, K).accuracy
-        log.append({"round": r + 1, "kept": True, "alpha": cur.best.alpha.tolist(), "rho": cur.best.rho,
-                    "val_acc": va.tolist(), "test_acc": te.tolist(),
-                    "weights_min_max": [float(base.min()), float(base.max())]})
+        log.append(
+            {
+                "round": r + 1,
+                "kept": True,
+                "alpha": cur.best.alpha.tolist(),
+                "rho": cur.best.rho,
+                "val_acc": va.tolist(),
+                "test_acc": te.tolist(),
+                "weights_min_max": [float(base.min()), float(base.max())],
+            }
+        )
     kept = [g for g in log if g["kept"]]
     block["iterated"] = {"rounds_requested": config.rounds, "rounds_kept": len(kept), "log": log}
     if kept:
         ref_val, ref_test = np.asarray(block["ref_val"]), np.asarray(block["ref_test"])
         va, te = kept[-1]["val_acc"], kept[-1]["test_acc"]
         block["rows"][f"search, iterated ({len(kept)} rounds)"] = _improve_row(
-            va, te, evaluation.relative_change(va, ref_val), ref_test, list(targets))
+            va, te, evaluation.relative_change(va, ref_val), ref_test, list(targets)
+        )
     print(f"iterated Direct Improvement: {len(kept)} of {config.rounds} rounds kept", file=out)
 
 
@@ -275,29 +439,54 @@ def frontier_experiment(setting: _Setting, params, config, *, out=None, n_verify
     fr = pareto.pareto_frontier(inf.P, rho=config.frontier_rho, n_random=8, seed=config.data.seed)
     base = train.evaluate(apply, theta, splits.val.x, splits.val.y, K)
     pts = []
-    order = list(config.noise_classes)[:n_verify] + [K + i for i in range(max(0, n_verify - len(config.noise_classes)))]
+    order = list(config.noise_classes)[:n_verify] + [
+        K + i for i in range(max(0, n_verify - len(config.noise_classes)))
+    ]
     for j in order:
         w = fr.weights[j]
-        th_w, _, _ = train.fit_lbfgs(setting.refit, theta, splits.train.x, splits.train.y, weights=w)
+        th_w, _, _ = train.fit_lbfgs(
+            setting.refit, theta, splits.train.x, splits.train.y, weights=w
+        )
         m = train.evaluate(apply, th_w, splits.val.x, splits.val.y, K)
         mt = train.evaluate(apply, th_w, splits.test.x, splits.test.y, K)
-        pts.append({"point": int(j), "class_weights": fr.class_weights[j].tolist(),
-                    "predicted_loss_change": (-fr.gains[j]).tolist(),
-                    "actual_loss_change": (m.loss - base.loss).tolist(),
-                    "val_acc_change_points": (100 * (m.accuracy - base.accuracy)).tolist(),
-                    "test_acc": mt.accuracy.tolist()})
+        pts.append(
+            {
+                "point": int(j),
+                "class_weights": fr.class_weights[j].tolist(),
+                "predicted_loss_change": (-fr.gains[j]).tolist(),
+                "actual_loss_change": (m.loss - base.loss).tolist(),
+                "val_acc_change_points": (100 * (m.accuracy - base.accuracy)).tolist(),
+                "test_acc": mt.accuracy.tolist(),
+            }
+        )
     pred = np.concatenate([p["predicted_loss_change"] for p in pts])
     act = np.concatenate([p["actual_loss_change"] for p in pts])
-    res = {"rho": fr.rho, "ceiling_loss_decrease": fr.ceiling.tolist(), "gains": fr.gains.tolist(),
-           "class_weights": fr.class_weights.tolist(), "verified": pts,
-           "spearman_predicted_vs_actual": float(scipy.stats.spearmanr(pred, act)[0]),
-           "pearson_predicted_vs_actual": float(np.corrcoef(pred, act)[0, 1]),
-           "lbfgs_iterations": it, "lbfgs_grad_norm": gn,
-           "base_val_loss": base.loss.tolist(), "base_val_acc": base.accuracy.tolist()}
-    print(f"\nFrontier (trust region ρ = {fr.rho}): estimated first-order ceiling, predicted val-loss "
-          "decrease per class with no class predicted worse:", file=out)
-    print("  " + "  ".join(f"{n}:{g:.4f}" for n, g in zip(splits.class_names, fr.ceiling)), file=out)
-    print(f"  retrained at {len(pts)} frontier points: predicted vs actual per-class loss change, "
-          f"Spearman {res['spearman_predicted_vs_actual']:.3f}, Pearson {res['pearson_predicted_vs_actual']:.3f}",
-          file=out)
+    res = {
+        "rho": fr.rho,
+        "ceiling_loss_decrease": fr.ceiling.tolist(),
+        "gains": fr.gains.tolist(),
+        "class_weights": fr.class_weights.tolist(),
+        "verified": pts,
+        "spearman_predicted_vs_actual": float(scipy.stats.spearmanr(pred, act)[0]),
+        "pearson_predicted_vs_actual": float(np.corrcoef(pred, act)[0, 1]),
+        "lbfgs_iterations": it,
+        "lbfgs_grad_norm": gn,
+        "base_val_loss": base.loss.tolist(),
+        "base_val_acc": base.accuracy.tolist(),
+    }
+    print(
+        f"\nFrontier (trust region ρ = {fr.rho}): estimated first-order ceiling, predicted "
+        "val-loss "
+        "decrease per class with no class predicted worse:",
+        file=out,
+    )
+    print(
+        "  " + "  ".join(f"{n}:{g:.4f}" for n, g in zip(splits.class_names, fr.ceiling)), file=out
+    )
+    print(
+        f"  retrained at {len(pts)} frontier points: predicted vs actual per-class loss change, "
+        f"Spearman {res['spearman_predicted_vs_actual']:.3f}, Pearson "
+        f"{res['pearson_predicted_vs_actual']:.3f}",
+        file=out,
+    )
     return res

@@ -93,11 +93,15 @@ def save_pytree(path: str | os.PathLike, tree: Any, **extra_arrays) -> None:
 def load_pytree(path: str | os.PathLike, template: Any) -> tuple[Any, dict]:
     """Load a pytree saved by `save_pytree` into the structure of `template`."""
     with np.load(path) as z:
-        leaf_keys = sorted((k for k in z.files if k.startswith("leaf:")), key=lambda k: int(k.split(":")[1]))
+        leaf_keys = sorted(
+            (k for k in z.files if k.startswith("leaf:")), key=lambda k: int(k.split(":")[1])
+        )
         leaves = [z[k] for k in leaf_keys]
-        extra = {k[len("extra:"):]: z[k] for k in z.files if k.startswith("extra:")}
+        extra = {k[len("extra:") :]: z[k] for k in z.files if k.startswith("extra:")}
     t_leaves, treedef = jax.tree_util.tree_flatten(template)
-    if len(t_leaves) != len(leaves) or any(np.shape(a) != np.shape(b) for a, b in zip(t_leaves, leaves)):
+    if len(t_leaves) != len(leaves) or any(
+        np.shape(a) != np.shape(b) for a, b in zip(t_leaves, leaves)
+    ):
         raise ValueError(f"{path}: saved pytree does not match the template's structure or shapes")
     leaves = [np.asarray(v, dtype=np.asarray(t).dtype) for v, t in zip(leaves, t_leaves)]
     return jax.tree_util.tree_unflatten(treedef, leaves), extra

@@ -71,7 +71,9 @@ def pad_chunks(x, y, chunk: int, xp=np) -> Chunks:
         return a.reshape(nc, chunk, *a.shape[1:])
 
     m = xp.concatenate([xp.ones(n, np.float32), xp.zeros(pad, np.float32)])
-    return Chunks(jax.tree_util.tree_map(split, x), jax.tree_util.tree_map(split, y), m.reshape(nc, chunk))
+    return Chunks(
+        jax.tree_util.tree_map(split, x), jax.tree_util.tree_map(split, y), m.reshape(nc, chunk)
+    )
 
 
 def num_samples(x) -> int:
@@ -117,8 +119,11 @@ class Stream:
             return np.concatenate([a, np.repeat(a[:1], pad, 0)]) if pad else a
 
         mb = np.concatenate([np.ones(real, np.float32), np.zeros(pad, np.float32)])
-        return (cast_floats(jax.tree_util.tree_map(fill, xs), self.dtype),
-                jax.tree_util.tree_map(lambda a: jnp.asarray(fill(a)), ys), jnp.asarray(mb, self.dtype))
+        return (
+            cast_floats(jax.tree_util.tree_map(fill, xs), self.dtype),
+            jax.tree_util.tree_map(lambda a: jnp.asarray(fill(a)), ys),
+            jnp.asarray(mb, self.dtype),
+        )
 
     def __iter__(self):
         cat = lambda parts: jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)  # noqa: E731
@@ -129,8 +134,12 @@ class Stream:
             have += num_samples(xb)
             while have >= self.chunk:
                 X, Y = cat(xs), cat(ys)
-                yield self._emit(take(X, slice(0, self.chunk)), Y[:self.chunk], self.chunk)
-                xs, ys, have = [take(X, slice(self.chunk, None))], [Y[self.chunk:]], have - self.chunk
+                yield self._emit(take(X, slice(0, self.chunk)), Y[: self.chunk], self.chunk)
+                xs, ys, have = (
+                    [take(X, slice(self.chunk, None))],
+                    [Y[self.chunk :]],
+                    have - self.chunk,
+                )
         if have:
             yield self._emit(cat(xs), cat(ys), have)
 
@@ -214,8 +223,11 @@ def class_gradient_chunk(f, theta, xb, yb, mb, counts, num_classes: int):
     losses_fn = lambda th: jax.vmap(f, (None, 0, 0))(th, xb, yb)  # noqa: E731
     losses, vjp = jax.vjp(losses_fn, theta)
     # the cotangent takes the losses' dtype: a model may compute in a wider type than its params
-    cot = (jax.nn.one_hot(yb, num_classes, dtype=theta.dtype) * mb[:, None].astype(theta.dtype) / counts
-           ).astype(losses.dtype)
+    cot = (
+        jax.nn.one_hot(yb, num_classes, dtype=theta.dtype)
+        * mb[:, None].astype(theta.dtype)
+        / counts
+    ).astype(losses.dtype)
     return jax.vmap(lambda c: vjp(c)[0])(cot.T)
 
 
@@ -269,6 +281,7 @@ def chunk_product(curv: Curvature, theta, xb, yb, mb, v):
     Hessian by forward-over-reverse, or the Gauss-Newton product Jᵀ H_out J v)."""
     f = curv.loss
     if curv.kind == "hessian":
+
         def data_term(th):
             return jnp.sum(mb * jax.vmap(f, (None, 0, 0))(th, xb, yb))
 
@@ -308,7 +321,7 @@ def curvature_matvec(curv: Curvature, data: ObjectiveData, axis_name=None) -> Ca
 
 
 def hutchinson_damping(matvec: Callable, theta: jax.Array, seed: int) -> float:
-    """"auto" damping: 1e-4 · tr(H)/P, the trace by Hutchinson's estimator with 8 Rademacher
+    """ "auto" damping: 1e-4 · tr(H)/P, the trace by Hutchinson's estimator with 8 Rademacher
     probes (at least 1e-8). `matvec` is batched: V (8, P) -> H V."""
     key = jax.random.PRNGKey(seed)
     z = jax.random.rademacher(key, (8, theta.size), dtype=theta.dtype)

@@ -18,7 +18,8 @@ the bias; conv patches per position t) and output pseudo-gradients δ_c:
 
 `compute_factors` streams the data in fixed-size batches (one forward pass per batch, then one
 class's backward pass at a time from its residuals: never a (K, batch, ...) array, and nothing
-compiled grows with K) with programs compiled once per model and reused by later calls. `Factors` record where each layer sits in the flat parameter vector, so `solve_kfac`
+compiled grows with K) with programs compiled once per model and reused by later calls. `Factors`
+record where each layer sits in the flat parameter vector, so `solve_kfac`
 works on flat vectors: it is the linear solve (F̂ + δI)⁻¹B with the `linsolve` signature.
 See ``docs/method.md`` §3.
 """
@@ -89,20 +90,22 @@ def _tapped(module: nnx.Module, records: list, taps: list | None):
 class Layer(NamedTuple):
     """One Dense/Conv layer as K-FAC sees it (hashable: a static argument of the programs)."""
 
-    kind: str                 # "dense" or "conv"
-    path: tuple               # the module's path in the params tree
-    in_features: int          # rows of the layer's weight matrix (conv: Cin·kh·kw), bias excluded
+    kind: str  # "dense" or "conv"
+    path: tuple  # the module's path in the params tree
+    in_features: int  # rows of the layer's weight matrix (conv: Cin·kh·kw), bias excluded
     out_features: int
     has_bias: bool
-    conv: tuple | None        # (kernel_size, strides, padding) of a conv
-    out_shape: tuple          # per-sample output shape
+    conv: tuple | None  # (kernel_size, strides, padding) of a conv
+    out_shape: tuple  # per-sample output shape
 
 
 def patches(x, conv: tuple):
     """Conv input patches (B, H', W', Cin·kh·kw) in the (Cin, kh, kw) feature order, for
     ``conv = (kernel_size, strides, padding)``."""
     ks, strides, pad = conv
-    return jax.lax.conv_general_dilated_patches(x, ks, strides, pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated_patches(
+        x, ks, strides, pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def kernel_matrix(kernel, kind):
@@ -124,9 +127,9 @@ def kernel_from_matrix(m, shape, kind):
 
 
 class LayerFactors(NamedTuple):
-    QA: jax.Array         # (in+1, in+1) eigenvectors of A (in rows without a bias)
-    QG: jax.Array         # (out, out) eigenvectors of S
-    lam_kfac: jax.Array   # (in+1, out) λ_A ⊗ λ_S
+    QA: jax.Array  # (in+1, in+1) eigenvectors of A (in rows without a bias)
+    QG: jax.Array  # (out, out) eigenvectors of S
+    lam_kfac: jax.Array  # (in+1, out) λ_A ⊗ λ_S
     lam_ekfac: jax.Array  # (in+1, out) corrected eigenvalues
 
 
@@ -149,12 +152,21 @@ class Factors:
 def save_factors(path: str | Path, f: Factors) -> None:
     """Save factors as .npz (plain keys ``layer{i}/{QA,QG,lam_kfac,lam_ekfac}``) beside a JSON
     description of the layers and their layout."""
-    arrays = {f"layer{i}/{k}": np.asarray(getattr(lf, k)) for i, lf in enumerate(f.factors)
-              for k in LayerFactors._fields}
+    arrays = {
+        f"layer{i}/{k}": np.asarray(getattr(lf, k))
+        for i, lf in enumerate(f.factors)
+        for k in LayerFactors._fields
+    }
     io.save_arrays(path, arrays)
-    io.write_json(Path(path).with_suffix(".json"), {
-        "layers": [l._asdict() for l in f.layers], "layout": f.layout, "num_params": f.num_params,
-        "weight_decay": f.weight_decay})
+    io.write_json(
+        Path(path).with_suffix(".json"),
+        {
+            "layers": [l._asdict() for l in f.layers],
+            "layout": f.layout,
+            "num_params": f.num_params,
+            "weight_decay": f.weight_decay,
+        },
+    )
 
 
 def load_factors(path: str | Path) -> Factors:
@@ -162,18 +174,35 @@ def load_factors(path: str | Path) -> Factors:
     arrays = io.load_arrays(path)
 
     def layer(d):
-        conv = None if d["conv"] is None else tuple(tuple(v) if isinstance(v, list) else v for v in d["conv"])
+        conv = (
+            None
+            if d["conv"] is None
+            else tuple(tuple(v) if isinstance(v, list) else v for v in d["conv"])
+        )
         path = tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in d["path"])
-        return Layer(d["kind"], path, d["in_features"], d["out_features"], d["has_bias"], conv,
-                     tuple(d["out_shape"]))
+        return Layer(
+            d["kind"],
+            path,
+            d["in_features"],
+            d["out_features"],
+            d["has_bias"],
+            conv,
+            tuple(d["out_shape"]),
+        )
 
     layers = tuple(layer(d) for d in meta["layers"])
-    facs = tuple(LayerFactors(*(jnp.asarray(arrays[f"layer{i}/{k}"]) for k in LayerFactors._fields))
-                 for i in range(len(layers)))
+    facs = tuple(
+        LayerFactors(*(jnp.asarray(arrays[f"layer{i}/{k}"]) for k in LayerFactors._fields))
+        for i in range(len(layers))
+    )
     layout = tuple((int(k), tuple(s), int(b)) for k, s, b in meta["layout"])
     if "weight_decay" not in meta:
-        checks.fail("path", f"{path} without the objective's weight decay", "factors saved by this version",
-                    "compute the factors again (their λ is part of every solve with them)")
+        checks.fail(
+            "path",
+            f"{path} without the objective's weight decay",
+            "factors saved by this version",
+            "compute the factors again (their λ is part of every solve with them)",
+        )
     return Factors(layers, facs, layout, int(meta["num_params"]), float(meta["weight_decay"]))
 
 
@@ -181,11 +210,18 @@ def _discover(model: nnx.Module, x0) -> tuple[Any, Any, tuple[Layer, ...]]:
     """(graphdef, state treedef, layers in call order) from an abstract forward pass."""
     graphdef, state = nnx.split(model)
     if jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nnx.Param))):
-        checks.fail("model", f"an {type(model).__name__} with state other than nnx.Param (batch statistics, "
-                    "RNG state)", "a model of nnx.Linear / nnx.Conv layers and parameter-free functions for "
-                    "K-FAC / EK-FAC", "use solver='cg' (any model) for this model")
+        checks.fail(
+            "model",
+            f"an {type(model).__name__} with state other than nnx.Param (batch statistics, "
+            "RNG state)",
+            "a model of nnx.Linear / nnx.Conv layers and parameter-free functions for "
+            "K-FAC / EK-FAC",
+            "use solver='cg' (any model) for this model",
+        )
     copy = nnx.merge(graphdef, state)
-    paths = {id(m): tuple(p) for p, m in nnx.iter_graph(copy) if isinstance(m, (nnx.Linear, nnx.Conv))}
+    paths = {
+        id(m): tuple(p) for p, m in nnx.iter_graph(copy) if isinstance(m, (nnx.Linear, nnx.Conv))
+    }
     recs: list = []
     with _tapped(copy, recs, None) as m:
         jax.eval_shape(lambda x: m(x), jnp.asarray(x0))
@@ -193,28 +229,63 @@ def _discover(model: nnx.Module, x0) -> tuple[Any, Any, tuple[Layer, ...]]:
     for mod, _, out_shape in recs:
         has_bias = getattr(mod, "bias", None) is not None and getattr(mod, "use_bias", True)
         if isinstance(mod, nnx.Conv):
-            if (getattr(mod, "feature_group_count", 1) != 1 or any(d != 1 for d in np.ravel(mod.kernel_dilation or 1))
-                    or any(d != 1 for d in np.ravel(mod.input_dilation or 1))):
-                checks.fail("model", "a grouped or dilated nnx.Conv", "plain convolutions",
-                            "use solver='cg' for this model")
-            strides = tuple(mod.strides) if isinstance(mod.strides, (tuple, list)) else (mod.strides,) * 2
+            if (
+                getattr(mod, "feature_group_count", 1) != 1
+                or any(d != 1 for d in np.ravel(mod.kernel_dilation or 1))
+                or any(d != 1 for d in np.ravel(mod.input_dilation or 1))
+            ):
+                checks.fail(
+                    "model",
+                    "a grouped or dilated nnx.Conv",
+                    "plain convolutions",
+                    "use solver='cg' for this model",
+                )
+            strides = (
+                tuple(mod.strides) if isinstance(mod.strides, (tuple, list)) else (mod.strides,) * 2
+            )
             pad = mod.padding
             if isinstance(pad, int):
                 pad = ((pad, pad), (pad, pad))
             elif not isinstance(pad, str):
                 pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
             if isinstance(pad, str) and pad not in ("SAME", "VALID"):
-                checks.fail("model", f"an nnx.Conv with padding {pad!r}", "SAME, VALID or explicit padding",
-                            "use solver='cg' for this model")
+                checks.fail(
+                    "model",
+                    f"an nnx.Conv with padding {pad!r}",
+                    "SAME, VALID or explicit padding",
+                    "use solver='cg' for this model",
+                )
             kh, kw = mod.kernel_size
-            layers.append(Layer("conv", paths[id(mod)], int(mod.in_features * kh * kw), int(mod.out_features),
-                                has_bias, (tuple(mod.kernel_size), strides, pad), tuple(out_shape[1:])))
+            layers.append(
+                Layer(
+                    "conv",
+                    paths[id(mod)],
+                    int(mod.in_features * kh * kw),
+                    int(mod.out_features),
+                    has_bias,
+                    (tuple(mod.kernel_size), strides, pad),
+                    tuple(out_shape[1:]),
+                )
+            )
         else:
-            layers.append(Layer("dense", paths[id(mod)], int(mod.in_features), int(mod.out_features),
-                                has_bias, None, tuple(out_shape[1:])))
+            layers.append(
+                Layer(
+                    "dense",
+                    paths[id(mod)],
+                    int(mod.in_features),
+                    int(mod.out_features),
+                    has_bias,
+                    None,
+                    tuple(out_shape[1:]),
+                )
+            )
     if not layers:
-        checks.fail("model", "a model with no nnx.Linear / nnx.Conv layers", "Dense or Conv layers",
-                    "use solver='cg' for this model")
+        checks.fail(
+            "model",
+            "a model with no nnx.Linear / nnx.Conv layers",
+            "Dense or Conv layers",
+            "use solver='cg' for this model",
+        )
     return graphdef, jax.tree_util.tree_structure(state), tuple(layers)
 
 
@@ -256,13 +327,19 @@ def _forward_program(graphdef, treedef, layers, output_loss=None):
 
         def fwd(taps):
             rec: list = []
-            m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(params)))
+            m = nnx.merge(
+                graphdef, jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(params))
+            )
             with _tapped(m, rec, taps):
                 logits = m(xb)
             return logits, [r[1] for r in rec]
 
         logits, vjp, acts = jax.vjp(fwd, taps0, has_aux=True)
-        return output_root(logits, yb, output_loss), [_inputs(l, a) for l, a in zip(layers, acts)], vjp
+        return (
+            output_root(logits, yb, output_loss),
+            [_inputs(l, a) for l, a in zip(layers, acts)],
+            vjp,
+        )
 
     return jax.jit(forward)
 
@@ -279,12 +356,17 @@ def _pseudo_gradients(vjp, p, c, mb):
 
 @jax.jit
 def _input_moments(A, ins, mb):
-    return [a + jnp.einsum("bti,btj->ij", at * mb[:, None, None], at) / at.shape[1] for a, at in zip(A, ins)]
+    return [
+        a + jnp.einsum("bti,btj->ij", at * mb[:, None, None], at) / at.shape[1]
+        for a, at in zip(A, ins)
+    ]
 
 
 @jax.jit
 def _output_moments(S, vjp, p, c, mb):
-    return [s + jnp.einsum("bto,btp->op", d, d) for s, d in zip(S, _pseudo_gradients(vjp, p, c, mb))]
+    return [
+        s + jnp.einsum("bto,btp->op", d, d) for s, d in zip(S, _pseudo_gradients(vjp, p, c, mb))
+    ]
 
 
 @jax.jit
@@ -315,14 +397,33 @@ def _layout(params, layers) -> tuple[tuple, ...]:
     covered = {l.path for l in layers}
     for keys in where:
         if keys[:-1] not in covered:
-            checks.fail("params", f"parameter {keys} outside any nnx.Linear / nnx.Conv layer",
-                        "a model made of Dense and Conv layers", "use solver='cg'")
-    return tuple((where[l.path + ("kernel",)][0], where[l.path + ("kernel",)][1],
-                  where[l.path + ("bias",)][0] if l.has_bias else -1) for l in layers), off
+            checks.fail(
+                "params",
+                f"parameter {keys} outside any nnx.Linear / nnx.Conv layer",
+                "a model made of Dense and Conv layers",
+                "use solver='cg'",
+            )
+    return tuple(
+        (
+            where[l.path + ("kernel",)][0],
+            where[l.path + ("kernel",)][1],
+            where[l.path + ("bias",)][0] if l.has_bias else -1,
+        )
+        for l in layers
+    ), off
 
 
-def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_classes: int,
-                    weight_decay: float, y=None, output_loss=None) -> Factors:
+def compute_factors(
+    model: nnx.Module,
+    params,
+    x,
+    *,
+    batch_size: int = 256,
+    num_classes: int,
+    weight_decay: float,
+    y=None,
+    output_loss=None,
+) -> Factors:
     """K-FAC and EK-FAC factors of the Gauss-Newton matrix over the data x (and `weight_decay`, the
     objective's λ, which every solve with them adds; see `Factors`).
 
@@ -344,11 +445,16 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     if output_loss is not None and y is None:
         checks.fail("y", "None", "the training labels when output_loss is given", "pass y=")
     forward = _forward_program(graphdef, treedef, layers, output_loss)
-    xc, yc, mc = kernels.pad_chunks(x, np.zeros(n, np.int32) if y is None else np.asarray(y), batch_size)
+    xc, yc, mc = kernels.pad_chunks(
+        x, np.zeros(n, np.int32) if y is None else np.asarray(y), batch_size
+    )
     dt = jnp.result_type(*jax.tree_util.tree_leaves(params))
 
     def batches():  # one batch on the device at a time, in each pass
-        return ((jnp.asarray(xb, dt), jnp.asarray(yb), jnp.asarray(mb, dt)) for xb, yb, mb in zip(xc, yc, mc))
+        return (
+            (jnp.asarray(xb, dt), jnp.asarray(yb), jnp.asarray(mb, dt))
+            for xb, yb, mb in zip(xc, yc, mc)
+        )
 
     A = [jnp.zeros((l.in_features + l.has_bias,) * 2, dt) for l in layers]
     S = [jnp.zeros((l.out_features,) * 2, dt) for l in layers]
@@ -365,8 +471,10 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
         rot_in = _rotate_inputs(ins, QAs)
         for c in range(num_classes):
             C = _corrected(C, vjp, p, c, mb, rot_in, QGs)
-    facs = tuple(LayerFactors(qa, qg, jnp.outer(jnp.maximum(la, 0.0), jnp.maximum(ls, 0.0)), ci / n)
-                 for ((la, qa), (ls, qg)), ci in zip(eig, C))
+    facs = tuple(
+        LayerFactors(qa, qg, jnp.outer(jnp.maximum(la, 0.0), jnp.maximum(ls, 0.0)), ci / n)
+        for ((la, qa), (ls, qg)), ci in zip(eig, C)
+    )
     return Factors(layers, facs, layout, num_params, float(weight_decay))
 
 
@@ -375,9 +483,9 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
 
 def _layer_matrix(v, layer: Layer, place):
     k0, kshape, b0 = place
-    kernel = v[k0: k0 + int(np.prod(kshape))].reshape(kshape)
+    kernel = v[k0 : k0 + int(np.prod(kshape))].reshape(kshape)
     W = kernel_matrix(kernel, layer.kind)
-    return jnp.concatenate([W, v[b0: b0 + layer.out_features][None]], 0) if layer.has_bias else W
+    return jnp.concatenate([W, v[b0 : b0 + layer.out_features][None]], 0) if layer.has_bias else W
 
 
 def _precondition(factors: Factors, v, damping, ekfac: bool):
@@ -388,9 +496,11 @@ def _precondition(factors: Factors, v, damping, ekfac: bool):
         Wn = lf.QA @ ((lf.QA.T @ W @ lf.QG) / (lam + damping)) @ lf.QG.T
         k0, kshape, b0 = place
         kn = Wn[:-1] if layer.has_bias else Wn
-        out = out.at[k0: k0 + int(np.prod(kshape))].set(kernel_from_matrix(kn, kshape, layer.kind).ravel())
+        out = out.at[k0 : k0 + int(np.prod(kshape))].set(
+            kernel_from_matrix(kn, kshape, layer.kind).ravel()
+        )
         if layer.has_bias:
-            out = out.at[b0: b0 + layer.out_features].set(Wn[-1])
+            out = out.at[b0 : b0 + layer.out_features].set(Wn[-1])
     return out
 
 
@@ -405,11 +515,20 @@ def apply_inverse(factors: Factors, b, *, damping, ekfac: bool = True) -> jax.Ar
     `damping`: the bare array (see `solve_kfac`)."""
     b = jnp.asarray(b)
     if b.shape[-1] != factors.num_params:
-        checks.fail("b", f"vectors of size {b.shape[-1]}", f"size {factors.num_params} (the flat params)",
-                    "compute the factors for the same model and parameters")
-    return _solve_all(factors.factors, b=b, damping=jnp.asarray(factors.weight_decay + damping, b.dtype),
-                      layers=factors.layers,
-                      layout=factors.layout, ekfac=ekfac)
+        checks.fail(
+            "b",
+            f"vectors of size {b.shape[-1]}",
+            f"size {factors.num_params} (the flat params)",
+            "compute the factors for the same model and parameters",
+        )
+    return _solve_all(
+        factors.factors,
+        b=b,
+        damping=jnp.asarray(factors.weight_decay + damping, b.dtype),
+        layers=factors.layers,
+        layout=factors.layout,
+        ekfac=ekfac,
+    )
 
 
 def solve_kfac(factors: Factors, b, *, damping: float, ekfac: bool = True) -> SolveResult:
@@ -425,10 +544,17 @@ def solve_kfac(factors: Factors, b, *, damping: float, ekfac: bool = True) -> So
     """
     U = apply_inverse(factors, b, damping=damping, ekfac=ekfac)
     K = U.shape[0]
-    return SolveResult(U, jnp.zeros(K, jnp.int32), jnp.full(K, jnp.nan, U.dtype), jnp.zeros(K, bool),
-                       jnp.zeros(K, bool), jnp.full(K, int(Status.APPROXIMATE), jnp.int32))
+    return SolveResult(
+        U,
+        jnp.zeros(K, jnp.int32),
+        jnp.full(K, jnp.nan, U.dtype),
+        jnp.zeros(K, bool),
+        jnp.zeros(K, bool),
+        jnp.full(K, int(Status.APPROXIMATE), jnp.int32),
+    )
 
 
 def preconditioner(factors: Factors, damping, *, ekfac: bool = True):
-    """v -> (F̂ + (λ + δ)·I)⁻¹ v, for use as a CG preconditioner (`linsolve.solve_cg(precond=...)`)."""
+    """v -> (F̂ + (λ + δ)·I)⁻¹ v, for use as a CG preconditioner "
+    "(`linsolve.solve_cg(precond=...)`)."""
     return lambda v: _precondition(factors, v, factors.weight_decay + damping, ekfac)

@@ -59,9 +59,11 @@ class SolveResult(NamedTuple):
 
 def status_of(converged, negative_curvature):
     """The per-right-hand-side status of an iterative or direct solve."""
-    return jnp.where(converged, int(Status.SUCCESS),
-                     jnp.where(negative_curvature, int(Status.NUMERICAL), int(Status.ITERATION_LIMIT))
-                     ).astype(jnp.int32)
+    return jnp.where(
+        converged,
+        int(Status.SUCCESS),
+        jnp.where(negative_curvature, int(Status.NUMERICAL), int(Status.ITERATION_LIMIT)),
+    ).astype(jnp.int32)
 
 
 def _squeeze(res: SolveResult, single: bool) -> SolveResult:
@@ -94,8 +96,16 @@ def _tolerance(b, rtol, atol):
 def cg_start(b, x, r, z, tol) -> CGState:
     """The state before the first step, from x, its residual r = b − (A + δI)x and z = M⁻¹r."""
     K = b.shape[0]
-    return CGState(x, r, z, _dot(r, z), jnp.sqrt(_dot(r, r)) > tol, jnp.zeros(K, jnp.int32),
-                   jnp.zeros(K, bool), jnp.zeros((), jnp.int32))
+    return CGState(
+        x,
+        r,
+        z,
+        _dot(r, z),
+        jnp.sqrt(_dot(r, r)) > tol,
+        jnp.zeros(K, jnp.int32),
+        jnp.zeros(K, bool),
+        jnp.zeros((), jnp.int32),
+    )
 
 
 def cg_advance(c: CGState, Ap):
@@ -105,7 +115,9 @@ def cg_advance(c: CGState, Ap):
     bad = c.active & (pAp <= 0)
     ok = c.active & ~bad
     alpha = jnp.where(ok, c.rz / jnp.where(ok, pAp, 1.0), 0.0)
-    return c._replace(x=c.x + alpha[:, None] * c.p, r=c.r - alpha[:, None] * Ap, neg=c.neg | bad), ok
+    return c._replace(
+        x=c.x + alpha[:, None] * c.p, r=c.r - alpha[:, None] * Ap, neg=c.neg | bad
+    ), ok
 
 
 def cg_direction(c: CGState, ok, z, tol) -> CGState:
@@ -113,9 +125,13 @@ def cg_direction(c: CGState, ok, z, tol) -> CGState:
     active (each right-hand side stops on its own unpreconditioned residual)."""
     rz_new = _dot(c.r, z)
     beta = jnp.where(ok, rz_new / jnp.where(ok, c.rz, 1.0), 0.0)
-    return c._replace(p=jnp.where(ok[:, None], z + beta[:, None] * c.p, c.p),
-                      rz=jnp.where(ok, rz_new, c.rz), steps=c.steps + ok.astype(jnp.int32),
-                      active=ok & (jnp.sqrt(_dot(c.r, c.r)) > tol), it=c.it + 1)
+    return c._replace(
+        p=jnp.where(ok[:, None], z + beta[:, None] * c.p, c.p),
+        rz=jnp.where(ok, rz_new, c.rz),
+        steps=c.steps + ok.astype(jnp.int32),
+        active=ok & (jnp.sqrt(_dot(c.r, c.r)) > tol),
+        it=c.it + 1,
+    )
 
 
 def cg_result(b, x, true_r, steps, neg, rtol, atol) -> SolveResult:
@@ -127,9 +143,17 @@ def cg_result(b, x, true_r, steps, neg, rtol, atol) -> SolveResult:
     return SolveResult(x, steps, rel, conv & ~neg, neg, status_of(conv & ~neg, neg))
 
 
-def solve_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, damping: float,
-             rtol: float = 1e-6, atol: float = 0.0, max_steps: int | None = None,
-             x0: jax.Array | None = None, precond: Callable[[jax.Array], jax.Array] | None = None) -> SolveResult:
+def solve_cg(
+    matvec: Callable[[jax.Array], jax.Array],
+    b: jax.Array,
+    *,
+    damping: float,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    max_steps: int | None = None,
+    x0: jax.Array | None = None,
+    precond: Callable[[jax.Array], jax.Array] | None = None,
+) -> SolveResult:
     """Conjugate gradient for (A + δI) x = b, batched over the rows of b (one compiled loop).
 
     Args:
@@ -178,11 +202,17 @@ def _bucket(count: int, total: int) -> int:
     return min(total, 1 << max(count - 1, 0).bit_length())
 
 
-def solve_cg_stepped(matvec_batched: Callable[[jax.Array], jax.Array], b: jax.Array, *,
-                     damping: float, rtol: float = 1e-6, atol: float = 0.0,
-                     max_steps: int | None = None,
-                     precond_batched: Callable[[jax.Array], jax.Array] | None = None,
-                     progress: bool = False) -> SolveResult:
+def solve_cg_stepped(
+    matvec_batched: Callable[[jax.Array], jax.Array],
+    b: jax.Array,
+    *,
+    damping: float,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    max_steps: int | None = None,
+    precond_batched: Callable[[jax.Array], jax.Array] | None = None,
+    progress: bool = False,
+) -> SolveResult:
     """`solve_cg` with the iterations driven from the host: the same steps (`cg_advance`,
     `cg_direction`, jitted), with ``matvec_batched(V) -> A V`` (itself free to loop over data
     chunks on the host). Only the right-hand sides still active are multiplied (padded to a
@@ -205,8 +235,14 @@ def solve_cg_stepped(matvec_batched: Callable[[jax.Array], jax.Array], b: jax.Ar
         from tqdm.auto import tqdm
 
         tty = sys.stderr.isatty()
-        bar = tqdm(total=max_steps, desc="influence CG", unit="step", leave=False,
-                   mininterval=0.1 if tty else 10.0, ascii=not tty)
+        bar = tqdm(
+            total=max_steps,
+            desc="influence CG",
+            unit="step",
+            leave=False,
+            mininterval=0.1 if tty else 10.0,
+            ascii=not tty,
+        )
     while int(c.it) < max_steps:
         active = np.flatnonzero(np.asarray(c.active))
         if bar is not None:
@@ -214,7 +250,9 @@ def solve_cg_stepped(matvec_batched: Callable[[jax.Array], jax.Array], b: jax.Ar
             bar.set_postfix(unsolved=f"{active.size}/{K}", refresh=False)
         if active.size == 0:
             break
-        rows = np.concatenate([active, np.repeat(active[:1], _bucket(active.size, K) - active.size)])
+        rows = np.concatenate(
+            [active, np.repeat(active[:1], _bucket(active.size, K) - active.size)]
+        )
         Ap = jnp.zeros_like(c.p).at[active].set(mv(c.p[rows])[: active.size])
         c, ok = _cg_advance(c, Ap)
         c = _cg_direction(c, ok, pre(c.r), tol)
@@ -228,9 +266,16 @@ def materialize(matvec: Callable[[jax.Array], jax.Array], dim: int, dtype=jnp.fl
     return jax.lax.map(matvec, jnp.eye(dim, dtype=dtype))
 
 
-def solve_dense(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, damping: float,
-                rtol: float = 1e-6, atol: float = 0.0, max_steps: int | None = None,
-                x0: jax.Array | None = None) -> SolveResult:
+def solve_dense(
+    matvec: Callable[[jax.Array], jax.Array],
+    b: jax.Array,
+    *,
+    damping: float,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    max_steps: int | None = None,
+    x0: jax.Array | None = None,
+) -> SolveResult:
     """Dense reference solve with the signature of `solve_cg`: materialises A, then `solve`.
 
     Only for small models (P up to a few thousand). `rtol`/`atol` only set `converged`.
@@ -248,7 +293,10 @@ def solve_dense(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, dampi
     evals = jnp.linalg.eigvalsh(A)
     neg = jnp.broadcast_to(evals[0] <= 0, (b.shape[0],))
     conv = ((rel <= jnp.maximum(rtol, 1e-3)) | (jnp.linalg.norm(r, axis=1) <= atol)) & ~neg
-    return _squeeze(SolveResult(x, jnp.zeros(b.shape[0], jnp.int32), rel, conv, neg, status_of(conv, neg)), single)
+    return _squeeze(
+        SolveResult(x, jnp.zeros(b.shape[0], jnp.int32), rel, conv, neg, status_of(conv, neg)),
+        single,
+    )
 
 
 def power_iteration(matvec, dim: int, dtype, *, steps: int = 20, seed: int = 0) -> float:
@@ -263,8 +311,17 @@ def power_iteration(matvec, dim: int, dtype, *, steps: int = 20, seed: int = 0) 
     return abs(lam)
 
 
-def solve_lissa(batch_matvec, b, n_batches: int, *, scale: float, damping: float,
-                rtol: float = 1e-6, max_steps: int = 1000, seed: int = 0) -> SolveResult:
+def solve_lissa(
+    batch_matvec,
+    b,
+    n_batches: int,
+    *,
+    scale: float,
+    damping: float,
+    rtol: float = 1e-6,
+    max_steps: int = 1000,
+    seed: int = 0,
+) -> SolveResult:
     """LiSSA (Agarwal et al. 2017) for (A + δI) x = b with K right-hand sides.
 
     The Neumann recursion v ← b + (I − (A_j + δI)/s) v on minibatch operators A_j drawn with
@@ -292,8 +349,12 @@ def solve_lissa(batch_matvec, b, n_batches: int, *, scale: float, damping: float
         idx = jax.random.randint(jax.random.fold_in(key, j), (), 0, n_batches)
         hv = jax.vmap(lambda x: batch_matvec(x, idx))(v) + damping * v
         v_new = b + v - hv / scale
-        delta = jnp.linalg.norm(v_new - v, axis=1) / jnp.maximum(jnp.linalg.norm(v_new, axis=1), 1e-30)
-        bad = ~jnp.all(jnp.isfinite(v_new), axis=1) | (jnp.linalg.norm(v_new, axis=1) > 1e6 * bnorm * scale)
+        delta = jnp.linalg.norm(v_new - v, axis=1) / jnp.maximum(
+            jnp.linalg.norm(v_new, axis=1), 1e-30
+        )
+        bad = ~jnp.all(jnp.isfinite(v_new), axis=1) | (
+            jnp.linalg.norm(v_new, axis=1) > 1e6 * bnorm * scale
+        )
         keep = done | diverged
         v_out = jnp.where(keep[:, None], v, v_new)
         diverged = diverged | (bad & ~done)
@@ -305,11 +366,17 @@ def solve_lissa(batch_matvec, b, n_batches: int, *, scale: float, damping: float
     (v, done, steps, diverged), _ = jax.lax.scan(step, init, jnp.arange(max_steps))
     x = v / scale
     x = jnp.where(jnp.isfinite(x), x, 0.0)
-    return SolveResult(x, steps, jnp.where(done, 0.0, jnp.nan), done & ~diverged, diverged,
-                       status_of(done & ~diverged, diverged))
+    return SolveResult(
+        x,
+        steps,
+        jnp.where(done, 0.0, jnp.nan),
+        done & ~diverged,
+        diverged,
+        status_of(done & ~diverged, diverged),
+    )
 
 
-# ----------------------------------------------------------------------------- shared by all methods
+# ---------------------------------------------------------------------------- shared by all methods
 
 
 def with_residual(res: SolveResult, matvec: Callable, b: jax.Array, damping: float) -> SolveResult:
@@ -335,8 +402,9 @@ def needs_more_damping(res: SolveResult) -> bool:
     return bool(np.any(np.asarray(res.negative_curvature))) or not bool(np.all(np.isfinite(value)))
 
 
-def solve_escalating(solve: Callable[[float], SolveResult], damping: float, *, escalate: bool = True,
-                     tries: int = 7) -> tuple[SolveResult, float, list[dict]]:
+def solve_escalating(
+    solve: Callable[[float], SolveResult], damping: float, *, escalate: bool = True, tries: int = 7
+) -> tuple[SolveResult, float, list[dict]]:
     """solve(damping) -> SolveResult; while `needs_more_damping`, retry with damping ×10 (at
     least 1e-6), up to `tries` solves. Returns (result, damping used, escalations tried)."""
     escalations: list[dict] = []
@@ -344,8 +412,11 @@ def solve_escalating(solve: Callable[[float], SolveResult], damping: float, *, e
         res = solve(damping)
         if not (escalate and needs_more_damping(res)) or attempt == tries - 1:
             break
-        why = "negative curvature" if bool(np.any(np.asarray(res.negative_curvature))) \
+        why = (
+            "negative curvature"
+            if bool(np.any(np.asarray(res.negative_curvature)))
             else "non-finite solution"
+        )
         escalations.append({"damping": damping, "reason": why})
         damping = max(10 * damping, 1e-6)
     return res, damping, escalations
@@ -360,9 +431,13 @@ def check_solve(res: SolveResult, *, rtol: float, stage: str = "inverse-HVP solv
         bad = np.flatnonzero(~conv)
         resid = np.asarray(res.residual)[bad]
         neg = np.asarray(res.negative_curvature)[bad]
-        why = "negative curvature met (raise damping or use curvature='gauss_newton')" if neg.any() \
+        why = (
+            "negative curvature met (raise damping or use curvature='gauss_newton')"
+            if neg.any()
             else "tolerance not reached (raise max_steps or damping)"
+        )
         raise checks.NumericalError(
             f"{stage}: {bad.size} of {conv.size} right-hand side(s) did not converge "
             f"(class(es) {bad.tolist()}, relative residual(s) {np.round(resid, 8).tolist()}, "
-            f"rtol {rtol}): {why}.")
+            f"rtol {rtol}): {why}."
+        )

@@ -33,8 +33,9 @@ class LinearClassifier(nnx.Module):
     """Softmax regression: logits = x·W + b (the convex case; closed-form influence applies)."""
 
     def __init__(self, in_features: int, num_classes: int, *, rngs: nnx.Rngs):
-        self.head = nnx.Linear(in_features, num_classes, rngs=rngs,
-                               kernel_init=nnx.initializers.zeros_init())
+        self.head = nnx.Linear(
+            in_features, num_classes, rngs=rngs, kernel_init=nnx.initializers.zeros_init()
+        )
 
     def features(self, x):
         return x.reshape(x.shape[0], -1)
@@ -46,8 +47,14 @@ class LinearClassifier(nnx.Module):
 class MLP(nnx.Module):
     """Fully connected network with tanh hidden layers (smooth, so Hessians are well defined)."""
 
-    def __init__(self, in_features: int, num_classes: int, *, hidden: Sequence[int] = ModelConfig.hidden,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        hidden: Sequence[int] = ModelConfig.hidden,
+        rngs: nnx.Rngs,
+    ):
         sizes = [in_features, *hidden]
         self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
         self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
@@ -65,8 +72,15 @@ class MLP(nnx.Module):
 class CNN(nnx.Module):
     """Small convnet: conv(3×3)-tanh-avgpool blocks, then a dense tanh layer and a linear head."""
 
-    def __init__(self, image_shape: Sequence[int], num_classes: int, *,
-                 channels: Sequence[int] = ModelConfig.channels, dense: int = ModelConfig.dense, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        num_classes: int,
+        *,
+        channels: Sequence[int] = ModelConfig.channels,
+        dense: int = ModelConfig.dense,
+        rngs: nnx.Rngs,
+    ):
         self.image_shape = tuple(int(s) for s in image_shape)
         h, w, c = self.image_shape
         convs = []
@@ -90,9 +104,17 @@ class CNN(nnx.Module):
         return self.head(self.features(x))
 
 
-def make_model(kind: str, input_shape: Sequence[int], num_classes: int, *, seed: int = 0,
-               hidden: Sequence[int] = ModelConfig.hidden, image_shape: Sequence[int] | None = None,
-               channels: Sequence[int] = ModelConfig.channels, dense: int = ModelConfig.dense) -> nnx.Module:
+def make_model(
+    kind: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    seed: int = 0,
+    hidden: Sequence[int] = ModelConfig.hidden,
+    image_shape: Sequence[int] | None = None,
+    channels: Sequence[int] = ModelConfig.channels,
+    dense: int = ModelConfig.dense,
+) -> nnx.Module:
     """Build a classifier by name ("linear", "mlp" or "cnn") for inputs of `input_shape`."""
     checks.check_choice(kind, "model", MODEL_KINDS)
     checks.check_positive(num_classes, "num_classes", integer=True)
@@ -106,8 +128,12 @@ def make_model(kind: str, input_shape: Sequence[int], num_classes: int, *, seed:
     if len(shape) == 2:
         shape = (*shape, 1)
     if len(shape) != 3 or int(np.prod(shape)) != d:
-        checks.fail("image_shape", repr(shape), f"(height, width, channels) with {d} pixels",
-                     "pass image_shape=(8, 8, 1) for digits, (28, 28, 1) for MNIST")
+        checks.fail(
+            "image_shape",
+            repr(shape),
+            f"(height, width, channels) with {d} pixels",
+            "pass image_shape=(8, 8, 1) for digits, (28, 28, 1) for MNIST",
+        )
     return CNN(shape, num_classes, channels=channels, dense=dense, rngs=rngs)
 
 
@@ -126,14 +152,21 @@ class _Split:
 
 def _split(model: nnx.Module) -> tuple[_Split, Params]:
     if not isinstance(model, nnx.Module):
-        checks.fail("model", type(model).__name__, "a flax nnx.Module",
-                    "pass an nnx module; for linen, equinox or plain JAX pass apply(params, x) and "
-                    "loss_fn directly")
+        checks.fail(
+            "model",
+            type(model).__name__,
+            "a flax nnx.Module",
+            "pass an nnx module; for linen, equinox or plain JAX pass apply(params, x) and "
+            "loss_fn directly",
+        )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if not jax.tree_util.tree_leaves(params):
-        checks.fail("model", f"an {type(model).__name__} with no nnx.Param", "a module with trainable "
-                    "nnx.Param variables (the parameters influence differentiates)",
-                    "wrap trainable arrays in nnx.Param (nnx.Linear, nnx.Conv, nnx.Embed do)")
+        checks.fail(
+            "model",
+            f"an {type(model).__name__} with no nnx.Param",
+            "a module with trainable nnx.Param variables (the parameters influence differentiates)",
+            "wrap trainable arrays in nnx.Param (nnx.Linear, nnx.Conv, nnx.Embed do)",
+        )
     return _Split(graphdef, jax.tree_util.tree_structure(params), rest), nnx.to_pure_dict(params)
 
 
@@ -211,8 +244,9 @@ def linear_head_params(W: jax.Array, b: jax.Array) -> Params:
     return {"head": {"bias": jnp.asarray(b), "kernel": jnp.asarray(W)}}
 
 
-def frozen_features(features_fn: ApplyFn, params: Params, x: np.ndarray, *,
-                    batch_size: int = 512) -> np.ndarray:
+def frozen_features(
+    features_fn: ApplyFn, params: Params, x: np.ndarray, *, batch_size: int = 512
+) -> np.ndarray:
     """Penultimate activations of a trained network, for a "frozen features + linear head" model.
 
     Feed the result to a `LinearClassifier`: influence on the head then has a closed form
@@ -220,4 +254,6 @@ def frozen_features(features_fn: ApplyFn, params: Params, x: np.ndarray, *,
     """
     f = jax.jit(features_fn)
     xc, _, mc = kernels.pad_chunks(np.asarray(x), np.zeros(len(x), np.int32), batch_size)
-    return np.concatenate([np.asarray(f(params, xb))[mb > 0] for xb, mb in zip(xc, mc)]).astype(np.float32)
+    return np.concatenate([np.asarray(f(params, xb))[mb > 0] for xb, mb in zip(xc, mc)]).astype(
+        np.float32
+    )

@@ -18,7 +18,20 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from . import cache, checks, data, distributed, influence, io, models, pareto, plots, search, stats, train
+from . import (
+    cache,
+    checks,
+    data,
+    distributed,
+    influence,
+    io,
+    models,
+    pareto,
+    plots,
+    search,
+    stats,
+    train,
+)
 from .config import DataConfig, InfluenceConfig, ModelConfig, RunConfig  # noqa: F401  (the job's records)
 from .setup import build_model, load_data
 
@@ -68,7 +81,9 @@ def format_table(class_names, columns: dict[str, Any], *, fmt: str = "{:.3f}") -
         cells = []
         for h, w in zip(heads, widths):
             v = columns[h][i]
-            cells.append((fmt.format(v) if isinstance(v, (float, np.floating)) else str(v)).rjust(w))
+            cells.append(
+                (fmt.format(v) if isinstance(v, (float, np.floating)) else str(v)).rjust(w)
+            )
         lines.append(n.ljust(w0) + "  " + "  ".join(cells))
     return "\n".join(lines)
 
@@ -97,8 +112,14 @@ class Job(NamedTuple):
 
     def metrics(self, params) -> dict:
         K = self.splits.num_classes
-        return {n: train.evaluate(self.apply, params, d.x, d.y, K).to_dict()
-                for n, d in (("train", self.splits.train), ("val", self.splits.val), ("test", self.splits.test))}
+        return {
+            n: train.evaluate(self.apply, params, d.x, d.y, K).to_dict()
+            for n, d in (
+                ("train", self.splits.train),
+                ("val", self.splits.val),
+                ("test", self.splits.test),
+            )
+        }
 
     def epoch_fn(self):
         n = len(self.splits.train)
@@ -109,8 +130,14 @@ class Job(NamedTuple):
 
 def make_job(config: RunConfig, out) -> Job:
     root = Path(config.out_dir)
-    print(f"[data] loading {config.data.name} (text corpora are featurised on first use: a minute or two)"
-          if config.data.name in ("emotion", "ag_news") else f"[data] loading {config.data.name}", file=out, flush=True)
+    print(
+        f"[data] loading {config.data.name} (text corpora are featurised on first use: a minute or "
+        "two)"
+        if config.data.name in ("emotion", "ag_news")
+        else f"[data] loading {config.data.name}",
+        file=out,
+        flush=True,
+    )
     t0 = time.perf_counter()
     splits = load_data(config.data)
     print(f"[data] done in {time.perf_counter() - t0:.1f} s", file=out, flush=True)
@@ -122,30 +149,56 @@ def make_job(config: RunConfig, out) -> Job:
     tcfg = config.train
     if tcfg.epochs not in tcfg.checkpoint_epochs:
         tcfg = dataclasses.replace(tcfg, checkpoint_epochs=(*tcfg.checkpoint_epochs, tcfg.epochs))
-    print(f"dataset {splits.train.name.split('/')[0]}: {len(splits.train)} train / "
-          f"{len(splits.val)} val / {len(splits.test)} test, {splits.num_classes} classes; "
-          f"model {config.model.kind}", file=out)
+    print(
+        f"dataset {splits.train.name.split('/')[0]}: {len(splits.train)} train / "
+        f"{len(splits.val)} val / {len(splits.test)} test, {splits.num_classes} classes; "
+        f"model {config.model.kind}",
+        file=out,
+    )
     loss_fn = models.per_sample_loss(apply)
-    return Job(config, splits, apply, params0, loss_fn, tcfg, train.Objective.of(loss_fn, tcfg),
-               mesh, Stages(root, log=out), out)
+    return Job(
+        config,
+        splits,
+        apply,
+        params0,
+        loss_fn,
+        tcfg,
+        train.Objective.of(loss_fn, tcfg),
+        mesh,
+        Stages(root, log=out),
+        out,
+    )
 
 
 def stage_train(job: Job, progress: bool):
     """1. Train; returns (checkpoint state, metrics before reweighting)."""
     config, st, tcfg = job.config, job.stages, job.train_config
     n_dev = 1 if job.mesh is None else distributed.describe(job.mesh)["devices"]
-    fp = io.fingerprint("train", config.data, config.model, tcfg,
-                        *(() if n_dev == 1 else (("devices", n_dev),)))
+    fp = io.fingerprint(
+        "train", config.data, config.model, tcfg, *(() if n_dev == 1 else (("devices", n_dev),))
+    )
     tdir = st.root / "train"
     if not st.done("train", fp):
-        res = train.train(job.loss_fn, job.params0, job.splits.train.x, job.splits.train.y, tcfg,
-                          num_classes=job.splits.num_classes, run_dir=tdir, progress=progress,
-                          epoch_fn=job.epoch_fn())
+        res = train.train(
+            job.loss_fn,
+            job.params0,
+            job.splits.train.x,
+            job.splits.train.y,
+            tcfg,
+            num_classes=job.splits.num_classes,
+            run_dir=tdir,
+            progress=progress,
+            epoch_fn=job.epoch_fn(),
+        )
         metrics = job.metrics(res.params)
         metrics["history"] = list(res.history)
         io.write_json(tdir / "metrics.json", metrics)
-        if not train.checkpoint_path(tdir, tcfg.epochs).exists():  # never mark a failed stage finished
-            raise RuntimeError(f"training wrote no checkpoint at {train.checkpoint_path(tdir, tcfg.epochs)}")
+        if not train.checkpoint_path(
+            tdir, tcfg.epochs
+        ).exists():  # never mark a failed stage finished
+            raise RuntimeError(
+                f"training wrote no checkpoint at {train.checkpoint_path(tdir, tcfg.epochs)}"
+            )
         st.finish("train", fp, {"data": config.data, "model": config.model, "train": tcfg})
     template = train.init_state(job.params0, tcfg)
     state = train.load_checkpoint(train.checkpoint_path(tdir, tcfg.epochs), template)
@@ -159,16 +212,34 @@ def stage_influence(job: Job, state, fp_train: str, progress: bool = False):
     fp = io.fingerprint("influence", fp_train, icfg)
     if not st.done("influence", fp):
         if icfg is None and job.config.model.kind == "linear":
-            r = influence.linear_category_influence(state.params, s.train.x, s.train.y, s.val.x, s.val.y,
-                                                    num_classes=K, weight_decay=job.objective.weight_decay)
+            r = influence.linear_category_influence(
+                state.params,
+                s.train.x,
+                s.train.y,
+                s.val.x,
+                s.val.y,
+                num_classes=K,
+                weight_decay=job.objective.weight_decay,
+            )
         else:
             r = influence.category_influence(
-                job.objective, state.params, s.train.x, s.train.y, s.val.x, s.val.y, num_classes=K,
-                apply=job.apply, mesh=job.mesh, progress=progress,
-                config=icfg or InfluenceConfig(curvature="gauss_newton"))
+                job.objective,
+                state.params,
+                s.train.x,
+                s.train.y,
+                s.val.x,
+                s.val.y,
+                num_classes=K,
+                apply=job.apply,
+                mesh=job.mesh,
+                progress=progress,
+                config=icfg or InfluenceConfig(curvature="gauss_newton"),
+            )
         d = st.dir("influence")
         r = dataclasses.replace(r, names=tuple(s.class_names), sample_ids=np.arange(len(s.train)))
-        r.save(d / "P.npz")  # plain keys: P, names, sample_ids, solutions, meta (InfluenceResult.load)
+        r.save(
+            d / "P.npz"
+        )  # plain keys: P, names, sample_ids, solutions, meta (InfluenceResult.load)
         io.write_json(d / "influence.json", r.summary())
         st.finish("influence", fp, icfg)
     idir = st.root / "influence"
@@ -201,16 +272,28 @@ def choose_step(job: Job, state, w, targets) -> tuple[np.ndarray, dict]:
     scored = {}
     for t in job.config.steps:
         wt = 1.0 + t * (np.asarray(w) - 1.0)
-        acc = val(train.train(job.loss_fn, None, s.train.x, s.train.y, job.train_config, weights=wt, **kw).params)
+        acc = val(
+            train.train(
+                job.loss_fn, None, s.train.x, s.train.y, job.train_config, weights=wt, **kw
+            ).params
+        )
         scored[float(t)] = evaluation.fitness(acc - plain, targets) + (acc - plain,)
     best = max(scored, key=lambda t: scored[t][:2])
     ok = np.isfinite(scored[best][0])
     return 1.0 + best * (np.asarray(w) - 1.0), {
-        "step": best, "step_found": bool(ok),
-        "step_note": ("every target gained on validation at this step" if ok else
-                      "no step gained on every target on validation; the step with the best mean target gain is kept"),
-        "step_candidates": {str(t): {"fitness": v[0], "target_gain": v[1], "val_change": v[2].tolist()}
-                            for t, v in scored.items()}}
+        "step": best,
+        "step_found": bool(ok),
+        "step_note": (
+            "every target gained on validation at this step"
+            if ok
+            else "no step gained on every target on validation; the step with the best mean "
+            "target gain is kept"
+        ),
+        "step_candidates": {
+            str(t): {"fitness": v[0], "target_gain": v[1], "val_change": v[2].tolist()}
+            for t, v in scored.items()
+        },
+    }
 
 
 def stage_weights(job: Job, P, state, targets, fp_inf: str, progress: bool):
@@ -218,9 +301,19 @@ def stage_weights(job: Job, P, state, targets, fp_inf: str, progress: bool):
     program summary, fingerprint)."""
     config, st, s = job.config, job.stages, job.splits
     name = "program" if config.search is None else "search"
-    fp = (io.fingerprint("program", fp_inf, targets, config.alpha, config.reweight, config.steps,
-                         config.retrain_epochs if config.steps else None) if name == "program"
-          else io.fingerprint("search", fp_inf, targets, config.search))
+    fp = (
+        io.fingerprint(
+            "program",
+            fp_inf,
+            targets,
+            config.alpha,
+            config.reweight,
+            config.steps,
+            config.retrain_epochs if config.steps else None,
+        )
+        if name == "program"
+        else io.fingerprint("search", fp_inf, targets, config.search)
+    )
     if not st.done(name, fp):
         d = st.dir(name)
         if name == "program":
@@ -229,16 +322,47 @@ def stage_weights(job: Job, P, state, targets, fp_inf: str, progress: bool):
             if w is not None and config.steps:
                 w, choice = choose_step(job, state, w, targets)
                 prog.update(choice)
-            made_by = {"targets": targets, "alpha": config.alpha, "reweight": config.reweight,
-                       "steps": config.steps}
+            made_by = {
+                "targets": targets,
+                "alpha": config.alpha,
+                "reweight": config.reweight,
+                "steps": config.steps,
+            }
         else:
-            prob = search.SearchProblem(job.loss_fn, job.apply, state, job.train_config, s.train.x,
-                                        s.train.y, s.val.x, s.val.y, s.test.x, s.test.y, s.num_classes)
-            r = search.run_search(prob, P, targets, config=config.search, progress=progress,
-                                  checkpoint=str(d / f"state_{fp}.json"), mesh=job.mesh)
-            w, prog = r.weights, {"targets": targets, "alpha": r.best.alpha, "rho": r.best.rho,
-                                  "fitness": r.best.fitness, "found": r.found,
-                                  "history": list(r.history), **r.program}
+            prob = search.SearchProblem(
+                job.loss_fn,
+                job.apply,
+                state,
+                job.train_config,
+                s.train.x,
+                s.train.y,
+                s.val.x,
+                s.val.y,
+                s.test.x,
+                s.test.y,
+                s.num_classes,
+            )
+            r = search.run_search(
+                prob,
+                P,
+                targets,
+                config=config.search,
+                progress=progress,
+                checkpoint=str(d / f"state_{fp}.json"),
+                mesh=job.mesh,
+            )
+            w, prog = (
+                r.weights,
+                {
+                    "targets": targets,
+                    "alpha": r.best.alpha,
+                    "rho": r.best.rho,
+                    "fitness": r.best.fitness,
+                    "found": r.found,
+                    "history": list(r.history),
+                    **r.program,
+                },
+            )
             made_by = {"targets": targets, "search": config.search}
         if w is not None:
             io.save_pytree(d / "weights.npz", {"w": w})
@@ -253,12 +377,19 @@ def stage_retrain(job: Job, state, w, fp_w: str) -> dict:
     fp = io.fingerprint("retrain", fp_w, n_ep)
     if not st.done("retrain", fp):
         kw = dict(state=state, epochs=n_ep, epoch_fn=job.epoch_fn())
-        new = train.train(job.loss_fn, None, s.train.x, s.train.y, job.train_config, weights=w, **kw).params
+        new = train.train(
+            job.loss_fn, None, s.train.x, s.train.y, job.train_config, weights=w, **kw
+        ).params
         plain = train.train(job.loss_fn, None, s.train.x, s.train.y, job.train_config, **kw).params
         correct = lambda p: (train.predict(job.apply, p, s.test.x) == s.test.y).astype(int).tolist()  # noqa: E731
-        io.write_json(st.dir("retrain") / "metrics.json",
-                      {"reweighted": job.metrics(new), "unweighted": job.metrics(plain),
-                       "test_correct": {"reweighted": correct(new), "unweighted": correct(plain)}})
+        io.write_json(
+            st.dir("retrain") / "metrics.json",
+            {
+                "reweighted": job.metrics(new),
+                "unweighted": job.metrics(plain),
+                "test_correct": {"reweighted": correct(new), "unweighted": correct(plain)},
+            },
+        )
         st.finish("retrain", fp, {"retrain_epochs": n_ep})
     return io.read_json(st.root / "retrain" / "metrics.json")
 
@@ -270,8 +401,12 @@ def _fmt(v) -> str:
 def class_mcnemar(after: dict, y_test, num_classes: int) -> list[float]:
     """Per class, the exact two-sided McNemar p-value (`stats.mcnemar`) of the reweighted against
     the plain extra-epoch model on the test samples of that class (paired: the same images)."""
-    return stats.class_mcnemar(after["test_correct"]["reweighted"], after["test_correct"]["unweighted"],
-                               y_test, num_classes)
+    return stats.class_mcnemar(
+        after["test_correct"]["reweighted"],
+        after["test_correct"]["unweighted"],
+        y_test,
+        num_classes,
+    )
 
 
 def harm_sentence(names, change, pvals, targets, level: float = 0.05) -> str:
@@ -280,10 +415,16 @@ def harm_sentence(names, change, pvals, targets, level: float = 0.05) -> str:
     better = [(n, 100 * d, p) for n, d, p in zip(names, change, pvals) if d > 0 and p < level]
     if worse:
         s = "; ".join(f"class {n} {d:+.1f} points (p = {p:.3f})" for n, d, p in worse)
-        head = f"Beyond noise (exact McNemar p < {level}), re-weighting made some classes WORSE than plain training: {s}."
+        head = (
+            f"Beyond noise (exact McNemar p < {level}), re-weighting made some classes WORSE than "
+            f"plain training: {s}."
+        )
     else:
-        head = (f"No class got worse than plain training beyond noise (every drop has McNemar p >= {level} "
-                "on this test split).")
+        head = (
+            "No class got worse than plain training beyond noise (every drop has McNemar p >= "
+            f"{level} "
+            "on this test split)."
+        )
     gains = "; ".join(f"class {n} {d:+.1f} points (p = {p:.3f})" for n, d, p in better)
     tail = f" Gains beyond noise: {gains}." if better else " No gain is beyond noise either."
     return head + tail + f" Targets: {', '.join(map(str, targets))}."
@@ -293,37 +434,74 @@ def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
     """6. summary.json and the console report: ceiling, program, per-class test accuracy."""
     names, out, root = job.splits.class_names, job.out, job.stages.root
     ceiling, prog = summary["ceiling"], summary["program"]
-    summary["test_accuracy"] = {"before": before["test"]["accuracy"],
-                                "reweighted": after["reweighted"]["test"]["accuracy"],
-                                "unweighted": after["unweighted"]["test"]["accuracy"]}
+    summary["test_accuracy"] = {
+        "before": before["test"]["accuracy"],
+        "reweighted": after["reweighted"]["test"]["accuracy"],
+        "unweighted": after["unweighted"]["test"]["accuracy"],
+    }
     pvals = class_mcnemar(after, job.splits.test.y, len(names))
     summary["test_mcnemar_p"] = pvals
     io.write_json(root / "summary.json", summary)
-    print(f"ceiling test: first-order Pareto improvement {'exists' if ceiling['improvable'] else 'does not exist'} "
-          f"(t* = {ceiling['t_star']:.3g}; PCA heuristic ratio {ceiling['pca_explained_ratio (heuristic)']:.2f})",
-          file=out)
+    print(
+        "ceiling test: first-order Pareto improvement "
+        f"{'exists' if ceiling['improvable'] else 'does not exist'} (t* = {ceiling['t_star']:.3g}; "
+        f"PCA heuristic ratio {ceiling['pca_explained_ratio (heuristic)']:.2f})",
+        file=out,
+    )
     if "found" in prog:
-        print(f"search: {'found a weighting' if prog['found'] else 'found no weighting better than w = 1 on validation'}"
-              f" (alpha {_fmt(prog.get('alpha'))}, rho {_fmt(prog.get('rho'))}, fitness {_fmt(prog.get('fitness'))})",
-              file=out)
+        print(
+            "search: "
+            + (
+                "found a weighting"
+                if prog["found"]
+                else "found no weighting better than w = 1 on validation"
+            )
+            + f" (alpha {_fmt(prog.get('alpha'))}, rho {_fmt(prog.get('rho'))}, fitness "
+            f"{_fmt(prog.get('fitness'))})",
+            file=out,
+        )
     else:
-        print(f"program: alpha {_fmt(prog.get('alpha'))}, rho {_fmt(job.config.reweight.rho)}"
-              + (f", step {prog['step']:g} chosen on validation from {list(prog['step_candidates'])} "
-                 f"({prog['step_note']})" if "step" in prog else ""), file=out)
-    print(f"program: targets {summary['targets']}, {prog['n_saturated']} weights saturated, "
-          f"max violation {prog['max_violation']:.1e}", file=out)
+        print(
+            f"program: alpha {_fmt(prog.get('alpha'))}, rho {_fmt(job.config.reweight.rho)}"
+            + (
+                f", step {prog['step']:g} chosen on validation from "
+                f"{list(prog['step_candidates'])} "
+                f"({prog['step_note']})"
+                if "step" in prog
+                else ""
+            ),
+            file=out,
+        )
+    print(
+        f"program: targets {summary['targets']}, {prog['n_saturated']} weights saturated, "
+        f"max violation {prog['max_violation']:.1e}",
+        file=out,
+    )
     b = np.asarray(before["test"]["accuracy"])
     a = np.asarray(after["reweighted"]["test"]["accuracy"])
     u = np.asarray(after["unweighted"]["test"]["accuracy"])
     n_ep = job.config.retrain_epochs
-    print(format_table(names, {"test before": b, f"+{n_ep} ep plain": u, f"+{n_ep} ep reweighted": a,
-                               "change (pts)": np.array([f"{100 * (x - y):+.1f}" for x, y in zip(a, u)]),
-                               "McNemar p": np.array([f"{p:.3f}" for p in pvals])}), file=out)
+    print(
+        format_table(
+            names,
+            {
+                "test before": b,
+                f"+{n_ep} ep plain": u,
+                f"+{n_ep} ep reweighted": a,
+                "change (pts)": np.array([f"{100 * (x - y):+.1f}" for x, y in zip(a, u)]),
+                "McNemar p": np.array([f"{p:.3f}" for p in pvals]),
+            },
+        ),
+        file=out,
+    )
     print(harm_sentence(names, a - u, pvals, summary["targets"]), file=out)
-    print(f"overall test accuracy: before {before['test']['overall_accuracy']:.4f}, plain "
-          f"{after['unweighted']['test']['overall_accuracy']:.4f}, reweighted "
-          f"{after['reweighted']['test']['overall_accuracy']:.4f}; run folder {root} "
-          f"(figures and tables: pareto-jax report {root})", file=out)
+    print(
+        f"overall test accuracy: before {before['test']['overall_accuracy']:.4f}, plain "
+        f"{after['unweighted']['test']['overall_accuracy']:.4f}, reweighted "
+        f"{after['reweighted']['test']['overall_accuracy']:.4f}; run folder {root} "
+        f"(figures and tables: pareto-jax report {root})",
+        file=out,
+    )
     return summary
 
 
@@ -352,20 +530,41 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
     job = make_job(config, out or sys.stdout)
     names = job.splits.class_names
     state, before, fp_train = _timed(job, "train", stage_train, job, progress)
-    P, inf_summary, fp_inf = _timed(job, "influence", stage_influence, job, state, fp_train, progress)
+    P, inf_summary, fp_inf = _timed(
+        job, "influence", stage_influence, job, state, fp_train, progress
+    )
     ceiling = _timed(job, "ceiling", stage_ceiling, job, P, fp_inf)
     val_acc = np.asarray(before["val"]["accuracy"])
-    targets = tuple(config.targets) if config.targets else tuple(int(i) for i in np.argsort(val_acc, kind="stable")[:2])
-    name, prog, fp_w = _timed(job, "weights", stage_weights, job, P, state, targets, fp_inf, progress)
+    targets = (
+        tuple(config.targets)
+        if config.targets
+        else tuple(int(i) for i in np.argsort(val_acc, kind="stable")[:2])
+    )
+    name, prog, fp_w = _timed(
+        job, "weights", stage_weights, job, P, state, targets, fp_inf, progress
+    )
     st = job.stages
-    summary = {"targets": [names[t] for t in targets], "ceiling": ceiling, "influence": inf_summary,
-               "program": prog, "stages_run": st.ran, "stages_skipped": st.skipped}
+    summary = {
+        "targets": [names[t] for t in targets],
+        "ceiling": ceiling,
+        "influence": inf_summary,
+        "program": prog,
+        "stages_run": st.ran,
+        "stages_skipped": st.skipped,
+    }
     if prog["status"] != 0:
         io.write_json(st.root / "summary.json", summary)
-        print(f"reweighting program for targets {[names[t] for t in targets]}: status "
-              f"{prog['status']} ({prog['message']})", file=job.out)
+        print(
+            f"reweighting program for targets {[names[t] for t in targets]}: status "
+            f"{prog['status']} ({prog['message']})",
+            file=job.out,
+        )
         raise ProgramFailed(prog["status"], prog["message"])
-    w = np.asarray(io.load_pytree(st.root / name / "weights.npz", {"w": np.zeros(len(job.splits.train))})[0]["w"])
+    w = np.asarray(
+        io.load_pytree(st.root / name / "weights.npz", {"w": np.zeros(len(job.splits.train))})[0][
+            "w"
+        ]
+    )
     after = _timed(job, "retrain", stage_retrain, job, state, w, fp_w)
     return report(job, summary, before, after)
 
@@ -382,8 +581,12 @@ def write_report(run_dir) -> Path:
     first-order frontier of the targets."""
     root = Path(run_dir)
     if not (root / "summary.json").exists() or not (root / "retrain" / "metrics.json").exists():
-        checks.fail("RUN_DIR", str(root), "a finished run folder (with summary.json and retrain/)",
-                    "run `pareto-jax run --out RUN_DIR` to the end first")
+        checks.fail(
+            "RUN_DIR",
+            str(root),
+            "a finished run folder (with summary.json and retrain/)",
+            "run `pareto-jax run --out RUN_DIR` to the end first",
+        )
     summary, cfg = io.read_json(root / "summary.json"), io.read_json(root / "config.json")
     after = io.read_json(root / "retrain" / "metrics.json")
     before = io.read_json(root / "train" / "metrics.json")
@@ -397,30 +600,74 @@ def write_report(run_dir) -> Path:
     u = np.asarray(after["unweighted"]["test"]["accuracy"])
     a = np.asarray(after["reweighted"]["test"]["accuracy"])
     pv = summary.get("test_mcnemar_p") or [float("nan")] * len(names)
-    figs = [plots.bars(["plain extra epochs", "re-weighted"], 100 * np.stack([u - b, a - b]), out / "change.png",
-                       title="test accuracy change from the trained model", ylabel="points", class_names=names),
-            plots.histogram(w, out / "weights.png", title=f"sample weights ({wdir})", xlabel="w"),
-            plots.heatmap(np.corrcoef(P.T), out / "influence_correlation.png",
-                          title="correlation of P's columns", class_names=names, xlabel="class",
-                          ylabel="class", cbar="correlation")]
+    figs = [
+        plots.bars(
+            ["plain extra epochs", "re-weighted"],
+            100 * np.stack([u - b, a - b]),
+            out / "change.png",
+            title="test accuracy change from the trained model",
+            ylabel="points",
+            class_names=names,
+        ),
+        plots.histogram(w, out / "weights.png", title=f"sample weights ({wdir})", xlabel="w"),
+        plots.heatmap(
+            np.corrcoef(P.T),
+            out / "influence_correlation.png",
+            title="correlation of P's columns",
+            class_names=names,
+            xlabel="class",
+            ylabel="class",
+            cbar="correlation",
+        ),
+    ]
     tg = [names.index(t) for t in summary["targets"] if t in names]
     if len(tg) >= 2:
         fr = pareto.pareto_frontier(P, n_random=8, seed=0)
-        figs.append(plots.frontier_plot(fr.gains, fr.ceiling, tg[0], tg[1], out / "frontier.png", class_names=names))
+        figs.append(
+            plots.frontier_plot(
+                fr.gains, fr.ceiling, tg[0], tg[1], out / "frontier.png", class_names=names
+            )
+        )
     ceil, prog = summary["ceiling"], summary["program"]
-    md = [f"# pareto-jax run: {cfg['data']['name']}, model {cfg['model']['kind']}", "",
-          f"Run folder `{root}`; targets {', '.join(summary['targets'])}.", "",
-          _md_row(["class", "test before", "plain extra epochs", "re-weighted", "change (points)", "McNemar p"]),
-          _md_row(["---"] * 6)]
-    md += [_md_row([n, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}", f"{100 * (z - y):+.1f}", f"{p:.3f}"])
-           for n, x, y, z, p in zip(names, b, u, a, pv)]
-    md += ["", harm_sentence(names, a - u, pv, summary["targets"]), "",
-           f"**Ceiling test**: a first-order Pareto improvement {'exists' if ceil['improvable'] else 'does not exist'}"
-           f" (t* = {ceil['t_star']:.3g}).", "",
-           f"**Weights** ({wdir}): status {prog.get('status')} ({prog.get('message')}), "
-           f"alpha {_fmt(prog.get('alpha'))}" + (f", found {prog['found']}" if "found" in prog else "")
-           + f"; {int((np.abs(w - 1) > 1e-9).sum())} of {len(w)} weights changed.", ""]
+    md = [
+        f"# pareto-jax run: {cfg['data']['name']}, model {cfg['model']['kind']}",
+        "",
+        f"Run folder `{root}`; targets {', '.join(summary['targets'])}.",
+        "",
+        _md_row(
+            [
+                "class",
+                "test before",
+                "plain extra epochs",
+                "re-weighted",
+                "change (points)",
+                "McNemar p",
+            ]
+        ),
+        _md_row(["---"] * 6),
+    ]
+    md += [
+        _md_row([n, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}", f"{100 * (z - y):+.1f}", f"{p:.3f}"])
+        for n, x, y, z, p in zip(names, b, u, a, pv)
+    ]
+    md += [
+        "",
+        harm_sentence(names, a - u, pv, summary["targets"]),
+        "",
+        "**Ceiling test**: a first-order Pareto improvement "
+        f"{'exists' if ceil['improvable'] else 'does not exist'}"
+        f" (t* = {ceil['t_star']:.3g}).",
+        "",
+        f"**Weights** ({wdir}): status {prog.get('status')} ({prog.get('message')}), "
+        f"alpha {_fmt(prog.get('alpha'))}"
+        + (f", found {prog['found']}" if "found" in prog else "")
+        + f"; {int((np.abs(w - 1) > 1e-9).sum())} of {len(w)} weights changed.",
+        "",
+    ]
     md += [f"![]({f.get_label()})" for f in figs]
-    io.write_json(out / "report.json", {"figures": [f.get_label() for f in figs], "targets": summary["targets"]})
+    io.write_json(
+        out / "report.json",
+        {"figures": [f.get_label() for f in figs], "targets": summary["targets"]},
+    )
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out / "report.md"

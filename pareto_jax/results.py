@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from typing import Any
 
 from .checks import NumericalError
 
@@ -54,7 +53,9 @@ def message(status: int) -> str:
         return f"unknown status {int(status)}"
 
 
-def raise_for_status(status: int, stage: str, detail: str = "", *, allowed=(Status.SUCCESS,)) -> None:
+def raise_for_status(
+    status: int, stage: str, detail: str = "", *, allowed=(Status.SUCCESS,)
+) -> None:
     """Raise `NumericalError` naming the stage unless `status` is one of `allowed`."""
     if int(status) not in tuple(int(a) for a in allowed):
         extra = f": {detail}" if detail else ""
@@ -115,4 +116,3 @@ def pytree_result(*, data: tuple[str, ...]):
         return cls
 
     return register
-

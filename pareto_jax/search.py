@@ -26,8 +26,8 @@ import numpy as np
 
 from . import checks, io, pareto
 from .config import SearchConfig
-from .results import pytree_result
 from .evaluation import NEG_INF, Evaluator, SearchProblem, fitness, relative_change
+from .results import pytree_result
 
 
 class Genome:
@@ -68,8 +68,14 @@ class Genome:
         progs = [self.program_of(g, targets, K) for g in genomes]
         rhos = None if self.config.search_rho is None else np.array([p[1].rho for p in progs])
         betas = None if self.config.others_weight is None else np.stack([p[2] for p in progs])
-        return pareto.prepare(P, targets, np.stack([p[0] for p in progs]), self.config.reweight, rhos=rhos,
-                              class_weights=betas)
+        return pareto.prepare(
+            P,
+            targets,
+            np.stack([p[0] for p in progs]),
+            self.config.reweight,
+            rhos=rhos,
+            class_weights=betas,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +91,19 @@ class Candidate:
     status: int
 
 
-@pytree_result(data=("weights", "params", "ref_val", "ref_test", "val_acc", "test_acc", "delta_val", "delta_test",
-                    "test_correct"))
+@pytree_result(
+    data=(
+        "weights",
+        "params",
+        "ref_val",
+        "ref_test",
+        "val_acc",
+        "test_acc",
+        "delta_val",
+        "delta_test",
+        "test_correct",
+    )
+)
 @dataclasses.dataclass(frozen=True, eq=False)
 class SearchResult:
     """Outcome of `run_search`.
@@ -126,7 +143,13 @@ class Population:
     """Evaluates α vectors (program → one weighted epoch → Δ → fitness), with a cache."""
 
     def __init__(self, ev: Evaluator, P, targets, ref_val, config: SearchConfig):
-        self.ev, self.P, self.targets, self.ref_val, self.cfg = ev, P, tuple(targets), ref_val, config
+        self.ev, self.P, self.targets, self.ref_val, self.cfg = (
+            ev,
+            P,
+            tuple(targets),
+            ref_val,
+            config,
+        )
         self.genome = Genome(config)
         self.cache: dict[bytes, Candidate] = {}
         self.solutions: dict[bytes, pareto.ReweightResult] = {}
@@ -134,8 +157,13 @@ class Population:
     @property
     def fused(self) -> bool:
         c = self.cfg
-        return (c.batched and c.fused and c.retrain == "epoch" and self.ev.mesh is None
-                and c.reweight.solver == "device")
+        return (
+            c.batched
+            and c.fused
+            and c.retrain == "epoch"
+            and self.ev.mesh is None
+            and c.reweight.solver == "device"
+        )
 
     def solve(self, genomes: np.ndarray) -> list[pareto.ReweightResult]:
         """The programs of these genomes: one batched device solve, or one at a time (the
@@ -143,8 +171,10 @@ class Population:
         if self.cfg.batched:
             return pareto.solve_batch(self.genome.batch(self.P, genomes, self.targets))
         K = self.P.shape[1]
-        return [pareto.solve_reweighting(self.P, self.targets, a, c, class_weights=b)
-                for a, c, b in (self.genome.program_of(g, self.targets, K) for g in genomes)]
+        return [
+            pareto.solve_reweighting(self.P, self.targets, a, c, class_weights=b)
+            for a, c, b in (self.genome.program_of(g, self.targets, K) for g in genomes)
+        ]
 
     def generation(self, genomes: np.ndarray):
         """(program results, validation accuracies) of these genomes from one jitted call
@@ -186,20 +216,42 @@ def _rank_key(c: Candidate):
 
 
 def _cand_to_json(c: Candidate) -> dict:
-    return {"genome": c.genome.tolist(), "rho": c.rho, "fitness": repr(c.fitness),
-            "tiebreak": repr(c.tiebreak), "delta_val": c.delta_val.tolist(), "status": c.status}
+    return {
+        "genome": c.genome.tolist(),
+        "rho": c.rho,
+        "fitness": repr(c.fitness),
+        "tiebreak": repr(c.tiebreak),
+        "delta_val": c.delta_val.tolist(),
+        "status": c.status,
+    }
 
 
 def _cand_from_json(d: dict, K: int) -> Candidate:
     g = np.asarray(d["genome"], np.float64)
-    return Candidate(g, g[:K], d["rho"], float(d["fitness"]), float(d["tiebreak"]),
-                     np.asarray(d["delta_val"], np.float64), int(d["status"]))
+    return Candidate(
+        g,
+        g[:K],
+        d["rho"],
+        float(d["fitness"]),
+        float(d["tiebreak"]),
+        np.asarray(d["delta_val"], np.float64),
+        int(d["status"]),
+    )
 
 
-def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str = "direct",
-               ref_params=None, config: SearchConfig = SearchConfig(),
-               progress: bool = False, on_generation: Callable[[int, dict], None] | None = None,
-               checkpoint: str | None = None, mesh=None) -> SearchResult:
+def run_search(
+    problem: SearchProblem,
+    P,
+    targets: Sequence[int],
+    *,
+    mode: str = "direct",
+    ref_params=None,
+    config: SearchConfig = SearchConfig(),
+    progress: bool = False,
+    on_generation: Callable[[int, dict], None] | None = None,
+    checkpoint: str | None = None,
+    mesh=None,
+) -> SearchResult:
     """PARETO-LP-GA on a checkpoint (see the module docstring).
 
     Args:
@@ -230,8 +282,12 @@ def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str =
     K = problem.num_classes
     P = checks.as_influence_matrix(P, "P")
     if P.shape != (problem.x_train.shape[0], K):
-        checks.fail("P", f"shape {P.shape}", f"({problem.x_train.shape[0]}, {K})",
-                    "compute P on this problem's training set")
+        checks.fail(
+            "P",
+            f"shape {P.shape}",
+            f"({problem.x_train.shape[0]}, {K})",
+            "compute P on this problem's training set",
+        )
     targets = checks.as_class_indices(targets, K)
     if mode == "course_correction" and ref_params is None:
         checks.fail("ref_params", "None", "the ordinary epoch e+1 params", "pass ref_params")
@@ -241,17 +297,27 @@ def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str =
     pop = Population(ev, P, targets, ref_val, config)
     rng = np.random.default_rng(config.seed)
     start, genomes, history = _start(config, K, rng, pop, checkpoint)
-    for g in tqdm(range(start, config.generations), initial=start, total=config.generations,
-                  disable=not progress, desc="search", unit="gen"):
+    for g in tqdm(
+        range(start, config.generations),
+        initial=start,
+        total=config.generations,
+        disable=not progress,
+        desc="search",
+        unit="gen",
+    ):
         t0 = time.perf_counter()
         cands = pop.evaluate(genomes)
         history.append(_generation_record(g, cands, time.perf_counter() - t0))
         if g == config.generations - 1:
             continue  # (not break: the progress bar then shows the last generation as done)
         genomes = _next_generation(genomes, cands, rng, config)
-        state = {"next_generation": g + 1, "population": genomes.tolist(),
-                 "rng_state": rng.bit_generator.state, "history": history,
-                 "candidates": [_cand_to_json(c) for c in pop.cache.values()]}
+        state = {
+            "next_generation": g + 1,
+            "population": genomes.tolist(),
+            "rng_state": rng.bit_generator.state,
+            "history": history,
+            "candidates": [_cand_to_json(c) for c in pop.cache.values()],
+        }
         if checkpoint is not None:
             io.write_json(checkpoint, state)
         if on_generation is not None:
@@ -280,14 +346,20 @@ def _start(config: SearchConfig, K: int, rng, pop: Population, checkpoint):
 def _generation_record(g: int, cands: list[Candidate], seconds: float) -> dict:
     fin = [c.fitness for c in cands if np.isfinite(c.fitness)]
     best = max(cands, key=_rank_key)
-    return {"generation": g, "best_fitness": best.fitness, "best_target_gain": best.tiebreak,
-            "mean_finite_fitness": float(np.mean(fin)) if fin else NEG_INF,
-            "n_finite": len(fin), "n_infeasible": sum(c.status != 0 for c in cands),
-            "seconds": seconds}
+    return {
+        "generation": g,
+        "best_fitness": best.fitness,
+        "best_target_gain": best.tiebreak,
+        "mean_finite_fitness": float(np.mean(fin)) if fin else NEG_INF,
+        "n_finite": len(fin),
+        "n_infeasible": sum(c.status != 0 for c in cands),
+        "seconds": seconds,
+    }
 
 
-def _result(mode, targets, P, pop: Population, ev: Evaluator, ref, ref_val, history,
-            config: SearchConfig) -> SearchResult:
+def _result(
+    mode, targets, P, pop: Population, ev: Evaluator, ref, ref_val, history, config: SearchConfig
+) -> SearchResult:
     """The best candidate, its program solved once more on its own (so a resumed search, whose
     early candidates another process evaluated, returns exactly the same weights), retrained."""
     K = P.shape[1]
@@ -300,10 +372,24 @@ def _result(mode, targets, P, pop: Population, ev: Evaluator, ref, ref_val, hist
     ref_test = np.asarray(ev.acc(ref, ev.xt, ev.yt), np.float64)
     val_acc = np.asarray(ev.acc(params, ev.xv, ev.yv), np.float64)
     test_acc = np.asarray(ev.acc(params, ev.xt, ev.yt), np.float64)
-    return SearchResult(mode, targets, best, w, sol.summary(), params, ref_val, ref_test, val_acc,
-                        test_acc, relative_change(val_acc, ref_val), relative_change(test_acc, ref_test),
-                        tuple(history), tuple(everything), bool(np.isfinite(best.fitness)),
-                        ev.correct(jax.tree_util.tree_map(lambda a: a[None], params), "test")[0])
+    return SearchResult(
+        mode,
+        targets,
+        best,
+        w,
+        sol.summary(),
+        params,
+        ref_val,
+        ref_test,
+        val_acc,
+        test_acc,
+        relative_change(val_acc, ref_val),
+        relative_change(test_acc, ref_test),
+        tuple(history),
+        tuple(everything),
+        bool(np.isfinite(best.fitness)),
+        ev.correct(jax.tree_util.tree_map(lambda a: a[None], params), "test")[0],
+    )
 
 
 def crossover(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndarray:
@@ -333,5 +419,3 @@ def _next_generation(alphas, cands, rng, config: SearchConfig) -> np.ndarray:
         child = np.clip(child + mut * rng.normal(0, config.mutation_sigma, K), 0.0, 1.0)
         children.append(child)
     return np.stack(elite + children)
-
-

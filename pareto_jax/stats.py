@@ -34,5 +34,9 @@ def interval(values, level: float = 0.95) -> dict:
     n = v.size
     if n == 0:
         return {"mean": float("nan"), "half_width": float("nan"), "n": 0}
-    hw = float(scipy.stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    hw = (
+        float(scipy.stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / np.sqrt(n))
+        if n > 1
+        else 0.0
+    )
     return {"mean": float(v.mean()), "half_width": hw, "n": int(n)}

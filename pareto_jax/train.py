@@ -37,7 +37,8 @@ LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 class Objective:
     """The training objective, the one record of it (module docstring):
 
-        L_w(θ) = s · (1/N) Σ_i w_i ℓ(z_i; θ) + (λ/2)‖θ‖²,   s = N / Σ w (normalizer "weights") or 1 ("n").
+        L_w(θ) = s · (1/N) Σ_i w_i ℓ(z_i; θ) + (λ/2)‖θ‖²,   s = N / Σ w (normalizer "weights") or 1
+        ("n").
 
     Training builds it from its `TrainConfig` (`Objective.of`), and the same record is what
     influence (its curvature is this objective's at w = 1), the evaluator's retraining, the
@@ -56,8 +57,12 @@ class Objective:
 
     def __post_init__(self):
         if not callable(self.loss_fn):
-            checks.fail("loss_fn", type(self.loss_fn).__name__, "a function (params, x, y) -> scalar",
-                        "pass e.g. models.per_sample_loss(apply)")
+            checks.fail(
+                "loss_fn",
+                type(self.loss_fn).__name__,
+                "a function (params, x, y) -> scalar",
+                "pass e.g. models.per_sample_loss(apply)",
+            )
         checks.check_positive(self.weight_decay, "weight_decay", allow_zero=True)
         checks.check_choice(self.normalizer, "normalizer", NORMALIZERS)
         object.__setattr__(self, "weight_decay", float(self.weight_decay))
@@ -69,8 +74,15 @@ class Objective:
 
     def value(self, params, x, y, w) -> jax.Array:
         """L_w(θ) on the full batch (x, y) with weights w."""
-        return weighted_objective(self.loss_fn, params, x, y, w, weight_decay=self.weight_decay,
-                                  normalizer=self.normalizer)
+        return weighted_objective(
+            self.loss_fn,
+            params,
+            x,
+            y,
+            w,
+            weight_decay=self.weight_decay,
+            normalizer=self.normalizer,
+        )
 
 
 def as_objective(loss_fn, weight_decay=None) -> Objective:
@@ -78,12 +90,21 @@ def as_objective(loss_fn, weight_decay=None) -> Objective:
     a per-sample loss and its λ (the front doors' two ways in)."""
     if isinstance(loss_fn, Objective):
         if weight_decay is not None and float(weight_decay) != loss_fn.weight_decay:
-            checks.fail("weight_decay", repr(weight_decay), f"None (the objective's own λ = {loss_fn.weight_decay})",
-                        "drop weight_decay=, or pass the objective with the λ it was trained with")
+            checks.fail(
+                "weight_decay",
+                repr(weight_decay),
+                f"None (the objective's own λ = {loss_fn.weight_decay})",
+                "drop weight_decay=, or pass the objective with the λ it was trained with",
+            )
         return loss_fn
     if weight_decay is None:
-        checks.fail("weight_decay", "None", "the λ the model was trained with (it is part of the curvature)",
-                    "pass weight_decay=, or pass train.Objective.of(loss_fn, train_config) instead of loss_fn")
+        checks.fail(
+            "weight_decay",
+            "None",
+            "the λ the model was trained with (it is part of the curvature)",
+            "pass weight_decay=, or pass train.Objective.of(loss_fn, train_config) instead of "
+            "loss_fn",
+        )
     return Objective(loss_fn, weight_decay, "n")
 
 
@@ -105,8 +126,9 @@ def l2(params) -> jax.Array:
     return sum(jnp.vdot(p, p) for p in jax.tree_util.tree_leaves(params))
 
 
-def weighted_objective(loss_fn: LossFn, params, x, y, w, *, weight_decay: float,
-                       normalizer: str = "weights") -> jax.Array:
+def weighted_objective(
+    loss_fn: LossFn, params, x, y, w, *, weight_decay: float, normalizer: str = "weights"
+) -> jax.Array:
     """The full-batch training objective L_w(θ) (see the module docstring)."""
     losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, x, y)
     scale = 1.0 / (jnp.sum(w) if normalizer == "weights" else kernels.num_samples(x))
@@ -134,8 +156,16 @@ class EpochFns(NamedTuple):
     body: Callable
 
 
-def epoch_fns(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, batch: int, *,
-              axis_name: str | None = None, num_devices: int = 1) -> EpochFns:
+def epoch_fns(
+    loss_fn: LossFn,
+    config: TrainConfig,
+    m: int,
+    num_batches: int,
+    batch: int,
+    *,
+    axis_name: str | None = None,
+    num_devices: int = 1,
+) -> EpochFns:
     """The weighted epoch over the m samples this device holds (see `EpochFns`).
 
     The samples are shuffled with ``fold_in(seed, epoch_index)`` and cut into `num_batches`
@@ -149,7 +179,9 @@ def epoch_fns(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, ba
     opt = make_optimizer(config)
     objective = Objective.of(loss_fn, config)
     wd, norm, seed = objective.weight_decay, objective.normalizer, config.seed
-    psum = (lambda a: a) if axis_name is None else functools.partial(jax.lax.psum, axis_name=axis_name)
+    psum = (
+        (lambda a: a) if axis_name is None else functools.partial(jax.lax.psum, axis_name=axis_name)
+    )
 
     def batch_loss(params, xb, yb, wb, mb, scale):
         losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(params, xb, yb)
@@ -166,17 +198,24 @@ def epoch_fns(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, ba
         perm = jax.random.permutation(key, m) if num_batches > 1 else jnp.arange(m)
         pad = num_batches * batch - m
         idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(num_batches, batch)
-        slot = jnp.concatenate([jnp.ones((m,), w.dtype), jnp.zeros((pad,), w.dtype)]).reshape(num_batches, batch)
+        slot = jnp.concatenate([jnp.ones((m,), w.dtype), jnp.zeros((pad,), w.dtype)]).reshape(
+            num_batches, batch
+        )
         if mask is None:
             scale = m / jnp.sum(w) if norm == "weights" else jnp.asarray(1.0, w.dtype)
         else:
-            scale = psum(jnp.sum(mask)) / psum(jnp.sum(w * mask)) if norm == "weights" \
+            scale = (
+                psum(jnp.sum(mask)) / psum(jnp.sum(w * mask))
+                if norm == "weights"
                 else jnp.asarray(1.0, w.dtype)
+            )
         return idx, slot, scale
 
     def step(params, opt_state, x, y, w, mask, ib, sb, scale):
         mb = sb if mask is None else sb * mask[ib]
-        (_, data), g = jax.value_and_grad(batch_loss, has_aux=True)(params, kernels.take(x, ib), y[ib], w[ib], mb, scale)
+        (_, data), g = jax.value_and_grad(batch_loss, has_aux=True)(
+            params, kernels.take(x, ib), y[ib], w[ib], mb, scale
+        )
         if axis_name is not None:
             g = jax.tree_util.tree_map(lambda gi, p: gi + wd * p, psum(g), params)
         updates, opt_state = opt.update(g, opt_state, params)
@@ -207,7 +246,9 @@ class _SteppedEpoch:
         plan = lambda w, e: fns.plan(w, None, e)  # noqa: E731
         step = lambda p, o, x, y, w, ib, sb, sc: fns.step(p, o, x, y, w, None, ib, sb, sc)  # noqa: E731
         self.plan = jax.jit(jax.vmap(plan, (0, None)) if population else plan)
-        self.step = jax.jit(jax.vmap(step, (ax, ax, None, None, ax, None, None, ax)) if population else step)
+        self.step = jax.jit(
+            jax.vmap(step, (ax, ax, None, None, ax, None, None, ax)) if population else step
+        )
 
     def __call__(self, params, opt_state, x, y, w, epoch_index):
         idx, slot, scale = self.plan(w, epoch_index)
@@ -220,15 +261,22 @@ class _SteppedEpoch:
         return params, opt_state, jnp.mean(jnp.stack(losses), axis=0)
 
 
-def make_epoch_fn(loss_fn: LossFn, config: TrainConfig, n: int, *, population: bool = False,
-                  execution: str = "auto"):
+def make_epoch_fn(
+    loss_fn: LossFn,
+    config: TrainConfig,
+    n: int,
+    *,
+    population: bool = False,
+    execution: str = "auto",
+):
     """One weighted epoch: ``epoch(params, opt_state, x, y, w, epoch_index) -> (params, opt_state,
     mean_loss)``.
 
     Data and params are arguments (never captured constants). Shapes are static in n and the
     batch size, so it compiles once and is reused for every epoch, call and weight vector.
     With ``population=True``, w is a stack (M, n) of weightings trained at once, and params and
-    optimizer state carry a leading M axis (one member each; see `broadcast_population`). `execution`: "compiled"
+    optimizer state carry a leading M axis (one member each; see `broadcast_population`).
+    `execution`: "compiled"
     (one jitted `lax.scan` over the minibatches), "stepped" (the loop on the host over one
     jitted step) or "auto" (stepped on CPU, see `kernels.loops_on_host`); both run the same
     step.
@@ -286,7 +334,9 @@ def predict(apply, params, x, *, batch_size: int = 1024) -> np.ndarray:
     x = checks.as_inputs(x, "x")
     n = checks.num_inputs(x)
     chunks = kernels.pad_chunks(x, np.zeros(n, np.int32), batch_size)
-    out = [np.asarray(f(params, xb))[np.asarray(mb) > 0] for xb, _, mb in kernels.iter_chunks(chunks)]
+    out = [
+        np.asarray(f(params, xb))[np.asarray(mb) > 0] for xb, _, mb in kernels.iter_chunks(chunks)
+    ]
     return np.concatenate(out)
 
 
@@ -303,8 +353,13 @@ def evaluate(apply, params, x, y, num_classes: int, *, batch_size: int = 1024) -
         loss += np.asarray(l_, np.float64)
         cnt += np.asarray(c, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return ClassMetrics(acc / cnt, loss / cnt, cnt.astype(int), float(acc.sum() / cnt.sum()),
-                            float(loss.sum() / cnt.sum()))
+        return ClassMetrics(
+            acc / cnt,
+            loss / cnt,
+            cnt.astype(int),
+            float(acc.sum() / cnt.sum()),
+            float(loss.sum() / cnt.sum()),
+        )
 
 
 @pytree_result(data=("state",))
@@ -348,10 +403,21 @@ def load_checkpoint(path: str | Path, template: TrainState) -> TrainState:
     return TrainState(tree["params"], tree["opt_state"], int(extra["epoch"]))
 
 
-def train(loss_fn: LossFn, params, x, y, config: TrainConfig = TrainConfig(), *,
-          num_classes: int | None = None, weights=None, state: TrainState | None = None,
-          epochs: int | None = None, run_dir: str | Path | None = None,
-          progress: bool = False, epoch_fn=None) -> TrainResult:
+def train(
+    loss_fn: LossFn,
+    params,
+    x,
+    y,
+    config: TrainConfig = TrainConfig(),
+    *,
+    num_classes: int | None = None,
+    weights=None,
+    state: TrainState | None = None,
+    epochs: int | None = None,
+    run_dir: str | Path | None = None,
+    progress: bool = False,
+    epoch_fn=None,
+) -> TrainResult:
     """Train with per-sample weights; optionally continue from `state` and save checkpoints.
 
     Args:
@@ -383,15 +449,22 @@ def train(loss_fn: LossFn, params, x, y, config: TrainConfig = TrainConfig(), *,
     import sys
 
     tty = sys.stderr.isatty()  # in a log file: a line every 10 s at most, not one per refresh
-    bar = tqdm(range(st.epoch, st.epoch + n_ep), disable=not progress, desc="train", unit="epoch",
-               mininterval=0.1 if tty else 10.0, ascii=not tty)
+    bar = tqdm(
+        range(st.epoch, st.epoch + n_ep),
+        disable=not progress,
+        desc="train",
+        unit="epoch",
+        mininterval=0.1 if tty else 10.0,
+        ascii=not tty,
+    )
     for e in bar:
         p, o, loss = ep_fn(p, o, xd, yd, wd, e)
         loss = float(loss)
         if not np.isfinite(loss):
             raise checks.NumericalError(
                 f"training: the loss became {loss} at epoch {e + 1}. Fix: lower learning_rate "
-                "or raise weight_decay.")
+                "or raise weight_decay."
+            )
         history.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if run_dir is not None and (e + 1) in config.checkpoint_epochs:
@@ -399,14 +472,16 @@ def train(loss_fn: LossFn, params, x, y, config: TrainConfig = TrainConfig(), *,
     return TrainResult(TrainState(p, o, st.epoch + n_ep), tuple(history), ckpts)
 
 
-def train_one_epoch_from(loss_fn: LossFn, state: TrainState, x, y, weights,
-                         config: TrainConfig, *, epoch_fn=None) -> TrainState:
+def train_one_epoch_from(
+    loss_fn: LossFn, state: TrainState, x, y, weights, config: TrainConfig, *, epoch_fn=None
+) -> TrainState:
     """Train one weighted epoch from a checkpoint state θ^e (the search's inner step).
 
     With all-ones weights this is exactly the ordinary epoch e+1 (same batch order).
     """
-    return train(loss_fn, None, x, y, config, weights=weights, state=state, epochs=1,
-                 epoch_fn=epoch_fn).state
+    return train(
+        loss_fn, None, x, y, config, weights=weights, state=state, epochs=1, epoch_fn=epoch_fn
+    ).state
 
 
 @functools.lru_cache(maxsize=32)
@@ -442,15 +517,21 @@ def lbfgs_fit_fn(objective: Objective, max_iter: int, tol: float):
     return jax.jit(fit)
 
 
-def fit_lbfgs(objective: Objective, params, x, y, *, weights=None, max_iter: int = 1000, tol: float = 1e-6):
+def fit_lbfgs(
+    objective: Objective, params, x, y, *, weights=None, max_iter: int = 1000, tol: float = 1e-6
+):
     """Minimise the full-batch weighted objective L_w(θ) with optax's L-BFGS (zoom line search).
 
     For convex models this is "retraining to convergence": the reference the influence
     predictions are checked against. Returns (params, iterations, final gradient norm).
     """
     if not isinstance(objective, Objective):
-        checks.fail("objective", type(objective).__name__, "a train.Objective (loss, λ, normaliser)",
-                    "pass train.Objective(loss_fn, weight_decay, normalizer='n')")
+        checks.fail(
+            "objective",
+            type(objective).__name__,
+            "a train.Objective (loss, λ, normaliser)",
+            "pass train.Objective(loss_fn, weight_decay, normalizer='n')",
+        )
     x = checks.as_features(x, "x")
     w = np.ones(x.shape[0]) if weights is None else checks.as_weights(weights, x.shape[0])
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))

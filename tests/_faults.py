@@ -34,7 +34,9 @@ def _wrap_result(module, name, post):
         @functools.wraps(orig)
         def f(*a, **k):
             return post(orig(*a, **k), *a, **k)
+
         return f
+
     _swap(module, name, make)
 
 
@@ -44,21 +46,29 @@ def _wrap_args(module, name, pre):
         def f(*a, **k):
             a, k = pre(a, k)
             return orig(*a, **k)
+
         return f
+
     _swap(module, name, make)
 
 
 # ----------------------------------------------------------------------------- influence
 
+
 def _influence_sign():
     from pareto_jax import backend, closed_form
+
     _wrap_result(backend.Local, "influence_rows", lambda r, *a, **k: -r)
-    _wrap_result(closed_form, "linear_influence",
-                 lambda r, *a, **k: (-r[0], r[1]) if isinstance(r, tuple) else -r)
+    _wrap_result(
+        closed_form,
+        "linear_influence",
+        lambda r, *a, **k: (-r[0], r[1]) if isinstance(r, tuple) else -r,
+    )
 
 
 def _one_over_n_dropped():
     from pareto_jax import backend
+
     _wrap_result(backend.Local, "influence_rows", lambda r, self, f, m, th, U, ch, n: r * n)
 
 
@@ -67,6 +77,7 @@ def _damping_ignored():
 
     def pre(a, k):
         return a, {**k, "damping": 0.0 * k.get("damping", 0.0)}
+
     for name in ("solve_cg", "solve_cg_stepped", "solve_dense"):
         _wrap_args(linsolve, name, pre)
 
@@ -85,7 +96,9 @@ def _gauss_newton_diagonal_output_hessian():
             p = jax.nn.softmax(logits, -1)
             _, vjp = jax.vjp(fb, theta)
             return vjp(p * jv * mb[:, None])[0]  # diag(p) only: the −ppᵀ term dropped
+
         return chunk_product
+
     _swap(kernels, "chunk_product", make)
 
 
@@ -97,6 +110,7 @@ def _jvp_wrong_class():
     def pre(a, k):
         f, theta, U, xb, yb = a
         return (f, theta, jnp.roll(U, 1, axis=0), xb, yb), k
+
     _wrap_args(kernels, "jvp_chunk", pre)
 
 
@@ -106,6 +120,7 @@ def _class_gradient_wrong_class():
     def pre(a, k):
         f, theta, xb, yb, mb, counts, K = a
         return (f, theta, xb, (yb + 1) % K, mb, counts, K), k
+
     _wrap_args(kernels, "class_gradient_chunk", pre)
 
 
@@ -113,13 +128,16 @@ def _cg_one_step():
     import jax.numpy as jnp
 
     from pareto_jax import linsolve
+
     orig = linsolve.cg_direction
 
     def cg_direction(c, ok, z, tol):
         c = orig(c, ok, z, tol)
         return c._replace(active=jnp.zeros_like(c.active))
+
     _swap(linsolve, "cg_direction", lambda o: cg_direction)
     import jax
+
     linsolve._cg_direction = jax.jit(cg_direction)
 
 
@@ -132,7 +150,9 @@ def _ekfac_correction_skipped():
         @jax.jit
         def _corrected(C, vjp, p, c, mb, rot_in, QGs):
             return C  # the eigenvalue correction never accumulates: K-FAC's eigenvalues stay
+
         return _corrected
+
     _swap(kfac, "_corrected", make)
 
 
@@ -144,12 +164,14 @@ def _kfac_old_pseudo_gradient():
 
     def make(orig):
         def output_root(logits, y, output_loss=None):  # the formula before the fix: entry i of
-            if output_loss is not None:                # column c weighted by √p_i, not √p_c
+            if output_loss is not None:  # column c weighted by √p_i, not √p_c
                 return orig(logits, y, output_loss)
             p = jax.nn.softmax(logits, -1)
             eye = jnp.eye(p.shape[1], dtype=p.dtype)
             return jnp.sqrt(p)[:, :, None] * (p[:, :, None] - eye[None])
+
         return output_root
+
     _swap(kfac, "output_root", make)
 
 
@@ -158,16 +180,19 @@ def _closed_form_weight_decay_ignored():
 
     def pre(a, k):
         return a, {**k, "weight_decay": 0.0}
+
     _wrap_args(closed_form, "linear_influence", pre)
 
 
 def _cross_entropy_check_removed():
     from pareto_jax.influence import curvature
-    _swap(curvature, "cross_entropy_mismatch", lambda o: (lambda *a, **k: 0.0))
+
+    _swap(curvature, "cross_entropy_mismatch", lambda o: lambda *a, **k: 0.0)
 
 
 def _output_hessian_ignored():
     from pareto_jax.influence import curvature
+
     _wrap_args(curvature, "build", lambda a, k: (a[:4], {}))  # Gauss-Newton back to CE's H_out
 
 
@@ -178,14 +203,18 @@ def _adapter_not_in_eval_mode():
         def module(self, params):
             import jax
             from flax import nnx
+
             state = jax.tree_util.tree_unflatten(self.treedef, jax.tree_util.tree_leaves(params))
             return nnx.merge(self.graphdef, state, self.rest)  # dropout on, batch statistics live
+
         return module
+
     _swap(models._Split, "module", make)
 
 
 def _groups_ignored():
     from pareto_jax.influence import validation
+
     _wrap_args(validation, "groups", lambda a, k: ((None,) + tuple(a[1:]), k))
 
 
@@ -194,10 +223,12 @@ def _missing_psum():
 
     def pre(a, k):
         return a[:2], {**k}  # curvature_matvec(curv, data, axis_name) with axis_name dropped
+
     _wrap_args(kernels, "curvature_matvec", pre)
 
 
 # ----------------------------------------------------------------------------- program
+
 
 def _zero_duals():
     from pareto_jax.pareto import dual
@@ -205,6 +236,7 @@ def _zero_duals():
     def post(r, *a, **k):
         z, w, its, err = r
         return z * 0.0, w, its, err
+
     _wrap_result(dual, "dual_solve", post)
 
 
@@ -214,6 +246,7 @@ def _reduced_cost_sign():
     def pre(a, k):
         w, r, eta, lo, hi, tol = a
         return (w, -r, eta, lo, hi, tol), k
+
     _wrap_args(exact, "_certified", pre)
 
 
@@ -221,12 +254,16 @@ def _certificate_skipped():
     import jax.numpy as jnp
 
     from pareto_jax.pareto import exact
-    _swap(exact, "_certified", lambda o: (lambda w, r, eta, lo, hi, tol: jnp.ones(jnp.shape(w), bool)))
+
+    _swap(
+        exact, "_certified", lambda o: lambda w, r, eta, lo, hi, tol: jnp.ones(jnp.shape(w), bool)
+    )
 
 
 def _float64_recheck_skipped():
     from pareto_jax.pareto import program
-    _swap(program, "check_feasibility", lambda o: (lambda P, w, b, config: 0.0))
+
+    _swap(program, "check_feasibility", lambda o: lambda P, w, b, config: 0.0)
 
 
 def _qp_gap_skipped():
@@ -237,6 +274,7 @@ def _qp_gap_skipped():
     def post(r, *a, **k):
         status, gap, obj = r
         return jnp.zeros_like(status), gap, obj
+
     _wrap_result(exact, "qp_certificate", post)
 
 
@@ -245,6 +283,7 @@ def _simplex_dual_sign():
 
     def post(r, *a, **k):
         return r._replace(y=-r.y)
+
     _wrap_result(simplex, "dual_simplex", post)
 
 
@@ -255,6 +294,7 @@ def _ceiling_direction_flipped():
 
     def post(r, *a, **k):
         return dataclasses.replace(r, direction=-r.direction)
+
     _wrap_result(ceiling, "ceiling_test", post)
 
 
@@ -265,12 +305,20 @@ def _selection_drops_ties():
     from pareto_jax.pareto import select
 
     def make(orig):
-        def smallest(key, k, *, cap=None):  # ties at the k-th key never taken: the first keys below it, padded
+        def smallest(
+            key, k, *, cap=None
+        ):  # ties at the k-th key never taken: the first keys below it, padded
             idx = orig(key, k, cap=cap)
             kth = key[idx[-1]]
             below = jnp.nonzero(key < kth, size=k, fill_value=0)[0]
-            return jax.lax.sort_key_val(key[below], below)[1] if key.shape[0] > 4 * select.default_cap(k) else idx
+            return (
+                jax.lax.sort_key_val(key[below], below)[1]
+                if key.shape[0] > 4 * select.default_cap(k)
+                else idx
+            )
+
         return smallest
+
     _swap(select, "smallest", make)
 
 
@@ -280,10 +328,17 @@ def _gram_complement_not_subtracted():
     def make(orig):
         def weighted_gram(P, on, scale, live, cap, G=None, Q=None):
             import jax.numpy as jnp
+
             n_off = jnp.sum(live & ~on)
             full = orig(P, on, scale, live, cap, G, Q)
-            return full if G is None else jnp.where((jnp.sum(on & live) > cap) & (n_off <= cap), scale * G, full)
+            return (
+                full
+                if G is None
+                else jnp.where((jnp.sum(on & live) > cap) & (n_off <= cap), scale * G, full)
+            )
+
         return weighted_gram
+
     _swap(dual, "weighted_gram", make)
 
 
@@ -293,9 +348,12 @@ def _pair_products_wrong():
     def make(orig):
         def pair_products(P):  # p_ik p_ik instead of p_ik p_ij: the diagonal's pattern everywhere
             import numpy as np
+
             iu, _ = np.triu_indices(P.shape[1])
             return P[:, iu] * P[:, iu]
+
         return pair_products
+
     _swap(dual, "pair_products", make)
 
 
@@ -305,7 +363,10 @@ def _batch_rows_share_one_rho():
     from pareto_jax.pareto import program
 
     def post(batch, *a, **k):  # every row gets the first row's bounds
-        return dataclasses.replace(batch, lo=batch.lo * 0 + batch.lo[0], hi=batch.hi * 0 + batch.hi[0])
+        return dataclasses.replace(
+            batch, lo=batch.lo * 0 + batch.lo[0], hi=batch.hi * 0 + batch.hi[0]
+        )
+
     _wrap_result(program, "prepare", post)
 
 
@@ -314,6 +375,7 @@ def _kfac_weight_decay_twice():
 
     def pre(a, k):  # the old meaning of damping (λ + δ) with the factors' λ added again
         return a, {**k, "damping": k["damping"] + a[0].weight_decay}
+
     _wrap_args(kfac, "apply_inverse", pre)
 
 
@@ -327,10 +389,12 @@ def _nan_check_removed():
         if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
             checks.fail(name, f"shape {arr.shape}", "2-D", "")
         return arr
+
     _swap(checks, "as_influence_matrix", lambda o: as_influence_matrix)
 
 
-# ----------------------------------------------------------------------------- training, search, data
+# --------------------------------------------------------------------------- training, search, data
+
 
 def _epoch_ignores_weights():
     import jax.numpy as jnp
@@ -346,8 +410,11 @@ def _epoch_ignores_weights():
 
             def body(params, opt_state, x, y, w, mask, epoch_index):
                 return fns.body(params, opt_state, x, y, jnp.ones_like(w), mask, epoch_index)
+
             return fns._replace(step=step, body=body)
+
         return epoch_fns
+
     _swap(train, "epoch_fns", make)
 
 
@@ -359,6 +426,7 @@ def _normaliser_n():
     def pre(a, k):  # every weighted epoch built as if normalizer="n": Σ w ℓ / N, not Σ w ℓ / Σ w
         loss_fn, config, *rest = a
         return (loss_fn, dataclasses.replace(config, normalizer="n"), *rest), k
+
     _wrap_args(train, "epoch_fns", pre)
 
 
@@ -372,13 +440,17 @@ def _fitness_ignores_failed_target():
         t = np.zeros(delta.shape[-1], bool)
         t[list(targets)] = True
         others = delta[~t]
-        return (float(np.mean(np.minimum(others, 0.0))) if others.size else 0.0), float(np.mean(delta[t]))
+        return (float(np.mean(np.minimum(others, 0.0))) if others.size else 0.0), float(
+            np.mean(delta[t])
+        )
+
     _swap(evaluation, "fitness", lambda o: fitness)
 
 
 def _crossover_returns_parent():
     from pareto_jax import search
-    _swap(search, "crossover", lambda o: (lambda a, b, rng, rate: a.copy()))
+
+    _swap(search, "crossover", lambda o: lambda a, b, rng, rate: a.copy())
 
 
 def _checkpoint_ignored():
@@ -387,6 +459,7 @@ def _checkpoint_ignored():
     def pre(a, k):
         config, K, rng, pop, checkpoint = a
         return (config, K, rng, pop, None), k
+
     _wrap_args(search, "_start", pre)
 
 
@@ -400,10 +473,12 @@ def _split_drops_a_validation_class():
         last = np.max(y)
         parts[1] = parts[1][y[parts[1]] != last]
         return parts
+
     _wrap_result(data, "stratified_indices", post)
 
 
-# ----------------------------------------------------------------------------- the improvement study
+# ---------------------------------------------------------------------------- the improvement study
+
 
 def _mcnemar_unpaired():
     import numpy as np
@@ -413,8 +488,13 @@ def _mcnemar_unpaired():
 
     def unpaired(m, r):  # compares the two accuracies, not the discordant pairs
         b, c = int(np.sum(m)), int(np.sum(r))
-        return {"gained": b, "lost": c, "net": b - c,
-                "p": float(scipy.stats.binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0}
+        return {
+            "gained": b,
+            "lost": c,
+            "net": b - c,
+            "p": float(scipy.stats.binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0,
+        }
+
     _swap(study, "mcnemar", lambda o: unpaired)
 
 
@@ -427,114 +507,211 @@ def _interval_uses_normal():
         v = np.asarray(values, np.float64)
         hw = 1.96 * v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0
         return {"mean": float(v.mean()), "half_width": float(hw), "n": int(v.size)}
+
     _swap(study, "interval", lambda o: normal)
 
 
 def _study_reference_is_the_search():
     from pareto_jax import study
+
     study.REFERENCE_ROW = study.SEARCH_ROW  # every method tested against the search itself
 
 
 FAULTS: dict[str, tuple[str, list[str], object]] = {
-    "influence_sign": ("P negated (beneficial reported as harmful)",
-                       ["tests/test_influence.py::test_sign_and_scale_identity_against_retraining"], _influence_sign),
-    "one_over_n_dropped": ("P not divided by N",
-                           ["tests/test_influence.py::test_generic_paths_agree_with_closed_form_on_digits"],
-                           _one_over_n_dropped),
-    "damping_ignored": ("CG / dense solves drop the damping δ",
-                        ["tests/test_influence.py::test_cg_matches_dense_solve"], _damping_ignored),
-    "gauss_newton_diagonal": ("Gauss-Newton output Hessian diag(p) instead of diag(p) − ppᵀ",
-                              ["tests/test_influence.py::test_gauss_newton_matches_explicit_jacobian_product"],
-                              _gauss_newton_diagonal_output_hessian),
-    "jvp_wrong_class": ("forward-mode P stage pairs class k with class k−1's solution",
-                        ["tests/test_reliability.py::test_property_forward_mode_equals_per_sample"],
-                        _jvp_wrong_class),
-    "class_gradient_wrong_class": ("class gradients averaged over the next class's samples",
-                                   ["tests/test_influence.py::test_class_gradients_match_python_loop"],
-                                   _class_gradient_wrong_class),
-    "cg_one_step": ("CG stops after its first step",
-                    ["tests/test_influence.py::test_cg_matches_dense_solve"], _cg_one_step),
-    "ekfac_correction_skipped": ("EK-FAC eigenvalue correction never accumulated",
-                                 ["tests/test_estimators.py::test_ekfac_eigenvalues_are_the_gauss_newton_diagonal_in_the_kronecker_basis"],
-                                 _ekfac_correction_skipped),
-    "kfac_old_pseudo_gradient": ("K-FAC pseudo-gradients weighted by √p_j (the bug of issue 18)",
-                                 ["tests/test_estimators.py::test_kfac_and_ekfac_are_exact_where_the_kronecker_product_is"],
-                                 _kfac_old_pseudo_gradient),
-    "closed_form_weight_decay_ignored": ("closed-form linear influence drops λ",
-                                         ["tests/test_influence.py::test_weighted_closed_form_matches_dense_reference_and_retraining"],
-                                         _closed_form_weight_decay_ignored),
-    "cross_entropy_check_removed": ("Gauss-Newton with cross-entropy's output Hessian for any loss (issue 17)",
-                                    ["tests/test_influence.py::test_gauss_newton_is_never_applied_to_another_loss"],
-                                    _cross_entropy_check_removed),
-    "output_hessian_ignored": ("Gauss-Newton uses cross-entropy's output Hessian for an OutputLoss",
-                               ["tests/test_own_models.py::test_a_scaled_loss_is_not_given_cross_entropy_curvature"],
-                               _output_hessian_ignored),
-    "adapter_not_in_eval_mode": ("the nnx adapter runs the module in train mode (dropout on, live batch statistics)",
-                                 ["tests/test_own_models.py::test_nnx_adapter_holds_batch_statistics_and_rng_state_fixed"],
-                                 _adapter_not_in_eval_mode),
-    "groups_ignored": ("groups= is ignored (P by class instead)",
-                       ["tests/test_own_models.py::test_groups_and_a_measurement_match_the_dense_reference"],
-                       _groups_ignored),
-    "missing_psum": ("sharded curvature product not summed over devices",
-                     ["tests/test_distributed.py::test_influence_stages_match_single_device"], _missing_psum),
-    "zero_duals": ("the dual stage returns zeros",
-                   ["tests/test_pareto.py::test_device_solver_matches_highs"], _zero_duals),
-    "reduced_cost_sign": ("the optimality certificate reads the reduced cost with the wrong sign",
-                          ["tests/test_pareto.py::test_device_solver_matches_highs"], _reduced_cost_sign),
-    "certificate_skipped": ("the exact finish accepts its restricted LP without the certificate",
-                            ["tests/test_pareto.py::test_exact_finish_recovers_from_bad_duals"],
-                            _certificate_skipped),
-    "float64_recheck_skipped": ("the float64 feasibility re-check always passes",
-                                ["tests/test_pareto.py::test_a_wrong_device_answer_is_caught_by_the_float64_recheck"],
-                                _float64_recheck_skipped),
-    "qp_gap_skipped": ("the QP's duality-gap certificate always passes",
-                       ["tests/test_pareto.py::test_qp_certificate_refuses_inexact_duals"],
-                       _qp_gap_skipped),
-    "simplex_dual_sign": ("the bounded dual simplex returns its row duals negated",
-                          ["tests/test_pareto.py::test_ceiling_device_matches_highs",
-                           "tests/test_pareto.py::test_device_solver_matches_highs"], _simplex_dual_sign),
-    "ceiling_direction_flipped": ("the ceiling test returns −d",
-                                  ["tests/test_pareto.py::test_ceiling_improvable_cases"], _ceiling_direction_flipped),
-    "selection_drops_ties": ("the k-smallest selection drops the ties at the k-th key",
-                             ["tests/test_pareto.py::test_smallest_equals_top_k"], _selection_drops_ties),
-    "gram_complement_not_subtracted": ("the dual Hessian's Gram-minus-others branch forgets the others",
-                                       ["tests/test_pareto.py::test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact"],
-                                       _gram_complement_not_subtracted),
-    "pair_products_wrong": ("the vmapped dual Hessian's row pair products pair each entry with itself",
-                            ["tests/test_pareto.py::test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact"],
-                            _pair_products_wrong),
-    "batch_rows_share_one_rho": ("a prepared batch of programs gives every row the first row's trust region",
-                                 ["tests/test_pareto.py::test_one_batch_with_a_trust_region_per_row_equals_each_row_by_highs"],
-                                 _batch_rows_share_one_rho),
-    "kfac_weight_decay_twice": ("K-FAC adds the objective's λ twice (damping read as λ + δ on top of the factors' λ)",
-                                ["tests/test_estimators.py::test_kfac_and_ekfac_are_exact_where_the_kronecker_product_is"],
-                                _kfac_weight_decay_twice),
-    "nan_check_removed": ("NaN in P accepted",
-                          ["tests/test_pareto.py::test_nan_in_P_is_rejected"], _nan_check_removed),
-    "epoch_ignores_weights": ("the weighted epoch trains with w = 1",
-                              ["tests/test_train.py::test_zero_weight_equals_training_without_the_samples"],
-                              _epoch_ignores_weights),
-    "normaliser_n": ("the weighted epoch divides by N instead of Σw",
-                     ["tests/test_train.py::test_minibatch_weighted_training_matches_duplicated_data"],
-                     _normaliser_n),
-    "fitness_ignores_failed_target": ("fitness finite although a target got worse",
-                                      ["tests/test_search.py::test_fitness_definition"],
-                                      _fitness_ignores_failed_target),
-    "crossover_returns_parent": ("crossover returns its first parent",
-                                 ["tests/test_search.py::test_crossover_mixes_both_parents"],
-                                 _crossover_returns_parent),
-    "checkpoint_ignored": ("the search starts over instead of resuming from its checkpoint",
-                           ["tests/test_search.py::test_search_resumes_from_its_checkpoint"], _checkpoint_ignored),
-    "mcnemar_unpaired": ("the study's McNemar test counts correct answers, not discordant pairs",
-                         ["tests/test_study.py::test_mcnemar_matches_enumeration"], _mcnemar_unpaired),
-    "interval_uses_normal": ("the study's intervals use 1.96 instead of the t quantile",
-                             ["tests/test_study.py::test_interval_is_the_t_interval"], _interval_uses_normal),
-    "study_reference_is_the_search": ("the study's paired tests compare with the search, not the extra epoch",
-                                      ["tests/test_study.py::test_summary_equals_hand_computation"],
-                                      _study_reference_is_the_search),
-    "split_drops_a_validation_class": ("the split leaves a class out of validation",
-                                       ["tests/test_data.py::test_stratified_split_is_stratified_and_reproducible"],
-                                       _split_drops_a_validation_class),
+    "influence_sign": (
+        "P negated (beneficial reported as harmful)",
+        ["tests/test_influence.py::test_sign_and_scale_identity_against_retraining"],
+        _influence_sign,
+    ),
+    "one_over_n_dropped": (
+        "P not divided by N",
+        ["tests/test_influence.py::test_generic_paths_agree_with_closed_form_on_digits"],
+        _one_over_n_dropped,
+    ),
+    "damping_ignored": (
+        "CG / dense solves drop the damping δ",
+        ["tests/test_influence.py::test_cg_matches_dense_solve"],
+        _damping_ignored,
+    ),
+    "gauss_newton_diagonal": (
+        "Gauss-Newton output Hessian diag(p) instead of diag(p) − ppᵀ",
+        ["tests/test_influence.py::test_gauss_newton_matches_explicit_jacobian_product"],
+        _gauss_newton_diagonal_output_hessian,
+    ),
+    "jvp_wrong_class": (
+        "forward-mode P stage pairs class k with class k−1's solution",
+        ["tests/test_reliability.py::test_property_forward_mode_equals_per_sample"],
+        _jvp_wrong_class,
+    ),
+    "class_gradient_wrong_class": (
+        "class gradients averaged over the next class's samples",
+        ["tests/test_influence.py::test_class_gradients_match_python_loop"],
+        _class_gradient_wrong_class,
+    ),
+    "cg_one_step": (
+        "CG stops after its first step",
+        ["tests/test_influence.py::test_cg_matches_dense_solve"],
+        _cg_one_step,
+    ),
+    "ekfac_correction_skipped": (
+        "EK-FAC eigenvalue correction never accumulated",
+        [
+            "tests/test_estimators.py::test_ekfac_eigenvalues_are_the_gauss_newton_diagonal_in_the_kronecker_basis"
+        ],
+        _ekfac_correction_skipped,
+    ),
+    "kfac_old_pseudo_gradient": (
+        "K-FAC pseudo-gradients weighted by √p_j (the bug of issue 18)",
+        ["tests/test_estimators.py::test_kfac_and_ekfac_are_exact_where_the_kronecker_product_is"],
+        _kfac_old_pseudo_gradient,
+    ),
+    "closed_form_weight_decay_ignored": (
+        "closed-form linear influence drops λ",
+        [
+            "tests/test_influence.py::test_weighted_closed_form_matches_dense_reference_and_retraining"
+        ],
+        _closed_form_weight_decay_ignored,
+    ),
+    "cross_entropy_check_removed": (
+        "Gauss-Newton with cross-entropy's output Hessian for any loss (issue 17)",
+        ["tests/test_influence.py::test_gauss_newton_is_never_applied_to_another_loss"],
+        _cross_entropy_check_removed,
+    ),
+    "output_hessian_ignored": (
+        "Gauss-Newton uses cross-entropy's output Hessian for an OutputLoss",
+        ["tests/test_own_models.py::test_a_scaled_loss_is_not_given_cross_entropy_curvature"],
+        _output_hessian_ignored,
+    ),
+    "adapter_not_in_eval_mode": (
+        "the nnx adapter runs the module in train mode (dropout on, live batch statistics)",
+        ["tests/test_own_models.py::test_nnx_adapter_holds_batch_statistics_and_rng_state_fixed"],
+        _adapter_not_in_eval_mode,
+    ),
+    "groups_ignored": (
+        "groups= is ignored (P by class instead)",
+        ["tests/test_own_models.py::test_groups_and_a_measurement_match_the_dense_reference"],
+        _groups_ignored,
+    ),
+    "missing_psum": (
+        "sharded curvature product not summed over devices",
+        ["tests/test_distributed.py::test_influence_stages_match_single_device"],
+        _missing_psum,
+    ),
+    "zero_duals": (
+        "the dual stage returns zeros",
+        ["tests/test_pareto.py::test_device_solver_matches_highs"],
+        _zero_duals,
+    ),
+    "reduced_cost_sign": (
+        "the optimality certificate reads the reduced cost with the wrong sign",
+        ["tests/test_pareto.py::test_device_solver_matches_highs"],
+        _reduced_cost_sign,
+    ),
+    "certificate_skipped": (
+        "the exact finish accepts its restricted LP without the certificate",
+        ["tests/test_pareto.py::test_exact_finish_recovers_from_bad_duals"],
+        _certificate_skipped,
+    ),
+    "float64_recheck_skipped": (
+        "the float64 feasibility re-check always passes",
+        ["tests/test_pareto.py::test_a_wrong_device_answer_is_caught_by_the_float64_recheck"],
+        _float64_recheck_skipped,
+    ),
+    "qp_gap_skipped": (
+        "the QP's duality-gap certificate always passes",
+        ["tests/test_pareto.py::test_qp_certificate_refuses_inexact_duals"],
+        _qp_gap_skipped,
+    ),
+    "simplex_dual_sign": (
+        "the bounded dual simplex returns its row duals negated",
+        [
+            "tests/test_pareto.py::test_ceiling_device_matches_highs",
+            "tests/test_pareto.py::test_device_solver_matches_highs",
+        ],
+        _simplex_dual_sign,
+    ),
+    "ceiling_direction_flipped": (
+        "the ceiling test returns −d",
+        ["tests/test_pareto.py::test_ceiling_improvable_cases"],
+        _ceiling_direction_flipped,
+    ),
+    "selection_drops_ties": (
+        "the k-smallest selection drops the ties at the k-th key",
+        ["tests/test_pareto.py::test_smallest_equals_top_k"],
+        _selection_drops_ties,
+    ),
+    "gram_complement_not_subtracted": (
+        "the dual Hessian's Gram-minus-others branch forgets the others",
+        ["tests/test_pareto.py::test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact"],
+        _gram_complement_not_subtracted,
+    ),
+    "pair_products_wrong": (
+        "the vmapped dual Hessian's row pair products pair each entry with itself",
+        ["tests/test_pareto.py::test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact"],
+        _pair_products_wrong,
+    ),
+    "batch_rows_share_one_rho": (
+        "a prepared batch of programs gives every row the first row's trust region",
+        [
+            "tests/test_pareto.py::test_one_batch_with_a_trust_region_per_row_equals_each_row_by_highs"
+        ],
+        _batch_rows_share_one_rho,
+    ),
+    "kfac_weight_decay_twice": (
+        "K-FAC adds the objective's λ twice (damping read as λ + δ on top of the factors' λ)",
+        ["tests/test_estimators.py::test_kfac_and_ekfac_are_exact_where_the_kronecker_product_is"],
+        _kfac_weight_decay_twice,
+    ),
+    "nan_check_removed": (
+        "NaN in P accepted",
+        ["tests/test_pareto.py::test_nan_in_P_is_rejected"],
+        _nan_check_removed,
+    ),
+    "epoch_ignores_weights": (
+        "the weighted epoch trains with w = 1",
+        ["tests/test_train.py::test_zero_weight_equals_training_without_the_samples"],
+        _epoch_ignores_weights,
+    ),
+    "normaliser_n": (
+        "the weighted epoch divides by N instead of Σw",
+        ["tests/test_train.py::test_minibatch_weighted_training_matches_duplicated_data"],
+        _normaliser_n,
+    ),
+    "fitness_ignores_failed_target": (
+        "fitness finite although a target got worse",
+        ["tests/test_search.py::test_fitness_definition"],
+        _fitness_ignores_failed_target,
+    ),
+    "crossover_returns_parent": (
+        "crossover returns its first parent",
+        ["tests/test_search.py::test_crossover_mixes_both_parents"],
+        _crossover_returns_parent,
+    ),
+    "checkpoint_ignored": (
+        "the search starts over instead of resuming from its checkpoint",
+        ["tests/test_search.py::test_search_resumes_from_its_checkpoint"],
+        _checkpoint_ignored,
+    ),
+    "mcnemar_unpaired": (
+        "the study's McNemar test counts correct answers, not discordant pairs",
+        ["tests/test_study.py::test_mcnemar_matches_enumeration"],
+        _mcnemar_unpaired,
+    ),
+    "interval_uses_normal": (
+        "the study's intervals use 1.96 instead of the t quantile",
+        ["tests/test_study.py::test_interval_is_the_t_interval"],
+        _interval_uses_normal,
+    ),
+    "study_reference_is_the_search": (
+        "the study's paired tests compare with the search, not the extra epoch",
+        ["tests/test_study.py::test_summary_equals_hand_computation"],
+        _study_reference_is_the_search,
+    ),
+    "split_drops_a_validation_class": (
+        "the split leaves a class out of validation",
+        ["tests/test_data.py::test_stratified_split_is_stratified_and_reproducible"],
+        _split_drops_a_validation_class,
+    ),
 }
 
 
@@ -548,7 +725,9 @@ def plant(name: str | None = None) -> None:
     import importlib
     import pkgutil
 
-    import pareto_jax  # every submodule imported (the package loads them lazily), so `_swap` sees all copies
+    # every submodule imported (the package loads them lazily), so `_swap` sees all copies
+    import pareto_jax
+
     for m in pkgutil.walk_packages(pareto_jax.__path__, "pareto_jax."):
         importlib.import_module(m.name)
     FAULTS[name][2]()

@@ -24,17 +24,23 @@ def fit_exact(loss_fn, params, x, y, *, weight_decay, weights=None, normalizer="
     y = jnp.asarray(y)
     w = jnp.ones(x.shape[0]) if weights is None else jnp.asarray(weights, jnp.float64)
     vg = _vg(loss_fn, unravel, weight_decay, normalizer)
-    r = so.minimize(lambda t: tuple(np.asarray(a, np.float64) for a in vg(t, x, y, w)),
-                    np.asarray(theta0), jac=True, method="L-BFGS-B",
-                    options=dict(gtol=1e-13, ftol=0.0, maxiter=20000, maxcor=30))
+    r = so.minimize(
+        lambda t: tuple(np.asarray(a, np.float64) for a in vg(t, x, y, w)),
+        np.asarray(theta0),
+        jac=True,
+        method="L-BFGS-B",
+        options=dict(gtol=1e-13, ftol=0.0, maxiter=20000, maxcor=30),
+    )
     return unravel(jnp.asarray(r.x)), r
 
 
 @functools.lru_cache(maxsize=None)
 def _vg(loss_fn, unravel, weight_decay, normalizer):
     def obj(t, x, y, w):
-        return train.weighted_objective(loss_fn, unravel(t), x, y, w, weight_decay=weight_decay,
-                                        normalizer=normalizer)
+        return train.weighted_objective(
+            loss_fn, unravel(t), x, y, w, weight_decay=weight_decay, normalizer=normalizer
+        )
+
     return jax.jit(jax.value_and_grad(obj))
 
 

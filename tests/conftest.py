@@ -8,12 +8,11 @@ os.environ.setdefault("XLA_FLAGS", "")
 os.environ.setdefault("PARETO_JAX_COMPILATION_CACHE", "0")
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
 
+import _faults  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import Phase, settings  # noqa: E402
-
-import _faults  # noqa: E402
 
 # Property tests: "ci" (the default, what .ci/run uses) draws the same examples on every run
 # (derandomized), so CI passes or fails on the code, not on chance; "explore" draws fresh
@@ -23,7 +22,9 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False, print_blob=True)
 # with a planted fault only whether a test fails matters: no shrinking of the failing example
 settings.register_profile("planted", derandomize=True, phases=(Phase.explicit, Phase.generate))
-PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "planted" if os.environ.get("PARETO_JAX_FAULT") else "ci")
+PROFILE = os.environ.get(
+    "HYPOTHESIS_PROFILE", "planted" if os.environ.get("PARETO_JAX_FAULT") else "ci"
+)
 settings.load_profile(PROFILE)
 
 
@@ -36,9 +37,9 @@ def examples(n: int) -> int:
 _faults.plant()
 
 # Tolerances used across the suite.
-RTOL_F64 = 1e-6      # float64 comparisons against references
+RTOL_F64 = 1e-6  # float64 comparisons against references
 ATOL_F64 = 1e-9
-RTOL_F32 = 1e-4      # float32 invariance checks (chunking, jit vs no-jit)
+RTOL_F32 = 1e-4  # float32 invariance checks (chunking, jit vs no-jit)
 
 
 @pytest.fixture
@@ -50,6 +51,7 @@ def x64():
 @pytest.fixture(scope="session")
 def digits_splits():
     from pareto_jax import data
+
     return data.stratified_split(data.load_digits(), seed=0)
 
 

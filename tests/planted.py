@@ -2,7 +2,8 @@
 
     python -m tests.planted            # all faults (what .ci/run runs)
     python -m tests.planted NAME ...   # some of them
-    python -m tests.planted --no-baseline   # skip the fault-free run (when the full suite, slow tests included, just passed)
+    python -m tests.planted --no-baseline   # skip the fault-free run (when the full suite, slow
+    tests included, just passed)
     python -m tests.planted --list
 
 First the union of the named tests runs once without a fault and must pass (else a fault would
@@ -33,8 +34,13 @@ def _pytest(tests: list[str], fault: str | None) -> tuple[int, float, str]:
     if fault:
         env["PARETO_JAX_FAULT"] = fault
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "", *tests],
-                       cwd=HERE.parent, env=env, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "", *tests],
+        cwd=HERE.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
     tail = p.stdout.strip().splitlines()[-1:] or [""]
     return p.returncode, time.perf_counter() - t0, lines[0] if lines else tail[0]
@@ -45,7 +51,9 @@ def main(argv: list[str]) -> int:
         for name, (what, tests, _) in FAULTS.items():
             print(f"{name:34s} {what}\n{'':34s} caught by {', '.join(tests)}")
         return 0
-    baseline = "--no-baseline" not in argv  # (the planted tests include slow ones: .ci/run keeps the baseline)
+    baseline = (
+        "--no-baseline" not in argv
+    )  # (the planted tests include slow ones: .ci/run keeps the baseline)
     argv = [a for a in argv if a != "--no-baseline"]
     names = argv or list(FAULTS)
     unknown = [n for n in names if n not in FAULTS]
@@ -64,15 +72,30 @@ def main(argv: list[str]) -> int:
         what, tests, _ = FAULTS[name]
         rc, secs, last = _pytest(tests, name)
         caught = rc == 1
-        rows.append({"fault": name, "what": what, "tests": tests, "exit": rc, "caught": caught,
-                     "seconds": round(secs, 1), "failure": last})
-        print(f"{'caught  ' if caught else 'SURVIVED'} {name:34s} exit {rc}  {secs:5.0f} s  {last[:170]}")
+        rows.append(
+            {
+                "fault": name,
+                "what": what,
+                "tests": tests,
+                "exit": rc,
+                "caught": caught,
+                "seconds": round(secs, 1),
+                "failure": last,
+            }
+        )
+        print(
+            f"{'caught  ' if caught else 'SURVIVED'} {name:34s} exit {rc}  {secs:5.0f} s  "
+            f"{last[:170]}"
+        )
         if not caught:
             survived.append(name)
     out = HERE.parent / ".pytest_cache" / "planted.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
-    print(f"{len(rows) - len(survived)}/{len(rows)} faults caught" + (f"; survived: {survived}" if survived else ""))
+    print(
+        f"{len(rows) - len(survived)}/{len(rows)} faults caught"
+        + (f"; survived: {survived}" if survived else "")
+    )
     return 1 if survived else 0
 
 

@@ -33,7 +33,9 @@ def render(path: Path) -> Path:
     nb = nbformat.read(path, as_version=4)
     sha = source_sha(nb)
     t0 = time.time()
-    NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(SRC)}}).execute()
+    NotebookClient(
+        nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(SRC)}}
+    ).execute()
     nb.metadata["pareto_jax"] = {"source_sha256": sha, "seconds": round(time.time() - t0, 1)}
     DST.mkdir(parents=True, exist_ok=True)
     out = DST / path.name

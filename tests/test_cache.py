@@ -37,16 +37,29 @@ def test_cache_folder_choice(tmp_path):
     # in a subprocess: the suite's own process never turns the cache on (a process whose cache
     # settings were switched back and forth crashed later inside XLA's compiler, twice)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", CHOICE, str(tmp_path)], env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", CHOICE, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 def test_second_process_reuses_the_compiled_program(tmp_path):
-    env = {**os.environ, "PARETO_JAX_COMPILATION_CACHE": "1", "PARETO_JAX_CACHE_DIR": str(tmp_path),
-           "PYTHONPATH": str(ROOT)}
-    runs = [subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-            for _ in range(2)]
+    env = {
+        **os.environ,
+        "PARETO_JAX_COMPILATION_CACHE": "1",
+        "PARETO_JAX_CACHE_DIR": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+    }
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        )
+        for _ in range(2)
+    ]
     for r in runs:
         assert r.returncode == 0, r.stderr[-2000:]
     first, second = (float(r.stdout.split()[-1]) for r in runs)
@@ -87,11 +100,15 @@ def test_importing_the_package_changes_no_global_state(tmp_path):
     """No global side effect on import: JAX's config (the compilation cache) and flax's classes
     (K-FAC's layer taps) are as they were, for the package and its heaviest modules."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", IMPORT], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", IMPORT], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 def test_version_help_and_bad_flags_answer_without_importing_jax():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", LIGHT], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", LIGHT], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

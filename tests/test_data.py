@@ -124,11 +124,15 @@ def test_emotion_formats(tmp_path):
     (tmp_path / "train.txt").write_text("text;label_name\ni feel; odd today;joy\nso sad;sadness\n")
     ds = data.load_emotion(tmp_path, "train")
     assert ds.texts == ("i feel; odd today", "so sad") and list(ds.y) == [1, 0]
-    (tmp_path / "t.csv").write_text("text,label\n\"hi, there\",3\nyo,surprise\n")
+    (tmp_path / "t.csv").write_text('text,label\n"hi, there",3\nyo,surprise\n')
     ds = data.load_emotion(tmp_path / "t.csv")
     assert ds.texts == ("hi, there", "yo") and list(ds.y) == [3, 5]
-    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "a", "label": 4}) + "\n"
-                                      + json.dumps({"text": "b", "label": "love"}) + "\n")
+    (tmp_path / "t.jsonl").write_text(
+        json.dumps({"text": "a", "label": 4})
+        + "\n"
+        + json.dumps({"text": "b", "label": "love"})
+        + "\n"
+    )
     ds = data.load_emotion(tmp_path / "t.jsonl")
     assert list(ds.y) == [4, 2]
     (tmp_path / "bad.txt").write_text("hello;grumpy\n")
@@ -147,14 +151,17 @@ def test_shared_text_corpora_load():
     assert counts.argmax() == 1 and counts.argmin() == 5  # joy most common, surprise rarest
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(y=np.array([0, 1, 5])), "label 5"),
-    (dict(y=np.array([0, -1, 1])), "label -1"),
-    (dict(x=np.array([[0.0], [np.nan], [1.0]])), "non-finite"),
-    (dict(y=np.array([0, 1])), "3 labels"),
-    (dict(y=np.array([[0], [1], [1]])), "1-D"),
-    (dict(x=np.array(["a", "b", "c"])), "numeric"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(y=np.array([0, 1, 5])), "label 5"),
+        (dict(y=np.array([0, -1, 1])), "label -1"),
+        (dict(x=np.array([[0.0], [np.nan], [1.0]])), "non-finite"),
+        (dict(y=np.array([0, 1])), "3 labels"),
+        (dict(y=np.array([[0], [1], [1]])), "1-D"),
+        (dict(x=np.array(["a", "b", "c"])), "numeric"),
+    ],
+)
 def test_dataset_bad_input_names_argument(bad, match):
     kw = dict(x=np.zeros((3, 1)), y=np.array([0, 1, 1]))
     kw.update(bad)
@@ -184,17 +191,39 @@ def test_ag_news_minilm_split_equals_embedding_each_split(tmp_path):
     from pareto_jax import text
 
     rng = np.random.default_rng(0)
-    words = ["market", "team", "season", "chip", "bank", "election", "goal", "software", "shares", "war"]
-    rows = [f'{i % 4 + 1},"{" ".join(rng.choice(words, 4))}","{" ".join(rng.choice(words, 7))}"' for i in range(48)]
+    words = [
+        "market",
+        "team",
+        "season",
+        "chip",
+        "bank",
+        "election",
+        "goal",
+        "software",
+        "shares",
+        "war",
+    ]
+    rows = [
+        f'{i % 4 + 1},"{" ".join(rng.choice(words, 4))}","{" ".join(rng.choice(words, 7))}"'
+        for i in range(48)
+    ]
     f = tmp_path / "ag.csv"
     f.write_text("\n".join(rows) + "\n")
     cache = str(tmp_path / "cache")
-    got = datasets.load_splits("ag_news", path=str(f), features="minilm", cache_dir=cache, seed=3, max_train=20)
+    got = datasets.load_splits(
+        "ag_news", path=str(f), features="minilm", cache_dir=cache, seed=3, max_train=20
+    )
     full = data.load_ag_news(f)
     i_tr, i_va, i_te = data.stratified_indices(full.y, (0.6, 0.2, 0.2), 3)
     keep, _ = data.stratified_indices(full.y[i_tr], (20 / len(i_tr), 1 - 20 / len(i_tr)), 3)
-    ref = text.featurize_splits(full.subset(i_tr[keep]), full.subset(i_va), full.subset(i_te),
-                                method="minilm", cache_dir=str(tmp_path / "cache2"), name="ag_news")
+    ref = text.featurize_splits(
+        full.subset(i_tr[keep]),
+        full.subset(i_va),
+        full.subset(i_te),
+        method="minilm",
+        cache_dir=str(tmp_path / "cache2"),
+        name="ag_news",
+    )
     for a, b in ((got.train, ref.train), (got.val, ref.val), (got.test, ref.test)):
         assert a.name == b.name and np.array_equal(a.y, b.y)
         np.testing.assert_allclose(a.x, b.x, rtol=1e-4, atol=1e-5)

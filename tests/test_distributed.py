@@ -32,11 +32,19 @@ def _env():
 # 4 devices by default; the 1-device mesh (same code, psum over one device) with -m slow
 # both slow (the 4-device worker alone took 79 s of the default suite's 15-minute budget); the
 # planted-fault check still runs them
-@pytest.fixture(scope="module", params=[pytest.param(4, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow)])
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(4, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow)],
+)
 def worker(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"dist{request.param}") / "out.json"
-    r = subprocess.run([sys.executable, str(HERE / "_dist_worker.py"), str(request.param), str(out)],
-                       env=_env(), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, str(HERE / "_dist_worker.py"), str(request.param), str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return request.param, json.loads(out.read_text())
 
@@ -52,7 +60,7 @@ def test_influence_stages_match_single_device(worker):
     assert res["hvp"] < 1e-12
     assert res["cg_solutions"] < 1e-9
     assert res["cg_steps"][0] == res["cg_steps"][1]
-    assert res["cg_vs_dense"] < 1e-6          # and both agree with the dense solve
+    assert res["cg_vs_dense"] < 1e-6  # and both agree with the dense solve
     assert res["P_shape"] == [701, 10]
     assert res["P_jvp"] < 1e-9
     assert res["P_per_sample"] < 1e-9
@@ -65,7 +73,7 @@ def test_training_matches_single_device(worker):
     assert res["train_weighted"] < 1e-10
     la, lb = (np.asarray(h) for h in res["train_minibatch_loss"])
     if d == 1:
-        assert res["train_minibatch"] < 1e-10           # same batch order as train.make_epoch_fn
+        assert res["train_minibatch"] < 1e-10  # same batch order as train.make_epoch_fn
     else:  # each device shuffles its own slice: same objective, different batch composition
         assert np.all(np.isfinite(lb)) and lb[-1] < lb[0]
         np.testing.assert_allclose(lb, la, rtol=0.05)
@@ -89,9 +97,23 @@ def test_two_process_job_matches_single_process(tmp_path):
     """A real multi-process job (2 processes × 2 CPU devices, gloo collectives): each process
     loads its own block of the data; the concatenated rows of P equal the one-process result."""
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(HERE / "_multihost_worker.py"), str(i), "2", port,
-                               str(tmp_path / f"p{i}.json")], env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "_multihost_worker.py"),
+                str(i),
+                "2",
+                port,
+                str(tmp_path / f"p{i}.json"),
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -107,10 +129,21 @@ def test_two_process_job_matches_single_process(tmp_path):
         x, y = s.train.x[:501].astype(np.float64), s.train.y[:501]
         apply, params = models.functional(models.make_model("mlp", (64,), 10, hidden=(8,), seed=0))
         params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
-        cfg = influence.InfluenceConfig(curvature="gauss_newton", damping=1e-3, rtol=1e-10,
-                                        chunk_size=32, hvp_batch_size=64)
-        ref = influence.category_influence(models.per_sample_loss(apply), params, x, y, s.val.x, s.val.y,
-                                           num_classes=10, weight_decay=1e-3, apply=apply, config=cfg)
+        cfg = influence.InfluenceConfig(
+            curvature="gauss_newton", damping=1e-3, rtol=1e-10, chunk_size=32, hvp_batch_size=64
+        )
+        ref = influence.category_influence(
+            models.per_sample_loss(apply),
+            params,
+            x,
+            y,
+            s.val.x,
+            s.val.y,
+            num_classes=10,
+            weight_decay=1e-3,
+            apply=apply,
+            config=cfg,
+        )
     finally:
         jax.config.update("jax_enable_x64", False)
     assert P.shape == (501, 10)
@@ -145,22 +178,51 @@ def test_every_solver_runs_on_a_mesh_and_matches_one_device():
     kw = dict(num_classes=10, weight_decay=1e-2, apply=apply, model=m)
     IC = influence.InfluenceConfig
     mesh = distributed.make_mesh(1)
-    dense = influence.category_influence(loss, params, tr.x, tr.y, s.val.x, s.val.y, **kw,
-                                         config=IC(solver="dense", curvature="gauss_newton", damping=1e-2)).P
-    cases = {"lissa": (IC(solver="lissa", curvature="gauss_newton", damping=1e-2, hvp_batch_size=200,
-                          rtol=1e-9, max_steps=3000), 1e-3),
-             "kfac": (IC(solver="kfac", damping=1e-2), 1e-5),
-             "ekfac": (IC(solver="ekfac", damping=1e-2), 1e-5),
-             "pcg": (IC(preconditioner="ekfac", curvature="gauss_newton", damping=1e-2, rtol=1e-8), 1e-4)}
+    dense = influence.category_influence(
+        loss,
+        params,
+        tr.x,
+        tr.y,
+        s.val.x,
+        s.val.y,
+        **kw,
+        config=IC(solver="dense", curvature="gauss_newton", damping=1e-2),
+    ).P
+    cases = {
+        "lissa": (
+            IC(
+                solver="lissa",
+                curvature="gauss_newton",
+                damping=1e-2,
+                hvp_batch_size=200,
+                rtol=1e-9,
+                max_steps=3000,
+            ),
+            1e-3,
+        ),
+        "kfac": (IC(solver="kfac", damping=1e-2), 1e-5),
+        "ekfac": (IC(solver="ekfac", damping=1e-2), 1e-5),
+        "pcg": (
+            IC(preconditioner="ekfac", curvature="gauss_newton", damping=1e-2, rtol=1e-8),
+            1e-4,
+        ),
+    }
     for name, (cfg, rtol) in cases.items():
-        one = influence.category_influence(loss, params, tr.x, tr.y, s.val.x, s.val.y, **kw, config=cfg)
-        sh = influence.category_influence(loss, params, tr.x, tr.y, s.val.x, s.val.y, **kw, config=cfg, mesh=mesh)
+        one = influence.category_influence(
+            loss, params, tr.x, tr.y, s.val.x, s.val.y, **kw, config=cfg
+        )
+        sh = influence.category_influence(
+            loss, params, tr.x, tr.y, s.val.x, s.val.y, **kw, config=cfg, mesh=mesh
+        )
         scale = np.abs(np.asarray(one.P)).max()
-        np.testing.assert_allclose(np.asarray(sh.P), np.asarray(one.P), rtol=rtol, atol=rtol * scale, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(sh.P), np.asarray(one.P), rtol=rtol, atol=rtol * scale, err_msg=name
+        )
         assert sh.solver == cfg.solver and sh.damping == one.damping
         if name in ("lissa", "pcg"):  # they solve the true system: both reach the dense answer
-            np.testing.assert_allclose(np.asarray(sh.P), np.asarray(dense), rtol=1e-3, atol=1e-3 * scale,
-                                       err_msg=name)
+            np.testing.assert_allclose(
+                np.asarray(sh.P), np.asarray(dense), rtol=1e-3, atol=1e-3 * scale, err_msg=name
+            )
 
 
 @pytest.mark.slow  # (the suite's time budget)
@@ -170,13 +232,18 @@ def test_peak_memory_is_flat_in_n(tmp_path):
     res = {}
     for n in (2000, 20000):
         out = tmp_path / f"m{n}.json"
-        r = subprocess.run([sys.executable, str(HERE / "_memory_worker.py"), str(n), str(out)],
-                           env=_env(), capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [sys.executable, str(HERE / "_memory_worker.py"), str(n), str(out)],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         res[n] = json.loads(out.read_text())
     a, b = res[2000], res[20000]
     growth = b["rss_peak_MiB"] - a["rss_peak_MiB"]
-    inputs = (20000 - 2000) * (64 + 1 + 10) * 4 * 3 / 2**20   # x, y, P with a few copies
+    inputs = (20000 - 2000) * (64 + 1 + 10) * 4 * 3 / 2**20  # x, y, P with a few copies
     assert growth < inputs + 64, (a, b)
     assert growth < 0.05 * b["N_by_P_gradients_MiB"]
     assert b["solve_temp_MiB"] == pytest.approx(a["solve_temp_MiB"], rel=0.01)

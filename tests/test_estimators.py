@@ -4,13 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_classification
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from pareto_jax import data, influence, kfac, linsolve, models
 from pareto_jax.checks import InputError, NumericalError
-
-from conftest import tiny_classification
 
 
 def _zero_linear(d=4, k=3):
@@ -41,25 +40,57 @@ def test_kfac_and_ekfac_are_exact_where_the_kronecker_product_is(dtype, rtol):
     with jax.enable_x64(dtype == np.float64):
         m, apply, params, loss_fn, x, y = _confident_linear(dtype)
         facs = kfac.compute_factors(m, params, x, num_classes=3, weight_decay=0.0, batch_size=16)
-        hvp, theta = influence.make_hvp(loss_fn, params, x, y, weight_decay=0.1, curvature="gauss_newton",
-                                        apply=apply)
+        hvp, theta = influence.make_hvp(
+            loss_fn, params, x, y, weight_decay=0.1, curvature="gauss_newton", apply=apply
+        )
         G = jnp.asarray(np.random.default_rng(0).normal(size=(3, theta.size)), dtype)
-        ref = linsolve.solve_dense(hvp, G.astype(jnp.float64) if dtype == np.float64 else G, damping=0.0).value
+        ref = linsolve.solve_dense(
+            hvp, G.astype(jnp.float64) if dtype == np.float64 else G, damping=0.0
+        ).value
         for ek in (True, False):
             U = kfac.solve_kfac(facs, G, damping=0.1, ekfac=ek).value
-            assert np.abs(np.asarray(U) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max() < rtol
+            assert (
+                np.abs(np.asarray(U) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max() < rtol
+            )
         if dtype == np.float32:
             return
         kw = dict(num_classes=3, weight_decay=0.1, model=m, apply=apply)
-        a = influence.category_influence(loss_fn, params, x, y, x, y, **kw, config=influence.InfluenceConfig(
-            solver="ekfac", damping=0.0, curvature="gauss_newton", report_residual=True))
-        b = influence.category_influence(loss_fn, params, x, y, x, y, **kw, config=influence.InfluenceConfig(
-            solver="dense", damping=0.0, curvature="gauss_newton"))
+        a = influence.category_influence(
+            loss_fn,
+            params,
+            x,
+            y,
+            x,
+            y,
+            **kw,
+            config=influence.InfluenceConfig(
+                solver="ekfac", damping=0.0, curvature="gauss_newton", report_residual=True
+            ),
+        )
+        b = influence.category_influence(
+            loss_fn,
+            params,
+            x,
+            y,
+            x,
+            y,
+            **kw,
+            config=influence.InfluenceConfig(solver="dense", damping=0.0, curvature="gauss_newton"),
+        )
         np.testing.assert_allclose(a.P, b.P, rtol=1e-9, atol=1e-14)
         assert np.all(a.residual < 1e-10)  # exact here, and measured against the true curvature
-        # by default the residual is not measured, and an approximate solver never claims convergence
-        c = influence.category_influence(loss_fn, params, x, y, x, y, **kw,
-                                         config=influence.InfluenceConfig(solver="ekfac", damping=0.0))
+        # by default the residual is not measured, and an approximate solver never claims
+        # convergence
+        c = influence.category_influence(
+            loss_fn,
+            params,
+            x,
+            y,
+            x,
+            y,
+            **kw,
+            config=influence.InfluenceConfig(solver="ekfac", damping=0.0),
+        )
         assert np.all(np.isnan(c.residual)) and not np.any(c.converged)
 
 
@@ -70,7 +101,9 @@ def _trained(kind):
 
     s = data.stratified_split(data.load_digits(), seed=0)
     x, y = s.train.x[:200].astype(np.float64), s.train.y[:200]
-    m = models.make_model(kind, (64,), 10, hidden=(16,), image_shape=(8, 8, 1), channels=(4,), dense=16, seed=0)
+    m = models.make_model(
+        kind, (64,), 10, hidden=(16,), image_shape=(8, 8, 1), channels=(4,), dense=16, seed=0
+    )
     apply, params = models.functional(m)
     loss_fn = models.per_sample_loss(apply)
     params, _ = fit_exact(loss_fn, to64(params), x, y, weight_decay=1e-3)
@@ -78,9 +111,12 @@ def _trained(kind):
 
 
 def _explicit_ggn(apply, params, x):
-    """(1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i from explicit per-sample Jacobians (no K-FAC code)."""
+    """(1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i from explicit per-sample Jacobians (no K-FAC "
+    "code)."""
     theta, unravel = ravel_pytree(params)
-    jac = jax.jit(jax.vmap(jax.jacobian(lambda t, xi: apply(unravel(t), xi[None])[0]), (None, 0)))(theta, x)
+    jac = jax.jit(jax.vmap(jax.jacobian(lambda t, xi: apply(unravel(t), xi[None])[0]), (None, 0)))(
+        theta, x
+    )
     p = jax.nn.softmax(apply(params, x), -1)
     H = jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
     return np.asarray(jnp.einsum("ikp,ikl,ilq->pq", jac, H, jac) / x.shape[0])
@@ -96,7 +132,11 @@ def test_ekfac_eigenvalues_are_the_gauss_newton_diagonal_in_the_kronecker_basis(
     facs = kfac.compute_factors(m, params, x, num_classes=10, weight_decay=0.0, batch_size=64)
     GGN = _explicit_ggn(apply, params, x)
     for layer, lf, (k0, kshape, b0) in zip(facs.layers, facs.factors, facs.layout):
-        idx = np.asarray(kfac.kernel_matrix(jnp.arange(k0, k0 + int(np.prod(kshape))).reshape(kshape), layer.kind))
+        idx = np.asarray(
+            kfac.kernel_matrix(
+                jnp.arange(k0, k0 + int(np.prod(kshape))).reshape(kshape), layer.kind
+            )
+        )
         idx = np.concatenate([idx, np.arange(b0, b0 + layer.out_features)[None]], 0).ravel()
         Q = np.kron(np.asarray(lf.QA), np.asarray(lf.QG))
         want = np.diag(Q.T @ GGN[np.ix_(idx, idx)] @ Q).reshape(lf.lam_ekfac.shape)
@@ -111,7 +151,9 @@ def test_kfac_solves_on_trained_networks_against_the_exact_gauss_newton(x64, kin
     (no curvature) scores 0.40 / 0.37, and the pre-fix factor 0.27 / 0.25."""
     m, apply, params, loss_fn, x, y = _trained(kind)
     wd, dmp = 1e-3, 1e-3
-    hvp, theta = influence.make_hvp(loss_fn, params, x, y, weight_decay=wd, curvature="gauss_newton", apply=apply)
+    hvp, theta = influence.make_hvp(
+        loss_fn, params, x, y, weight_decay=wd, curvature="gauss_newton", apply=apply
+    )
     G = influence.class_gradients(loss_fn, params, x, y, 10)
     ref = np.asarray(linsolve.solve_dense(hvp, G, damping=dmp).value)
     facs = kfac.compute_factors(m, params, x, num_classes=10, weight_decay=0.0)
@@ -133,8 +175,11 @@ def test_factors_do_not_depend_on_the_batch_size_and_compile_once(x64):
     a = kfac.compute_factors(m, params, x, num_classes=10, weight_decay=0.0, batch_size=64)
     b = kfac.compute_factors(m, params, x, num_classes=10, weight_decay=0.0, batch_size=37)
     for ek in (False, True):
-        np.testing.assert_allclose(kfac.solve_kfac(a, G, damping=1e-2, ekfac=ek).value,
-                                   kfac.solve_kfac(b, G, damping=1e-2, ekfac=ek).value, rtol=1e-8)
+        np.testing.assert_allclose(
+            kfac.solve_kfac(a, G, damping=1e-2, ekfac=ek).value,
+            kfac.solve_kfac(b, G, damping=1e-2, ekfac=ek).value,
+            rtol=1e-8,
+        )
     traces = []
     cls = type(m)
 
@@ -163,16 +208,35 @@ def test_preconditioned_cg_gives_the_cg_answer(x64):
     m, apply, params, loss_fn, x, y = _trained("cnn")
     kw = dict(num_classes=10, weight_decay=1e-3, apply=apply, model=m)
     base = dict(curvature="gauss_newton", damping=1e-3, rtol=1e-8, max_steps=2000)
-    plain = influence.category_influence(loss_fn, params, x, y, x, y,
-                                         config=influence.InfluenceConfig(**base), **kw)
-    pre = influence.category_influence(loss_fn, params, x, y, x, y,
-                                       config=influence.InfluenceConfig(preconditioner="ekfac", **base), **kw)
-    dense = influence.category_influence(loss_fn, params, x, y, x, y,
-                                         config=influence.InfluenceConfig(solver="dense", curvature="gauss_newton",
-                                                                          damping=1e-3), **kw)
+    plain = influence.category_influence(
+        loss_fn, params, x, y, x, y, config=influence.InfluenceConfig(**base), **kw
+    )
+    pre = influence.category_influence(
+        loss_fn,
+        params,
+        x,
+        y,
+        x,
+        y,
+        config=influence.InfluenceConfig(preconditioner="ekfac", **base),
+        **kw,
+    )
+    dense = influence.category_influence(
+        loss_fn,
+        params,
+        x,
+        y,
+        x,
+        y,
+        config=influence.InfluenceConfig(solver="dense", curvature="gauss_newton", damping=1e-3),
+        **kw,
+    )
     assert np.all(pre.converged) and np.all(pre.residual <= 1e-8 * 1.001)
     scale = np.abs(dense.P).max()
-    assert np.abs(pre.P - dense.P).max() / scale < 1e-6 and np.abs(plain.P - dense.P).max() / scale < 1e-6
+    assert (
+        np.abs(pre.P - dense.P).max() / scale < 1e-6
+        and np.abs(plain.P - dense.P).max() / scale < 1e-6
+    )
     assert np.all(pre.steps > 0) and np.all(pre.steps != plain.steps)  # it did run, differently
 
 
@@ -182,8 +246,9 @@ def test_conv_patches_match_flax_conv():
     pt = kfac.patches(x, (conv.kernel_size, (1, 1), "SAME"))
     W = kfac.kernel_matrix(conv.kernel.get_value(), "conv")
     np.testing.assert_allclose(pt @ W + conv.bias.get_value(), conv(x), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(kfac.kernel_from_matrix(W, conv.kernel.get_value().shape, "conv"),
-                                  conv.kernel.get_value())
+    np.testing.assert_array_equal(
+        kfac.kernel_from_matrix(W, conv.kernel.get_value().shape, "conv"), conv.kernel.get_value()
+    )
 
 
 def test_factors_save_and_reuse(tmp_path, x64):
@@ -195,8 +260,11 @@ def test_factors_save_and_reuse(tmp_path, x64):
     kfac.save_factors(tmp_path / "f.npz", facs)
     back = kfac.load_factors(tmp_path / "f.npz")
     G = jnp.asarray(np.random.default_rng(0).normal(size=(2, ravel_pytree(params)[0].size)))
-    np.testing.assert_allclose(kfac.solve_kfac(back, G, damping=0.1).value,
-                               kfac.solve_kfac(facs, G, damping=0.1).value, rtol=1e-6)
+    np.testing.assert_allclose(
+        kfac.solve_kfac(back, G, damping=0.1).value,
+        kfac.solve_kfac(facs, G, damping=0.1).value,
+        rtol=1e-6,
+    )
 
 
 def test_lissa_converges_to_cg_on_convex_problem(x64):
@@ -204,26 +272,51 @@ def test_lissa_converges_to_cg_on_convex_problem(x64):
     m, apply, params, loss_fn = _zero_linear()
     params = jax.tree_util.tree_map(lambda p: p + 0.1, params)
     kw = dict(num_classes=3, weight_decay=0.1)
-    cg = influence.category_influence(loss_fn, params, x, y, x, y, **kw,
-                                      config=influence.InfluenceConfig(damping=0.0, rtol=1e-12))
-    li = influence.category_influence(loss_fn, params, x, y, x, y, **kw,
-                                      config=influence.InfluenceConfig(solver="lissa", damping=0.0, rtol=1e-11,
-                                                                       max_steps=4000, hvp_batch_size=1000))
+    cg = influence.category_influence(
+        loss_fn, params, x, y, x, y, **kw, config=influence.InfluenceConfig(damping=0.0, rtol=1e-12)
+    )
+    li = influence.category_influence(
+        loss_fn,
+        params,
+        x,
+        y,
+        x,
+        y,
+        **kw,
+        config=influence.InfluenceConfig(
+            solver="lissa", damping=0.0, rtol=1e-11, max_steps=4000, hvp_batch_size=1000
+        ),
+    )
     assert np.all(li.converged) and np.all(li.residual < 1e-8)
     np.testing.assert_allclose(li.P, cg.P, rtol=1e-7, atol=1e-9 * np.abs(cg.P).max())
     # stochastic minibatch LiSSA: noisy, but close
-    st = influence.category_influence(loss_fn, params, x, y, x, y, **kw,
-                                      config=influence.InfluenceConfig(solver="lissa", damping=0.0, rtol=1e-6,
-                                                                       max_steps=2000, hvp_batch_size=20))
+    st = influence.category_influence(
+        loss_fn,
+        params,
+        x,
+        y,
+        x,
+        y,
+        **kw,
+        config=influence.InfluenceConfig(
+            solver="lissa", damping=0.0, rtol=1e-6, max_steps=2000, hvp_batch_size=20
+        ),
+    )
     assert np.linalg.norm(st.P - cg.P) / np.linalg.norm(cg.P) < 0.2
 
 
 def test_lissa_detects_divergence(x64):
     A = jnp.diag(jnp.array([1.0, 5.0, 10.0]))
     b = jnp.ones((2, 3))
-    ok = linsolve.solve_lissa(lambda v, i: A @ v, b, 1, scale=12.0, damping=0.0, rtol=1e-12, max_steps=2000)
-    np.testing.assert_allclose(ok.value, np.linalg.solve(A, np.ones(3))[None].repeat(2, 0), rtol=1e-8)
-    bad = linsolve.solve_lissa(lambda v, i: A @ v, b, 1, scale=2.0, damping=0.0, max_steps=500)  # s < λ_max/2
+    ok = linsolve.solve_lissa(
+        lambda v, i: A @ v, b, 1, scale=12.0, damping=0.0, rtol=1e-12, max_steps=2000
+    )
+    np.testing.assert_allclose(
+        ok.value, np.linalg.solve(A, np.ones(3))[None].repeat(2, 0), rtol=1e-8
+    )
+    bad = linsolve.solve_lissa(
+        lambda v, i: A @ v, b, 1, scale=2.0, damping=0.0, max_steps=500
+    )  # s < λ_max/2
     assert bool(np.all(bad.negative_curvature)) and not bool(np.any(bad.converged))
     assert np.all(np.isfinite(bad.value))
 
@@ -233,8 +326,17 @@ def test_ekfac_needs_the_model():
     m = models.make_model("linear", (4,), 3)
     apply, params = models.functional(m)
     with pytest.raises(InputError, match="model"):
-        influence.category_influence(models.per_sample_loss(apply), params, x, y, x, y, num_classes=3,
-                                     weight_decay=0.1, config=influence.InfluenceConfig(solver="ekfac"))
+        influence.category_influence(
+            models.per_sample_loss(apply),
+            params,
+            x,
+            y,
+            x,
+            y,
+            num_classes=3,
+            weight_decay=0.1,
+            config=influence.InfluenceConfig(solver="ekfac"),
+        )
 
 
 def _indefinite_problem():
@@ -248,21 +350,32 @@ def _indefinite_problem():
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64) * 3.0, params)
     loss_fn = models.per_sample_loss(apply)
     hvp, theta = influence.make_hvp(loss_fn, params, x, y, weight_decay=0.0)
-    assert np.linalg.eigvalsh(np.asarray(linsolve.materialize(hvp, theta.size, jnp.float64))).min() < -1e-6
+    assert (
+        np.linalg.eigvalsh(np.asarray(linsolve.materialize(hvp, theta.size, jnp.float64))).min()
+        < -1e-6
+    )
     return m, apply, params, loss_fn, x, y
 
 
-@pytest.mark.parametrize("solver, reason", [("cg", "negative curvature"), ("dense", "negative curvature"),
-                                            ("lissa", "negative curvature"), ("kfac", "non-finite solution"),
-                                            ("ekfac", "non-finite solution")])
+@pytest.mark.parametrize(
+    "solver, reason",
+    [
+        ("cg", "negative curvature"),
+        ("dense", "negative curvature"),
+        ("lissa", "negative curvature"),
+        ("kfac", "non-finite solution"),
+        ("ekfac", "non-finite solution"),
+    ],
+)
 def test_every_estimator_escalates_damping_and_reports_it(x64, solver, reason):
     """One escalation rule for every estimator: a solve that meets negative curvature, diverges
     (LiSSA) or is not finite (K-FAC/EK-FAC with an empty direction and no damping) is retried
     with damping ×10, and each try is reported. Without escalation the same solve fails."""
     m, apply, params, loss_fn, x, y = _indefinite_problem()
     kw = dict(num_classes=3, weight_decay=0.0, apply=apply, model=m)
-    cfg = influence.InfluenceConfig(solver=solver, curvature="hessian", damping=0.0, max_steps=300,
-                                    hvp_batch_size=40)
+    cfg = influence.InfluenceConfig(
+        solver=solver, curvature="hessian", damping=0.0, max_steps=300, hvp_batch_size=40
+    )
     res = influence.category_influence(loss_fn, params, x, y, x, y, config=cfg, **kw)
     assert len(res.escalations) >= 1 and res.escalations[0] == {"damping": 0.0, "reason": reason}
     assert res.damping > 0 and np.all(np.isfinite(res.P))

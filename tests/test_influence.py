@@ -3,13 +3,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats as ss
+from _problems import class_val_loss, digits_linear, fit_exact, to64
+from conftest import tiny_classification
 from jax.flatten_util import ravel_pytree
 
 from pareto_jax import data, influence, linsolve, models, train
 from pareto_jax.checks import InputError, NumericalError
-
-from _problems import class_val_loss, digits_linear, fit_exact, to64
-from conftest import tiny_classification
 
 
 def _mlp_problem(n=40, d=4, k=3, hidden=(5,), seed=0):
@@ -42,8 +41,9 @@ def test_class_gradients_match_python_loop(x64):
 def test_hvp_matches_dense_hessian_and_is_batch_invariant(x64):
     x, y, _, _, _, loss_fn, params = _mlp_problem()
     theta, unravel = ravel_pytree(params)
-    H = jax.hessian(lambda t: jnp.mean(jax.vmap(loss_fn, (None, 0, 0))(unravel(t), x, y))
-                    + 0.5 * 0.05 * t @ t)(theta)
+    H = jax.hessian(
+        lambda t: jnp.mean(jax.vmap(loss_fn, (None, 0, 0))(unravel(t), x, y)) + 0.5 * 0.05 * t @ t
+    )(theta)
     v = jnp.asarray(np.random.default_rng(0).normal(size=theta.size))
     for bs in (7, 40, 1000):
         hvp, _ = influence.make_hvp(loss_fn, params, x, y, weight_decay=0.05, batch_size=bs)
@@ -55,12 +55,20 @@ def test_gauss_newton_matches_explicit_jacobian_product(x64):
     theta, unravel = ravel_pytree(params)
     GN = np.zeros((theta.size, theta.size))
     for i in range(x.shape[0]):
-        J = jax.jacobian(lambda t: apply(unravel(t), x[i:i + 1])[0])(theta)  # (K, P)
-        p = jax.nn.softmax(apply(params, x[i:i + 1])[0])
+        J = jax.jacobian(lambda t: apply(unravel(t), x[i : i + 1])[0])(theta)  # (K, P)
+        p = jax.nn.softmax(apply(params, x[i : i + 1])[0])
         GN += J.T @ (jnp.diag(p) - jnp.outer(p, p)) @ J
     GN = GN / x.shape[0] + 0.05 * np.eye(theta.size)
-    hvp, _ = influence.make_hvp(loss_fn, params, x, y, weight_decay=0.05, batch_size=16,
-                                curvature="gauss_newton", apply=apply)
+    hvp, _ = influence.make_hvp(
+        loss_fn,
+        params,
+        x,
+        y,
+        weight_decay=0.05,
+        batch_size=16,
+        curvature="gauss_newton",
+        apply=apply,
+    )
     v = jnp.asarray(np.random.default_rng(1).normal(size=theta.size))
     np.testing.assert_allclose(hvp(v), GN @ v, rtol=1e-10, atol=1e-12)
     assert np.linalg.eigvalsh(GN).min() > 0
@@ -68,8 +76,9 @@ def test_gauss_newton_matches_explicit_jacobian_product(x64):
 
 def test_cg_matches_dense_solve(x64):
     x, y, xv, yv, apply, loss_fn, params = _mlp_problem()
-    hvp, theta = influence.make_hvp(loss_fn, params, x, y, weight_decay=0.05,
-                                    curvature="gauss_newton", apply=apply)
+    hvp, theta = influence.make_hvp(
+        loss_fn, params, x, y, weight_decay=0.05, curvature="gauss_newton", apply=apply
+    )
     G = influence.class_gradients(loss_fn, params, xv, yv, 3)
     ref = linsolve.solve_dense(hvp, G, damping=1e-3)
     H = np.asarray(linsolve.materialize(hvp, theta.size, jnp.float64)) + 1e-3 * np.eye(theta.size)
@@ -79,15 +88,17 @@ def test_cg_matches_dense_solve(x64):
     rel = np.linalg.norm(cg.value - ref.value, axis=1) / np.linalg.norm(ref.value, axis=1)
     assert rel.max() < 1e-6
     # jit == no-jit
-    cg_jit = jax.jit(lambda g: linsolve.solve_cg(hvp, g, damping=1e-3, rtol=1e-10, max_steps=500))(G)
+    cg_jit = jax.jit(lambda g: linsolve.solve_cg(hvp, g, damping=1e-3, rtol=1e-10, max_steps=500))(
+        G
+    )
     np.testing.assert_allclose(cg_jit.value, cg.value, rtol=1e-9, atol=1e-12)
 
 
 def test_cg_stops_each_rhs_on_its_own_residual(x64):
     A = np.diag(np.arange(1.0, 21.0))
     b = np.zeros((2, 20))
-    b[0, 0] = 1.0          # an eigenvector: one step
-    b[1] = 1.0             # needs many steps
+    b[0, 0] = 1.0  # an eigenvector: one step
+    b[1] = 1.0  # needs many steps
     res = linsolve.solve_cg(lambda v: jnp.asarray(A) @ v, jnp.asarray(b), damping=0.0, rtol=1e-12)
     assert int(res.steps[0]) == 1 and int(res.steps[1]) > 5
     np.testing.assert_allclose(res.value, np.linalg.solve(A, b.T).T, rtol=1e-10)
@@ -101,18 +112,23 @@ def test_cg_detects_negative_curvature(x64):
         linsolve.check_solve(res, rtol=1e-10)
 
 
-@pytest.mark.slow  # (the suite's time budget; test_reliability's property test compares the same paths)
+# (the suite's time budget; test_reliability's property test compares the same paths)
+@pytest.mark.slow
 def test_generic_paths_agree_with_closed_form_on_digits(x64):
     s, apply, loss_fn, params = digits_linear()
     kw = dict(num_classes=10, weight_decay=1e-2)
     ref = influence.linear_category_influence(params, s.train.x, s.train.y, s.val.x, s.val.y, **kw)
     scale = np.abs(ref.P).max()
-    for cfg in (influence.InfluenceConfig(damping=0.0, rtol=1e-10, method="jvp", chunk_size=100),
-                influence.InfluenceConfig(damping=0.0, rtol=1e-10, method="per_sample", chunk_size=333,
-                                          hvp_batch_size=250),
-                influence.InfluenceConfig(solver="dense", damping=0.0, curvature="gauss_newton")):
-        res = influence.category_influence(loss_fn, params, s.train.x, s.train.y, s.val.x, s.val.y,
-                                           apply=apply, config=cfg, **kw)
+    for cfg in (
+        influence.InfluenceConfig(damping=0.0, rtol=1e-10, method="jvp", chunk_size=100),
+        influence.InfluenceConfig(
+            damping=0.0, rtol=1e-10, method="per_sample", chunk_size=333, hvp_batch_size=250
+        ),
+        influence.InfluenceConfig(solver="dense", damping=0.0, curvature="gauss_newton"),
+    ):
+        res = influence.category_influence(
+            loss_fn, params, s.train.x, s.train.y, s.val.x, s.val.y, apply=apply, config=cfg, **kw
+        )
         assert np.abs(res.P - ref.P).max() / scale < 1e-6, cfg
     # the closed form's solutions are in the generic flat ordering
     G = influence.class_gradients(loss_fn, params, s.val.x, s.val.y, 10)
@@ -124,10 +140,17 @@ def test_chunk_size_does_not_change_P(x64):
     x, y, xv, yv, apply, loss_fn, params = _mlp_problem()
     G = influence.class_gradients(loss_fn, params, xv, yv, 3)
     U = jnp.asarray(np.random.default_rng(0).normal(size=G.shape))
-    outs = [influence.influence_from_solutions(loss_fn, params, U, x, y, method=m, chunk_size=c)
-            for m in ("jvp", "per_sample") for c in (1, 7, 40, 64)]
+    outs = [
+        influence.influence_from_solutions(loss_fn, params, U, x, y, method=m, chunk_size=c)
+        for m in ("jvp", "per_sample")
+        for c in (1, 7, 40, 64)
+    ]
     # independent reference: per-sample gradients from a Python loop
-    ref = np.stack([ravel_pytree(jax.grad(loss_fn)(params, x[i], y[i]))[0] for i in range(len(y))]) @ np.asarray(U).T / len(y)
+    ref = (
+        np.stack([ravel_pytree(jax.grad(loss_fn)(params, x[i], y[i]))[0] for i in range(len(y))])
+        @ np.asarray(U).T
+        / len(y)
+    )
     for o in outs:
         np.testing.assert_allclose(o, ref, rtol=1e-10, atol=1e-14)
 
@@ -135,20 +158,24 @@ def test_chunk_size_does_not_change_P(x64):
 def test_sign_and_scale_identity_against_retraining(x64):
     """docs/method.md §2: up-weighting z_i by ε changes class-k validation loss by −ε·P[i,k]."""
     s, apply, loss_fn, params = digits_linear()
-    res = influence.linear_category_influence(params, s.train.x, s.train.y, s.val.x, s.val.y,
-                                              num_classes=10, weight_decay=1e-2)
+    res = influence.linear_category_influence(
+        params, s.train.x, s.train.y, s.val.x, s.val.y, num_classes=10, weight_decay=1e-2
+    )
     P = np.asarray(res.P)
     base = class_val_loss(loss_fn, params, s.val.x, s.val.y, 10)
     i = int(np.argmax(np.abs(P).sum(1)))
     for eps in (0.5, -0.5):
         w = np.ones(len(s.train.y))
         w[i] += eps
-        new, _ = fit_exact(loss_fn, params, s.train.x, s.train.y, weight_decay=1e-2, weights=w,
-                           init=params)
+        new, _ = fit_exact(
+            loss_fn, params, s.train.x, s.train.y, weight_decay=1e-2, weights=w, init=params
+        )
         actual = class_val_loss(loss_fn, new, s.val.x, s.val.y, 10) - base
         pred = -eps * P[i]
-        assert np.all(np.sign(actual[np.abs(pred) > 1e-3 * np.abs(pred).max()])
-                      == np.sign(pred[np.abs(pred) > 1e-3 * np.abs(pred).max()]))
+        assert np.all(
+            np.sign(actual[np.abs(pred) > 1e-3 * np.abs(pred).max()])
+            == np.sign(pred[np.abs(pred) > 1e-3 * np.abs(pred).max()])
+        )
         assert np.linalg.norm(actual - pred) / np.linalg.norm(pred) < 0.1
 
 
@@ -156,8 +183,9 @@ def test_agreement_with_retraining_removals_and_reweightings(x64):
     """≥100 single-sample removals (Spearman ≥ 0.95) and small re-weightings (rel. err < 10%)."""
     s, apply, loss_fn, params = digits_linear()
     n = len(s.train.y)
-    res = influence.linear_category_influence(params, s.train.x, s.train.y, s.val.x, s.val.y,
-                                              num_classes=10, weight_decay=1e-2)
+    res = influence.linear_category_influence(
+        params, s.train.x, s.train.y, s.val.x, s.val.y, num_classes=10, weight_decay=1e-2
+    )
     P = np.asarray(res.P)
     base = class_val_loss(loss_fn, params, s.val.x, s.val.y, 10)
     rng = np.random.default_rng(0)
@@ -166,8 +194,9 @@ def test_agreement_with_retraining_removals_and_reweightings(x64):
     for i in idx:
         w = np.ones(n)
         w[i] = 0.0
-        new, _ = fit_exact(loss_fn, params, s.train.x, s.train.y, weight_decay=1e-2, weights=w,
-                           init=params)
+        new, _ = fit_exact(
+            loss_fn, params, s.train.x, s.train.y, weight_decay=1e-2, weights=w, init=params
+        )
         actual.append(class_val_loss(loss_fn, new, s.val.x, s.val.y, 10) - base)
     actual = np.array(actual)
     rho = ss.spearmanr(P[idx].ravel(), actual.ravel())[0]
@@ -176,17 +205,27 @@ def test_agreement_with_retraining_removals_and_reweightings(x64):
         assert ss.spearmanr(P[idx, k], actual[:, k])[0] >= 0.95
     for eps in (0.05, 0.2):
         w = 1 + eps * rng.uniform(-1, 1, n)
-        new, _ = fit_exact(loss_fn, params, s.train.x, s.train.y, weight_decay=1e-2, weights=w,
-                           init=params)
+        new, _ = fit_exact(
+            loss_fn, params, s.train.x, s.train.y, weight_decay=1e-2, weights=w, init=params
+        )
         act = class_val_loss(loss_fn, new, s.val.x, s.val.y, 10) - base
         pred = influence.predict_class_loss_change(res, w)
         assert np.linalg.norm(pred - act) / np.linalg.norm(act) < 0.1
         # the Σw normaliser: accounted for, the prediction still holds
-        new_w, _ = fit_exact(loss_fn, params, s.train.x, s.train.y, weight_decay=1e-2, weights=w,
-                             normalizer="weights", init=params)
+        new_w, _ = fit_exact(
+            loss_fn,
+            params,
+            s.train.x,
+            s.train.y,
+            weight_decay=1e-2,
+            weights=w,
+            normalizer="weights",
+            init=params,
+        )
         act_w = class_val_loss(loss_fn, new_w, s.val.x, s.val.y, 10) - base
-        pred_w = influence.predict_class_loss_change(res, w, params=params, weight_decay=1e-2,
-                                                     normalizer="weights")
+        pred_w = influence.predict_class_loss_change(
+            res, w, params=params, weight_decay=1e-2, normalizer="weights"
+        )
         assert np.linalg.norm(pred_w - act_w) / np.linalg.norm(act_w) < 0.1
 
 
@@ -205,7 +244,9 @@ def test_errors(x64):
     with pytest.raises(InputError, match="y_train"):
         influence.category_influence(loss_fn, params, x, y[:-1], xv, yv, **kw)
     with pytest.raises(InputError, match="x_train"):
-        influence.category_influence(loss_fn, params, np.where(np.eye(40, 4) > 0, np.nan, x), y, xv, yv, **kw)
+        influence.category_influence(
+            loss_fn, params, np.where(np.eye(40, 4) > 0, np.nan, x), y, xv, yv, **kw
+        )
     bad = jax.tree_util.tree_map(lambda p: p * np.nan, params)
     with pytest.raises(NumericalError, match="params"):
         influence.category_influence(loss_fn, bad, x, y, xv, yv, **kw)
@@ -217,8 +258,15 @@ def test_errors(x64):
         influence.category_influence(nan_grad_loss, params, x, y, xv, yv, **kw)
     with pytest.raises(NumericalError, match="residual"):
         influence.category_influence(
-            loss_fn, params, x, y, xv, yv, **kw,
-            config=influence.InfluenceConfig(max_steps=2, rtol=1e-12, throw=True, damping=0.0))
+            loss_fn,
+            params,
+            x,
+            y,
+            xv,
+            yv,
+            **kw,
+            config=influence.InfluenceConfig(max_steps=2, rtol=1e-12, throw=True, damping=0.0),
+        )
     with pytest.raises(InputError, match="damping"):
         influence.InfluenceConfig(damping=-1.0)
 
@@ -254,11 +302,15 @@ def test_weighted_closed_form_matches_dense_reference_and_retraining(x64):
     lf = models.per_sample_loss(apply)
     v = np.random.default_rng(0).uniform(0, 2, len(y))
     th, _, _ = train.fit_lbfgs(train.Objective(lf, 1e-2, "n"), params, x, y, weights=v, tol=1e-10)
-    r = influence.linear_category_influence(th, x, y, s.val.x, s.val.y, num_classes=10,
-                                            weight_decay=1e-2, weights=v)
+    r = influence.linear_category_influence(
+        th, x, y, s.val.x, s.val.y, num_classes=10, weight_decay=1e-2, weights=v
+    )
     flat, unr = ravel_pytree(th)
-    H = jax.hessian(lambda f: train.weighted_objective(lf, unr(f), x, y, jnp.asarray(v), weight_decay=1e-2,
-                                                       normalizer="n"))(flat)
+    H = jax.hessian(
+        lambda f: train.weighted_objective(
+            lf, unr(f), x, y, jnp.asarray(v), weight_decay=1e-2, normalizer="n"
+        )
+    )(flat)
     G = influence.class_gradients(lf, th, s.val.x, s.val.y, 10)
     g = np.asarray(influence.per_sample_gradients(lf, th, x, y))
     ref = v[:, None] * (g @ np.linalg.solve(np.asarray(H), np.asarray(G).T)) / len(y)
@@ -266,18 +318,23 @@ def test_weighted_closed_form_matches_dense_reference_and_retraining(x64):
     # multiplicative re-weighting v -> v ⊙ (1 + ε d): predicted −ε Σ d_i P[i, k] vs refit
     d = np.random.default_rng(1).uniform(-1, 1, len(y))
     eps = 0.05
-    th2, _, _ = train.fit_lbfgs(train.Objective(lf, 1e-2, "n"), th, x, y, weights=v * (1 + eps * d), tol=1e-10)
+    th2, _, _ = train.fit_lbfgs(
+        train.Objective(lf, 1e-2, "n"), th, x, y, weights=v * (1 + eps * d), tol=1e-10
+    )
     base = train.evaluate(apply, th, s.val.x, s.val.y, 10).loss
     actual = train.evaluate(apply, th2, s.val.x, s.val.y, 10).loss - base
     pred = -eps * d @ np.asarray(r.P)
     assert np.abs(pred - actual).max() / np.abs(actual).max() < 0.1
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(curvature="gauss_newton", method="jvp"),
-    dict(curvature="hessian", method="per_sample", chunk_size=7, hvp_batch_size=9),
-    dict(curvature="gauss_newton", preconditioner="ekfac"),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(curvature="gauss_newton", method="jvp"),
+        dict(curvature="hessian", method="per_sample", chunk_size=7, hvp_batch_size=9),
+        dict(curvature="gauss_newton", preconditioner="ekfac"),
+    ],
+)
 def test_compiled_and_stepped_execution_agree(x64, cfg):
     """The two ways a stage can run on one device (one compiled program, or its loops on the
     host: the CPU default) give the same P, and the result says which one ran."""
@@ -289,8 +346,19 @@ def test_compiled_and_stepped_execution_agree(x64, cfg):
     out = {}
     for ex in ("compiled", "stepped"):
         c = influence.InfluenceConfig(damping=1e-2, rtol=1e-10, execution=ex, **cfg)
-        r = influence.category_influence(loss_fn, params, x, y, x, y, num_classes=3, weight_decay=0.1,
-                                         apply=apply, model=m, config=c)
+        r = influence.category_influence(
+            loss_fn,
+            params,
+            x,
+            y,
+            x,
+            y,
+            num_classes=3,
+            weight_decay=0.1,
+            apply=apply,
+            model=m,
+            config=c,
+        )
         assert r.details["execution"] == ex and np.all(r.converged)
         out[ex] = r
     a, b = out["compiled"], out["stepped"]
@@ -311,22 +379,41 @@ def test_gauss_newton_is_never_applied_to_another_loss(x64):
     params, _ = fit_exact(loss10, params, x, y, weight_decay=0.05, init=params)
     assert float(jnp.mean(jnp.max(jax.nn.softmax(apply(params, x)), 1))) > 0.8  # confident
     kw = dict(num_classes=3, weight_decay=0.05, apply=apply)
-    res = influence.category_influence(loss10, params, x, y, xv, yv, **kw,
-                                       config=influence.InfluenceConfig(damping=0.0, rtol=1e-12))
+    res = influence.category_influence(
+        loss10,
+        params,
+        x,
+        y,
+        xv,
+        yv,
+        **kw,
+        config=influence.InfluenceConfig(damping=0.0, rtol=1e-12),
+    )
     assert res.curvature == "hessian" and "cross-entropy" in res.details["curvature_note"]
     # reference: the dense Hessian of (1/N) Σ 10·CE + (λ/2)‖θ‖², per-sample and class gradients
     theta, unravel = ravel_pytree(params)
     f = lambda t, xi, yi: loss10(unravel(t), xi, yi)  # noqa: E731
     H = jax.hessian(lambda t: jnp.mean(jax.vmap(f, (None, 0, 0))(t, x, y)) + 0.025 * t @ t)(theta)
     assert np.linalg.eigvalsh(np.asarray(H)).min() > 0
-    G = np.stack([jax.grad(lambda t: jnp.mean(jax.vmap(f, (None, 0, 0))(t, xv[yv == k], yv[yv == k])))(theta)
-                  for k in range(3)])
+    G = np.stack(
+        [
+            jax.grad(lambda t: jnp.mean(jax.vmap(f, (None, 0, 0))(t, xv[yv == k], yv[yv == k])))(
+                theta
+            )
+            for k in range(3)
+        ]
+    )
     Gi = np.asarray(jax.vmap(jax.grad(f), (None, 0, 0))(theta, x, y))
     P_ref = Gi @ np.linalg.solve(np.asarray(H), G.T) / len(y)
     np.testing.assert_allclose(res.P, P_ref, rtol=1e-6, atol=1e-9 * np.abs(P_ref).max())
-    for cfg in (influence.InfluenceConfig(curvature="gauss_newton"), influence.InfluenceConfig(solver="ekfac")):
+    for cfg in (
+        influence.InfluenceConfig(curvature="gauss_newton"),
+        influence.InfluenceConfig(solver="ekfac"),
+    ):
         with pytest.raises(InputError, match="cross-entropy"):
             influence.category_influence(loss10, params, x, y, xv, yv, **kw, config=cfg)
     with pytest.raises(InputError, match="cross-entropy"):  # the lower-level product too
-        influence.make_hvp(loss10, params, x, y, weight_decay=0.05, curvature="gauss_newton", apply=apply)
+        influence.make_hvp(
+            loss10, params, x, y, weight_decay=0.05, curvature="gauss_newton", apply=apply
+        )
     assert influence.category_influence(ce, params, x, y, xv, yv, **kw).curvature == "gauss_newton"

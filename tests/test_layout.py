@@ -19,16 +19,45 @@ MAX_MODULE_LINES = 500
 # A module may import from its own layer and the layers above it in this list, never below
 # (the README's "What is inside" table lists the same layers).
 LAYERS = [
-    {"checks", "io", "cache", "config", "config.vocabulary", "config.stages", "config.jobs", "results",
-     "stats"},
+    {
+        "checks",
+        "io",
+        "cache",
+        "config",
+        "config.vocabulary",
+        "config.stages",
+        "config.jobs",
+        "results",
+        "stats",
+    },
     {"data", "text", "datasets"},
-    {"kernels", "linsolve", "kfac", "closed_form", "models", "pareto", "pareto.ceiling",
-     "pareto.dual", "pareto.exact", "pareto.frontier", "pareto.highs", "pareto.program",
-     "pareto.select", "pareto.simplex"},
+    {
+        "kernels",
+        "linsolve",
+        "kfac",
+        "closed_form",
+        "models",
+        "pareto",
+        "pareto.ceiling",
+        "pareto.dual",
+        "pareto.exact",
+        "pareto.frontier",
+        "pareto.highs",
+        "pareto.program",
+        "pareto.select",
+        "pareto.simplex",
+    },
     {"train", "setup"},
     {"backend", "distributed"},
-    {"influence", "influence.front", "influence.validation", "influence.curvature", "influence.solvers",
-     "influence.result", "influence.stages"},
+    {
+        "influence",
+        "influence.front",
+        "influence.validation",
+        "influence.curvature",
+        "influence.solvers",
+        "influence.result",
+        "influence.stages",
+    },
     {"evaluation", "search"},
     {"pipeline", "experiments", "study", "reproduce", "plots", "cli"},
 ]
@@ -64,8 +93,11 @@ def _imports(name: str, path: Path, modules: dict[str, Path]):
                 if a.name.startswith("pareto_jax"):
                     yield a.name, None, node.lineno
         elif isinstance(node, ast.ImportFrom):
-            target = (_resolve(name, is_pkg, node.level, node.module) if node.level
-                      else (node.module or ""))
+            target = (
+                _resolve(name, is_pkg, node.level, node.module)
+                if node.level
+                else (node.module or "")
+            )
             if not target.startswith("pareto_jax"):
                 continue
             for a in node.names:
@@ -131,8 +163,12 @@ def test_imports_point_up_the_layers():
     graph = _graph()
     graph.pop("pareto_jax", None)
     assert set(graph) == set(layer), "every module belongs to one layer"
-    wrong = [f"{m} (layer {layer[m]}) imports {t} (layer {layer[t]})"
-             for m, targets in graph.items() for t in targets if t in layer and layer[t] > layer[m]]
+    wrong = [
+        f"{m} (layer {layer[m]}) imports {t} (layer {layer[t]})"
+        for m, targets in graph.items()
+        for t in targets
+        if t in layer and layer[t] > layer[m]
+    ]
     assert wrong == []
 
 
@@ -147,8 +183,11 @@ def _private_uses(path: Path, name: str, modules: dict[str, Path]):
             found.append(f"{path.relative_to(ROOT)}:{line}: from {target} import {imported}")
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            base = (_resolve(name, path.name == "__init__.py", node.level, node.module) if node.level
-                    else (node.module or ""))
+            base = (
+                _resolve(name, path.name == "__init__.py", node.level, node.module)
+                if node.level
+                else (node.module or "")
+            )
             for a in node.names:
                 if f"{base}.{a.name}" in modules:
                     aliases[a.asname or a.name] = f"{base}.{a.name}"
@@ -157,9 +196,14 @@ def _private_uses(path: Path, name: str, modules: dict[str, Path]):
                 if a.name.startswith("pareto_jax"):
                     aliases[a.asname or a.name] = a.name
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                and isinstance(node.value, ast.Name) and node.value.id in aliases
-                and aliases[node.value.id] != name):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and aliases[node.value.id] != name
+        ):
             found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr}")
     return found
 
@@ -186,11 +230,14 @@ def test_functions_are_short():
     assert long == []
 
 
-@pytest.mark.parametrize("source, expect", [
-    ("from pareto_jax.kernels import _structure\n", 1),
-    ("from pareto_jax import kernels\nkernels._flat_fns\n", 1),
-    ("from pareto_jax import kernels\nkernels.flatten\n", 0),
-])
+@pytest.mark.parametrize(
+    "source, expect",
+    [
+        ("from pareto_jax.kernels import _structure\n", 1),
+        ("from pareto_jax import kernels\nkernels._flat_fns\n", 1),
+        ("from pareto_jax import kernels\nkernels.flatten\n", 0),
+    ],
+)
 def test_the_private_name_check_can_fail(tmp_path, source, expect):
     """The checker itself: it must see both forms of a cross-module private use."""
     p = ROOT / "tests" / "_layout_probe.py"
@@ -207,8 +254,11 @@ def test_the_cycle_check_can_fail():
 
 
 def test_modules_are_short():
-    long = [f"{p.relative_to(ROOT)}: {n} lines" for p in PKG.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    long = [
+        f"{p.relative_to(ROOT)}: {n} lines"
+        for p in PKG.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    ]
     assert long == []
 
 
@@ -221,9 +271,14 @@ def _config_fields(source: str) -> dict[str, list[str]]:
     """{class name: its dataclass fields} of the `@dataclasses.dataclass` classes in source."""
     out = {}
     for node in ast.parse(source).body:
-        if isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
-            out[node.name] = [st.target.id for st in node.body
-                              if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)]
+        if isinstance(node, ast.ClassDef) and any(
+            "dataclass" in ast.unparse(d) for d in node.decorator_list
+        ):
+            out[node.name] = [
+                st.target.id
+                for st in node.body
+                if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)
+            ]
     return out
 
 
@@ -236,8 +291,13 @@ def _attribute_reads(sources) -> dict[str, int]:
             name = None
             if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
                 name = node.attr
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
-                  and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "getattr"
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+            ):
                 name = node.args[1].value
             if name:
                 counts[name] = counts.get(name, 0) + 1
@@ -271,8 +331,11 @@ def test_every_config_field_is_read_somewhere():
 
 
 def test_the_dead_field_check_can_fail():
-    config = ("import dataclasses\n@dataclasses.dataclass(frozen=True)\nclass C:\n    used: int = 1\n"
-              "    unused_knob: float = 2.0\n    def __post_init__(self):\n        check(self.unused_knob)\n")
+    config = (
+        "import dataclasses\n@dataclasses.dataclass(frozen=True)\nclass C:\n    used: int = 1\n"
+        "    unused_knob: float = 2.0\n    def __post_init__(self):\n        "
+        "check(self.unused_knob)\n"
+    )
     assert _unread_fields([config], ["def f(c):\n    return c.used\n"]) == ["C.unused_knob"]
 
 
@@ -289,15 +352,24 @@ def _literal_defaults(path: Path) -> list[str]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             a = node.args
             pos = a.posonlyargs + a.args
-            pairs += list(zip(pos[len(pos) - len(a.defaults):], a.defaults))
+            pairs += list(zip(pos[len(pos) - len(a.defaults) :], a.defaults))
             pairs += [(k, d) for k, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
             pairs = [(arg.arg, d) for arg, d in pairs]
         elif isinstance(node, ast.ClassDef):
-            pairs = [(st.target.id, st.value) for st in node.body if isinstance(st, ast.AnnAssign)
-                     and isinstance(st.target, ast.Name) and st.value is not None]
+            pairs = [
+                (st.target.id, st.value)
+                for st in node.body
+                if isinstance(st, ast.AnnAssign)
+                and isinstance(st.target, ast.Name)
+                and st.value is not None
+            ]
         for name, default in pairs:
-            if name in ONE_PLACE and isinstance(default, ast.Constant) and isinstance(default.value, (int, float)) \
-                    and not isinstance(default.value, bool):
+            if (
+                name in ONE_PLACE
+                and isinstance(default, ast.Constant)
+                and isinstance(default.value, (int, float))
+                and not isinstance(default.value, bool)
+            ):
                 found.append(f"{path.relative_to(ROOT)}:{default.lineno} {name}={default.value!r}")
     return found
 
@@ -308,7 +380,11 @@ def _vocabulary_literals(path: Path, names: set[str]) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-            vals = {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+            vals = {
+                e.value
+                for e in node.elts
+                if isinstance(e, ast.Constant) and isinstance(e.value, str)
+            }
             if len(vals & names) >= 2:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(vals)}")
     return found

@@ -1,8 +1,8 @@
 import jax
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from pareto_jax import models
 from pareto_jax.checks import InputError

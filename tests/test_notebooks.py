@@ -20,12 +20,20 @@ def test_there_are_four_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "stored with outputs"
-    client = NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}})
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+        "stored with outputs"
+    )
+    client = NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors
 
 
@@ -38,7 +46,8 @@ def test_rendered_copy_is_current_and_shows_results(path):
     copy = DST / path.name
     assert copy.exists(), f"no rendered copy: run python -m tests.render_notebooks {path.stem}"
     src, out = nbformat.read(path, as_version=4), nbformat.read(copy, as_version=4)
-    assert out.metadata.get("pareto_jax", {}).get("source_sha256") == source_sha(src), \
+    assert out.metadata.get("pareto_jax", {}).get("source_sha256") == source_sha(src), (
         f"stale rendered copy: run python -m tests.render_notebooks {path.stem}"
+    )
     outputs = [o for c in out.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert outputs and not [o for o in outputs if o.get("output_type") == "error"]

@@ -75,7 +75,10 @@ def _data(kind, seed=0):
     y = np.arange(n) % K
     rng.shuffle(y)
     if kind == "cnn":
-        x = rng.normal(size=(n, 6, 6, 1)) + y[:, None, None, None] * np.linspace(-1, 1, 6)[None, :, None, None]
+        x = (
+            rng.normal(size=(n, 6, 6, 1))
+            + y[:, None, None, None] * np.linspace(-1, 1, 6)[None, :, None, None]
+        )
     elif kind == "text":
         ids = rng.integers(1, 11, size=(n, 5))
         ids[:, 0] = 1 + 3 * y + rng.integers(0, 3, n)  # the first token is informative
@@ -87,8 +90,12 @@ def _data(kind, seed=0):
         x = centres[y] + rng.normal(size=(n, 5))
     tr = lambda a: a[:N]  # noqa: E731
     va = lambda a: a[N:]  # noqa: E731
-    return (jax.tree_util.tree_map(tr, x), y[:N].astype(np.int32), jax.tree_util.tree_map(va, x),
-            y[N:].astype(np.int32))
+    return (
+        jax.tree_util.tree_map(tr, x),
+        y[:N].astype(np.int32),
+        jax.tree_util.tree_map(va, x),
+        y[N:].astype(np.int32),
+    )
 
 
 def _build(kind):
@@ -100,8 +107,12 @@ def _build(kind):
         return models.functional(TokenClassifier(nnx.Rngs(0)))
     rng = np.random.default_rng(1)
     if kind == "plain":
-        return plain_apply, {"w1": rng.normal(size=(5, 6)) * 0.5, "b1": np.zeros(6),
-                             "w2": rng.normal(size=(6, K)) * 0.5, "b2": np.zeros(K)}
+        return plain_apply, {
+            "w1": rng.normal(size=(5, 6)) * 0.5,
+            "b1": np.zeros(6),
+            "w2": rng.normal(size=(6, K)) * 0.5,
+            "b2": np.zeros(K),
+        }
     return linear_apply, {"w": rng.normal(size=(5, K)) * 0.1, "b": np.zeros(K)}
 
 
@@ -112,7 +123,7 @@ def _train(apply, params, x, y, steps=150):
 
     def obj(p):
         ce = optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
-        return ce + 0.5 * WD * sum(jnp.sum(a ** 2) for a in jax.tree_util.tree_leaves(p))
+        return ce + 0.5 * WD * sum(jnp.sum(a**2) for a in jax.tree_util.tree_leaves(p))
 
     @jax.jit
     def step(p, s):
@@ -174,8 +185,10 @@ def dense_curvature(apply, out, params, xt, yt, curvature):
     theta, unravel = ravel_pytree(params)
     logits = lambda th, x: apply(unravel(th), x)  # noqa: E731
     if curvature == "hessian":  # (jitted: eager dispatch of a dense Hessian is slow, not wrong)
-        return jax.jit(jax.hessian(lambda th: jax.vmap(out)(logits(th, xt), yt).mean() + 0.5 * WD * th @ th))(theta)
-    J = jax.jit(jax.jacrev(logits))(theta, xt)                          # (N, K, P)
+        return jax.jit(
+            jax.hessian(lambda th: jax.vmap(out)(logits(th, xt), yt).mean() + 0.5 * WD * th @ th)
+        )(theta)
+    J = jax.jit(jax.jacrev(logits))(theta, xt)  # (N, K, P)
     Hout = jax.jit(jax.vmap(jax.hessian(out)))(apply(params, xt), yt)  # (N, K, K)
     return jnp.einsum("nkp,nkl,nlq->pq", J, Hout, J) / N + WD * jnp.eye(theta.size)
 
@@ -187,7 +200,9 @@ def safe_damping(apply, out, params, xt, yt, curvature):
     return DAMP + max(0.0, -1.5 * lo)
 
 
-def dense_reference(apply, out, params, xt, yt, xv, yv, curvature, damping, groups=None, measure=None):
+def dense_reference(
+    apply, out, params, xt, yt, xv, yv, curvature, damping, groups=None, measure=None
+):
     """P from dense float64 algebra, written without the package's kernels."""
     theta, unravel = ravel_pytree(params)
     logits = lambda th, x: apply(unravel(th), x)  # noqa: E731
@@ -195,10 +210,15 @@ def dense_reference(apply, out, params, xt, yt, xv, yv, curvature, damping, grou
     H = dense_curvature(apply, out, params, xt, yt, curvature)
     g = groups if groups is not None else yv
     G_ = int(g.max()) + 1
-    meas = (lambda th: losses(th, xv, yv)) if measure is None else (
-        lambda th: jax.vmap(lambda x, y: measure(unravel(th), x, y))(xv, yv))
-    Gm = jax.jit(jax.jacrev(lambda th: (jax.nn.one_hot(g, G_).T @ meas(th)) / np.bincount(g)))(theta)  # (G, P)
-    U = jnp.linalg.solve(H + damping * jnp.eye(theta.size), Gm.T)       # (P, G)
+    meas = (
+        (lambda th: losses(th, xv, yv))
+        if measure is None
+        else (lambda th: jax.vmap(lambda x, y: measure(unravel(th), x, y))(xv, yv))
+    )
+    Gm = jax.jit(jax.jacrev(lambda th: (jax.nn.one_hot(g, G_).T @ meas(th)) / np.bincount(g)))(
+        theta
+    )  # (G, P)
+    U = jnp.linalg.solve(H + damping * jnp.eye(theta.size), Gm.T)  # (P, G)
     per_sample = jax.jit(jax.jacrev(lambda th: losses(th, xt, yt)))(theta)  # (N, P)
     return np.asarray(per_sample @ U / N)
 
@@ -211,10 +231,23 @@ MODELS = ["mlp", "cnn", "text", "plain"]
 # the full matrix with -m slow; by default every model with cross-entropy (both curvatures),
 # every loss on the MLP with Gauss-Newton, and the focal loss's Gauss-Newton on the CNN: each
 # axis covered in 12 of the 32 cases
-MATRIX = [pytest.param(m, lo, c, marks=() if (lo == "ce" or (m == "mlp" and c == "gauss_newton")
-                                             or (m == "cnn" and lo == "focal" and c == "gauss_newton"))
-                       else pytest.mark.slow)
-          for m in MODELS for lo in LOSSES for c in ("hessian", "gauss_newton")]
+MATRIX = [
+    pytest.param(
+        m,
+        lo,
+        c,
+        marks=()
+        if (
+            lo == "ce"
+            or (m == "mlp" and c == "gauss_newton")
+            or (m == "cnn" and lo == "focal" and c == "gauss_newton")
+        )
+        else pytest.mark.slow,
+    )
+    for m in MODELS
+    for lo in LOSSES
+    for c in ("hessian", "gauss_newton")
+]
 
 
 @pytest.mark.parametrize("kind, loss, curvature", MATRIX)
@@ -225,10 +258,12 @@ def test_influence_matches_the_dense_reference(trained, kind, loss, curvature):
         out = LOSSES[loss]
         loss_fn = models.OutputLoss(apply, out)
         damp = safe_damping(apply, out, params, xt, yt, curvature)
-        cfg = InfluenceConfig(curvature=curvature, damping=damp, rtol=1e-12, max_steps=2000,
-                              escalate_damping=False)
-        res = influence.category_influence(loss_fn, params, xt, yt, xv, yv, num_classes=K, weight_decay=WD,
-                                           config=cfg)
+        cfg = InfluenceConfig(
+            curvature=curvature, damping=damp, rtol=1e-12, max_steps=2000, escalate_damping=False
+        )
+        res = influence.category_influence(
+            loss_fn, params, xt, yt, xv, yv, num_classes=K, weight_decay=WD, config=cfg
+        )
         assert res.curvature == curvature and res.damping == damp and np.all(res.converged)
         ref = dense_reference(apply, out, params, xt, yt, xv, yv, curvature, damp)
         assert _rel(res.P, ref) < 1e-7, (kind, loss, curvature)
@@ -247,12 +282,28 @@ def test_float32_gauss_newton_of_another_loss_matches_the_float64_reference(trai
         damp = safe_damping(apply, out, params, xt, yt, "gauss_newton")
         ref = dense_reference(apply, out, params, xt, yt, xv, yv, "gauss_newton", damp)
         f32 = lambda t: jax.tree_util.tree_map(  # noqa: E731
-            lambda a: np.asarray(a, np.float32) if np.issubdtype(np.asarray(a).dtype, np.floating) else a, t)
-        res = influence.category_influence(models.OutputLoss(apply, out), f32(params), f32(xt), yt, f32(xv), yv,
-                                           num_classes=K, weight_decay=WD,
-                                           config=InfluenceConfig(curvature="gauss_newton", damping=damp, rtol=1e-5,
-                                                                  escalate_damping=False))
-        assert res.P.dtype == (jnp.float64 if kind == "text" else jnp.float32) and res.curvature == "gauss_newton"
+            lambda a: (
+                np.asarray(a, np.float32) if np.issubdtype(np.asarray(a).dtype, np.floating) else a
+            ),
+            t,
+        )
+        res = influence.category_influence(
+            models.OutputLoss(apply, out),
+            f32(params),
+            f32(xt),
+            yt,
+            f32(xv),
+            yv,
+            num_classes=K,
+            weight_decay=WD,
+            config=InfluenceConfig(
+                curvature="gauss_newton", damping=damp, rtol=1e-5, escalate_damping=False
+            ),
+        )
+        assert (
+            res.P.dtype == (jnp.float64 if kind == "text" else jnp.float32)
+            and res.curvature == "gauss_newton"
+        )
         assert _rel(res.P, ref) < 2e-3, _rel(res.P, ref)
 
 
@@ -266,8 +317,11 @@ def test_gauss_newton_equals_the_hessian_on_a_linear_model(trained, loss):
         P = {}
         for c in ("hessian", "gauss_newton"):
             cfg = InfluenceConfig(curvature=c, damping=DAMP, rtol=1e-12, escalate_damping=False)
-            P[c] = np.asarray(influence.category_influence(loss_fn, params, xt, yt, xv, yv, num_classes=K,
-                                                           weight_decay=WD, config=cfg).P)
+            P[c] = np.asarray(
+                influence.category_influence(
+                    loss_fn, params, xt, yt, xv, yv, num_classes=K, weight_decay=WD, config=cfg
+                ).P
+            )
         ref = dense_reference(apply, LOSSES[loss], params, xt, yt, xv, yv, "hessian", DAMP)
         assert _rel(P["gauss_newton"], P["hessian"]) < 1e-8
         assert _rel(P["hessian"], ref) < 1e-8
@@ -278,16 +332,33 @@ def test_a_scaled_loss_is_not_given_cross_entropy_curvature(trained):
     (the old silent error) differs from the reference by a factor ~10 on P."""
     with jax.enable_x64(True):
         apply, params, xt, yt, xv, yv, _ = trained("mlp")
-        cfg = InfluenceConfig(curvature="gauss_newton", damping=DAMP, rtol=1e-12, escalate_damping=False)
-        res = influence.category_influence(models.OutputLoss(apply, ce10), params, xt, yt, xv, yv,
-                                           num_classes=K, weight_decay=WD, config=cfg)
+        cfg = InfluenceConfig(
+            curvature="gauss_newton", damping=DAMP, rtol=1e-12, escalate_damping=False
+        )
+        res = influence.category_influence(
+            models.OutputLoss(apply, ce10),
+            params,
+            xt,
+            yt,
+            xv,
+            yv,
+            num_classes=K,
+            weight_decay=WD,
+            config=cfg,
+        )
         right = dense_reference(apply, ce10, params, xt, yt, xv, yv, "gauss_newton", DAMP)
         theta, unravel = ravel_pytree(params)
         J = jax.jit(jax.jacrev(lambda th, x: apply(unravel(th), x)))(theta, xt)
         Hce = jax.jit(jax.vmap(jax.hessian(ce)))(apply(params, xt), yt)
         H_wrong = jnp.einsum("nkp,nkl,nlq->pq", J, Hce, J) / N + (WD + DAMP) * jnp.eye(theta.size)
-        Gm = jax.jit(jax.jacrev(lambda th: (jax.nn.one_hot(yv, K).T @ jax.vmap(ce10)(apply(unravel(th), xv), yv))
-                                / np.bincount(yv)))(theta)
+        Gm = jax.jit(
+            jax.jacrev(
+                lambda th: (
+                    (jax.nn.one_hot(yv, K).T @ jax.vmap(ce10)(apply(unravel(th), xv), yv))
+                    / np.bincount(yv)
+                )
+            )
+        )(theta)
         per = jax.jit(jax.jacrev(lambda th: jax.vmap(ce10)(apply(unravel(th), xt), yt)))(theta)
         wrong = np.asarray(per @ jnp.linalg.solve(H_wrong, Gm.T) / N)
         assert _rel(res.P, right) < 1e-7
@@ -310,8 +381,17 @@ def test_auto_curvature_takes_the_hessian_when_the_output_loss_is_indefinite(tra
             return min(np.linalg.eigvalsh(h).min() for h in H)
 
         cfg = InfluenceConfig(damping=DAMP, rtol=1e-10)
-        run = lambda out: influence.category_influence(models.OutputLoss(apply, out), params, xt, yt, xv, yv,  # noqa: E731
-                                                       num_classes=K, weight_decay=WD, config=cfg)
+        run = lambda out: influence.category_influence(
+            models.OutputLoss(apply, out),
+            params,
+            xt,
+            yt,
+            xv,
+            yv,  # noqa: E731
+            num_classes=K,
+            weight_decay=WD,
+            config=cfg,
+        )
         assert min_eig(ce_minus_square) < -0.1
         res = run(ce_minus_square)
         assert res.curvature == "hessian" and "indefinite" in res.details["curvature_note"]
@@ -355,11 +435,21 @@ def test_kfac_refuses_a_batchnorm_model_clearly(trained):
         apply, params, xt, yt, xv, yv, _ = trained("cnn")
         m = ConvBNDrop(nnx.Rngs(0))
         with pytest.raises(InputError, match="solver='cg'"):
-            influence.category_influence(models.OutputLoss(apply), params, xt, yt, xv, yv, num_classes=K,
-                                         weight_decay=WD, config=InfluenceConfig(solver="ekfac"), model=m)
+            influence.category_influence(
+                models.OutputLoss(apply),
+                params,
+                xt,
+                yt,
+                xv,
+                yv,
+                num_classes=K,
+                weight_decay=WD,
+                config=InfluenceConfig(solver="ekfac"),
+                model=m,
+            )
 
 
-# ----------------------------------------------------------------------------- groups and measurements
+# -------------------------------------------------------------------------- groups and measurements
 
 
 def test_groups_and_a_measurement_match_the_dense_reference(trained):
@@ -367,13 +457,24 @@ def test_groups_and_a_measurement_match_the_dense_reference(trained):
     with jax.enable_x64(True):
         apply, params, xt, yt, xv, yv, _ = trained("text")
         cfg = InfluenceConfig(curvature="hessian", damping=DAMP, rtol=1e-12, escalate_damping=False)
-        fit = Influence(models.OutputLoss(apply), params, xt, yt, num_classes=K, weight_decay=WD, config=cfg,
-                        class_names=("a", "b", "c"))
+        fit = Influence(
+            models.OutputLoss(apply),
+            params,
+            xt,
+            yt,
+            num_classes=K,
+            weight_decay=WD,
+            config=cfg,
+            class_names=("a", "b", "c"),
+        )
         by_class = fit.influence(xv, yv)
         assert by_class.names == ("a", "b", "c")
-        np.testing.assert_allclose(np.asarray(by_class.P),
-                                   dense_reference(apply, ce, params, xt, yt, xv, yv, "hessian", DAMP),
-                                   rtol=0, atol=1e-9 * float(np.abs(by_class.P).max()))
+        np.testing.assert_allclose(
+            np.asarray(by_class.P),
+            dense_reference(apply, ce, params, xt, yt, xv, yv, "hessian", DAMP),
+            rtol=0,
+            atol=1e-9 * float(np.abs(by_class.P).max()),
+        )
         groups = (np.arange(NV) % 2).astype(np.int32)  # a partition that is not the classes
         by_group = fit.influence(xv, yv, groups=groups, group_names=("even", "odd"))
         assert by_group.P.shape == (N, 2) and by_group.names == ("even", "odd")
@@ -387,7 +488,9 @@ def test_groups_and_a_measurement_match_the_dense_reference(trained):
         by_margin = fit.influence(xv, yv, measure_fn=margin)
         ref = dense_reference(apply, ce, params, xt, yt, xv, yv, "hessian", DAMP, measure=margin)
         assert _rel(by_margin.P, ref) < 1e-7
-        assert _rel(by_margin.P, np.asarray(by_class.P)) > 1e-2  # a different question, a different P
+        assert (
+            _rel(by_margin.P, np.asarray(by_class.P)) > 1e-2
+        )  # a different question, a different P
 
 
 # ----------------------------------------------------------------------------- jit, vmap, pytrees
@@ -400,27 +503,46 @@ def test_the_core_jits_and_vmaps_over_checkpoints(trained):
         kw = dict(num_classes=K, weight_decay=WD, damping=DAMP, rtol=1e-12, max_steps=500)
         core = jax.jit(lambda p: influence.influence_matrix(loss_fn, p, xt, yt, xv, yv, **kw)[0])
         cfg = InfluenceConfig(curvature="hessian", damping=DAMP, rtol=1e-12, escalate_damping=False)
-        front = influence.category_influence(loss_fn, params, xt, yt, xv, yv, num_classes=K, weight_decay=WD,
-                                             config=cfg)
+        front = influence.category_influence(
+            loss_fn, params, xt, yt, xv, yv, num_classes=K, weight_decay=WD, config=cfg
+        )
         assert _rel(core(params), np.asarray(front.P)) < 1e-8
         # two checkpoints stacked: vmap gives each one's P
         early = _train(apply, _build("mlp")[1], xt, yt, steps=20)
         stack = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), params, early)
-        Ps = jax.jit(jax.vmap(lambda p: influence.influence_matrix(loss_fn, p, xt, yt, xv, yv, **kw)[0]))(stack)
+        Ps = jax.jit(
+            jax.vmap(lambda p: influence.influence_matrix(loss_fn, p, xt, yt, xv, yv, **kw)[0])
+        )(stack)
         assert _rel(Ps[0], core(params)) < 1e-8 and _rel(Ps[1], core(early)) < 1e-8
         assert _rel(Ps[1], Ps[0]) > 1e-2
         # Gauss-Newton inside jit too, against the dense reference with a non-CE loss
-        P_gn = jax.jit(lambda p: influence.influence_matrix(models.OutputLoss(apply, ce10), p, xt, yt, xv, yv,
-                                                            curvature="gauss_newton", **kw)[0])(params)
-        assert _rel(P_gn, dense_reference(apply, ce10, params, xt, yt, xv, yv, "gauss_newton", DAMP)) < 1e-7
+        P_gn = jax.jit(
+            lambda p: influence.influence_matrix(
+                models.OutputLoss(apply, ce10), p, xt, yt, xv, yv, curvature="gauss_newton", **kw
+            )[0]
+        )(params)
+        assert (
+            _rel(P_gn, dense_reference(apply, ce10, params, xt, yt, xv, yv, "gauss_newton", DAMP))
+            < 1e-7
+        )
 
 
 def test_results_are_pytrees_and_save_and_load(trained, tmp_path):
     with jax.enable_x64(True):
         apply, params, xt, yt, xv, yv, _ = trained("mlp")
         ids = np.arange(100, 100 + N)
-        res = influence.category_influence(models.OutputLoss(apply), params, xt, yt, xv, yv, num_classes=K,
-                                           weight_decay=WD, class_names=["x", "y", "z"], sample_ids=ids)
+        res = influence.category_influence(
+            models.OutputLoss(apply),
+            params,
+            xt,
+            yt,
+            xv,
+            yv,
+            num_classes=K,
+            weight_decay=WD,
+            class_names=["x", "y", "z"],
+            sample_ids=ids,
+        )
         leaves, tree = jax.tree_util.tree_flatten(res)
         back = jax.tree_util.tree_unflatten(tree, leaves)
         assert back.names == ("x", "y", "z") and back.details == res.details
@@ -445,7 +567,9 @@ def _mlp_problem(trained):
     return apply, params, xt, yt, xv, yv
 
 
-@pytest.mark.parametrize("case", ["batched loss", "leading axes", "empty group", "nan measure", "x_val structure"])
+@pytest.mark.parametrize(
+    "case", ["batched loss", "leading axes", "empty group", "nan measure", "x_val structure"]
+)
 def test_bad_inputs_name_the_argument(trained, case):
     with jax.enable_x64(True):
         apply, params, xt, yt, xv, yv = _mlp_problem(trained)
@@ -453,23 +577,45 @@ def test_bad_inputs_name_the_argument(trained, case):
         loss_fn = models.OutputLoss(apply)
         if case == "batched loss":
             call = lambda: influence.category_influence(  # noqa: E731
-                lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(apply(p, x[None]), y[None]),
-                params, xt, yt, xv, yv, **kw)
+                lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
+                    apply(p, x[None]), y[None]
+                ),
+                params,
+                xt,
+                yt,
+                xv,
+                yv,
+                **kw,
+            )
             match = "loss_fn.*shape \\(1,\\)"
         elif case == "leading axes":
-            call = lambda: influence.category_influence(  # noqa: E731
-                loss_fn, params, {"a": xt, "b": xt[:-1]}, yt, {"a": xv, "b": xv}, yv, **kw)
+            call = (
+                lambda: influence.category_influence(  # noqa: E731
+                    loss_fn, params, {"a": xt, "b": xt[:-1]}, yt, {"a": xv, "b": xv}, yv, **kw
+                )
+            )
             match = "x_train.*leading axes"
         elif case == "empty group":
             call = lambda: influence.category_influence(  # noqa: E731
-                loss_fn, params, xt, yt, xv, yv, groups=np.where(np.arange(NV) < 10, 0, 2), **kw)
+                loss_fn, params, xt, yt, xv, yv, groups=np.where(np.arange(NV) < 10, 0, 2), **kw
+            )
             match = "groups.*group\\(s\\) \\[1\\]"
         elif case == "nan measure":
             call = lambda: influence.category_influence(  # noqa: E731
-                loss_fn, params, xt, yt, xv, yv, measure_fn=lambda p, x, y: jnp.log(-jnp.abs(loss_fn(p, x, y))), **kw)
+                loss_fn,
+                params,
+                xt,
+                yt,
+                xv,
+                yv,
+                measure_fn=lambda p, x, y: jnp.log(-jnp.abs(loss_fn(p, x, y))),
+                **kw,
+            )
             match = "measure_fn"
         else:
-            call = lambda: influence.category_influence(loss_fn, params, xt, yt, {"a": xv}, yv, **kw)  # noqa: E731
+            call = lambda: influence.category_influence(
+                loss_fn, params, xt, yt, {"a": xv}, yv, **kw
+            )  # noqa: E731
             match = "x_val"
         with pytest.raises(InputError, match=match):
             call()
@@ -480,8 +626,11 @@ def test_ceiling_and_program_results_are_pytrees(trained):
 
     with jax.enable_x64(True):
         apply, params, xt, yt, xv, yv, _ = trained("mlp")
-        P = np.asarray(influence.category_influence(models.OutputLoss(apply), params, xt, yt, xv, yv,
-                                                    num_classes=K, weight_decay=WD).P)
+        P = np.asarray(
+            influence.category_influence(
+                models.OutputLoss(apply), params, xt, yt, xv, yv, num_classes=K, weight_decay=WD
+            ).P
+        )
     for r in (pareto.ceiling_test(P), pareto.solve_reweighting(P, targets=[0], alpha=0.9, rho=0.5)):
         leaves, tree = jax.tree_util.tree_flatten(r)
         assert leaves, type(r).__name__
@@ -498,17 +647,26 @@ def test_a_batch_source_gives_the_same_P_as_arrays(trained, curvature):
     P as from the arrays, and the rows in the source's order."""
     with jax.enable_x64(True):
         apply, params, xt, yt, xv, yv, _ = trained("text")
-        cfg = InfluenceConfig(curvature=curvature, damping=DAMP, rtol=1e-12, escalate_damping=False,
-                              hvp_batch_size=16, chunk_size=8)
+        cfg = InfluenceConfig(
+            curvature=curvature,
+            damping=DAMP,
+            rtol=1e-12,
+            escalate_damping=False,
+            hvp_batch_size=16,
+            chunk_size=8,
+        )
 
         def batches():
             for i in range(0, N, 7):
-                yield jax.tree_util.tree_map(lambda a: a[i:i + 7], xt), yt[i:i + 7]
+                yield jax.tree_util.tree_map(lambda a: a[i : i + 7], xt), yt[i : i + 7]
 
         lf = models.OutputLoss(apply)
-        ref = influence.category_influence(lf, params, xt, yt, xv, yv, num_classes=K, weight_decay=WD, config=cfg)
-        got = influence.category_influence(lf, params, batches, None, xv, yv, num_classes=K, weight_decay=WD,
-                                           config=cfg)
+        ref = influence.category_influence(
+            lf, params, xt, yt, xv, yv, num_classes=K, weight_decay=WD, config=cfg
+        )
+        got = influence.category_influence(
+            lf, params, batches, None, xv, yv, num_classes=K, weight_decay=WD, config=cfg
+        )
         assert "streamed" in got.details["execution"] and got.P.shape == (N, K)
         assert _rel(got.P, np.asarray(ref.P)) < 1e-9
         # the chunks differ (fixed 16 streamed, balanced 14 from arrays): sums round differently
@@ -525,11 +683,13 @@ def test_a_bad_batch_source_is_named(trained):
             yield xt[10:20], yt[10:20] + K
 
         with pytest.raises(InputError, match="y_train batch 1"):
-            influence.category_influence(lf, params, labels_out_of_range, None, xv, yv, num_classes=K,
-                                         weight_decay=WD)
+            influence.category_influence(
+                lf, params, labels_out_of_range, None, xv, yv, num_classes=K, weight_decay=WD
+            )
         with pytest.raises(InputError, match="y_train"):
-            influence.category_influence(lf, params, lambda: iter([(xt, yt)]), yt, xv, yv, num_classes=K,
-                                         weight_decay=WD)
+            influence.category_influence(
+                lf, params, lambda: iter([(xt, yt)]), yt, xv, yv, num_classes=K, weight_decay=WD
+            )
 
 
 @pytest.mark.slow  # two subprocesses streaming 250,000 samples (about 30 s)
@@ -545,12 +705,19 @@ def test_streamed_peak_memory_is_flat_in_n(tmp_path):
     from pathlib import Path
 
     here = Path(__file__).parent
-    env = dict(os.environ, PYTHONPATH=str(here.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, PYTHONPATH=str(here.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     res = {}
     for n in (50000, 200000):
         out = tmp_path / f"s{n}.json"
-        r = subprocess.run([sys.executable, str(here / "_stream_worker.py"), str(n), str(out)], env=env,
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [sys.executable, str(here / "_stream_worker.py"), str(n), str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         res[n] = json.loads(out.read_text())
     a, b = res[50000], res[200000]
@@ -567,14 +734,27 @@ def test_a_fitted_state_saves_and_loads(trained, tmp_path, solver):
         apply, params, xt, yt, xv, yv, _ = trained("mlp")
         lf = models.OutputLoss(apply)
         kw = dict(model=MLP(nnx.Rngs(0))) if solver == "ekfac" else {}
-        fit = Influence(lf, params, xt, yt, num_classes=K, weight_decay=WD, config=InfluenceConfig(solver=solver),
-                        class_names=("a", "b", "c"), **kw)
+        fit = Influence(
+            lf,
+            params,
+            xt,
+            yt,
+            num_classes=K,
+            weight_decay=WD,
+            config=InfluenceConfig(solver=solver),
+            class_names=("a", "b", "c"),
+            **kw,
+        )
         assert (fit.factors is not None) == (solver == "ekfac")
         fit.save(tmp_path / "fit")
         back = Influence.load(tmp_path / "fit", lf, params, xt, yt, **kw)
         assert back.damping == fit.damping and back.class_names == ("a", "b", "c")
-        np.testing.assert_allclose(np.asarray(back.influence(xv, yv).P), np.asarray(fit.influence(xv, yv).P),
-                                   rtol=1e-12, atol=0)
+        np.testing.assert_allclose(
+            np.asarray(back.influence(xv, yv).P),
+            np.asarray(fit.influence(xv, yv).P),
+            rtol=1e-12,
+            atol=0,
+        )
         other = jax.tree_util.tree_map(lambda a: a * 1.01, params)
         with pytest.raises(InputError, match="fingerprint"):
             Influence.load(tmp_path / "fit", lf, other, xt, yt, **kw)
@@ -588,8 +768,15 @@ class Lin(nnx.Module):
         return self.head(x)
 
 
-@pytest.mark.parametrize("loss", ["ce", pytest.param("10ce", marks=pytest.mark.slow),
-                                  pytest.param("smoothed", marks=pytest.mark.slow), "focal"])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        "ce",
+        pytest.param("10ce", marks=pytest.mark.slow),
+        pytest.param("smoothed", marks=pytest.mark.slow),
+        "focal",
+    ],
+)
 def test_kfac_output_factor_is_the_loss_own(loss):
     """One dense layer: K-FAC is A ⊗ S with A = mean ããᵀ (ã = [x, 1]) and S = mean H_out (the
     output loss's Hessian w.r.t. the logits, negative eigenvalues clipped), formed densely here
@@ -600,17 +787,26 @@ def test_kfac_output_factor_is_the_loss_own(loss):
         xt, yt, xv, yv = _data("mlp")
         params = _train(apply, params, xt, yt)
         out = LOSSES[loss]
-        res = influence.category_influence(models.OutputLoss(apply, out), params, xt, yt, xv, yv, num_classes=K,
-                                           weight_decay=WD, model=m,
-                                           config=InfluenceConfig(solver="kfac", damping=DAMP, escalate_damping=False))
+        res = influence.category_influence(
+            models.OutputLoss(apply, out),
+            params,
+            xt,
+            yt,
+            xv,
+            yv,
+            num_classes=K,
+            weight_decay=WD,
+            model=m,
+            config=InfluenceConfig(solver="kfac", damping=DAMP, escalate_damping=False),
+        )
         W, b = params["head"]["kernel"], params["head"]["bias"]
-        at = np.concatenate([xt, np.ones((N, 1))], 1)                  # ã (N, d+1)
+        at = np.concatenate([xt, np.ones((N, 1))], 1)  # ã (N, d+1)
         z = xt @ W + b
         lam, Q = np.linalg.eigh(np.asarray(jax.vmap(jax.hessian(out))(z, yt)))
         Hout = np.einsum("nij,nj,nkj->nik", Q, np.maximum(lam, 0), Q)
         M = np.kron(at.T @ at / N, Hout.mean(0)) + (WD + DAMP) * np.eye(at.shape[1] * K)
-        g = np.asarray(jax.vmap(jax.grad(out))(z, yt))                 # dℓ/dz per training sample
-        per = np.einsum("ni,nk->nik", at, g).reshape(N, -1)            # vec of ã gᵀ, row-major (d+1, K)
+        g = np.asarray(jax.vmap(jax.grad(out))(z, yt))  # dℓ/dz per training sample
+        per = np.einsum("ni,nk->nik", at, g).reshape(N, -1)  # vec of ã gᵀ, row-major (d+1, K)
         zv = xv @ W + b
         gv = np.asarray(jax.vmap(jax.grad(out))(zv, yv))
         av = np.concatenate([xv, np.ones((NV, 1))], 1)
@@ -630,8 +826,19 @@ def test_the_core_is_differentiable(trained):
 
         @jax.jit
         def total(p, d):
-            return influence.influence_matrix(lf, p, xt, yt, xv, yv, num_classes=K, weight_decay=WD, damping=d,
-                                              rtol=1e-13, max_steps=500)[0].sum()
+            return influence.influence_matrix(
+                lf,
+                p,
+                xt,
+                yt,
+                xv,
+                yv,
+                num_classes=K,
+                weight_decay=WD,
+                damping=d,
+                rtol=1e-13,
+                max_steps=500,
+            )[0].sum()
 
         gp, gd = jax.jit(jax.grad(total, argnums=(0, 1)))(params, damp)
         h = 1e-5
@@ -641,7 +848,10 @@ def test_the_core_is_differentiable(trained):
         v = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape)), params)
         shift = lambda t: jax.tree_util.tree_map(lambda a, b: a + t * b, params, v)  # noqa: E731
         fd_p = (total(shift(h), damp) - total(shift(-h), damp)) / (2 * h)
-        dot = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(v)))
+        dot = sum(
+            float(jnp.vdot(a, b))
+            for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(v))
+        )
         assert abs(dot - float(fd_p)) < 1e-4 * abs(float(fd_p)), (dot, float(fd_p))
 
 
@@ -652,7 +862,12 @@ def test_host_entry_points_under_jit_say_what_to_use(trained):
         apply, params, xt, yt, xv, yv, _ = trained("mlp")
         lf = models.OutputLoss(apply)
         with pytest.raises(InputError, match="influence_matrix"):
-            jax.jit(lambda p: influence.category_influence(lf, p, xt, yt, xv, yv, num_classes=K,
-                                                           weight_decay=WD).P)(params)
+            jax.jit(
+                lambda p: (
+                    influence.category_influence(
+                        lf, p, xt, yt, xv, yv, num_classes=K, weight_decay=WD
+                    ).P
+                )
+            )(params)
         with pytest.raises(InputError, match="ceiling_program"):
             jax.jit(lambda P: pareto.ceiling_test(P).t_star)(jnp.ones((5, 2)))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import scipy.optimize
 from conftest import examples
-from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
 
 from pareto_jax import pareto
 from pareto_jax.checks import InputError
@@ -76,18 +77,33 @@ def test_ceiling_pca_heuristic_is_reported():
 
 # ----------------------------------------------------------------------------- program vs HiGHS
 
-OPTIONS = [dict(), dict(rho=0.3), dict(budget="frac"), dict(mu=1e-4), dict(mu=1e-4, rho=0.4),
-           dict(w_max=3.0), dict(mu=1e-4, budget="frac"), dict(mu=1e-2, rho=0.5)]
+OPTIONS = [
+    dict(),
+    dict(rho=0.3),
+    dict(budget="frac"),
+    dict(mu=1e-4),
+    dict(mu=1e-4, rho=0.4),
+    dict(w_max=3.0),
+    dict(mu=1e-4, budget="frac"),
+    dict(mu=1e-2, rho=0.5),
+]
 
 
 @contextlib.contextmanager
 def no_host_solver():
     """Every host solver raises inside: an answer must come from the device path alone."""
+
     def boom(*a, **k):
         raise AssertionError("a host solver was called on the default path")
+
     with contextlib.ExitStack() as stack:
-        for mod, name in [(scipy.optimize, "linprog"), (highs, "linprog"), (highs, "lp"), (highs, "qp"),
-                          (highs, "ceiling_lp")]:
+        for mod, name in [
+            (scipy.optimize, "linprog"),
+            (highs, "linprog"),
+            (highs, "lp"),
+            (highs, "qp"),
+            (highs, "ceiling_lp"),
+        ]:
             stack.enter_context(mock.patch.object(mod, name, boom))
         stack.enter_context(mock.patch.dict(sys.modules, {"highspy": None}))  # import highspy fails
         yield
@@ -95,7 +111,9 @@ def no_host_solver():
 
 def _finish(r) -> tuple[int, int]:
     """(weights free in the last restricted LP, rounds) of an LP answer, from its note."""
-    m = re.search(r"exact finish: (\d+) weights free in the restricted LP, (\d+) round", " ".join(r.notes))
+    m = re.search(
+        r"exact finish: (\d+) weights free in the restricted LP, (\d+) round", " ".join(r.notes)
+    )
     return (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
 
 
@@ -103,7 +121,9 @@ def _check_against_highs(P, targets, alpha, opt, class_weights=None, *, drawn=Tr
     """The device answer (with every host solver disabled) against HiGHS's: same status,
     objective to 1e-6 relative, violation (recomputed here) within 1e-9 relative. `drawn`: a
     hypothesis example (one where HiGHS itself fails is skipped); else HiGHS must answer."""
-    ref = pareto.solve_reweighting(P, targets, alpha, solver="highs", class_weights=class_weights, **opt)
+    ref = pareto.solve_reweighting(
+        P, targets, alpha, solver="highs", class_weights=class_weights, **opt
+    )
     if ref.status not in (0, 2):  # (highspy's QP can fail numerically where ours is certified)
         assert drawn, f"HiGHS failed on a fixed case: {ref.message}"
         assume(False)
@@ -127,9 +147,14 @@ def _check_against_highs(P, targets, alpha, opt, class_weights=None, *, drawn=Tr
 
 
 @settings(max_examples=examples(9), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.sampled_from([40, 1000]), k=st.sampled_from([3, 10]),
-       seed=st.integers(0, 10_000), opt=st.sampled_from(OPTIONS),
-       alpha_lo=st.floats(0.0, 1.0), n_targets=st.integers(1, 2))
+@given(
+    n=st.sampled_from([40, 1000]),
+    k=st.sampled_from([3, 10]),
+    seed=st.integers(0, 10_000),
+    opt=st.sampled_from(OPTIONS),
+    alpha_lo=st.floats(0.0, 1.0),
+    n_targets=st.integers(1, 2),
+)
 # found by a clean rerun (issue 20): the QP's dual stage stopped 41% short and was reported optimal
 @example(n=40, k=5, seed=100, opt=dict(mu=1e-4), alpha_lo=0.0, n_targets=1)
 # semismooth Newton stalled here on an ascent direction from its box-QP subproblem (K close to N)
@@ -236,18 +261,29 @@ def test_one_batch_with_a_trust_region_per_row_equals_each_row_by_highs():
     got = pareto.solve_batch(batch)
     again = pareto.solve_reweighting_batch(P, None, alphas, cfg, rhos=rhos, class_weights=betas)
     for i, (a, r, b) in enumerate(zip(alphas, rhos, betas)):
-        ref = pareto.solve_reweighting(P, None, a, cfg, rho=float(r), class_weights=b, solver="highs")
+        ref = pareto.solve_reweighting(
+            P, None, a, cfg, rho=float(r), class_weights=b, solver="highs"
+        )
         assert got[i].status == ref.status == again[i].status == 0
         assert got[i].objective == pytest.approx(ref.objective, rel=1e-9, abs=1e-12)
         np.testing.assert_array_equal(got[i].w, again[i].w)
         assert got[i].w.min() >= 1 - min(r, 1) - 1e-12 and got[i].w.max() <= min(1.5, 1 + r) + 1e-12
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(alpha=1.5), "alpha"), (dict(alpha=[0.5, 0.5]), "alpha"), (dict(targets=[7]), "targets"),
-    (dict(targets=[]), "targets"), (dict(rho=-1.0), "rho"), (dict(budget=0.0), "budget"),
-    (dict(mu=-1.0), "mu"), (dict(solver="osqp"), "solver"), (dict(w_max=0.0), "w_max"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(alpha=1.5), "alpha"),
+        (dict(alpha=[0.5, 0.5]), "alpha"),
+        (dict(targets=[7]), "targets"),
+        (dict(targets=[]), "targets"),
+        (dict(rho=-1.0), "rho"),
+        (dict(budget=0.0), "budget"),
+        (dict(mu=-1.0), "mu"),
+        (dict(solver="osqp"), "solver"),
+        (dict(w_max=0.0), "w_max"),
+    ],
+)
 def test_bad_program_arguments(kw, match):
     P = _tradeoff_P(50, 3, 0)
     args = dict(targets=[0], alpha=0.5)
@@ -277,8 +313,6 @@ def test_tiny_influence_scale_stays_feasible():
         assert r.max_violation <= 1e-15
 
 
-
-
 @pytest.mark.parametrize("n_on", [0, 5, 40, 41, 300, 309, 310, 350])
 def test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact(n_on, x64):
     """The dual stage's Hessian scale·Σ_{on} p pᵀ from at most `cap` interior rows, or from the
@@ -291,10 +325,10 @@ def test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact(n_on, x64):
     rng = np.random.default_rng(n_on)
     N, K, cap, pad = 400, 7, 40, 50
     P = rng.normal(size=(N, K))
-    P[-pad:] = 0.0                                  # padding rows (never live)
+    P[-pad:] = 0.0  # padding rows (never live)
     on = np.zeros(N, bool)
     on[rng.choice(N - pad, n_on, replace=False)] = True
-    on[-pad:] = rng.uniform(size=pad) < 0.5         # padding may look interior: must not count
+    on[-pad:] = rng.uniform(size=pad) < 0.5  # padding may look interior: must not count
     ref = 2.5 * (P[on].T @ P[on])
     live = np.any(P != 0, 1)
     G = P[live].T @ P[live]
@@ -306,8 +340,18 @@ def test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact(n_on, x64):
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-11, atol=1e-11)
     # every row from the rows' pair products, under a vmap over masks (a population's route)
     ons = np.stack([on, ~on, np.roll(on, 3)])
-    got = jax.jit(jax.vmap(lambda m: dual.weighted_gram(jnp.asarray(P), m, 2.5, jnp.asarray(live), None,
-                                                        Q=dual.pair_products(jnp.asarray(P)))))(jnp.asarray(ons))
+    got = jax.jit(
+        jax.vmap(
+            lambda m: dual.weighted_gram(
+                jnp.asarray(P),
+                m,
+                2.5,
+                jnp.asarray(live),
+                None,
+                Q=dual.pair_products(jnp.asarray(P)),
+            )
+        )
+    )(jnp.asarray(ons))
     for m, g in zip(ons, np.asarray(got)):
         np.testing.assert_allclose(g, 2.5 * (P[m].T @ P[m]), rtol=1e-11, atol=1e-11)
     # which branch: a gather sees only `cap` rows, so past the cap on either side it alone
@@ -327,9 +371,23 @@ def test_exact_finish_recovers_from_bad_duals():
     cfg = pareto.ReweightConfig(rho=0.5)
     lo, hi = cfg.bounds
     scale = np.abs(P).max()
-    finish = jax.jit(lambda P, c, b, nu: exact.lp_finish(P, c, b, lo, hi, 0.0, nu, 0.0, jnp.ones(600, bool),
-                                                          has_budget=False, m_cap=150, max_rounds=12,
-                                                          max_iter=2000))
+    finish = jax.jit(
+        lambda P, c, b, nu: exact.lp_finish(
+            P,
+            c,
+            b,
+            lo,
+            hi,
+            0.0,
+            nu,
+            0.0,
+            jnp.ones(600, bool),
+            has_budget=False,
+            m_cap=150,
+            max_rounds=12,
+            max_iter=2000,
+        )
+    )
     more_rounds = 0
     for a in np.random.default_rng(3).uniform(0.6, 1.0, (6, 4)):
         ref = pareto.solve_reweighting(P, [0, 2], a, cfg, solver="highs")
@@ -359,17 +417,26 @@ def test_farkas_certificate_is_a_valid_infeasibility_bound():
         sol = jax.jit(exact.solve_program)(jnp.asarray(P), jnp.asarray(c), jnp.asarray(b), lo, hi)
     assert int(sol.status) == pareto.Status.INFEASIBLE and float(sol.farkas) < 0
     n, K = P.shape
-    res = scipy.optimize.linprog(np.r_[np.zeros(n), -1.0], A_ub=np.c_[-P.T, np.ones(K)], b_ub=-b,
-                                 bounds=[(lo, hi)] * n + [(None, None)], method="highs")
+    res = scipy.optimize.linprog(
+        np.r_[np.zeros(n), -1.0],
+        A_ub=np.c_[-P.T, np.ones(K)],
+        b_ub=-b,
+        bounds=[(lo, hi)] * n + [(None, None)],
+        method="highs",
+    )
     assert -res.fun <= float(sol.farkas) + 1e-12  # every w violates some class by >= −bound
     # the bound, recomputed here from its definition with the returned duals
     lam = np.asarray(sol.duals[:K]) / np.asarray(sol.duals[:K]).sum()
     g = P @ lam
-    assert np.sum(np.maximum(lo * g, hi * g)) - lam @ b == pytest.approx(float(sol.farkas), rel=1e-6)
+    assert np.sum(np.maximum(lo * g, hi * g)) - lam @ b == pytest.approx(
+        float(sol.farkas), rel=1e-6
+    )
     # a feasible program is never certified infeasible
     _, c2, b2 = pareto.program_data(P, [0], 0.5, cfg)
     with jax.enable_x64(True):
-        sol2 = jax.jit(exact.solve_program)(jnp.asarray(P), jnp.asarray(c2), jnp.asarray(b2), lo, hi)
+        sol2 = jax.jit(exact.solve_program)(
+            jnp.asarray(P), jnp.asarray(c2), jnp.asarray(b2), lo, hi
+        )
     assert int(sol2.status) == 0 and float(sol2.farkas) >= 0
 
 
@@ -391,14 +458,32 @@ def test_qp_certificate_refuses_inexact_duals():
         for z in (got.duals, 0.5 * got.duals, 2.0 * got.duals, got.duals + 0.3, np.zeros(5)):
             with jax.enable_x64(True):
                 zz = jnp.asarray(z).at[4].divide(s)  # η in scaled units
-                u, _, _ = pareto.dual.primal_from_dual(zz, jnp.asarray(P / s), jnp.asarray(c / s), lo, hi,
-                                                        cfg.mu / s, budget is not None)
+                u, _, _ = pareto.dual.primal_from_dual(
+                    zz,
+                    jnp.asarray(P / s),
+                    jnp.asarray(c / s),
+                    lo,
+                    hi,
+                    cfg.mu / s,
+                    budget is not None,
+                )
                 w = 1.0 + u
-                st, gap, obj = exact.qp_certificate(jnp.asarray(P / s), jnp.asarray(c / s), jnp.asarray(b / s),
-                                                    cfg.mu / s, (budget or 0.0), zz[:4], zz[4], w, budget is not None)
+                st, gap, obj = exact.qp_certificate(
+                    jnp.asarray(P / s),
+                    jnp.asarray(c / s),
+                    jnp.asarray(b / s),
+                    cfg.mu / s,
+                    (budget or 0.0),
+                    zz[:4],
+                    zz[4],
+                    w,
+                    budget is not None,
+                )
             w = np.asarray(w)
             feasible = pareto.check_feasibility(P, w, b, cfg) <= 1e-9 * np.abs(P).sum()
-            optimal = feasible and abs(c @ w - 0.5 * cfg.mu * np.sum((w - 1) ** 2) - ref.objective) <= 1e-6 * abs(ref.objective)
+            optimal = feasible and abs(
+                c @ w - 0.5 * cfg.mu * np.sum((w - 1) ** 2) - ref.objective
+            ) <= 1e-6 * abs(ref.objective)
             if int(st) == 0 and feasible:
                 assert optimal, (budget, z)
             refused += int(st) != 0
@@ -434,10 +519,12 @@ def test_reweight_jits_and_vmaps_over_alpha_rho_and_class_weights():
         by_rho = jax.jit(jax.vmap(lambda r: pareto.reweight(Pj, betas[0], alphas[0], rho=r)))(rhos)
         by_beta = jax.jit(jax.vmap(lambda bt: pareto.reweight(Pj, bt, alphas[0], rho=0.5)))(betas)
         qp = jax.jit(jax.vmap(lambda a: pareto.reweight(Pj, betas[0], a, rho=0.5, mu=1e-3)))(alphas)
-    cases = ([(a, 0.5, betas[0], {}, by_alpha, i) for i, a in enumerate(alphas)]
-             + [(alphas[0], r, betas[0], {}, by_rho, i) for i, r in enumerate(rhos)]
-             + [(alphas[0], 0.5, bt, {}, by_beta, i) for i, bt in enumerate(betas)]
-             + [(a, 0.5, betas[0], dict(mu=1e-3), qp, i) for i, a in enumerate(alphas)])
+    cases = (
+        [(a, 0.5, betas[0], {}, by_alpha, i) for i, a in enumerate(alphas)]
+        + [(alphas[0], r, betas[0], {}, by_rho, i) for i, r in enumerate(rhos)]
+        + [(alphas[0], 0.5, bt, {}, by_beta, i) for i, bt in enumerate(betas)]
+        + [(a, 0.5, betas[0], dict(mu=1e-3), qp, i) for i, a in enumerate(alphas)]
+    )
     for a, r, bt, extra, sols, i in cases:
         ref = pareto.solve_reweighting(P, None, a, rho=r, class_weights=bt, solver="highs", **extra)
         assert int(sols.status[i]) == ref.status == 0
@@ -460,8 +547,13 @@ def test_ceiling_program_jits_and_vmaps():
 
 
 @settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.sampled_from([40, 300, 3000]), k=st.sampled_from([2, 5, 12]), seed=st.integers(0, 10_000),
-       kind=st.sampled_from(["random", "on a hyperplane"]), mean=st.sampled_from([0.0, 0.05, 0.3]))
+@given(
+    n=st.sampled_from([40, 300, 3000]),
+    k=st.sampled_from([2, 5, 12]),
+    seed=st.integers(0, 10_000),
+    kind=st.sampled_from(["random", "on a hyperplane"]),
+    mean=st.sampled_from([0.0, 0.05, 0.3]),
+)
 def test_ceiling_device_matches_highs(n, k, seed, kind, mean):
     P = _tradeoff_P(n, k, seed, mean=mean)
     if kind == "on a hyperplane":
@@ -490,7 +582,9 @@ def test_device_program_in_float32(opt):
     ref = pareto.solve_reweighting(P64, [0], alpha, solver="highs", **opt)
     assert ref.status == 0
     with jax.enable_x64(False):
-        sol = jax.jit(lambda P: pareto.reweight(P, beta, alpha, **opt))(jnp.asarray(P64, jnp.float32))
+        sol = jax.jit(lambda P: pareto.reweight(P, beta, alpha, **opt))(
+            jnp.asarray(P64, jnp.float32)
+        )
     assert sol.w.dtype == jnp.float32 and int(sol.status) == 0
     w = np.asarray(sol.w, np.float64)
     cfg = pareto.ReweightConfig(**opt)
@@ -504,7 +598,9 @@ def test_device_program_in_float32(opt):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("kind", ["normal", "rounded (ties)", "half inf", "few distinct", "wide magnitudes"])
+@pytest.mark.parametrize(
+    "kind", ["normal", "rounded (ties)", "half inf", "few distinct", "wide magnitudes"]
+)
 def test_smallest_equals_top_k(kind, dtype):
     """`select.smallest` (the exact finish's and the ceiling's selection without a full sort)
     returns exactly ``lax.top_k(−key, k)``'s indices (order and ties included) on keys long
@@ -529,7 +625,9 @@ def test_smallest_equals_top_k(kind, dtype):
             ref = np.asarray(jax.vmap(lambda x: jax.lax.top_k(-x, k)[1])(Xj))
             got = np.asarray(jax.jit(jax.vmap(lambda x: select.smallest(x, k)))(Xj))
             np.testing.assert_array_equal(got, ref)
-            np.testing.assert_array_equal(np.asarray(jax.jit(select.smallest, static_argnums=1)(Xj[0], k)), ref[0])
+            np.testing.assert_array_equal(
+                np.asarray(jax.jit(select.smallest, static_argnums=1)(Xj[0], k)), ref[0]
+            )
 
 
 def test_smallest_when_the_sample_misleads_and_the_keys_span_both_signs():
@@ -546,4 +644,6 @@ def test_smallest_when_the_sample_misleads_and_the_keys_span_both_signs():
     with jax.enable_x64(True):
         xj = jnp.asarray(x)
         ref = np.asarray(jax.lax.top_k(-xj, k)[1])
-        np.testing.assert_array_equal(np.asarray(jax.jit(select.smallest, static_argnums=1)(xj, k)), ref)
+        np.testing.assert_array_equal(
+            np.asarray(jax.jit(select.smallest, static_argnums=1)(xj, k)), ref
+        )

@@ -13,19 +13,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from conftest import examples, tiny_classification
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pareto_jax import influence, kernels, models, pareto, pipeline, train
 
-from conftest import examples, tiny_classification
-
-SMALL = pipeline.RunConfig(train=train.TrainConfig(epochs=4, batch_size=128, learning_rate=0.05,
-                                                   weight_decay=1e-3), retrain_epochs=2)
+SMALL = pipeline.RunConfig(
+    train=train.TrainConfig(epochs=4, batch_size=128, learning_rate=0.05, weight_decay=1e-3),
+    retrain_epochs=2,
+)
 
 
 def _run(cfg, out):
-    return pipeline.run(pipeline.dataclasses.replace(cfg, out_dir=str(out)), progress=False,
-                        out=io.StringIO())
+    return pipeline.run(
+        pipeline.dataclasses.replace(cfg, out_dir=str(out)), progress=False, out=io.StringIO()
+    )
 
 
 def _arrays(folder: Path) -> dict:
@@ -48,7 +51,12 @@ def test_same_seed_gives_bitwise_identical_results(tmp_path):
     assert a.keys() == b.keys() and any("P.npz" in k for k in a) and any("weights" in k for k in a)
     for k in a:
         assert a[k].tobytes() == b[k].tobytes(), k
-    names = ["train/metrics.json", "retrain/metrics.json", "program/program.json", "ceiling/ceiling.json"]
+    names = [
+        "train/metrics.json",
+        "retrain/metrics.json",
+        "program/program.json",
+        "ceiling/ceiling.json",
+    ]
     assert _jsons(tmp_path / "a", names) == _jsons(tmp_path / "b", names)
 
 
@@ -57,19 +65,33 @@ def test_rerun_skips_finished_stages_and_config_changes_invalidate_downstream(tm
     s1 = _run(SMALL, tmp_path)
     assert s1["stages_skipped"] == []
     s2 = _run(SMALL, tmp_path)
-    assert s2["stages_run"] == [] and set(s2["stages_skipped"]) == {"train", "influence", "ceiling",
-                                                                      "program", "retrain"}
+    assert s2["stages_run"] == [] and set(s2["stages_skipped"]) == {
+        "train",
+        "influence",
+        "ceiling",
+        "program",
+        "retrain",
+    }
     assert s2["test_accuracy"] == s1["test_accuracy"]
     s3 = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8), tmp_path)
     assert s3["stages_run"] == ["program", "retrain"]
     s4 = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8, retrain_epochs=3), tmp_path)
-    assert s4["stages_run"] == ["program", "retrain"]  # the step is chosen by retraining that many epochs
+    assert s4["stages_run"] == [
+        "program",
+        "retrain",
+    ]  # the step is chosen by retraining that many epochs
     s4b = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8, retrain_epochs=3, steps=()), tmp_path)
     assert s4b["stages_run"] == ["program", "retrain"]
     s4c = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8, retrain_epochs=4, steps=()), tmp_path)
-    assert s4c["stages_run"] == ["retrain"]  # without the step choice, only retraining depends on it
-    s5 = _run(pipeline.dataclasses.replace(SMALL, train=pipeline.dataclasses.replace(SMALL.train, epochs=5)),
-              tmp_path)
+    assert s4c["stages_run"] == [
+        "retrain"
+    ]  # without the step choice, only retraining depends on it
+    s5 = _run(
+        pipeline.dataclasses.replace(
+            SMALL, train=pipeline.dataclasses.replace(SMALL.train, epochs=5)
+        ),
+        tmp_path,
+    )
     assert s5["stages_run"] == ["train", "influence", "ceiling", "program", "retrain"]
 
 
@@ -80,17 +102,36 @@ def test_interrupted_stage_is_redone(tmp_path):
     assert s["stages_run"] == ["influence"]  # downstream fingerprints did not change: reused
 
 
-CMD = [sys.executable, "-m", "pareto_jax.cli", "run", "--epochs", "4", "--search", "--population", "6",
-       "--generations", "6", "--retrain-epochs", "2", "--no-progress"]
+CMD = [
+    sys.executable,
+    "-m",
+    "pareto_jax.cli",
+    "run",
+    "--epochs",
+    "4",
+    "--search",
+    "--population",
+    "6",
+    "--generations",
+    "6",
+    "--retrain-epochs",
+    "2",
+    "--no-progress",
+]
 
 
-@pytest.mark.slow  # a real SIGKILL of the CLI (45 s); resumption itself: test_search_resumes_from_its_checkpoint
+# a real SIGKILL of the CLI (45 s); resumption itself: test_search_resumes_from_its_checkpoint
+@pytest.mark.slow
 def test_run_killed_mid_search_resumes_to_the_same_result(tmp_path):
     ref = tmp_path / "uninterrupted"
     subprocess.run(CMD + ["--out", str(ref)], check=True, capture_output=True)
     out = tmp_path / "killed"
-    p = subprocess.Popen(CMD + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        CMD + ["--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     killed_at = None
     while time.time() < deadline and p.poll() is None:
@@ -115,7 +156,10 @@ def test_run_killed_mid_search_resumes_to_the_same_result(tmp_path):
     assert "[train] finished earlier" in r.stdout and "[influence] finished earlier" in r.stdout
     prog_ref = json.loads((ref / "search" / "program.json").read_text())
     prog = json.loads((out / "search" / "program.json").read_text())
-    for p_ in (prog, prog_ref):  # wall-clock seconds per generation are the only expected difference
+    for p_ in (
+        prog,
+        prog_ref,
+    ):  # wall-clock seconds per generation are the only expected difference
         for h in p_["history"]:
             h.pop("seconds")
     assert prog == prog_ref
@@ -123,49 +167,84 @@ def test_run_killed_mid_search_resumes_to_the_same_result(tmp_path):
     a, b = _arrays(ref), _arrays(out)
     for k in a:
         assert a[k].tobytes() == b[k].tobytes(), k
-    assert json.loads((ref / "retrain" / "metrics.json").read_text()) == \
-        json.loads((out / "retrain" / "metrics.json").read_text())
+    assert json.loads((ref / "retrain" / "metrics.json").read_text()) == json.loads(
+        (out / "retrain" / "metrics.json").read_text()
+    )
 
 
 # ----------------------------------------------------------------------------- properties
 
 
 @settings(max_examples=examples(4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(12, 60), d=st.integers(1, 5), k=st.integers(2, 4), seed=st.integers(0, 10_000),
-       wd=st.sampled_from([1e-2, 1e-1]))
+@given(
+    n=st.integers(12, 60),
+    d=st.integers(1, 5),
+    k=st.integers(2, 4),
+    seed=st.integers(0, 10_000),
+    wd=st.sampled_from([1e-2, 1e-1]),
+)
 def test_property_closed_form_equals_dense_generic(n, d, k, seed, wd):
     with jax.enable_x64(True):
         x, y = tiny_classification(n=max(n, 2 * k), d=d, k=k, seed=seed)
         xv, yv = tiny_classification(n=3 * k, d=d, k=k, seed=seed + 1)
         apply, params = models.functional(models.make_model("linear", (d,), k))
         rng = np.random.default_rng(seed)
-        params = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.3), params)
+        params = jax.tree_util.tree_map(
+            lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.3), params
+        )
         loss_fn = models.per_sample_loss(apply)
-        a = influence.linear_category_influence(params, x, y, xv, yv, num_classes=k, weight_decay=wd).P
-        b = influence.category_influence(loss_fn, params, x, y, xv, yv, num_classes=k, weight_decay=wd,
-                                         config=influence.InfluenceConfig.exact()).P
+        a = influence.linear_category_influence(
+            params, x, y, xv, yv, num_classes=k, weight_decay=wd
+        ).P
+        b = influence.category_influence(
+            loss_fn,
+            params,
+            x,
+            y,
+            xv,
+            yv,
+            num_classes=k,
+            weight_decay=wd,
+            config=influence.InfluenceConfig.exact(),
+        ).P
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12 * np.abs(b).max())
 
 
 @settings(max_examples=examples(4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(8, 40), hidden=st.integers(1, 6), k=st.integers(2, 4), seed=st.integers(0, 10_000),
-       chunk=st.integers(1, 50))
+@given(
+    n=st.integers(8, 40),
+    hidden=st.integers(1, 6),
+    k=st.integers(2, 4),
+    seed=st.integers(0, 10_000),
+    chunk=st.integers(1, 50),
+)
 def test_property_forward_mode_equals_per_sample(n, hidden, k, seed, chunk):
     with jax.enable_x64(True):
         x, y = tiny_classification(n=max(n, k), d=3, k=k, seed=seed)
-        apply, params = models.functional(models.make_model("mlp", (3,), k, hidden=(hidden,), seed=seed))
+        apply, params = models.functional(
+            models.make_model("mlp", (3,), k, hidden=(hidden,), seed=seed)
+        )
         params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params)
         loss_fn = models.per_sample_loss(apply)
         theta = kernels.flatten(loss_fn, params).theta
         U = jnp.asarray(np.random.default_rng(seed).normal(size=(k, theta.size)))
-        a = influence.influence_from_solutions(loss_fn, params, U, x, y, method="jvp", chunk_size=chunk)
-        b = influence.influence_from_solutions(loss_fn, params, U, x, y, method="per_sample", chunk_size=7)
+        a = influence.influence_from_solutions(
+            loss_fn, params, U, x, y, method="jvp", chunk_size=chunk
+        )
+        b = influence.influence_from_solutions(
+            loss_fn, params, U, x, y, method="per_sample", chunk_size=7
+        )
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
 @settings(max_examples=examples(8), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.sampled_from([30, 120]), k=st.sampled_from([2, 4]), seed=st.integers(0, 10_000),
-       alpha=st.floats(0.0, 1.0), rho=st.sampled_from([None, 0.1, 0.5]))
+@given(
+    n=st.sampled_from([30, 120]),
+    k=st.sampled_from([2, 4]),
+    seed=st.integers(0, 10_000),
+    alpha=st.floats(0.0, 1.0),
+    rho=st.sampled_from([None, 0.1, 0.5]),
+)
 def test_property_program_is_feasible_or_reports_why(n, k, seed, alpha, rho):
     rng = np.random.default_rng(seed)
     P = rng.normal(size=(n, k)) * 10.0 ** rng.integers(-6, 1)

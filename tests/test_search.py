@@ -15,10 +15,12 @@ def digits_problem():
     loss_fn = models.per_sample_loss(apply)
     cfg = train.TrainConfig(epochs=15, batch_size=128, learning_rate=0.01, weight_decay=1e-3)
     st = train.train(loss_fn, params, noisy.x, noisy.y, cfg).state
-    prob = search.SearchProblem(loss_fn, apply, st, cfg, noisy.x, noisy.y, s.val.x, s.val.y,
-                                s.test.x, s.test.y, 10)
-    P = influence.linear_category_influence(st.params, noisy.x, noisy.y, s.val.x, s.val.y,
-                                            num_classes=10, weight_decay=1e-3).P
+    prob = search.SearchProblem(
+        loss_fn, apply, st, cfg, noisy.x, noisy.y, s.val.x, s.val.y, s.test.x, s.test.y, 10
+    )
+    P = influence.linear_category_influence(
+        st.params, noisy.x, noisy.y, s.val.x, s.val.y, num_classes=10, weight_decay=1e-3
+    ).P
     return prob, np.asarray(P)
 
 
@@ -26,7 +28,7 @@ def test_fitness_definition():
     assert evaluation.fitness([1.0, -2.0, 0.0, -4.0], [0]) == (pytest.approx(-2.0), 1.0)
     assert evaluation.fitness([1.0, 2.0, 0.0], [0])[0] == 0.0
     assert evaluation.fitness([0.0, 2.0, 3.0], [0])[0] == float("-inf")  # target did not improve
-    assert evaluation.fitness([1.0, 2.0], [0, 1])[0] == 0.0                # no non-target classes
+    assert evaluation.fitness([1.0, 2.0], [0, 1])[0] == 0.0  # no non-target classes
     np.testing.assert_allclose(evaluation.relative_change([0.5, 0.0], [0.25, 0.0]), [100.0, 0.0])
 
 
@@ -57,8 +59,15 @@ def test_fused_generation_is_one_call_with_the_two_call_answers(digits_problem):
     prob, P = digits_problem
     cfg = search.SearchConfig(population=5, seed=1)
     ev = evaluation.Evaluator(prob)
-    pop = search.Population(ev, P, [3, 8], ev.accuracies(
-        __import__("jax").tree_util.tree_map(lambda a: a[None], prob.state.params))[0], cfg)
+    pop = search.Population(
+        ev,
+        P,
+        [3, 8],
+        ev.accuracies(__import__("jax").tree_util.tree_map(lambda a: a[None], prob.state.params))[
+            0
+        ],
+        cfg,
+    )
     assert pop.fused
     genomes = np.random.default_rng(0).uniform(0.6, 1.0, (5, 10 + search.Genome(cfg).n_extra))
     sols, acc = pop.generation(genomes)
@@ -73,7 +82,8 @@ def test_fused_generation_is_one_call_with_the_two_call_answers(digits_problem):
     np.testing.assert_allclose(acc, ev.accuracies(params, "val", True))
 
 
-@pytest.mark.slow  # (the suite's time budget; test_reliability checks bitwise determinism by default)
+# (the suite's time budget; test_reliability checks bitwise determinism by default)
+@pytest.mark.slow
 def test_search_is_deterministic_and_reports_consistently(digits_problem):
     prob, P = digits_problem
     cfg = search.SearchConfig(population=6, generations=3, seed=1)
@@ -116,10 +126,13 @@ def test_search_resumes_from_its_checkpoint(digits_problem, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        search.run_search(prob, P, [3, 8], config=cfg, checkpoint=str(ckpt), on_generation=kill_after_1)
+        search.run_search(
+            prob, P, [3, 8], config=cfg, checkpoint=str(ckpt), on_generation=kill_after_1
+        )
     seen = []
-    resumed = search.run_search(prob, P, [3, 8], config=cfg, checkpoint=str(ckpt),
-                                on_generation=lambda g, s: seen.append(g))
+    resumed = search.run_search(
+        prob, P, [3, 8], config=cfg, checkpoint=str(ckpt), on_generation=lambda g, s: seen.append(g)
+    )
     assert seen == [2]  # generation 3 is the last (no callback); 0 and 1 were not redone
     assert [h["generation"] for h in resumed.history] == [0, 1, 2, 3]
     assert [c.fitness for c in resumed.evaluations] == [c.fitness for c in full.evaluations]
@@ -132,7 +145,9 @@ def test_all_minus_infinity_population_is_handled(digits_problem):
     ev_acc = train.evaluate(prob.apply, prob.state.params, prob.x_val, prob.y_val, 10).accuracy
     perfect = int(np.argmax(ev_acc))
     assert ev_acc[perfect] == 1.0  # a class at 100%: it cannot improve
-    res = search.run_search(prob, P, [perfect], config=search.SearchConfig(population=4, generations=2))
+    res = search.run_search(
+        prob, P, [perfect], config=search.SearchConfig(population=4, generations=2)
+    )
     assert not res.found and res.best.fitness == float("-inf")
     assert all(h["n_finite"] == 0 for h in res.history)
 
@@ -146,18 +161,26 @@ def test_course_correction_needs_reference(digits_problem):
 def test_baselines(digits_problem):
     prob, P = digits_problem
     b = evaluation.baseline_weights(P, prob.y_train, [3, 8], 10)
-    assert set(b) == {"unweighted", "class_balanced", "trim_negative", "topk_upweight", "fixed_alpha_lp"}
+    assert set(b) == {
+        "unweighted",
+        "class_balanced",
+        "trim_negative",
+        "topk_upweight",
+        "fixed_alpha_lp",
+    }
     assert np.all(b["unweighted"] == 1)
     assert b["class_balanced"].mean() == pytest.approx(1.0)
     counts = np.bincount(prob.y_train, minlength=10)
-    np.testing.assert_allclose(b["class_balanced"] * counts[prob.y_train],
-                               b["class_balanced"][0] * counts[prob.y_train[0]])
+    np.testing.assert_allclose(
+        b["class_balanced"] * counts[prob.y_train], b["class_balanced"][0] * counts[prob.y_train[0]]
+    )
     np.testing.assert_array_equal(b["trim_negative"] == 0, P.sum(1) < 0)
     assert (b["topk_upweight"] == 2.0).sum() == round(0.1 * len(P))
     res = evaluation.evaluate_weightings(prob, {"unweighted": b["unweighted"]}, prob.state.params)
     # the unweighted epoch from θ^e is exactly ordinary training's next epoch
-    nxt = train.train_one_epoch_from(prob.loss_fn, prob.state, prob.x_train, prob.y_train,
-                                     np.ones(len(P)), prob.train_config)
+    nxt = train.train_one_epoch_from(
+        prob.loss_fn, prob.state, prob.x_train, prob.y_train, np.ones(len(P)), prob.train_config
+    )
     acc = train.evaluate(prob.apply, nxt.params, prob.x_val, prob.y_val, 10).accuracy
     np.testing.assert_allclose(res["unweighted"]["val_acc"], acc, atol=1e-6)
 
@@ -192,7 +215,9 @@ def test_harm_matched_baselines_follow_the_search_rule(digits_problem):
         scores = []
         for t in steps:
             p, _ = ev.train_one(1.0 + t * (bw[name] - 1.0))
-            f, tb = evaluation.fitness(evaluation.relative_change(ev.acc(p, ev.xv, ev.yv), ref), [3, 8])
+            f, tb = evaluation.fitness(
+                evaluation.relative_change(ev.acc(p, ev.xv, ev.yv), ref), [3, 8]
+            )
             scores.append(((f, tb if np.isfinite(tb) else float("-inf")), t, p))
         best = max(scores, key=lambda s: s[0])
         assert r["t"] == best[1] and r["fitness"] == best[0][0]
@@ -214,17 +239,28 @@ def test_others_weight_gene(digits_problem):
     w0 = pareto.solve_reweighting(P, None, a, rcfg, class_weights=beta).w
     np.testing.assert_array_equal(w0, pareto.solve_reweighting(P, [3, 8], a, rcfg).w)
 
-    cfg = search.SearchConfig(population=6, generations=2, seed=5, others_weight=(0.0, 1.0),
-                              reweight=pareto.ReweightConfig(w_max=1.0))
+    cfg = search.SearchConfig(
+        population=6,
+        generations=2,
+        seed=5,
+        others_weight=(0.0, 1.0),
+        reweight=pareto.ReweightConfig(w_max=1.0),
+    )
     r1 = search.run_search(prob, P, [3, 8], config=cfg)
     r2 = search.run_search(prob, P, [3, 8], config=dataclasses.replace(cfg, batched=False))
-    assert [c.genome.tolist() for c in r1.evaluations] == [c.genome.tolist() for c in r2.evaluations]
+    assert [c.genome.tolist() for c in r1.evaluations] == [
+        c.genome.tolist() for c in r2.evaluations
+    ]
     for x, y in zip(r1.evaluations, r2.evaluations):
-        assert x.fitness == pytest.approx(y.fitness, abs=1e-9) or x.fitness == y.fitness == float("-inf")
+        assert x.fitness == pytest.approx(y.fitness, abs=1e-9) or x.fitness == y.fitness == float(
+            "-inf"
+        )
     assert r1.best.genome.shape == (12,)
     a, rcfg, beta = search.Genome(cfg).program_of(r1.best.genome, [3, 8], 10)
     assert 0 <= beta.min() <= 1 and beta[3] == beta[8] == 1
     if r1.weights is not None:
-        ref = pareto.solve_reweighting(P, None, a, dataclasses.replace(rcfg, solver="highs"), class_weights=beta)
+        ref = pareto.solve_reweighting(
+            P, None, a, dataclasses.replace(rcfg, solver="highs"), class_weights=beta
+        )
         c = P @ beta
         assert c @ r1.weights == pytest.approx(c @ ref.w, rel=1e-9)

@@ -21,7 +21,7 @@ def _mcnemar_by_enumeration(m, r):
     n = b + c
     if n == 0:
         return b, c, 1.0
-    pmf = [math.comb(n, i) / 2 ** n for i in range(n + 1)]
+    pmf = [math.comb(n, i) / 2**n for i in range(n + 1)]
     p = sum(q for q in pmf if q <= pmf[b] * (1 + 1e-12))
     return b, c, min(1.0, p)
 
@@ -67,14 +67,22 @@ def _fake_run(seed, y, targets, rows):
     counts = np.bincount(y, minlength=K)
     ref_ok = rows.pop("theta_e")
     ref_test = np.bincount(y[ref_ok], minlength=K) / counts
-    block = {"targets": targets, "target_names": [str(t) for t in targets], "found": seed == 0,
-             "ref_test": ref_test.tolist(), "rows": {}, "test_correct": {}}
+    block = {
+        "targets": targets,
+        "target_names": [str(t) for t in targets],
+        "found": seed == 0,
+        "ref_test": ref_test.tolist(),
+        "rows": {},
+        "test_correct": {},
+    }
     for name, ok in rows.items():
         acc = np.bincount(y[ok], minlength=K) / counts
         pts = 100 * (acc - ref_test)
-        block["rows"][name] = {"target_test_points": pts[targets].tolist(),
-                               "worst_other_test_points": float(np.delete(pts, targets).min()),
-                               "test_acc": acc.tolist()}
+        block["rows"][name] = {
+            "target_test_points": pts[targets].tolist(),
+            "worst_other_test_points": float(np.delete(pts, targets).min()),
+            "test_acc": acc.tolist(),
+        }
         block["test_correct"][name] = "".join("1" if o else "0" for o in ok)
     return {"seed": seed, "y_test": y.tolist(), "direct": block}
 
@@ -87,8 +95,12 @@ def test_summary_equals_hand_computation():
         base = rng.random(60) < 0.6
         extra = np.where(rng.random(60) < 0.2, ~base, base)
         srch = np.where(rng.random(60) < 0.2, ~extra, extra)
-        rows = {"theta_e": base, "unweighted": extra, study.SEARCH_ROW: srch,
-                "topk_upweight, val-matched": extra.copy()}
+        rows = {
+            "theta_e": base,
+            "unweighted": extra,
+            study.SEARCH_ROW: srch,
+            "topk_upweight, val-matched": extra.copy(),
+        }
         if seed == 1:  # a baseline whose program failed in one seed
             rows["fixed_alpha_lp, val-matched"] = np.ones(60, bool)
         runs.append(_fake_run(seed, y, targets, rows))
@@ -108,7 +120,9 @@ def test_summary_equals_hand_computation():
     assert s["n_seeds"] == 3 and s["found"] == 1
     assert m["target_gain"]["mean"] == pytest.approx(np.mean(hand["gain"]))
     sd = np.std(hand["gain"], ddof=1)
-    assert m["target_gain"]["half_width"] == pytest.approx(scipy.stats.t.ppf(0.975, 2) * sd / np.sqrt(3))
+    assert m["target_gain"]["half_width"] == pytest.approx(
+        scipy.stats.t.ppf(0.975, 2) * sd / np.sqrt(3)
+    )
     assert m["worst_other"]["mean"] == pytest.approx(np.mean(hand["worst"]))
     t = m["mcnemar_vs_extra_epoch"]["targets"]
     assert (t["gained"], t["lost"]) == (hand["b"], hand["c"])
@@ -124,16 +138,22 @@ def test_summary_equals_hand_computation():
     best = s["best_at_matched_harm"]
     assert best["method"] in (study.SEARCH_ROW, "topk_upweight, val-matched")
     assert best["best_baseline"] == "topk_upweight, val-matched"
-    diff = np.subtract(hand["gain"], s["methods"]["topk_upweight, val-matched"]["per_seed"]["target_gain"])
+    diff = np.subtract(
+        hand["gain"], s["methods"]["topk_upweight, val-matched"]["per_seed"]["target_gain"]
+    )
     assert best["search_minus_best_baseline"]["mean"] == pytest.approx(diff.mean())
 
 
-# one seed by default (the intervals and pooling are tested above on synthetic seeds); two with -m slow
-@pytest.mark.slow  # (about 90 s: the suite's 15-minute budget; every piece is tested on its own above)
+# one seed by default (the intervals and pooling are tested above on synthetic seeds); two with -m
+# slow
+# (about 90 s: the suite's 15-minute budget; every piece is tested on its own above)
+@pytest.mark.slow
 @pytest.mark.parametrize("n_seeds", [1, 2])
 def test_quick_study_end_to_end_and_resume(tmp_path, n_seeds):
     out = io.StringIO()
-    r = study.reproduce_study(("mnist5k-noisy",), seeds=n_seeds, quick=True, out_dir=str(tmp_path), out=out)
+    r = study.reproduce_study(
+        ("mnist5k-noisy",), seeds=n_seeds, quick=True, out_dir=str(tmp_path), out=out
+    )
     res = r["mnist5k-noisy"]
     text = (tmp_path / "report.md").read_text()
     for fig in res["figures"].values():
@@ -141,22 +161,34 @@ def test_quick_study_end_to_end_and_resume(tmp_path, n_seeds):
         assert png.exists() and png.stat().st_size > 5000 and f"]({fig})" in text
     assert "CIFAR-10 (paper" in text and "McNemar" in text
     d = res["summary"]["direct"]
-    assert d["n_seeds"] == n_seeds and {study.SEARCH_ROW, "unweighted", "trim_negative"} <= set(d["methods"])
+    assert d["n_seeds"] == n_seeds and {study.SEARCH_ROW, "unweighted", "trim_negative"} <= set(
+        d["methods"]
+    )
     # the paired counts agree with the accuracies the search computed (per class, over seeds):
     # gained − lost = (method hits − extra-epoch hits)
-    runs = [json.loads((tmp_path / "mnist5k-noisy" / f"seed_{s}" / "seed.json").read_text())
-            for s in range(n_seeds)]
+    runs = [
+        json.loads((tmp_path / "mnist5k-noisy" / f"seed_{s}" / "seed.json").read_text())
+        for s in range(n_seeds)
+    ]
     for name in (study.SEARCH_ROW, "trim_negative"):
         per_class = d["methods"][name]["mcnemar_vs_extra_epoch"]["per_class"]
         for k, pc in enumerate(per_class):
-            hits = sum(round((np.asarray(r_["direct"]["rows"][name]["test_acc"][k])
-                              - np.asarray(r_["direct"]["rows"]["unweighted"]["test_acc"][k]))
-                             * np.sum(np.asarray(r_["y_test"]) == k)) for r_ in runs)
+            hits = sum(
+                round(
+                    (
+                        np.asarray(r_["direct"]["rows"][name]["test_acc"][k])
+                        - np.asarray(r_["direct"]["rows"]["unweighted"]["test_acc"][k])
+                    )
+                    * np.sum(np.asarray(r_["y_test"]) == k)
+                )
+                for r_ in runs
+            )
             assert pc["net"] == hits, (name, k)
     # resuming reads every seed back and rebuilds the same summary
     log = io.StringIO()
-    again = study.reproduce_study(("mnist5k-noisy",), seeds=n_seeds, quick=True, out_dir=str(tmp_path),
-                                  resume=True, out=log)
+    again = study.reproduce_study(
+        ("mnist5k-noisy",), seeds=n_seeds, quick=True, out_dir=str(tmp_path), resume=True, out=log
+    )
     assert log.getvalue().count("read back") == n_seeds
     assert again["mnist5k-noisy"]["summary"] == json.loads(json.dumps(res["summary"]))
 
@@ -164,14 +196,28 @@ def test_quick_study_end_to_end_and_resume(tmp_path, n_seeds):
 @pytest.mark.slow  # experiment-scale: a CNN, its Gauss-Newton influence and the searches
 @pytest.mark.parametrize("dataset", ["digits", "mnist5k", "emotion", "ag_news"])
 def test_quick_study_other_datasets(tmp_path, dataset):
-    r = reproduce.reproduce_improve(str(tmp_path), datasets=[dataset], quick=True, out=io.StringIO())
+    r = reproduce.reproduce_improve(
+        str(tmp_path), datasets=[dataset], quick=True, out=io.StringIO()
+    )
     assert r[dataset]["summary"]["direct"]["n_seeds"] == 1
 
 
 def test_cli_improve_rejects_bad_arguments(tmp_path):
     for args, word in ((["--dataset", "nonsense"], "dataset"), (["--seeds", "0"], "seeds")):
-        p = subprocess.run([sys.executable, "-m", "pareto_jax.cli", "reproduce", "improve", *args,
-                            "--out", str(tmp_path)], capture_output=True, text=True)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pareto_jax.cli",
+                "reproduce",
+                "improve",
+                *args,
+                "--out",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert p.returncode == 2 and word in p.stderr, p.stderr
 
 
@@ -191,16 +237,32 @@ def test_last_layer_influence_is_the_head_alone(x64):
     feats = models.functional_features(m)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
     loss = models.per_sample_loss(apply)
-    params = train.train(loss, params, s.train.x.astype(np.float64), s.train.y,
-                         train.TrainConfig(epochs=30, learning_rate=0.01, weight_decay=1e-2)).params
-    got = experiments.influence_at(train.Objective(loss, 1e-2), apply, params, s, 10, "mlp", "last_layer", feats)
+    params = train.train(
+        loss,
+        params,
+        s.train.x.astype(np.float64),
+        s.train.y,
+        train.TrainConfig(epochs=30, learning_rate=0.01, weight_decay=1e-2),
+    ).params
+    got = experiments.influence_at(
+        train.Objective(loss, 1e-2), apply, params, s, 10, "mlp", "last_layer", feats
+    )
     F = [np.asarray(feats(params, jnp.asarray(x, jnp.float64))) for x in (s.train.x, s.val.x)]
     head = models.make_model("linear", (16,), 10)
     happly, _ = models.functional(head)
     hp = models.linear_head_params(params["head"]["kernel"], params["head"]["bias"])
-    ref = influence.category_influence(models.per_sample_loss(happly), hp, F[0], s.train.y, F[1], s.val.y,
-                                       num_classes=10, weight_decay=1e-2, apply=happly,
-                                       config=influence.InfluenceConfig(solver="dense", curvature="hessian",
-                                                                        damping=0.0))
-    np.testing.assert_allclose(np.asarray(got.P), np.asarray(ref.P), rtol=1e-6,
-                               atol=1e-9 * np.abs(np.asarray(ref.P)).max())
+    ref = influence.category_influence(
+        models.per_sample_loss(happly),
+        hp,
+        F[0],
+        s.train.y,
+        F[1],
+        s.val.y,
+        num_classes=10,
+        weight_decay=1e-2,
+        apply=happly,
+        config=influence.InfluenceConfig(solver="dense", curvature="hessian", damping=0.0),
+    )
+    np.testing.assert_allclose(
+        np.asarray(got.P), np.asarray(ref.P), rtol=1e-6, atol=1e-9 * np.abs(np.asarray(ref.P)).max()
+    )

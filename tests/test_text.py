@@ -48,7 +48,8 @@ def test_minilm_cache_roundtrip(tmp_path, encoder):
 
 
 def test_tfidf_fits_on_train_only():
-    tr, te = text.tfidf_fit_transform(["red apple", "red car", "green apple"],
-                                      ["blue whale unknown words"])
+    tr, te = text.tfidf_fit_transform(
+        ["red apple", "red car", "green apple"], ["blue whale unknown words"]
+    )
     assert tr.shape[0] == 3 and te.shape == (1, tr.shape[1])
     assert np.all(te == 0)  # no vocabulary leaks from the test texts

@@ -4,11 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_classification
 
 from pareto_jax import models, train
 from pareto_jax.checks import InputError
-
-from conftest import tiny_classification
 
 
 def _linear(d, k, dtype=jnp.float64, seed=0):
@@ -20,12 +19,14 @@ def _linear(d, k, dtype=jnp.float64, seed=0):
 def test_unit_weights_give_exactly_the_unweighted_loss(x64):
     x, y = tiny_classification()
     apply, params, loss_fn = _linear(5, 3)
-    unweighted = np.mean([float(loss_fn(params, x[i], y[i])) for i in range(len(y))]) \
-        + 0.5 * 1e-2 * sum(float(jnp.vdot(p, p)) for p in jax.tree_util.tree_leaves(params))
+    unweighted = np.mean(
+        [float(loss_fn(params, x[i], y[i])) for i in range(len(y))]
+    ) + 0.5 * 1e-2 * sum(float(jnp.vdot(p, p)) for p in jax.tree_util.tree_leaves(params))
     w = jnp.ones(len(y))
     for norm in ("weights", "n"):
-        got = float(train.weighted_objective(loss_fn, params, x, y, w, weight_decay=1e-2,
-                                             normalizer=norm))
+        got = float(
+            train.weighted_objective(loss_fn, params, x, y, w, weight_decay=1e-2, normalizer=norm)
+        )
         assert got == pytest.approx(unweighted, rel=1e-12)
 
 
@@ -41,8 +42,9 @@ def test_weighted_objective_matches_python_loop(x64):
 def test_zero_weight_equals_training_without_the_samples(x64):
     x, y = tiny_classification(n=60)
     apply, params, loss_fn = _linear(5, 3)
-    cfg = train.TrainConfig(epochs=30, batch_size=None, optimizer="gd", learning_rate=0.5,
-                            weight_decay=1e-2)
+    cfg = train.TrainConfig(
+        epochs=30, batch_size=None, optimizer="gd", learning_rate=0.5, weight_decay=1e-2
+    )
     drop = np.array([3, 10, 11, 40])
     w = np.ones(len(y))
     w[drop] = 0.0
@@ -59,8 +61,9 @@ def test_minibatch_weighted_training_matches_duplicated_data(x64):
     # integer weights == duplicated samples in expectation; full batch makes it exact
     x, y = tiny_classification(n=30)
     apply, params, loss_fn = _linear(5, 3)
-    cfg = train.TrainConfig(epochs=20, batch_size=None, optimizer="gd", learning_rate=0.3,
-                            weight_decay=1e-3)
+    cfg = train.TrainConfig(
+        epochs=20, batch_size=None, optimizer="gd", learning_rate=0.3, weight_decay=1e-3
+    )
     w = np.ones(30)
     w[:5] = 2.0
     xd = np.concatenate([x, x[:5]])
@@ -85,8 +88,17 @@ def test_epoch_function_compiles_once():
     r = train.train(counting_loss, params, x, y, cfg, epoch_fn=ep)
     n_after_first = len(traces)
     assert n_after_first > 0
-    train.train(counting_loss, None, x, y, cfg, state=r.state, epochs=4, epoch_fn=ep,
-                weights=np.linspace(0.1, 2, 50))
+    train.train(
+        counting_loss,
+        None,
+        x,
+        y,
+        cfg,
+        state=r.state,
+        epochs=4,
+        epoch_fn=ep,
+        weights=np.linspace(0.1, 2, 50),
+    )
     assert len(traces) == n_after_first  # no retrace for more epochs, new weights, new state
 
 
@@ -132,28 +144,44 @@ def test_evaluate_matches_loop():
     assert m.counts.tolist() == [15, 15, 15]
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(weights=-np.ones(20)), "negative"),
-    (dict(weights=np.ones(19)), "shape"),
-    (dict(weights=np.zeros(20)), "summing to 0"),
-    (dict(y=np.full(20, 7)), "label 7"),
-    (dict(y=np.zeros(21, int)), "21 labels"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(weights=-np.ones(20)), "negative"),
+        (dict(weights=np.ones(19)), "shape"),
+        (dict(weights=np.zeros(20)), "summing to 0"),
+        (dict(y=np.full(20, 7)), "label 7"),
+        (dict(y=np.zeros(21, int)), "21 labels"),
+    ],
+)
 def test_train_bad_input(kw, match):
     x, y = tiny_classification(n=20, dtype=np.float32)
     apply, params, loss_fn = _linear(5, 3, jnp.float32)
     args = dict(x=x, y=y)
     args.update({k: v for k, v in kw.items() if k in ("x", "y")})
     with pytest.raises(InputError, match=match):
-        train.train(loss_fn, params, args["x"], args["y"], train.TrainConfig(epochs=1),
-                    num_classes=3, weights=kw.get("weights"))
+        train.train(
+            loss_fn,
+            params,
+            args["x"],
+            args["y"],
+            train.TrainConfig(epochs=1),
+            num_classes=3,
+            weights=kw.get("weights"),
+        )
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(epochs=-1), "epochs"), (dict(learning_rate=0.0), "learning_rate"),
-    (dict(optimizer="rmsprop"), "optimizer"), (dict(batch_size=0), "batch_size"),
-    (dict(normalizer="mean"), "normalizer"), (dict(weight_decay=float("nan")), "weight_decay"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(epochs=-1), "epochs"),
+        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(optimizer="rmsprop"), "optimizer"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(normalizer="mean"), "normalizer"),
+        (dict(weight_decay=float("nan")), "weight_decay"),
+    ],
+)
 def test_train_config_validation(kw, match):
     with pytest.raises(InputError, match=match):
         train.TrainConfig(**kw)
@@ -165,8 +193,9 @@ def test_compiled_and_stepped_epochs_agree_and_population_matches_rows(x64):
     from conftest import tiny_classification
 
     x, y = tiny_classification(n=70, d=16, k=3)
-    apply, params = models.functional(models.make_model("cnn", (16,), 3, image_shape=(4, 4, 1),
-                                                        channels=(2,), dense=5, seed=3))
+    apply, params = models.functional(
+        models.make_model("cnn", (16,), 3, image_shape=(4, 4, 1), channels=(2,), dense=5, seed=3)
+    )
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params)
     lf = models.per_sample_loss(apply)
     cfg = train.TrainConfig(batch_size=16, learning_rate=0.01, weight_decay=1e-3)
@@ -177,11 +206,19 @@ def test_compiled_and_stepped_epochs_agree_and_population_matches_rows(x64):
         ep = train.make_epoch_fn(lf, cfg, 70, execution=ex)
         pop = train.make_epoch_fn(lf, cfg, 70, execution=ex, population=True)
         single = [ep(st.params, st.opt_state, x, y, jnp.asarray(w), 2)[0] for w in W]
-        many = pop(train.broadcast_population(st.params, 3), train.broadcast_population(st.opt_state, 3),
-                   x, y, jnp.asarray(W), 2)[0]
+        many = pop(
+            train.broadcast_population(st.params, 3),
+            train.broadcast_population(st.opt_state, 3),
+            x,
+            y,
+            jnp.asarray(W),
+            2,
+        )[0]
         for i, p in enumerate(single):
             for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(many)):
                 np.testing.assert_allclose(b[i], a, rtol=1e-10, atol=1e-13)
         got[ex] = single
-    for a, b in zip(jax.tree_util.tree_leaves(got["compiled"]), jax.tree_util.tree_leaves(got["stepped"])):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(got["compiled"]), jax.tree_util.tree_leaves(got["stepped"])
+    ):
         np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-13)

@@ -44,8 +44,12 @@ class ModelConfig:
         checks.check_choice(self.kind, "model", MODEL_KINDS)
         for name in ("hidden", "channels"):
             sizes = tuple(getattr(self, name))
-            if not sizes or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
-                checks.fail(name, repr(sizes), "one or more positive layer sizes", f"e.g. {name}=(64,)")
+            if not sizes or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes
+            ):
+                checks.fail(
+                    name, repr(sizes), "one or more positive layer sizes", f"e.g. {name}=(64,)"
+                )
             object.__setattr__(self, name, sizes)
         checks.check_positive(self.dense, "dense", integer=True)
         checks.check_seed(self.seed, "seed")
@@ -92,13 +96,19 @@ class RunConfig:
         checks.check_positive(self.retrain_epochs, "retrain_epochs", integer=True)
         steps = tuple(self.steps)
         if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in steps):
-            checks.fail("steps", repr(steps), "steps in (0, 1]",
-                        "e.g. steps=(0.25, 0.5, 1.0), or () to use the program's weights as solved")
+            checks.fail(
+                "steps",
+                repr(steps),
+                "steps in (0, 1]",
+                "e.g. steps=(0.25, 0.5, 1.0), or () to use the program's weights as solved",
+            )
         object.__setattr__(self, "steps", steps)
         if self.targets is not None:
             t = tuple(self.targets)
             if not t or not all(isinstance(v, int) and v >= 0 for v in t) or len(set(t)) != len(t):
-                checks.fail("targets", repr(t), "distinct class indices >= 0", "e.g. targets=(3, 8)")
+                checks.fail(
+                    "targets", repr(t), "distinct class indices >= 0", "e.g. targets=(3, 8)"
+                )
             object.__setattr__(self, "targets", t)
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             checks.fail("out_dir", repr(self.out_dir), "a folder name", "e.g. out_dir='runs/mine'")

@@ -5,8 +5,19 @@ from __future__ import annotations
 import dataclasses
 
 from .. import checks
-from .vocabulary import (CURVATURES, EXECUTIONS, NO_DAMPING, NORMALIZERS, OPTIMIZERS, PRECONDITIONERS,
-                         PROGRAM_SOLVERS, RETRAIN, ROW_METHODS, SOLVERS, weight_bounds)
+from .vocabulary import (
+    CURVATURES,
+    EXECUTIONS,
+    NO_DAMPING,
+    NORMALIZERS,
+    OPTIMIZERS,
+    PRECONDITIONERS,
+    PROGRAM_SOLVERS,
+    RETRAIN,
+    ROW_METHODS,
+    SOLVERS,
+    weight_bounds,
+)
 
 # ----------------------------------------------------------------------------- training
 
@@ -56,7 +67,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- influence
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +131,12 @@ class InfluenceConfig:
         checks.check_choice(self.solver, "solver", SOLVERS)
         checks.check_choice(self.preconditioner, "preconditioner", PRECONDITIONERS)
         if self.preconditioner != "none" and self.solver != "cg":
-            checks.fail("preconditioner", repr(self.preconditioner), "'none' unless solver='cg'",
-                        "use solver='cg' with a preconditioner, or preconditioner='none'")
+            checks.fail(
+                "preconditioner",
+                repr(self.preconditioner),
+                "'none' unless solver='cg'",
+                "use solver='cg' with a preconditioner, or preconditioner='none'",
+            )
         checks.check_choice(self.curvature, "curvature", CURVATURES)
         if self.damping != "auto":
             checks.check_positive(self.damping, "damping", allow_zero=True)
@@ -137,7 +151,8 @@ class InfluenceConfig:
 
     @property
     def uses_factors(self) -> bool:
-        """Whether this config needs K-FAC / EK-FAC factors (as the solver or the preconditioner)."""
+        """Whether this config needs K-FAC / EK-FAC factors (as the solver or the "
+        "preconditioner)."""
         return self.solver in ("kfac", "ekfac") or self.preconditioner != "none"
 
     @classmethod
@@ -152,6 +167,7 @@ class InfluenceConfig:
 
 
 # ----------------------------------------------------------------------------- the program
+
 
 @dataclasses.dataclass(frozen=True)
 class ReweightConfig:
@@ -288,28 +304,45 @@ class SearchConfig:
     def __post_init__(self):
         checks.check_positive(self.population, "population", integer=True)
         if self.population < 2:
-            checks.fail("population", repr(self.population), "an integer >= 2 (a generation needs parents)",
-                        "e.g. population=16")
+            checks.fail(
+                "population",
+                repr(self.population),
+                "an integer >= 2 (a generation needs parents)",
+                "e.g. population=16",
+            )
         checks.check_positive(self.generations, "generations", integer=True)
         checks.check_positive(self.elite, "elite", integer=True, allow_zero=True)
         if self.elite >= self.population:
-            checks.fail("elite", repr(self.elite), f"fewer than population ({self.population})",
-                        "lower elite or raise population")
+            checks.fail(
+                "elite",
+                repr(self.elite),
+                f"fewer than population ({self.population})",
+                "lower elite or raise population",
+            )
         checks.check_positive(self.tournament, "tournament", integer=True)
         checks.check_in_range(self.crossover_rate, "crossover_rate", 0.0, 1.0)
         checks.check_in_range(self.mutation_rate, "mutation_rate", 0.0, 1.0)
         checks.check_positive(self.mutation_sigma, "mutation_sigma", allow_zero=True)
         lo, hi = self.alpha_range
         if not (0.0 <= lo <= hi <= 1.0):
-            checks.fail("alpha_range", repr(self.alpha_range), "0 <= lo <= hi <= 1", "e.g. (0.5, 1.0)")
+            checks.fail(
+                "alpha_range", repr(self.alpha_range), "0 <= lo <= hi <= 1", "e.g. (0.5, 1.0)"
+            )
         checks.check_seed(self.seed, "seed")
         checks.check_choice(self.retrain, "retrain", RETRAIN)
         checks.check_positive(self.retrain_max_iter, "retrain_max_iter", integer=True)
         if self.search_rho is not None:
             a, b = self.search_rho
             if not (0 < a <= b):
-                checks.fail("search_rho", repr(self.search_rho), "0 < ρ_min <= ρ_max", "e.g. (0.05, 1.0)")
+                checks.fail(
+                    "search_rho", repr(self.search_rho), "0 < ρ_min <= ρ_max", "e.g. (0.05, 1.0)"
+                )
         if self.others_weight is not None:
             a, b = self.others_weight
             if not (0 <= a <= b):
-                checks.fail("others_weight", repr(self.others_weight), "0 <= β_min <= β_max", "e.g. (0.0, 1.0)")
+                checks.fail(
+                    "others_weight",
+                    repr(self.others_weight),
+                    "0 <= β_min <= β_max",
+                    "e.g. (0.0, 1.0)",
+                )

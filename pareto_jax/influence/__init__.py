@@ -27,16 +27,48 @@ The numerics are `pareto_jax.kernels`, the solves `pareto_jax.linsolve` and `par
 from ..config import InfluenceConfig
 from .curvature import cross_entropy_mismatch, output_hessian_min_eig
 from .front import Influence, category_influence
-from .result import (JOINT_NEGATIVE, JOINT_POSITIVE, REGION_NAMES, TRADE_OFF, InfluenceResult,
-                     influence_regions)
+from .result import (
+    JOINT_NEGATIVE,
+    JOINT_POSITIVE,
+    REGION_NAMES,
+    TRADE_OFF,
+    InfluenceResult,
+    influence_regions,
+)
 from .solvers import CG, KFAC, Dense, LiSSA
-from .stages import (choose_method, class_gradients, influence_from_solutions, influence_matrix,
-                     linear_category_influence, make_hvp, per_sample_gradients, predict_class_loss_change)
+from .stages import (
+    choose_method,
+    class_gradients,
+    influence_from_solutions,
+    influence_matrix,
+    linear_category_influence,
+    make_hvp,
+    per_sample_gradients,
+    predict_class_loss_change,
+)
 
 __all__ = [
-    "InfluenceConfig", "Influence", "category_influence", "InfluenceResult", "influence_regions",
-    "JOINT_POSITIVE", "JOINT_NEGATIVE", "TRADE_OFF", "REGION_NAMES", "CG", "Dense", "LiSSA", "KFAC",
-    "choose_method", "class_gradients", "influence_from_solutions", "influence_matrix",
-    "linear_category_influence", "make_hvp", "per_sample_gradients", "predict_class_loss_change",
-    "cross_entropy_mismatch", "output_hessian_min_eig",
+    "InfluenceConfig",
+    "Influence",
+    "category_influence",
+    "InfluenceResult",
+    "influence_regions",
+    "JOINT_POSITIVE",
+    "JOINT_NEGATIVE",
+    "TRADE_OFF",
+    "REGION_NAMES",
+    "CG",
+    "Dense",
+    "LiSSA",
+    "KFAC",
+    "choose_method",
+    "class_gradients",
+    "influence_from_solutions",
+    "influence_matrix",
+    "linear_category_influence",
+    "make_hvp",
+    "per_sample_gradients",
+    "predict_class_loss_change",
+    "cross_entropy_mismatch",
+    "output_hessian_min_eig",
 ]

@@ -41,9 +41,13 @@ def build(loss_fn, params, kind: str, apply, output_loss=None) -> Curvature:
     if kind == "hessian":
         return Curvature(f, None, "hessian")
     if apply is None:
-        checks.fail("apply", "None", "the model's apply(params, x_batch) -> logits",
-                    "pass apply= for Gauss-Newton curvature, or write the loss as "
-                    "models.OutputLoss(apply, output_loss)")
+        checks.fail(
+            "apply",
+            "None",
+            "the model's apply(params, x_batch) -> logits",
+            "pass apply= for Gauss-Newton curvature, or write the loss as "
+            "models.OutputLoss(apply, output_loss)",
+        )
     return Curvature(f, kernels.flat_logits(apply, params), "gauss_newton", output_loss)
 
 
@@ -63,8 +67,11 @@ def _not_cross_entropy(loss_fn, params, apply, x, y) -> str | None:
     gap = cross_entropy_mismatch(loss_fn, params, apply, x, y)
     if gap <= 1e-4:
         return None
-    return (f"loss_fn is not the softmax cross-entropy of apply's logits (relative difference {gap:.2g} "
-            f"on 16 training samples)")
+    return (
+        "loss_fn is not the softmax cross-entropy of apply's logits (relative difference "
+        f"{gap:.2g} "
+        f"on 16 training samples)"
+    )
 
 
 def output_hessian_min_eig(output_loss, apply, params, x, y, n: int = 16) -> float:
@@ -77,10 +84,15 @@ def output_hessian_min_eig(output_loss, apply, params, x, y, n: int = 16) -> flo
 
 
 def _refuse(what: str, why: str, fix: str | None = None):
-    checks.fail("config", what, "a loss that is softmax cross-entropy of apply's logits for K-FAC / EK-FAC "
-                "and for Gauss-Newton with a plain loss_fn",
-                fix or f"{why}; write the loss as models.OutputLoss(apply, output_loss) for an exact "
-                "Gauss-Newton, or use curvature='hessian' with solver 'cg', 'dense' or 'lissa'")
+    checks.fail(
+        "config",
+        what,
+        "a loss that is softmax cross-entropy of apply's logits for K-FAC / EK-FAC "
+        "and for Gauss-Newton with a plain loss_fn",
+        fix
+        or f"{why}; write the loss as models.OutputLoss(apply, output_loss) for an exact "
+        "Gauss-Newton, or use curvature='hessian' with solver 'cg', 'dense' or 'lissa'",
+    )
 
 
 def _decided(config, kind, loss_fn, params, apply, out, note) -> Choice:
@@ -107,9 +119,12 @@ def resolve(config: InfluenceConfig, loss_fn, params, apply, x, y) -> Choice:
     if kfac_like and not split:  # an OutputLoss gives the factors its own output Hessian
         why = "apply is None" if apply is None else _not_cross_entropy(loss_fn, params, apply, x, y)
         if why is not None:
-            _refuse(f"solver={config.solver!r}, preconditioner={config.preconditioner!r}", why,
-                    f"{why}; K-FAC / EK-FAC need the loss's output Hessian: write the loss as "
-                    "models.OutputLoss(apply, output_loss), or use solver='cg' with the Hessian")
+            _refuse(
+                f"solver={config.solver!r}, preconditioner={config.preconditioner!r}",
+                why,
+                f"{why}; K-FAC / EK-FAC need the loss's output Hessian: write the loss as "
+                "models.OutputLoss(apply, output_loss), or use solver='cg' with the Hessian",
+            )
     if config.curvature == "hessian" or (apply is None and config.curvature == "auto"):
         return _decided(config, "hessian", loss_fn, params, apply, None, {})
     if apply is None:  # Gauss-Newton asked for without the logits: `build` says what to pass
@@ -119,15 +134,35 @@ def resolve(config: InfluenceConfig, loss_fn, params, apply, x, y) -> Choice:
         if config.curvature == "auto" and out is not None and not kfac_like:
             lo = output_hessian_min_eig(out, apply, params, x, y)
             if lo < -1e-6:
-                return _decided(config, "hessian", loss_fn, params, apply, None, {
-                    "curvature_note": f"the output loss's Hessian is indefinite (relative min eigenvalue "
-                                      f"{lo:.2g} on 16 training samples): the Hessian is used, not Gauss-Newton"})
+                return _decided(
+                    config,
+                    "hessian",
+                    loss_fn,
+                    params,
+                    apply,
+                    None,
+                    {
+                        "curvature_note": "the output loss's Hessian is indefinite (relative "
+                        f"min eigenvalue "
+                        f"{lo:.2g} on 16 training samples): the Hessian is used, not Gauss-Newton"
+                    },
+                )
         return _decided(config, "gauss_newton", loss_fn, params, apply, out, {})
     why = _not_cross_entropy(loss_fn, params, apply, x, y)
     if why is None:
         return _decided(config, "gauss_newton", loss_fn, params, apply, None, {})
     if config.curvature == "auto" and not kfac_like:
-        return _decided(config, "hessian", loss_fn, params, apply, None, {
-            "curvature_note": f"{why}: the Hessian is used, since Gauss-Newton needs the loss's output "
-                              "Hessian (write the loss as models.OutputLoss(apply, output_loss) to get it)"})
+        return _decided(
+            config,
+            "hessian",
+            loss_fn,
+            params,
+            apply,
+            None,
+            {
+                "curvature_note": f"{why}: the Hessian is used, since Gauss-Newton needs the "
+                "loss's output "
+                "Hessian (write the loss as models.OutputLoss(apply, output_loss) to get it)"
+            },
+        )
     _refuse(f"curvature={config.curvature!r}, solver={config.solver!r}", why)

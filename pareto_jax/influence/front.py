@@ -59,23 +59,50 @@ class Influence:
         >>> by_domain = fit.influence(x_val, y_val, groups=domain_ids, group_names=("a", "b"))
     """
 
-    def __init__(self, loss_fn, params, x_train, y_train, *, num_classes: int, weight_decay: float | None = None,
-                 config: InfluenceConfig = InfluenceConfig(), apply=None, model=None, mesh=None,
-                 class_names=None, sample_ids=None, progress: bool = False, _checked=None, _saved=None):
+    def __init__(
+        self,
+        loss_fn,
+        params,
+        x_train,
+        y_train,
+        *,
+        num_classes: int,
+        weight_decay: float | None = None,
+        config: InfluenceConfig = InfluenceConfig(),
+        apply=None,
+        model=None,
+        mesh=None,
+        class_names=None,
+        sample_ids=None,
+        progress: bool = False,
+        _checked=None,
+        _saved=None,
+    ):
         objective = train.as_objective(loss_fn, weight_decay)
         loss_fn = objective.loss_fn
         validation.check_request(config, num_classes, mesh)
-        checks.check_not_traced((params, None if validation.is_source(x_train) else x_train), "params",
-                                "influence.influence_matrix (pure JAX: jit, vmap and grad work)")
+        checks.check_not_traced(
+            (params, None if validation.is_source(x_train) else x_train),
+            "params",
+            "influence.influence_matrix (pure JAX: jit, vmap and grad work)",
+        )
         if validation.is_source(x_train):
             xt, (x_ex, y_ex) = validation.source(x_train, y_train, num_classes)
             yt, n = None, xt.n
             if config.solver != "cg" or config.preconditioner != "none" or mesh is not None:
-                checks.fail("config", f"solver={config.solver!r}, preconditioner={config.preconditioner!r}, "
-                            f"mesh={'set' if mesh is not None else None}", "solver='cg' on one device for a batch source",
-                            "use InfluenceConfig(solver='cg') without a mesh, or pass arrays")
+                checks.fail(
+                    "config",
+                    f"solver={config.solver!r}, preconditioner={config.preconditioner!r}, "
+                    f"mesh={'set' if mesh is not None else None}",
+                    "solver='cg' on one device for a batch source",
+                    "use InfluenceConfig(solver='cg') without a mesh, or pass arrays",
+                )
         else:
-            xt, yt = _checked if _checked is not None else validation.train_set(x_train, y_train, num_classes)
+            xt, yt = (
+                _checked
+                if _checked is not None
+                else validation.train_set(x_train, y_train, num_classes)
+            )
             x_ex, y_ex, n = xt, yt, checks.num_inputs(xt)
         validation.loss(loss_fn, params, x_ex, y_ex)
         validation.class_names_and_ids(class_names, sample_ids, num_classes, n)
@@ -89,28 +116,60 @@ class Influence:
         be = backend_for(mesh, config.execution, progress)
         self.objective, self.loss_fn, self.params, self.config = objective, loss_fn, params, config
         self.apply, self.curvature = choice.apply, choice.curvature
-        self.num_classes, self.weight_decay, self.mesh = int(num_classes), objective.weight_decay, mesh
+        self.num_classes, self.weight_decay, self.mesh = (
+            int(num_classes),
+            objective.weight_decay,
+            mesh,
+        )
         self.class_names = None if class_names is None else tuple(str(c) for c in class_names)
         self.sample_ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
         self._x, self._y, self._n, self._flat, self._be, self._example = xt, yt, n, flat, be, x_ex
-        data = be.objective(theta, be.chunks(xt, yt, config.hvp_batch_size, theta.dtype), n, self.weight_decay)
+        data = be.objective(
+            theta, be.chunks(xt, yt, config.hvp_batch_size, theta.dtype), n, self.weight_decay
+        )
         matvec = be.matvec(self.curvature, data)
-        make_factors = None if model is None else (lambda: be.factors(
-            model, params, xt, yt, batch_size=config.hvp_batch_size, num_classes=num_classes,
-            output_loss=choice.output_loss, weight_decay=self.weight_decay))
+        make_factors = (
+            None
+            if model is None
+            else (
+                lambda: be.factors(
+                    model,
+                    params,
+                    xt,
+                    yt,
+                    batch_size=config.hvp_batch_size,
+                    num_classes=num_classes,
+                    output_loss=choice.output_loss,
+                    weight_decay=self.weight_decay,
+                )
+            )
+        )
         self.solver = solvers.from_config(config)
         saved = _saved or {}
-        self._state = self.solver.init(solvers.Operator(be, self.curvature, data, matvec, make_factors),
-                                       factors=saved.get("factors"))
+        self._state = self.solver.init(
+            solvers.Operator(be, self.curvature, data, matvec, make_factors),
+            factors=saved.get("factors"),
+        )
         self.factors = self._state.factors
-        self.damping = saved["damping"] if "damping" in saved else \
-            linsolve.resolve_damping(config.damping, matvec, theta, config.seed)
-        self._details = {**choice.note,
-                         "execution": be.execution if yt is not None else "stepped (streamed from a batch source)"}
+        self.damping = (
+            saved["damping"]
+            if "damping" in saved
+            else linsolve.resolve_damping(config.damping, matvec, theta, config.seed)
+        )
+        self._details = {
+            **choice.note,
+            "execution": be.execution
+            if yt is not None
+            else "stepped (streamed from a batch source)",
+        }
 
     def _fingerprint(self) -> str:
         """The params' bytes, N, the training set's content and the objective's λ."""
-        data = [self._n] if self._y is None else [self._n, *jax.tree_util.tree_leaves(self._x), self._y]
+        data = (
+            [self._n]
+            if self._y is None
+            else [self._n, *jax.tree_util.tree_leaves(self._x), self._y]
+        )
         return io.fingerprint(self._flat.theta, *data, self.weight_decay)
 
     def save(self, folder):
@@ -119,41 +178,78 @@ class Influence:
         ``sample_ids.npy`` and, for K-FAC / EK-FAC, ``factors.npz``. Returns the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        io.write_json(folder / "state.json", {
-            "config": dataclasses.asdict(self.config), "damping": self.damping, "num_classes": self.num_classes,
-            "weight_decay": self.weight_decay, "class_names": self.class_names,
-            "fingerprint": self._fingerprint()})
+        io.write_json(
+            folder / "state.json",
+            {
+                "config": dataclasses.asdict(self.config),
+                "damping": self.damping,
+                "num_classes": self.num_classes,
+                "weight_decay": self.weight_decay,
+                "class_names": self.class_names,
+                "fingerprint": self._fingerprint(),
+            },
+        )
         np.save(folder / "sample_ids.npy", self.sample_ids)
         if self.factors is not None:
             kfac.save_factors(folder / "factors.npz", self.factors)
         return folder
 
     @classmethod
-    def load(cls, folder, loss_fn, params, x_train, y_train, *, apply=None, model=None,
-             mesh=None) -> "Influence":
+    def load(
+        cls, folder, loss_fn, params, x_train, y_train, *, apply=None, model=None, mesh=None
+    ) -> "Influence":
         """The `Influence` saved in `folder`, for the same model, params and training set (checked
         by fingerprint): the damping and any K-FAC / EK-FAC factors are read, not recomputed."""
         folder = Path(folder)
         st = io.read_json(folder / "state.json")
         damping = st.get("damping")
-        if not isinstance(damping, (int, float)) or not np.isfinite(damping) or not 0 <= damping <= 1e12:
-            checks.fail("folder", f"{folder} with damping {damping!r}", "a finite damping >= 0 as saved",
-                        "fit again: the saved state was edited or damaged")
+        if (
+            not isinstance(damping, (int, float))
+            or not np.isfinite(damping)
+            or not 0 <= damping <= 1e12
+        ):
+            checks.fail(
+                "folder",
+                f"{folder} with damping {damping!r}",
+                "a finite damping >= 0 as saved",
+                "fit again: the saved state was edited or damaged",
+            )
         saved = {"damping": float(damping)}
         if (folder / "factors.npz").exists():
             saved["factors"] = kfac.load_factors(folder / "factors.npz")
-        objective = loss_fn if isinstance(loss_fn, train.Objective) else train.Objective(loss_fn, st["weight_decay"], "n")
-        fit = cls(objective, params, x_train, y_train, num_classes=st["num_classes"],
-                  config=InfluenceConfig(**st["config"]), apply=apply, model=model, mesh=mesh,
-                  class_names=st["class_names"], sample_ids=np.load(folder / "sample_ids.npy"), _saved=saved)
+        objective = (
+            loss_fn
+            if isinstance(loss_fn, train.Objective)
+            else train.Objective(loss_fn, st["weight_decay"], "n")
+        )
+        fit = cls(
+            objective,
+            params,
+            x_train,
+            y_train,
+            num_classes=st["num_classes"],
+            config=InfluenceConfig(**st["config"]),
+            apply=apply,
+            model=model,
+            mesh=mesh,
+            class_names=st["class_names"],
+            sample_ids=np.load(folder / "sample_ids.npy"),
+            _saved=saved,
+        )
         if fit._fingerprint() != st["fingerprint"]:
-            checks.fail("params", f"parameters / a training set with fingerprint {fit._fingerprint()}",
-                        f"the ones saved in {folder} (fingerprint {st['fingerprint']} of the params, the training "
-                        "set and λ)", "load with the params and training set the state was fitted on, or fit again")
+            checks.fail(
+                "params",
+                f"parameters / a training set with fingerprint {fit._fingerprint()}",
+                f"the ones saved in {folder} (fingerprint {st['fingerprint']} of the params, the "
+                "training "
+                "set and λ)",
+                "load with the params and training set the state was fitted on, or fit again",
+            )
         return fit
 
-    def influence(self, x_val, y_val, *, groups=None, group_names=None, measure_fn=None,
-                  _checked=None) -> InfluenceResult:
+    def influence(
+        self, x_val, y_val, *, groups=None, group_names=None, measure_fn=None, _checked=None
+    ) -> InfluenceResult:
         """P (N, K) for this validation set: column k is the influence of every training sample
         on the mean measurement of validation group k (by default: class k's mean loss).
 
@@ -168,8 +264,11 @@ class Influence:
         """
         config, be, flat = self.config, self._be, self._flat
         theta = flat.theta
-        xv, yv = _checked if _checked is not None else validation.val_set(self._example, x_val, y_val,
-                                                                          self.num_classes)
+        xv, yv = (
+            _checked
+            if _checked is not None
+            else validation.val_set(self._example, x_val, y_val, self.num_classes)
+        )
         g, K, names = validation.groups(groups, yv, self.num_classes, group_names, self.class_names)
         measure = self.loss_fn if measure_fn is None else measure_fn
         if measure_fn is not None:
@@ -178,43 +277,99 @@ class Influence:
         fv = kernels.flatten(on_pairs(measure), self.params).loss
         G = be.class_gradients(fv, theta, be.chunks((xv, yv), g, 512, theta.dtype), g, K)
         if measure_fn is not None and not np.all(np.isfinite(np.asarray(G))):
-            checks.fail("measure_fn", "non-finite gradients of the mean measurement of some group",
-                        "a measurement with finite values and gradients on the validation set",
-                        "guard logs and divisions in measure_fn (e.g. clip probabilities)")
+            checks.fail(
+                "measure_fn",
+                "non-finite gradients of the mean measurement of some group",
+                "a measurement with finite values and gradients on the validation set",
+                "guard logs and divisions in measure_fn (e.g. clip probabilities)",
+            )
         checks.check_finite_array(G, "class gradients", "influence: class gradients")
-        res, damping, escalations = linsolve.solve_escalating(lambda d: self.solver.solve(self._state, G, d),
-                                                              self.damping, escalate=config.escalate_damping)
+        res, damping, escalations = linsolve.solve_escalating(
+            lambda d: self.solver.solve(self._state, G, d),
+            self.damping,
+            escalate=config.escalate_damping,
+        )
         checks.check_finite_array(res.value, "inverse-HVP solutions", "influence: curvature solve")
         if config.throw:
             linsolve.check_solve(res, rtol=config.rtol)
-        method = choose_method(theta.size, K, config.chunk_size) if config.method == "auto" else config.method
-        P = jnp.asarray(be.influence_rows(flat.loss, method, theta, res.value,
-                                          be.chunks(self._x, self._y, config.chunk_size, theta.dtype), self._n))
+        method = (
+            choose_method(theta.size, K, config.chunk_size)
+            if config.method == "auto"
+            else config.method
+        )
+        P = jnp.asarray(
+            be.influence_rows(
+                flat.loss,
+                method,
+                theta,
+                res.value,
+                be.chunks(self._x, self._y, config.chunk_size, theta.dtype),
+                self._n,
+            )
+        )
         checks.check_finite_array(P, "P", "influence: influence matrix")
         details = {**(self._state.details or {}), **self._details}
-        return InfluenceResult(P, method, config.solver, config.curvature, damping, tuple(escalations),
-                               np.asarray(res.steps), np.asarray(res.residual), np.asarray(res.converged),
-                               np.asarray(res.negative_curvature), np.asarray(res.status), res.value, details,
-                               names, self.sample_ids)
+        return InfluenceResult(
+            P,
+            method,
+            config.solver,
+            config.curvature,
+            damping,
+            tuple(escalations),
+            np.asarray(res.steps),
+            np.asarray(res.residual),
+            np.asarray(res.converged),
+            np.asarray(res.negative_curvature),
+            np.asarray(res.status),
+            res.value,
+            details,
+            names,
+            self.sample_ids,
+        )
 
 
 def _check_factor_inputs(model, xt) -> None:
     if model is None:
-        checks.fail("model", "None", "the nnx model (K-FAC/EK-FAC read its Dense/Conv layers)",
-                    "pass model= to category_influence")
+        checks.fail(
+            "model",
+            "None",
+            "the nnx model (K-FAC/EK-FAC read its Dense/Conv layers)",
+            "pass model= to category_influence",
+        )
     if not isinstance(xt, np.ndarray):
-        checks.fail("x_train", "a pytree of input arrays", "one input array for K-FAC / EK-FAC",
-                    "use solver='cg' for models with structured inputs")
+        checks.fail(
+            "x_train",
+            "a pytree of input arrays",
+            "one input array for K-FAC / EK-FAC",
+            "use solver='cg' for models with structured inputs",
+        )
 
 
-def category_influence(loss_fn, params, x_train, y_train, x_val, y_val, *,
-                       num_classes: int, weight_decay: float | None = None,
-                       config: InfluenceConfig = InfluenceConfig(), apply=None,
-                       model=None, mesh=None, groups=None, group_names=None, measure_fn=None,
-                       class_names=None, sample_ids=None, progress: bool = False) -> InfluenceResult:
+def category_influence(
+    loss_fn,
+    params,
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    *,
+    num_classes: int,
+    weight_decay: float | None = None,
+    config: InfluenceConfig = InfluenceConfig(),
+    apply=None,
+    model=None,
+    mesh=None,
+    groups=None,
+    group_names=None,
+    measure_fn=None,
+    class_names=None,
+    sample_ids=None,
+    progress: bool = False,
+) -> InfluenceResult:
     """The N×K category-wise influence matrix P of a trained model (``docs/method.md``).
 
-    P[i, k] = (1/N) · g_kᵀ (H + δI)⁻¹ ∇ℓ(z_i; θ), g_k = ∇ mean_{val, class k} ℓ; P > 0 is beneficial.
+    P[i, k] = (1/N) · g_kᵀ (H + δI)⁻¹ ∇ℓ(z_i; θ), g_k = ∇ mean_{val, class k} ℓ; P > 0 is
+    beneficial.
     For new weights w the first-order change of class k's validation loss is
     ΔL_k ≈ −Σ_i (w_i − 1) P[i, k] (training objective (1/N) Σ w_i ℓ_i + (λ/2)‖θ‖²).
     `Influence(...).influence(...)`: one fit and one query, the inputs validated once; keep an
@@ -257,8 +412,11 @@ def category_influence(loss_fn, params, x_train, y_train, x_val, y_val, *,
         (1078, 10)
     """
     validation.check_request(config, num_classes, mesh)  # every input checked before any work
-    checks.check_not_traced((params, None if validation.is_source(x_train) else x_train, x_val), "params",
-                            "influence.influence_matrix (pure JAX: jit, vmap and grad work)")
+    checks.check_not_traced(
+        (params, None if validation.is_source(x_train) else x_train, x_val),
+        "params",
+        "influence.influence_matrix (pure JAX: jit, vmap and grad work)",
+    )
     source = validation.is_source(x_train)
     train_checked = None if source else validation.train_set(x_train, y_train, num_classes)
     if source:
@@ -266,8 +424,27 @@ def category_influence(loss_fn, params, x_train, y_train, x_val, y_val, *,
     else:
         val_checked = validation.val_set(train_checked[0], x_val, y_val, num_classes)
         validation.groups(groups, val_checked[1], num_classes, group_names, class_names)
-    fit = Influence(loss_fn, params, x_train, y_train, num_classes=num_classes, weight_decay=weight_decay,
-                    config=config, apply=apply, model=model, mesh=mesh, class_names=class_names,
-                    sample_ids=sample_ids, progress=progress, _checked=train_checked)
-    return fit.influence(x_val, y_val, groups=groups, group_names=group_names, measure_fn=measure_fn,
-                         _checked=val_checked)
+    fit = Influence(
+        loss_fn,
+        params,
+        x_train,
+        y_train,
+        num_classes=num_classes,
+        weight_decay=weight_decay,
+        config=config,
+        apply=apply,
+        model=model,
+        mesh=mesh,
+        class_names=class_names,
+        sample_ids=sample_ids,
+        progress=progress,
+        _checked=train_checked,
+    )
+    return fit.influence(
+        x_val,
+        y_val,
+        groups=groups,
+        group_names=group_names,
+        measure_fn=measure_fn,
+        _checked=val_checked,
+    )

@@ -73,8 +73,18 @@ class CG:
 
     def solve(self, state: State, G, damping) -> linsolve.SolveResult:
         op = state.operator
-        return op.backend.solve("cg", op.curvature, op.data, G, damping, self.rtol, self.atol, self.max_steps,
-                                factors=state.factors, ekfac=self.preconditioner == "ekfac")
+        return op.backend.solve(
+            "cg",
+            op.curvature,
+            op.data,
+            G,
+            damping,
+            self.rtol,
+            self.atol,
+            self.max_steps,
+            factors=state.factors,
+            ekfac=self.preconditioner == "ekfac",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +121,20 @@ class LiSSA:
     def solve(self, state: State, G, damping) -> linsolve.SolveResult:
         op = state.operator
         theta = op.data.theta
-        lam = linsolve.power_iteration(lambda v: op.matvec(v[None])[0] + damping * v, theta.size, theta.dtype,
-                                       seed=self.seed)
+        lam = linsolve.power_iteration(
+            lambda v: op.matvec(v[None])[0] + damping * v, theta.size, theta.dtype, seed=self.seed
+        )
         state.details.update(lissa_scale=1.2 * lam, lambda_max=lam)
-        res = op.backend.lissa(op.curvature, op.data, G, scale=1.2 * lam, damping=damping, rtol=self.rtol,
-                               max_steps=self.max_steps, seed=self.seed)
+        res = op.backend.lissa(
+            op.curvature,
+            op.data,
+            G,
+            scale=1.2 * lam,
+            damping=damping,
+            rtol=self.rtol,
+            max_steps=self.max_steps,
+            seed=self.seed,
+        )
         return linsolve.with_residual(res, op.matvec, G, damping)
 
 

@@ -55,8 +55,9 @@ def on_pairs(measure):
     return f
 
 
-def class_gradients(loss_fn, params, x_val, y_val, num_classes: int, *,
-                    chunk_size: int = 512, mesh=None) -> jax.Array:
+def class_gradients(
+    loss_fn, params, x_val, y_val, num_classes: int, *, chunk_size: int = 512, mesh=None
+) -> jax.Array:
     """g_k = ∇_θ mean_{i: y_i = k} ℓ(z_i; θ) for every class k, as a (K, P) matrix (flat θ).
 
     One pass over the validation set (`kernels.class_gradients`). Every class must be present
@@ -69,9 +70,18 @@ def class_gradients(loss_fn, params, x_val, y_val, num_classes: int, *,
     return be.class_gradients(flat.loss, flat.theta, chunks, y_val, num_classes)
 
 
-def make_hvp(loss_fn, params, x_train, y_train, *, weight_decay: float | None = None,
-             batch_size: int = InfluenceConfig.hvp_batch_size, curvature: str = "hessian", apply=None,
-             mesh=None):
+def make_hvp(
+    loss_fn,
+    params,
+    x_train,
+    y_train,
+    *,
+    weight_decay: float | None = None,
+    batch_size: int = InfluenceConfig.hvp_batch_size,
+    curvature: str = "hessian",
+    apply=None,
+    mesh=None,
+):
     """v -> ∇²L_T(θ) v (flat v), the minibatch-accumulated HVP of the full training objective.
 
     `loss_fn` is a `train.Objective` or a per-sample loss with `weight_decay`. With
@@ -87,7 +97,9 @@ def make_hvp(loss_fn, params, x_train, y_train, *, weight_decay: float | None = 
     kind = curvature
     checks.check_choice(kind, "curvature", ("hessian", "gauss_newton"))
     objective = train.as_objective(loss_fn, weight_decay)
-    choice = _resolve(InfluenceConfig(curvature=kind), objective.loss_fn, params, apply, x_train, y_train)
+    choice = _resolve(
+        InfluenceConfig(curvature=kind), objective.loss_fn, params, apply, x_train, y_train
+    )
     theta = kernels.flatten(objective.loss_fn, params).theta
     be = backend_for(mesh)
     chunks = be.chunks(x_train, y_train, batch_size, theta.dtype)
@@ -100,8 +112,17 @@ def _resolve(config, loss_fn, params, apply, x, y):
     return curvature.resolve(config, loss_fn, params, apply, x, y)
 
 
-def influence_from_solutions(loss_fn, params, U: jax.Array, x_train, y_train, *,
-                             method: str = "jvp", chunk_size: int = 256, mesh=None):
+def influence_from_solutions(
+    loss_fn,
+    params,
+    U: jax.Array,
+    x_train,
+    y_train,
+    *,
+    method: str = "jvp",
+    chunk_size: int = 256,
+    mesh=None,
+):
     """P[i, k] = (1/N) u_kᵀ ∇ℓ(z_i) from the K solutions U (K, P), for every training sample.
 
     Args:
@@ -120,13 +141,28 @@ def influence_from_solutions(loss_fn, params, U: jax.Array, x_train, y_train, *,
 def per_sample_gradients(loss_fn, params, x, y) -> jax.Array:
     """All per-sample gradients as an (n, P) matrix (materialised; small problems and tests)."""
     flat = kernels.flatten(loss_fn, params)
-    return jax.jit(jax.vmap(jax.grad(flat.loss), (None, 0, 0)))(flat.theta, jnp.asarray(x), jnp.asarray(y))
+    return jax.jit(jax.vmap(jax.grad(flat.loss), (None, 0, 0)))(
+        flat.theta, jnp.asarray(x), jnp.asarray(y)
+    )
 
 
-def influence_matrix(loss_fn, params, x_train, y_train, x_val, y_val, *, num_classes: int,
-                     weight_decay=None, damping, curvature: str = "hessian", rtol=InfluenceConfig.rtol,
-                     max_steps: int = InfluenceConfig.max_steps, chunk_size: int = InfluenceConfig.chunk_size,
-                     hvp_batch_size: int = InfluenceConfig.hvp_batch_size):
+def influence_matrix(
+    loss_fn,
+    params,
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    *,
+    num_classes: int,
+    weight_decay=None,
+    damping,
+    curvature: str = "hessian",
+    rtol=InfluenceConfig.rtol,
+    max_steps: int = InfluenceConfig.max_steps,
+    chunk_size: int = InfluenceConfig.chunk_size,
+    hvp_batch_size: int = InfluenceConfig.hvp_batch_size,
+):
     """The jittable core: P (N, K) and the CG diagnostics (`linsolve.SolveResult`), in pure JAX.
 
     The same numbers as `category_influence` with ``solver="cg"``, but no validation, no host
@@ -144,12 +180,17 @@ def influence_matrix(loss_fn, params, x_train, y_train, x_val, y_val, *, num_cla
         curvature: "hessian" or "gauss_newton" (static).
     """
     if isinstance(loss_fn, train.Objective):
-        weight_decay, loss_fn = loss_fn.weight_decay if weight_decay is None else weight_decay, loss_fn.loss_fn
+        weight_decay, loss_fn = (
+            loss_fn.weight_decay if weight_decay is None else weight_decay,
+            loss_fn.loss_fn,
+        )
     flat = kernels.flatten(loss_fn, params)
     theta, dt, K = flat.theta, flat.theta.dtype, int(num_classes)
     if curvature == "gauss_newton" and not isinstance(loss_fn, models.OutputLoss):
-        raise checks.InputError("argument `loss_fn`: got a plain function; expected a models.OutputLoss for "
-                                "curvature='gauss_newton'. Fix: pass models.OutputLoss(apply, output_loss)")
+        raise checks.InputError(
+            "argument `loss_fn`: got a plain function; expected a models.OutputLoss for "
+            "curvature='gauss_newton'. Fix: pass models.OutputLoss(apply, output_loss)"
+        )
     out = None if curvature != "gauss_newton" or loss_fn.is_cross_entropy else loss_fn.output_loss
     curv = _curvature_build(loss_fn, params, curvature, out)  # (`curvature` is the kind here)
     n = kernels.num_samples(x_train)
@@ -160,21 +201,33 @@ def influence_matrix(loss_fn, params, x_train, y_train, x_val, y_val, *, num_cla
 
     counts = jnp.maximum(jnp.bincount(jnp.asarray(y_val), length=K), 1).astype(dt)
     G = kernels.class_gradients(flat.loss, theta, chunks(x_val, y_val, 512), counts, K)
-    data = kernels.ObjectiveData(theta, chunks(x_train, y_train, hvp_batch_size), jnp.asarray(n, dt),
-                                 jnp.asarray(weight_decay, dt))
+    data = kernels.ObjectiveData(
+        theta,
+        chunks(x_train, y_train, hvp_batch_size),
+        jnp.asarray(n, dt),
+        jnp.asarray(weight_decay, dt),
+    )
     matvec, d = kernels.curvature_matvec(curv, data), jnp.asarray(damping, dt)
 
     def op(v):
         return matvec(v) + d * v
 
     def cg(op_, b):  # CG for one right-hand side; its diagnostics as the auxiliary output
-        r = linsolve.solve_cg(op_, b, damping=jnp.asarray(0.0, dt), rtol=jnp.asarray(rtol, dt),
-                              atol=jnp.asarray(0.0, dt), max_steps=int(max_steps))
+        r = linsolve.solve_cg(
+            op_,
+            b,
+            damping=jnp.asarray(0.0, dt),
+            rtol=jnp.asarray(rtol, dt),
+            atol=jnp.asarray(0.0, dt),
+            max_steps=int(max_steps),
+        )
         return r.value, r
 
     # custom_linear_solve: reverse-mode derivatives by implicit differentiation (one more solve
     # with the same symmetric operator), where a while_loop alone has none
-    U, res = jax.vmap(lambda g: jax.lax.custom_linear_solve(op, g, cg, symmetric=True, has_aux=True))(G)
+    U, res = jax.vmap(
+        lambda g: jax.lax.custom_linear_solve(op, g, cg, symmetric=True, has_aux=True)
+    )(G)
     rows = kernels.influence_rows(flat.loss, "jvp", theta, U, chunks(x_train, y_train, chunk_size))
     return rows.reshape(-1, K)[:n] / n, res
 
@@ -185,9 +238,18 @@ def _curvature_build(loss_fn, params, kind, out):
     return curvature.build(loss_fn, params, kind, apply, out)
 
 
-def linear_category_influence(params, x_train, y_train, x_val, y_val, *, num_classes: int,
-                              weight_decay: float, damping: float = NO_DAMPING,
-                              weights=None) -> InfluenceResult:
+def linear_category_influence(
+    params,
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    *,
+    num_classes: int,
+    weight_decay: float,
+    damping: float = NO_DAMPING,
+    weights=None,
+) -> InfluenceResult:
     """`category_influence` for a `LinearClassifier` head, by the closed form (validated).
 
     `weights`: the per-sample weights the model was trained with (see `linear_influence`).
@@ -199,21 +261,48 @@ def linear_category_influence(params, x_train, y_train, x_val, y_val, *, num_cla
         weights = checks.as_weights(weights, xt.shape[0], "weights")
     W, b = params["head"]["kernel"], params["head"]["bias"]
     dt = jnp.asarray(W).dtype
-    P, U = closed_form.linear_influence(xt.astype(dt), yt, xv.astype(dt), yv, W, b, weight_decay=weight_decay,
-                                        damping=damping, return_solutions=True, weights=weights)
+    P, U = closed_form.linear_influence(
+        xt.astype(dt),
+        yt,
+        xv.astype(dt),
+        yv,
+        W,
+        b,
+        weight_decay=weight_decay,
+        damping=damping,
+        return_solutions=True,
+        weights=weights,
+    )
     checks.check_finite_array(P, "P", "influence: influence matrix (closed form)")
     K = num_classes
     d = W.shape[0]
     # solutions in the flat ordering of ravel_pytree(params), so they compose with the generic path
-    flat_U = jax.vmap(lambda u: ravel_pytree(
-        {"head": {"bias": u[d], "kernel": u[:d]}})[0])(U)
+    flat_U = jax.vmap(lambda u: ravel_pytree({"head": {"bias": u[d], "kernel": u[:d]}})[0])(U)
     z = np.zeros(K)
-    return InfluenceResult(P, "closed_form", "cholesky", "hessian", damping, (), z.astype(int),
-                           z, np.ones(K, bool), np.zeros(K, bool), np.zeros(K, np.int32), flat_U)
+    return InfluenceResult(
+        P,
+        "closed_form",
+        "cholesky",
+        "hessian",
+        damping,
+        (),
+        z.astype(int),
+        z,
+        np.ones(K, bool),
+        np.zeros(K, bool),
+        np.zeros(K, np.int32),
+        flat_U,
+    )
 
 
-def predict_class_loss_change(result: InfluenceResult, weights, *, params=None,
-                              weight_decay: float | None = None, normalizer: str = "n") -> np.ndarray:
+def predict_class_loss_change(
+    result: InfluenceResult,
+    weights,
+    *,
+    params=None,
+    weight_decay: float | None = None,
+    normalizer: str = "n",
+) -> np.ndarray:
     """First-order change of each class's validation loss when retraining with `weights`.
 
     ΔL_k ≈ −Σ_i (w_i − 1) P[i, k] for the fixed-N objective (1/N) Σ w_i ℓ_i + (λ/2)‖θ‖².
@@ -227,8 +316,14 @@ def predict_class_loss_change(result: InfluenceResult, weights, *, params=None,
     delta = -(w - 1.0) @ P
     if normalizer == "weights" and weight_decay:
         if params is None or result.solutions is None:
-            checks.fail("params", "None", "the trained params (and a result with solutions)",
-                        "pass params= to account for the Σw normaliser")
+            checks.fail(
+                "params",
+                "None",
+                "the trained params (and a result with solutions)",
+                "pass params= to account for the Σw normaliser",
+            )
         theta = np.asarray(ravel_pytree(params)[0], np.float64)
-        delta = delta - weight_decay * (w.sum() / w.size - 1.0) * (np.asarray(result.solutions, np.float64) @ theta)
+        delta = delta - weight_decay * (w.sum() / w.size - 1.0) * (
+            np.asarray(result.solutions, np.float64) @ theta
+        )
     return delta

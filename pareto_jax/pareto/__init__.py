@@ -11,20 +11,51 @@
 * `pareto_frontier`: the first-order Pareto frontier (`frontier`).
 """
 
+from ..config import ReweightConfig
+from ..results import Status
 from .ceiling import CeilingResult, ceiling_test, pca_explained_ratio
 from .dual import dual_solve
 from .exact import CeilingSolution, ProgramSolution, ceiling_program, reweight, solve_program
 from .frontier import FrontierResult, pareto_frontier
-from ..config import ReweightConfig
-from ..results import Status
-from .program import (ProgramBatch, ReweightResult, bucket, check_feasibility, prepare, program_data, read,
-                      result_from_solution, solve_batch, solve_device, solve_reweighting,
-                      solve_reweighting_batch)
+from .program import (
+    ProgramBatch,
+    ReweightResult,
+    bucket,
+    check_feasibility,
+    prepare,
+    program_data,
+    read,
+    result_from_solution,
+    solve_batch,
+    solve_device,
+    solve_reweighting,
+    solve_reweighting_batch,
+)
 
 __all__ = [
-    "CeilingResult", "ceiling_test", "pca_explained_ratio", "dual_solve", "CeilingSolution",
-    "ProgramSolution", "ceiling_program", "reweight", "solve_program", "FrontierResult",
-    "pareto_frontier", "Status", "ReweightConfig", "ReweightResult", "ProgramBatch", "prepare",
-    "solve_device", "read", "solve_batch", "bucket", "check_feasibility", "program_data",
-    "result_from_solution", "solve_reweighting", "solve_reweighting_batch",
+    "CeilingResult",
+    "ceiling_test",
+    "pca_explained_ratio",
+    "dual_solve",
+    "CeilingSolution",
+    "ProgramSolution",
+    "ceiling_program",
+    "reweight",
+    "solve_program",
+    "FrontierResult",
+    "pareto_frontier",
+    "Status",
+    "ReweightConfig",
+    "ReweightResult",
+    "ProgramBatch",
+    "prepare",
+    "solve_device",
+    "read",
+    "solve_batch",
+    "bucket",
+    "check_feasibility",
+    "program_data",
+    "result_from_solution",
+    "solve_reweighting",
+    "solve_reweighting_batch",
 ]

@@ -60,13 +60,16 @@ class CeilingResult:
 
     def summary(self) -> dict:
         return {
-            "improvable": self.improvable, "t_star": self.t_star, "tol": self.tol,
+            "improvable": self.improvable,
+            "t_star": self.t_star,
+            "tol": self.tol,
             "predicted_gains": self.predicted_gains.tolist(),
             "certificate": self.certificate.tolist(),
             "certificate_residual": self.certificate_residual,
             "pca_explained_ratio (heuristic)": self.pca_explained_ratio,
             "pca_heuristic_improvable": self.pca_heuristic_improvable,
-            "status": self.status, "message": self.message,
+            "status": self.status,
+            "message": self.message,
         }
 
 
@@ -74,14 +77,16 @@ def pca_explained_ratio(P) -> float:
     """Explained-variance ratio of the first principal component of the centred P (heuristic)."""
     P = np.asarray(P, np.float64)
     s = np.linalg.svd(P - P.mean(0), compute_uv=False)
-    tot = float((s ** 2).sum())
+    tot = float((s**2).sum())
     return float(s[0] ** 2 / tot) if tot > 0 else 0.0
 
 
 _ceiling_jit = jax.jit(exact.ceiling_program)
 
 
-def ceiling_test(P, *, tol: float | None = None, solver: str = "device", throw: bool = True) -> CeilingResult:
+def ceiling_test(
+    P, *, tol: float | None = None, solver: str = "device", throw: bool = True
+) -> CeilingResult:
     """Decide whether a first-order Pareto improvement exists (exact LP) and report the heuristic.
 
     Args:
@@ -106,8 +111,12 @@ def ceiling_test(P, *, tol: float | None = None, solver: str = "device", throw: 
     P = checks.as_influence_matrix(P)
     scale = float(np.abs(P).sum(0).max())
     if scale == 0:
-        checks.fail("P", "an all-zero matrix", "an influence matrix with some non-zero entry",
-                    "check that the model and data produced gradients")
+        checks.fail(
+            "P",
+            "an all-zero matrix",
+            "an influence matrix with some non-zero entry",
+            "check that the model and data produced gradients",
+        )
     if tol is not None:
         checks.check_positive(tol, "tol", allow_zero=True)
     tol = 1e-9 * scale if tol is None else float(tol)
@@ -123,13 +132,26 @@ def ceiling_test(P, *, tol: float | None = None, solver: str = "device", throw: 
         with jax.enable_x64(True):
             sol = _ceiling_jit(jnp.asarray(pad_rows(P)))
             sol = jax.tree_util.tree_map(np.asarray, sol)
-        status, d, t, lam = int(sol.status), np.asarray(sol.direction[:n], np.float64), float(sol.t_star), sol.certificate
+        status, d, t, lam = (
+            int(sol.status),
+            np.asarray(sol.direction[:n], np.float64),
+            float(sol.t_star),
+            sol.certificate,
+        )
         message = status_message(status)
     if throw:
         raise_for_status(status, f"ceiling test LP ({solver})")
     ratio = pca_explained_ratio(P)
     return CeilingResult(
-        improvable=bool(status == 0 and t > tol), t_star=float(t), direction=d, predicted_gains=P.T @ d,
-        certificate=np.asarray(lam, np.float64), certificate_residual=float(np.abs(P @ lam).sum()), tol=tol,
-        pca_explained_ratio=ratio, pca_heuristic_improvable=bool(ratio > 0.2), status=status,
-        message=message)
+        improvable=bool(status == 0 and t > tol),
+        t_star=float(t),
+        direction=d,
+        predicted_gains=P.T @ d,
+        certificate=np.asarray(lam, np.float64),
+        certificate_residual=float(np.abs(P @ lam).sum()),
+        tol=tol,
+        pca_explained_ratio=ratio,
+        pca_heuristic_improvable=bool(ratio > 0.2),
+        status=status,
+        message=message,
+    )

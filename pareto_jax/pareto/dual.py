@@ -25,7 +25,9 @@ import numpy as np
 from .. import checks
 
 with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
+    warnings.filterwarnings(
+        "ignore", message="JAXopt is no longer maintained", category=DeprecationWarning
+    )
     import jaxopt
 
 _PAIR_LIMIT = 2**23  # elements of `pair_products` (64 MiB in float64)
@@ -58,7 +60,9 @@ def _primal_from_r(xp, z, r, lo, hi, mu, has_budget):
 def _dual_value(z, r, b, lo, hi, mu, budget, has_budget):
     """g(z) from its reduced costs r (one pass over P computes r; value and gradient share it)."""
     u, eta = _primal_from_r(jnp, z, r, lo, hi, mu, has_budget)
-    val = jnp.sum(r * (1.0 + u)) - eta * jnp.sum(jnp.abs(u)) - 0.5 * mu * jnp.sum(u * u) - z[:-1] @ b
+    val = (
+        jnp.sum(r * (1.0 + u)) - eta * jnp.sum(jnp.abs(u)) - 0.5 * mu * jnp.sum(u * u) - z[:-1] @ b
+    )
     return val + (eta * budget if has_budget else 0.0)
 
 
@@ -85,6 +89,7 @@ def weighted_gram(P, on, scale, live, cap, G=None, Q=None):
       over programs sharing P, one (M, N) × (N, K(K+1)/2) matrix product for all of them, half
       the work of M masked Gram products; measured 2.7x faster at N = 3072, K = 10, M = 32).
     `cap` is static (None: every row). Rows that are not `live` (zero padding) never count."""
+
     def every_row(_=None):  # (rows that are not live are zero: they add nothing)
         if Q is not None:
             t = scale * (on.astype(P.dtype) @ Q)
@@ -122,7 +127,11 @@ def _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G, Q=
     # H = Aᵀ diag(d) A with A = [P, −sign(r)] (the η column only with a budget), built blockwise
     # so that no N×(K+1) copy of P is made
     K = P.shape[1]
-    H = jnp.zeros((K + 1, K + 1), P.dtype).at[:K, :K].set(weighted_gram(P, on, 1.0 / mu, live, cap, G, Q))
+    H = (
+        jnp.zeros((K + 1, K + 1), P.dtype)
+        .at[:K, :K]
+        .set(weighted_gram(P, on, 1.0 / mu, live, cap, G, Q))
+    )
     if has_budget:
         sd = jnp.sign(r) * on.astype(P.dtype) / mu
         h = -(sd @ P)
@@ -130,7 +139,9 @@ def _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G, Q=
     return jnp.concatenate([g_nu, g_eta[None]]), H
 
 
-def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, Q, *, has_budget, max_iter, tol, cap):
+def _newton_stage(
+    z, P, c, b, lo, hi, mu, budget, upper, live, G, Q, *, has_budget, max_iter, tol, cap
+):
     K1 = z.shape[0]
     gscale = 1.0 + jnp.max(jnp.abs(b)) + jnp.max(jnp.abs(c))
 
@@ -168,8 +179,9 @@ def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, Q, *, has_budg
         # at a bound), clipped to the box; BoxCDQP then settles the box QP in a few sweeps
         free = ~(((z <= 0) & (g > 0)) | ((z >= upper) & (g < 0)))
         Hf = jnp.where(free[:, None] & free[None, :], H, jnp.eye(K1, dtype=H.dtype))
-        d0 = jnp.clip(jnp.where(free, -jnp.linalg.solve(Hf, jnp.where(free, g, 0.0)), 0.0),
-                      -z, upper - z)
+        d0 = jnp.clip(
+            jnp.where(free, -jnp.linalg.solve(Hf, jnp.where(free, g, 0.0)), 0.0), -z, upper - z
+        )
         # coordinate descent only ever lowers the model q(d) = ½dᵀHd + gᵀd, so from a start
         # with q <= 0 (d0, else 0) its d is a descent direction (gᵀd <= −½dᵀHd); from a d0
         # with q > 0 it could stop at an ascent direction (measured: gᵀd > 0 on a QP with
@@ -203,14 +215,29 @@ def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, Q, *, has_budg
 
     z, r0, f_0 = at(z)
     g0, H0 = grad_hess(z, r0)
-    st = jax.lax.while_loop(cond, body, (z, 0, proj_grad_norm(z, g0), g0, H0, f_0,
-                                         jnp.ones((), z.dtype), r0))
+    st = jax.lax.while_loop(
+        cond, body, (z, 0, proj_grad_norm(z, g0), g0, H0, f_0, jnp.ones((), z.dtype), r0)
+    )
     return st[0], st[1], st[2]
 
 
 @functools.partial(jax.jit, static_argnames=("has_budget", "max_iter", "n_stages", "gram_cap"))
-def dual_solve(P, c, b, lo, hi, mu_final, budget, *, has_budget: bool, max_iter: int,
-               n_stages: int, tol: float = 1e-10, z0=None, gram_cap: int | None = None):
+def dual_solve(
+    P,
+    c,
+    b,
+    lo,
+    hi,
+    mu_final,
+    budget,
+    *,
+    has_budget: bool,
+    max_iter: int,
+    n_stages: int,
+    tol: float = 1e-10,
+    z0=None,
+    gram_cap: int | None = None,
+):
     """The structured dual stage: minimise the (smoothed) dual over ν >= 0 (and η >= 0).
 
     Continuation: μ goes geometrically from a scale where most weights are interior down to
@@ -226,7 +253,9 @@ def dual_solve(P, c, b, lo, hi, mu_final, budget, *, has_budget: bool, max_iter:
     """
     K = P.shape[1]
     z = jnp.zeros(K + 1, P.dtype) if z0 is None else z0
-    mu0 = jnp.maximum(jnp.max(jnp.abs(c)) + jnp.max(jnp.abs(P).sum(1)), 1e-30) / jnp.maximum(hi - lo, 1e-12)
+    mu0 = jnp.maximum(jnp.max(jnp.abs(c)) + jnp.max(jnp.abs(P).sum(1)), 1e-30) / jnp.maximum(
+        hi - lo, 1e-12
+    )
     mu0 = jnp.maximum(mu0, mu_final)
     ratio = (mu_final / mu0) ** (1.0 / max(n_stages - 1, 1))
     upper = jnp.full(K + 1, jnp.inf, P.dtype)
@@ -239,14 +268,34 @@ def dual_solve(P, c, b, lo, hi, mu_final, budget, *, has_budget: bool, max_iter:
     G = None if gram_cap is None else _gram(P, P)
     # every row each step (gram_cap None: a vmap over programs): the rows' pair products once,
     # where they fit (`weighted_gram`)
-    Q = pair_products(P) if gram_cap is None and P.shape[0] * K * (K + 1) // 2 <= _PAIR_LIMIT else None
+    Q = (
+        pair_products(P)
+        if gram_cap is None and P.shape[0] * K * (K + 1) // 2 <= _PAIR_LIMIT
+        else None
+    )
 
     def stage(carry, j):
         z, its = carry
-        mu = mu0 * ratio ** j if n_stages > 1 else mu_final
+        mu = mu0 * ratio**j if n_stages > 1 else mu_final
         stage_tol = jnp.where(j == n_stages - 1, tol, jnp.maximum(tol, _STAGE_TOL))
-        z, it, err = _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, Q, has_budget=has_budget,
-                                   max_iter=max_iter, tol=stage_tol, cap=gram_cap)
+        z, it, err = _newton_stage(
+            z,
+            P,
+            c,
+            b,
+            lo,
+            hi,
+            mu,
+            budget,
+            upper,
+            live,
+            G,
+            Q,
+            has_budget=has_budget,
+            max_iter=max_iter,
+            tol=stage_tol,
+            cap=gram_cap,
+        )
         return (z, its + it), err
 
     (z, its), errs = jax.lax.scan(stage, (z, 0), jnp.arange(n_stages))

@@ -75,7 +75,9 @@ def farkas_bound(P, b, nu, eta, lo, hi, budget, has_budget):
     if has_budget:
         best = jnp.maximum(best, g)  # w = 1 costs no budget
     v = jnp.sum(best) - lam @ b + (e * budget if has_budget else 0.0)
-    margin = 1e-12 * (jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * jnp.sum(jnp.abs(g)) + jnp.abs(lam @ b))
+    margin = 1e-12 * (
+        jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * jnp.sum(jnp.abs(g)) + jnp.abs(lam @ b)
+    )
     return jnp.where((s > 0) & jnp.isfinite(v), v + margin, jnp.inf)
 
 
@@ -102,11 +104,17 @@ def _restricted(P, c, b, lo, hi, budget, idx, fixed_w, valid, has_budget):
         # w = 1 + a − e, a ∈ [0, hi − 1], e ∈ [0, 1 − lo]; the budget row −Σ(a + e) >= −B'
         spent = jnp.sum(jnp.abs(fixed_w - 1.0)) - jnp.sum(jnp.abs(fixed_w[idx] - 1.0))
         ones = jnp.ones((1, idx.shape[0]), P.dtype)
-        G = jnp.concatenate([jnp.concatenate([Pf.T, -Pf.T], 1), jnp.concatenate([-ones, -ones], 1)], 0)
+        G = jnp.concatenate(
+            [jnp.concatenate([Pf.T, -Pf.T], 1), jnp.concatenate([-ones, -ones], 1)], 0
+        )
         h = jnp.concatenate([rest - Pf.sum(0), (spent - budget)[None]])
         cost = jnp.concatenate([-c[idx], c[idx]])
-        up = jnp.concatenate([jnp.where(ok, jnp.maximum(hi - 1.0, 0.0), 0.0),
-                              jnp.where(ok, jnp.maximum(1.0 - lo, 0.0), 0.0)])
+        up = jnp.concatenate(
+            [
+                jnp.where(ok, jnp.maximum(hi - 1.0, 0.0), 0.0),
+                jnp.where(ok, jnp.maximum(1.0 - lo, 0.0), 0.0),
+            ]
+        )
         l, u = jnp.zeros_like(up), up
     R, nx = G.shape
     eye = jnp.eye(R, dtype=P.dtype)
@@ -119,12 +127,29 @@ def _restricted(P, c, b, lo, hi, budget, idx, fixed_w, valid, has_budget):
 
 def _certified(w, r, eta, lo, hi, tol):
     """Each weight sits where its reduced cost asks: hi if r >= η, lo if r <= −η, 1 between."""
-    return (((w == hi) & (r >= eta - tol)) | ((w == lo) & (r <= -eta + tol))
-            | ((w == 1.0) & (jnp.abs(r) <= eta + tol)))
+    return (
+        ((w == hi) & (r >= eta - tol))
+        | ((w == lo) & (r <= -eta + tol))
+        | ((w == 1.0) & (jnp.abs(r) <= eta + tol))
+    )
 
 
-def lp_finish(P, c, b, lo, hi, budget, nu, eta, valid, *, has_budget: bool, m_cap: int,
-              max_rounds: int, max_iter: int):
+def lp_finish(
+    P,
+    c,
+    b,
+    lo,
+    hi,
+    budget,
+    nu,
+    eta,
+    valid,
+    *,
+    has_budget: bool,
+    m_cap: int,
+    max_rounds: int,
+    max_iter: int,
+):
     """The LP's exact primal and duals from approximate duals (ν, η) (module docstring, step 3).
 
     All inputs scaled (max|P| = 1). Returns (w, ν, η, status, rounds, n_free, simplex iterations).
@@ -138,7 +163,9 @@ def lp_finish(P, c, b, lo, hi, budget, nu, eta, valid, *, has_budget: bool, m_ca
     def one_round(st):
         rnd, key, fixed_w, _, _, _, _, _, its = st
         idx = select.smallest(key, m_cap)
-        A, h, cost, l, u, basis0, nx = _restricted(P, c, b, lo, hi, budget, idx, fixed_w, valid, has_budget)
+        A, h, cost, l, u, basis0, nx = _restricted(
+            P, c, b, lo, hi, budget, idx, fixed_w, valid, has_budget
+        )
         res = simplex.dual_simplex(A, h, cost, l, u, basis0, max_iter=max_iter)
         R = h.shape[0]
         x = res.x[:nx]
@@ -147,11 +174,15 @@ def lp_finish(P, c, b, lo, hi, budget, nu, eta, valid, *, has_budget: bool, m_ca
         w = fixed_w.at[idx].set(wf)
         nu2 = jnp.maximum(res.y[:K], 0.0)
         eta2 = jnp.maximum(res.y[K], 0.0) if has_budget else jnp.zeros((), P.dtype)
-        elastic = jnp.sum(res.x[nx:nx + R])
+        elastic = jnp.sum(res.x[nx : nx + R])
         r2 = c + P @ nu2
         inF = jnp.zeros(n, bool).at[idx].set(True)
         good = _certified(w, r2, eta2, lo, hi, tol) | inF | ~valid
-        done = (res.status == SUCCESS) & jnp.all(good) & (elastic <= 1e-9 * (1.0 + jnp.max(jnp.abs(h))))
+        done = (
+            (res.status == SUCCESS)
+            & jnp.all(good)
+            & (elastic <= 1e-9 * (1.0 + jnp.max(jnp.abs(h))))
+        )
         # next round: violators first (largest reduced-cost violation times the move they
         # want), then this round's free set, then the rest by distance from a decision under
         # the new duals. Violators that do not fit are moved where the new duals want them,
@@ -161,23 +192,44 @@ def lp_finish(P, c, b, lo, hi, budget, nu, eta, valid, *, has_budget: bool, m_ca
         viol = jnp.where(good, 0.0, jnp.abs(want - w) * (jnp.abs(r2) + eta2 + 1e-300))
         m2 = _margin(r2, eta2, valid)
         m2n = m2 / (jnp.max(jnp.where(jnp.isfinite(m2), m2, 0.0)) + 1e-300)
-        new_key = jnp.where(~good, -1.0 - viol / (jnp.max(viol) + 1e-300),
-                            jnp.where(inF, m2n, 2.0 + m2n))
+        new_key = jnp.where(
+            ~good, -1.0 - viol / (jnp.max(viol) + 1e-300), jnp.where(inF, m2n, 2.0 + m2n)
+        )
         new_key = jnp.where(valid, new_key, jnp.inf)
         idx_next = select.smallest(new_key, m_cap)
         in_next = jnp.zeros(n, bool).at[idx_next].set(True)
         infeasible = elastic > 1e-9 * (1.0 + jnp.max(jnp.abs(h)))
-        status = jnp.where(done, SUCCESS, jnp.where(res.status == NUMERICAL, NUMERICAL, ITERATION_LIMIT))
+        status = jnp.where(
+            done, SUCCESS, jnp.where(res.status == NUMERICAL, NUMERICAL, ITERATION_LIMIT)
+        )
         fixed_next = jnp.where(~good & ~in_next & ~infeasible, want, w)
-        return (rnd + 1, jnp.where(done, key, new_key), fixed_next, w, nu2, eta2,
-                status.astype(jnp.int32), jnp.sum(valid[idx]).astype(jnp.int32), its + res.iterations)
+        return (
+            rnd + 1,
+            jnp.where(done, key, new_key),
+            fixed_next,
+            w,
+            nu2,
+            eta2,
+            status.astype(jnp.int32),
+            jnp.sum(valid[idx]).astype(jnp.int32),
+            its + res.iterations,
+        )
 
     def cond(st):
         return (st[0] < max_rounds) & (st[6] != SUCCESS) & (st[6] != NUMERICAL)
 
     fixed_w = _bound_weights(r, eta, lo, hi, valid)
-    st = (jnp.zeros((), jnp.int32), margin, fixed_w, fixed_w, nu, eta,
-          jnp.full((), ITERATION_LIMIT, jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    st = (
+        jnp.zeros((), jnp.int32),
+        margin,
+        fixed_w,
+        fixed_w,
+        nu,
+        eta,
+        jnp.full((), ITERATION_LIMIT, jnp.int32),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32),
+    )
     rnd, _, _, w, nu, eta, status, n_free, its = jax.lax.while_loop(cond, one_round, st)
     return w, nu, eta, status, rnd, n_free, its
 
@@ -198,7 +250,9 @@ def qp_certificate(P, c, b, mu, budget, nu, eta, w, has_budget):
     obj = c @ w - 0.5 * mu * jnp.sum((w - 1.0) ** 2)
     rounding = 8 * jnp.finfo(P.dtype).eps * (nu @ (jnp.abs(w) @ jnp.abs(P)))
     if has_budget:
-        rounding = rounding + 8 * jnp.finfo(P.dtype).eps * eta * (budget + jnp.sum(jnp.abs(w - 1.0)))
+        rounding = rounding + 8 * jnp.finfo(P.dtype).eps * eta * (
+            budget + jnp.sum(jnp.abs(w - 1.0))
+        )
     bar = 1e-8 * jnp.maximum(jnp.abs(obj), 1e-3 * jnp.sum(jnp.abs(P))) + rounding
     return jnp.where(gap <= bar, SUCCESS, ITERATION_LIMIT).astype(jnp.int32), gap, obj
 
@@ -210,8 +264,22 @@ def default_m_cap(n: int, K: int) -> int:
     return int(min(n, 8 * (K + 1) + 64))
 
 
-def solve_program(P, c, b, lo, hi, budget=None, mu=0.0, *, n_valid=None, m_cap: int | None = None, gram_cap="auto",
-                  max_rounds: int = 6, max_iter: int | None = None, rtol: float = 1e-9):
+def solve_program(
+    P,
+    c,
+    b,
+    lo,
+    hi,
+    budget=None,
+    mu=0.0,
+    *,
+    n_valid=None,
+    m_cap: int | None = None,
+    gram_cap="auto",
+    max_rounds: int = 6,
+    max_iter: int | None = None,
+    rtol: float = 1e-9,
+):
     """Solve the program (module docstring) on the device: pure JAX, jittable, vmappable.
 
     Args:
@@ -246,9 +314,20 @@ def solve_program(P, c, b, lo, hi, budget=None, mu=0.0, *, n_valid=None, m_cap: 
     else:
         mu_s = jnp.asarray(1e-4 if K <= 16 else 1e-6, dt)
         n_stages, newton_iter = (3 if K <= 16 else 7), 25
-    z, wq, newton, _ = dual.dual_solve(Ps, cs, bs, lo, hi, mu_s, B, has_budget=has_budget,
-                                       max_iter=newton_iter, n_stages=n_stages, tol=rtol,
-                                       gram_cap=default_m_cap(n, K) if gram_cap == "auto" else gram_cap)
+    z, wq, newton, _ = dual.dual_solve(
+        Ps,
+        cs,
+        bs,
+        lo,
+        hi,
+        mu_s,
+        B,
+        has_budget=has_budget,
+        max_iter=newton_iter,
+        n_stages=n_stages,
+        tol=rtol,
+        gram_cap=default_m_cap(n, K) if gram_cap == "auto" else gram_cap,
+    )
     nu, eta = z[:K], z[K]
     farkas = farkas_bound(Ps, bs, nu, eta, lo, hi, B, has_budget)
     # rounding of a sum over N rows grows with the column sums of |P|
@@ -262,8 +341,20 @@ def solve_program(P, c, b, lo, hi, budget=None, mu=0.0, *, n_valid=None, m_cap: 
         cap = default_m_cap(n, K) if m_cap is None else int(min(m_cap, n))
         max_it = 20 * (cap + K + 1) if max_iter is None else max_iter
         w, nu, eta, status, rounds, n_free, its = lp_finish(
-            Ps, cs, bs, lo, hi, B, nu, eta, valid, has_budget=has_budget, m_cap=cap,
-            max_rounds=max_rounds, max_iter=max_it)
+            Ps,
+            cs,
+            bs,
+            lo,
+            hi,
+            B,
+            nu,
+            eta,
+            valid,
+            has_budget=has_budget,
+            m_cap=cap,
+            max_rounds=max_rounds,
+            max_iter=max_it,
+        )
         its = its + newton
         gap = jnp.zeros((), dt)
         obj = cs @ w
@@ -280,8 +371,18 @@ def solve_program(P, c, b, lo, hi, budget=None, mu=0.0, *, n_valid=None, m_cap: 
     nu = jnp.where(infeasible, z[:K], nu)
     eta = jnp.where(infeasible, z[K], eta)
     duals = jnp.concatenate([nu, (eta * scale)[None]])
-    return ProgramSolution(w, status, obj * scale, jnp.maximum(viol, 0.0) * scale, duals, farkas * scale,
-                           rounds, n_free, its, gap * scale)
+    return ProgramSolution(
+        w,
+        status,
+        obj * scale,
+        jnp.maximum(viol, 0.0) * scale,
+        duals,
+        farkas * scale,
+        rounds,
+        n_free,
+        its,
+        gap * scale,
+    )
 
 
 class CeilingSolution(NamedTuple):
@@ -307,8 +408,9 @@ def _ceiling_lp(Ps):
     return A, cost, l, u
 
 
-def ceiling_program(P, *, n_breaks: int = 4096, n_sub: int = 512,
-                    max_iter: int | None = None) -> CeilingSolution:
+def ceiling_program(
+    P, *, n_breaks: int = 4096, n_sub: int = 512, max_iter: int | None = None
+) -> CeilingSolution:
     """The exact ceiling test on the device: max t s.t. Pᵀd >= t·1, −1 <= d <= 1, t >= 0 (t = 0
     is always feasible), by the bounded dual simplex on the whole problem (K rows).
 
@@ -331,14 +433,31 @@ def ceiling_program(P, *, n_breaks: int = 4096, n_sub: int = 512,
         stride = n // n_sub
         rows = jnp.arange(n_sub) * stride
         A_s, cost_s, l_s, u_s = _ceiling_lp(Ps[rows])
-        sub = simplex.dual_simplex(A_s, jnp.zeros(K, dt), cost_s, l_s, u_s,
-                                   jnp.concatenate([jnp.array([n_sub]), n_sub + 1 + jnp.arange(1, K)]),
-                                   max_iter=20 * K + n_sub, n_breaks=n_sub)
-        mapped = jnp.where(sub.basis < n_sub, rows[jnp.minimum(sub.basis, n_sub - 1)], sub.basis - n_sub + n)
+        sub = simplex.dual_simplex(
+            A_s,
+            jnp.zeros(K, dt),
+            cost_s,
+            l_s,
+            u_s,
+            jnp.concatenate([jnp.array([n_sub]), n_sub + 1 + jnp.arange(1, K)]),
+            max_iter=20 * K + n_sub,
+            n_breaks=n_sub,
+        )
+        mapped = jnp.where(
+            sub.basis < n_sub, rows[jnp.minimum(sub.basis, n_sub - 1)], sub.basis - n_sub + n
+        )
         basis0 = jnp.where(sub.status == 0, mapped, basis0)
         its = sub.iterations
-    res = simplex.dual_simplex(A, jnp.zeros(K, dt), cost, l, u, basis0,
-                               max_iter=max_iter or 20 * K + n // 8 + 100, n_breaks=n_breaks)
+    res = simplex.dual_simplex(
+        A,
+        jnp.zeros(K, dt),
+        cost,
+        l,
+        u,
+        basis0,
+        max_iter=max_iter or 20 * K + n // 8 + 100,
+        n_breaks=n_breaks,
+    )
     d = res.x[:n]
     lam = jnp.maximum(res.y, 0.0)
     lam = lam / jnp.maximum(jnp.sum(lam), jnp.finfo(dt).tiny)
@@ -346,8 +465,17 @@ def ceiling_program(P, *, n_breaks: int = 4096, n_sub: int = 512,
     return CeilingSolution(t, d, lam, jnp.sum(jnp.abs(P @ lam)), res.status, res.iterations + its)
 
 
-def reweight(P, class_weights, alpha, *, w_max=ReweightConfig.w_max, rho=None, budget=None, mu=0.0,
-             gram_cap="auto") -> ProgramSolution:
+def reweight(
+    P,
+    class_weights,
+    alpha,
+    *,
+    w_max=ReweightConfig.w_max,
+    rho=None,
+    budget=None,
+    mu=0.0,
+    gram_cap="auto",
+) -> ProgramSolution:
     """The reweighting program from its user-facing parameters, in pure JAX (jit, vmap, on device).
 
     maximise Σ_k β_k Σ_i w_i P[i, k] − (μ/2)‖w − 1‖² s.t. Σ_i w_i P[i, k] >= α_k Σ_i P[i, k],
@@ -362,7 +490,8 @@ def reweight(P, class_weights, alpha, *, w_max=ReweightConfig.w_max, rho=None, b
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> P = jnp.asarray(np.random.default_rng(0).normal(size=(200, 3)))
         >>> beta = jnp.array([1.0, 0.0, 0.0])
-        >>> sols = jax.jit(jax.vmap(lambda a: reweight(P, beta, a, rho=0.5)))(jnp.linspace(0.2, 0.8, 4))
+        >>> solve = jax.jit(jax.vmap(lambda a: reweight(P, beta, a, rho=0.5)))
+        >>> sols = solve(jnp.linspace(0.2, 0.8, 4))
         >>> sols.status.tolist()
         [0, 0, 0, 0]
     """

@@ -38,8 +38,14 @@ class FrontierResult:
     rho: float
 
 
-def pareto_frontier(P, *, rho: float = TRUST_REGION, n_random: int = 8, seed: int = 0,
-                    solver: str = ReweightConfig.solver) -> FrontierResult:
+def pareto_frontier(
+    P,
+    *,
+    rho: float = TRUST_REGION,
+    n_random: int = 8,
+    seed: int = 0,
+    solver: str = ReweightConfig.solver,
+) -> FrontierResult:
     """Trace the first-order frontier: for weightings β (each class alone, then random
     Dirichlet mixtures) solve max Σ_k β_k Σ_i (w_i − 1) P[i, k] s.t. no class is predicted
     worse (Pᵀ(w − 1) >= 0, i.e. α = 1) and |w_i − 1| <= ρ."""
@@ -47,13 +53,19 @@ def pareto_frontier(P, *, rho: float = TRUST_REGION, n_random: int = 8, seed: in
     checks.check_positive(rho, "rho")
     K = P.shape[1]
     rng = np.random.default_rng(seed)
-    B = np.concatenate([np.eye(K), rng.dirichlet(np.ones(K), size=n_random)]) if n_random else np.eye(K)
+    B = (
+        np.concatenate([np.eye(K), rng.dirichlet(np.ones(K), size=n_random)])
+        if n_random
+        else np.eye(K)
+    )
     cfg = ReweightConfig(rho=rho, w_max=1.0 + rho, solver=solver)
     gains, weights = [], []
     for beta in B:
         sol = solve_reweighting(P, None, 1.0, cfg, class_weights=beta)
         if sol.w is None:
-            raise checks.NumericalError(f"frontier: program failed for β={beta.round(3).tolist()}: {sol.message}")
+            raise checks.NumericalError(
+                f"frontier: program failed for β={beta.round(3).tolist()}: {sol.message}"
+            )
         gains.append(P.T @ (sol.w - 1.0))
         weights.append(sol.w)
     G = np.stack(gains)

@@ -71,11 +71,20 @@ class ReweightResult:
         return self.status == Status.SUCCESS
 
     def summary(self) -> dict:
-        return {"status": self.status, "message": self.message, "objective": self.objective,
-                "max_violation": self.max_violation, "n_saturated": self.n_saturated,
-                "n_fractional": self.n_fractional, "n_unchanged": self.n_unchanged, "solver": self.solver,
-                "notes": list(self.notes),
-                "predicted_loss_change": None if self.w is None else self.predicted_loss_change.tolist()}
+        return {
+            "status": self.status,
+            "message": self.message,
+            "objective": self.objective,
+            "max_violation": self.max_violation,
+            "n_saturated": self.n_saturated,
+            "n_fractional": self.n_fractional,
+            "n_unchanged": self.n_unchanged,
+            "solver": self.solver,
+            "notes": list(self.notes),
+            "predicted_loss_change": None
+            if self.w is None
+            else self.predicted_loss_change.tolist(),
+        }
 
 
 def program_data(P, targets, alpha, config, class_weights=None):
@@ -91,16 +100,28 @@ def _row_data(P, targets, alpha, class_weights):
     if class_weights is not None:
         beta = np.asarray(class_weights, np.float64)
         if beta.shape != (K,) or not np.all(np.isfinite(beta)) or beta.min() < 0 or beta.sum() <= 0:
-            checks.fail("class_weights", repr(np.asarray(class_weights).tolist()),
-                         f"{K} non-negative weights, not all zero", "e.g. a one-hot vector")
+            checks.fail(
+                "class_weights",
+                repr(np.asarray(class_weights).tolist()),
+                f"{K} non-negative weights, not all zero",
+                "e.g. a one-hot vector",
+            )
     else:
         t = checks.as_class_indices(targets, K)
         beta = np.zeros(K)
         beta[list(t)] = 1.0
-    a = np.broadcast_to(np.asarray(alpha, np.float64), (K,)) if np.ndim(alpha) == 0 else np.asarray(alpha, np.float64)
+    a = (
+        np.broadcast_to(np.asarray(alpha, np.float64), (K,))
+        if np.ndim(alpha) == 0
+        else np.asarray(alpha, np.float64)
+    )
     if a.shape != (K,) or not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1:
-        checks.fail("alpha", f"{np.asarray(alpha).tolist()}", f"{K} thresholds in [0, 1] (or one scalar)",
-                     "keep at least a fraction α_k ∈ [0, 1] of each class's total influence")
+        checks.fail(
+            "alpha",
+            f"{np.asarray(alpha).tolist()}",
+            f"{K} thresholds in [0, 1] (or one scalar)",
+            "keep at least a fraction α_k ∈ [0, 1] of each class's total influence",
+        )
     return P @ beta, a * P.sum(0)
 
 
@@ -116,11 +137,24 @@ def check_feasibility(P, w, b, config: ReweightConfig) -> float:
     return float(max(v))
 
 
-def _result(P, c, b, w, config, solver, notes, duals, status=Status.SUCCESS, message_="optimal") -> ReweightResult:
+def _result(
+    P, c, b, w, config, solver, notes, duals, status=Status.SUCCESS, message_="optimal"
+) -> ReweightResult:
     """The `ReweightResult` of w (None: no solution) with its float64 re-check."""
     if w is None:
-        return ReweightResult(None, int(status), message_, float("nan"), float("nan"), 0, 0,
-                              np.full(P.shape[1], np.nan), solver, tuple(notes), duals)
+        return ReweightResult(
+            None,
+            int(status),
+            message_,
+            float("nan"),
+            float("nan"),
+            0,
+            0,
+            np.full(P.shape[1], np.nan),
+            solver,
+            tuple(notes),
+            duals,
+        )
     lo, hi = config.bounds
     w = np.clip(w, lo, hi)
     viol = check_feasibility(P, w, b, config)
@@ -130,9 +164,20 @@ def _result(P, c, b, w, config, solver, notes, duals, status=Status.SUCCESS, mes
     at_bound = (w <= lo + eps) | (w >= hi - eps)
     unchanged = np.abs(w - 1.0) <= eps
     obj = float(c @ w - 0.5 * config.mu * np.sum((w - 1) ** 2))
-    return ReweightResult(w, int(status), message_, obj, viol, int(at_bound.sum()),
-                          int((~at_bound & ~unchanged).sum()), -(P.T @ (w - 1.0)), solver,
-                          tuple(notes), duals, int((unchanged & ~at_bound).sum()))
+    return ReweightResult(
+        w,
+        int(status),
+        message_,
+        obj,
+        viol,
+        int(at_bound.sum()),
+        int((~at_bound & ~unchanged).sum()),
+        -(P.T @ (w - 1.0)),
+        solver,
+        tuple(notes),
+        duals,
+        int((unchanged & ~at_bound).sum()),
+    )
 
 
 def _highs_solve(P, c, b, config) -> ReweightResult:
@@ -143,8 +188,18 @@ def _highs_solve(P, c, b, config) -> ReweightResult:
     else:
         st, msg, w, duals = highs.lp(P, c, b, lo, hi, config.budget)
     if st != Status.SUCCESS:
-        return _result(P, c, b, None, config, "highs", (), None, st, message(st) if st in Status._value2member_map_
-                       else msg)
+        return _result(
+            P,
+            c,
+            b,
+            None,
+            config,
+            "highs",
+            (),
+            None,
+            st,
+            message(st) if st in Status._value2member_map_ else msg,
+        )
     return _result(P, c, b, w, config, "highs", (), duals)
 
 
@@ -183,12 +238,26 @@ class ProgramBatch:
         padded to `bucket`(N) on the device), and its static keywords."""
         cfg = self.config
         Pp, Cp = pad_rows(self.P, self.C)
-        args = (Pp, Cp, jnp.asarray(self.B), jnp.asarray(self.lo), jnp.asarray(self.hi),
-                float(cfg.budget or 0.0), float(cfg.mu), self.P.shape[0])
-        return args, {"has_budget": cfg.budget is not None, "qp": cfg.mu > 0, "rtol": float(cfg.rtol)}
+        args = (
+            Pp,
+            Cp,
+            jnp.asarray(self.B),
+            jnp.asarray(self.lo),
+            jnp.asarray(self.hi),
+            float(cfg.budget or 0.0),
+            float(cfg.mu),
+            self.P.shape[0],
+        )
+        return args, {
+            "has_budget": cfg.budget is not None,
+            "qp": cfg.mu > 0,
+            "rtol": float(cfg.rtol),
+        }
 
 
-def prepare(P, targets, alphas, config: ReweightConfig, *, rhos=None, class_weights=None) -> ProgramBatch:
+def prepare(
+    P, targets, alphas, config: ReweightConfig, *, rhos=None, class_weights=None
+) -> ProgramBatch:
     """Validate M programs on one P and prepare them for the device.
 
     Args:
@@ -209,11 +278,20 @@ def prepare(P, targets, alphas, config: ReweightConfig, *, rhos=None, class_weig
         cw = np.asarray(class_weights, np.float64)
         betas = list(cw) if cw.ndim == 2 and cw.shape[0] == M else [cw] * M
     rows = [_row_data(P, targets, a, cw) for a, cw in zip(alphas, betas)]
-    cfgs = tuple([config] * M if rhos is None else
-                 [dataclasses.replace(config, rho=float(r)) for r in np.broadcast_to(rhos, (M,))])
+    cfgs = tuple(
+        [config] * M
+        if rhos is None
+        else [dataclasses.replace(config, rho=float(r)) for r in np.broadcast_to(rhos, (M,))]
+    )
     bounds = np.array([c.bounds for c in cfgs], np.float64).reshape(M, 2)
-    return ProgramBatch(P, np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
-                        bounds[:, 0], bounds[:, 1], cfgs)
+    return ProgramBatch(
+        P,
+        np.stack([r[0] for r in rows]),
+        np.stack([r[1] for r in rows]),
+        bounds[:, 0],
+        bounds[:, 1],
+        cfgs,
+    )
 
 
 def bucket(n: int) -> int:
@@ -246,9 +324,20 @@ def pad_rows(P, C=None):
 def solve_rows(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, rtol, mode="vmap"):
     """`exact.solve_program` for every row of (C, B, LO, HI) on one P (pure JAX, unjitted: the
     batch path below and the evaluator's fused generation both trace it)."""
+
     def one(c, b, lo, hi, gram_cap=None):  # (a Hessian branch choice only pays outside vmap)
-        return exact.solve_program(P, c, b, lo, hi, budget if has_budget else None, mu if qp else 0.0,
-                                   n_valid=n_valid, gram_cap=gram_cap, rtol=rtol)
+        return exact.solve_program(
+            P,
+            c,
+            b,
+            lo,
+            hi,
+            budget if has_budget else None,
+            mu if qp else 0.0,
+            n_valid=n_valid,
+            gram_cap=gram_cap,
+            rtol=rtol,
+        )
 
     if C.shape[0] == 1:
         # one program: no vmap, so the dual stage's lax.switch (`dual.weighted_gram`) stays a
@@ -269,14 +358,22 @@ def solve_device(batch: ProgramBatch, mode: str = "vmap"):
         args, static = batch.device_args()
         sol = _device_batch(*args, **static, mode=mode)
         sol = jax.tree_util.tree_map(np.asarray, sol)
-    return sol._replace(w=sol.w[:, :batch.P.shape[0]])
+    return sol._replace(w=sol.w[:, : batch.P.shape[0]])
 
 
 def read(batch: ProgramBatch, sol) -> list[ReweightResult]:
     """Each row's `ReweightResult` from a device solve (`solve_device`, or a fused generation's
     program stage): the float64 re-check on the host, and the status."""
-    return [result_from_solution(batch.P, batch.C[i], batch.B[i], jax.tree_util.tree_map(lambda a: a[i], sol),
-                                 batch.configs[i]) for i in range(batch.C.shape[0])]
+    return [
+        result_from_solution(
+            batch.P,
+            batch.C[i],
+            batch.B[i],
+            jax.tree_util.tree_map(lambda a: a[i], sol),
+            batch.configs[i],
+        )
+        for i in range(batch.C.shape[0])
+    ]
 
 
 def result_from_solution(P, c, b, sol, config) -> ReweightResult:
@@ -286,24 +383,55 @@ def result_from_solution(P, c, b, sol, config) -> ReweightResult:
     if config.mu > 0:
         notes = [f"duality gap {float(sol.gap):.3g} after {int(sol.iterations)} Newton steps"]
     else:
-        notes = [f"exact finish: {int(sol.n_free)} weights free in the restricted LP, "
-                 f"{int(sol.rounds)} round(s), {int(sol.iterations)} iterations"]
+        notes = [
+            f"exact finish: {int(sol.n_free)} weights free in the restricted LP, "
+            f"{int(sol.rounds)} round(s), {int(sol.iterations)} iterations"
+        ]
     if st == Status.INFEASIBLE:
-        notes.append(f"the duals are a Farkas certificate: every w in the box violates a class "
-                     f"constraint (or the budget) by at least {-float(sol.farkas):.3g}")
-        return _result(P, c, b, None, config, "device", notes, duals, Status.INFEASIBLE,
-                       "The problem is infeasible (Farkas certificate from the duals).")
+        notes.append(
+            f"the duals are a Farkas certificate: every w in the box violates a class "
+            f"constraint (or the budget) by at least {-float(sol.farkas):.3g}"
+        )
+        return _result(
+            P,
+            c,
+            b,
+            None,
+            config,
+            "device",
+            notes,
+            duals,
+            Status.INFEASIBLE,
+            "The problem is infeasible (Farkas certificate from the duals).",
+        )
     if st != Status.SUCCESS:
-        why = ("the restricted LPs did not settle" if config.mu == 0
-               else "the dual stage did not close the duality gap")
+        why = (
+            "the restricted LPs did not settle"
+            if config.mu == 0
+            else "the dual stage did not close the duality gap"
+        )
         notes.append(f"{why}; solver='highs' solves this program exactly on the host")
-        return _result(P, c, b, None, config, "device", notes, duals, st,
-                       f"{message(st)}: no certified optimum ({why})")
+        return _result(
+            P,
+            c,
+            b,
+            None,
+            config,
+            "device",
+            notes,
+            duals,
+            st,
+            f"{message(st)}: no certified optimum ({why})",
+        )
     r = _result(P, c, b, np.asarray(sol.w, np.float64), config, "device", notes, duals)
     if r.max_violation > config.feas_tol:  # certified on the device, refused by the host's re-check
-        return dataclasses.replace(r, status=int(Status.NUMERICAL), message=f"{message(Status.NUMERICAL)}: the "
-                                   f"float64 re-check found violation {r.max_violation:.3g} > feas_tol "
-                                   f"{config.feas_tol:g}")
+        return dataclasses.replace(
+            r,
+            status=int(Status.NUMERICAL),
+            message=f"{message(Status.NUMERICAL)}: the "
+            f"float64 re-check found violation {r.max_violation:.3g} > feas_tol "
+            f"{config.feas_tol:g}",
+        )
     return r
 
 
@@ -311,12 +439,23 @@ def solve_batch(batch: ProgramBatch, mode: str = "vmap") -> list[ReweightResult]
     """Every program of a prepared batch: on the device (`solve_device`, `read`), or row by row
     by HiGHS when the batch's solver is "highs"."""
     if batch.config.solver == "highs":
-        return [_highs_solve(batch.P, batch.C[i], batch.B[i], batch.configs[i]) for i in range(batch.C.shape[0])]
+        return [
+            _highs_solve(batch.P, batch.C[i], batch.B[i], batch.configs[i])
+            for i in range(batch.C.shape[0])
+        ]
     return read(batch, solve_device(batch, mode))
 
 
-def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightConfig = ReweightConfig(),
-                      *, class_weights=None, throw: bool = False, **overrides) -> ReweightResult:
+def solve_reweighting(
+    P,
+    targets: Sequence[int] | None,
+    alpha,
+    config: ReweightConfig = ReweightConfig(),
+    *,
+    class_weights=None,
+    throw: bool = False,
+    **overrides,
+) -> ReweightResult:
     """Solve the reweighting program (module docstring) for one threshold vector α.
 
     Args:
@@ -343,8 +482,15 @@ def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightC
     if overrides:
         config = dataclasses.replace(config, **overrides)
     alpha = np.asarray(alpha, np.float64)
-    (r,) = solve_batch(prepare(P, targets, alpha if alpha.ndim == 0 else alpha[None], config,
-                               class_weights=class_weights))
+    (r,) = solve_batch(
+        prepare(
+            P,
+            targets,
+            alpha if alpha.ndim == 0 else alpha[None],
+            config,
+            class_weights=class_weights,
+        )
+    )
     if throw:
         from ..results import raise_for_status
 
@@ -352,9 +498,17 @@ def solve_reweighting(P, targets: Sequence[int] | None, alpha, config: ReweightC
     return r
 
 
-def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = ReweightConfig(), *,
-                            batch: str = "auto", rhos=None, class_weights=None,
-                            **overrides) -> list[ReweightResult]:
+def solve_reweighting_batch(
+    P,
+    targets,
+    alphas,
+    config: ReweightConfig = ReweightConfig(),
+    *,
+    batch: str = "auto",
+    rhos=None,
+    class_weights=None,
+    **overrides,
+) -> list[ReweightResult]:
     """Solve the program for a population of α at once: one compiled device solve
     (`exact.solve_program`) over all rows of `alphas` (shape (M, K)), then each solution's
     float64 re-check on the host. Same solutions as one `solve_reweighting` per row.
@@ -369,4 +523,6 @@ def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = Reweigh
     mode = dual.batch_mode(batch)
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    return solve_batch(prepare(P, targets, alphas, config, rhos=rhos, class_weights=class_weights), mode)
+    return solve_batch(
+        prepare(P, targets, alphas, config, rhos=rhos, class_weights=class_weights), mode
+    )

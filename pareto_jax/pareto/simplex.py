@@ -84,8 +84,20 @@ def _ratio_test(alpha, d, isb, at_upper, width, delta, above, k_br):
     return q, flip, unbounded
 
 
-def dual_simplex(A, b, c, l, u, basis0, *, max_iter: int, n_breaks: int = 128, ptol=None, dtol=None,
-                 at_upper0=None) -> SimplexResult:
+def dual_simplex(
+    A,
+    b,
+    c,
+    l,
+    u,
+    basis0,
+    *,
+    max_iter: int,
+    n_breaks: int = 128,
+    ptol=None,
+    dtol=None,
+    at_upper0=None,
+) -> SimplexResult:
     """Solve min cᵀx s.t. Ax = b, l <= x <= u from the dual-feasible basis `basis0`.
 
     Args:
@@ -126,7 +138,7 @@ def dual_simplex(A, b, c, l, u, basis0, *, max_iter: int, n_breaks: int = 128, p
         lB, uB = l[basis], u[basis]
         infeas = jnp.maximum(lB - xB, xB - uB)
         binv = jsl.lu_solve(lu, eye)  # B⁻¹; its rows are the pivot rows ρ_r = B⁻ᵀe_r
-        score = jnp.where(infeas > ptol, infeas ** 2 / jnp.sum(binv ** 2, axis=1), -1.0)
+        score = jnp.where(infeas > ptol, infeas**2 / jnp.sum(binv**2, axis=1), -1.0)
         r = jnp.argmax(score)
         optimal = score[r] < 0
         above = xB[r] > uB[r]
@@ -138,18 +150,29 @@ def dual_simplex(A, b, c, l, u, basis0, *, max_iter: int, n_breaks: int = 128, p
         new_upper = jnp.where(flip, ~at_upper, at_upper).at[leaving].set(above & boxed[leaving])
         new_basis = basis.at[r].set(q)
         bad = ~jnp.all(jnp.isfinite(xB)) | ~jnp.all(jnp.isfinite(y))
-        status = jnp.where(bad, NUMERICAL, jnp.where(optimal, SUCCESS,
-                           jnp.where(unbounded, INFEASIBLE, RUNNING))).astype(jnp.int32)
+        status = jnp.where(
+            bad, NUMERICAL, jnp.where(optimal, SUCCESS, jnp.where(unbounded, INFEASIBLE, RUNNING))
+        ).astype(jnp.int32)
         go = status == RUNNING
-        return (jnp.where(go, new_basis, basis), jnp.where(go, new_upper, at_upper),
-                it + go.astype(jnp.int32), status, jnp.where(above, rho, -rho))
+        return (
+            jnp.where(go, new_basis, basis),
+            jnp.where(go, new_upper, at_upper),
+            it + go.astype(jnp.int32),
+            status,
+            jnp.where(above, rho, -rho),
+        )
 
     def cond(st):
         return (st[3] == RUNNING) & (st[2] < max_iter)
 
     at_upper = jnp.zeros(n, bool) if at_upper0 is None else at_upper0
-    st = (basis0.astype(jnp.int32), at_upper, jnp.zeros((), jnp.int32), jnp.full((), RUNNING, jnp.int32),
-          jnp.zeros(m, dt))
+    st = (
+        basis0.astype(jnp.int32),
+        at_upper,
+        jnp.zeros((), jnp.int32),
+        jnp.full((), RUNNING, jnp.int32),
+        jnp.zeros(m, dt),
+    )
     basis, at_upper, it, status, ray = jax.lax.while_loop(cond, body, st)
     _, isb, y, d, at_upper, xN, xB = factor(basis, at_upper)
     status = jnp.where(status == RUNNING, ITERATION_LIMIT, status)
