@@ -96,13 +96,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "TorchCNN",
-    "TorchMLP",
-    "torch_model_from_jax",
-    "kronfluence_category_influence",
-    "KRONFLUENCE_INSTALL",
-]
+__all__ = ["TorchCNN", "TorchMLP", "torch_model_from_jax", "kronfluence_category_influence",
+    "KRONFLUENCE_INSTALL"]
 
 KRONFLUENCE_INSTALL = (
     "pip install torch==2.13.0 && pip install --no-deps kronfluence==1.0.1 && "
@@ -278,19 +273,8 @@ def _make_task():
     return ClassificationTask()
 
 
-def _one_run(
-    torch_model,
-    train_ds,
-    query_ds,
-    *,
-    strategy,
-    use_empirical_fisher,
-    damping,
-    seed,
-    batch_size,
-    query_batch_size,
-    run_dir: Path,
-) -> dict:
+def _one_run(torch_model, train_ds, query_ds, *, strategy, use_empirical_fisher, damping, seed,
+    batch_size, query_batch_size, run_dir: Path) -> dict:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.module.tracked_module import TrackedModule
@@ -300,15 +284,8 @@ def _one_run(
     torch.manual_seed(seed)  # the sampled labels of the true Fisher
     task = _make_task()
     model = prepare_model(copy.deepcopy(torch_model).float().eval(), task)
-    analyzer = Analyzer(
-        analysis_name="pareto_peer",
-        model=model,
-        task=task,
-        cpu=True,
-        disable_tqdm=True,
-        output_dir=str(run_dir),
-        log_level=logging.WARNING,
-    )
+    analyzer = Analyzer(analysis_name="pareto_peer", model=model, task=task, cpu=True,
+        disable_tqdm=True, output_dir=str(run_dir), log_level=logging.WARNING)
     fargs = FactorArguments(strategy=strategy, use_empirical_fisher=use_empirical_fisher)
     sargs = ScoreArguments(damping_factor=float(damping))
     t = {}
@@ -327,15 +304,9 @@ def _one_run(
     t["lambda_s"] = time.perf_counter() - t0
     t["factors_s"] = t["covariance_s"] + t["eigendecomposition_s"] + t["lambda_s"]
     t0 = time.perf_counter()
-    analyzer.compute_pairwise_scores(
-        "scores",
-        "factors",
-        query_dataset=query_ds,
-        train_dataset=train_ds,
-        per_device_query_batch_size=query_batch_size,
-        per_device_train_batch_size=batch_size,
-        score_args=sargs,
-    )
+    analyzer.compute_pairwise_scores("scores", "factors", query_dataset=query_ds,
+        train_dataset=train_ds, per_device_query_batch_size=query_batch_size,
+        per_device_train_batch_size=batch_size, score_args=sargs)
     scores = analyzer.load_pairwise_scores("scores")["all_modules"]
     t["scores_s"] = time.perf_counter() - t0
     t["total_s"] = t["factors_s"] + t["scores_s"]
@@ -354,33 +325,14 @@ def _one_run(
             cnt += m.numel()
         mean_lambda = tot / max(cnt, 1)
     modules = [n for n, mod in model.named_modules() if isinstance(mod, TrackedModule)]
-    return {
-        "scores": scores.double().numpy(),
-        "timings": t,
-        "mean_lambda": mean_lambda,
-        "tracked_modules": modules,
-    }
+    return {"scores": scores.double().numpy(), "timings": t, "mean_lambda": mean_lambda,
+        "tracked_modules": modules}
 
 
-def kronfluence_category_influence(
-    torch_model: nn.Module,
-    x_train,
-    y_train,
-    x_val,
-    y_val,
-    *,
-    num_classes: int,
-    damping: float,
-    strategy: str = "ekfac",
-    use_empirical_fisher: bool = False,
-    seed: int = 0,
-    batch_size: int = 256,
-    query_batch_size: int | None = None,
-    workdir: str | Path,
-    repeats: int = 2,
-    keep_files: bool = False,
-    num_threads: int = 2,
-) -> dict:
+def kronfluence_category_influence(torch_model: nn.Module, x_train, y_train, x_val, y_val, *,
+    num_classes: int, damping: float, strategy: str = "ekfac", use_empirical_fisher: bool = False,
+    seed: int = 0, batch_size: int = 256, query_batch_size: int | None = None, workdir: str | Path,
+    repeats: int = 2, keep_files: bool = False, num_threads: int = 2) -> dict:
     """Category-wise influence P (N, K) by Kronfluence, in pareto_jax's convention.
 
     P[i, k] = (1/N) · mean over validation samples q of class k of score(q, i), where score is
@@ -436,18 +388,9 @@ def kronfluence_category_influence(
             with warnings.catch_warnings():
                 # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler(enabled=False): a FutureWarning
                 warnings.filterwarnings("ignore", category=FutureWarning, message=".*GradScaler.*")
-                last = _one_run(
-                    torch_model,
-                    train_ds,
-                    query_ds,
-                    strategy=strategy,
-                    use_empirical_fisher=use_empirical_fisher,
-                    damping=damping,
-                    seed=seed,
-                    batch_size=int(batch_size),
-                    query_batch_size=qbs,
-                    run_dir=run_dir,
-                )
+                last = _one_run(torch_model, train_ds, query_ds, strategy=strategy,
+                    use_empirical_fisher=use_empirical_fisher, damping=damping, seed=seed,
+                    batch_size=int(batch_size), query_batch_size=qbs, run_dir=run_dir)
         finally:
             if not keep_files:
                 shutil.rmtree(run_dir, ignore_errors=True)

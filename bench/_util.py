@@ -80,14 +80,9 @@ def xla_memory(jitted, *args) -> int:
 def in_subprocess(module: str, case: dict, timeout: int = 3600) -> dict:
     """Run `python -m module --case JSON` in a fresh process and parse its JSON line."""
     env = dict(os.environ)
-    p = subprocess.run(
-        [sys.executable, "-m", module, "--case", json.dumps(case)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
+    p = subprocess.run([sys.executable, "-m", module, "--case", json.dumps(case)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+        cwd=Path(__file__).resolve().parent.parent)
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     if p.returncode != 0 or not lines:
         return {**case, "error": (p.stderr or p.stdout)[-2000:]}
@@ -97,13 +92,9 @@ def in_subprocess(module: str, case: dict, timeout: int = 3600) -> dict:
 def machine() -> dict:
     import jax
 
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "devices": [str(d) for d in jax.devices()],
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-    }
+    return {"python": platform.python_version(), "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+        "platform": platform.platform()}
 
 
 def write(name: str, payload: dict) -> Path:

@@ -79,19 +79,8 @@ def _setup(kind, n_train, epochs, seed=0):
     )
     params = train.train(lf, params0, xt, yt, cfg).params
     acc = train.evaluate(apply, params, s.val.x, s.val.y, 10)
-    return dict(
-        s=s,
-        xt=xt,
-        yt=yt,
-        m=m,
-        apply=apply,
-        params0=params0,
-        params=params,
-        lf=lf,
-        cfg=cfg,
-        val_acc=acc.overall_accuracy,
-        n_params=int(sum(np.size(p) for p in _leaves(params))),
-    )
+    return dict(s=s, xt=xt, yt=yt, m=m, apply=apply, params0=params0, params=params, lf=lf, cfg=cfg,
+        val_acc=acc.overall_accuracy, n_params=int(sum(np.size(p) for p in _leaves(params))))
 
 
 def _leaves(tree):
@@ -150,13 +139,8 @@ def epoch_speed(st) -> dict:
     )
     assert err < 1e-3, f"our epoch and the minimal loop disagree ({err})"
     t_ours, t_min = _util.timeit(our_epoch, repeats=5), _util.timeit(minimal, repeats=5)
-    return {
-        "t_epoch_ours": t_ours,
-        "t_epoch_minimal": t_min,
-        "ratio_epoch": t_ours / t_min,
-        "params_rel_diff": err,
-        "execution": "stepped" if hasattr(ours, "plan") else "compiled",
-    }
+    return {"t_epoch_ours": t_ours, "t_epoch_minimal": t_min, "ratio_epoch": t_ours / t_min,
+        "params_rel_diff": err, "execution": "stepped" if hasattr(ours, "plan") else "compiled"}
 
 
 def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int) -> dict:
@@ -165,31 +149,17 @@ def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int)
 
     from pareto_jax import closed_form, influence, models
 
-    s, xt, yt, lf, apply, m, params = (
-        st["s"],
-        st["xt"],
-        st["yt"],
-        st["lf"],
-        st["apply"],
-        st["m"],
-        st["params"],
-    )
+    s, xt, yt, lf, apply, m, params = (st["s"], st["xt"], st["yt"], st["lf"], st["apply"], st["m"],
+        st["params"])
     wd = st["cfg"].weight_decay
     dmp = damping_total - wd
     kw = dict(num_classes=10, weight_decay=wd, apply=apply, model=m)
-    cg = dict(
-        curvature="gauss_newton",
-        damping=dmp,
-        rtol=pcg_rtol,
-        max_steps=max_steps,
-        hvp_batch_size=256,
-    )
-    configs = {
-        "EK-FAC": influence.InfluenceConfig(solver="ekfac", damping=dmp),
+    cg = dict(curvature="gauss_newton", damping=dmp, rtol=pcg_rtol, max_steps=max_steps,
+        hvp_batch_size=256)
+    configs = {"EK-FAC": influence.InfluenceConfig(solver="ekfac", damping=dmp),
         "K-FAC": influence.InfluenceConfig(solver="kfac", damping=dmp),
         "GGN-CG, EK-FAC preconditioned": influence.InfluenceConfig(preconditioner="ekfac", **cg),
-        "GGN-CG": influence.InfluenceConfig(**cg),
-    }
+        "GGN-CG": influence.InfluenceConfig(**cg)}
     rows = {}
     for name, cfg in configs.items():
         first, second, peak, res = _timed(
@@ -197,17 +167,10 @@ def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int)
                 lf, params, xt, yt, s.val.x, s.val.y, config=cfg, **kw
             )
         )
-        rows[name] = {
-            "P": np.asarray(res.P),
-            "t_first": first,
-            "t_second": second,
-            "peak_extra_bytes": peak,
-            "cg_steps_max": int(np.max(res.steps)),
-            "residual_max": float(np.max(res.residual)),
-            "converged": bool(np.all(res.converged)),
-            "execution": res.details.get("execution"),
-            "damping_total": wd + res.damping,
-        }
+        rows[name] = {"P": np.asarray(res.P), "t_first": first, "t_second": second,
+            "peak_extra_bytes": peak, "cg_steps_max": int(np.max(res.steps)),
+            "residual_max": float(np.max(res.residual)), "converged": bool(np.all(res.converged)),
+            "execution": res.details.get("execution"), "damping_total": wd + res.damping}
         print(
             f"  {name}: {second:.1f} s (first {first:.1f} s), steps {rows[name]['cg_steps_max']}, "
             f"residual {rows[name]['residual_max']:.3g}",
@@ -224,13 +187,8 @@ def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int)
         )
 
     first, second, peak, P = _timed(last_layer)
-    rows["last layer (closed form)"] = {
-        "P": np.asarray(P),
-        "t_first": first,
-        "t_second": second,
-        "peak_extra_bytes": peak,
-        "damping_total": damping_total,
-    }
+    rows["last layer (closed form)"] = {"P": np.asarray(P), "t_first": first, "t_second": second,
+        "peak_extra_bytes": peak, "damping_total": damping_total}
     return rows
 
 
@@ -249,33 +207,18 @@ def kronfluence_rows(st, damping_total: float, peer) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as wdir:
         for seed in (0, 1):
-            r = peer.kronfluence_category_influence(
-                tm,
-                st["xt"],
-                st["yt"],
-                s.val.x,
-                s.val.y,
-                num_classes=10,
-                damping=damping_total,
-                seed=seed,
-                workdir=wdir,
-                repeats=2 if seed == 0 else 1,
-            )
+            r = peer.kronfluence_category_influence(tm, st["xt"], st["yt"], s.val.x, s.val.y,
+                num_classes=10, damping=damping_total, seed=seed, workdir=wdir,
+                repeats=2 if seed == 0 else 1)
             t1 = r["factors_s_first"] + r["scores_s_first"]
             t2 = (
                 (r["factors_s_second"] + r["scores_s_second"])
                 if r["factors_s_second"] is not None
                 else None
             )
-            rows[f"Kronfluence EK-FAC (seed {seed})"] = {
-                "P": r["P"],
-                "t_first": t1,
-                "t_second": t2,
+            rows[f"Kronfluence EK-FAC (seed {seed})"] = {"P": r["P"], "t_first": t1, "t_second": t2,
                 "peak_extra_bytes": max(x["peak_extra_bytes"] for x in r["runs"]),
-                "logit_rel_err": logit_err,
-                "damping_total": damping_total,
-                "fisher": r["fisher"],
-            }
+                "logit_rel_err": logit_err, "damping_total": damping_total, "fisher": r["fisher"]}
             print(f"  Kronfluence seed {seed}: first {t1:.1f} s, second {t2}", flush=True)
     return rows
 
@@ -292,8 +235,7 @@ def spearman_table(rows: dict) -> dict:
             per_class = [scipy.stats.spearmanr(pa[:, k], pb[:, k])[0] for k in range(pa.shape[1])]
             out[f"{a} | {b}"] = {
                 "spearman": float(scipy.stats.spearmanr(pa.ravel(), pb.ravel())[0]),
-                "worst_class": float(np.min(per_class)),
-            }
+                "worst_class": float(np.min(per_class))}
     return out
 
 
@@ -335,11 +277,9 @@ def retraining_check(st, rows: dict, classes, fraction: float = 0.1) -> dict:
             ]
         )
         pred = np.stack(pred)
-        out[name] = {
-            "spearman": float(scipy.stats.spearmanr(pred.ravel(), actual.ravel())[0]),
+        out[name] = {"spearman": float(scipy.stats.spearmanr(pred.ravel(), actual.ravel())[0]),
             "pearson": float(np.corrcoef(pred.ravel(), actual.ravel())[0, 1]),
-            "cells": int(pred.size),
-        }
+            "cells": int(pred.size)}
         print(f"  retraining agreement, {name}: Spearman {out[name]['spearman']:.3f}", flush=True)
     return out
 
@@ -356,15 +296,9 @@ def run_network(kind, a, peer, peer_error) -> dict:
     st = _setup(kind, a.n_train, a.epochs)
     print(
         f"{kind}: {st['n_params']} params, {len(st['yt'])} train, val accuracy {st['val_acc']:.3f}",
-        flush=True,
-    )
-    out = {
-        "network": kind,
-        "n_params": st["n_params"],
-        "n_train": len(st["yt"]),
-        "val_accuracy": st["val_acc"],
-        "damping_total": a.damping,
-    }
+        flush=True)
+    out = {"network": kind, "n_params": st["n_params"], "n_train": len(st["yt"]),
+        "val_accuracy": st["val_acc"], "damping_total": a.damping}
     out["epoch"] = epoch_speed(st)
     print(
         f"  epoch {out['epoch']['t_epoch_ours']:.3f} s vs minimal loop "
@@ -420,33 +354,22 @@ def main():
             f"ratio {r['epoch']['ratio_epoch']:.2f}"
         )
         rows = [
-            {
-                "method": k,
+            {"method": k,
                 **{kk: v.get(kk) for kk in ("t_first", "t_second", "cg_steps_max", "residual_max")},
                 "peak_MB": v["peak_extra_bytes"] / 2**20,
-                "retrain_spearman": r.get("retraining", {}).get(k, {}).get("spearman"),
-            }
+                "retrain_spearman": r.get("retraining", {}).get(k, {}).get("spearman")}
             for k, v in r["methods"].items()
         ]
         print(
             _util.table(
                 rows,
-                [
-                    "method",
-                    "t_first",
-                    "t_second",
-                    "peak_MB",
-                    "cg_steps_max",
-                    "residual_max",
-                    "retrain_spearman",
-                ],
+                ["method", "t_first", "t_second", "peak_MB", "cg_steps_max", "residual_max",
+                    "retrain_spearman"],
             )
         )
         print(
-            _util.table(
-                [{"pair": k, **v} for k, v in r["spearman"].items()],
-                ["pair", "spearman", "worst_class"],
-            )
+            _util.table([{"pair": k, **v} for k, v in r["spearman"].items()],
+                ["pair", "spearman", "worst_class"])
         )
         if "kronfluence" in r:
             print(r["kronfluence"])

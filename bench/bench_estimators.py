@@ -97,16 +97,8 @@ def main():
             feats = models.frozen_features(models.functional_features(m), params, x)
             fv = models.frozen_features(models.functional_features(m), params, xv)
             head = params["head"]
-            return closed_form.linear_influence(
-                feats.astype(np.float64),
-                y,
-                fv.astype(np.float64),
-                yv,
-                head["kernel"],
-                head["bias"],
-                weight_decay=wd,
-                damping=1e-3,
-            )
+            return closed_form.linear_influence(feats.astype(np.float64), y, fv.astype(np.float64),
+                yv, head["kernel"], head["bias"], weight_decay=wd, damping=1e-3)
 
         def cfgd(**k):
             return influence.InfluenceConfig(
@@ -115,17 +107,8 @@ def main():
 
         ests = {
             "exact (dense Hessian)": lambda: (
-                influence.category_influence(
-                    loss_fn,
-                    params,
-                    x,
-                    y,
-                    xv,
-                    yv,
-                    num_classes=K,
-                    weight_decay=wd,
-                    config=cfgd(solver="dense", escalate_damping=False),
-                ).P
+                influence.category_influence(loss_fn, params, x, y, xv, yv, num_classes=K,
+                    weight_decay=wd, config=cfgd(solver="dense", escalate_damping=False)).P
             ),
             "CG (Hessian)": lambda: (
                 influence.category_influence(
@@ -133,18 +116,8 @@ def main():
                 ).P
             ),
             "GGN-CG": lambda: (
-                influence.category_influence(
-                    loss_fn,
-                    params,
-                    x,
-                    y,
-                    xv,
-                    yv,
-                    num_classes=K,
-                    weight_decay=wd,
-                    apply=apply,
-                    config=cfgd(curvature="gauss_newton"),
-                ).P
+                influence.category_influence(loss_fn, params, x, y, xv, yv, num_classes=K,
+                    weight_decay=wd, apply=apply, config=cfgd(curvature="gauss_newton")).P
             ),
             "LiSSA (GGN)": lambda: (
                 influence.category_influence(
@@ -157,54 +130,24 @@ def main():
                     num_classes=K,
                     weight_decay=wd,
                     apply=apply,
-                    config=cfgd(
-                        solver="lissa",
-                        curvature="gauss_newton",
-                        hvp_batch_size=256,
-                        max_steps=1000,
-                        rtol=1e-5,
-                    ),
+                    config=cfgd(solver="lissa", curvature="gauss_newton", hvp_batch_size=256,
+                        max_steps=1000, rtol=1e-5),
                 ).P
             ),
             "K-FAC": lambda: (
-                influence.category_influence(
-                    loss_fn,
-                    params,
-                    x,
-                    y,
-                    xv,
-                    yv,
-                    num_classes=K,
-                    weight_decay=wd,
-                    apply=apply,
-                    model=m,
-                    config=cfgd(solver="kfac"),
-                ).P
+                influence.category_influence(loss_fn, params, x, y, xv, yv, num_classes=K,
+                    weight_decay=wd, apply=apply, model=m, config=cfgd(solver="kfac")).P
             ),
             "EK-FAC": lambda: (
-                influence.category_influence(
-                    loss_fn,
-                    params,
-                    x,
-                    y,
-                    xv,
-                    yv,
-                    num_classes=K,
-                    weight_decay=wd,
-                    apply=apply,
-                    model=m,
-                    config=cfgd(solver="ekfac"),
-                ).P
+                influence.category_influence(loss_fn, params, x, y, xv, yv, num_classes=K,
+                    weight_decay=wd, apply=apply, model=m, config=cfgd(solver="ekfac")).P
             ),
             "last layer (closed form)": est_last_layer,
         }
-        state_bytes = {
-            "exact (dense Hessian)": n_params**2 * 8,
-            "CG (Hessian)": 4 * K * n_params * 8,
-            "GGN-CG": 4 * K * n_params * 8,
+        state_bytes = {"exact (dense Hessian)": n_params**2 * 8,
+            "CG (Hessian)": 4 * K * n_params * 8, "GGN-CG": 4 * K * n_params * 8,
             "LiSSA (GGN)": 3 * K * n_params * 8,
-            "last layer (closed form)": ((params["head"]["kernel"].shape[0] + 1) * K) ** 2 * 8,
-        }
+            "last layer (closed form)": ((params["head"]["kernel"].shape[0] + 1) * K) ** 2 * 8}
         for name, fn in ests.items():
             P = np.asarray(fn())  # compile / warm
             t0 = time.perf_counter()
@@ -231,15 +174,9 @@ def main():
             pred = (1 - keep) @ P  # predicted loss increase per subset and class
             act = lds_loss - base_loss
             lds = float(np.nanmean([ss.spearmanr(pred[:, k], act[:, k])[0] for k in range(K)]))
-            row = {
-                "model": kind,
-                "params": n_params,
-                "estimator": name,
-                "deletion_spearman": rho_del,
-                "lds": lds,
-                "seconds": t,
-                "state_MiB": state_bytes[name] / 2**20,
-            }
+            row = {"model": kind, "params": n_params, "estimator": name,
+                "deletion_spearman": rho_del, "lds": lds, "seconds": t,
+                "state_MiB": state_bytes[name] / 2**20}
             rows.append(row)
             print(row, flush=True)
     print(
@@ -247,10 +184,8 @@ def main():
         "higher is better)"
     )
     print(
-        _util.table(
-            rows,
-            ["model", "params", "estimator", "deletion_spearman", "lds", "seconds", "state_MiB"],
-        )
+        _util.table(rows,
+            ["model", "params", "estimator", "deletion_spearman", "lds", "seconds", "state_MiB"])
     )
     p = _util.write(
         "estimators" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "rows": rows}

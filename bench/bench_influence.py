@@ -128,16 +128,8 @@ def _mlp_case(n: int, d: int, hidden: int, k: int, chunk: int) -> dict:
     )
     err = float(np.abs(np.asarray(a) - np.asarray(bb)).max() / np.abs(np.asarray(bb)).max())
     assert err < 1e-4, err
-    out = {
-        "case": "mlp",
-        "n": n,
-        "d": d,
-        "hidden": hidden,
-        "k": k,
-        "params": int(theta.size),
-        "chunk": chunk,
-        "check_rel_err": err,
-    }
+    out = {"case": "mlp", "n": n, "d": d, "hidden": hidden, "k": k, "params": int(theta.size),
+        "chunk": chunk, "check_rel_err": err}
     for method in ("jvp", "per_sample"):
         fn = lambda: influence.influence_from_solutions(
             loss_fn,
@@ -173,14 +165,8 @@ def main() -> None:
         return
     ns = (10_000, 30_000) if a.quick else (10_000, 100_000, 1_000_000)
     cases = [
-        {
-            "case": "linear",
-            "n": n,
-            "d": 512,
-            "k": 10,
-            "materialise": n <= 100_000,
-            "full": n <= 100_000,
-        }
+        {"case": "linear", "n": n, "d": 512, "k": 10, "materialise": n <= 100_000,
+            "full": n <= 100_000}
         for n in ns
     ]
     mlp_n = 5_000 if a.quick else 50_000
@@ -204,20 +190,11 @@ def main() -> None:
     print(
         _util.table(
             lin,
-            [
-                "n",
-                "t_matmul",
-                "t_matmul_same_width",
-                "t_closed_form_P",
-                "ratio_closed_form_P_vs_matmul",
-                "ratio_closed_form_P_vs_same_width_matmul",
-                "t_closed_form_total",
-                "t_materialised_per_sample",
-                "speedup_closed_form_vs_per_sample",
-                "mem_matmul",
-                "mem_closed_form_P",
-                "mem_materialised_per_sample",
-            ],
+            ["n", "t_matmul", "t_matmul_same_width", "t_closed_form_P",
+                "ratio_closed_form_P_vs_matmul", "ratio_closed_form_P_vs_same_width_matmul",
+                "t_closed_form_total", "t_materialised_per_sample",
+                "speedup_closed_form_vs_per_sample", "mem_matmul", "mem_closed_form_P",
+                "mem_materialised_per_sample"],
         )
     )
     mlp = [r for r in rows if r.get("case") == "mlp" and "error" not in r]
@@ -228,16 +205,8 @@ def main() -> None:
     print(
         _util.table(
             mlp,
-            [
-                "n",
-                "params",
-                "k",
-                "t_jvp",
-                "t_per_sample",
-                "ratio_per_sample_over_jvp",
-                "mem_jvp",
-                "mem_per_sample",
-            ],
+            ["n", "params", "k", "t_jvp", "t_per_sample", "ratio_per_sample_over_jvp", "mem_jvp",
+                "mem_per_sample"],
         )
     )
     errs = [r for r in rows if "error" in r]

@@ -66,14 +66,8 @@ def highs_lp(P, c, b, lo, hi, method):
     n = P.shape[0]
     bounds = np.empty((n, 2))
     bounds[:, 0], bounds[:, 1] = lo, hi
-    res = scipy.optimize.linprog(
-        -c / s,
-        A_ub=-P.T / s,
-        b_ub=-b / s,
-        bounds=bounds,
-        method=method,
-        options=dict(primal_feasibility_tolerance=1e-10, dual_feasibility_tolerance=1e-10),
-    )
+    res = scipy.optimize.linprog(-c / s, A_ub=-P.T / s, b_ub=-b / s, bounds=bounds, method=method,
+        options=dict(primal_feasibility_tolerance=1e-10, dual_feasibility_tolerance=1e-10))
     assert res.status == 0, res.message
     return float(c @ res.x), res.x
 
@@ -81,10 +75,8 @@ def highs_lp(P, c, b, lo, hi, method):
 def _check(P, c, b, w, ref_obj):
     import numpy as np
 
-    return (
-        abs(float(c @ w) - ref_obj) / abs(ref_obj),
-        float(max(np.max(b - P.T @ w), 0.0)) / float(np.abs(P).sum(0).max()),
-    )
+    return (abs(float(c @ w) - ref_obj) / abs(ref_obj),
+        float(max(np.max(b - P.T @ w), 0.0)) / float(np.abs(P).sum(0).max()))
 
 
 def single_case(n, k, targets=(0, 1), seed=0):
@@ -104,14 +96,8 @@ def single_case(n, k, targets=(0, 1), seed=0):
     cfg = pareto.ReweightConfig()
     _, c, b = pareto.program_data(P, targets, alpha, cfg)
     lo, hi = cfg.bounds
-    out = {
-        "case": "single",
-        "n": n,
-        "k": k,
-        "t_device": t_dev,
-        "t_first_call": t_first,
-        "notes": list(dev.notes),
-    }
+    out = {"case": "single", "n": n, "k": k, "t_device": t_dev, "t_first_call": t_first,
+        "notes": list(dev.notes)}
     reps = 3 if n < 1_000_000 else 1  # (at N = 1e6 one HiGHS solve takes minutes here)
     for method in ("highs-ds", "highs-ipm"):
         (obj, _), t_h = _best(lambda: highs_lp(P, c, b, lo, hi, method), reps)
@@ -138,16 +124,9 @@ def ceiling_case(n, k, seed=0):
     ref, t_h = _best(lambda: pareto.ceiling_test(Q, solver="highs"))
     scale = float(np.abs(Q).sum(0).max())
     assert abs(dev.t_star - ref.t_star) <= 1e-9 * scale
-    return {
-        "case": "ceiling",
-        "n": n,
-        "k": k,
-        "t_device": t_dev,
-        "t_first_call": t_first,
-        "t_highs": t_h,
-        "speedup": t_h / t_dev,
-        "t_star_rel_diff": abs(dev.t_star - ref.t_star) / scale,
-    }
+    return {"case": "ceiling", "n": n, "k": k, "t_device": t_dev, "t_first_call": t_first,
+        "t_highs": t_h, "speedup": t_h / t_dev,
+        "t_star_rel_diff": abs(dev.t_star - ref.t_star) / scale}
 
 
 def population_case(n, k, m=32, targets=(0, 1), seed=0):
@@ -210,31 +189,18 @@ def cold_case(n, k):
     first process left (each compared with a first HiGHS call in the same process)."""
     out = {"case": "cold", "n": n, "k": k}
     with tempfile.TemporaryDirectory() as d:
-        env = {
-            **os.environ,
-            "PARETO_JAX_COMPILATION_CACHE": "1",
-            "PARETO_JAX_CACHE_DIR": d,
-            "PYTHONPATH": str(ROOT),
-        }
+        env = {**os.environ, "PARETO_JAX_COMPILATION_CACHE": "1", "PARETO_JAX_CACHE_DIR": d,
+            "PYTHONPATH": str(ROOT)}
         for label in ("empty_cache", "warm_cache"):
-            p = subprocess.run(
-                [sys.executable, "-c", COLD.format(n=n, k=k)],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=1800,
-                cwd=ROOT,
-            )
+            p = subprocess.run([sys.executable, "-c", COLD.format(n=n, k=k)], env=env,
+                capture_output=True, text=True, timeout=1800, cwd=ROOT)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
             if p.returncode or not line:
                 return {**out, "error": p.stderr[-2000:]}
             t_imp, t_first, t_ds, t_ipm = map(float, line[0].split()[1:])
             out.update(
-                {
-                    f"t_import_{label}": t_imp,
-                    f"t_first_call_{label}": t_first,
-                    f"t_highs_best_{label}": min(t_ds, t_ipm),
-                }
+                {f"t_import_{label}": t_imp, f"t_first_call_{label}": t_first,
+                    f"t_highs_best_{label}": min(t_ds, t_ipm)}
             )
     return out
 
@@ -252,20 +218,15 @@ def main():
         print(json.dumps(fn(**c)))
         return
     if a.quick:
-        cases = [
-            {"case": "single", "n": 10_000, "k": 10},
+        cases = [{"case": "single", "n": 10_000, "k": 10},
             {"case": "ceiling", "n": 10_000, "k": 10},
-            {"case": "population", "n": 10_000, "k": 10, "m": 8},
-        ]
+            {"case": "population", "n": 10_000, "k": 10, "m": 8}]
         colds = [(10_000, 10)]
     else:
         cases = [{"case": "single", "n": n, "k": 10} for n in (10_000, 100_000, 1_000_000)]
-        cases += [
-            {"case": "single", "n": 100_000, "k": 100},
-            {"case": "ceiling", "n": 10_000, "k": 10},
-            {"case": "ceiling", "n": 100_000, "k": 10},
-            {"case": "population", "n": 100_000, "k": 10, "m": 32},
-        ]
+        cases += [{"case": "single", "n": 100_000, "k": 100},
+            {"case": "ceiling", "n": 10_000, "k": 10}, {"case": "ceiling", "n": 100_000, "k": 10},
+            {"case": "population", "n": 100_000, "k": 10, "m": 32}]
         colds = [(100_000, 10)]
     os.environ.setdefault(
         "PARETO_JAX_COMPILATION_CACHE", "0"
@@ -286,58 +247,29 @@ def main():
     print(
         _util.table(
             [r for r in rows if r.get("case") == "single"],
-            [
-                "n",
-                "k",
-                "t_device",
-                "t_highs-ds",
-                "t_highs-ipm",
-                "speedup_vs_faster_highs",
-                "obj_rel_diff_vs_highs-ds",
-                "violation_rel",
-                "t_first_call",
-            ],
+            ["n", "k", "t_device", "t_highs-ds", "t_highs-ipm", "speedup_vs_faster_highs",
+                "obj_rel_diff_vs_highs-ds", "violation_rel", "t_first_call"],
         )
     )
     print("\nceiling test, warm (best of 3, s)")
     print(
-        _util.table(
-            [r for r in rows if r.get("case") == "ceiling"],
-            ["n", "k", "t_device", "t_highs", "speedup", "t_star_rel_diff", "t_first_call"],
-        )
+        _util.table([r for r in rows if r.get("case") == "ceiling"],
+            ["n", "k", "t_device", "t_highs", "speedup", "t_star_rel_diff", "t_first_call"])
     )
     print("\npopulation of α (s)")
     print(
         _util.table(
             [r for r in rows if r.get("case") == "population"],
-            [
-                "n",
-                "k",
-                "m",
-                "t_device_vmap",
-                "t_device_map",
-                "t_sequential_highs",
-                "highs_method",
-                "speedup_vmap",
-                "speedup_map",
-                "obj_rel_diff_map",
-                "violation_rel_map",
-            ],
+            ["n", "k", "m", "t_device_vmap", "t_device_map", "t_sequential_highs", "highs_method",
+                "speedup_vmap", "speedup_map", "obj_rel_diff_map", "violation_rel_map"],
         )
     )
     print("\ncold start, fresh process (s)")
     print(
         _util.table(
             [r for r in rows if r.get("case") == "cold"],
-            [
-                "n",
-                "k",
-                "t_import_empty_cache",
-                "t_first_call_empty_cache",
-                "t_highs_best_empty_cache",
-                "t_import_warm_cache",
-                "t_first_call_warm_cache",
-            ],
+            ["n", "k", "t_import_empty_cache", "t_first_call_empty_cache",
+                "t_highs_best_empty_cache", "t_import_warm_cache", "t_first_call_warm_cache"],
         )
     )
     for r in rows:

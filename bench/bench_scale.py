@@ -72,17 +72,8 @@ def case(c: dict) -> dict:
     h1, _ = influence.make_hvp(
         lf, params, x, y, weight_decay=1e-3, batch_size=1024, curvature="gauss_newton", apply=apply
     )
-    hD, _ = influence.make_hvp(
-        lf,
-        params,
-        x,
-        y,
-        mesh=mesh,
-        weight_decay=1e-3,
-        batch_size=1024,
-        curvature="gauss_newton",
-        apply=apply,
-    )
+    hD, _ = influence.make_hvp(lf, params, x, y, mesh=mesh, weight_decay=1e-3, batch_size=1024,
+        curvature="gauss_newton", apply=apply)
     b1, bD = jax.jit(jax.vmap(h1)), jax.jit(jax.vmap(hD))
     out["hvp_max_rel_diff"] = float(jnp.max(jnp.abs(b1(V) - bD(V))) / jnp.max(jnp.abs(b1(V))))
     out["hvp_single_s"] = _util.timeit(lambda: b1(V), repeats=3)
@@ -112,14 +103,8 @@ def _spawn(c: dict, force_cpu: bool) -> dict:
     if force_cpu:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={c['devices']}"
         env["JAX_PLATFORMS"] = "cpu"
-    p = subprocess.run(
-        [sys.executable, "-m", "bench.bench_scale", "--case", json.dumps(c)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
+    p = subprocess.run([sys.executable, "-m", "bench.bench_scale", "--case", json.dumps(c)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     if p.returncode != 0 or not lines:
         return {**c, "error": (p.stderr or p.stdout)[-1500:]}
@@ -159,10 +144,7 @@ def main():
         _util.RESULTS.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [sys.executable, str(ROOT / "tests" / "_memory_worker.py"), str(n), str(out)],
-            check=True,
-            cwd=ROOT,
-            capture_output=True,
-        )
+            check=True, cwd=ROOT, capture_output=True)
         mem.append(json.loads(out.read_text()))
         out.unlink()
     print(
@@ -172,49 +154,29 @@ def main():
     print(
         _util.table(
             [r for r in rows if "error" not in r],
-            [
-                "devices",
-                "N",
-                "P_max_rel_diff",
-                "P_speedup",
-                "hvp_max_rel_diff",
-                "hvp_speedup",
-                "epoch_fullbatch_max_abs_diff",
-                "epoch_fullbatch_speedup",
-                "epoch_minibatch_speedup",
+            ["devices", "N", "P_max_rel_diff", "P_speedup", "hvp_max_rel_diff", "hvp_speedup",
+                "epoch_fullbatch_max_abs_diff", "epoch_fullbatch_speedup", "epoch_minibatch_speedup"
             ],
         )
     )
     if gpu:
         print("\naccelerator")
         print(
-            _util.table(
-                gpu,
-                ["devices", "platform", "N", "P_speedup", "hvp_speedup", "epoch_fullbatch_speedup"],
-            )
+            _util.table(gpu,
+                ["devices", "platform", "N", "P_speedup", "hvp_speedup", "epoch_fullbatch_speedup"])
         )
     print("\npeak memory vs N (P stage through category_influence, MLP)")
     print(
         _util.table(
             mem,
-            [
-                "N",
-                "num_params",
-                "rss_peak_MiB",
-                "P_stage_temp_MiB",
-                "solve_temp_MiB",
-                "N_by_P_gradients_MiB",
-            ],
+            ["N", "num_params", "rss_peak_MiB", "P_stage_temp_MiB", "solve_temp_MiB",
+                "N_by_P_gradients_MiB"],
         )
     )
     path = _util.write(
         "scale_quick" if a.quick else "scale",
-        {
-            "machine": _util.machine(),
-            "throughput_cpu_forced": rows,
-            "throughput_accelerator": gpu,
-            "memory": mem,
-        },
+        {"machine": _util.machine(), "throughput_cpu_forced": rows, "throughput_accelerator": gpu,
+            "memory": mem},
     )
     print(f"wrote {path}")
 

@@ -64,11 +64,8 @@ def main():
     M = a.population
     rows = {}
     fits = {}
-    for tag, batched, fused in (
-        ("fused", True, True),
-        ("batched", True, False),
-        ("sequential", False, False),
-    ):
+    for tag, batched, fused in (("fused", True, True), ("batched", True, False),
+        ("sequential", False, False)):
         scfg = search.SearchConfig(population=M, batched=batched, fused=fused)
         ev = evaluation.Evaluator(prob)
         ref = np.asarray(ev.acc(st.params, ev.xv, ev.yv))
@@ -76,10 +73,8 @@ def main():
         warm = np.column_stack([rng.uniform(0.5, 1, (M, 10)), rng.uniform(0, 1, M)])
         popn.evaluate(warm)  # compile
         genome = np.column_stack(
-            [
-                np.random.default_rng(1).uniform(0.5, 1, (M, 10)),
-                np.random.default_rng(2).uniform(0, 1, M),
-            ]
+            [np.random.default_rng(1).uniform(0.5, 1, (M, 10)),
+                np.random.default_rng(2).uniform(0, 1, M)]
         )
 
         def generation():
@@ -109,39 +104,19 @@ def main():
         for t in ("batched", "sequential")
     )
     assert same, fits
-    out = {
-        "dataset": ds,
-        "n_train": int(len(noisy.y)),
-        "population": M,
-        **rows,
+    out = {"dataset": ds, "n_train": int(len(noisy.y)), "population": M, **rows,
         "speedup_fused": rows["t_sequential"] / rows["t_fused"],
         "speedup": rows["t_sequential"] / rows["t_batched"],
         "speedup_training": rows["t_train_sequential"] / rows["t_train_batched"],
         "speedup_programs": rows["t_programs_sequential"] / rows["t_programs_batched"],
-        "identical_fitness": same,
-        "n_finite": int(np.isfinite(fits["fused"]).sum()),
-    }
+        "identical_fitness": same, "n_finite": int(np.isfinite(fits["fused"]).sum())}
     print(
         _util.table(
             [out],
-            [
-                "dataset",
-                "n_train",
-                "population",
-                "t_fused",
-                "t_batched",
-                "t_sequential",
-                "speedup_fused",
-                "speedup",
-                "t_train_batched",
-                "t_train_sequential",
-                "speedup_training",
-                "t_programs_batched",
-                "t_programs_sequential",
-                "speedup_programs",
-                "identical_fitness",
-                "n_finite",
-            ],
+            ["dataset", "n_train", "population", "t_fused", "t_batched", "t_sequential",
+                "speedup_fused", "speedup", "t_train_batched", "t_train_sequential",
+                "speedup_training", "t_programs_batched", "t_programs_sequential",
+                "speedup_programs", "identical_fitness", "n_finite"],
         )
     )
     p = _util.write(

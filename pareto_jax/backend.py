@@ -1,4 +1,4 @@
-"""Where the influence stages run: one device (`Local`, here) or a mesh (`distributed.Sharded`).
+"""Where the influence stages run: one device (`Local`, here) or a mesh (`sharded.Sharded`).
 
 A backend places samples and runs the `kernels` on them; `pareto_jax.influence` (the front door)
 validates input, picks the algorithm and calls a backend, so it never needs to know whether the
@@ -52,21 +52,8 @@ def matvec_program(curv, data, V):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 7), static_argnames=("layers", "layout", "ekfac"))
-def solve_program(
-    method,
-    curv,
-    data,
-    G,
-    damping,
-    rtol,
-    atol,
-    max_steps,
-    factor_arrays=None,
-    *,
-    layers=None,
-    layout=None,
-    ekfac=True,
-):
+def solve_program(method, curv, data, G, damping, rtol, atol, max_steps, factor_arrays=None, *,
+    layers=None, layout=None, ekfac=True):
     """The whole solve as one program: CG (preconditioned by K-FAC/EK-FAC factors when given)
     or the dense reference."""
     matvec = kernels.curvature_matvec(curv, data)
@@ -96,16 +83,8 @@ def lissa_program(curv, data, G, scale, damping, rtol, max_steps, seed):
         d = ObjectiveData(data.theta, c, jnp.maximum(jnp.sum(c.mask), 1.0), data.weight_decay)
         return kernels.curvature_matvec(curv, d)(v)
 
-    return linsolve.solve_lissa(
-        batch_matvec,
-        G,
-        data.chunks.mask.shape[0],
-        scale=scale,
-        damping=damping,
-        rtol=rtol,
-        max_steps=max_steps,
-        seed=seed,
-    )
+    return linsolve.solve_lissa(batch_matvec, G, data.chunks.mask.shape[0], scale=scale,
+        damping=damping, rtol=rtol, max_steps=max_steps, seed=seed)
 
 
 # ------------------------------------------------------------------------- chunk programs (stepped)
@@ -159,11 +138,8 @@ class Local:
         if isinstance(x, kernels.Source):
             return kernels.Stream(x, chunk_size, dtype)
         xc, yc, mc = kernels.pad_chunks(x, y, chunk_size)
-        return Chunks(
-            kernels.cast_floats(xc, dtype),
-            jax.tree_util.tree_map(jnp.asarray, yc),
-            jnp.asarray(mc, dtype),
-        )
+        return Chunks(kernels.cast_floats(xc, dtype), jax.tree_util.tree_map(jnp.asarray, yc),
+            jnp.asarray(mc, dtype))
 
     def class_gradients(self, f, theta, chunks: Chunks, y, num_classes: int):
         counts = np.bincount(np.asarray(y), minlength=num_classes).astype(np.float64)
@@ -192,20 +168,8 @@ class Local:
 
         return stepped
 
-    def solve(
-        self,
-        method,
-        curv,
-        data,
-        G,
-        damping,
-        rtol,
-        atol,
-        max_steps,
-        *,
-        factors=None,
-        ekfac: bool = True,
-    ) -> linsolve.SolveResult:
+    def solve(self, method, curv, data, G, damping, rtol, atol, max_steps, *, factors=None,
+        ekfac: bool = True) -> linsolve.SolveResult:
         """CG or dense; with `factors` (`kfac.Factors`), CG preconditioned by them."""
         if self._on_host(data.chunks) and method == "cg":
             dmp = jnp.asarray(damping, data.theta.dtype)  # (λ + δ then sums in the data's dtype)
@@ -214,27 +178,11 @@ class Local:
                 if factors is None
                 else (lambda R: kfac.apply_inverse(factors, R, damping=dmp, ekfac=ekfac))
             )
-            return linsolve.solve_cg_stepped(
-                self.matvec(curv, data),
-                G,
-                damping=damping,
-                rtol=rtol,
-                atol=atol,
-                max_steps=int(max_steps),
-                precond_batched=pre,
-                progress=self.progress,
-            )
+            return linsolve.solve_cg_stepped(self.matvec(curv, data), G, damping=damping, rtol=rtol,
+                atol=atol, max_steps=int(max_steps), precond_batched=pre, progress=self.progress)
         dt = data.theta.dtype
-        args = (
-            method,
-            curv,
-            data,
-            G,
-            jnp.asarray(damping, dt),
-            jnp.asarray(rtol, dt),
-            jnp.asarray(atol, dt),
-            int(max_steps),
-        )
+        args = (method, curv, data, G, jnp.asarray(damping, dt), jnp.asarray(rtol, dt),
+            jnp.asarray(atol, dt), int(max_steps))
         if factors is None:
             return solve_program(*args)
         return solve_program(
@@ -249,16 +197,8 @@ class Local:
 
     def factors(self, model, params, x, y, *, batch_size, num_classes, output_loss, weight_decay):
         """K-FAC / EK-FAC factors of the training set, streamed in batches on this device."""
-        return kfac.compute_factors(
-            model,
-            params,
-            x,
-            batch_size=batch_size,
-            num_classes=num_classes,
-            y=y,
-            output_loss=output_loss,
-            weight_decay=weight_decay,
-        )
+        return kfac.compute_factors(model, params, x, batch_size=batch_size,
+            num_classes=num_classes, y=y, output_loss=output_loss, weight_decay=weight_decay)
 
     def influence_rows(self, f, method, theta, U, chunks: Chunks, n_real: int):
         U = jnp.asarray(U, theta.dtype)

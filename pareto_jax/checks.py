@@ -37,21 +37,13 @@ def as_features(x: Any, name: str = "x", *, min_ndim: int = 2) -> np.ndarray:
     try:
         arr = np.asarray(x)
     except Exception as e:  # pragma: no cover - exotic inputs
-        fail(
-            name,
-            f"an object of type {type(x).__name__}",
-            "an array",
-            f"pass a numpy/jax array ({e})",
-        )
+        fail(name, f"an object of type {type(x).__name__}", "an array",
+            f"pass a numpy/jax array ({e})")
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         fail(name, f"dtype {arr.dtype}", "a numeric array", "convert the features to float32")
     if arr.ndim < min_ndim:
-        fail(
-            name,
-            f"shape {arr.shape}",
-            f"at least {min_ndim} dimensions (samples first)",
-            "add a feature axis, e.g. x.reshape(len(x), -1)",
-        )
+        fail(name, f"shape {arr.shape}", f"at least {min_ndim} dimensions (samples first)",
+            "add a feature axis, e.g. x.reshape(len(x), -1)")
     if arr.shape[0] == 0:
         fail(name, "0 samples", "at least one sample", "check the split or filter that produced it")
     if not np.issubdtype(arr.dtype, np.floating):
@@ -60,12 +52,8 @@ def as_features(x: Any, name: str = "x", *, min_ndim: int = 2) -> np.ndarray:
     if not finite.all():
         bad = np.argwhere(~finite)[0]
         n_bad = int((~finite).sum())
-        fail(
-            name,
-            f"{n_bad} non-finite value(s) (first at index {tuple(int(i) for i in bad)})",
-            "finite features",
-            "impute or drop the NaN/Inf entries before calling",
-        )
+        fail(name, f"{n_bad} non-finite value(s) (first at index {tuple(int(i) for i in bad)})",
+            "finite features", "impute or drop the NaN/Inf entries before calling")
     return arr
 
 
@@ -75,12 +63,8 @@ def check_not_traced(tree: Any, name: str, core: str) -> None:
     import jax
 
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree)):
-        fail(
-            name,
-            "traced values (this function was called inside jax.jit, vmap or grad)",
-            "concrete arrays: it validates its input on the host",
-            f"inside transforms call {core}",
-        )
+        fail(name, "traced values (this function was called inside jax.jit, vmap or grad)",
+            "concrete arrays: it validates its input on the host", f"inside transforms call {core}")
 
 
 def as_inputs(x: Any, name: str = "x", *, min_ndim: int = 2):
@@ -99,12 +83,8 @@ def as_inputs(x: Any, name: str = "x", *, min_ndim: int = 2):
         )
         return arr
     if not leaves:
-        fail(
-            name,
-            f"an empty {type(x).__name__}",
-            "an array or a pytree of arrays",
-            "pass the model's inputs",
-        )
+        fail(name, f"an empty {type(x).__name__}", "an array or a pytree of arrays",
+            "pass the model's inputs")
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(x)[0]]
     arrs = [_as_leaf(a, f"{name}{p}", 1) for a, p in zip(leaves, paths)]
     n = {a.shape[0] for a in arrs}
@@ -123,19 +103,11 @@ def _as_leaf(a: Any, name: str, min_ndim: int) -> np.ndarray:
     arr = np.asarray(a)
     if arr.dtype.kind in "iu":
         if arr.ndim < min_ndim:
-            fail(
-                name,
-                f"shape {arr.shape}",
-                f"at least {min_ndim} dimension(s) (samples first)",
-                "add a sample axis",
-            )
+            fail(name, f"shape {arr.shape}", f"at least {min_ndim} dimension(s) (samples first)",
+                "add a sample axis")
         if arr.shape[0] == 0:
-            fail(
-                name,
-                "0 samples",
-                "at least one sample",
-                "check the split or filter that produced it",
-            )
+            fail(name, "0 samples", "at least one sample",
+                "check the split or filter that produced it")
         return arr
     return as_features(arr, name, min_ndim=min_ndim)
 
@@ -147,23 +119,13 @@ def num_inputs(x: Any) -> int:
     return int(np.shape(jax.tree_util.tree_leaves(x)[0])[0])
 
 
-def as_labels(
-    y: Any,
-    name: str = "y",
-    *,
-    num_classes: int | None = None,
-    n: int | None = None,
-    x_name: str = "x",
-) -> np.ndarray:
+def as_labels(y: Any, name: str = "y", *, num_classes: int | None = None, n: int | None = None,
+    x_name: str = "x") -> np.ndarray:
     """1-D integer labels in [0, num_classes)."""
     arr = np.asarray(y)
     if arr.ndim != 1:
-        fail(
-            name,
-            f"shape {arr.shape}",
-            "a 1-D array of integer class labels",
-            "pass integer labels, not one-hot (use y.argmax(-1))",
-        )
+        fail(name, f"shape {arr.shape}", "a 1-D array of integer class labels",
+            "pass integer labels, not one-hot (use y.argmax(-1))")
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             fail(
@@ -173,21 +135,13 @@ def as_labels(
     elif arr.dtype.kind not in "iu":
         fail(name, f"dtype {arr.dtype}", "integer class labels", "map class names to 0..K-1 first")
     if n is not None and arr.shape[0] != n:
-        fail(
-            name,
-            f"{arr.shape[0]} labels",
-            f"{n} labels, one per row of `{x_name}`",
-            "pass labels and features of the same length",
-        )
+        fail(name, f"{arr.shape[0]} labels", f"{n} labels, one per row of `{x_name}`",
+            "pass labels and features of the same length")
     if arr.size and arr.min() < 0:
         fail(name, f"label {int(arr.min())}", "labels >= 0", "map labels to 0..K-1")
     if num_classes is not None and arr.size and arr.max() >= num_classes:
-        fail(
-            name,
-            f"label {int(arr.max())} with num_classes={num_classes}",
-            f"labels in [0, {num_classes})",
-            "raise num_classes or remap the labels",
-        )
+        fail(name, f"label {int(arr.max())} with num_classes={num_classes}",
+            f"labels in [0, {num_classes})", "raise num_classes or remap the labels")
     return arr.astype(np.int32)
 
 
@@ -195,41 +149,26 @@ def check_all_classes_present(y: np.ndarray, num_classes: int, name: str) -> Non
     counts = np.bincount(y, minlength=num_classes)
     missing = np.flatnonzero(counts == 0)
     if missing.size:
-        fail(
-            name,
-            f"no samples of class(es) {missing.tolist()}",
+        fail(name, f"no samples of class(es) {missing.tolist()}",
             f"at least one sample of each of the {num_classes} classes",
-            "use a stratified split (pareto_jax.data.stratified_split) or drop the empty class",
-        )
+            "use a stratified split (pareto_jax.data.stratified_split) or drop the empty class")
 
 
 def as_weights(w: Any, n: int, name: str = "weights", *, upper: float | None = None) -> np.ndarray:
     arr = np.asarray(w, dtype=np.float64)
     if arr.shape != (n,):
-        fail(
-            name,
-            f"shape {arr.shape}",
-            f"shape ({n},), one weight per training sample",
-            "pass a 1-D weight vector aligned with the training set",
-        )
+        fail(name, f"shape {arr.shape}", f"shape ({n},), one weight per training sample",
+            "pass a 1-D weight vector aligned with the training set")
     if not np.all(np.isfinite(arr)):
         fail(name, "non-finite weights", "finite weights", "replace NaN/Inf weights")
     if arr.min() < 0:
-        fail(
-            name,
-            f"a negative weight ({arr.min():.4g} at index {int(arr.argmin())})",
-            "weights >= 0",
-            "clip the weights at 0",
-        )
+        fail(name, f"a negative weight ({arr.min():.4g} at index {int(arr.argmin())})",
+            "weights >= 0", "clip the weights at 0")
     if upper is not None and arr.max() > upper:
         fail(name, f"weight {arr.max():.4g}", f"weights <= {upper}", "clip or rescale the weights")
     if arr.sum() <= 0:
-        fail(
-            name,
-            "weights summing to 0",
-            "a positive total weight",
-            "give some sample a positive weight",
-        )
+        fail(name, "weights summing to 0", "a positive total weight",
+            "give some sample a positive weight")
     return arr
 
 
@@ -273,12 +212,8 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
 
 def check_same_length(a: Any, b: Any, name_a: str, name_b: str) -> None:
     if _shape(a)[:1] != _shape(b)[:1]:
-        fail(
-            name_b,
-            f"length {_shape(b)[:1]}",
-            f"the length of `{name_a}` ({_shape(a)[:1]})",
-            f"pass `{name_a}` and `{name_b}` with one row per sample",
-        )
+        fail(name_b, f"length {_shape(b)[:1]}", f"the length of `{name_a}` ({_shape(a)[:1]})",
+            f"pass `{name_a}` and `{name_b}` with one row per sample")
 
 
 def check_finite_array(arr: Any, name: str, stage: str) -> None:
@@ -301,19 +236,11 @@ def as_influence_matrix(P: Any, name: str = "P") -> np.ndarray:
     )
     arr = np.asarray(P, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        fail(
-            name,
-            f"shape {arr.shape}",
-            "a 2-D influence matrix of shape (n_train, n_classes)",
-            "pass the P returned by pareto_jax.influence.category_influence",
-        )
+        fail(name, f"shape {arr.shape}", "a 2-D influence matrix of shape (n_train, n_classes)",
+            "pass the P returned by pareto_jax.influence.category_influence")
     if not np.all(np.isfinite(arr)):
-        fail(
-            name,
-            f"{int((~np.isfinite(arr)).sum())} non-finite entries",
-            "a finite matrix",
-            "recompute the influence with more damping; NaN in P usually means NaN in gradients",
-        )
+        fail(name, f"{int((~np.isfinite(arr)).sum())} non-finite entries", "a finite matrix",
+            "recompute the influence with more damping; NaN in P usually means NaN in gradients")
     return arr
 
 
@@ -322,19 +249,11 @@ def as_class_indices(targets: Any, num_classes: int, name: str = "targets") -> t
         fail(name, "None", "a non-empty list of class indices", "name the classes to improve")
     t = np.atleast_1d(np.asarray(targets))
     if t.size == 0 or t.dtype.kind not in "iu":
-        fail(
-            name,
-            repr(targets),
-            "a non-empty list of integer class indices",
-            "pass e.g. targets=[3, 8]",
-        )
+        fail(name, repr(targets), "a non-empty list of integer class indices",
+            "pass e.g. targets=[3, 8]")
     if t.min() < 0 or t.max() >= num_classes:
-        fail(
-            name,
-            repr(t.tolist()),
-            f"class indices in [0, {num_classes})",
-            "use valid class indices",
-        )
+        fail(name, repr(t.tolist()), f"class indices in [0, {num_classes})",
+            "use valid class indices")
     if len(set(t.tolist())) != t.size:
         fail(name, repr(t.tolist()), "distinct class indices", "remove duplicates")
     return tuple(int(i) for i in t)

@@ -44,20 +44,9 @@ def _linear_hessian(xc, yc, mc, Theta, weight_decay, K):
     return H
 
 
-def linear_influence(
-    x_train,
-    y_train,
-    x_val,
-    y_val,
-    W,
-    b,
-    *,
-    weight_decay: float,
-    damping: float = NO_DAMPING,
-    chunk_size: int = 4096,
-    return_solutions: bool = False,
-    weights=None,
-):
+def linear_influence(x_train, y_train, x_val, y_val, W, b, *, weight_decay: float,
+    damping: float = NO_DAMPING, chunk_size: int = 4096, return_solutions: bool = False,
+    weights=None):
     """Closed-form P for softmax regression logits = x·W + b (or a frozen-feature head).
 
     Per-sample gradient (p_i − e_{y_i}) ⊗ [x_i, 1]; Hessian (1/N) Σ_i (diag p_i − p_i p_iᵀ) ⊗

@@ -21,17 +21,9 @@ def _subsample(splits: data.Splits, max_train: int | None, seed: int) -> data.Sp
     return data.Splits(splits.train.subset(keep), splits.val, splits.test)
 
 
-def load_splits(
-    name: str = "digits",
-    *,
-    seed: int = 0,
-    path: str | None = None,
-    features: str = "tfidf",
-    max_train: int | None = None,
-    cache_dir: str | None = None,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.2,
-) -> data.Splits:
+def load_splits(name: str = "digits", *, seed: int = 0, path: str | None = None,
+    features: str = "tfidf", max_train: int | None = None, cache_dir: str | None = None,
+    val_fraction: float = 0.2, test_fraction: float = 0.2) -> data.Splits:
     """Load a dataset by name and split it (stratified, seeded).
 
     Args:
@@ -57,21 +49,13 @@ def load_splits(
         s = data.stratified_split(ds, val_fraction=0.25, test_fraction=0.25, seed=seed)
     elif name == "npz":
         if path is None:
-            checks.fail(
-                "path",
-                "None",
-                "the .npz file of your features and labels",
-                "pass --path FILE.npz (arrays x, y; see data.load_npz)",
-            )
+            checks.fail("path", "None", "the .npz file of your features and labels",
+                "pass --path FILE.npz (arrays x, y; see data.load_npz)")
         s = data.load_npz(path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     elif name in ("cifar10", "stl10"):
         if path is None:
-            checks.fail(
-                "path",
-                "None",
-                f"the folder holding the {name} files",
-                f"pass --path /path/to/{name} files (nothing is downloaded)",
-            )
+            checks.fail("path", "None", f"the folder holding the {name} files",
+                f"pass --path /path/to/{name} files (nothing is downloaded)")
         loader = data.load_cifar10 if name == "cifar10" else data.load_stl10
         s = data.split_off_validation(
             loader(path, "train"), loader(path, "test"), val_fraction=val_fraction, seed=seed

@@ -4,7 +4,7 @@ Everything here is JAX's own distributed machinery: a one-axis `Mesh` named ``"d
 `NamedSharding` to place arrays, `jax.shard_map` to run the single-device code on each device's
 slice, and `psum` to reduce. The numerics are the functions of `kernels` and `train` (called
 with ``axis_name="data"``); only the placement differs, so results equal the single-device path
-up to float summation order. `Sharded` is the influence backend that `pareto_jax.influence`
+up to float summation order. `sharded.Sharded` is the influence backend that `pareto_jax.influence`
 uses when given a mesh.
 
 Layout of a sample set (training or validation). n samples are padded and reshaped to
@@ -35,7 +35,6 @@ NAME --worker=all --command="python job.py"``); `initialize()` then needs no arg
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -45,8 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import checks, kernels, kfac, linsolve, train
-from .kernels import Chunks, ObjectiveData
+from . import checks, kernels, train
 
 AXIS = "data"
 _initialized = False
@@ -55,13 +53,8 @@ _initialized = False
 # ----------------------------------------------------------------------------- mesh and hosts
 
 
-def initialize(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    local_device_ids=None,
-    **kwargs,
-) -> dict:
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+    process_id: int | None = None, local_device_ids=None, **kwargs) -> dict:
     """Join a multi-process JAX job (`jax.distributed.initialize`); call it first, once.
 
     With no arguments JAX detects the cluster (TPU pod slices, SLURM, Open MPI). Otherwise give
@@ -85,20 +78,12 @@ def initialize(
                 jax.config.update("jax_cpu_collectives_implementation", "gloo")
             except Exception:  # noqa: BLE001 - option absent in some jaxlib builds
                 pass
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-            local_device_ids=local_device_ids,
-            **kwargs,
-        )
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+            num_processes=num_processes, process_id=process_id, local_device_ids=local_device_ids,
+            **kwargs)
         _initialized = True
-    return {
-        "process_index": jax.process_index(),
-        "process_count": jax.process_count(),
-        "local_devices": jax.local_device_count(),
-        "devices": jax.device_count(),
-    }
+    return {"process_index": jax.process_index(), "process_count": jax.process_count(),
+        "local_devices": jax.local_device_count(), "devices": jax.device_count()}
 
 
 def make_mesh(num_devices: int | None = None, *, devices=None) -> Mesh:
@@ -219,260 +204,8 @@ def replicate(mesh: Mesh, tree):
 # ----------------------------------------------------------------------------- influence stages
 
 
-_DATA = P(None, AXIS)
 # Every shard_map here uses check_vma=False and reduces with explicit psums: with the check on,
 # differentiating w.r.t. replicated params inserts its own psum, which would count twice.
-
-
-def _local_objective(theta, xc, yc, mc, wd) -> ObjectiveData:
-    return ObjectiveData(theta, Chunks(xc, yc, mc), jax.lax.psum(jnp.sum(mc), AXIS), wd)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _class_grads_sharded(f, K, mesh, theta, xc, yc, mc):
-    def local(theta, xc, yc, mc):
-        cnt = jnp.sum(
-            jax.nn.one_hot(yc, K, dtype=theta.dtype) * mc[..., None].astype(theta.dtype), (0, 1)
-        )
-        cnt = jax.lax.psum(cnt, AXIS)
-        return kernels.class_gradients(f, theta, Chunks(xc, yc, mc), jnp.maximum(cnt, 1.0), K, AXIS)
-
-    return jax.shard_map(
-        local, mesh=mesh, check_vma=False, in_specs=(P(), _DATA, _DATA, _DATA), out_specs=P()
-    )(theta, xc, yc, mc)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _matvec_sharded(curv, mesh, V, theta, xc, yc, mc, wd):
-    def local(V, theta, xc, yc, mc, wd):
-        return jax.vmap(
-            kernels.curvature_matvec(curv, _local_objective(theta, xc, yc, mc, wd), AXIS)
-        )(V)
-
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        check_vma=False,
-        in_specs=(P(), P(), _DATA, _DATA, _DATA, P()),
-        out_specs=P(),
-    )(V, theta, xc, yc, mc, wd)
-
-
-@functools.partial(
-    jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=("layers", "layout", "ekfac")
-)
-def _solve_sharded(
-    method,
-    curv,
-    mesh,
-    max_steps,
-    theta,
-    xc,
-    yc,
-    mc,
-    wd,
-    G,
-    damping,
-    rtol,
-    atol,
-    factor_arrays=None,
-    *,
-    layers=None,
-    layout=None,
-    ekfac=True,
-):
-    def local(theta, xc, yc, mc, wd, G, damping, rtol, atol, factor_arrays):
-        matvec = kernels.curvature_matvec(curv, _local_objective(theta, xc, yc, mc, wd), AXIS)
-        if method == "dense":
-            return linsolve.solve_dense(
-                matvec, G, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps
-            )
-        precond = None
-        if factor_arrays is not None:  # the factors replicated: every device preconditions alike
-            factors = kfac.Factors(layers, factor_arrays, layout, G.shape[-1], wd)
-            precond = kfac.preconditioner(factors, damping, ekfac=ekfac)
-        return linsolve.solve_cg(
-            matvec, G, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps, precond=precond
-        )
-
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        check_vma=False,
-        in_specs=(P(), _DATA, _DATA, _DATA) + (P(),) * 6,
-        out_specs=P(),
-    )(theta, xc, yc, mc, wd, G, damping, rtol, atol, factor_arrays)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _lissa_sharded(curv, mesh, max_steps, theta, xc, yc, mc, wd, G, scale, damping, rtol, seed):
-    def local(theta, xc, yc, mc, wd, G, scale, damping, rtol, seed):
-        def batch_matvec(v, i):
-            # the objective on minibatch i: every device's chunk i, summed over the devices
-            c = jax.tree_util.tree_map(
-                lambda a: jax.lax.dynamic_index_in_dim(a, i, 0), Chunks(xc, yc, mc)
-            )
-            d = ObjectiveData(theta, c, jnp.maximum(jax.lax.psum(jnp.sum(c.mask), AXIS), 1.0), wd)
-            return kernels.curvature_matvec(curv, d, AXIS)(v)
-
-        return linsolve.solve_lissa(
-            batch_matvec,
-            G,
-            mc.shape[0],
-            scale=scale,
-            damping=damping,
-            rtol=rtol,
-            max_steps=max_steps,
-            seed=seed,
-        )
-
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        check_vma=False,
-        in_specs=(P(), _DATA, _DATA, _DATA) + (P(),) * 6,
-        out_specs=P(),
-    )(theta, xc, yc, mc, wd, G, scale, damping, rtol, seed)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _influence_sharded(f, method, mesh, theta, U, xc, yc, mc):
-    def local(theta, U, xc, yc, mc):
-        n = jax.lax.psum(jnp.sum(mc), AXIS)
-        return kernels.influence_rows(f, method, theta, U, Chunks(xc, yc, mc)) / n
-
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        check_vma=False,
-        in_specs=(P(), P(), _DATA, _DATA, _DATA),
-        out_specs=P(None, AXIS, None),
-    )(theta, U, xc, yc, mc)
-
-
-class Sharded:
-    """The influence stages with the samples sharded over a one-axis mesh ("data"): the
-    backend interface of `pareto_jax.backend` (same methods as `backend.Local`). Results are
-    replicated, except the P rows, which come back for this process's samples."""
-
-    def __init__(self, mesh: Mesh):
-        self.mesh = mesh
-
-    def chunks(self, x, y, chunk_size: int, dtype) -> Chunks:
-        return Chunks(*shard_chunks(self.mesh, x, y, chunk_size, dtype))
-
-    def class_gradients(self, f, theta, chunks: Chunks, y, num_classes: int):
-        return _class_grads_sharded(
-            f, int(num_classes), self.mesh, replicate(self.mesh, theta), *chunks
-        )
-
-    def objective(self, theta, chunks: Chunks, n: int, weight_decay: float) -> ObjectiveData:
-        del n  # the sample count is psum-ed inside every product
-        dt = theta.dtype
-        return ObjectiveData(
-            replicate(self.mesh, theta), chunks, jnp.asarray(0, dt), jnp.asarray(weight_decay, dt)
-        )
-
-    execution = "compiled"
-
-    def matvec(self, curv, data: ObjectiveData):
-        """V (K, P) -> (H + λI) V, each product sharded."""
-        return lambda V: _matvec_sharded(
-            curv, self.mesh, V, data.theta, *data.chunks, data.weight_decay
-        )
-
-    def solve(
-        self,
-        method,
-        curv,
-        data,
-        G,
-        damping,
-        rtol,
-        atol,
-        max_steps,
-        *,
-        factors=None,
-        ekfac: bool = True,
-    ) -> linsolve.SolveResult:
-        """CG (preconditioned by replicated K-FAC/EK-FAC `factors` when given) or dense, every
-        product sharded; the recurrences run replicated."""
-        dt = data.theta.dtype
-        G = replicate(self.mesh, jnp.asarray(G, dt))
-        args = (
-            method,
-            curv,
-            self.mesh,
-            int(max_steps),
-            data.theta,
-            *data.chunks,
-            data.weight_decay,
-            G,
-            jnp.asarray(damping, dt),
-            jnp.asarray(rtol, dt),
-            jnp.asarray(atol, dt),
-        )
-        if factors is None:
-            return _solve_sharded(*args)
-        return _solve_sharded(
-            *args,
-            replicate(self.mesh, factors.factors),
-            layers=factors.layers,
-            layout=factors.layout,
-            ekfac=ekfac,
-        )
-
-    def lissa(
-        self, curv, data, G, *, scale, damping, rtol, max_steps, seed
-    ) -> linsolve.SolveResult:
-        """LiSSA: each draw is one chunk index, the same chunk of every device's slice."""
-        dt = data.theta.dtype
-        return _lissa_sharded(
-            curv,
-            self.mesh,
-            int(max_steps),
-            data.theta,
-            *data.chunks,
-            data.weight_decay,
-            replicate(self.mesh, jnp.asarray(G, dt)),
-            jnp.asarray(scale, dt),
-            jnp.asarray(damping, dt),
-            jnp.asarray(rtol, dt),
-            jnp.asarray(seed, jnp.uint32),
-        )
-
-    def factors(self, model, params, x, y, *, batch_size, num_classes, output_loss, weight_decay):
-        """K-FAC / EK-FAC factors: their moments are streamed over this process's samples, which
-        in a one-process job are all of them (a multi-process job would need the moments summed over
-        processes, which is not implemented: refused)."""
-        if jax.process_count() > 1:
-            checks.fail(
-                "config.solver",
-                "K-FAC / EK-FAC factors in a multi-process job",
-                "one process (the factors' moments are not summed over processes)",
-                "use solver='cg' (sharded products) in a multi-process job",
-            )
-        return kfac.compute_factors(
-            model,
-            params,
-            x,
-            batch_size=batch_size,
-            num_classes=num_classes,
-            y=y,
-            output_loss=output_loss,
-            weight_decay=weight_decay,
-        )
-
-    def influence_rows(self, f, method, theta, U, chunks: Chunks, n_real: int) -> np.ndarray:
-        out = _influence_sharded(
-            f,
-            method,
-            self.mesh,
-            replicate(self.mesh, theta),
-            replicate(self.mesh, jnp.asarray(U, theta.dtype)),
-            *chunks,
-        )
-        return local_rows(out, n_real)
 
 
 # ----------------------------------------------------------------------------- training
@@ -498,13 +231,8 @@ def make_epoch_fn(loss_fn, config: train.TrainConfig, n: int, mesh: Mesh):
     def local_epoch(params, opt_state, x, y, w, msk, epoch_index):
         return body(params, opt_state, x[0], y[0], w[0], msk[0], epoch_index)
 
-    sm = jax.shard_map(
-        local_epoch,
-        mesh=mesh,
-        check_vma=False,
-        in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P()),
-        out_specs=(P(), P(), P()),
-    )
+    sm = jax.shard_map(local_epoch, mesh=mesh, check_vma=False,
+        in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P()), out_specs=(P(), P(), P()))
 
     def epoch(params, opt_state, x, y, w, epoch_index):
         pad = D * m - n
@@ -543,10 +271,6 @@ def describe(mesh: Mesh | None) -> dict:
     if mesh is None:
         d = jax.devices()[0]
         return {"devices": 1, "platform": d.platform, "processes": jax.process_count()}
-    return {
-        "devices": _size(mesh),
-        "platform": mesh.devices.flat[0].platform,
-        "processes": jax.process_count(),
-        "axis": AXIS,
-        "per_process": math.ceil(_size(mesh) / jax.process_count()),
-    }
+    return {"devices": _size(mesh), "platform": mesh.devices.flat[0].platform,
+        "processes": jax.process_count(), "axis": AXIS,
+        "per_process": math.ceil(_size(mesh) / jax.process_count())}

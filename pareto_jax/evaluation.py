@@ -57,22 +57,14 @@ class SearchProblem:
     def __post_init__(self):
         for n in ("train", "val", "test"):
             x = checks.as_features(getattr(self, f"x_{n}"), f"x_{n}")
-            y = checks.as_labels(
-                getattr(self, f"y_{n}"),
-                f"y_{n}",
-                num_classes=self.num_classes,
-                n=x.shape[0],
-                x_name=f"x_{n}",
-            )
+            y = checks.as_labels(getattr(self, f"y_{n}"), f"y_{n}", num_classes=self.num_classes,
+                n=x.shape[0], x_name=f"x_{n}")
             object.__setattr__(self, f"x_{n}", x)
             object.__setattr__(self, f"y_{n}", y)
         checks.check_all_classes_present(self.y_val, self.num_classes, "y_val")
         if self.base_weights is not None:
-            object.__setattr__(
-                self,
-                "base_weights",
-                checks.as_weights(self.base_weights, self.x_train.shape[0], "base_weights"),
-            )
+            object.__setattr__(self, "base_weights",
+                checks.as_weights(self.base_weights, self.x_train.shape[0], "base_weights"))
 
     @property
     def objective(self) -> train.Objective:
@@ -161,7 +153,7 @@ class Evaluator:
 
     def generation(self, batch: pareto.ProgramBatch):
         """One GA generation as one jitted call over the population: every member's program on
-        the device (the batch's `pareto.program.solve_rows`, P padded as every device solve pads
+        the device (the batch's `pareto.device.solve_rows`, P padded as every device solve pads
         it), its weights (all ones where the program failed, times any base weights), its
         weighted epoch from θ^e (vmapped) and its validation hit counts. Returns (the programs'
         `ReweightResult`s, read as `pareto.read` reads every device solve; per-class validation
@@ -182,17 +174,8 @@ class Evaluator:
             key = tuple(sorted(static.items()))
             if key not in self._gen:
                 self._gen[key] = _generation_fn(self, **static)
-            sol, params, hits = self._gen[key](
-                *args,
-                jnp.asarray(base),
-                s.params,
-                s.opt_state,
-                self.x,
-                self.y,
-                self.xv,
-                self.yv,
-                s.epoch,
-            )
+            sol, params, hits = self._gen[key](*args, jnp.asarray(base), s.params, s.opt_state,
+                self.x, self.y, self.xv, self.yv, s.epoch)
             sol = jax.tree_util.tree_map(np.asarray, sol)
         counts = np.maximum(np.bincount(np.asarray(self.yv), minlength=self.p.num_classes), 1)
         return pareto.read(batch, sol._replace(w=sol.w[:, :n])), np.asarray(
@@ -228,14 +211,8 @@ class Evaluator:
                 o = None
             else:
                 M = Wd.shape[0]
-                p, o, _ = self.epoch_batch(
-                    train.broadcast_population(params, M),
-                    train.broadcast_population(opt_state, M),
-                    x,
-                    y,
-                    Wd,
-                    s.epoch,
-                )
+                p, o, _ = self.epoch_batch(train.broadcast_population(params, M),
+                    train.broadcast_population(opt_state, M), x, y, Wd, s.epoch)
             cut = lambda t: None if t is None else jax.tree_util.tree_map(lambda a: a[:npop], t)  # noqa: E731
             return cut(p), cut(o)
         if batched and self.retrain == "converge":
@@ -243,14 +220,9 @@ class Evaluator:
             return p, None
         if batched:
             M = W.shape[0]
-            p, o, _ = self.epoch_batch(
-                train.broadcast_population(s.params, M),
-                train.broadcast_population(s.opt_state, M),
-                self.x,
-                self.y,
-                jnp.asarray(W, self.dt),
-                s.epoch,
-            )
+            p, o, _ = self.epoch_batch(train.broadcast_population(s.params, M),
+                train.broadcast_population(s.opt_state, M), self.x, self.y, jnp.asarray(W, self.dt),
+                s.epoch)
             return p, o
         outs = [self._train(w) for w in W]
         return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[o[0] for o in outs]), None
@@ -287,20 +259,14 @@ def _generation_fn(ev: "Evaluator", *, has_budget: bool, qp: bool, rtol: float):
     def gen(
         P, C, B, LO, HI, budget, mu, n_valid, base, params, opt_state, x, y, xv, yv, epoch_index
     ):
-        sol = pareto.program.solve_rows(
+        sol = pareto.device.solve_rows(
             P, C, B, LO, HI, budget, mu, n_valid, has_budget=has_budget, qp=qp, rtol=rtol
         )
         W = jnp.where((sol.status == 0)[:, None], sol.w[:, :n], 1.0) * base
         M = C.shape[0]
         p, _, _ = jax.vmap(fns.body, in_axes=(0, 0, None, None, 0, None, None))(
-            train.broadcast_population(params, M),
-            train.broadcast_population(opt_state, M),
-            x,
-            y,
-            W.astype(dt),
-            None,
-            epoch_index,
-        )
+            train.broadcast_population(params, M), train.broadcast_population(opt_state, M), x, y,
+            W.astype(dt), None, epoch_index)
         return sol, p, jax.vmap(hits, in_axes=(0, None, None))(p, xv, yv)
 
     return jax.jit(gen)
@@ -326,13 +292,8 @@ def fitness(delta, targets: Sequence[int]) -> tuple[float, float]:
     )
 
 
-def baseline_weights(
-    P,
-    y_train,
-    targets: Sequence[int],
-    num_classes: int,
-    config: BaselineConfig = BaselineConfig(),
-    reweight: ReweightConfig = ReweightConfig(),
+def baseline_weights(P, y_train, targets: Sequence[int], num_classes: int,
+    config: BaselineConfig = BaselineConfig(), reweight: ReweightConfig = ReweightConfig()
 ) -> dict[str, np.ndarray]:
     """The baselines of ``docs/method.md`` as weight vectors (each then gets one weighted epoch).
 
@@ -347,11 +308,8 @@ def baseline_weights(
     y = np.asarray(y_train)
     counts = np.bincount(y, minlength=num_classes).astype(np.float64)
     cb = 1.0 / counts[y]
-    out = {
-        "unweighted": np.ones(n),
-        "class_balanced": cb * n / cb.sum(),
-        "trim_negative": (P.sum(1) >= 0).astype(np.float64),
-    }
+    out = {"unweighted": np.ones(n), "class_balanced": cb * n / cb.sum(),
+        "trim_negative": (P.sum(1) >= 0).astype(np.float64)}
     score = P[:, list(targets)].sum(1)
     k = max(1, int(round(config.topk_fraction * n)))
     w = np.ones(n)
@@ -363,15 +321,8 @@ def baseline_weights(
     return out
 
 
-def evaluate_weightings(
-    problem: SearchProblem,
-    weightings: dict[str, np.ndarray],
-    ref_params,
-    *,
-    batched: bool = True,
-    retrain: str = "epoch",
-    max_iter: int = 500,
-    mesh=None,
+def evaluate_weightings(problem: SearchProblem, weightings: dict[str, np.ndarray], ref_params, *,
+    batched: bool = True, retrain: str = "epoch", max_iter: int = 500, mesh=None
 ) -> dict[str, dict]:
     """Retrain from θ^e per weighting (as the search does); per-class val/test accuracy and Δ,
     and which test samples each retrained model gets right ("test_correct")."""
@@ -385,13 +336,8 @@ def evaluate_weightings(
     rv = np.asarray(ev.acc(ref_params, ev.xv, ev.yv), np.float64)
     rt = np.asarray(ev.acc(ref_params, ev.xt, ev.yt), np.float64)
     return {
-        n: {
-            "val_acc": va[i],
-            "test_acc": te[i],
-            "delta_val": relative_change(va[i], rv),
-            "delta_test": relative_change(te[i], rt),
-            "test_correct": ok[i],
-        }
+        n: {"val_acc": va[i], "test_acc": te[i], "delta_val": relative_change(va[i], rv),
+            "delta_test": relative_change(te[i], rt), "test_correct": ok[i]}
         for i, n in enumerate(names)
     }
 
@@ -399,18 +345,9 @@ def evaluate_weightings(
 MATCH_STEPS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.15, 0.1, 0.06, 0.03, 0.015)
 
 
-def harm_matched_baselines(
-    problem: SearchProblem,
-    weightings: dict[str, np.ndarray],
-    ref_params,
-    targets: Sequence[int],
-    *,
-    steps: Sequence[float] = MATCH_STEPS,
-    batched: bool = True,
-    retrain: str = "epoch",
-    max_iter: int = 500,
-    mesh=None,
-) -> dict[str, dict]:
+def harm_matched_baselines(problem: SearchProblem, weightings: dict[str, np.ndarray], ref_params,
+    targets: Sequence[int], *, steps: Sequence[float] = MATCH_STEPS, batched: bool = True,
+    retrain: str = "epoch", max_iter: int = 500, mesh=None) -> dict[str, dict]:
     """Each baseline given the search's own selection rule on validation.
 
     A baseline's weights w are scaled toward the trained weighting, w_t = 1 + t·(w − 1), for

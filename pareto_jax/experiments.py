@@ -34,27 +34,11 @@ def influence_at(
             params, f[0], splits.train.y, f[1], splits.val.y, num_classes=K, weight_decay=wd
         )
     if model_kind == "linear":
-        return influence.linear_category_influence(
-            params,
-            splits.train.x,
-            splits.train.y,
-            splits.val.x,
-            splits.val.y,
-            num_classes=K,
-            weight_decay=wd,
-        )
+        return influence.linear_category_influence(params, splits.train.x, splits.train.y,
+            splits.val.x, splits.val.y, num_classes=K, weight_decay=wd)
     cfg = config or InfluenceConfig(curvature="gauss_newton")
-    return influence.category_influence(
-        objective,
-        params,
-        splits.train.x,
-        splits.train.y,
-        splits.val.x,
-        splits.val.y,
-        num_classes=K,
-        config=cfg,
-        apply=apply,
-    )
+    return influence.category_influence(objective, params, splits.train.x, splits.train.y,
+        splits.val.x, splits.val.y, num_classes=K, config=cfg, apply=apply)
 
 
 def bits(correct) -> str:
@@ -64,13 +48,9 @@ def bits(correct) -> str:
 
 def _search_block(res, baselines, class_names, targets, matched=None) -> dict:
     rows = {
-        "search (PARETO-LP-GA)": {
-            "val_acc": res.val_acc,
-            "test_acc": res.test_acc,
-            "delta_val": res.delta_val,
-            "delta_test": res.delta_test,
-            "test_correct": res.test_correct,
-        }
+        "search (PARETO-LP-GA)": {"val_acc": res.val_acc, "test_acc": res.test_acc,
+            "delta_val": res.delta_val, "delta_test": res.delta_test,
+            "test_correct": res.test_correct}
     }
     rows.update(baselines)
     rows.update({f"{n}, val-matched": r for n, r in (matched or {}).items()})
@@ -106,14 +86,11 @@ def _improve_row(val_acc, test_acc, delta_val, ref_test, targets: list) -> dict:
     """One method's row of an improvement table: test-point changes and validation Δ."""
     dt_pts = 100 * (np.asarray(test_acc) - np.asarray(ref_test))
     others = np.delete(dt_pts, targets)
-    return {
-        "target_test_points": dt_pts[targets].tolist(),
+    return {"target_test_points": dt_pts[targets].tolist(),
         "min_target_test_points": float(dt_pts[targets].min()),
         "worst_other_test_points": float(others.min()) if others.size else 0.0,
         "target_val_delta_pct": np.asarray(delta_val)[targets].tolist(),
-        "val_acc": np.asarray(val_acc).tolist(),
-        "test_acc": np.asarray(test_acc).tolist(),
-    }
+        "val_acc": np.asarray(val_acc).tolist(), "test_acc": np.asarray(test_acc).tolist()}
 
 
 def format_improve_table(block: dict, class_names) -> str:
@@ -156,31 +133,12 @@ class _Setting(NamedTuple):
 
     def problem_at(self, st, train_config) -> evaluation.SearchProblem:
         s = self.splits
-        return evaluation.SearchProblem(
-            self.loss_fn,
-            self.apply,
-            st,
-            train_config,
-            s.train.x,
-            s.train.y,
-            s.val.x,
-            s.val.y,
-            s.test.x,
-            s.test.y,
-            self.num_classes,
-        )
+        return evaluation.SearchProblem(self.loss_fn, self.apply, st, train_config, s.train.x,
+            s.train.y, s.val.x, s.val.y, s.test.x, s.test.y, self.num_classes)
 
     def influence_at(self, params, config: ImproveConfig):
-        return influence_at(
-            self.objective,
-            self.apply,
-            params,
-            self.splits,
-            self.num_classes,
-            config.model.kind,
-            config.influence,
-            self.features,
-        )
+        return influence_at(self.objective, self.apply, params, self.splits, self.num_classes,
+            config.model.kind, config.influence, self.features)
 
 
 def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
@@ -213,21 +171,10 @@ def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
         f"{len(splits.test)} test",
         file=out,
     )
-    report = {
-        "config": io.to_jsonable(config),
-        "n_flipped": int(flipped.size),
-        "class_names": list(splits.class_names),
-        "y_test": splits.test.y.tolist(),
-    }
-    return _Setting(
-        splits,
-        apply,
-        loss_fn,
-        states,
-        splits.num_classes,
-        train.Objective.of(loss_fn, tc),
-        features,
-    ), report
+    report = {"config": io.to_jsonable(config), "n_flipped": int(flipped.size),
+        "class_names": list(splits.class_names), "y_test": splits.test.y.tolist()}
+    return _Setting(splits, apply, loss_fn, states, splits.num_classes,
+        train.Objective.of(loss_fn, tc), features), report
 
 
 def _direct(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> dict:
@@ -299,25 +246,14 @@ def _course_correction(setting: _Setting, config: "ImproveConfig", scfg, progres
     inf_cc = setting.influence_at(st_cc.params, config)
     prob_cc = setting.problem_at(st_cc, tc)
     ref = setting.states[e_cc + 1].params
-    res_cc = search.run_search(
-        prob_cc,
-        inf_cc.P,
-        cc_targets,
-        mode="course_correction",
-        ref_params=ref,
-        config=dataclasses.replace(scfg, retrain="epoch"),
-        progress=progress,
-    )
+    res_cc = search.run_search(prob_cc, inf_cc.P, cc_targets, mode="course_correction",
+        ref_params=ref, config=dataclasses.replace(scfg, retrain="epoch"), progress=progress)
     block = _with_baselines(
         res_cc, prob_cc, inf_cc.P, ref, cc_targets, setting, config, scfg, "epoch"
     )
     block.update(
-        {
-            "epoch": e_cc,
-            "val_drop_points": 100 * drop,
-            "val_acc_e": accs[e_cc].tolist(),
-            "val_acc_e_plus_1": accs[e_cc + 1].tolist(),
-        }
+        {"epoch": e_cc, "val_drop_points": 100 * drop, "val_acc_e": accs[e_cc].tolist(),
+            "val_acc_e_plus_1": accs[e_cc + 1].tolist()}
     )
     print(
         f"\nCourse Correction at epoch {e_cc} (ordinary epoch {e_cc + 1} dropped classes "
@@ -338,12 +274,8 @@ def run_improve(
         alpha_range=(config.alpha_min, 1.0), reweight=config.reweight, retrain=config.retrain
     )
     if config.rounds > 1 and (config.model.kind != "linear" or scfg.retrain != "converge"):
-        checks.fail(
-            "rounds",
-            config.rounds,
-            "1 unless the model is linear and retrain='converge'",
-            "use rounds=1, or a linear model retrained to convergence",
-        )
+        checks.fail("rounds", config.rounds, "1 unless the model is linear and retrain='converge'",
+            "use rounds=1, or a linear model retrained to convergence")
     setting, report = _train_noisy(config, out)
     report["direct"] = _direct(setting, config, scfg, progress, out)
     if config.course_correction:
@@ -366,57 +298,27 @@ def _iterate_direct(block, res, config, scfg, st_e, setting: _Setting, targets, 
     st, cur, log = st_e, res, []
     for r in range(config.rounds):
         if r > 0:
-            P_r = influence.linear_category_influence(
-                st.params,
-                splits.train.x,
-                splits.train.y,
-                splits.val.x,
-                splits.val.y,
-                num_classes=K,
-                weight_decay=wd,
-                weights=base,
-            ).P
+            P_r = influence.linear_category_influence(st.params, splits.train.x, splits.train.y,
+                splits.val.x, splits.val.y, num_classes=K, weight_decay=wd, weights=base).P
             prob = dataclasses.replace(setting.problem_at(st, config.train), base_weights=base)
-            cur = search.run_search(
-                prob,
-                np.asarray(P_r),
-                targets,
-                mode="direct",
-                config=dataclasses.replace(scfg, seed=scfg.seed + r),
-                progress=progress,
-            )
+            cur = search.run_search(prob, np.asarray(P_r), targets, mode="direct",
+                config=dataclasses.replace(scfg, seed=scfg.seed + r), progress=progress)
         if not cur.found or cur.best.fitness < 0:
             log.append(
-                {
-                    "round": r + 1,
-                    "kept": False,
-                    "found": bool(cur.found),
-                    "fitness": float(cur.best.fitness),
-                }
+                {"round": r + 1, "kept": False, "found": bool(cur.found),
+                    "fitness": float(cur.best.fitness)}
             )
             break
         base = base * cur.weights
-        th, _, _ = train.fit_lbfgs(
-            setting.refit,
-            st.params,
-            splits.train.x,
-            splits.train.y,
-            weights=base,
-            max_iter=scfg.retrain_max_iter,
-        )
+        th, _, _ = train.fit_lbfgs(setting.refit, st.params, splits.train.x, splits.train.y,
+            weights=base, max_iter=scfg.retrain_max_iter)
         st = train.TrainState(th, st.opt_state, st.epoch)
         va = train.evaluate(apply, th, splits.val.x, splits.val.y, K).accuracy
         te = train.evaluate(apply, th, splits.test.x, splits.test.y, K).accuracy
         log.append(
-            {
-                "round": r + 1,
-                "kept": True,
-                "alpha": cur.best.alpha.tolist(),
-                "rho": cur.best.rho,
-                "val_acc": va.tolist(),
-                "test_acc": te.tolist(),
-                "weights_min_max": [float(base.min()), float(base.max())],
-            }
+            {"round": r + 1, "kept": True, "alpha": cur.best.alpha.tolist(), "rho": cur.best.rho,
+                "val_acc": va.tolist(), "test_acc": te.tolist(),
+                "weights_min_max": [float(base.min()), float(base.max())]}
         )
     kept = [g for g in log if g["kept"]]
     block["iterated"] = {"rounds_requested": config.rounds, "rounds_kept": len(kept), "log": log}
@@ -450,30 +352,20 @@ def frontier_experiment(setting: _Setting, params, config, *, out=None, n_verify
         m = train.evaluate(apply, th_w, splits.val.x, splits.val.y, K)
         mt = train.evaluate(apply, th_w, splits.test.x, splits.test.y, K)
         pts.append(
-            {
-                "point": int(j),
-                "class_weights": fr.class_weights[j].tolist(),
+            {"point": int(j), "class_weights": fr.class_weights[j].tolist(),
                 "predicted_loss_change": (-fr.gains[j]).tolist(),
                 "actual_loss_change": (m.loss - base.loss).tolist(),
                 "val_acc_change_points": (100 * (m.accuracy - base.accuracy)).tolist(),
-                "test_acc": mt.accuracy.tolist(),
-            }
+                "test_acc": mt.accuracy.tolist()}
         )
     pred = np.concatenate([p["predicted_loss_change"] for p in pts])
     act = np.concatenate([p["actual_loss_change"] for p in pts])
-    res = {
-        "rho": fr.rho,
-        "ceiling_loss_decrease": fr.ceiling.tolist(),
-        "gains": fr.gains.tolist(),
-        "class_weights": fr.class_weights.tolist(),
-        "verified": pts,
+    res = {"rho": fr.rho, "ceiling_loss_decrease": fr.ceiling.tolist(), "gains": fr.gains.tolist(),
+        "class_weights": fr.class_weights.tolist(), "verified": pts,
         "spearman_predicted_vs_actual": float(scipy.stats.spearmanr(pred, act)[0]),
-        "pearson_predicted_vs_actual": float(np.corrcoef(pred, act)[0, 1]),
-        "lbfgs_iterations": it,
-        "lbfgs_grad_norm": gn,
-        "base_val_loss": base.loss.tolist(),
-        "base_val_acc": base.accuracy.tolist(),
-    }
+        "pearson_predicted_vs_actual": float(np.corrcoef(pred, act)[0, 1]), "lbfgs_iterations": it,
+        "lbfgs_grad_norm": gn, "base_val_loss": base.loss.tolist(),
+        "base_val_acc": base.accuracy.tolist()}
     print(
         f"\nFrontier (trust region ρ = {fr.rho}): estimated first-order ceiling, predicted "
         "val-loss "

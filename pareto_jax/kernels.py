@@ -119,11 +119,8 @@ class Stream:
             return np.concatenate([a, np.repeat(a[:1], pad, 0)]) if pad else a
 
         mb = np.concatenate([np.ones(real, np.float32), np.zeros(pad, np.float32)])
-        return (
-            cast_floats(jax.tree_util.tree_map(fill, xs), self.dtype),
-            jax.tree_util.tree_map(lambda a: jnp.asarray(fill(a)), ys),
-            jnp.asarray(mb, self.dtype),
-        )
+        return (cast_floats(jax.tree_util.tree_map(fill, xs), self.dtype),
+            jax.tree_util.tree_map(lambda a: jnp.asarray(fill(a)), ys), jnp.asarray(mb, self.dtype))
 
     def __iter__(self):
         cat = lambda parts: jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)  # noqa: E731
@@ -135,11 +132,8 @@ class Stream:
             while have >= self.chunk:
                 X, Y = cat(xs), cat(ys)
                 yield self._emit(take(X, slice(0, self.chunk)), Y[: self.chunk], self.chunk)
-                xs, ys, have = (
-                    [take(X, slice(self.chunk, None))],
-                    [Y[self.chunk :]],
-                    have - self.chunk,
-                )
+                xs, ys, have = ([take(X, slice(self.chunk, None))], [Y[self.chunk :]],
+                    have - self.chunk)
         if have:
             yield self._emit(cat(xs), cat(ys), have)
 

@@ -59,10 +59,8 @@ class SolveResult(NamedTuple):
 
 def status_of(converged, negative_curvature):
     """The per-right-hand-side status of an iterative or direct solve."""
-    return jnp.where(
-        converged,
-        int(Status.SUCCESS),
-        jnp.where(negative_curvature, int(Status.NUMERICAL), int(Status.ITERATION_LIMIT)),
+    return jnp.where(converged, int(Status.SUCCESS),
+        jnp.where(negative_curvature, int(Status.NUMERICAL), int(Status.ITERATION_LIMIT))
     ).astype(jnp.int32)
 
 
@@ -96,16 +94,8 @@ def _tolerance(b, rtol, atol):
 def cg_start(b, x, r, z, tol) -> CGState:
     """The state before the first step, from x, its residual r = b − (A + δI)x and z = M⁻¹r."""
     K = b.shape[0]
-    return CGState(
-        x,
-        r,
-        z,
-        _dot(r, z),
-        jnp.sqrt(_dot(r, r)) > tol,
-        jnp.zeros(K, jnp.int32),
-        jnp.zeros(K, bool),
-        jnp.zeros((), jnp.int32),
-    )
+    return CGState(x, r, z, _dot(r, z), jnp.sqrt(_dot(r, r)) > tol, jnp.zeros(K, jnp.int32),
+        jnp.zeros(K, bool), jnp.zeros((), jnp.int32))
 
 
 def cg_advance(c: CGState, Ap):
@@ -125,13 +115,9 @@ def cg_direction(c: CGState, ok, z, tol) -> CGState:
     active (each right-hand side stops on its own unpreconditioned residual)."""
     rz_new = _dot(c.r, z)
     beta = jnp.where(ok, rz_new / jnp.where(ok, c.rz, 1.0), 0.0)
-    return c._replace(
-        p=jnp.where(ok[:, None], z + beta[:, None] * c.p, c.p),
-        rz=jnp.where(ok, rz_new, c.rz),
-        steps=c.steps + ok.astype(jnp.int32),
-        active=ok & (jnp.sqrt(_dot(c.r, c.r)) > tol),
-        it=c.it + 1,
-    )
+    return c._replace(p=jnp.where(ok[:, None], z + beta[:, None] * c.p, c.p),
+        rz=jnp.where(ok, rz_new, c.rz), steps=c.steps + ok.astype(jnp.int32),
+        active=ok & (jnp.sqrt(_dot(c.r, c.r)) > tol), it=c.it + 1)
 
 
 def cg_result(b, x, true_r, steps, neg, rtol, atol) -> SolveResult:
@@ -143,16 +129,9 @@ def cg_result(b, x, true_r, steps, neg, rtol, atol) -> SolveResult:
     return SolveResult(x, steps, rel, conv & ~neg, neg, status_of(conv & ~neg, neg))
 
 
-def solve_cg(
-    matvec: Callable[[jax.Array], jax.Array],
-    b: jax.Array,
-    *,
-    damping: float,
-    rtol: float = 1e-6,
-    atol: float = 0.0,
-    max_steps: int | None = None,
-    x0: jax.Array | None = None,
-    precond: Callable[[jax.Array], jax.Array] | None = None,
+def solve_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, damping: float,
+    rtol: float = 1e-6, atol: float = 0.0, max_steps: int | None = None,
+    x0: jax.Array | None = None, precond: Callable[[jax.Array], jax.Array] | None = None
 ) -> SolveResult:
     """Conjugate gradient for (A + δI) x = b, batched over the rows of b (one compiled loop).
 
@@ -202,16 +181,9 @@ def _bucket(count: int, total: int) -> int:
     return min(total, 1 << max(count - 1, 0).bit_length())
 
 
-def solve_cg_stepped(
-    matvec_batched: Callable[[jax.Array], jax.Array],
-    b: jax.Array,
-    *,
-    damping: float,
-    rtol: float = 1e-6,
-    atol: float = 0.0,
-    max_steps: int | None = None,
-    precond_batched: Callable[[jax.Array], jax.Array] | None = None,
-    progress: bool = False,
+def solve_cg_stepped(matvec_batched: Callable[[jax.Array], jax.Array], b: jax.Array, *,
+    damping: float, rtol: float = 1e-6, atol: float = 0.0, max_steps: int | None = None,
+    precond_batched: Callable[[jax.Array], jax.Array] | None = None, progress: bool = False
 ) -> SolveResult:
     """`solve_cg` with the iterations driven from the host: the same steps (`cg_advance`,
     `cg_direction`, jitted), with ``matvec_batched(V) -> A V`` (itself free to loop over data
@@ -235,14 +207,8 @@ def solve_cg_stepped(
         from tqdm.auto import tqdm
 
         tty = sys.stderr.isatty()
-        bar = tqdm(
-            total=max_steps,
-            desc="influence CG",
-            unit="step",
-            leave=False,
-            mininterval=0.1 if tty else 10.0,
-            ascii=not tty,
-        )
+        bar = tqdm(total=max_steps, desc="influence CG", unit="step", leave=False,
+            mininterval=0.1 if tty else 10.0, ascii=not tty)
     while int(c.it) < max_steps:
         active = np.flatnonzero(np.asarray(c.active))
         if bar is not None:
@@ -266,15 +232,8 @@ def materialize(matvec: Callable[[jax.Array], jax.Array], dim: int, dtype=jnp.fl
     return jax.lax.map(matvec, jnp.eye(dim, dtype=dtype))
 
 
-def solve_dense(
-    matvec: Callable[[jax.Array], jax.Array],
-    b: jax.Array,
-    *,
-    damping: float,
-    rtol: float = 1e-6,
-    atol: float = 0.0,
-    max_steps: int | None = None,
-    x0: jax.Array | None = None,
+def solve_dense(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *, damping: float,
+    rtol: float = 1e-6, atol: float = 0.0, max_steps: int | None = None, x0: jax.Array | None = None
 ) -> SolveResult:
     """Dense reference solve with the signature of `solve_cg`: materialises A, then `solve`.
 
@@ -295,8 +254,7 @@ def solve_dense(
     conv = ((rel <= jnp.maximum(rtol, 1e-3)) | (jnp.linalg.norm(r, axis=1) <= atol)) & ~neg
     return _squeeze(
         SolveResult(x, jnp.zeros(b.shape[0], jnp.int32), rel, conv, neg, status_of(conv, neg)),
-        single,
-    )
+        single)
 
 
 def power_iteration(matvec, dim: int, dtype, *, steps: int = 20, seed: int = 0) -> float:
@@ -311,17 +269,8 @@ def power_iteration(matvec, dim: int, dtype, *, steps: int = 20, seed: int = 0) 
     return abs(lam)
 
 
-def solve_lissa(
-    batch_matvec,
-    b,
-    n_batches: int,
-    *,
-    scale: float,
-    damping: float,
-    rtol: float = 1e-6,
-    max_steps: int = 1000,
-    seed: int = 0,
-) -> SolveResult:
+def solve_lissa(batch_matvec, b, n_batches: int, *, scale: float, damping: float,
+    rtol: float = 1e-6, max_steps: int = 1000, seed: int = 0) -> SolveResult:
     """LiSSA (Agarwal et al. 2017) for (A + δI) x = b with K right-hand sides.
 
     The Neumann recursion v ← b + (I − (A_j + δI)/s) v on minibatch operators A_j drawn with
@@ -366,14 +315,8 @@ def solve_lissa(
     (v, done, steps, diverged), _ = jax.lax.scan(step, init, jnp.arange(max_steps))
     x = v / scale
     x = jnp.where(jnp.isfinite(x), x, 0.0)
-    return SolveResult(
-        x,
-        steps,
-        jnp.where(done, 0.0, jnp.nan),
-        done & ~diverged,
-        diverged,
-        status_of(done & ~diverged, diverged),
-    )
+    return SolveResult(x, steps, jnp.where(done, 0.0, jnp.nan), done & ~diverged, diverged,
+        status_of(done & ~diverged, diverged))
 
 
 # ---------------------------------------------------------------------------- shared by all methods

@@ -47,14 +47,8 @@ class LinearClassifier(nnx.Module):
 class MLP(nnx.Module):
     """Fully connected network with tanh hidden layers (smooth, so Hessians are well defined)."""
 
-    def __init__(
-        self,
-        in_features: int,
-        num_classes: int,
-        *,
-        hidden: Sequence[int] = ModelConfig.hidden,
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, in_features: int, num_classes: int, *,
+        hidden: Sequence[int] = ModelConfig.hidden, rngs: nnx.Rngs):
         sizes = [in_features, *hidden]
         self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
         self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
@@ -72,15 +66,9 @@ class MLP(nnx.Module):
 class CNN(nnx.Module):
     """Small convnet: conv(3×3)-tanh-avgpool blocks, then a dense tanh layer and a linear head."""
 
-    def __init__(
-        self,
-        image_shape: Sequence[int],
-        num_classes: int,
-        *,
-        channels: Sequence[int] = ModelConfig.channels,
-        dense: int = ModelConfig.dense,
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, image_shape: Sequence[int], num_classes: int, *,
+        channels: Sequence[int] = ModelConfig.channels, dense: int = ModelConfig.dense,
+        rngs: nnx.Rngs):
         self.image_shape = tuple(int(s) for s in image_shape)
         h, w, c = self.image_shape
         convs = []
@@ -104,17 +92,9 @@ class CNN(nnx.Module):
         return self.head(self.features(x))
 
 
-def make_model(
-    kind: str,
-    input_shape: Sequence[int],
-    num_classes: int,
-    *,
-    seed: int = 0,
-    hidden: Sequence[int] = ModelConfig.hidden,
-    image_shape: Sequence[int] | None = None,
-    channels: Sequence[int] = ModelConfig.channels,
-    dense: int = ModelConfig.dense,
-) -> nnx.Module:
+def make_model(kind: str, input_shape: Sequence[int], num_classes: int, *, seed: int = 0,
+    hidden: Sequence[int] = ModelConfig.hidden, image_shape: Sequence[int] | None = None,
+    channels: Sequence[int] = ModelConfig.channels, dense: int = ModelConfig.dense) -> nnx.Module:
     """Build a classifier by name ("linear", "mlp" or "cnn") for inputs of `input_shape`."""
     checks.check_choice(kind, "model", MODEL_KINDS)
     checks.check_positive(num_classes, "num_classes", integer=True)
@@ -128,12 +108,8 @@ def make_model(
     if len(shape) == 2:
         shape = (*shape, 1)
     if len(shape) != 3 or int(np.prod(shape)) != d:
-        checks.fail(
-            "image_shape",
-            repr(shape),
-            f"(height, width, channels) with {d} pixels",
-            "pass image_shape=(8, 8, 1) for digits, (28, 28, 1) for MNIST",
-        )
+        checks.fail("image_shape", repr(shape), f"(height, width, channels) with {d} pixels",
+            "pass image_shape=(8, 8, 1) for digits, (28, 28, 1) for MNIST")
     return CNN(shape, num_classes, channels=channels, dense=dense, rngs=rngs)
 
 
@@ -161,12 +137,9 @@ def _split(model: nnx.Module) -> tuple[_Split, Params]:
         )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if not jax.tree_util.tree_leaves(params):
-        checks.fail(
-            "model",
-            f"an {type(model).__name__} with no nnx.Param",
+        checks.fail("model", f"an {type(model).__name__} with no nnx.Param",
             "a module with trainable nnx.Param variables (the parameters influence differentiates)",
-            "wrap trainable arrays in nnx.Param (nnx.Linear, nnx.Conv, nnx.Embed do)",
-        )
+            "wrap trainable arrays in nnx.Param (nnx.Linear, nnx.Conv, nnx.Embed do)")
     return _Split(graphdef, jax.tree_util.tree_structure(params), rest), nnx.to_pure_dict(params)
 
 

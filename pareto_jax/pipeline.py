@@ -18,74 +18,11 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from . import (
-    cache,
-    checks,
-    data,
-    distributed,
-    influence,
-    io,
-    models,
-    pareto,
-    plots,
-    search,
-    stats,
-    train,
-)
+from . import cache, checks, data, distributed, influence, io, models, pareto, search, train
 from .config import DataConfig, InfluenceConfig, ModelConfig, RunConfig  # noqa: F401  (the job's records)
+from .report import class_mcnemar, fmt_value, format_table, harm_sentence, write_report  # noqa: F401
+from .runs import Stages
 from .setup import build_model, load_data
-
-
-class Stages:
-    """Stage artifacts in a run folder, each next to the config that produced it.
-
-    A stage is finished when ``<name>/stage.json`` exists with the expected fingerprint; that
-    marker is written (atomically) only after the stage's own artifacts, so an interrupted stage
-    is simply redone. A fingerprint covers the stage's config and its upstream fingerprints, so a
-    changed config re-runs that stage and everything downstream, and nothing upstream.
-    """
-
-    def __init__(self, root: str | Path, log=None):
-        self.root = Path(root)
-        self.log = log
-        self.ran: list[str] = []
-        self.skipped: list[str] = []
-
-    def dir(self, name: str) -> Path:
-        d = self.root / name
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
-    def done(self, name: str, fp: str) -> bool:
-        m = self.root / name / "stage.json"
-        ok = m.exists() and io.read_json(m).get("fingerprint") == fp
-        if ok:
-            self.skipped.append(name)
-            if self.log:
-                print(f"[{name}] finished earlier with the same config: skipped", file=self.log)
-        return ok
-
-    def finish(self, name: str, fp: str, config: Any) -> None:
-        io.write_json(self.dir(name) / "stage.json", {"fingerprint": fp, "config": config})
-        self.ran.append(name)
-
-
-def format_table(class_names, columns: dict[str, Any], *, fmt: str = "{:.3f}") -> str:
-    """A plain-text table: one row per class, one column per named array."""
-    names = [str(c) for c in class_names]
-    w0 = max(5, *(len(n) for n in names))
-    heads = list(columns)
-    widths = [max(8, len(h)) for h in heads]
-    lines = ["class".ljust(w0) + "  " + "  ".join(h.rjust(w) for h, w in zip(heads, widths))]
-    for i, n in enumerate(names):
-        cells = []
-        for h, w in zip(heads, widths):
-            v = columns[h][i]
-            cells.append(
-                (fmt.format(v) if isinstance(v, (float, np.floating)) else str(v)).rjust(w)
-            )
-        lines.append(n.ljust(w0) + "  " + "  ".join(cells))
-    return "\n".join(lines)
 
 
 class ProgramFailed(RuntimeError):
@@ -114,11 +51,8 @@ class Job(NamedTuple):
         K = self.splits.num_classes
         return {
             n: train.evaluate(self.apply, params, d.x, d.y, K).to_dict()
-            for n, d in (
-                ("train", self.splits.train),
-                ("val", self.splits.val),
-                ("test", self.splits.test),
-            )
+            for n, d in (("train", self.splits.train), ("val", self.splits.val),
+                ("test", self.splits.test))
         }
 
     def epoch_fn(self):
@@ -156,18 +90,8 @@ def make_job(config: RunConfig, out) -> Job:
         file=out,
     )
     loss_fn = models.per_sample_loss(apply)
-    return Job(
-        config,
-        splits,
-        apply,
-        params0,
-        loss_fn,
-        tcfg,
-        train.Objective.of(loss_fn, tcfg),
-        mesh,
-        Stages(root, log=out),
-        out,
-    )
+    return Job(config, splits, apply, params0, loss_fn, tcfg, train.Objective.of(loss_fn, tcfg),
+        mesh, Stages(root, log=out), out)
 
 
 def stage_train(job: Job, progress: bool):
@@ -179,17 +103,9 @@ def stage_train(job: Job, progress: bool):
     )
     tdir = st.root / "train"
     if not st.done("train", fp):
-        res = train.train(
-            job.loss_fn,
-            job.params0,
-            job.splits.train.x,
-            job.splits.train.y,
-            tcfg,
-            num_classes=job.splits.num_classes,
-            run_dir=tdir,
-            progress=progress,
-            epoch_fn=job.epoch_fn(),
-        )
+        res = train.train(job.loss_fn, job.params0, job.splits.train.x, job.splits.train.y, tcfg,
+            num_classes=job.splits.num_classes, run_dir=tdir, progress=progress,
+            epoch_fn=job.epoch_fn())
         metrics = job.metrics(res.params)
         metrics["history"] = list(res.history)
         io.write_json(tdir / "metrics.json", metrics)
@@ -212,29 +128,12 @@ def stage_influence(job: Job, state, fp_train: str, progress: bool = False):
     fp = io.fingerprint("influence", fp_train, icfg)
     if not st.done("influence", fp):
         if icfg is None and job.config.model.kind == "linear":
-            r = influence.linear_category_influence(
-                state.params,
-                s.train.x,
-                s.train.y,
-                s.val.x,
-                s.val.y,
-                num_classes=K,
-                weight_decay=job.objective.weight_decay,
-            )
+            r = influence.linear_category_influence(state.params, s.train.x, s.train.y, s.val.x,
+                s.val.y, num_classes=K, weight_decay=job.objective.weight_decay)
         else:
-            r = influence.category_influence(
-                job.objective,
-                state.params,
-                s.train.x,
-                s.train.y,
-                s.val.x,
-                s.val.y,
-                num_classes=K,
-                apply=job.apply,
-                mesh=job.mesh,
-                progress=progress,
-                config=icfg or InfluenceConfig(curvature="gauss_newton"),
-            )
+            r = influence.category_influence(job.objective, state.params, s.train.x, s.train.y,
+                s.val.x, s.val.y, num_classes=K, apply=job.apply, mesh=job.mesh, progress=progress,
+                config=icfg or InfluenceConfig(curvature="gauss_newton"))
         d = st.dir("influence")
         r = dataclasses.replace(r, names=tuple(s.class_names), sample_ids=np.arange(len(s.train)))
         r.save(
@@ -302,15 +201,8 @@ def stage_weights(job: Job, P, state, targets, fp_inf: str, progress: bool):
     config, st, s = job.config, job.stages, job.splits
     name = "program" if config.search is None else "search"
     fp = (
-        io.fingerprint(
-            "program",
-            fp_inf,
-            targets,
-            config.alpha,
-            config.reweight,
-            config.steps,
-            config.retrain_epochs if config.steps else None,
-        )
+        io.fingerprint("program", fp_inf, targets, config.alpha, config.reweight, config.steps,
+            config.retrain_epochs if config.steps else None)
         if name == "program"
         else io.fingerprint("search", fp_inf, targets, config.search)
     )
@@ -322,46 +214,18 @@ def stage_weights(job: Job, P, state, targets, fp_inf: str, progress: bool):
             if w is not None and config.steps:
                 w, choice = choose_step(job, state, w, targets)
                 prog.update(choice)
-            made_by = {
-                "targets": targets,
-                "alpha": config.alpha,
-                "reweight": config.reweight,
-                "steps": config.steps,
-            }
+            made_by = {"targets": targets, "alpha": config.alpha, "reweight": config.reweight,
+                "steps": config.steps}
         else:
-            prob = search.SearchProblem(
-                job.loss_fn,
-                job.apply,
-                state,
-                job.train_config,
-                s.train.x,
-                s.train.y,
-                s.val.x,
-                s.val.y,
-                s.test.x,
-                s.test.y,
-                s.num_classes,
-            )
-            r = search.run_search(
-                prob,
-                P,
-                targets,
-                config=config.search,
-                progress=progress,
-                checkpoint=str(d / f"state_{fp}.json"),
-                mesh=job.mesh,
-            )
+            prob = search.SearchProblem(job.loss_fn, job.apply, state, job.train_config, s.train.x,
+                s.train.y, s.val.x, s.val.y, s.test.x, s.test.y, s.num_classes)
+            r = search.run_search(prob, P, targets, config=config.search, progress=progress,
+                checkpoint=str(d / f"state_{fp}.json"), mesh=job.mesh)
             w, prog = (
                 r.weights,
-                {
-                    "targets": targets,
-                    "alpha": r.best.alpha,
-                    "rho": r.best.rho,
-                    "fitness": r.best.fitness,
-                    "found": r.found,
-                    "history": list(r.history),
-                    **r.program,
-                },
+                {"targets": targets, "alpha": r.best.alpha, "rho": r.best.rho,
+                    "fitness": r.best.fitness, "found": r.found, "history": list(r.history),
+                    **r.program},
             )
             made_by = {"targets": targets, "search": config.search}
         if w is not None:
@@ -384,61 +248,20 @@ def stage_retrain(job: Job, state, w, fp_w: str) -> dict:
         correct = lambda p: (train.predict(job.apply, p, s.test.x) == s.test.y).astype(int).tolist()  # noqa: E731
         io.write_json(
             st.dir("retrain") / "metrics.json",
-            {
-                "reweighted": job.metrics(new),
-                "unweighted": job.metrics(plain),
-                "test_correct": {"reweighted": correct(new), "unweighted": correct(plain)},
-            },
+            {"reweighted": job.metrics(new), "unweighted": job.metrics(plain),
+                "test_correct": {"reweighted": correct(new), "unweighted": correct(plain)}},
         )
         st.finish("retrain", fp, {"retrain_epochs": n_ep})
     return io.read_json(st.root / "retrain" / "metrics.json")
-
-
-def _fmt(v) -> str:
-    return "off" if v is None else (f"{v:.3g}" if isinstance(v, (int, float)) else str(v))
-
-
-def class_mcnemar(after: dict, y_test, num_classes: int) -> list[float]:
-    """Per class, the exact two-sided McNemar p-value (`stats.mcnemar`) of the reweighted against
-    the plain extra-epoch model on the test samples of that class (paired: the same images)."""
-    return stats.class_mcnemar(
-        after["test_correct"]["reweighted"],
-        after["test_correct"]["unweighted"],
-        y_test,
-        num_classes,
-    )
-
-
-def harm_sentence(names, change, pvals, targets, level: float = 0.05) -> str:
-    """One plain sentence: did any class get worse than the plain extra epochs beyond noise?"""
-    worse = [(n, 100 * d, p) for n, d, p in zip(names, change, pvals) if d < 0 and p < level]
-    better = [(n, 100 * d, p) for n, d, p in zip(names, change, pvals) if d > 0 and p < level]
-    if worse:
-        s = "; ".join(f"class {n} {d:+.1f} points (p = {p:.3f})" for n, d, p in worse)
-        head = (
-            f"Beyond noise (exact McNemar p < {level}), re-weighting made some classes WORSE than "
-            f"plain training: {s}."
-        )
-    else:
-        head = (
-            "No class got worse than plain training beyond noise (every drop has McNemar p >= "
-            f"{level} "
-            "on this test split)."
-        )
-    gains = "; ".join(f"class {n} {d:+.1f} points (p = {p:.3f})" for n, d, p in better)
-    tail = f" Gains beyond noise: {gains}." if better else " No gain is beyond noise either."
-    return head + tail + f" Targets: {', '.join(map(str, targets))}."
 
 
 def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
     """6. summary.json and the console report: ceiling, program, per-class test accuracy."""
     names, out, root = job.splits.class_names, job.out, job.stages.root
     ceiling, prog = summary["ceiling"], summary["program"]
-    summary["test_accuracy"] = {
-        "before": before["test"]["accuracy"],
+    summary["test_accuracy"] = {"before": before["test"]["accuracy"],
         "reweighted": after["reweighted"]["test"]["accuracy"],
-        "unweighted": after["unweighted"]["test"]["accuracy"],
-    }
+        "unweighted": after["unweighted"]["test"]["accuracy"]}
     pvals = class_mcnemar(after, job.splits.test.y, len(names))
     summary["test_mcnemar_p"] = pvals
     io.write_json(root / "summary.json", summary)
@@ -456,13 +279,14 @@ def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
                 if prog["found"]
                 else "found no weighting better than w = 1 on validation"
             )
-            + f" (alpha {_fmt(prog.get('alpha'))}, rho {_fmt(prog.get('rho'))}, fitness "
-            f"{_fmt(prog.get('fitness'))})",
+            + f" (alpha {fmt_value(prog.get('alpha'))}, rho {fmt_value(prog.get('rho'))}, fitness "
+            f"{fmt_value(prog.get('fitness'))})",
             file=out,
         )
     else:
         print(
-            f"program: alpha {_fmt(prog.get('alpha'))}, rho {_fmt(job.config.reweight.rho)}"
+            f"program: alpha {fmt_value(prog.get('alpha'))}, "
+            f"rho {fmt_value(job.config.reweight.rho)}"
             + (
                 f", step {prog['step']:g} chosen on validation from "
                 f"{list(prog['step_candidates'])} "
@@ -484,13 +308,9 @@ def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
     print(
         format_table(
             names,
-            {
-                "test before": b,
-                f"+{n_ep} ep plain": u,
-                f"+{n_ep} ep reweighted": a,
+            {"test before": b, f"+{n_ep} ep plain": u, f"+{n_ep} ep reweighted": a,
                 "change (pts)": np.array([f"{100 * (x - y):+.1f}" for x, y in zip(a, u)]),
-                "McNemar p": np.array([f"{p:.3f}" for p in pvals]),
-            },
+                "McNemar p": np.array([f"{p:.3f}" for p in pvals])},
         ),
         file=out,
     )
@@ -544,14 +364,8 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
         job, "weights", stage_weights, job, P, state, targets, fp_inf, progress
     )
     st = job.stages
-    summary = {
-        "targets": [names[t] for t in targets],
-        "ceiling": ceiling,
-        "influence": inf_summary,
-        "program": prog,
-        "stages_run": st.ran,
-        "stages_skipped": st.skipped,
-    }
+    summary = {"targets": [names[t] for t in targets], "ceiling": ceiling, "influence": inf_summary,
+        "program": prog, "stages_run": st.ran, "stages_skipped": st.skipped}
     if prog["status"] != 0:
         io.write_json(st.root / "summary.json", summary)
         print(
@@ -567,107 +381,3 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
     )
     after = _timed(job, "retrain", stage_retrain, job, state, w, fp_w)
     return report(job, summary, before, after)
-
-
-def _md_row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def write_report(run_dir) -> Path:
-    """`pareto-jax report RUN_DIR`: ``report.md`` with its PNG figures in ``RUN_DIR/report/``,
-    from a finished run folder: the per-class table (before, plain extra epochs, re-weighted,
-    change, McNemar p) and the sentence on harm, the ceiling test, the program or search, and
-    figures of the per-class change, the weights, the influence between classes and the
-    first-order frontier of the targets."""
-    root = Path(run_dir)
-    if not (root / "summary.json").exists() or not (root / "retrain" / "metrics.json").exists():
-        checks.fail(
-            "RUN_DIR",
-            str(root),
-            "a finished run folder (with summary.json and retrain/)",
-            "run `pareto-jax run --out RUN_DIR` to the end first",
-        )
-    summary, cfg = io.read_json(root / "summary.json"), io.read_json(root / "config.json")
-    after = io.read_json(root / "retrain" / "metrics.json")
-    before = io.read_json(root / "train" / "metrics.json")
-    res = influence.InfluenceResult.load(root / "influence" / "P.npz")
-    names = list(res.names or [str(k) for k in range(res.P.shape[1])])
-    P = np.asarray(res.P, np.float64)
-    wdir = "search" if (root / "search" / "weights.npz").exists() else "program"
-    w = np.asarray(io.load_pytree(root / wdir / "weights.npz", {"w": np.zeros(P.shape[0])})[0]["w"])
-    out = root / "report"
-    b = np.asarray(before["test"]["accuracy"])
-    u = np.asarray(after["unweighted"]["test"]["accuracy"])
-    a = np.asarray(after["reweighted"]["test"]["accuracy"])
-    pv = summary.get("test_mcnemar_p") or [float("nan")] * len(names)
-    figs = [
-        plots.bars(
-            ["plain extra epochs", "re-weighted"],
-            100 * np.stack([u - b, a - b]),
-            out / "change.png",
-            title="test accuracy change from the trained model",
-            ylabel="points",
-            class_names=names,
-        ),
-        plots.histogram(w, out / "weights.png", title=f"sample weights ({wdir})", xlabel="w"),
-        plots.heatmap(
-            np.corrcoef(P.T),
-            out / "influence_correlation.png",
-            title="correlation of P's columns",
-            class_names=names,
-            xlabel="class",
-            ylabel="class",
-            cbar="correlation",
-        ),
-    ]
-    tg = [names.index(t) for t in summary["targets"] if t in names]
-    if len(tg) >= 2:
-        fr = pareto.pareto_frontier(P, n_random=8, seed=0)
-        figs.append(
-            plots.frontier_plot(
-                fr.gains, fr.ceiling, tg[0], tg[1], out / "frontier.png", class_names=names
-            )
-        )
-    ceil, prog = summary["ceiling"], summary["program"]
-    md = [
-        f"# pareto-jax run: {cfg['data']['name']}, model {cfg['model']['kind']}",
-        "",
-        f"Run folder `{root}`; targets {', '.join(summary['targets'])}.",
-        "",
-        _md_row(
-            [
-                "class",
-                "test before",
-                "plain extra epochs",
-                "re-weighted",
-                "change (points)",
-                "McNemar p",
-            ]
-        ),
-        _md_row(["---"] * 6),
-    ]
-    md += [
-        _md_row([n, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}", f"{100 * (z - y):+.1f}", f"{p:.3f}"])
-        for n, x, y, z, p in zip(names, b, u, a, pv)
-    ]
-    md += [
-        "",
-        harm_sentence(names, a - u, pv, summary["targets"]),
-        "",
-        "**Ceiling test**: a first-order Pareto improvement "
-        f"{'exists' if ceil['improvable'] else 'does not exist'}"
-        f" (t* = {ceil['t_star']:.3g}).",
-        "",
-        f"**Weights** ({wdir}): status {prog.get('status')} ({prog.get('message')}), "
-        f"alpha {_fmt(prog.get('alpha'))}"
-        + (f", found {prog['found']}" if "found" in prog else "")
-        + f"; {int((np.abs(w - 1) > 1e-9).sum())} of {len(w)} weights changed.",
-        "",
-    ]
-    md += [f"![]({f.get_label()})" for f in figs]
-    io.write_json(
-        out / "report.json",
-        {"figures": [f.get_label() for f in figs], "targets": summary["targets"]},
-    )
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    return out / "report.md"

@@ -51,15 +51,8 @@ def decision_boundary(x, y, predict, path, *, title: str, highlight=None):
         m = y == c
         ax.scatter(x[m, 0], x[m, 1], s=9, c=col, label=f"label {c}", edgecolors="none")
     if highlight is not None and len(highlight):
-        ax.scatter(
-            x[highlight, 0],
-            x[highlight, 1],
-            s=40,
-            facecolors="none",
-            edgecolors="k",
-            linewidths=0.8,
-            label="joint-negative",
-        )
+        ax.scatter(x[highlight, 0], x[highlight, 1], s=40, facecolors="none", edgecolors="k",
+            linewidths=0.8, label="joint-negative")
     ax.set_xlabel("x₁")
     ax.set_ylabel("x₂")
     ax.set_title(title)
@@ -72,14 +65,8 @@ def influence_scatter(P, regions, path, *, title: str, class_names=("class 0", "
     fig, ax = _figure((4.6, 4.2))
     for r in (0, 1, -1):
         m = regions == r
-        ax.scatter(
-            P[m, 0],
-            P[m, 1],
-            s=9,
-            c=REGION_COLOURS[r],
-            label=f"{REGION_LABELS[r]} ({m.sum()})",
-            edgecolors="none",
-        )
+        ax.scatter(P[m, 0], P[m, 1], s=9, c=REGION_COLOURS[r],
+            label=f"{REGION_LABELS[r]} ({m.sum()})", edgecolors="none")
     lim = np.abs(P).max() * 1.1
     ax.plot([-lim, lim], [lim, -lim], "k--", lw=0.8, label="y = −x")
     ax.axhline(0, color="#adb5bd", lw=0.6)
@@ -110,17 +97,8 @@ def rounds_plot(
     return save(fig, path, {"accuracy": acc})
 
 
-def heatmap(
-    M,
-    path,
-    *,
-    title: str,
-    class_names: Sequence[str],
-    xlabel: str,
-    ylabel: str,
-    cbar: str,
-    fmt: str = "{:.2g}",
-):
+def heatmap(M, path, *, title: str, class_names: Sequence[str], xlabel: str, ylabel: str, cbar: str,
+    fmt: str = "{:.2g}"):
     M = np.asarray(M, np.float64)
     K = M.shape[0]
     fig, ax = _figure((0.5 * K + 2.6, 0.45 * K + 1.8))
@@ -134,36 +112,19 @@ def heatmap(
     if K <= 10:
         for i in range(K):
             for j in range(M.shape[1]):
-                ax.text(
-                    j,
-                    i,
-                    fmt.format(M[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if abs(M[i, j]) > 0.6 * v else "black",
-                )
+                ax.text(j, i, fmt.format(M[i, j]), ha="center", va="center", fontsize=6,
+                    color="white" if abs(M[i, j]) > 0.6 * v else "black")
     fig.colorbar(im, ax=ax, label=cbar, shrink=0.8)
     return save(fig, path, {"matrix": M, "class_names": list(class_names)})
 
 
 def deletion_scatter(infl, acc, labels, path, *, title: str, rho: float):
     fig, ax = _figure((4.8, 3.8))
-    for lab, mk, col in (
-        ("beneficial removed", "o", "#1c7ed6"),
-        ("detrimental removed", "s", "#e8590c"),
-    ):
+    for lab, mk, col in (("beneficial removed", "o", "#1c7ed6"),
+        ("detrimental removed", "s", "#e8590c")):
         m = np.asarray(labels) == lab
-        ax.scatter(
-            np.asarray(infl)[m],
-            100 * np.asarray(acc)[m],
-            s=14,
-            marker=mk,
-            c=col,
-            label=lab,
-            edgecolors="none",
-            alpha=0.8,
-        )
+        ax.scatter(np.asarray(infl)[m], 100 * np.asarray(acc)[m], s=14, marker=mk, c=col, label=lab,
+            edgecolors="none", alpha=0.8)
     ax.axhline(0, color="#adb5bd", lw=0.6)
     ax.axvline(0, color="#adb5bd", lw=0.6)
     ax.set_xlabel("summed influence of removed set on class k")
@@ -171,11 +132,8 @@ def deletion_scatter(infl, acc, labels, path, *, title: str, rho: float):
     ax.set_title(f"{title}\nSpearman ρ = {rho:.3f}")
     ax.legend(fontsize=8)
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
-    return save(
-        fig,
-        path,
-        {"summed_influence": infl, "accuracy_change": acc, "set": list(labels), "spearman": rho},
-    )
+    return save(fig, path,
+        {"summed_influence": infl, "accuracy_change": acc, "set": list(labels), "spearman": rho})
 
 
 def frontier_plot(gains, ceiling, a: int, b: int, path, *, class_names, verified=None):
@@ -191,42 +149,20 @@ def frontier_plot(gains, ceiling, a: int, b: int, path, *, class_names, verified
         ]
     )
     order = np.flatnonzero(top)[np.argsort(xa[top], kind="stable")]
-    ax.scatter(
-        xa[~top],
-        xb[~top],
-        s=12,
-        c="#adb5bd",
-        label="other frontier points (weight on other classes)",
-    )
+    ax.scatter(xa[~top], xb[~top], s=12, c="#adb5bd",
+        label="other frontier points (weight on other classes)")
     ax.plot(
         xa[order], xb[order], "-o", color="#1c7ed6", ms=4, lw=1.2, label="frontier in this plane"
     )
     if verified:
         idx = [int(v["point"]) for v in verified if "point" in v]
         if idx:
-            ax.scatter(
-                G[idx, a],
-                G[idx, b],
-                s=70,
-                facecolors="none",
-                edgecolors="k",
-                lw=1.0,
-                label="retrained",
-            )
-    ax.axvline(
-        ceiling[a],
-        color="#e03131",
-        ls="--",
-        lw=0.8,
-        label=f"ceiling of class {class_names[a]} alone",
-    )
-    ax.axhline(
-        ceiling[b],
-        color="#2f9e44",
-        ls="--",
-        lw=0.8,
-        label=f"ceiling of class {class_names[b]} alone",
-    )
+            ax.scatter(G[idx, a], G[idx, b], s=70, facecolors="none", edgecolors="k", lw=1.0,
+                label="retrained")
+    ax.axvline(ceiling[a], color="#e03131", ls="--", lw=0.8,
+        label=f"ceiling of class {class_names[a]} alone")
+    ax.axhline(ceiling[b], color="#2f9e44", ls="--", lw=0.8,
+        label=f"ceiling of class {class_names[b]} alone")
     ax.set_xlabel(f"predicted val-loss decrease, class {class_names[a]}")
     ax.set_ylabel(f"predicted val-loss decrease, class {class_names[b]}")
     ax.set_title("first-order Pareto frontier\n(no class predicted worse)")
@@ -283,15 +219,8 @@ def interval_bars(methods, values, errors, series, path, *, title: str, ylabel: 
     h = 0.8 / s
     colours = ("#2b8a3e", "#c92a2a", "#1c7ed6", "#868e96")
     for j in range(s):
-        ax.barh(
-            np.arange(m) + (j - (s - 1) / 2) * h,
-            V[:, j],
-            h,
-            xerr=E[:, j],
-            label=series[j],
-            color=colours[j % len(colours)],
-            capsize=2,
-        )
+        ax.barh(np.arange(m) + (j - (s - 1) / 2) * h, V[:, j], h, xerr=E[:, j], label=series[j],
+            color=colours[j % len(colours)], capsize=2)
     ax.axvline(0, color="k", lw=0.6)
     ax.set_yticks(range(m), list(methods), fontsize=7)
     ax.invert_yaxis()

@@ -35,14 +35,10 @@ class Status(enum.IntEnum):
         return MESSAGES[self]
 
 
-MESSAGES = {
-    Status.SUCCESS: "optimal",
-    Status.ITERATION_LIMIT: "iteration limit reached",
-    Status.INFEASIBLE: "infeasible",
-    Status.UNBOUNDED: "unbounded",
+MESSAGES = {Status.SUCCESS: "optimal", Status.ITERATION_LIMIT: "iteration limit reached",
+    Status.INFEASIBLE: "infeasible", Status.UNBOUNDED: "unbounded",
     Status.NUMERICAL: "numerical difficulties",
-    Status.APPROXIMATE: "solved an approximation of the system (no tolerance on the true residual)",
-}
+    Status.APPROXIMATE: "solved an approximation of the system (no tolerance on the true residual)"}
 
 
 def message(status: int) -> str:

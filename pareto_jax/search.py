@@ -68,14 +68,8 @@ class Genome:
         progs = [self.program_of(g, targets, K) for g in genomes]
         rhos = None if self.config.search_rho is None else np.array([p[1].rho for p in progs])
         betas = None if self.config.others_weight is None else np.stack([p[2] for p in progs])
-        return pareto.prepare(
-            P,
-            targets,
-            np.stack([p[0] for p in progs]),
-            self.config.reweight,
-            rhos=rhos,
-            class_weights=betas,
-        )
+        return pareto.prepare(P, targets, np.stack([p[0] for p in progs]), self.config.reweight,
+            rhos=rhos, class_weights=betas)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,17 +86,8 @@ class Candidate:
 
 
 @pytree_result(
-    data=(
-        "weights",
-        "params",
-        "ref_val",
-        "ref_test",
-        "val_acc",
-        "test_acc",
-        "delta_val",
-        "delta_test",
-        "test_correct",
-    )
+    data=("weights", "params", "ref_val", "ref_test", "val_acc", "test_acc", "delta_val",
+        "delta_test", "test_correct")
 )
 @dataclasses.dataclass(frozen=True, eq=False)
 class SearchResult:
@@ -143,13 +128,8 @@ class Population:
     """Evaluates α vectors (program → one weighted epoch → Δ → fitness), with a cache."""
 
     def __init__(self, ev: Evaluator, P, targets, ref_val, config: SearchConfig):
-        self.ev, self.P, self.targets, self.ref_val, self.cfg = (
-            ev,
-            P,
-            tuple(targets),
-            ref_val,
-            config,
-        )
+        self.ev, self.P, self.targets, self.ref_val, self.cfg = (ev, P, tuple(targets), ref_val,
+            config)
         self.genome = Genome(config)
         self.cache: dict[bytes, Candidate] = {}
         self.solutions: dict[bytes, pareto.ReweightResult] = {}
@@ -216,42 +196,20 @@ def _rank_key(c: Candidate):
 
 
 def _cand_to_json(c: Candidate) -> dict:
-    return {
-        "genome": c.genome.tolist(),
-        "rho": c.rho,
-        "fitness": repr(c.fitness),
-        "tiebreak": repr(c.tiebreak),
-        "delta_val": c.delta_val.tolist(),
-        "status": c.status,
-    }
+    return {"genome": c.genome.tolist(), "rho": c.rho, "fitness": repr(c.fitness),
+        "tiebreak": repr(c.tiebreak), "delta_val": c.delta_val.tolist(), "status": c.status}
 
 
 def _cand_from_json(d: dict, K: int) -> Candidate:
     g = np.asarray(d["genome"], np.float64)
-    return Candidate(
-        g,
-        g[:K],
-        d["rho"],
-        float(d["fitness"]),
-        float(d["tiebreak"]),
-        np.asarray(d["delta_val"], np.float64),
-        int(d["status"]),
-    )
+    return Candidate(g, g[:K], d["rho"], float(d["fitness"]), float(d["tiebreak"]),
+        np.asarray(d["delta_val"], np.float64), int(d["status"]))
 
 
-def run_search(
-    problem: SearchProblem,
-    P,
-    targets: Sequence[int],
-    *,
-    mode: str = "direct",
-    ref_params=None,
-    config: SearchConfig = SearchConfig(),
-    progress: bool = False,
-    on_generation: Callable[[int, dict], None] | None = None,
-    checkpoint: str | None = None,
-    mesh=None,
-) -> SearchResult:
+def run_search(problem: SearchProblem, P, targets: Sequence[int], *, mode: str = "direct",
+    ref_params=None, config: SearchConfig = SearchConfig(), progress: bool = False,
+    on_generation: Callable[[int, dict], None] | None = None, checkpoint: str | None = None,
+    mesh=None) -> SearchResult:
     """PARETO-LP-GA on a checkpoint (see the module docstring).
 
     Args:
@@ -282,12 +240,8 @@ def run_search(
     K = problem.num_classes
     P = checks.as_influence_matrix(P, "P")
     if P.shape != (problem.x_train.shape[0], K):
-        checks.fail(
-            "P",
-            f"shape {P.shape}",
-            f"({problem.x_train.shape[0]}, {K})",
-            "compute P on this problem's training set",
-        )
+        checks.fail("P", f"shape {P.shape}", f"({problem.x_train.shape[0]}, {K})",
+            "compute P on this problem's training set")
     targets = checks.as_class_indices(targets, K)
     if mode == "course_correction" and ref_params is None:
         checks.fail("ref_params", "None", "the ordinary epoch e+1 params", "pass ref_params")
@@ -297,27 +251,17 @@ def run_search(
     pop = Population(ev, P, targets, ref_val, config)
     rng = np.random.default_rng(config.seed)
     start, genomes, history = _start(config, K, rng, pop, checkpoint)
-    for g in tqdm(
-        range(start, config.generations),
-        initial=start,
-        total=config.generations,
-        disable=not progress,
-        desc="search",
-        unit="gen",
-    ):
+    for g in tqdm(range(start, config.generations), initial=start, total=config.generations,
+        disable=not progress, desc="search", unit="gen"):
         t0 = time.perf_counter()
         cands = pop.evaluate(genomes)
         history.append(_generation_record(g, cands, time.perf_counter() - t0))
         if g == config.generations - 1:
             continue  # (not break: the progress bar then shows the last generation as done)
         genomes = _next_generation(genomes, cands, rng, config)
-        state = {
-            "next_generation": g + 1,
-            "population": genomes.tolist(),
-            "rng_state": rng.bit_generator.state,
-            "history": history,
-            "candidates": [_cand_to_json(c) for c in pop.cache.values()],
-        }
+        state = {"next_generation": g + 1, "population": genomes.tolist(),
+            "rng_state": rng.bit_generator.state, "history": history,
+            "candidates": [_cand_to_json(c) for c in pop.cache.values()]}
         if checkpoint is not None:
             io.write_json(checkpoint, state)
         if on_generation is not None:
@@ -346,15 +290,9 @@ def _start(config: SearchConfig, K: int, rng, pop: Population, checkpoint):
 def _generation_record(g: int, cands: list[Candidate], seconds: float) -> dict:
     fin = [c.fitness for c in cands if np.isfinite(c.fitness)]
     best = max(cands, key=_rank_key)
-    return {
-        "generation": g,
-        "best_fitness": best.fitness,
-        "best_target_gain": best.tiebreak,
-        "mean_finite_fitness": float(np.mean(fin)) if fin else NEG_INF,
-        "n_finite": len(fin),
-        "n_infeasible": sum(c.status != 0 for c in cands),
-        "seconds": seconds,
-    }
+    return {"generation": g, "best_fitness": best.fitness, "best_target_gain": best.tiebreak,
+        "mean_finite_fitness": float(np.mean(fin)) if fin else NEG_INF, "n_finite": len(fin),
+        "n_infeasible": sum(c.status != 0 for c in cands), "seconds": seconds}
 
 
 def _result(
@@ -372,24 +310,10 @@ def _result(
     ref_test = np.asarray(ev.acc(ref, ev.xt, ev.yt), np.float64)
     val_acc = np.asarray(ev.acc(params, ev.xv, ev.yv), np.float64)
     test_acc = np.asarray(ev.acc(params, ev.xt, ev.yt), np.float64)
-    return SearchResult(
-        mode,
-        targets,
-        best,
-        w,
-        sol.summary(),
-        params,
-        ref_val,
-        ref_test,
-        val_acc,
-        test_acc,
-        relative_change(val_acc, ref_val),
-        relative_change(test_acc, ref_test),
-        tuple(history),
-        tuple(everything),
-        bool(np.isfinite(best.fitness)),
-        ev.correct(jax.tree_util.tree_map(lambda a: a[None], params), "test")[0],
-    )
+    return SearchResult(mode, targets, best, w, sol.summary(), params, ref_val, ref_test, val_acc,
+        test_acc, relative_change(val_acc, ref_val), relative_change(test_acc, ref_test),
+        tuple(history), tuple(everything), bool(np.isfinite(best.fitness)),
+        ev.correct(jax.tree_util.tree_map(lambda a: a[None], params), "test")[0])
 
 
 def crossover(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndarray:

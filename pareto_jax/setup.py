@@ -20,15 +20,7 @@ def build_model(cfg: ModelConfig, splits: data.Splits, *, with_features: bool = 
     """(apply, params) of the configured model for these splits; with `with_features`, also
     its penultimate-layer ``features(params, x)`` (`models.functional_features`)."""
     shape = cfg.image_shape or IMAGE_SHAPES.get(splits.train.name.split("/")[0])
-    m = models.make_model(
-        cfg.kind,
-        splits.train.x.shape[1:],
-        splits.num_classes,
-        seed=cfg.seed,
-        hidden=cfg.hidden,
-        channels=cfg.channels,
-        dense=cfg.dense,
-        image_shape=shape,
-    )
+    m = models.make_model(cfg.kind, splits.train.x.shape[1:], splits.num_classes, seed=cfg.seed,
+        hidden=cfg.hidden, channels=cfg.channels, dense=cfg.dense, image_shape=shape)
     apply, params = models.functional(m)
     return (apply, params, models.functional_features(m)) if with_features else (apply, params)

@@ -23,100 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checks, evaluation, experiments, io, plots
-from .config import (
-    DataConfig,
-    ImproveConfig,
-    InfluenceConfig,
-    ModelConfig,
-    ReweightConfig,
-    SearchConfig,
-    TrainConfig,
-)
+from . import checks, evaluation, experiments, io
+from .config import DataConfig, ImproveConfig, ReweightConfig, SearchConfig
 from .stats import interval, mcnemar
-
-SEARCH_ROW = "search (PARETO-LP-GA)"
-REFERENCE_ROW = "unweighted"
-
-# The original paper's Direct Improvement on CIFAR-10 (epoch 10 → 11, targets 0 and 2; relative
-# per-class accuracy change, %). A different dataset and model: shown beside ours, never compared.
-PAPER_CIFAR10 = {
-    "dataset": "CIFAR-10 (paper, ResNet; a different dataset)",
-    "target_gain_relative_pct": [16.0, 11.0],
-    "worst_other_relative_pct": -2.9,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class StudySetting:
-    """One dataset's experiment: data, model, training, label noise and number of targets."""
-
-    dataset: str
-    model: ModelConfig
-    train: TrainConfig
-    features: str = "tfidf"
-    noise_classes: tuple[int, ...] = ()
-    noise_fraction: float = 0.0
-    n_targets: int = 2
-    max_train: int | None = None
-    influence: InfluenceConfig | str | None = None
-    description: str = ""
-
-
-# deep models: Gauss-Newton CG, automatic damping, stopped at a relative residual of 1e-3 (on the
-# digits CNN, P then differs from P at 1e-6 by 0.5 % in norm, for half the CG steps)
-INFLUENCE = InfluenceConfig(curvature="gauss_newton", rtol=1e-3)
-
-_TEXT_TRAIN = TrainConfig(epochs=12, batch_size=128, learning_rate=1e-3, weight_decay=1e-4)
-# the CNN's training, also the deletion check's (`reproduce.reproduce_deletion`, model "cnn*")
-CNN_TRAIN = TrainConfig(epochs=15, batch_size=64, learning_rate=3e-3, weight_decay=1e-4)
-
-SETTINGS: dict[str, StudySetting] = {
-    "emotion": StudySetting(
-        "emotion",
-        ModelConfig("mlp", hidden=(64,)),
-        _TEXT_TRAIN,
-        features="minilm",
-        description="Emotion (6 classes; its own train/val/test files), MiniLM "
-        "embeddings (384), MLP head (64 tanh units)",
-    ),
-    "ag_news": StudySetting(
-        "ag_news",
-        ModelConfig("mlp", hidden=(64,)),
-        _TEXT_TRAIN,
-        features="minilm",
-        n_targets=1,
-        description="AG News (4 classes; its 7,600-text test file split 60/20/20), "
-        "MiniLM embeddings (384), MLP head (64 tanh units); target: "
-        "the class weakest on validation",
-    ),
-    "digits": StudySetting(
-        "digits",
-        ModelConfig("cnn", channels=(8, 16), dense=64),
-        CNN_TRAIN,
-        description="scikit-learn digits (8×8, 10 classes), CNN (conv 8-16, dense 64)",
-    ),
-    # the whole-network Gauss-Newton CG took over 7 minutes per influence matrix here (2 CPU
-    # cores, 3,000 28×28 images, 330 CG steps per class): MNIST-5k uses last-layer influence
-    "mnist5k": StudySetting(
-        "mnist5k",
-        ModelConfig("cnn", channels=(8, 16), dense=64),
-        CNN_TRAIN,
-        influence="last_layer",
-        description="MNIST-5k (28×28, 10 classes), CNN (conv 8-16, dense 64); "
-        "influence through the last layer (closed form on the CNN's "
-        "penultimate activations)",
-    ),
-    "mnist5k-noisy": StudySetting(
-        "mnist5k",
-        ModelConfig("linear"),
-        TrainConfig(epochs=20, batch_size=128, learning_rate=0.003, weight_decay=1e-3),
-        noise_classes=(3, 8),
-        noise_fraction=0.4,
-        description="controlled case: MNIST-5k with 40 % of the training "
-        "labels of classes 3 and 8 flipped, linear softmax",
-    ),
-}
+from .study_report import INTRO, dataset_markdown, figure, paper_table
+from .study_settings import (  # noqa: F401  (the study's settings, re-exported)
+    CNN_TRAIN,
+    INFLUENCE,
+    PAPER_CIFAR10,
+    REFERENCE_ROW,
+    SEARCH_ROW,
+    SETTINGS,
+    StudySetting,
+)
 
 
 def _quick(st: StudySetting) -> StudySetting:
@@ -128,14 +47,8 @@ def _quick(st: StudySetting) -> StudySetting:
 def search_config(seed: int, quick: bool) -> SearchConfig:
     """The study's search: α from [0.95, 1], trust region searched, down-weighting only, one
     weighted epoch per candidate (the method's Direct Improvement and Course Correction)."""
-    return SearchConfig(
-        population=6 if quick else 16,
-        generations=2 if quick else 6,
-        seed=seed,
-        retrain="epoch",
-        alpha_range=(0.95, 1.0),
-        reweight=ReweightConfig.downweight_only(),
-    )
+    return SearchConfig(population=6 if quick else 16, generations=2 if quick else 6, seed=seed,
+        retrain="epoch", alpha_range=(0.95, 1.0), reweight=ReweightConfig.downweight_only())
 
 
 def seed_config(name: str, seed: int, out_dir: Path, *, quick: bool = False) -> ImproveConfig:
@@ -145,15 +58,9 @@ def seed_config(name: str, seed: int, out_dir: Path, *, quick: bool = False) -> 
     return ImproveConfig(
         data=DataConfig(name=st.dataset, seed=seed, features=st.features, max_train=st.max_train),
         model=dataclasses.replace(st.model, seed=seed),
-        train=dataclasses.replace(st.train, seed=seed),
-        noise_classes=st.noise_classes,
-        noise_fraction=st.noise_fraction,
-        n_targets=st.n_targets,
-        search=search_config(seed, quick),
-        frontier=False,
-        out_dir=str(out_dir / f"seed_{seed}"),
-        influence=st.influence or INFLUENCE,
-    )
+        train=dataclasses.replace(st.train, seed=seed), noise_classes=st.noise_classes,
+        noise_fraction=st.noise_fraction, n_targets=st.n_targets, search=search_config(seed, quick),
+        frontier=False, out_dir=str(out_dir / f"seed_{seed}"), influence=st.influence or INFLUENCE)
 
 
 def _same_config(saved: dict, cfg: ImproveConfig) -> bool:
@@ -208,20 +115,12 @@ def summarize(seeds: list[dict], mode: str, class_names) -> dict | None:
     K = len(class_names)
     for r, b in blocks:
         for m, ok in b["test_correct"].items():
-            _check_bits(
-                _unbits(ok),
-                np.asarray(r["y_test"]),
-                b["rows"][m]["test_acc"],
-                f"{mode}/{m}, seed {r.get('seed')}",
-            )
+            _check_bits(_unbits(ok), np.asarray(r["y_test"]), b["rows"][m]["test_acc"],
+                f"{mode}/{m}, seed {r.get('seed')}")
     methods = sorted(dict.fromkeys(m for _, b in blocks for m in b["rows"]), key=_order)
-    out = {
-        "n_seeds": len(blocks),
-        "targets": [b["target_names"] for _, b in blocks],
+    out = {"n_seeds": len(blocks), "targets": [b["target_names"] for _, b in blocks],
         "seeds": [r.get("seed") for r, _ in blocks],
-        "found": sum(bool(b["found"]) for _, b in blocks),
-        "methods": {},
-    }
+        "found": sum(bool(b["found"]) for _, b in blocks), "methods": {}}
     for m in methods:
         gain, least, worst, rel_gain, rel_worst, per_class_pts = [], [], [], [], [], []
         pooled = {"targets": ([], []), "others": ([], [])}
@@ -255,18 +154,14 @@ def summarize(seeds: list[dict], mode: str, class_names) -> dict | None:
             "worst_other": interval(worst),
             "target_gain_relative_pct": interval(rel_gain),
             "worst_other_relative_pct": interval(rel_worst),
-            "per_seed": {
-                "target_gain": [float(v) for v in gain],
-                "worst_other": [float(v) for v in worst],
-            },
+            "per_seed": {"target_gain": [float(v) for v in gain],
+                "worst_other": [float(v) for v in worst]},
             "per_class_points": np.mean(per_class_pts, 0).tolist(),
             "mcnemar_vs_extra_epoch": None
             if m == REFERENCE_ROW or not pooled["targets"][0]
-            else {
-                "targets": mcnemar(cat(pooled["targets"][0]), cat(pooled["targets"][1])),
+            else {"targets": mcnemar(cat(pooled["targets"][0]), cat(pooled["targets"][1])),
                 "others": mcnemar(cat(pooled["others"][0]), cat(pooled["others"][1])),
-                "per_class": [mcnemar(cat(a), cat(c)) for a, c in per_class],
-            },
+                "per_class": [mcnemar(cat(a), cat(c)) for a, c in per_class]},
         }
     out["best_at_matched_harm"] = best_at_matched_harm(out["methods"])
     pred = [
@@ -291,11 +186,8 @@ def best_at_matched_harm(methods: dict) -> dict:
         return {}
     gain = lambda m: methods[m]["target_gain"]["mean"]  # noqa: E731
     best = max(cands, key=gain)
-    res = {
-        "method": best,
-        "target_gain": methods[best]["target_gain"],
-        "worst_other": methods[best]["worst_other"],
-    }
+    res = {"method": best, "target_gain": methods[best]["target_gain"],
+        "worst_other": methods[best]["worst_other"]}
     if matched and SEARCH_ROW in cands:
         rival = max(matched, key=gain)
         a = methods[SEARCH_ROW]["per_seed"]["target_gain"]
@@ -323,242 +215,30 @@ def _order(name: str) -> tuple:
 # ----------------------------------------------------------------------------- report
 
 
-def _fmt(iv: dict, digits: int = 1) -> str:
-    if not iv or iv.get("n", 0) == 0:
-        return "–"
-    if iv["n"] == 1:
-        return f"{iv['mean']:+.{digits}f}"
-    return f"{iv['mean']:+.{digits}f} ± {iv['half_width']:.{digits}f}"
+def _seed_runs(name: str, seeds: int, out_dir: Path, quick: bool, resume: bool, out) -> list[dict]:
+    """Every seed of one dataset: read back (with `resume`, when it ran with the same settings) or
+    run and saved as ``<out_dir>/<dataset>/seed_<s>/seed.json``."""
+    runs = []
+    for s in range(seeds):
+        f = out_dir / name / f"seed_{s}" / "seed.json"
+        if resume and f.exists():
+            saved = io.read_json(f)
+            same = _same_config(saved["config"], seed_config(name, s, out_dir / name, quick=quick))
+            if saved.get("seed") == s and saved.get("quick") == quick and same:
+                print(f"{name}, seed {s}: read back from {f}", file=out)
+                runs.append(saved)
+                continue
+            print(f"{name}, seed {s}: {f} ran with other settings; running it again", file=out)
+        print(f"\n=== {name}, seed {s} ===", file=out)
+        runs.append(run_seed(name, s, out_dir / name, quick=quick, out=out))
+        runs[-1]["quick"] = quick
+        io.write_json(f, runs[-1])
+    return runs
 
 
-def _fmt_test(t: dict | None) -> str:
-    if not t:
-        return "(reference)"
-    star = " *" if t["p"] < 0.05 else ""
-    return f"{t['net']:+d} (p = {t['p']:.2g}){star}"
-
-
-def dataset_markdown(name: str, res: dict) -> list[str]:
-    st = SETTINGS[name]
-    md = [
-        f"## {name}",
-        "",
-        st.description + ".",
-        "",
-        f"Seeds: {res['seeds']}; run time {res['seconds']:.0f} s (sum over seeds, 2 CPU cores).",
-        "",
-    ]
-    for mode, title in (
-        ("direct", "Direct Improvement"),
-        ("course_correction", "Course Correction"),
-    ):
-        s = res["summary"].get(mode)
-        if s is None:
-            md += [
-                f"### {title}",
-                "",
-                "skipped in every seed (no class dropped between epochs).",
-                "",
-            ]
-            continue
-        md += [
-            f"### {title} ({s['n_seeds']} seeds; improving every target on validation in "
-            f"{s['found']})",
-            "",
-            (
-                "Targets per seed (the classes weakest on validation at θ^e): "
-                if mode == "direct"
-                else "Targets per seed (the classes whose validation accuracy the ordinary epoch "
-                "lowered): "
-            )
-            + "; ".join(f"seed {sd}: {', '.join(t)}" for sd, t in zip(s["seeds"], s["targets"]))
-            + ".",
-            "",
-        ]
-        rows = []
-        for m, v in s["methods"].items():
-            mc = v["mcnemar_vs_extra_epoch"]
-            rows.append(
-                [
-                    m
-                    + (
-                        ""
-                        if v["n"] == s["n_seeds"]
-                        else f" (answered in {v['n']} of {s['n_seeds']} seeds)"
-                    ),
-                    _fmt(v["target_gain"]),
-                    _fmt(v["least_target_gain"]),
-                    _fmt(v["worst_other"]),
-                    _fmt_test(mc and mc["targets"]),
-                    _fmt_test(mc and mc["others"]),
-                ]
-            )
-        md += [
-            io.md_table(
-                [
-                    "method",
-                    "mean target gain (points)",
-                    "least target gain",
-                    "worst other class",
-                    "targets vs extra epoch: net samples (McNemar p)",
-                    "other classes: net (p)",
-                ],
-                rows,
-            ),
-            "",
-        ]
-        if SEARCH_ROW in s["methods"] and s["methods"][SEARCH_ROW]["mcnemar_vs_extra_epoch"]:
-            pc = s["methods"][SEARCH_ROW]["mcnemar_vs_extra_epoch"]["per_class"]
-            md += [
-                "Search against the plain extra epoch, per class (test samples gained − lost, "
-                "pooled over seeds; exact McNemar p):",
-                "",
-                io.md_table(
-                    ["class"] + list(res["class_names"]), [["net (p)"] + [_fmt_test(t) for t in pc]]
-                ),
-                "",
-            ]
-        b = s["best_at_matched_harm"]
-        if b:
-            line = (
-                f"Best at matched validation harm: **{b['method']}**, mean target gain "
-                f"{_fmt(b['target_gain'])} points, worst other class {_fmt(b['worst_other'])}."
-            )
-            if "search_minus_best_baseline" in b:
-                d = b["search_minus_best_baseline"]
-                beyond = d["n"] > 1 and abs(d["mean"]) > d["half_width"]
-                line += (
-                    f" The search's target gain minus that of the best val-matched baseline "
-                    f"({b['best_baseline']}), paired over seeds: {_fmt(d)} points"
-                    + (
-                        ""
-                        if d["n"] < 2
-                        else f" ({'beyond' if beyond else 'within'} its 95 % interval)"
-                    )
-                    + "."
-                )
-            md += [line, ""]
-        d = b.get("search_minus_best_baseline") if b else None
-        if d and d["n"] > 1 and d["mean"] < -d["half_width"]:
-            md += _why_lost(s, b["best_baseline"], res["class_names"])
-        fig = res["figures"].get(mode)
-        if fig:
-            md += [f"![]({fig})", ""]
-    return md
-
-
-def _why_lost(s: dict, winner: str, class_names) -> list[str]:
-    """Where a baseline beats the search at matched harm: per class, the mean test change of
-    both and what the search's program predicted (first-order validation-loss change)."""
-    a, w = s["methods"][SEARCH_ROW]["per_class_points"], s["methods"][winner]["per_class_points"]
-    pred = s.get("search_predicted_loss_change")
-    rows = [
-        [c, f"{x:+.1f}", f"{y:+.1f}", "–" if pred is None else f"{p:+.4f}"]
-        for c, x, y, p in zip(class_names, a, w, pred or [None] * len(a))
-    ]
-    pays = [class_names[k] for k in range(len(a)) if a[k] < w[k] - 1.0]
-    return [
-        f"The search loses to {winner} here (beyond the interval). Per class, mean over seeds "
-        "(test points against the "
-        "reference, and the search program's predicted change of the validation loss, negative = "
-        "predicted better; the targets differ between seeds):",
-        "",
-        io.md_table(["class", "search", winner, "search: predicted val-loss change"], rows),
-        "",
-        (
-            "Classes where the search ends more than a point below it: " + ", ".join(pays) + "."
-            if pays
-            else "No class is more than a point below it; the difference is spread thin."
-        ),
-        "",
-    ]
-
-
-def paper_table(results: dict) -> list[str]:
-    """Method × dataset, Direct Improvement: mean target gain / worst other class as relative
-    per-class changes (the paper's unit, %), with the paper's CIFAR-10 figures in their own
-    column."""
-    names = list(results)
-    methods = list(
-        dict.fromkeys(
-            m
-            for r in results.values()
-            for m in (r["summary"].get("direct") or {"methods": {}})["methods"]
-        )
-    )
-    rows = []
-    for m in methods:
-        row = [m]
-        for n in names:
-            v = (results[n]["summary"].get("direct") or {"methods": {}})["methods"].get(m)
-            row.append(
-                "–"
-                if v is None
-                else f"{_fmt(v['target_gain_relative_pct'])} / "
-                f"{_fmt(v['worst_other_relative_pct'])}"
-            )
-        g = PAPER_CIFAR10["target_gain_relative_pct"]
-        row.append(
-            f"+{np.mean(g):.1f} (targets +{g[0]:.0f}, +{g[1]:.0f}) / "
-            f"{PAPER_CIFAR10['worst_other_relative_pct']:+.1f}"
-            if m == SEARCH_ROW
-            else "–"
-        )
-        rows.append(row)
-    return [
-        "## Direct Improvement, every dataset (relative change per class, %: mean target gain / "
-        "worst other class, mean ± 95 % interval over seeds)",
-        "",
-        io.md_table(["method"] + names + [PAPER_CIFAR10["dataset"]], rows),
-        "",
-        "The last column is the original paper's CIFAR-10 result (targets 0 and 2, epoch 10 → 11): "
-        "another dataset and a much larger model, shown for scale only.",
-        "",
-    ]
-
-
-def _figure(name: str, mode: str, summary: dict, out_dir: Path) -> str:
-    ms = list(summary["methods"])
-    vals = np.array(
-        [
-            [
-                summary["methods"][m]["target_gain"]["mean"],
-                summary["methods"][m]["worst_other"]["mean"],
-            ]
-            for m in ms
-        ]
-    )
-    err = np.array(
-        [
-            [
-                summary["methods"][m]["target_gain"]["half_width"],
-                summary["methods"][m]["worst_other"]["half_width"],
-            ]
-            for m in ms
-        ]
-    )
-    fig = plots.interval_bars(
-        ms,
-        vals,
-        err,
-        ["mean target gain", "worst other class"],
-        out_dir / f"{name}_{mode}.png",
-        title=f"{name}, {mode.replace('_', ' ')}: test points, 95 % intervals "
-        f"over {summary['n_seeds']} seeds",
-        ylabel="points",
-    )
-    return fig.get_label()
-
-
-def reproduce_study(
-    datasets=("emotion", "ag_news", "digits", "mnist5k", "mnist5k-noisy"),
-    *,
-    seeds: int = 5,
-    quick: bool = False,
-    out_dir: str = "reports/improve",
-    resume: bool = False,
-    out=None,
-) -> dict:
+def reproduce_study(datasets=("emotion", "ag_news", "digits", "mnist5k", "mnist5k-noisy"), *,
+                    seeds: int = 5, quick: bool = False, out_dir: str = "reports/improve",
+                    resume: bool = False, out=None) -> dict:
     """Run every dataset over `seeds` seeds and write ``report.md`` + ``study.json`` + figures.
 
     Each finished seed is saved as ``<out_dir>/<dataset>/seed_<s>/seed.json``; with `resume`, a
@@ -571,73 +251,21 @@ def reproduce_study(
     checks.check_positive(seeds, "seeds", integer=True)
     results = {}
     for name in datasets:
-        runs = []
-        for s in range(seeds):
-            f = out_dir / name / f"seed_{s}" / "seed.json"
-            if resume and f.exists():
-                saved = io.read_json(f)
-                if (
-                    saved.get("seed") == s
-                    and saved.get("quick") == quick
-                    and _same_config(
-                        saved["config"], seed_config(name, s, out_dir / name, quick=quick)
-                    )
-                ):
-                    print(f"{name}, seed {s}: read back from {f}", file=out)
-                    runs.append(saved)
-                    continue
-                print(f"{name}, seed {s}: {f} ran with other settings; running it again", file=out)
-            print(f"\n=== {name}, seed {s} ===", file=out)
-            runs.append(run_seed(name, s, out_dir / name, quick=quick, out=out))
-            runs[-1]["quick"] = quick
-            io.write_json(f, runs[-1])
+        runs = _seed_runs(name, seeds, out_dir, quick, resume, out)
         names = runs[0]["class_names"]
-        res = {
-            "seeds": list(range(seeds)),
-            "class_names": names,
-            "seconds": float(sum(r["seconds"] for r in runs)),
-            "summary": {m: summarize(runs, m, names) for m in ("direct", "course_correction")},
-            "figures": {},
-        }
+        res = {"seeds": list(range(seeds)), "class_names": names,
+               "seconds": float(sum(r["seconds"] for r in runs)),
+               "summary": {m: summarize(runs, m, names) for m in ("direct", "course_correction")},
+               "figures": {}}
         for m, s_ in res["summary"].items():
             if s_ is not None:
-                res["figures"][m] = _figure(name, m, s_, out_dir)
+                res["figures"][m] = figure(name, m, s_, out_dir)
         results[name] = res
-    md = [
-        "# Improvement study",
-        "",
-        "Direct Improvement (one weighted epoch from the last checkpoint θ^e against θ^e) and "
-        "Course Correction (one weighted epoch from the checkpoint whose ordinary successor "
-        "dropped "
-        "some validation classes, against that successor), each beside the baselines of "
-        "`evaluation.baseline_weights` and the same baselines scaled to the search's validation "
-        'harm ("val-matched"). Targets: the classes weakest on validation. Every change is on '
-        "the held-out test split, in accuracy points, as mean ± the half-width of the 95 % "
-        "t-interval "
-        "over seeds (each seed changes the split where the dataset has none of its own, the "
-        "initialisation, the batch order and the search). 'net (p)': test samples a method gets "
-        "right "
-        "that the plain extra epoch (the unweighted baseline) gets wrong, minus the reverse, "
-        "pooled over "
-        "seeds, with the exact McNemar p-value; * marks p < 0.05. The null hypothesis is that, in "
-        "every "
-        "seed, a test sample that only one of the two models gets right is equally likely to be "
-        "either's "
-        "(a fair coin), which makes the pooled test exact; it speaks of these test samples under "
-        "the "
-        "training randomness (on Emotion every seed scores the same test file), not of new data. "
-        "The "
-        "per-class tests are many (classes × methods) and not corrected for multiplicity: read "
-        "them as "
-        "pointers, and the targets' and other classes' pooled tests as the answer.",
-        "",
-    ]
-    md += paper_table(results)
+    md = ["# Improvement study", "", INTRO, ""] + paper_table(results)
     for name, res in results.items():
         md += dataset_markdown(name, res)
-    io.write_json(
-        out_dir / "study.json", {"results": results, "paper_cifar10": PAPER_CIFAR10, "quick": quick}
-    )
+    io.write_json(out_dir / "study.json",
+                  {"results": results, "paper_cifar10": PAPER_CIFAR10, "quick": quick})
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     print(f"wrote {out_dir / 'report.md'}", file=out)
     return results

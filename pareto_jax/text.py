@@ -25,13 +25,8 @@ def tfidf_fit_transform(
     """TF-IDF fitted on the training texts only, applied to every set (dense float32, L2 rows)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    vec = TfidfVectorizer(
-        max_features=max_features,
-        sublinear_tf=True,
-        min_df=2,
-        strip_accents="unicode",
-        dtype=np.float32,
-    )
+    vec = TfidfVectorizer(max_features=max_features, sublinear_tf=True, min_df=2,
+        strip_accents="unicode", dtype=np.float32)
     out = [vec.fit_transform(train_texts)]
     out += [vec.transform(t) for t in others]
     return [np.asarray(o.todense(), dtype=np.float32) for o in out]
@@ -74,16 +69,14 @@ def load_minilm(model_dir: str | os.PathLike | None = None):
         "type": w["embeddings.token_type_embeddings.weight"],
         "ln": ln("embeddings.LayerNorm"),
         "layers": [
-            {
-                "q": lin(f"encoder.layer.{i}.attention.self.query"),
+            {"q": lin(f"encoder.layer.{i}.attention.self.query"),
                 "k": lin(f"encoder.layer.{i}.attention.self.key"),
                 "v": lin(f"encoder.layer.{i}.attention.self.value"),
                 "o": lin(f"encoder.layer.{i}.attention.output.dense"),
                 "ln1": ln(f"encoder.layer.{i}.attention.output.LayerNorm"),
                 "ff1": lin(f"encoder.layer.{i}.intermediate.dense"),
                 "ff2": lin(f"encoder.layer.{i}.output.dense"),
-                "ln2": ln(f"encoder.layer.{i}.output.LayerNorm"),
-            }
+                "ln2": ln(f"encoder.layer.{i}.output.LayerNorm")}
             for i in range(cfg["num_hidden_layers"])
         ],
     }
@@ -133,13 +126,8 @@ class MiniLMEncoder:
         0.666
     """
 
-    def __init__(
-        self,
-        model_dir: str | os.PathLike | None = None,
-        *,
-        max_length: int = 256,
-        batch_size: int = 64,
-    ):
+    def __init__(self, model_dir: str | os.PathLike | None = None, *, max_length: int = 256,
+        batch_size: int = 64):
         import functools
 
         import jax
@@ -184,13 +172,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PARETO_JAX_CACHE", Path.home() / ".cache" / "pareto_jax"))
 
 
-def minilm_embed(
-    texts: Sequence[str],
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    encoder: MiniLMEncoder | None = None,
-) -> np.ndarray:
+def minilm_embed(texts: Sequence[str], *, cache_dir: str | os.PathLike | None = None,
+    progress: bool = True, encoder: MiniLMEncoder | None = None) -> np.ndarray:
     """MiniLM embeddings of `texts`, read from / written to an on-disk cache keyed by their hash."""
     h = hashlib.sha256()
     h.update(b"all-MiniLM-L6-v2/mean/l2/256\0")
@@ -210,16 +193,9 @@ def minilm_embed(
     return arr
 
 
-def featurize_splits(
-    train: TextDataset,
-    val: TextDataset,
-    test: TextDataset,
-    *,
-    method: str = "tfidf",
-    cache_dir: str | None = None,
-    name: str = "text",
-    max_features: int = 2000,
-) -> Splits:
+def featurize_splits(train: TextDataset, val: TextDataset, test: TextDataset, *,
+    method: str = "tfidf", cache_dir: str | None = None, name: str = "text",
+    max_features: int = 2000) -> Splits:
     """Turn three text splits into feature `Splits` (TF-IDF fitted on train, or MiniLM)."""
     checks.check_choice(method, "features", ("tfidf", "minilm"))
     if method == "tfidf":

@@ -1,4 +1,4 @@
-"""Training with per-sample weights, and per-class evaluation.
+"""Training with per-sample weights (per-class evaluation: `pareto_jax.metrics`, re-exported).
 
 The objective for weights w (docs/method.md) is
 
@@ -28,6 +28,7 @@ import optax
 
 from . import checks, io, kernels
 from .config import NORMALIZERS, TrainConfig
+from .metrics import ClassMetrics, evaluate, predict  # noqa: F401  (re-exported)
 from .results import pytree_result
 
 LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -57,12 +58,8 @@ class Objective:
 
     def __post_init__(self):
         if not callable(self.loss_fn):
-            checks.fail(
-                "loss_fn",
-                type(self.loss_fn).__name__,
-                "a function (params, x, y) -> scalar",
-                "pass e.g. models.per_sample_loss(apply)",
-            )
+            checks.fail("loss_fn", type(self.loss_fn).__name__,
+                "a function (params, x, y) -> scalar", "pass e.g. models.per_sample_loss(apply)")
         checks.check_positive(self.weight_decay, "weight_decay", allow_zero=True)
         checks.check_choice(self.normalizer, "normalizer", NORMALIZERS)
         object.__setattr__(self, "weight_decay", float(self.weight_decay))
@@ -74,15 +71,8 @@ class Objective:
 
     def value(self, params, x, y, w) -> jax.Array:
         """L_w(θ) on the full batch (x, y) with weights w."""
-        return weighted_objective(
-            self.loss_fn,
-            params,
-            x,
-            y,
-            w,
-            weight_decay=self.weight_decay,
-            normalizer=self.normalizer,
-        )
+        return weighted_objective(self.loss_fn, params, x, y, w, weight_decay=self.weight_decay,
+            normalizer=self.normalizer)
 
 
 def as_objective(loss_fn, weight_decay=None) -> Objective:
@@ -90,12 +80,9 @@ def as_objective(loss_fn, weight_decay=None) -> Objective:
     a per-sample loss and its λ (the front doors' two ways in)."""
     if isinstance(loss_fn, Objective):
         if weight_decay is not None and float(weight_decay) != loss_fn.weight_decay:
-            checks.fail(
-                "weight_decay",
-                repr(weight_decay),
+            checks.fail("weight_decay", repr(weight_decay),
                 f"None (the objective's own λ = {loss_fn.weight_decay})",
-                "drop weight_decay=, or pass the objective with the λ it was trained with",
-            )
+                "drop weight_decay=, or pass the objective with the λ it was trained with")
         return loss_fn
     if weight_decay is None:
         checks.fail(
@@ -156,16 +143,8 @@ class EpochFns(NamedTuple):
     body: Callable
 
 
-def epoch_fns(
-    loss_fn: LossFn,
-    config: TrainConfig,
-    m: int,
-    num_batches: int,
-    batch: int,
-    *,
-    axis_name: str | None = None,
-    num_devices: int = 1,
-) -> EpochFns:
+def epoch_fns(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, batch: int, *,
+    axis_name: str | None = None, num_devices: int = 1) -> EpochFns:
     """The weighted epoch over the m samples this device holds (see `EpochFns`).
 
     The samples are shuffled with ``fold_in(seed, epoch_index)`` and cut into `num_batches`
@@ -261,14 +240,8 @@ class _SteppedEpoch:
         return params, opt_state, jnp.mean(jnp.stack(losses), axis=0)
 
 
-def make_epoch_fn(
-    loss_fn: LossFn,
-    config: TrainConfig,
-    n: int,
-    *,
-    population: bool = False,
-    execution: str = "auto",
-):
+def make_epoch_fn(loss_fn: LossFn, config: TrainConfig, n: int, *, population: bool = False,
+    execution: str = "auto"):
     """One weighted epoch: ``epoch(params, opt_state, x, y, w, epoch_index) -> (params, opt_state,
     mean_loss)``.
 
@@ -294,72 +267,6 @@ def make_epoch_fn(
 def broadcast_population(tree, size: int):
     """`size` copies of a pytree along a new leading axis (a population's starting point)."""
     return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (size, *jnp.shape(a))), tree)
-
-
-@pytree_result(data=("accuracy", "loss", "counts"))
-@dataclasses.dataclass(frozen=True)
-class ClassMetrics:
-    """Per-class accuracy and mean loss on one split (numpy arrays of length K)."""
-
-    accuracy: np.ndarray
-    loss: np.ndarray
-    counts: np.ndarray
-    overall_accuracy: float
-    overall_loss: float
-
-    def to_dict(self) -> dict:
-        return io.to_jsonable(self)
-
-
-@functools.lru_cache(maxsize=64)
-def _eval_fn(apply, num_classes: int):
-    def f(params, x, y, m):
-        logits = apply(params, x)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-        onehot = jax.nn.one_hot(y, num_classes) * m[:, None]
-        return onehot.T @ correct, onehot.T @ losses, onehot.sum(0)
-
-    return jax.jit(f)
-
-
-@functools.lru_cache(maxsize=64)
-def _predict_fn(apply):
-    return jax.jit(lambda params, xb: jnp.argmax(apply(params, xb), -1))
-
-
-def predict(apply, params, x, *, batch_size: int = 1024) -> np.ndarray:
-    """The predicted class of every sample of x (an array or a pytree of arrays), in chunks."""
-    f = _predict_fn(apply)
-    x = checks.as_inputs(x, "x")
-    n = checks.num_inputs(x)
-    chunks = kernels.pad_chunks(x, np.zeros(n, np.int32), batch_size)
-    out = [
-        np.asarray(f(params, xb))[np.asarray(mb) > 0] for xb, _, mb in kernels.iter_chunks(chunks)
-    ]
-    return np.concatenate(out)
-
-
-def evaluate(apply, params, x, y, num_classes: int, *, batch_size: int = 1024) -> ClassMetrics:
-    """Per-class accuracy and loss of ``apply(params, ·)`` on (x, y), in fixed-size chunks."""
-    f = _eval_fn(apply, num_classes)
-    chunks = kernels.pad_chunks(checks.as_inputs(x, "x"), np.asarray(y), batch_size)
-    acc = np.zeros(num_classes)
-    loss = np.zeros(num_classes)
-    cnt = np.zeros(num_classes)
-    for xb, yb, m in kernels.iter_chunks(chunks):
-        a, l_, c = f(params, xb, yb, m)
-        acc += np.asarray(a, np.float64)
-        loss += np.asarray(l_, np.float64)
-        cnt += np.asarray(c, np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return ClassMetrics(
-            acc / cnt,
-            loss / cnt,
-            cnt.astype(int),
-            float(acc.sum() / cnt.sum()),
-            float(loss.sum() / cnt.sum()),
-        )
 
 
 @pytree_result(data=("state",))
@@ -403,21 +310,10 @@ def load_checkpoint(path: str | Path, template: TrainState) -> TrainState:
     return TrainState(tree["params"], tree["opt_state"], int(extra["epoch"]))
 
 
-def train(
-    loss_fn: LossFn,
-    params,
-    x,
-    y,
-    config: TrainConfig = TrainConfig(),
-    *,
-    num_classes: int | None = None,
-    weights=None,
-    state: TrainState | None = None,
-    epochs: int | None = None,
-    run_dir: str | Path | None = None,
-    progress: bool = False,
-    epoch_fn=None,
-) -> TrainResult:
+def train(loss_fn: LossFn, params, x, y, config: TrainConfig = TrainConfig(), *,
+    num_classes: int | None = None, weights=None, state: TrainState | None = None,
+    epochs: int | None = None, run_dir: str | Path | None = None, progress: bool = False,
+    epoch_fn=None) -> TrainResult:
     """Train with per-sample weights; optionally continue from `state` and save checkpoints.
 
     Args:
@@ -449,14 +345,8 @@ def train(
     import sys
 
     tty = sys.stderr.isatty()  # in a log file: a line every 10 s at most, not one per refresh
-    bar = tqdm(
-        range(st.epoch, st.epoch + n_ep),
-        disable=not progress,
-        desc="train",
-        unit="epoch",
-        mininterval=0.1 if tty else 10.0,
-        ascii=not tty,
-    )
+    bar = tqdm(range(st.epoch, st.epoch + n_ep), disable=not progress, desc="train", unit="epoch",
+        mininterval=0.1 if tty else 10.0, ascii=not tty)
     for e in bar:
         p, o, loss = ep_fn(p, o, xd, yd, wd, e)
         loss = float(loss)
@@ -526,12 +416,9 @@ def fit_lbfgs(
     predictions are checked against. Returns (params, iterations, final gradient norm).
     """
     if not isinstance(objective, Objective):
-        checks.fail(
-            "objective",
-            type(objective).__name__,
+        checks.fail("objective", type(objective).__name__,
             "a train.Objective (loss, λ, normaliser)",
-            "pass train.Objective(loss_fn, weight_decay, normalizer='n')",
-        )
+            "pass train.Objective(loss_fn, weight_decay, normalizer='n')")
     x = checks.as_features(x, "x")
     w = np.ones(x.shape[0]) if weights is None else checks.as_weights(weights, x.shape[0])
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))

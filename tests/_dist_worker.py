@@ -96,31 +96,12 @@ Pps = influence.influence_from_solutions(
     lf, params, r1.solutions, x, y, mesh=mesh, method="per_sample", chunk_size=30
 )
 out["P_per_sample"] = rel(Pps, r1.P)
-rg1 = influence.category_influence(
-    lf,
-    params,
-    x,
-    y,
-    xv,
-    yv,
-    num_classes=10,
-    weight_decay=1e-3,
+rg1 = influence.category_influence(lf, params, x, y, xv, yv, num_classes=10, weight_decay=1e-3,
     apply=apply,
-    config=influence.InfluenceConfig(curvature="gauss_newton", damping=1e-4, rtol=1e-10),
-)
-rgD = influence.category_influence(
-    lf,
-    params,
-    x,
-    y,
-    xv,
-    yv,
-    num_classes=10,
-    weight_decay=1e-3,
+    config=influence.InfluenceConfig(curvature="gauss_newton", damping=1e-4, rtol=1e-10))
+rgD = influence.category_influence(lf, params, x, y, xv, yv, num_classes=10, weight_decay=1e-3,
     apply=apply,
-    config=influence.InfluenceConfig(curvature="gauss_newton", damping=1e-4, rtol=1e-10),
-    mesh=mesh,
-)
+    config=influence.InfluenceConfig(curvature="gauss_newton", damping=1e-4, rtol=1e-10), mesh=mesh)
 out["P_gauss_newton"] = rel(rgD.P, rg1.P)
 
 # the search: the population sharded over the mesh gives the same candidates and fitness

@@ -59,11 +59,8 @@ def _influence_sign():
     from pareto_jax import backend, closed_form
 
     _wrap_result(backend.Local, "influence_rows", lambda r, *a, **k: -r)
-    _wrap_result(
-        closed_form,
-        "linear_influence",
-        lambda r, *a, **k: (-r[0], r[1]) if isinstance(r, tuple) else -r,
-    )
+    _wrap_result(closed_form, "linear_influence",
+        lambda r, *a, **k: (-r[0], r[1]) if isinstance(r, tuple) else -r)
 
 
 def _one_over_n_dropped():
@@ -142,7 +139,7 @@ def _cg_one_step():
 
 
 def _ekfac_correction_skipped():
-    from pareto_jax import kfac
+    from pareto_jax.kfac import factors
 
     def make(orig):
         import jax
@@ -153,7 +150,7 @@ def _ekfac_correction_skipped():
 
         return _corrected
 
-    _swap(kfac, "_corrected", make)
+    _swap(factors, "_corrected", make)
 
 
 def _kfac_old_pseudo_gradient():
@@ -488,12 +485,8 @@ def _mcnemar_unpaired():
 
     def unpaired(m, r):  # compares the two accuracies, not the discordant pairs
         b, c = int(np.sum(m)), int(np.sum(r))
-        return {
-            "gained": b,
-            "lost": c,
-            "net": b - c,
-            "p": float(scipy.stats.binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0,
-        }
+        return {"gained": b, "lost": c, "net": b - c,
+            "p": float(scipy.stats.binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0}
 
     _swap(study, "mcnemar", lambda o: unpaired)
 
@@ -518,41 +511,25 @@ def _study_reference_is_the_search():
 
 
 FAULTS: dict[str, tuple[str, list[str], object]] = {
-    "influence_sign": (
-        "P negated (beneficial reported as harmful)",
+    "influence_sign": ("P negated (beneficial reported as harmful)",
         ["tests/test_influence.py::test_sign_and_scale_identity_against_retraining"],
-        _influence_sign,
-    ),
-    "one_over_n_dropped": (
-        "P not divided by N",
+        _influence_sign),
+    "one_over_n_dropped": ("P not divided by N",
         ["tests/test_influence.py::test_generic_paths_agree_with_closed_form_on_digits"],
-        _one_over_n_dropped,
-    ),
-    "damping_ignored": (
-        "CG / dense solves drop the damping δ",
-        ["tests/test_influence.py::test_cg_matches_dense_solve"],
-        _damping_ignored,
-    ),
-    "gauss_newton_diagonal": (
-        "Gauss-Newton output Hessian diag(p) instead of diag(p) − ppᵀ",
+        _one_over_n_dropped),
+    "damping_ignored": ("CG / dense solves drop the damping δ",
+        ["tests/test_influence.py::test_cg_matches_dense_solve"], _damping_ignored),
+    "gauss_newton_diagonal": ("Gauss-Newton output Hessian diag(p) instead of diag(p) − ppᵀ",
         ["tests/test_influence.py::test_gauss_newton_matches_explicit_jacobian_product"],
-        _gauss_newton_diagonal_output_hessian,
-    ),
-    "jvp_wrong_class": (
-        "forward-mode P stage pairs class k with class k−1's solution",
+        _gauss_newton_diagonal_output_hessian),
+    "jvp_wrong_class": ("forward-mode P stage pairs class k with class k−1's solution",
         ["tests/test_reliability.py::test_property_forward_mode_equals_per_sample"],
-        _jvp_wrong_class,
-    ),
-    "class_gradient_wrong_class": (
-        "class gradients averaged over the next class's samples",
+        _jvp_wrong_class),
+    "class_gradient_wrong_class": ("class gradients averaged over the next class's samples",
         ["tests/test_influence.py::test_class_gradients_match_python_loop"],
-        _class_gradient_wrong_class,
-    ),
-    "cg_one_step": (
-        "CG stops after its first step",
-        ["tests/test_influence.py::test_cg_matches_dense_solve"],
-        _cg_one_step,
-    ),
+        _class_gradient_wrong_class),
+    "cg_one_step": ("CG stops after its first step",
+        ["tests/test_influence.py::test_cg_matches_dense_solve"], _cg_one_step),
     "ekfac_correction_skipped": (
         "EK-FAC eigenvalue correction never accumulated",
         [
@@ -560,11 +537,9 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
         ],
         _ekfac_correction_skipped,
     ),
-    "kfac_old_pseudo_gradient": (
-        "K-FAC pseudo-gradients weighted by √p_j (the bug of issue 18)",
+    "kfac_old_pseudo_gradient": ("K-FAC pseudo-gradients weighted by √p_j (the bug of issue 18)",
         ["tests/test_estimators.py::test_kfac_and_ekfac_are_exact_where_the_kronecker_product_is"],
-        _kfac_old_pseudo_gradient,
-    ),
+        _kfac_old_pseudo_gradient),
     "closed_form_weight_decay_ignored": (
         "closed-form linear influence drops λ",
         [
@@ -575,81 +550,48 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
     "cross_entropy_check_removed": (
         "Gauss-Newton with cross-entropy's output Hessian for any loss (issue 17)",
         ["tests/test_influence.py::test_gauss_newton_is_never_applied_to_another_loss"],
-        _cross_entropy_check_removed,
-    ),
-    "output_hessian_ignored": (
-        "Gauss-Newton uses cross-entropy's output Hessian for an OutputLoss",
+        _cross_entropy_check_removed),
+    "output_hessian_ignored": ("Gauss-Newton uses cross-entropy's output Hessian for an OutputLoss",
         ["tests/test_own_models.py::test_a_scaled_loss_is_not_given_cross_entropy_curvature"],
-        _output_hessian_ignored,
-    ),
+        _output_hessian_ignored),
     "adapter_not_in_eval_mode": (
         "the nnx adapter runs the module in train mode (dropout on, live batch statistics)",
         ["tests/test_own_models.py::test_nnx_adapter_holds_batch_statistics_and_rng_state_fixed"],
-        _adapter_not_in_eval_mode,
-    ),
-    "groups_ignored": (
-        "groups= is ignored (P by class instead)",
+        _adapter_not_in_eval_mode),
+    "groups_ignored": ("groups= is ignored (P by class instead)",
         ["tests/test_own_models.py::test_groups_and_a_measurement_match_the_dense_reference"],
-        _groups_ignored,
-    ),
-    "missing_psum": (
-        "sharded curvature product not summed over devices",
-        ["tests/test_distributed.py::test_influence_stages_match_single_device"],
-        _missing_psum,
-    ),
-    "zero_duals": (
-        "the dual stage returns zeros",
-        ["tests/test_pareto.py::test_device_solver_matches_highs"],
-        _zero_duals,
-    ),
-    "reduced_cost_sign": (
-        "the optimality certificate reads the reduced cost with the wrong sign",
-        ["tests/test_pareto.py::test_device_solver_matches_highs"],
-        _reduced_cost_sign,
-    ),
-    "certificate_skipped": (
-        "the exact finish accepts its restricted LP without the certificate",
-        ["tests/test_pareto.py::test_exact_finish_recovers_from_bad_duals"],
-        _certificate_skipped,
-    ),
-    "float64_recheck_skipped": (
-        "the float64 feasibility re-check always passes",
+        _groups_ignored),
+    "missing_psum": ("sharded curvature product not summed over devices",
+        ["tests/test_distributed.py::test_influence_stages_match_single_device"], _missing_psum),
+    "zero_duals": ("the dual stage returns zeros",
+        ["tests/test_pareto.py::test_device_solver_matches_highs"], _zero_duals),
+    "reduced_cost_sign": ("the optimality certificate reads the reduced cost with the wrong sign",
+        ["tests/test_pareto.py::test_device_solver_matches_highs"], _reduced_cost_sign),
+    "certificate_skipped": ("the exact finish accepts its restricted LP without the certificate",
+        ["tests/test_pareto.py::test_exact_finish_recovers_from_bad_duals"], _certificate_skipped),
+    "float64_recheck_skipped": ("the float64 feasibility re-check always passes",
         ["tests/test_pareto.py::test_a_wrong_device_answer_is_caught_by_the_float64_recheck"],
-        _float64_recheck_skipped,
-    ),
-    "qp_gap_skipped": (
-        "the QP's duality-gap certificate always passes",
-        ["tests/test_pareto.py::test_qp_certificate_refuses_inexact_duals"],
-        _qp_gap_skipped,
-    ),
+        _float64_recheck_skipped),
+    "qp_gap_skipped": ("the QP's duality-gap certificate always passes",
+        ["tests/test_pareto.py::test_qp_certificate_refuses_inexact_duals"], _qp_gap_skipped),
     "simplex_dual_sign": (
         "the bounded dual simplex returns its row duals negated",
-        [
-            "tests/test_pareto.py::test_ceiling_device_matches_highs",
-            "tests/test_pareto.py::test_device_solver_matches_highs",
-        ],
+        ["tests/test_pareto.py::test_ceiling_device_matches_highs",
+            "tests/test_pareto.py::test_device_solver_matches_highs"],
         _simplex_dual_sign,
     ),
-    "ceiling_direction_flipped": (
-        "the ceiling test returns −d",
-        ["tests/test_pareto.py::test_ceiling_improvable_cases"],
-        _ceiling_direction_flipped,
-    ),
-    "selection_drops_ties": (
-        "the k-smallest selection drops the ties at the k-th key",
-        ["tests/test_pareto.py::test_smallest_equals_top_k"],
-        _selection_drops_ties,
-    ),
+    "ceiling_direction_flipped": ("the ceiling test returns −d",
+        ["tests/test_pareto.py::test_ceiling_improvable_cases"], _ceiling_direction_flipped),
+    "selection_drops_ties": ("the k-smallest selection drops the ties at the k-th key",
+        ["tests/test_pareto.py::test_smallest_equals_top_k"], _selection_drops_ties),
     "gram_complement_not_subtracted": (
         "the dual Hessian's Gram-minus-others branch forgets the others",
         ["tests/test_pareto.py::test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact"],
-        _gram_complement_not_subtracted,
-    ),
+        _gram_complement_not_subtracted),
     "pair_products_wrong": (
         "the vmapped dual Hessian's row pair products pair each entry with itself",
         ["tests/test_pareto.py::test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact"],
-        _pair_products_wrong,
-    ),
+        _pair_products_wrong),
     "batch_rows_share_one_rho": (
         "a prepared batch of programs gives every row the first row's trust region",
         [
@@ -660,58 +602,32 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
     "kfac_weight_decay_twice": (
         "K-FAC adds the objective's λ twice (damping read as λ + δ on top of the factors' λ)",
         ["tests/test_estimators.py::test_kfac_and_ekfac_are_exact_where_the_kronecker_product_is"],
-        _kfac_weight_decay_twice,
-    ),
-    "nan_check_removed": (
-        "NaN in P accepted",
-        ["tests/test_pareto.py::test_nan_in_P_is_rejected"],
-        _nan_check_removed,
-    ),
-    "epoch_ignores_weights": (
-        "the weighted epoch trains with w = 1",
+        _kfac_weight_decay_twice),
+    "nan_check_removed": ("NaN in P accepted", ["tests/test_pareto.py::test_nan_in_P_is_rejected"],
+        _nan_check_removed),
+    "epoch_ignores_weights": ("the weighted epoch trains with w = 1",
         ["tests/test_train.py::test_zero_weight_equals_training_without_the_samples"],
-        _epoch_ignores_weights,
-    ),
-    "normaliser_n": (
-        "the weighted epoch divides by N instead of Σw",
+        _epoch_ignores_weights),
+    "normaliser_n": ("the weighted epoch divides by N instead of Σw",
         ["tests/test_train.py::test_minibatch_weighted_training_matches_duplicated_data"],
-        _normaliser_n,
-    ),
-    "fitness_ignores_failed_target": (
-        "fitness finite although a target got worse",
-        ["tests/test_search.py::test_fitness_definition"],
-        _fitness_ignores_failed_target,
-    ),
-    "crossover_returns_parent": (
-        "crossover returns its first parent",
-        ["tests/test_search.py::test_crossover_mixes_both_parents"],
-        _crossover_returns_parent,
-    ),
-    "checkpoint_ignored": (
-        "the search starts over instead of resuming from its checkpoint",
-        ["tests/test_search.py::test_search_resumes_from_its_checkpoint"],
-        _checkpoint_ignored,
-    ),
-    "mcnemar_unpaired": (
-        "the study's McNemar test counts correct answers, not discordant pairs",
-        ["tests/test_study.py::test_mcnemar_matches_enumeration"],
-        _mcnemar_unpaired,
-    ),
-    "interval_uses_normal": (
-        "the study's intervals use 1.96 instead of the t quantile",
-        ["tests/test_study.py::test_interval_is_the_t_interval"],
-        _interval_uses_normal,
-    ),
+        _normaliser_n),
+    "fitness_ignores_failed_target": ("fitness finite although a target got worse",
+        ["tests/test_search.py::test_fitness_definition"], _fitness_ignores_failed_target),
+    "crossover_returns_parent": ("crossover returns its first parent",
+        ["tests/test_search.py::test_crossover_mixes_both_parents"], _crossover_returns_parent),
+    "checkpoint_ignored": ("the search starts over instead of resuming from its checkpoint",
+        ["tests/test_search.py::test_search_resumes_from_its_checkpoint"], _checkpoint_ignored),
+    "mcnemar_unpaired": ("the study's McNemar test counts correct answers, not discordant pairs",
+        ["tests/test_study.py::test_mcnemar_matches_enumeration"], _mcnemar_unpaired),
+    "interval_uses_normal": ("the study's intervals use 1.96 instead of the t quantile",
+        ["tests/test_study.py::test_interval_is_the_t_interval"], _interval_uses_normal),
     "study_reference_is_the_search": (
         "the study's paired tests compare with the search, not the extra epoch",
         ["tests/test_study.py::test_summary_equals_hand_computation"],
-        _study_reference_is_the_search,
-    ),
-    "split_drops_a_validation_class": (
-        "the split leaves a class out of validation",
+        _study_reference_is_the_search),
+    "split_drops_a_validation_class": ("the split leaves a class out of validation",
         ["tests/test_data.py::test_stratified_split_is_stratified_and_reproducible"],
-        _split_drops_a_validation_class,
-    ),
+        _split_drops_a_validation_class),
 }
 
 

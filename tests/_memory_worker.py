@@ -29,15 +29,8 @@ yv = np.arange(500) % 10
 apply, params = models.functional(models.make_model("mlp", (64,), 10, hidden=(H,), seed=0))
 lf = models.per_sample_loss(apply)
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-cfg = influence.InfluenceConfig(
-    curvature="gauss_newton",
-    damping=1e-2,
-    max_steps=3,
-    rtol=1e-3,
-    chunk_size=256,
-    hvp_batch_size=1024,
-    method="jvp",
-)
+cfg = influence.InfluenceConfig(curvature="gauss_newton", damping=1e-2, max_steps=3, rtol=1e-3,
+    chunk_size=256, hvp_batch_size=1024, method="jvp")
 r = influence.category_influence(
     lf, params, x, y, xv, yv, num_classes=10, weight_decay=1e-3, apply=apply, config=cfg
 )
@@ -55,15 +48,10 @@ data = local.objective(theta, local.chunks(x, y, cfg.hvp_batch_size, theta.dtype
 G = jnp.zeros((10, theta.size), theta.dtype)
 one = jnp.asarray(1e-2, theta.dtype)
 mS = backend.solve_program.lower("cg", curv, data, G, one, one, one, 3).compile().memory_analysis()
-out = {
-    "N": N,
-    "num_params": int(theta.size),
-    "rss_before_MiB": rss0 / 1024,
-    "rss_peak_MiB": rss1 / 1024,
-    "P_stage_temp_MiB": mP.temp_size_in_bytes / 2**20,
+out = {"N": N, "num_params": int(theta.size), "rss_before_MiB": rss0 / 1024,
+    "rss_peak_MiB": rss1 / 1024, "P_stage_temp_MiB": mP.temp_size_in_bytes / 2**20,
     "P_stage_output_MiB": mP.output_size_in_bytes / 2**20,
     "solve_temp_MiB": mS.temp_size_in_bytes / 2**20,
-    "N_by_P_gradients_MiB": N * theta.size * 4 / 2**20,
-}
+    "N_by_P_gradients_MiB": N * theta.size * 4 / 2**20}
 json.dump(out, open(sys.argv[2], "w"))
 print(json.dumps(out))

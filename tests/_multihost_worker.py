@@ -36,26 +36,11 @@ vs = distributed.process_slice(len(s.val.y))
 cfg = influence.InfluenceConfig(
     curvature="gauss_newton", damping=1e-3, rtol=1e-10, chunk_size=32, hvp_batch_size=64
 )
-r = influence.category_influence(
-    lf,
-    params,
-    x[sl],
-    y[sl],
-    s.val.x[vs],
-    s.val.y[vs],
-    num_classes=10,
-    weight_decay=1e-3,
-    apply=apply,
-    config=cfg,
-    mesh=mesh,
-)
+r = influence.category_influence(lf, params, x[sl], y[sl], s.val.x[vs], s.val.y[vs], num_classes=10,
+    weight_decay=1e-3, apply=apply, config=cfg, mesh=mesh)
 json.dump(
-    {
-        "info": info,
-        "slice": [sl.start, sl.stop],
-        "P": np.asarray(r.P).tolist(),
-        "U": np.asarray(r.solutions).tolist(),
-    },
+    {"info": info, "slice": [sl.start, sl.stop], "P": np.asarray(r.P).tolist(),
+        "U": np.asarray(r.solutions).tolist()},
     open(out_path, "w"),
 )
 print("done", info)

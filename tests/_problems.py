@@ -24,13 +24,9 @@ def fit_exact(loss_fn, params, x, y, *, weight_decay, weights=None, normalizer="
     y = jnp.asarray(y)
     w = jnp.ones(x.shape[0]) if weights is None else jnp.asarray(weights, jnp.float64)
     vg = _vg(loss_fn, unravel, weight_decay, normalizer)
-    r = so.minimize(
-        lambda t: tuple(np.asarray(a, np.float64) for a in vg(t, x, y, w)),
-        np.asarray(theta0),
-        jac=True,
-        method="L-BFGS-B",
-        options=dict(gtol=1e-13, ftol=0.0, maxiter=20000, maxcor=30),
-    )
+    r = so.minimize(lambda t: tuple(np.asarray(a, np.float64) for a in vg(t, x, y, w)),
+        np.asarray(theta0), jac=True, method="L-BFGS-B",
+        options=dict(gtol=1e-13, ftol=0.0, maxiter=20000, maxcor=30))
     return unravel(jnp.asarray(r.x)), r
 
 

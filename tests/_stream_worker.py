@@ -32,27 +32,15 @@ yv = np.arange(500) % 10
 apply, params = models.functional(models.make_model("mlp", (512,), 10, hidden=(32,), seed=0))
 lf = models.per_sample_loss(apply)
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-cfg = influence.InfluenceConfig(
-    curvature="gauss_newton",
-    damping=1e-2,
-    max_steps=3,
-    rtol=1e-3,
-    chunk_size=512,
-    hvp_batch_size=1024,
-    method="jvp",
-)
+cfg = influence.InfluenceConfig(curvature="gauss_newton", damping=1e-2, max_steps=3, rtol=1e-3,
+    chunk_size=512, hvp_batch_size=1024, method="jvp")
 r = influence.category_influence(
     lf, params, batches, None, xv, yv, num_classes=10, weight_decay=1e-3, config=cfg
 )
 r.P.block_until_ready()
 rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-out = {
-    "N": N,
-    "rss_before_MiB": rss0 / 1024,
-    "rss_peak_MiB": rss1 / 1024,
-    "P_shape": list(r.P.shape),
-    "x_in_memory_MiB": N * 512 * 4 / 2**20,
-    "execution": r.details["execution"],
-}
+out = {"N": N, "rss_before_MiB": rss0 / 1024, "rss_peak_MiB": rss1 / 1024,
+    "P_shape": list(r.P.shape), "x_in_memory_MiB": N * 512 * 4 / 2**20,
+    "execution": r.details["execution"]}
 json.dump(out, open(sys.argv[2], "w"))
 print(json.dumps(out))

@@ -36,11 +36,7 @@ def _pytest(tests: list[str], fault: str | None) -> tuple[int, float, str]:
     t0 = time.perf_counter()
     p = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "", *tests],
-        cwd=HERE.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+        cwd=HERE.parent, env=env, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
     tail = p.stdout.strip().splitlines()[-1:] or [""]
     return p.returncode, time.perf_counter() - t0, lines[0] if lines else tail[0]
@@ -73,15 +69,8 @@ def main(argv: list[str]) -> int:
         rc, secs, last = _pytest(tests, name)
         caught = rc == 1
         rows.append(
-            {
-                "fault": name,
-                "what": what,
-                "tests": tests,
-                "exit": rc,
-                "caught": caught,
-                "seconds": round(secs, 1),
-                "failure": last,
-            }
+            {"fault": name, "what": what, "tests": tests, "exit": rc, "caught": caught,
+                "seconds": round(secs, 1), "failure": last}
         )
         print(
             f"{'caught  ' if caught else 'SURVIVED'} {name:34s} exit {rc}  {secs:5.0f} s  "

@@ -37,23 +37,14 @@ def test_cache_folder_choice(tmp_path):
     # in a subprocess: the suite's own process never turns the cache on (a process whose cache
     # settings were switched back and forth crashed later inside XLA's compiler, twice)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run(
-        [sys.executable, "-c", CHOICE, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = subprocess.run([sys.executable, "-c", CHOICE, str(tmp_path)], env=env, capture_output=True,
+        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 def test_second_process_reuses_the_compiled_program(tmp_path):
-    env = {
-        **os.environ,
-        "PARETO_JAX_COMPILATION_CACHE": "1",
-        "PARETO_JAX_CACHE_DIR": str(tmp_path),
-        "PYTHONPATH": str(ROOT),
-    }
+    env = {**os.environ, "PARETO_JAX_COMPILATION_CACHE": "1", "PARETO_JAX_CACHE_DIR": str(tmp_path),
+        "PYTHONPATH": str(ROOT)}
     runs = [
         subprocess.run(
             [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300

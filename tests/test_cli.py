@@ -36,27 +36,20 @@ def test_run_writes_run_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "args, match",
-    [
-        (["run", "--dataset", "imagenet"], "invalid choice"),
-        (["run", "--epochs", "x"], "invalid int"),
-        (["run", "--dataset", "cifar10"], "path"),
+    [(["run", "--dataset", "imagenet"], "invalid choice"),
+        (["run", "--epochs", "x"], "invalid int"), (["run", "--dataset", "cifar10"], "path"),
         (["run", "--dataset", "cifar10", "--path", "/nonexistent/dir"], "not a folder"),
-        (["run", "--lr", "-1"], "flag --lr"),
-        (["run", "--alpha", "2"], "flag --alpha"),
-        (["run", "--targets", "3,99"], "--targets"),
-        (["run", "--rho", "-1"], "flag --rho"),
+        (["run", "--lr", "-1"], "flag --lr"), (["run", "--alpha", "2"], "flag --alpha"),
+        (["run", "--targets", "3,99"], "--targets"), (["run", "--rho", "-1"], "flag --rho"),
         (["run", "--dataset", "npz", "--path", "/nonexistent.npz"], "existing .npz"),
         (["run", "--dataset", "emotion", "--path", "/nonexistent/emotion"], "no file"),
         (["run", "--devices", "0"], "positive integer or 'all'"),
-        (["run", "--devices", "64", "--epochs", "1"], "num_devices"),
-    ],
+        (["run", "--devices", "64", "--epochs", "1"], "num_devices")],
 )
 def test_bad_arguments_exit_2_with_message(args, match, tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "pareto_jax.cli", *args, "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-    )
+        capture_output=True, text=True)
     assert p.returncode == 2, p.stderr
     assert match in p.stderr
     assert not (tmp_path / "o").exists(), "a bad argument must fail before any work is written"
@@ -64,21 +57,14 @@ def test_bad_arguments_exit_2_with_message(args, match, tmp_path):
 
 @pytest.mark.parametrize(
     "args, match",
-    [
-        (["--alpha", "1.5"], "flag --alpha"),
-        (["--lr", "0"], "flag --lr"),
-        (["--epochs", "0"], "flag --epochs"),
-        (["--targets", "12"], "--targets"),
+    [(["--alpha", "1.5"], "flag --alpha"), (["--lr", "0"], "flag --lr"),
+        (["--epochs", "0"], "flag --epochs"), (["--targets", "12"], "--targets"),
         (["--batch-size", "0"], "flag --batch-size"),
-        (["--weight-decay", "-1"], "flag --weight-decay"),
-        (["--w-max", "0"], "flag --w-max"),
+        (["--weight-decay", "-1"], "flag --weight-decay"), (["--w-max", "0"], "flag --w-max"),
         (["--population", "1", "--search"], "flag --population"),
         (["--generations", "0"], "flag --generations"),
-        (["--retrain-epochs", "0"], "flag --retrain-epochs"),
-        (["--hidden", "0"], "flag --hidden"),
-        (["--steps", "0,1"], "flag --steps"),
-        (["--dataset", "npz"], "flag --path"),
-    ],
+        (["--retrain-epochs", "0"], "flag --retrain-epochs"), (["--hidden", "0"], "flag --hidden"),
+        (["--steps", "0,1"], "flag --steps"), (["--dataset", "npz"], "flag --path")],
 )
 def test_bad_flags_fail_before_any_work_in_process(args, match, tmp_path, capsys):
     """The checks in-process (fast): exit 2, the flag named, nothing trained, nothing written."""
@@ -117,27 +103,11 @@ def test_npz_dataset_through_the_cli(tmp_path, capsys):
 
     d = load_digits()
     f = tmp_path / "mine.npz"
-    np.savez(
-        f,
-        x=d.data[:600].astype(np.float32) / 16,
-        y=d.target[:600],
-        class_names=np.array([f"digit{k}" for k in range(10)]),
-    )
+    np.savez(f, x=d.data[:600].astype(np.float32) / 16, y=d.target[:600],
+        class_names=np.array([f"digit{k}" for k in range(10)]))
     rc = cli.main(
-        [
-            "run",
-            "--dataset",
-            "npz",
-            "--path",
-            str(f),
-            "--epochs",
-            "3",
-            "--retrain-epochs",
-            "1",
-            "--out",
-            str(tmp_path / "r"),
-            "--no-progress",
-        ]
+        ["run", "--dataset", "npz", "--path", str(f), "--epochs", "3", "--retrain-epochs", "1",
+            "--out", str(tmp_path / "r"), "--no-progress"]
     )
     out = capsys.readouterr().out
     assert rc == 0 and "digit3" in out and "McNemar p" in out
@@ -149,15 +119,8 @@ def test_npz_dataset_through_the_cli(tmp_path, capsys):
     from pareto_jax import data
 
     g = tmp_path / "split.npz"
-    np.savez(
-        g,
-        x_train=d.data[:300],
-        y_train=d.target[:300],
-        x_val=d.data[300:400],
-        y_val=d.target[300:400],
-        x_test=d.data[400:500],
-        y_test=d.target[400:500],
-    )
+    np.savez(g, x_train=d.data[:300], y_train=d.target[:300], x_val=d.data[300:400],
+        y_val=d.target[300:400], x_test=d.data[400:500], y_test=d.target[400:500])
     s = data.load_npz(g)
     assert (len(s.train), len(s.val), len(s.test)) == (300, 100, 100) and s.class_names[3] == "3"
 
@@ -168,20 +131,8 @@ def test_infeasible_program_exits_4(tmp_path, capsys):
     # every class of a trained model (checked below on the P the run wrote). In process, so
     # that it reuses the compilations of the run above (a subprocess took 12-23 s)
     rc = cli.main(
-        [
-            "run",
-            "--epochs",
-            "3",
-            "--alpha",
-            "1.0",
-            "--rho",
-            "0",
-            "--w-max",
-            "0.5",
-            "--no-progress",
-            "--out",
-            str(tmp_path / "o"),
-        ]
+        ["run", "--epochs", "3", "--alpha", "1.0", "--rho", "0", "--w-max", "0.5", "--no-progress",
+            "--out", str(tmp_path / "o")]
     )
     import numpy as np
 
@@ -212,10 +163,8 @@ def test_per_class_mcnemar_and_the_harm_sentence():
     flip = np.flatnonzero((y == 2) & plain)[:9]  # class 2: nine new errors
     rew[flip] = False
     after = {
-        "test_correct": {
-            "reweighted": rew.astype(int).tolist(),
-            "unweighted": plain.astype(int).tolist(),
-        }
+        "test_correct": {"reweighted": rew.astype(int).tolist(),
+            "unweighted": plain.astype(int).tolist()}
     }
     p = pipeline.class_mcnemar(after, y, 3)
     for k in range(3):
@@ -236,22 +185,16 @@ def test_improve_table_aligns_long_method_names():
     from pareto_jax import experiments
 
     row = {"target_test_points": [1.0, -2.5], "worst_other_test_points": -3.0}
-    block = {
-        "targets": [3, 8],
-        "target_names": ["3", "8"],
-        "rows": {"unweighted": row, "class_balanced, val-matched": row},
-    }
+    block = {"targets": [3, 8], "target_names": ["3", "8"],
+        "rows": {"unweighted": row, "class_balanced, val-matched": row}}
     lines = experiments.format_improve_table(block, [str(k) for k in range(10)]).splitlines()[1:]
     assert len({len(line) for line in lines}) == 1, lines  # every row as wide as the header
 
 
 @pytest.mark.parametrize(
     "args, flag",
-    [
-        (["--noise", "1.5"], "--noise"),
-        (["--population", "1"], "--population"),
-        (["--rounds", "0"], "--rounds"),
-    ],
+    [(["--noise", "1.5"], "--noise"), (["--population", "1"], "--population"),
+        (["--rounds", "0"], "--rounds")],
 )
 def test_improve_flags_fail_fast(args, flag, tmp_path, capsys):
     assert cli.main(["improve", *args, "--out", str(tmp_path / "o"), "--no-progress"]) == 2

@@ -153,14 +153,10 @@ def test_shared_text_corpora_load():
 
 @pytest.mark.parametrize(
     "bad, match",
-    [
-        (dict(y=np.array([0, 1, 5])), "label 5"),
-        (dict(y=np.array([0, -1, 1])), "label -1"),
+    [(dict(y=np.array([0, 1, 5])), "label 5"), (dict(y=np.array([0, -1, 1])), "label -1"),
         (dict(x=np.array([[0.0], [np.nan], [1.0]])), "non-finite"),
-        (dict(y=np.array([0, 1])), "3 labels"),
-        (dict(y=np.array([[0], [1], [1]])), "1-D"),
-        (dict(x=np.array(["a", "b", "c"])), "numeric"),
-    ],
+        (dict(y=np.array([0, 1])), "3 labels"), (dict(y=np.array([[0], [1], [1]])), "1-D"),
+        (dict(x=np.array(["a", "b", "c"])), "numeric")],
 )
 def test_dataset_bad_input_names_argument(bad, match):
     kw = dict(x=np.zeros((3, 1)), y=np.array([0, 1, 1]))
@@ -191,18 +187,8 @@ def test_ag_news_minilm_split_equals_embedding_each_split(tmp_path):
     from pareto_jax import text
 
     rng = np.random.default_rng(0)
-    words = [
-        "market",
-        "team",
-        "season",
-        "chip",
-        "bank",
-        "election",
-        "goal",
-        "software",
-        "shares",
-        "war",
-    ]
+    words = ["market", "team", "season", "chip", "bank", "election", "goal", "software", "shares",
+        "war"]
     rows = [
         f'{i % 4 + 1},"{" ".join(rng.choice(words, 4))}","{" ".join(rng.choice(words, 7))}"'
         for i in range(48)
@@ -216,14 +202,8 @@ def test_ag_news_minilm_split_equals_embedding_each_split(tmp_path):
     full = data.load_ag_news(f)
     i_tr, i_va, i_te = data.stratified_indices(full.y, (0.6, 0.2, 0.2), 3)
     keep, _ = data.stratified_indices(full.y[i_tr], (20 / len(i_tr), 1 - 20 / len(i_tr)), 3)
-    ref = text.featurize_splits(
-        full.subset(i_tr[keep]),
-        full.subset(i_va),
-        full.subset(i_te),
-        method="minilm",
-        cache_dir=str(tmp_path / "cache2"),
-        name="ag_news",
-    )
+    ref = text.featurize_splits(full.subset(i_tr[keep]), full.subset(i_va), full.subset(i_te),
+        method="minilm", cache_dir=str(tmp_path / "cache2"), name="ag_news")
     for a, b in ((got.train, ref.train), (got.val, ref.val), (got.test, ref.test)):
         assert a.name == b.name and np.array_equal(a.y, b.y)
         np.testing.assert_allclose(a.x, b.x, rtol=1e-4, atol=1e-5)

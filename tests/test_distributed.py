@@ -32,19 +32,13 @@ def _env():
 # 4 devices by default; the 1-device mesh (same code, psum over one device) with -m slow
 # both slow (the 4-device worker alone took 79 s of the default suite's 15-minute budget); the
 # planted-fault check still runs them
-@pytest.fixture(
-    scope="module",
-    params=[pytest.param(4, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow)],
-)
+@pytest.fixture(scope="module",
+    params=[pytest.param(4, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow)])
 def worker(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"dist{request.param}") / "out.json"
     r = subprocess.run(
-        [sys.executable, str(HERE / "_dist_worker.py"), str(request.param), str(out)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+        [sys.executable, str(HERE / "_dist_worker.py"), str(request.param), str(out)], env=_env(),
+        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return request.param, json.loads(out.read_text())
 
@@ -99,14 +93,8 @@ def test_two_process_job_matches_single_process(tmp_path):
     port = str(_free_port())
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "_multihost_worker.py"),
-                str(i),
-                "2",
-                port,
-                str(tmp_path / f"p{i}.json"),
-            ],
+            [sys.executable, str(HERE / "_multihost_worker.py"), str(i), "2", port,
+                str(tmp_path / f"p{i}.json")],
             env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -132,18 +120,8 @@ def test_two_process_job_matches_single_process(tmp_path):
         cfg = influence.InfluenceConfig(
             curvature="gauss_newton", damping=1e-3, rtol=1e-10, chunk_size=32, hvp_batch_size=64
         )
-        ref = influence.category_influence(
-            models.per_sample_loss(apply),
-            params,
-            x,
-            y,
-            s.val.x,
-            s.val.y,
-            num_classes=10,
-            weight_decay=1e-3,
-            apply=apply,
-            config=cfg,
-        )
+        ref = influence.category_influence(models.per_sample_loss(apply), params, x, y, s.val.x,
+            s.val.y, num_classes=10, weight_decay=1e-3, apply=apply, config=cfg)
     finally:
         jax.config.update("jax_enable_x64", False)
     assert P.shape == (501, 10)
@@ -178,33 +156,17 @@ def test_every_solver_runs_on_a_mesh_and_matches_one_device():
     kw = dict(num_classes=10, weight_decay=1e-2, apply=apply, model=m)
     IC = influence.InfluenceConfig
     mesh = distributed.make_mesh(1)
-    dense = influence.category_influence(
-        loss,
-        params,
-        tr.x,
-        tr.y,
-        s.val.x,
-        s.val.y,
-        **kw,
-        config=IC(solver="dense", curvature="gauss_newton", damping=1e-2),
-    ).P
+    dense = influence.category_influence(loss, params, tr.x, tr.y, s.val.x, s.val.y, **kw,
+        config=IC(solver="dense", curvature="gauss_newton", damping=1e-2)).P
     cases = {
         "lissa": (
-            IC(
-                solver="lissa",
-                curvature="gauss_newton",
-                damping=1e-2,
-                hvp_batch_size=200,
-                rtol=1e-9,
-                max_steps=3000,
-            ),
+            IC(solver="lissa", curvature="gauss_newton", damping=1e-2, hvp_batch_size=200,
+                rtol=1e-9, max_steps=3000),
             1e-3,
         ),
         "kfac": (IC(solver="kfac", damping=1e-2), 1e-5),
         "ekfac": (IC(solver="ekfac", damping=1e-2), 1e-5),
-        "pcg": (
-            IC(preconditioner="ekfac", curvature="gauss_newton", damping=1e-2, rtol=1e-8),
-            1e-4,
+        "pcg": (IC(preconditioner="ekfac", curvature="gauss_newton", damping=1e-2, rtol=1e-8), 1e-4
         ),
     }
     for name, (cfg, rtol) in cases.items():
@@ -232,13 +194,8 @@ def test_peak_memory_is_flat_in_n(tmp_path):
     res = {}
     for n in (2000, 20000):
         out = tmp_path / f"m{n}.json"
-        r = subprocess.run(
-            [sys.executable, str(HERE / "_memory_worker.py"), str(n), str(out)],
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        r = subprocess.run([sys.executable, str(HERE / "_memory_worker.py"), str(n), str(out)],
+            env=_env(), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         res[n] = json.loads(out.read_text())
     a, b = res[2000], res[20000]

@@ -67,30 +67,14 @@ def test_kfac_and_ekfac_are_exact_where_the_kronecker_product_is(dtype, rtol):
                 solver="ekfac", damping=0.0, curvature="gauss_newton", report_residual=True
             ),
         )
-        b = influence.category_influence(
-            loss_fn,
-            params,
-            x,
-            y,
-            x,
-            y,
-            **kw,
-            config=influence.InfluenceConfig(solver="dense", damping=0.0, curvature="gauss_newton"),
-        )
+        b = influence.category_influence(loss_fn, params, x, y, x, y, **kw,
+            config=influence.InfluenceConfig(solver="dense", damping=0.0, curvature="gauss_newton"))
         np.testing.assert_allclose(a.P, b.P, rtol=1e-9, atol=1e-14)
         assert np.all(a.residual < 1e-10)  # exact here, and measured against the true curvature
         # by default the residual is not measured, and an approximate solver never claims
         # convergence
-        c = influence.category_influence(
-            loss_fn,
-            params,
-            x,
-            y,
-            x,
-            y,
-            **kw,
-            config=influence.InfluenceConfig(solver="ekfac", damping=0.0),
-        )
+        c = influence.category_influence(loss_fn, params, x, y, x, y, **kw,
+            config=influence.InfluenceConfig(solver="ekfac", damping=0.0))
         assert np.all(np.isnan(c.residual)) and not np.any(c.converged)
 
 
@@ -175,11 +159,8 @@ def test_factors_do_not_depend_on_the_batch_size_and_compile_once(x64):
     a = kfac.compute_factors(m, params, x, num_classes=10, weight_decay=0.0, batch_size=64)
     b = kfac.compute_factors(m, params, x, num_classes=10, weight_decay=0.0, batch_size=37)
     for ek in (False, True):
-        np.testing.assert_allclose(
-            kfac.solve_kfac(a, G, damping=1e-2, ekfac=ek).value,
-            kfac.solve_kfac(b, G, damping=1e-2, ekfac=ek).value,
-            rtol=1e-8,
-        )
+        np.testing.assert_allclose(kfac.solve_kfac(a, G, damping=1e-2, ekfac=ek).value,
+            kfac.solve_kfac(b, G, damping=1e-2, ekfac=ek).value, rtol=1e-8)
     traces = []
     cls = type(m)
 
@@ -211,26 +192,11 @@ def test_preconditioned_cg_gives_the_cg_answer(x64):
     plain = influence.category_influence(
         loss_fn, params, x, y, x, y, config=influence.InfluenceConfig(**base), **kw
     )
-    pre = influence.category_influence(
-        loss_fn,
-        params,
-        x,
-        y,
-        x,
-        y,
-        config=influence.InfluenceConfig(preconditioner="ekfac", **base),
-        **kw,
-    )
-    dense = influence.category_influence(
-        loss_fn,
-        params,
-        x,
-        y,
-        x,
-        y,
+    pre = influence.category_influence(loss_fn, params, x, y, x, y,
+        config=influence.InfluenceConfig(preconditioner="ekfac", **base), **kw)
+    dense = influence.category_influence(loss_fn, params, x, y, x, y,
         config=influence.InfluenceConfig(solver="dense", curvature="gauss_newton", damping=1e-3),
-        **kw,
-    )
+        **kw)
     assert np.all(pre.converged) and np.all(pre.residual <= 1e-8 * 1.001)
     scale = np.abs(dense.P).max()
     assert (
@@ -260,11 +226,8 @@ def test_factors_save_and_reuse(tmp_path, x64):
     kfac.save_factors(tmp_path / "f.npz", facs)
     back = kfac.load_factors(tmp_path / "f.npz")
     G = jnp.asarray(np.random.default_rng(0).normal(size=(2, ravel_pytree(params)[0].size)))
-    np.testing.assert_allclose(
-        kfac.solve_kfac(back, G, damping=0.1).value,
-        kfac.solve_kfac(facs, G, damping=0.1).value,
-        rtol=1e-6,
-    )
+    np.testing.assert_allclose(kfac.solve_kfac(back, G, damping=0.1).value,
+        kfac.solve_kfac(facs, G, damping=0.1).value, rtol=1e-6)
 
 
 def test_lissa_converges_to_cg_on_convex_problem(x64):
@@ -326,17 +289,8 @@ def test_ekfac_needs_the_model():
     m = models.make_model("linear", (4,), 3)
     apply, params = models.functional(m)
     with pytest.raises(InputError, match="model"):
-        influence.category_influence(
-            models.per_sample_loss(apply),
-            params,
-            x,
-            y,
-            x,
-            y,
-            num_classes=3,
-            weight_decay=0.1,
-            config=influence.InfluenceConfig(solver="ekfac"),
-        )
+        influence.category_influence(models.per_sample_loss(apply), params, x, y, x, y,
+            num_classes=3, weight_decay=0.1, config=influence.InfluenceConfig(solver="ekfac"))
 
 
 def _indefinite_problem():
@@ -359,13 +313,8 @@ def _indefinite_problem():
 
 @pytest.mark.parametrize(
     "solver, reason",
-    [
-        ("cg", "negative curvature"),
-        ("dense", "negative curvature"),
-        ("lissa", "negative curvature"),
-        ("kfac", "non-finite solution"),
-        ("ekfac", "non-finite solution"),
-    ],
+    [("cg", "negative curvature"), ("dense", "negative curvature"), ("lissa", "negative curvature"),
+        ("kfac", "non-finite solution"), ("ekfac", "non-finite solution")],
 )
 def test_every_estimator_escalates_damping_and_reports_it(x64, solver, reason):
     """One escalation rule for every estimator: a solve that meets negative curvature, diverges

@@ -59,16 +59,8 @@ def test_gauss_newton_matches_explicit_jacobian_product(x64):
         p = jax.nn.softmax(apply(params, x[i : i + 1])[0])
         GN += J.T @ (jnp.diag(p) - jnp.outer(p, p)) @ J
     GN = GN / x.shape[0] + 0.05 * np.eye(theta.size)
-    hvp, _ = influence.make_hvp(
-        loss_fn,
-        params,
-        x,
-        y,
-        weight_decay=0.05,
-        batch_size=16,
-        curvature="gauss_newton",
-        apply=apply,
-    )
+    hvp, _ = influence.make_hvp(loss_fn, params, x, y, weight_decay=0.05, batch_size=16,
+        curvature="gauss_newton", apply=apply)
     v = jnp.asarray(np.random.default_rng(1).normal(size=theta.size))
     np.testing.assert_allclose(hvp(v), GN @ v, rtol=1e-10, atol=1e-12)
     assert np.linalg.eigvalsh(GN).min() > 0
@@ -212,16 +204,8 @@ def test_agreement_with_retraining_removals_and_reweightings(x64):
         pred = influence.predict_class_loss_change(res, w)
         assert np.linalg.norm(pred - act) / np.linalg.norm(act) < 0.1
         # the Σw normaliser: accounted for, the prediction still holds
-        new_w, _ = fit_exact(
-            loss_fn,
-            params,
-            s.train.x,
-            s.train.y,
-            weight_decay=1e-2,
-            weights=w,
-            normalizer="weights",
-            init=params,
-        )
+        new_w, _ = fit_exact(loss_fn, params, s.train.x, s.train.y, weight_decay=1e-2, weights=w,
+            normalizer="weights", init=params)
         act_w = class_val_loss(loss_fn, new_w, s.val.x, s.val.y, 10) - base
         pred_w = influence.predict_class_loss_change(
             res, w, params=params, weight_decay=1e-2, normalizer="weights"
@@ -257,16 +241,8 @@ def test_errors(x64):
     with pytest.raises(NumericalError, match="class gradients.*non-finite"):
         influence.category_influence(nan_grad_loss, params, x, y, xv, yv, **kw)
     with pytest.raises(NumericalError, match="residual"):
-        influence.category_influence(
-            loss_fn,
-            params,
-            x,
-            y,
-            xv,
-            yv,
-            **kw,
-            config=influence.InfluenceConfig(max_steps=2, rtol=1e-12, throw=True, damping=0.0),
-        )
+        influence.category_influence(loss_fn, params, x, y, xv, yv, **kw,
+            config=influence.InfluenceConfig(max_steps=2, rtol=1e-12, throw=True, damping=0.0))
     with pytest.raises(InputError, match="damping"):
         influence.InfluenceConfig(damping=-1.0)
 
@@ -329,11 +305,9 @@ def test_weighted_closed_form_matches_dense_reference_and_retraining(x64):
 
 @pytest.mark.parametrize(
     "cfg",
-    [
-        dict(curvature="gauss_newton", method="jvp"),
+    [dict(curvature="gauss_newton", method="jvp"),
         dict(curvature="hessian", method="per_sample", chunk_size=7, hvp_batch_size=9),
-        dict(curvature="gauss_newton", preconditioner="ekfac"),
-    ],
+        dict(curvature="gauss_newton", preconditioner="ekfac")],
 )
 def test_compiled_and_stepped_execution_agree(x64, cfg):
     """The two ways a stage can run on one device (one compiled program, or its loops on the
@@ -346,19 +320,8 @@ def test_compiled_and_stepped_execution_agree(x64, cfg):
     out = {}
     for ex in ("compiled", "stepped"):
         c = influence.InfluenceConfig(damping=1e-2, rtol=1e-10, execution=ex, **cfg)
-        r = influence.category_influence(
-            loss_fn,
-            params,
-            x,
-            y,
-            x,
-            y,
-            num_classes=3,
-            weight_decay=0.1,
-            apply=apply,
-            model=m,
-            config=c,
-        )
+        r = influence.category_influence(loss_fn, params, x, y, x, y, num_classes=3,
+            weight_decay=0.1, apply=apply, model=m, config=c)
         assert r.details["execution"] == ex and np.all(r.converged)
         out[ex] = r
     a, b = out["compiled"], out["stepped"]
@@ -379,16 +342,8 @@ def test_gauss_newton_is_never_applied_to_another_loss(x64):
     params, _ = fit_exact(loss10, params, x, y, weight_decay=0.05, init=params)
     assert float(jnp.mean(jnp.max(jax.nn.softmax(apply(params, x)), 1))) > 0.8  # confident
     kw = dict(num_classes=3, weight_decay=0.05, apply=apply)
-    res = influence.category_influence(
-        loss10,
-        params,
-        x,
-        y,
-        xv,
-        yv,
-        **kw,
-        config=influence.InfluenceConfig(damping=0.0, rtol=1e-12),
-    )
+    res = influence.category_influence(loss10, params, x, y, xv, yv, **kw,
+        config=influence.InfluenceConfig(damping=0.0, rtol=1e-12))
     assert res.curvature == "hessian" and "cross-entropy" in res.details["curvature_note"]
     # reference: the dense Hessian of (1/N) Σ 10·CE + (λ/2)‖θ‖², per-sample and class gradients
     theta, unravel = ravel_pytree(params)
@@ -406,10 +361,8 @@ def test_gauss_newton_is_never_applied_to_another_loss(x64):
     Gi = np.asarray(jax.vmap(jax.grad(f), (None, 0, 0))(theta, x, y))
     P_ref = Gi @ np.linalg.solve(np.asarray(H), G.T) / len(y)
     np.testing.assert_allclose(res.P, P_ref, rtol=1e-6, atol=1e-9 * np.abs(P_ref).max())
-    for cfg in (
-        influence.InfluenceConfig(curvature="gauss_newton"),
-        influence.InfluenceConfig(solver="ekfac"),
-    ):
+    for cfg in (influence.InfluenceConfig(curvature="gauss_newton"),
+        influence.InfluenceConfig(solver="ekfac")):
         with pytest.raises(InputError, match="cross-entropy"):
             influence.category_influence(loss10, params, x, y, xv, yv, **kw, config=cfg)
     with pytest.raises(InputError, match="cross-entropy"):  # the lower-level product too

@@ -90,12 +90,8 @@ def _data(kind, seed=0):
         x = centres[y] + rng.normal(size=(n, 5))
     tr = lambda a: a[:N]  # noqa: E731
     va = lambda a: a[N:]  # noqa: E731
-    return (
-        jax.tree_util.tree_map(tr, x),
-        y[:N].astype(np.int32),
-        jax.tree_util.tree_map(va, x),
-        y[N:].astype(np.int32),
-    )
+    return (jax.tree_util.tree_map(tr, x), y[:N].astype(np.int32), jax.tree_util.tree_map(va, x),
+        y[N:].astype(np.int32))
 
 
 def _build(kind):
@@ -107,12 +103,8 @@ def _build(kind):
         return models.functional(TokenClassifier(nnx.Rngs(0)))
     rng = np.random.default_rng(1)
     if kind == "plain":
-        return plain_apply, {
-            "w1": rng.normal(size=(5, 6)) * 0.5,
-            "b1": np.zeros(6),
-            "w2": rng.normal(size=(6, K)) * 0.5,
-            "b2": np.zeros(K),
-        }
+        return plain_apply, {"w1": rng.normal(size=(5, 6)) * 0.5, "b1": np.zeros(6),
+            "w2": rng.normal(size=(6, K)) * 0.5, "b2": np.zeros(K)}
     return linear_apply, {"w": rng.normal(size=(5, K)) * 0.1, "b": np.zeros(K)}
 
 
@@ -335,17 +327,8 @@ def test_a_scaled_loss_is_not_given_cross_entropy_curvature(trained):
         cfg = InfluenceConfig(
             curvature="gauss_newton", damping=DAMP, rtol=1e-12, escalate_damping=False
         )
-        res = influence.category_influence(
-            models.OutputLoss(apply, ce10),
-            params,
-            xt,
-            yt,
-            xv,
-            yv,
-            num_classes=K,
-            weight_decay=WD,
-            config=cfg,
-        )
+        res = influence.category_influence(models.OutputLoss(apply, ce10), params, xt, yt, xv, yv,
+            num_classes=K, weight_decay=WD, config=cfg)
         right = dense_reference(apply, ce10, params, xt, yt, xv, yv, "gauss_newton", DAMP)
         theta, unravel = ravel_pytree(params)
         J = jax.jit(jax.jacrev(lambda th, x: apply(unravel(th), x)))(theta, xt)
@@ -435,18 +418,8 @@ def test_kfac_refuses_a_batchnorm_model_clearly(trained):
         apply, params, xt, yt, xv, yv, _ = trained("cnn")
         m = ConvBNDrop(nnx.Rngs(0))
         with pytest.raises(InputError, match="solver='cg'"):
-            influence.category_influence(
-                models.OutputLoss(apply),
-                params,
-                xt,
-                yt,
-                xv,
-                yv,
-                num_classes=K,
-                weight_decay=WD,
-                config=InfluenceConfig(solver="ekfac"),
-                model=m,
-            )
+            influence.category_influence(models.OutputLoss(apply), params, xt, yt, xv, yv,
+                num_classes=K, weight_decay=WD, config=InfluenceConfig(solver="ekfac"), model=m)
 
 
 # -------------------------------------------------------------------------- groups and measurements
@@ -457,24 +430,13 @@ def test_groups_and_a_measurement_match_the_dense_reference(trained):
     with jax.enable_x64(True):
         apply, params, xt, yt, xv, yv, _ = trained("text")
         cfg = InfluenceConfig(curvature="hessian", damping=DAMP, rtol=1e-12, escalate_damping=False)
-        fit = Influence(
-            models.OutputLoss(apply),
-            params,
-            xt,
-            yt,
-            num_classes=K,
-            weight_decay=WD,
-            config=cfg,
-            class_names=("a", "b", "c"),
-        )
+        fit = Influence(models.OutputLoss(apply), params, xt, yt, num_classes=K, weight_decay=WD,
+            config=cfg, class_names=("a", "b", "c"))
         by_class = fit.influence(xv, yv)
         assert by_class.names == ("a", "b", "c")
-        np.testing.assert_allclose(
-            np.asarray(by_class.P),
-            dense_reference(apply, ce, params, xt, yt, xv, yv, "hessian", DAMP),
-            rtol=0,
-            atol=1e-9 * float(np.abs(by_class.P).max()),
-        )
+        np.testing.assert_allclose(np.asarray(by_class.P),
+            dense_reference(apply, ce, params, xt, yt, xv, yv, "hessian", DAMP), rtol=0,
+            atol=1e-9 * float(np.abs(by_class.P).max()))
         groups = (np.arange(NV) % 2).astype(np.int32)  # a partition that is not the classes
         by_group = fit.influence(xv, yv, groups=groups, group_names=("even", "odd"))
         assert by_group.P.shape == (N, 2) and by_group.names == ("even", "odd")
@@ -531,18 +493,8 @@ def test_results_are_pytrees_and_save_and_load(trained, tmp_path):
     with jax.enable_x64(True):
         apply, params, xt, yt, xv, yv, _ = trained("mlp")
         ids = np.arange(100, 100 + N)
-        res = influence.category_influence(
-            models.OutputLoss(apply),
-            params,
-            xt,
-            yt,
-            xv,
-            yv,
-            num_classes=K,
-            weight_decay=WD,
-            class_names=["x", "y", "z"],
-            sample_ids=ids,
-        )
+        res = influence.category_influence(models.OutputLoss(apply), params, xt, yt, xv, yv,
+            num_classes=K, weight_decay=WD, class_names=["x", "y", "z"], sample_ids=ids)
         leaves, tree = jax.tree_util.tree_flatten(res)
         back = jax.tree_util.tree_unflatten(tree, leaves)
         assert back.names == ("x", "y", "z") and back.details == res.details
@@ -647,14 +599,8 @@ def test_a_batch_source_gives_the_same_P_as_arrays(trained, curvature):
     P as from the arrays, and the rows in the source's order."""
     with jax.enable_x64(True):
         apply, params, xt, yt, xv, yv, _ = trained("text")
-        cfg = InfluenceConfig(
-            curvature=curvature,
-            damping=DAMP,
-            rtol=1e-12,
-            escalate_damping=False,
-            hvp_batch_size=16,
-            chunk_size=8,
-        )
+        cfg = InfluenceConfig(curvature=curvature, damping=DAMP, rtol=1e-12, escalate_damping=False,
+            hvp_batch_size=16, chunk_size=8)
 
         def batches():
             for i in range(0, N, 7):
@@ -711,13 +657,8 @@ def test_streamed_peak_memory_is_flat_in_n(tmp_path):
     res = {}
     for n in (50000, 200000):
         out = tmp_path / f"s{n}.json"
-        r = subprocess.run(
-            [sys.executable, str(here / "_stream_worker.py"), str(n), str(out)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        r = subprocess.run([sys.executable, str(here / "_stream_worker.py"), str(n), str(out)],
+            env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         res[n] = json.loads(out.read_text())
     a, b = res[50000], res[200000]
@@ -734,27 +675,14 @@ def test_a_fitted_state_saves_and_loads(trained, tmp_path, solver):
         apply, params, xt, yt, xv, yv, _ = trained("mlp")
         lf = models.OutputLoss(apply)
         kw = dict(model=MLP(nnx.Rngs(0))) if solver == "ekfac" else {}
-        fit = Influence(
-            lf,
-            params,
-            xt,
-            yt,
-            num_classes=K,
-            weight_decay=WD,
-            config=InfluenceConfig(solver=solver),
-            class_names=("a", "b", "c"),
-            **kw,
-        )
+        fit = Influence(lf, params, xt, yt, num_classes=K, weight_decay=WD,
+            config=InfluenceConfig(solver=solver), class_names=("a", "b", "c"), **kw)
         assert (fit.factors is not None) == (solver == "ekfac")
         fit.save(tmp_path / "fit")
         back = Influence.load(tmp_path / "fit", lf, params, xt, yt, **kw)
         assert back.damping == fit.damping and back.class_names == ("a", "b", "c")
-        np.testing.assert_allclose(
-            np.asarray(back.influence(xv, yv).P),
-            np.asarray(fit.influence(xv, yv).P),
-            rtol=1e-12,
-            atol=0,
-        )
+        np.testing.assert_allclose(np.asarray(back.influence(xv, yv).P),
+            np.asarray(fit.influence(xv, yv).P), rtol=1e-12, atol=0)
         other = jax.tree_util.tree_map(lambda a: a * 1.01, params)
         with pytest.raises(InputError, match="fingerprint"):
             Influence.load(tmp_path / "fit", lf, other, xt, yt, **kw)
@@ -770,12 +698,8 @@ class Lin(nnx.Module):
 
 @pytest.mark.parametrize(
     "loss",
-    [
-        "ce",
-        pytest.param("10ce", marks=pytest.mark.slow),
-        pytest.param("smoothed", marks=pytest.mark.slow),
-        "focal",
-    ],
+    ["ce", pytest.param("10ce", marks=pytest.mark.slow),
+        pytest.param("smoothed", marks=pytest.mark.slow), "focal"],
 )
 def test_kfac_output_factor_is_the_loss_own(loss):
     """One dense layer: K-FAC is A ⊗ S with A = mean ããᵀ (ã = [x, 1]) and S = mean H_out (the
@@ -787,18 +711,9 @@ def test_kfac_output_factor_is_the_loss_own(loss):
         xt, yt, xv, yv = _data("mlp")
         params = _train(apply, params, xt, yt)
         out = LOSSES[loss]
-        res = influence.category_influence(
-            models.OutputLoss(apply, out),
-            params,
-            xt,
-            yt,
-            xv,
-            yv,
-            num_classes=K,
-            weight_decay=WD,
-            model=m,
-            config=InfluenceConfig(solver="kfac", damping=DAMP, escalate_damping=False),
-        )
+        res = influence.category_influence(models.OutputLoss(apply, out), params, xt, yt, xv, yv,
+            num_classes=K, weight_decay=WD, model=m,
+            config=InfluenceConfig(solver="kfac", damping=DAMP, escalate_damping=False))
         W, b = params["head"]["kernel"], params["head"]["bias"]
         at = np.concatenate([xt, np.ones((N, 1))], 1)  # ã (N, d+1)
         z = xt @ W + b
@@ -826,19 +741,8 @@ def test_the_core_is_differentiable(trained):
 
         @jax.jit
         def total(p, d):
-            return influence.influence_matrix(
-                lf,
-                p,
-                xt,
-                yt,
-                xv,
-                yv,
-                num_classes=K,
-                weight_decay=WD,
-                damping=d,
-                rtol=1e-13,
-                max_steps=500,
-            )[0].sum()
+            return influence.influence_matrix(lf, p, xt, yt, xv, yv, num_classes=K, weight_decay=WD,
+                damping=d, rtol=1e-13, max_steps=500)[0].sum()
 
         gp, gd = jax.jit(jax.grad(total, argnums=(0, 1)))(params, damp)
         h = 1e-5

@@ -77,16 +77,8 @@ def test_ceiling_pca_heuristic_is_reported():
 
 # ----------------------------------------------------------------------------- program vs HiGHS
 
-OPTIONS = [
-    dict(),
-    dict(rho=0.3),
-    dict(budget="frac"),
-    dict(mu=1e-4),
-    dict(mu=1e-4, rho=0.4),
-    dict(w_max=3.0),
-    dict(mu=1e-4, budget="frac"),
-    dict(mu=1e-2, rho=0.5),
-]
+OPTIONS = [dict(), dict(rho=0.3), dict(budget="frac"), dict(mu=1e-4), dict(mu=1e-4, rho=0.4),
+    dict(w_max=3.0), dict(mu=1e-4, budget="frac"), dict(mu=1e-2, rho=0.5)]
 
 
 @contextlib.contextmanager
@@ -97,13 +89,8 @@ def no_host_solver():
         raise AssertionError("a host solver was called on the default path")
 
     with contextlib.ExitStack() as stack:
-        for mod, name in [
-            (scipy.optimize, "linprog"),
-            (highs, "linprog"),
-            (highs, "lp"),
-            (highs, "qp"),
-            (highs, "ceiling_lp"),
-        ]:
+        for mod, name in [(scipy.optimize, "linprog"), (highs, "linprog"), (highs, "lp"),
+            (highs, "qp"), (highs, "ceiling_lp")]:
             stack.enter_context(mock.patch.object(mod, name, boom))
         stack.enter_context(mock.patch.dict(sys.modules, {"highspy": None}))  # import highspy fails
         yield
@@ -147,14 +134,8 @@ def _check_against_highs(P, targets, alpha, opt, class_weights=None, *, drawn=Tr
 
 
 @settings(max_examples=examples(9), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    n=st.sampled_from([40, 1000]),
-    k=st.sampled_from([3, 10]),
-    seed=st.integers(0, 10_000),
-    opt=st.sampled_from(OPTIONS),
-    alpha_lo=st.floats(0.0, 1.0),
-    n_targets=st.integers(1, 2),
-)
+@given(n=st.sampled_from([40, 1000]), k=st.sampled_from([3, 10]), seed=st.integers(0, 10_000),
+    opt=st.sampled_from(OPTIONS), alpha_lo=st.floats(0.0, 1.0), n_targets=st.integers(1, 2))
 # found by a clean rerun (issue 20): the QP's dual stage stopped 41% short and was reported optimal
 @example(n=40, k=5, seed=100, opt=dict(mu=1e-4), alpha_lo=0.0, n_targets=1)
 # semismooth Newton stalled here on an ascent direction from its box-QP subproblem (K close to N)
@@ -272,17 +253,9 @@ def test_one_batch_with_a_trust_region_per_row_equals_each_row_by_highs():
 
 @pytest.mark.parametrize(
     "kw, match",
-    [
-        (dict(alpha=1.5), "alpha"),
-        (dict(alpha=[0.5, 0.5]), "alpha"),
-        (dict(targets=[7]), "targets"),
-        (dict(targets=[]), "targets"),
-        (dict(rho=-1.0), "rho"),
-        (dict(budget=0.0), "budget"),
-        (dict(mu=-1.0), "mu"),
-        (dict(solver="osqp"), "solver"),
-        (dict(w_max=0.0), "w_max"),
-    ],
+    [(dict(alpha=1.5), "alpha"), (dict(alpha=[0.5, 0.5]), "alpha"), (dict(targets=[7]), "targets"),
+        (dict(targets=[]), "targets"), (dict(rho=-1.0), "rho"), (dict(budget=0.0), "budget"),
+        (dict(mu=-1.0), "mu"), (dict(solver="osqp"), "solver"), (dict(w_max=0.0), "w_max")],
 )
 def test_bad_program_arguments(kw, match):
     P = _tradeoff_P(50, 3, 0)
@@ -342,14 +315,8 @@ def test_weighted_gram_takes_a_gathered_branch_only_when_it_is_exact(n_on, x64):
     ons = np.stack([on, ~on, np.roll(on, 3)])
     got = jax.jit(
         jax.vmap(
-            lambda m: dual.weighted_gram(
-                jnp.asarray(P),
-                m,
-                2.5,
-                jnp.asarray(live),
-                None,
-                Q=dual.pair_products(jnp.asarray(P)),
-            )
+            lambda m: dual.weighted_gram(jnp.asarray(P), m, 2.5, jnp.asarray(live), None,
+                Q=dual.pair_products(jnp.asarray(P)))
         )
     )(jnp.asarray(ons))
     for m, g in zip(ons, np.asarray(got)):
@@ -372,21 +339,8 @@ def test_exact_finish_recovers_from_bad_duals():
     lo, hi = cfg.bounds
     scale = np.abs(P).max()
     finish = jax.jit(
-        lambda P, c, b, nu: exact.lp_finish(
-            P,
-            c,
-            b,
-            lo,
-            hi,
-            0.0,
-            nu,
-            0.0,
-            jnp.ones(600, bool),
-            has_budget=False,
-            m_cap=150,
-            max_rounds=12,
-            max_iter=2000,
-        )
+        lambda P, c, b, nu: exact.lp_finish(P, c, b, lo, hi, 0.0, nu, 0.0, jnp.ones(600, bool),
+            has_budget=False, m_cap=150, max_rounds=12, max_iter=2000)
     )
     more_rounds = 0
     for a in np.random.default_rng(3).uniform(0.6, 1.0, (6, 4)):
@@ -417,13 +371,8 @@ def test_farkas_certificate_is_a_valid_infeasibility_bound():
         sol = jax.jit(exact.solve_program)(jnp.asarray(P), jnp.asarray(c), jnp.asarray(b), lo, hi)
     assert int(sol.status) == pareto.Status.INFEASIBLE and float(sol.farkas) < 0
     n, K = P.shape
-    res = scipy.optimize.linprog(
-        np.r_[np.zeros(n), -1.0],
-        A_ub=np.c_[-P.T, np.ones(K)],
-        b_ub=-b,
-        bounds=[(lo, hi)] * n + [(None, None)],
-        method="highs",
-    )
+    res = scipy.optimize.linprog(np.r_[np.zeros(n), -1.0], A_ub=np.c_[-P.T, np.ones(K)], b_ub=-b,
+        bounds=[(lo, hi)] * n + [(None, None)], method="highs")
     assert -res.fun <= float(sol.farkas) + 1e-12  # every w violates some class by >= −bound
     # the bound, recomputed here from its definition with the returned duals
     lam = np.asarray(sol.duals[:K]) / np.asarray(sol.duals[:K]).sum()
@@ -458,27 +407,12 @@ def test_qp_certificate_refuses_inexact_duals():
         for z in (got.duals, 0.5 * got.duals, 2.0 * got.duals, got.duals + 0.3, np.zeros(5)):
             with jax.enable_x64(True):
                 zz = jnp.asarray(z).at[4].divide(s)  # η in scaled units
-                u, _, _ = pareto.dual.primal_from_dual(
-                    zz,
-                    jnp.asarray(P / s),
-                    jnp.asarray(c / s),
-                    lo,
-                    hi,
-                    cfg.mu / s,
-                    budget is not None,
-                )
+                u, _, _ = pareto.dual.primal_from_dual(zz, jnp.asarray(P / s), jnp.asarray(c / s),
+                    lo, hi, cfg.mu / s, budget is not None)
                 w = 1.0 + u
-                st, gap, obj = exact.qp_certificate(
-                    jnp.asarray(P / s),
-                    jnp.asarray(c / s),
-                    jnp.asarray(b / s),
-                    cfg.mu / s,
-                    (budget or 0.0),
-                    zz[:4],
-                    zz[4],
-                    w,
-                    budget is not None,
-                )
+                st, gap, obj = exact.qp_certificate(jnp.asarray(P / s), jnp.asarray(c / s),
+                    jnp.asarray(b / s), cfg.mu / s, (budget or 0.0), zz[:4], zz[4], w,
+                    budget is not None)
             w = np.asarray(w)
             feasible = pareto.check_feasibility(P, w, b, cfg) <= 1e-9 * np.abs(P).sum()
             optimal = feasible and abs(
@@ -547,13 +481,9 @@ def test_ceiling_program_jits_and_vmaps():
 
 
 @settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    n=st.sampled_from([40, 300, 3000]),
-    k=st.sampled_from([2, 5, 12]),
-    seed=st.integers(0, 10_000),
-    kind=st.sampled_from(["random", "on a hyperplane"]),
-    mean=st.sampled_from([0.0, 0.05, 0.3]),
-)
+@given(n=st.sampled_from([40, 300, 3000]), k=st.sampled_from([2, 5, 12]),
+    seed=st.integers(0, 10_000), kind=st.sampled_from(["random", "on a hyperplane"]),
+    mean=st.sampled_from([0.0, 0.05, 0.3]))
 def test_ceiling_device_matches_highs(n, k, seed, kind, mean):
     P = _tradeoff_P(n, k, seed, mean=mean)
     if kind == "on a hyperplane":

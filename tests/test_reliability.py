@@ -21,8 +21,7 @@ from pareto_jax import influence, kernels, models, pareto, pipeline, train
 
 SMALL = pipeline.RunConfig(
     train=train.TrainConfig(epochs=4, batch_size=128, learning_rate=0.05, weight_decay=1e-3),
-    retrain_epochs=2,
-)
+    retrain_epochs=2)
 
 
 def _run(cfg, out):
@@ -51,12 +50,8 @@ def test_same_seed_gives_bitwise_identical_results(tmp_path):
     assert a.keys() == b.keys() and any("P.npz" in k for k in a) and any("weights" in k for k in a)
     for k in a:
         assert a[k].tobytes() == b[k].tobytes(), k
-    names = [
-        "train/metrics.json",
-        "retrain/metrics.json",
-        "program/program.json",
-        "ceiling/ceiling.json",
-    ]
+    names = ["train/metrics.json", "retrain/metrics.json", "program/program.json",
+        "ceiling/ceiling.json"]
     assert _jsons(tmp_path / "a", names) == _jsons(tmp_path / "b", names)
 
 
@@ -65,20 +60,13 @@ def test_rerun_skips_finished_stages_and_config_changes_invalidate_downstream(tm
     s1 = _run(SMALL, tmp_path)
     assert s1["stages_skipped"] == []
     s2 = _run(SMALL, tmp_path)
-    assert s2["stages_run"] == [] and set(s2["stages_skipped"]) == {
-        "train",
-        "influence",
-        "ceiling",
-        "program",
-        "retrain",
-    }
+    assert s2["stages_run"] == [] and set(s2["stages_skipped"]) == {"train", "influence", "ceiling",
+        "program", "retrain"}
     assert s2["test_accuracy"] == s1["test_accuracy"]
     s3 = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8), tmp_path)
     assert s3["stages_run"] == ["program", "retrain"]
     s4 = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8, retrain_epochs=3), tmp_path)
-    assert s4["stages_run"] == [
-        "program",
-        "retrain",
+    assert s4["stages_run"] == ["program", "retrain"
     ]  # the step is chosen by retraining that many epochs
     s4b = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8, retrain_epochs=3, steps=()), tmp_path)
     assert s4b["stages_run"] == ["program", "retrain"]
@@ -102,22 +90,8 @@ def test_interrupted_stage_is_redone(tmp_path):
     assert s["stages_run"] == ["influence"]  # downstream fingerprints did not change: reused
 
 
-CMD = [
-    sys.executable,
-    "-m",
-    "pareto_jax.cli",
-    "run",
-    "--epochs",
-    "4",
-    "--search",
-    "--population",
-    "6",
-    "--generations",
-    "6",
-    "--retrain-epochs",
-    "2",
-    "--no-progress",
-]
+CMD = [sys.executable, "-m", "pareto_jax.cli", "run", "--epochs", "4", "--search", "--population",
+    "6", "--generations", "6", "--retrain-epochs", "2", "--no-progress"]
 
 
 # a real SIGKILL of the CLI (45 s); resumption itself: test_search_resumes_from_its_checkpoint
@@ -126,12 +100,8 @@ def test_run_killed_mid_search_resumes_to_the_same_result(tmp_path):
     ref = tmp_path / "uninterrupted"
     subprocess.run(CMD + ["--out", str(ref)], check=True, capture_output=True)
     out = tmp_path / "killed"
-    p = subprocess.Popen(
-        CMD + ["--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    p = subprocess.Popen(CMD + ["--out", str(out)], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     killed_at = None
     while time.time() < deadline and p.poll() is None:
@@ -156,9 +126,7 @@ def test_run_killed_mid_search_resumes_to_the_same_result(tmp_path):
     assert "[train] finished earlier" in r.stdout and "[influence] finished earlier" in r.stdout
     prog_ref = json.loads((ref / "search" / "program.json").read_text())
     prog = json.loads((out / "search" / "program.json").read_text())
-    for p_ in (
-        prog,
-        prog_ref,
+    for p_ in (prog, prog_ref
     ):  # wall-clock seconds per generation are the only expected difference
         for h in p_["history"]:
             h.pop("seconds")
@@ -176,13 +144,8 @@ def test_run_killed_mid_search_resumes_to_the_same_result(tmp_path):
 
 
 @settings(max_examples=examples(4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    n=st.integers(12, 60),
-    d=st.integers(1, 5),
-    k=st.integers(2, 4),
-    seed=st.integers(0, 10_000),
-    wd=st.sampled_from([1e-2, 1e-1]),
-)
+@given(n=st.integers(12, 60), d=st.integers(1, 5), k=st.integers(2, 4), seed=st.integers(0, 10_000),
+    wd=st.sampled_from([1e-2, 1e-1]))
 def test_property_closed_form_equals_dense_generic(n, d, k, seed, wd):
     with jax.enable_x64(True):
         x, y = tiny_classification(n=max(n, 2 * k), d=d, k=k, seed=seed)
@@ -196,28 +159,14 @@ def test_property_closed_form_equals_dense_generic(n, d, k, seed, wd):
         a = influence.linear_category_influence(
             params, x, y, xv, yv, num_classes=k, weight_decay=wd
         ).P
-        b = influence.category_influence(
-            loss_fn,
-            params,
-            x,
-            y,
-            xv,
-            yv,
-            num_classes=k,
-            weight_decay=wd,
-            config=influence.InfluenceConfig.exact(),
-        ).P
+        b = influence.category_influence(loss_fn, params, x, y, xv, yv, num_classes=k,
+            weight_decay=wd, config=influence.InfluenceConfig.exact()).P
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12 * np.abs(b).max())
 
 
 @settings(max_examples=examples(4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    n=st.integers(8, 40),
-    hidden=st.integers(1, 6),
-    k=st.integers(2, 4),
-    seed=st.integers(0, 10_000),
-    chunk=st.integers(1, 50),
-)
+@given(n=st.integers(8, 40), hidden=st.integers(1, 6), k=st.integers(2, 4),
+    seed=st.integers(0, 10_000), chunk=st.integers(1, 50))
 def test_property_forward_mode_equals_per_sample(n, hidden, k, seed, chunk):
     with jax.enable_x64(True):
         x, y = tiny_classification(n=max(n, k), d=3, k=k, seed=seed)
@@ -238,13 +187,8 @@ def test_property_forward_mode_equals_per_sample(n, hidden, k, seed, chunk):
 
 
 @settings(max_examples=examples(8), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    n=st.sampled_from([30, 120]),
-    k=st.sampled_from([2, 4]),
-    seed=st.integers(0, 10_000),
-    alpha=st.floats(0.0, 1.0),
-    rho=st.sampled_from([None, 0.1, 0.5]),
-)
+@given(n=st.sampled_from([30, 120]), k=st.sampled_from([2, 4]), seed=st.integers(0, 10_000),
+    alpha=st.floats(0.0, 1.0), rho=st.sampled_from([None, 0.1, 0.5]))
 def test_property_program_is_feasible_or_reports_why(n, k, seed, alpha, rho):
     rng = np.random.default_rng(seed)
     P = rng.normal(size=(n, k)) * 10.0 ** rng.integers(-6, 1)

@@ -24,13 +24,8 @@ def test_synthetic_quick(tmp_path):
     r = reproduce.reproduce_synthetic(str(tmp_path), quick=True, out=io.StringIO())
     _check_report(
         tmp_path,
-        [
-            "separable_boundary.png",
-            "separable_influence.png",
-            "separable_rounds.png",
-            "overlapping_boundary.png",
-            "overlapping_influence.png",
-        ],
+        ["separable_boundary.png", "separable_influence.png", "separable_rounds.png",
+            "overlapping_boundary.png", "overlapping_influence.png"],
     )
     sep = r["separable"]
     assert sep["ceiling"]["improvable"]
@@ -48,12 +43,8 @@ def test_deletion_quick(tmp_path, dataset):
     r = reproduce.reproduce_deletion(dataset, str(tmp_path), quick=True, out=io.StringIO())
     _check_report(
         tmp_path,
-        [
-            "scatter.png",
-            "influence_beneficial.png",
-            "accuracy_beneficial.png",
-            "composition_detrimental.png",
-        ],
+        ["scatter.png", "influence_beneficial.png", "accuracy_beneficial.png",
+            "composition_detrimental.png"],
     )
     assert r["spearman_all"] < -0.3  # removing beneficial samples costs accuracy, and the reverse
     comp = np.asarray(r["label_composition"]["beneficial"])
@@ -66,19 +57,10 @@ def test_frontier_quick(tmp_path):
     r = reproduce.reproduce_frontier(str(tmp_path), quick=True, out=io.StringIO())
     _check_report(tmp_path, ["direct.png", "frontier.png"])
     d = r["direct"]
-    assert set(d["rows"]) >= {
-        "search (PARETO-LP-GA)",
-        "unweighted",
-        "class_balanced",
-        "trim_negative",
-        "topk_upweight",
-    }
-    assert set(d["matched_t"]) == {
-        "class_balanced",
-        "trim_negative",
-        "topk_upweight",
-        "fixed_alpha_lp",
-    } - (set() if "fixed_alpha_lp" in d["rows"] else {"fixed_alpha_lp"})
+    assert set(d["rows"]) >= {"search (PARETO-LP-GA)", "unweighted", "class_balanced",
+        "trim_negative", "topk_upweight"}
+    assert set(d["matched_t"]) == {"class_balanced", "trim_negative", "topk_upweight",
+        "fixed_alpha_lp"} - (set() if "fixed_alpha_lp" in d["rows"] else {"fixed_alpha_lp"})
     for name, t in d["matched_t"].items():
         assert 0 < t <= 1 and f"{name}, val-matched" in d["rows"]
     saved = json.loads((tmp_path / "improve.json").read_text())
@@ -87,24 +69,12 @@ def test_frontier_quick(tmp_path):
 
 
 def test_cli_reproduce_bad_arguments(tmp_path):
-    p = subprocess.run(
-        [sys.executable, "-m", "pareto_jax.cli", "reproduce", "nonsense"],
-        capture_output=True,
-        text=True,
-    )
+    p = subprocess.run([sys.executable, "-m", "pareto_jax.cli", "reproduce", "nonsense"],
+        capture_output=True, text=True)
     assert p.returncode == 2 and "invalid choice" in p.stderr
     p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pareto_jax.cli",
-            "reproduce",
-            "deletion",
-            "--dataset",
-            "cifar10",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", "pareto_jax.cli", "reproduce", "deletion", "--dataset", "cifar10",
+            "--out", str(tmp_path)],
         capture_output=True,
         text=True,
     )
@@ -118,14 +88,8 @@ def test_iterated_direct_improvement_never_gives_back_validation(tmp_path):
     scfg = search.SearchConfig(
         population=6, generations=2, retrain="converge", alpha_range=(0.95, 1.0)
     )
-    cfg = experiments.ImproveConfig(
-        data=pipeline.DataConfig(name="digits"),
-        search=scfg,
-        rounds=2,
-        course_correction=False,
-        frontier=False,
-        out_dir=str(tmp_path),
-    )
+    cfg = experiments.ImproveConfig(data=pipeline.DataConfig(name="digits"), search=scfg, rounds=2,
+        course_correction=False, frontier=False, out_dir=str(tmp_path))
     r = experiments.run_improve(cfg, progress=False, out=io.StringIO())
     it = r["direct"]["iterated"]
     assert it["rounds_requested"] == 2 and len(it["log"]) >= 1
@@ -143,9 +107,7 @@ def test_iterated_direct_improvement_never_gives_back_validation(tmp_path):
     with pytest.raises(checks.InputError, match="rounds"):
         experiments.run_improve(
             pipeline.dataclasses.replace(cfg, model=pipeline.ModelConfig(kind="mlp")),
-            progress=False,
-            out=io.StringIO(),
-        )
+            progress=False, out=io.StringIO())
 
 
 def test_plot_functions_return_figures_and_leave_the_backend_alone(tmp_path):
@@ -158,23 +120,10 @@ def test_plot_functions_return_figures_and_leave_the_backend_alone(tmp_path):
     G = rng.uniform(size=(12, 3))
     figs = [
         plots.frontier_plot(G, G.max(0), 0, 1, tmp_path / "f.png", class_names=["a", "b", "c"]),
-        plots.bars(
-            ["m1", "m2"],
-            rng.normal(size=(2, 3)),
-            None,
-            title="t",
-            ylabel="y",
-            class_names=list("abc"),
-        ),
-        plots.heatmap(
-            rng.normal(size=(3, 3)),
-            None,
-            title="t",
-            class_names=list("abc"),
-            xlabel="x",
-            ylabel="y",
-            cbar="c",
-        ),
+        plots.bars(["m1", "m2"], rng.normal(size=(2, 3)), None, title="t", ylabel="y",
+            class_names=list("abc")),
+        plots.heatmap(rng.normal(size=(3, 3)), None, title="t", class_names=list("abc"), xlabel="x",
+            ylabel="y", cbar="c"),
     ]
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
     assert matplotlib.get_backend() == before

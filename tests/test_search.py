@@ -161,13 +161,8 @@ def test_course_correction_needs_reference(digits_problem):
 def test_baselines(digits_problem):
     prob, P = digits_problem
     b = evaluation.baseline_weights(P, prob.y_train, [3, 8], 10)
-    assert set(b) == {
-        "unweighted",
-        "class_balanced",
-        "trim_negative",
-        "topk_upweight",
-        "fixed_alpha_lp",
-    }
+    assert set(b) == {"unweighted", "class_balanced", "trim_negative", "topk_upweight",
+        "fixed_alpha_lp"}
     assert np.all(b["unweighted"] == 1)
     assert b["class_balanced"].mean() == pytest.approx(1.0)
     counts = np.bincount(prob.y_train, minlength=10)
@@ -239,13 +234,8 @@ def test_others_weight_gene(digits_problem):
     w0 = pareto.solve_reweighting(P, None, a, rcfg, class_weights=beta).w
     np.testing.assert_array_equal(w0, pareto.solve_reweighting(P, [3, 8], a, rcfg).w)
 
-    cfg = search.SearchConfig(
-        population=6,
-        generations=2,
-        seed=5,
-        others_weight=(0.0, 1.0),
-        reweight=pareto.ReweightConfig(w_max=1.0),
-    )
+    cfg = search.SearchConfig(population=6, generations=2, seed=5, others_weight=(0.0, 1.0),
+        reweight=pareto.ReweightConfig(w_max=1.0))
     r1 = search.run_search(prob, P, [3, 8], config=cfg)
     r2 = search.run_search(prob, P, [3, 8], config=dataclasses.replace(cfg, batched=False))
     assert [c.genome.tolist() for c in r1.evaluations] == [

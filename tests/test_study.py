@@ -67,22 +67,14 @@ def _fake_run(seed, y, targets, rows):
     counts = np.bincount(y, minlength=K)
     ref_ok = rows.pop("theta_e")
     ref_test = np.bincount(y[ref_ok], minlength=K) / counts
-    block = {
-        "targets": targets,
-        "target_names": [str(t) for t in targets],
-        "found": seed == 0,
-        "ref_test": ref_test.tolist(),
-        "rows": {},
-        "test_correct": {},
-    }
+    block = {"targets": targets, "target_names": [str(t) for t in targets], "found": seed == 0,
+        "ref_test": ref_test.tolist(), "rows": {}, "test_correct": {}}
     for name, ok in rows.items():
         acc = np.bincount(y[ok], minlength=K) / counts
         pts = 100 * (acc - ref_test)
-        block["rows"][name] = {
-            "target_test_points": pts[targets].tolist(),
+        block["rows"][name] = {"target_test_points": pts[targets].tolist(),
             "worst_other_test_points": float(np.delete(pts, targets).min()),
-            "test_acc": acc.tolist(),
-        }
+            "test_acc": acc.tolist()}
         block["test_correct"][name] = "".join("1" if o else "0" for o in ok)
     return {"seed": seed, "y_test": y.tolist(), "direct": block}
 
@@ -95,12 +87,8 @@ def test_summary_equals_hand_computation():
         base = rng.random(60) < 0.6
         extra = np.where(rng.random(60) < 0.2, ~base, base)
         srch = np.where(rng.random(60) < 0.2, ~extra, extra)
-        rows = {
-            "theta_e": base,
-            "unweighted": extra,
-            study.SEARCH_ROW: srch,
-            "topk_upweight, val-matched": extra.copy(),
-        }
+        rows = {"theta_e": base, "unweighted": extra, study.SEARCH_ROW: srch,
+            "topk_upweight, val-matched": extra.copy()}
         if seed == 1:  # a baseline whose program failed in one seed
             rows["fixed_alpha_lp, val-matched"] = np.ones(60, bool)
         runs.append(_fake_run(seed, y, targets, rows))
@@ -205,16 +193,8 @@ def test_quick_study_other_datasets(tmp_path, dataset):
 def test_cli_improve_rejects_bad_arguments(tmp_path):
     for args, word in ((["--dataset", "nonsense"], "dataset"), (["--seeds", "0"], "seeds")):
         p = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pareto_jax.cli",
-                "reproduce",
-                "improve",
-                *args,
-                "--out",
-                str(tmp_path),
-            ],
+            [sys.executable, "-m", "pareto_jax.cli", "reproduce", "improve", *args, "--out",
+                str(tmp_path)],
             capture_output=True,
             text=True,
         )
@@ -237,13 +217,8 @@ def test_last_layer_influence_is_the_head_alone(x64):
     feats = models.functional_features(m)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
     loss = models.per_sample_loss(apply)
-    params = train.train(
-        loss,
-        params,
-        s.train.x.astype(np.float64),
-        s.train.y,
-        train.TrainConfig(epochs=30, learning_rate=0.01, weight_decay=1e-2),
-    ).params
+    params = train.train(loss, params, s.train.x.astype(np.float64), s.train.y,
+        train.TrainConfig(epochs=30, learning_rate=0.01, weight_decay=1e-2)).params
     got = experiments.influence_at(
         train.Objective(loss, 1e-2), apply, params, s, 10, "mlp", "last_layer", feats
     )
@@ -251,18 +226,9 @@ def test_last_layer_influence_is_the_head_alone(x64):
     head = models.make_model("linear", (16,), 10)
     happly, _ = models.functional(head)
     hp = models.linear_head_params(params["head"]["kernel"], params["head"]["bias"])
-    ref = influence.category_influence(
-        models.per_sample_loss(happly),
-        hp,
-        F[0],
-        s.train.y,
-        F[1],
-        s.val.y,
-        num_classes=10,
-        weight_decay=1e-2,
-        apply=happly,
-        config=influence.InfluenceConfig(solver="dense", curvature="hessian", damping=0.0),
-    )
+    ref = influence.category_influence(models.per_sample_loss(happly), hp, F[0], s.train.y, F[1],
+        s.val.y, num_classes=10, weight_decay=1e-2, apply=happly,
+        config=influence.InfluenceConfig(solver="dense", curvature="hessian", damping=0.0))
     np.testing.assert_allclose(
         np.asarray(got.P), np.asarray(ref.P), rtol=1e-6, atol=1e-9 * np.abs(np.asarray(ref.P)).max()
     )

@@ -88,17 +88,8 @@ def test_epoch_function_compiles_once():
     r = train.train(counting_loss, params, x, y, cfg, epoch_fn=ep)
     n_after_first = len(traces)
     assert n_after_first > 0
-    train.train(
-        counting_loss,
-        None,
-        x,
-        y,
-        cfg,
-        state=r.state,
-        epochs=4,
-        epoch_fn=ep,
-        weights=np.linspace(0.1, 2, 50),
-    )
+    train.train(counting_loss, None, x, y, cfg, state=r.state, epochs=4, epoch_fn=ep,
+        weights=np.linspace(0.1, 2, 50))
     assert len(traces) == n_after_first  # no retrace for more epochs, new weights, new state
 
 
@@ -146,13 +137,9 @@ def test_evaluate_matches_loop():
 
 @pytest.mark.parametrize(
     "kw, match",
-    [
-        (dict(weights=-np.ones(20)), "negative"),
-        (dict(weights=np.ones(19)), "shape"),
-        (dict(weights=np.zeros(20)), "summing to 0"),
-        (dict(y=np.full(20, 7)), "label 7"),
-        (dict(y=np.zeros(21, int)), "21 labels"),
-    ],
+    [(dict(weights=-np.ones(20)), "negative"), (dict(weights=np.ones(19)), "shape"),
+        (dict(weights=np.zeros(20)), "summing to 0"), (dict(y=np.full(20, 7)), "label 7"),
+        (dict(y=np.zeros(21, int)), "21 labels")],
 )
 def test_train_bad_input(kw, match):
     x, y = tiny_classification(n=20, dtype=np.float32)
@@ -160,27 +147,15 @@ def test_train_bad_input(kw, match):
     args = dict(x=x, y=y)
     args.update({k: v for k, v in kw.items() if k in ("x", "y")})
     with pytest.raises(InputError, match=match):
-        train.train(
-            loss_fn,
-            params,
-            args["x"],
-            args["y"],
-            train.TrainConfig(epochs=1),
-            num_classes=3,
-            weights=kw.get("weights"),
-        )
+        train.train(loss_fn, params, args["x"], args["y"], train.TrainConfig(epochs=1),
+            num_classes=3, weights=kw.get("weights"))
 
 
 @pytest.mark.parametrize(
     "kw, match",
-    [
-        (dict(epochs=-1), "epochs"),
-        (dict(learning_rate=0.0), "learning_rate"),
-        (dict(optimizer="rmsprop"), "optimizer"),
-        (dict(batch_size=0), "batch_size"),
-        (dict(normalizer="mean"), "normalizer"),
-        (dict(weight_decay=float("nan")), "weight_decay"),
-    ],
+    [(dict(epochs=-1), "epochs"), (dict(learning_rate=0.0), "learning_rate"),
+        (dict(optimizer="rmsprop"), "optimizer"), (dict(batch_size=0), "batch_size"),
+        (dict(normalizer="mean"), "normalizer"), (dict(weight_decay=float("nan")), "weight_decay")],
 )
 def test_train_config_validation(kw, match):
     with pytest.raises(InputError, match=match):
@@ -206,14 +181,8 @@ def test_compiled_and_stepped_epochs_agree_and_population_matches_rows(x64):
         ep = train.make_epoch_fn(lf, cfg, 70, execution=ex)
         pop = train.make_epoch_fn(lf, cfg, 70, execution=ex, population=True)
         single = [ep(st.params, st.opt_state, x, y, jnp.asarray(w), 2)[0] for w in W]
-        many = pop(
-            train.broadcast_population(st.params, 3),
-            train.broadcast_population(st.opt_state, 3),
-            x,
-            y,
-            jnp.asarray(W),
-            2,
-        )[0]
+        many = pop(train.broadcast_population(st.params, 3),
+            train.broadcast_population(st.opt_state, 3), x, y, jnp.asarray(W), 2)[0]
         for i, p in enumerate(single):
             for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(many)):
                 np.testing.assert_allclose(b[i], a, rtol=1e-10, atol=1e-13)

@@ -96,12 +96,8 @@ class RunConfig:
         checks.check_positive(self.retrain_epochs, "retrain_epochs", integer=True)
         steps = tuple(self.steps)
         if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in steps):
-            checks.fail(
-                "steps",
-                repr(steps),
-                "steps in (0, 1]",
-                "e.g. steps=(0.25, 0.5, 1.0), or () to use the program's weights as solved",
-            )
+            checks.fail("steps", repr(steps), "steps in (0, 1]",
+                "e.g. steps=(0.25, 0.5, 1.0), or () to use the program's weights as solved")
         object.__setattr__(self, "steps", steps)
         if self.targets is not None:
             t = tuple(self.targets)

@@ -131,12 +131,8 @@ class InfluenceConfig:
         checks.check_choice(self.solver, "solver", SOLVERS)
         checks.check_choice(self.preconditioner, "preconditioner", PRECONDITIONERS)
         if self.preconditioner != "none" and self.solver != "cg":
-            checks.fail(
-                "preconditioner",
-                repr(self.preconditioner),
-                "'none' unless solver='cg'",
-                "use solver='cg' with a preconditioner, or preconditioner='none'",
-            )
+            checks.fail("preconditioner", repr(self.preconditioner), "'none' unless solver='cg'",
+                "use solver='cg' with a preconditioner, or preconditioner='none'")
         checks.check_choice(self.curvature, "curvature", CURVATURES)
         if self.damping != "auto":
             checks.check_positive(self.damping, "damping", allow_zero=True)
@@ -304,21 +300,13 @@ class SearchConfig:
     def __post_init__(self):
         checks.check_positive(self.population, "population", integer=True)
         if self.population < 2:
-            checks.fail(
-                "population",
-                repr(self.population),
-                "an integer >= 2 (a generation needs parents)",
-                "e.g. population=16",
-            )
+            checks.fail("population", repr(self.population),
+                "an integer >= 2 (a generation needs parents)", "e.g. population=16")
         checks.check_positive(self.generations, "generations", integer=True)
         checks.check_positive(self.elite, "elite", integer=True, allow_zero=True)
         if self.elite >= self.population:
-            checks.fail(
-                "elite",
-                repr(self.elite),
-                f"fewer than population ({self.population})",
-                "lower elite or raise population",
-            )
+            checks.fail("elite", repr(self.elite), f"fewer than population ({self.population})",
+                "lower elite or raise population")
         checks.check_positive(self.tournament, "tournament", integer=True)
         checks.check_in_range(self.crossover_rate, "crossover_rate", 0.0, 1.0)
         checks.check_in_range(self.mutation_rate, "mutation_rate", 0.0, 1.0)
@@ -340,9 +328,5 @@ class SearchConfig:
         if self.others_weight is not None:
             a, b = self.others_weight
             if not (0 <= a <= b):
-                checks.fail(
-                    "others_weight",
-                    repr(self.others_weight),
-                    "0 <= β_min <= β_max",
-                    "e.g. (0.0, 1.0)",
-                )
+                checks.fail("others_weight", repr(self.others_weight), "0 <= β_min <= β_max",
+                    "e.g. (0.0, 1.0)")

@@ -15,17 +15,8 @@ PROGRAM_SOLVERS = ("device", "highs")
 OPTIMIZERS = ("adam", "sgd", "gd")
 NORMALIZERS = ("weights", "n")
 MODEL_KINDS = ("linear", "mlp", "cnn")
-DATASETS = (
-    "digits",
-    "mnist5k",
-    "disks-separable",
-    "disks-overlapping",
-    "emotion",
-    "ag_news",
-    "cifar10",
-    "stl10",
-    "npz",
-)
+DATASETS = ("digits", "mnist5k", "disks-separable", "disks-overlapping", "emotion", "ag_news",
+    "cifar10", "stl10", "npz")
 TEXT_FEATURES = ("tfidf", "minilm")
 RETRAIN = ("epoch", "converge")
 

@@ -47,28 +47,8 @@ from .stages import (
     predict_class_loss_change,
 )
 
-__all__ = [
-    "InfluenceConfig",
-    "Influence",
-    "category_influence",
-    "InfluenceResult",
-    "influence_regions",
-    "JOINT_POSITIVE",
-    "JOINT_NEGATIVE",
-    "TRADE_OFF",
-    "REGION_NAMES",
-    "CG",
-    "Dense",
-    "LiSSA",
-    "KFAC",
-    "choose_method",
-    "class_gradients",
-    "influence_from_solutions",
-    "influence_matrix",
-    "linear_category_influence",
-    "make_hvp",
-    "per_sample_gradients",
-    "predict_class_loss_change",
-    "cross_entropy_mismatch",
-    "output_hessian_min_eig",
-]
+__all__ = ["InfluenceConfig", "Influence", "category_influence", "InfluenceResult",
+    "influence_regions", "JOINT_POSITIVE", "JOINT_NEGATIVE", "TRADE_OFF", "REGION_NAMES", "CG",
+    "Dense", "LiSSA", "KFAC", "choose_method", "class_gradients", "influence_from_solutions",
+    "influence_matrix", "linear_category_influence", "make_hvp", "per_sample_gradients",
+    "predict_class_loss_change", "cross_entropy_mismatch", "output_hessian_min_eig"]

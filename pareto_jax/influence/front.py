@@ -1,7 +1,7 @@
 """The influence front door: `Influence` (fit once on the training side) and `category_influence`.
 
 Fitting validates the training set once, decides the curvature (`curvature.resolve`), places the
-training chunks on a backend (`backend.Local` for one device, `distributed.Sharded` for a mesh),
+training chunks on a backend (`backend.Local` for one device, `sharded.Sharded` for a mesh),
 resolves the damping and initialises the solver object (`solvers`: K-FAC's factors are made
 here). Each `Influence.influence` call then validates its validation set, computes the K class
 gradients, solves (escalating the damping only where allowed, every escalation reported), and
@@ -59,33 +59,15 @@ class Influence:
         >>> by_domain = fit.influence(x_val, y_val, groups=domain_ids, group_names=("a", "b"))
     """
 
-    def __init__(
-        self,
-        loss_fn,
-        params,
-        x_train,
-        y_train,
-        *,
-        num_classes: int,
-        weight_decay: float | None = None,
-        config: InfluenceConfig = InfluenceConfig(),
-        apply=None,
-        model=None,
-        mesh=None,
-        class_names=None,
-        sample_ids=None,
-        progress: bool = False,
-        _checked=None,
-        _saved=None,
-    ):
+    def __init__(self, loss_fn, params, x_train, y_train, *, num_classes: int,
+        weight_decay: float | None = None, config: InfluenceConfig = InfluenceConfig(), apply=None,
+        model=None, mesh=None, class_names=None, sample_ids=None, progress: bool = False,
+        _checked=None, _saved=None):
         objective = train.as_objective(loss_fn, weight_decay)
         loss_fn = objective.loss_fn
         validation.check_request(config, num_classes, mesh)
-        checks.check_not_traced(
-            (params, None if validation.is_source(x_train) else x_train),
-            "params",
-            "influence.influence_matrix (pure JAX: jit, vmap and grad work)",
-        )
+        checks.check_not_traced((params, None if validation.is_source(x_train) else x_train),
+            "params", "influence.influence_matrix (pure JAX: jit, vmap and grad work)")
         if validation.is_source(x_train):
             xt, (x_ex, y_ex) = validation.source(x_train, y_train, num_classes)
             yt, n = None, xt.n
@@ -116,11 +98,8 @@ class Influence:
         be = backend_for(mesh, config.execution, progress)
         self.objective, self.loss_fn, self.params, self.config = objective, loss_fn, params, config
         self.apply, self.curvature = choice.apply, choice.curvature
-        self.num_classes, self.weight_decay, self.mesh = (
-            int(num_classes),
-            objective.weight_decay,
-            mesh,
-        )
+        self.num_classes, self.weight_decay, self.mesh = (int(num_classes), objective.weight_decay,
+            mesh)
         self.class_names = None if class_names is None else tuple(str(c) for c in class_names)
         self.sample_ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
         self._x, self._y, self._n, self._flat, self._be, self._example = xt, yt, n, flat, be, x_ex
@@ -132,24 +111,16 @@ class Influence:
             None
             if model is None
             else (
-                lambda: be.factors(
-                    model,
-                    params,
-                    xt,
-                    yt,
-                    batch_size=config.hvp_batch_size,
-                    num_classes=num_classes,
-                    output_loss=choice.output_loss,
-                    weight_decay=self.weight_decay,
-                )
+                lambda: be.factors(model, params, xt, yt, batch_size=config.hvp_batch_size,
+                    num_classes=num_classes, output_loss=choice.output_loss,
+                    weight_decay=self.weight_decay)
             )
         )
         self.solver = solvers.from_config(config)
         saved = _saved or {}
         self._state = self.solver.init(
             solvers.Operator(be, self.curvature, data, matvec, make_factors),
-            factors=saved.get("factors"),
-        )
+            factors=saved.get("factors"))
         self.factors = self._state.factors
         self.damping = (
             saved["damping"]
@@ -180,14 +151,9 @@ class Influence:
         folder.mkdir(parents=True, exist_ok=True)
         io.write_json(
             folder / "state.json",
-            {
-                "config": dataclasses.asdict(self.config),
-                "damping": self.damping,
-                "num_classes": self.num_classes,
-                "weight_decay": self.weight_decay,
-                "class_names": self.class_names,
-                "fingerprint": self._fingerprint(),
-            },
+            {"config": dataclasses.asdict(self.config), "damping": self.damping,
+                "num_classes": self.num_classes, "weight_decay": self.weight_decay,
+                "class_names": self.class_names, "fingerprint": self._fingerprint()},
         )
         np.save(folder / "sample_ids.npy", self.sample_ids)
         if self.factors is not None:
@@ -208,11 +174,8 @@ class Influence:
             or not np.isfinite(damping)
             or not 0 <= damping <= 1e12
         ):
-            checks.fail(
-                "folder",
-                f"{folder} with damping {damping!r}",
-                "a finite damping >= 0 as saved",
-                "fit again: the saved state was edited or damaged",
+            checks.fail("folder", f"{folder} with damping {damping!r}",
+                "a finite damping >= 0 as saved", "fit again: the saved state was edited or damaged"
             )
         saved = {"damping": float(damping)}
         if (folder / "factors.npz").exists():
@@ -222,20 +185,10 @@ class Influence:
             if isinstance(loss_fn, train.Objective)
             else train.Objective(loss_fn, st["weight_decay"], "n")
         )
-        fit = cls(
-            objective,
-            params,
-            x_train,
-            y_train,
-            num_classes=st["num_classes"],
-            config=InfluenceConfig(**st["config"]),
-            apply=apply,
-            model=model,
-            mesh=mesh,
-            class_names=st["class_names"],
-            sample_ids=np.load(folder / "sample_ids.npy"),
-            _saved=saved,
-        )
+        fit = cls(objective, params, x_train, y_train, num_classes=st["num_classes"],
+            config=InfluenceConfig(**st["config"]), apply=apply, model=model, mesh=mesh,
+            class_names=st["class_names"], sample_ids=np.load(folder / "sample_ids.npy"),
+            _saved=saved)
         if fit._fingerprint() != st["fingerprint"]:
             checks.fail(
                 "params",
@@ -277,18 +230,13 @@ class Influence:
         fv = kernels.flatten(on_pairs(measure), self.params).loss
         G = be.class_gradients(fv, theta, be.chunks((xv, yv), g, 512, theta.dtype), g, K)
         if measure_fn is not None and not np.all(np.isfinite(np.asarray(G))):
-            checks.fail(
-                "measure_fn",
-                "non-finite gradients of the mean measurement of some group",
+            checks.fail("measure_fn", "non-finite gradients of the mean measurement of some group",
                 "a measurement with finite values and gradients on the validation set",
-                "guard logs and divisions in measure_fn (e.g. clip probabilities)",
-            )
+                "guard logs and divisions in measure_fn (e.g. clip probabilities)")
         checks.check_finite_array(G, "class gradients", "influence: class gradients")
         res, damping, escalations = linsolve.solve_escalating(
-            lambda d: self.solver.solve(self._state, G, d),
-            self.damping,
-            escalate=config.escalate_damping,
-        )
+            lambda d: self.solver.solve(self._state, G, d), self.damping,
+            escalate=config.escalate_damping)
         checks.check_finite_array(res.value, "inverse-HVP solutions", "influence: curvature solve")
         if config.throw:
             linsolve.check_solve(res, rtol=config.rtol)
@@ -298,74 +246,30 @@ class Influence:
             else config.method
         )
         P = jnp.asarray(
-            be.influence_rows(
-                flat.loss,
-                method,
-                theta,
-                res.value,
-                be.chunks(self._x, self._y, config.chunk_size, theta.dtype),
-                self._n,
-            )
+            be.influence_rows(flat.loss, method, theta, res.value,
+                be.chunks(self._x, self._y, config.chunk_size, theta.dtype), self._n)
         )
         checks.check_finite_array(P, "P", "influence: influence matrix")
         details = {**(self._state.details or {}), **self._details}
-        return InfluenceResult(
-            P,
-            method,
-            config.solver,
-            config.curvature,
-            damping,
-            tuple(escalations),
-            np.asarray(res.steps),
-            np.asarray(res.residual),
-            np.asarray(res.converged),
-            np.asarray(res.negative_curvature),
-            np.asarray(res.status),
-            res.value,
-            details,
-            names,
-            self.sample_ids,
-        )
+        return InfluenceResult(P, method, config.solver, config.curvature, damping,
+            tuple(escalations), np.asarray(res.steps), np.asarray(res.residual),
+            np.asarray(res.converged), np.asarray(res.negative_curvature), np.asarray(res.status),
+            res.value, details, names, self.sample_ids)
 
 
 def _check_factor_inputs(model, xt) -> None:
     if model is None:
-        checks.fail(
-            "model",
-            "None",
-            "the nnx model (K-FAC/EK-FAC read its Dense/Conv layers)",
-            "pass model= to category_influence",
-        )
+        checks.fail("model", "None", "the nnx model (K-FAC/EK-FAC read its Dense/Conv layers)",
+            "pass model= to category_influence")
     if not isinstance(xt, np.ndarray):
-        checks.fail(
-            "x_train",
-            "a pytree of input arrays",
-            "one input array for K-FAC / EK-FAC",
-            "use solver='cg' for models with structured inputs",
-        )
+        checks.fail("x_train", "a pytree of input arrays", "one input array for K-FAC / EK-FAC",
+            "use solver='cg' for models with structured inputs")
 
 
-def category_influence(
-    loss_fn,
-    params,
-    x_train,
-    y_train,
-    x_val,
-    y_val,
-    *,
-    num_classes: int,
-    weight_decay: float | None = None,
-    config: InfluenceConfig = InfluenceConfig(),
-    apply=None,
-    model=None,
-    mesh=None,
-    groups=None,
-    group_names=None,
-    measure_fn=None,
-    class_names=None,
-    sample_ids=None,
-    progress: bool = False,
-) -> InfluenceResult:
+def category_influence(loss_fn, params, x_train, y_train, x_val, y_val, *, num_classes: int,
+    weight_decay: float | None = None, config: InfluenceConfig = InfluenceConfig(), apply=None,
+    model=None, mesh=None, groups=None, group_names=None, measure_fn=None, class_names=None,
+    sample_ids=None, progress: bool = False) -> InfluenceResult:
     """The N×K category-wise influence matrix P of a trained model (``docs/method.md``).
 
     P[i, k] = (1/N) · g_kᵀ (H + δI)⁻¹ ∇ℓ(z_i; θ), g_k = ∇ mean_{val, class k} ℓ; P > 0 is
@@ -412,11 +316,8 @@ def category_influence(
         (1078, 10)
     """
     validation.check_request(config, num_classes, mesh)  # every input checked before any work
-    checks.check_not_traced(
-        (params, None if validation.is_source(x_train) else x_train, x_val),
-        "params",
-        "influence.influence_matrix (pure JAX: jit, vmap and grad work)",
-    )
+    checks.check_not_traced((params, None if validation.is_source(x_train) else x_train, x_val),
+        "params", "influence.influence_matrix (pure JAX: jit, vmap and grad work)")
     source = validation.is_source(x_train)
     train_checked = None if source else validation.train_set(x_train, y_train, num_classes)
     if source:
@@ -424,27 +325,8 @@ def category_influence(
     else:
         val_checked = validation.val_set(train_checked[0], x_val, y_val, num_classes)
         validation.groups(groups, val_checked[1], num_classes, group_names, class_names)
-    fit = Influence(
-        loss_fn,
-        params,
-        x_train,
-        y_train,
-        num_classes=num_classes,
-        weight_decay=weight_decay,
-        config=config,
-        apply=apply,
-        model=model,
-        mesh=mesh,
-        class_names=class_names,
-        sample_ids=sample_ids,
-        progress=progress,
-        _checked=train_checked,
-    )
-    return fit.influence(
-        x_val,
-        y_val,
-        groups=groups,
-        group_names=group_names,
-        measure_fn=measure_fn,
-        _checked=val_checked,
-    )
+    fit = Influence(loss_fn, params, x_train, y_train, num_classes=num_classes,
+        weight_decay=weight_decay, config=config, apply=apply, model=model, mesh=mesh,
+        class_names=class_names, sample_ids=sample_ids, progress=progress, _checked=train_checked)
+    return fit.influence(x_val, y_val, groups=groups, group_names=group_names,
+        measure_fn=measure_fn, _checked=val_checked)

@@ -13,22 +13,11 @@ from .. import checks, io
 from ..results import pytree_result
 
 JOINT_POSITIVE, TRADE_OFF, JOINT_NEGATIVE = 1, 0, -1
-REGION_NAMES = {
-    JOINT_POSITIVE: "joint-positive",
-    TRADE_OFF: "trade-off",
-    JOINT_NEGATIVE: "joint-negative",
-}
+REGION_NAMES = {JOINT_POSITIVE: "joint-positive", TRADE_OFF: "trade-off",
+    JOINT_NEGATIVE: "joint-negative"}
 
-_ARRAYS = (
-    "P",
-    "steps",
-    "residual",
-    "converged",
-    "negative_curvature",
-    "status",
-    "solutions",
-    "sample_ids",
-)
+_ARRAYS = ("P", "steps", "residual", "converged", "negative_curvature", "status", "solutions",
+    "sample_ids")
 
 
 @pytree_result(data=_ARRAYS)
@@ -77,21 +66,15 @@ class InfluenceResult:
 
     def summary(self) -> dict:
         reg = self.regions
-        return {
-            "n_train": int(self.P.shape[0]),
-            "num_classes": int(self.P.shape[1]),
-            "method": self.method,
-            "solver": self.solver,
-            "curvature": self.curvature,
-            "damping": float(self.damping),
-            "escalations": list(self.escalations),
+        return {"n_train": int(self.P.shape[0]), "num_classes": int(self.P.shape[1]),
+            "method": self.method, "solver": self.solver, "curvature": self.curvature,
+            "damping": float(self.damping), "escalations": list(self.escalations),
             "cg_steps": np.asarray(self.steps).tolist(),
             "relative_residual": np.asarray(self.residual).tolist(),
             "converged": bool(np.all(self.converged)),
             "regions": {REGION_NAMES[r]: int((reg == r).sum()) for r in REGION_NAMES},
             **({"names": list(self.names)} if self.names is not None else {}),
-            **({"details": self.details} if self.details else {}),
-        }
+            **({"details": self.details} if self.details else {})}
 
     def save(self, path) -> str:
         """Write the result to ``path`` (``.npz``, atomically; see the class docstring). Returns
@@ -100,13 +83,8 @@ class InfluenceResult:
         arrays = {k: getattr(self, k) for k in _ARRAYS if getattr(self, k) is not None}
         if self.names is not None:
             arrays["names"] = [str(n) for n in self.names]
-        meta = {
-            "method": self.method,
-            "solver": self.solver,
-            "curvature": self.curvature,
-            "damping": float(self.damping),
-            "escalations": self.escalations,
-            "details": self.details,
+        meta = {"method": self.method, "solver": self.solver, "curvature": self.curvature,
+            "damping": float(self.damping), "escalations": self.escalations, "details": self.details
         }
         arrays["meta"] = json.dumps(io.to_jsonable(meta), default=str)
         io.save_arrays(path, arrays)
@@ -118,82 +96,38 @@ class InfluenceResult:
         is checked: a 2-D finite P, names and ids of matching length, per-class diagnostics."""
         z = io.load_arrays(path)
         if "P" not in z or "meta" not in z:
-            checks.fail(
-                "path",
-                f"{path} with keys {sorted(z)}",
-                "a file written by InfluenceResult.save",
-                "save the result with result.save(path)",
-            )
+            checks.fail("path", f"{path} with keys {sorted(z)}",
+                "a file written by InfluenceResult.save", "save the result with result.save(path)")
         P = np.asarray(z["P"])
         if P.ndim != 2 or P.dtype.kind != "f" or 0 in P.shape or not np.all(np.isfinite(P)):
-            checks.fail(
-                "path",
-                f"{path} holding P of shape {P.shape}, dtype {P.dtype}",
-                "a finite 2-D float P (N, K)",
-                "recompute the influence; the file is damaged",
-            )
+            checks.fail("path", f"{path} holding P of shape {P.shape}, dtype {P.dtype}",
+                "a finite 2-D float P (N, K)", "recompute the influence; the file is damaged")
         n, K = P.shape
         try:
             meta = json.loads(str(z["meta"]))
             names = tuple(str(v) for v in z["names"]) if "names" in z else None
-            fields = (
-                meta["method"],
-                meta["solver"],
-                meta["curvature"],
-                float(meta["damping"]),
-                tuple(meta["escalations"]),
-                meta["details"],
-            )
+            fields = (meta["method"], meta["solver"], meta["curvature"], float(meta["damping"]),
+                tuple(meta["escalations"]), meta["details"])
         except (KeyError, TypeError, ValueError) as e:
-            checks.fail(
-                "path",
-                f"{path} with unreadable metadata ({e})",
+            checks.fail("path", f"{path} with unreadable metadata ({e})",
                 "a file written by InfluenceResult.save",
-                "recompute the influence; the file is damaged",
-            )
-        for key, shape in (
-            ("names", (K,)),
-            ("sample_ids", (n,)),
-            ("steps", (K,)),
-            ("residual", (K,)),
-            ("converged", (K,)),
-            ("negative_curvature", (K,)),
-            ("status", (K,)),
+                "recompute the influence; the file is damaged")
+        for key, shape in (("names", (K,)), ("sample_ids", (n,)), ("steps", (K,)),
+            ("residual", (K,)), ("converged", (K,)), ("negative_curvature", (K,)), ("status", (K,))
         ):
             value = names if key == "names" else z.get(key)
             if value is not None and np.shape(value) != shape:
-                checks.fail(
-                    "path",
-                    f"{path} whose {key} has shape {np.shape(value)}",
+                checks.fail("path", f"{path} whose {key} has shape {np.shape(value)}",
                     f"shape {shape} for P {P.shape}",
-                    "recompute the influence; the file is damaged or edited",
-                )
+                    "recompute the influence; the file is damaged or edited")
         sol = z.get("solutions")
         if sol is not None and (sol.ndim != 2 or sol.shape[0] != K):
-            checks.fail(
-                "path",
-                f"{path} whose solutions have shape {sol.shape}",
-                f"({K}, num_params)",
-                "recompute the influence; the file is damaged or edited",
-            )
+            checks.fail("path", f"{path} whose solutions have shape {sol.shape}",
+                f"({K}, num_params)", "recompute the influence; the file is damaged or edited")
         method, solver, curvature, damping, escalations, details = fields
-        return cls(
-            jnp.asarray(P),
-            method,
-            solver,
-            curvature,
-            damping,
-            escalations,
-            z.get("steps"),
-            z.get("residual"),
-            z.get("converged"),
-            z.get("negative_curvature"),
-            z.get("status"),
-            None if sol is None else jnp.asarray(sol),
-            details,
-            names,
-            z.get("sample_ids"),
-        )
+        return cls(jnp.asarray(P), method, solver, curvature, damping, escalations, z.get("steps"),
+            z.get("residual"), z.get("converged"), z.get("negative_curvature"), z.get("status"),
+            None if sol is None else jnp.asarray(sol), details, names, z.get("sample_ids"))
 
 
 def influence_regions(P) -> np.ndarray:

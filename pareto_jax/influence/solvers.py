@@ -6,7 +6,7 @@ A solver is a frozen value holding its own settings (tolerances, step caps, a pr
 converged, negative curvature, status) for the K right-hand sides G (K, P). `damping` is δ, added
 to the curvature of the training objective (which already holds λ), for every solver.
 
-The `Operator` is what a backend (`backend.Local`, `distributed.Sharded`) offers: the curvature,
+The `Operator` is what a backend (`backend.Local`, `sharded.Sharded`) offers: the curvature,
 the placed objective, its product and, on demand, the K-FAC factors. Every backend offers every
 solver. `from_config` builds the solver an `InfluenceConfig` names (the names are
 `config.SOLVERS`, defined once).
@@ -73,18 +73,8 @@ class CG:
 
     def solve(self, state: State, G, damping) -> linsolve.SolveResult:
         op = state.operator
-        return op.backend.solve(
-            "cg",
-            op.curvature,
-            op.data,
-            G,
-            damping,
-            self.rtol,
-            self.atol,
-            self.max_steps,
-            factors=state.factors,
-            ekfac=self.preconditioner == "ekfac",
-        )
+        return op.backend.solve("cg", op.curvature, op.data, G, damping, self.rtol, self.atol,
+            self.max_steps, factors=state.factors, ekfac=self.preconditioner == "ekfac")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,16 +115,8 @@ class LiSSA:
             lambda v: op.matvec(v[None])[0] + damping * v, theta.size, theta.dtype, seed=self.seed
         )
         state.details.update(lissa_scale=1.2 * lam, lambda_max=lam)
-        res = op.backend.lissa(
-            op.curvature,
-            op.data,
-            G,
-            scale=1.2 * lam,
-            damping=damping,
-            rtol=self.rtol,
-            max_steps=self.max_steps,
-            seed=self.seed,
-        )
+        res = op.backend.lissa(op.curvature, op.data, G, scale=1.2 * lam, damping=damping,
+            rtol=self.rtol, max_steps=self.max_steps, seed=self.seed)
         return linsolve.with_residual(res, op.matvec, G, damping)
 
 
@@ -159,11 +141,9 @@ class KFAC:
 
 _MAKERS: dict[str, Callable[[InfluenceConfig], Any]] = {
     "cg": lambda c: CG(c.rtol, c.atol, c.max_steps, c.preconditioner),
-    "dense": lambda c: Dense(c.rtol, c.atol),
-    "lissa": lambda c: LiSSA(c.rtol, c.max_steps, c.seed),
+    "dense": lambda c: Dense(c.rtol, c.atol), "lissa": lambda c: LiSSA(c.rtol, c.max_steps, c.seed),
     "kfac": lambda c: KFAC(False, c.report_residual),
-    "ekfac": lambda c: KFAC(True, c.report_residual),
-}
+    "ekfac": lambda c: KFAC(True, c.report_residual)}
 assert set(_MAKERS) == set(_config.SOLVERS), "every solver name has a solver object"
 
 

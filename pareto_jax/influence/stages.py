@@ -17,17 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from .. import checks, closed_form, distributed, kernels, linsolve, models, train
+from .. import checks, closed_form, kernels, linsolve, models, train
 from ..backend import Local
 from ..config import NO_DAMPING, InfluenceConfig
+from ..sharded import Sharded
 from . import curvature, validation
 from .result import InfluenceResult
 
 
 def backend_for(mesh, execution: str = "auto", progress: bool = False):
     """The backend that runs the stages: one device (`backend.Local`), or the mesh's devices
-    (`distributed.Sharded`)."""
-    return Local(execution, progress) if mesh is None else distributed.Sharded(mesh)
+    (`sharded.Sharded`)."""
+    return Local(execution, progress) if mesh is None else Sharded(mesh)
 
 
 def choose_method(num_params: int, num_classes: int, chunk_size: int) -> str:
@@ -70,18 +71,9 @@ def class_gradients(
     return be.class_gradients(flat.loss, flat.theta, chunks, y_val, num_classes)
 
 
-def make_hvp(
-    loss_fn,
-    params,
-    x_train,
-    y_train,
-    *,
-    weight_decay: float | None = None,
-    batch_size: int = InfluenceConfig.hvp_batch_size,
-    curvature: str = "hessian",
-    apply=None,
-    mesh=None,
-):
+def make_hvp(loss_fn, params, x_train, y_train, *, weight_decay: float | None = None,
+    batch_size: int = InfluenceConfig.hvp_batch_size, curvature: str = "hessian", apply=None,
+    mesh=None):
     """v -> ∇²L_T(θ) v (flat v), the minibatch-accumulated HVP of the full training objective.
 
     `loss_fn` is a `train.Objective` or a per-sample loss with `weight_decay`. With
@@ -112,17 +104,8 @@ def _resolve(config, loss_fn, params, apply, x, y):
     return curvature.resolve(config, loss_fn, params, apply, x, y)
 
 
-def influence_from_solutions(
-    loss_fn,
-    params,
-    U: jax.Array,
-    x_train,
-    y_train,
-    *,
-    method: str = "jvp",
-    chunk_size: int = 256,
-    mesh=None,
-):
+def influence_from_solutions(loss_fn, params, U: jax.Array, x_train, y_train, *,
+    method: str = "jvp", chunk_size: int = 256, mesh=None):
     """P[i, k] = (1/N) u_kᵀ ∇ℓ(z_i) from the K solutions U (K, P), for every training sample.
 
     Args:
@@ -146,23 +129,10 @@ def per_sample_gradients(loss_fn, params, x, y) -> jax.Array:
     )
 
 
-def influence_matrix(
-    loss_fn,
-    params,
-    x_train,
-    y_train,
-    x_val,
-    y_val,
-    *,
-    num_classes: int,
-    weight_decay=None,
-    damping,
-    curvature: str = "hessian",
-    rtol=InfluenceConfig.rtol,
-    max_steps: int = InfluenceConfig.max_steps,
-    chunk_size: int = InfluenceConfig.chunk_size,
-    hvp_batch_size: int = InfluenceConfig.hvp_batch_size,
-):
+def influence_matrix(loss_fn, params, x_train, y_train, x_val, y_val, *, num_classes: int,
+    weight_decay=None, damping, curvature: str = "hessian", rtol=InfluenceConfig.rtol,
+    max_steps: int = InfluenceConfig.max_steps, chunk_size: int = InfluenceConfig.chunk_size,
+    hvp_batch_size: int = InfluenceConfig.hvp_batch_size):
     """The jittable core: P (N, K) and the CG diagnostics (`linsolve.SolveResult`), in pure JAX.
 
     The same numbers as `category_influence` with ``solver="cg"``, but no validation, no host
@@ -180,10 +150,8 @@ def influence_matrix(
         curvature: "hessian" or "gauss_newton" (static).
     """
     if isinstance(loss_fn, train.Objective):
-        weight_decay, loss_fn = (
-            loss_fn.weight_decay if weight_decay is None else weight_decay,
-            loss_fn.loss_fn,
-        )
+        weight_decay, loss_fn = (loss_fn.weight_decay if weight_decay is None else weight_decay,
+            loss_fn.loss_fn)
     flat = kernels.flatten(loss_fn, params)
     theta, dt, K = flat.theta, flat.theta.dtype, int(num_classes)
     if curvature == "gauss_newton" and not isinstance(loss_fn, models.OutputLoss):
@@ -201,26 +169,16 @@ def influence_matrix(
 
     counts = jnp.maximum(jnp.bincount(jnp.asarray(y_val), length=K), 1).astype(dt)
     G = kernels.class_gradients(flat.loss, theta, chunks(x_val, y_val, 512), counts, K)
-    data = kernels.ObjectiveData(
-        theta,
-        chunks(x_train, y_train, hvp_batch_size),
-        jnp.asarray(n, dt),
-        jnp.asarray(weight_decay, dt),
-    )
+    data = kernels.ObjectiveData(theta, chunks(x_train, y_train, hvp_batch_size),
+        jnp.asarray(n, dt), jnp.asarray(weight_decay, dt))
     matvec, d = kernels.curvature_matvec(curv, data), jnp.asarray(damping, dt)
 
     def op(v):
         return matvec(v) + d * v
 
     def cg(op_, b):  # CG for one right-hand side; its diagnostics as the auxiliary output
-        r = linsolve.solve_cg(
-            op_,
-            b,
-            damping=jnp.asarray(0.0, dt),
-            rtol=jnp.asarray(rtol, dt),
-            atol=jnp.asarray(0.0, dt),
-            max_steps=int(max_steps),
-        )
+        r = linsolve.solve_cg(op_, b, damping=jnp.asarray(0.0, dt), rtol=jnp.asarray(rtol, dt),
+            atol=jnp.asarray(0.0, dt), max_steps=int(max_steps))
         return r.value, r
 
     # custom_linear_solve: reverse-mode derivatives by implicit differentiation (one more solve
@@ -238,18 +196,8 @@ def _curvature_build(loss_fn, params, kind, out):
     return curvature.build(loss_fn, params, kind, apply, out)
 
 
-def linear_category_influence(
-    params,
-    x_train,
-    y_train,
-    x_val,
-    y_val,
-    *,
-    num_classes: int,
-    weight_decay: float,
-    damping: float = NO_DAMPING,
-    weights=None,
-) -> InfluenceResult:
+def linear_category_influence(params, x_train, y_train, x_val, y_val, *, num_classes: int,
+    weight_decay: float, damping: float = NO_DAMPING, weights=None) -> InfluenceResult:
     """`category_influence` for a `LinearClassifier` head, by the closed form (validated).
 
     `weights`: the per-sample weights the model was trained with (see `linear_influence`).
@@ -261,48 +209,20 @@ def linear_category_influence(
         weights = checks.as_weights(weights, xt.shape[0], "weights")
     W, b = params["head"]["kernel"], params["head"]["bias"]
     dt = jnp.asarray(W).dtype
-    P, U = closed_form.linear_influence(
-        xt.astype(dt),
-        yt,
-        xv.astype(dt),
-        yv,
-        W,
-        b,
-        weight_decay=weight_decay,
-        damping=damping,
-        return_solutions=True,
-        weights=weights,
-    )
+    P, U = closed_form.linear_influence(xt.astype(dt), yt, xv.astype(dt), yv, W, b,
+        weight_decay=weight_decay, damping=damping, return_solutions=True, weights=weights)
     checks.check_finite_array(P, "P", "influence: influence matrix (closed form)")
     K = num_classes
     d = W.shape[0]
     # solutions in the flat ordering of ravel_pytree(params), so they compose with the generic path
     flat_U = jax.vmap(lambda u: ravel_pytree({"head": {"bias": u[d], "kernel": u[:d]}})[0])(U)
     z = np.zeros(K)
-    return InfluenceResult(
-        P,
-        "closed_form",
-        "cholesky",
-        "hessian",
-        damping,
-        (),
-        z.astype(int),
-        z,
-        np.ones(K, bool),
-        np.zeros(K, bool),
-        np.zeros(K, np.int32),
-        flat_U,
-    )
+    return InfluenceResult(P, "closed_form", "cholesky", "hessian", damping, (), z.astype(int), z,
+        np.ones(K, bool), np.zeros(K, bool), np.zeros(K, np.int32), flat_U)
 
 
-def predict_class_loss_change(
-    result: InfluenceResult,
-    weights,
-    *,
-    params=None,
-    weight_decay: float | None = None,
-    normalizer: str = "n",
-) -> np.ndarray:
+def predict_class_loss_change(result: InfluenceResult, weights, *, params=None,
+    weight_decay: float | None = None, normalizer: str = "n") -> np.ndarray:
     """First-order change of each class's validation loss when retraining with `weights`.
 
     ΔL_k ≈ −Σ_i (w_i − 1) P[i, k] for the fixed-N objective (1/N) Σ w_i ℓ_i + (λ/2)‖θ‖².
@@ -316,12 +236,8 @@ def predict_class_loss_change(
     delta = -(w - 1.0) @ P
     if normalizer == "weights" and weight_decay:
         if params is None or result.solutions is None:
-            checks.fail(
-                "params",
-                "None",
-                "the trained params (and a result with solutions)",
-                "pass params= to account for the Σw normaliser",
-            )
+            checks.fail("params", "None", "the trained params (and a result with solutions)",
+                "pass params= to account for the Σw normaliser")
         theta = np.asarray(ravel_pytree(params)[0], np.float64)
         delta = delta - weight_decay * (w.sum() / w.size - 1.0) * (
             np.asarray(result.solutions, np.float64) @ theta

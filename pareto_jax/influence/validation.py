@@ -45,61 +45,38 @@ def source(batches, y_train, num_classes):
     """One pass over a batch source: every batch validated on the host (inputs, labels, the
     same structure and sample shape throughout); returns (`kernels.Source`, the first batch)."""
     if y_train is not None:
-        checks.fail(
-            "y_train",
-            "labels beside a batch source",
+        checks.fail("y_train", "labels beside a batch source",
             "None (the labels come with each batch)",
-            "yield (x_batch, y_batch) from x_train() and pass y_train=None",
-        )
+            "yield (x_batch, y_batch) from x_train() and pass y_train=None")
     n, first = 0, None
     for i, item in enumerate(batches()):
         if not (isinstance(item, tuple) and len(item) == 2):
-            checks.fail(
-                "x_train",
-                f"a batch source whose batch {i} is a {type(item).__name__}",
-                "(x_batch, y_batch) pairs",
-                "make x_train() yield (inputs, labels) tuples",
-            )
+            checks.fail("x_train", f"a batch source whose batch {i} is a {type(item).__name__}",
+                "(x_batch, y_batch) pairs", "make x_train() yield (inputs, labels) tuples")
         xb = checks.as_inputs(item[0], f"x_train batch {i}")
-        yb = checks.as_labels(
-            item[1],
-            f"y_train batch {i}",
-            num_classes=num_classes,
-            n=checks.num_inputs(xb),
-            x_name=f"x_train batch {i}",
-        )
+        yb = checks.as_labels(item[1], f"y_train batch {i}", num_classes=num_classes,
+            n=checks.num_inputs(xb), x_name=f"x_train batch {i}")
         if first is None:
             first = (xb, yb)
         else:
             same_kind(first[0], xb, f"x_train batch {i}", "the first batch's")
         n += yb.shape[0]
     if first is None:
-        checks.fail(
-            "x_train",
-            "a batch source that yielded nothing",
+        checks.fail("x_train", "a batch source that yielded nothing",
             "at least one (x_batch, y_batch)",
-            "check that x_train() returns a fresh iterator on every call",
-        )
+            "check that x_train() returns a fresh iterator on every call")
     return kernels.Source(batches, n), first
 
 
 def same_kind(ref, x, name, what) -> None:
     sr, sx = jax.tree_util.tree_structure(ref), jax.tree_util.tree_structure(x)
     if sr != sx:
-        checks.fail(
-            name,
-            f"inputs structured as {sx}",
-            f"{what} structure {sr}",
-            "pass inputs of the same kind everywhere",
-        )
+        checks.fail(name, f"inputs structured as {sx}", f"{what} structure {sr}",
+            "pass inputs of the same kind everywhere")
     for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(x)):
         if a.shape[1:] != b.shape[1:]:
-            checks.fail(
-                name,
-                f"sample shape {b.shape[1:]}",
-                f"{what} sample shape {a.shape[1:]}",
-                "featurise every set the same way",
-            )
+            checks.fail(name, f"sample shape {b.shape[1:]}", f"{what} sample shape {a.shape[1:]}",
+                "featurise every set the same way")
 
 
 def val_set(xt, x_val, y_val, num_classes):
@@ -119,20 +96,14 @@ def groups(g, yv, num_classes, group_names, class_names):
     g = checks.as_labels(g, "groups", n=yv.shape[0], x_name="x_val")
     G = int(g.max()) + 1 if group_names is None else len(group_names)
     if g.max() >= G:
-        checks.fail(
-            "groups",
-            f"group id {int(g.max())} with {G} group_names",
-            f"ids in [0, {G})",
-            "give one name per group",
-        )
+        checks.fail("groups", f"group id {int(g.max())} with {G} group_names", f"ids in [0, {G})",
+            "give one name per group")
     counts = np.bincount(g, minlength=G)
     if (counts == 0).any():
-        checks.fail(
-            "groups",
+        checks.fail("groups",
             f"no validation samples in group(s) {np.flatnonzero(counts == 0).tolist()}",
             "at least one validation sample in every group 0..G-1",
-            "renumber the groups to 0..G-1 without gaps, or drop the empty group's name",
-        )
+            "renumber the groups to 0..G-1 without gaps, or drop the empty group's name")
     return g, G, tuple(group_names) if group_names is not None else None
 
 
@@ -140,12 +111,8 @@ def loss(loss_fn, params, x, y, name: str = "loss_fn") -> None:
     """The loss must map one sample (no batch axis) to a finite scalar (abstract evaluation
     first, so a batched loss is named before any compilation)."""
     if not callable(loss_fn):
-        checks.fail(
-            name,
-            type(loss_fn).__name__,
-            "a function (params, x, y) -> scalar",
-            "pass e.g. models.per_sample_loss(apply)",
-        )
+        checks.fail(name, type(loss_fn).__name__, "a function (params, x, y) -> scalar",
+            "pass e.g. models.per_sample_loss(apply)")
     x0, y0 = kernels.take(x, 0), jnp.asarray(y[0])
     try:
         out = jax.eval_shape(loss_fn, params, x0, y0)
@@ -169,19 +136,11 @@ def loss(loss_fn, params, x, y, name: str = "loss_fn") -> None:
 
 def class_names_and_ids(class_names, sample_ids, num_classes: int, n: int) -> None:
     if class_names is not None and len(class_names) != num_classes:
-        checks.fail(
-            "class_names",
-            f"{len(class_names)} names",
-            f"{num_classes}, one per class",
-            "pass one name per class, in label order",
-        )
+        checks.fail("class_names", f"{len(class_names)} names", f"{num_classes}, one per class",
+            "pass one name per class, in label order")
     if sample_ids is not None and np.shape(sample_ids) != (n,):
-        checks.fail(
-            "sample_ids",
-            f"shape {np.shape(sample_ids)}",
-            f"shape ({n},), one id per training sample",
-            "pass one id per row of x_train",
-        )
+        checks.fail("sample_ids", f"shape {np.shape(sample_ids)}",
+            f"shape ({n},), one id per training sample", "pass one id per row of x_train")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -195,9 +154,7 @@ def finite_measure(measure, params, xv, yv) -> None:
     for xb, yb, mb in kernels.iter_chunks(kernels.pad_chunks(xv, yv, 512)):
         vals = np.asarray(_measure_chunk(measure, params, xb, yb))[np.asarray(mb) > 0]
         if not np.all(np.isfinite(vals)):
-            checks.fail(
-                "measure_fn",
+            checks.fail("measure_fn",
                 f"{int((~np.isfinite(vals)).sum())} non-finite value(s) on the validation set",
                 "a finite measurement on every validation sample",
-                "guard logs and divisions in measure_fn (e.g. clip probabilities)",
-            )
+                "guard logs and divisions in measure_fn (e.g. clip probabilities)")

@@ -13,49 +13,32 @@
 
 from ..config import ReweightConfig
 from ..results import Status
-from .ceiling import CeilingResult, ceiling_test, pca_explained_ratio
+from .ceiling import (
+    CeilingResult,
+    CeilingSolution,
+    ceiling_program,
+    ceiling_test,
+    pca_explained_ratio,
+)
+from .device import bucket, pad_rows, solve_device, solve_rows
 from .dual import dual_solve
-from .exact import CeilingSolution, ProgramSolution, ceiling_program, reweight, solve_program
+from .exact import ProgramSolution, reweight, solve_program
 from .frontier import FrontierResult, pareto_frontier
 from .program import (
     ProgramBatch,
     ReweightResult,
-    bucket,
     check_feasibility,
     prepare,
     program_data,
     read,
     result_from_solution,
     solve_batch,
-    solve_device,
     solve_reweighting,
     solve_reweighting_batch,
 )
 
-__all__ = [
-    "CeilingResult",
-    "ceiling_test",
-    "pca_explained_ratio",
-    "dual_solve",
-    "CeilingSolution",
-    "ProgramSolution",
-    "ceiling_program",
-    "reweight",
-    "solve_program",
-    "FrontierResult",
-    "pareto_frontier",
-    "Status",
-    "ReweightConfig",
-    "ReweightResult",
-    "ProgramBatch",
-    "prepare",
-    "solve_device",
-    "read",
-    "solve_batch",
-    "bucket",
-    "check_feasibility",
-    "program_data",
-    "result_from_solution",
-    "solve_reweighting",
-    "solve_reweighting_batch",
-]
+__all__ = ["CeilingResult", "ceiling_test", "pca_explained_ratio", "dual_solve", "CeilingSolution",
+    "ProgramSolution", "ceiling_program", "reweight", "solve_program", "FrontierResult",
+    "pareto_frontier", "Status", "ReweightConfig", "ReweightResult", "ProgramBatch", "pad_rows",
+    "solve_rows", "prepare", "solve_device", "read", "solve_batch", "bucket", "check_feasibility",
+    "program_data", "result_from_solution", "solve_reweighting", "solve_reweighting_batch"]

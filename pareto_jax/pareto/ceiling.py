@@ -4,7 +4,7 @@ A first-order Pareto improvement exists iff some weights w have Σ_i (w_i − 1)
 every class k. The LP ``max t s.t. Σ_i d_i P[i,k] >= t ∀k, −1 <= d_i <= 1`` decides it: t* > 0
 means improvable; otherwise its dual λ >= 0, Σλ = 1, with Pλ = 0 is the certificate (Gordan's
 theorem of the alternative). `ceiling_test` solves it on the device by the bounded dual simplex
-(`exact.ceiling_program`, pure JAX: jit it, vmap it over a stack of P); HiGHS is the reference
+(`ceiling_program`, pure JAX: jit it, vmap it over a stack of P); HiGHS is the reference
 (``solver="highs"``). The original method's PCA heuristic is reported beside it, labelled as a
 heuristic.
 """
@@ -12,6 +12,7 @@ heuristic.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,8 @@ from .. import checks
 from ..config import PROGRAM_SOLVERS
 from ..results import message as status_message
 from ..results import pytree_result, raise_for_status
-from . import exact, highs
-from .program import pad_rows
+from . import highs, simplex
+from .device import pad_rows
 
 
 @pytree_result(data=("direction", "predicted_gains", "certificate"))
@@ -59,18 +60,13 @@ class CeilingResult:
     message: str
 
     def summary(self) -> dict:
-        return {
-            "improvable": self.improvable,
-            "t_star": self.t_star,
-            "tol": self.tol,
+        return {"improvable": self.improvable, "t_star": self.t_star, "tol": self.tol,
             "predicted_gains": self.predicted_gains.tolist(),
             "certificate": self.certificate.tolist(),
             "certificate_residual": self.certificate_residual,
             "pca_explained_ratio (heuristic)": self.pca_explained_ratio,
-            "pca_heuristic_improvable": self.pca_heuristic_improvable,
-            "status": self.status,
-            "message": self.message,
-        }
+            "pca_heuristic_improvable": self.pca_heuristic_improvable, "status": self.status,
+            "message": self.message}
 
 
 def pca_explained_ratio(P) -> float:
@@ -81,9 +77,6 @@ def pca_explained_ratio(P) -> float:
     return float(s[0] ** 2 / tot) if tot > 0 else 0.0
 
 
-_ceiling_jit = jax.jit(exact.ceiling_program)
-
-
 def ceiling_test(
     P, *, tol: float | None = None, solver: str = "device", throw: bool = True
 ) -> CeilingResult:
@@ -92,7 +85,7 @@ def ceiling_test(
     Args:
         P: influence matrix (N, K).
         tol: threshold on t* (default 1e-9 · max_k Σ_i |P[i, k]|).
-        solver: "device" (the bounded dual simplex in JAX, `exact.ceiling_program`) or "highs"
+        solver: "device" (the bounded dual simplex in JAX, `ceiling_program`) or "highs"
             (the host reference).
         throw: raise `NumericalError` when the LP fails (the default: the ceiling LP is always
             feasible, so a failure is numerical and its t* means nothing); False returns the
@@ -111,12 +104,8 @@ def ceiling_test(
     P = checks.as_influence_matrix(P)
     scale = float(np.abs(P).sum(0).max())
     if scale == 0:
-        checks.fail(
-            "P",
-            "an all-zero matrix",
-            "an influence matrix with some non-zero entry",
-            "check that the model and data produced gradients",
-        )
+        checks.fail("P", "an all-zero matrix", "an influence matrix with some non-zero entry",
+            "check that the model and data produced gradients")
     if tol is not None:
         checks.check_positive(tol, "tol", allow_zero=True)
     tol = 1e-9 * scale if tol is None else float(tol)
@@ -132,26 +121,81 @@ def ceiling_test(
         with jax.enable_x64(True):
             sol = _ceiling_jit(jnp.asarray(pad_rows(P)))
             sol = jax.tree_util.tree_map(np.asarray, sol)
-        status, d, t, lam = (
-            int(sol.status),
-            np.asarray(sol.direction[:n], np.float64),
-            float(sol.t_star),
-            sol.certificate,
-        )
+        status, d, t, lam = (int(sol.status), np.asarray(sol.direction[:n], np.float64),
+            float(sol.t_star), sol.certificate)
         message = status_message(status)
     if throw:
         raise_for_status(status, f"ceiling test LP ({solver})")
     ratio = pca_explained_ratio(P)
-    return CeilingResult(
-        improvable=bool(status == 0 and t > tol),
-        t_star=float(t),
-        direction=d,
-        predicted_gains=P.T @ d,
-        certificate=np.asarray(lam, np.float64),
-        certificate_residual=float(np.abs(P @ lam).sum()),
-        tol=tol,
-        pca_explained_ratio=ratio,
-        pca_heuristic_improvable=bool(ratio > 0.2),
-        status=status,
-        message=message,
-    )
+    return CeilingResult(improvable=bool(status == 0 and t > tol), t_star=float(t), direction=d,
+        predicted_gains=P.T @ d, certificate=np.asarray(lam, np.float64),
+        certificate_residual=float(np.abs(P @ lam).sum()), tol=tol, pca_explained_ratio=ratio,
+        pca_heuristic_improvable=bool(ratio > 0.2), status=status, message=message)
+
+
+class CeilingSolution(NamedTuple):
+    """What `ceiling_program` returns (arrays): t* (in units of P), the direction d ∈ [−1, 1]^N,
+    the certificate λ (K,) (>= 0, Σλ = 1), ‖Pλ‖₁, the simplex status and iterations."""
+
+    t_star: jax.Array
+    direction: jax.Array
+    certificate: jax.Array
+    certificate_residual: jax.Array
+    status: jax.Array
+    iterations: jax.Array
+
+
+def _ceiling_lp(Ps):
+    """The ceiling LP's columns (d, t, s) in the simplex's form: (A, cost, l, u)."""
+    n, K = Ps.shape
+    dt = Ps.dtype
+    A = jnp.concatenate([Ps.T, -jnp.ones((K, 1), dt), -jnp.eye(K, dtype=dt)], 1)
+    cost = jnp.zeros(n + 1 + K, dt).at[n].set(-1.0)
+    l = jnp.concatenate([-jnp.ones(n, dt), jnp.zeros(1 + K, dt)])
+    u = jnp.concatenate([jnp.ones(n, dt), jnp.full(1 + K, jnp.inf, dt)])
+    return A, cost, l, u
+
+
+def ceiling_program(
+    P, *, n_breaks: int = 4096, n_sub: int = 512, max_iter: int | None = None
+) -> CeilingSolution:
+    """The exact ceiling test on the device: max t s.t. Pᵀd >= t·1, −1 <= d <= 1, t >= 0 (t = 0
+    is always feasible), by the bounded dual simplex on the whole problem (K rows).
+
+    Columns (d, t, s) with Pᵀd − t·1 − s = 0, s >= 0; the start is the basis {t, s_k (k > 0)},
+    whose duals y = e_0 are dual feasible (every d_i at the sign of P[i, 0]). For N > 4·n_sub
+    the LP of every (N // n_sub)-th row is solved first and its optimal basis, whose columns
+    are columns of the whole LP, starts the whole solve (dual feasible there too: its duals
+    price every other d_i by its sign), which then needs a few pivots instead of hundreds.
+    At the optimum the row duals, normalised, are the certificate λ: t* = min over the simplex
+    of ‖Pλ‖₁ (LP duality), so t* = 0 exactly when Pλ = 0 (Gordan). Pure JAX: jit, vmap.
+    """
+    n, K = P.shape
+    dt = P.dtype
+    scale = jnp.maximum(jnp.max(jnp.sum(jnp.abs(P), 0)), jnp.finfo(dt).tiny)
+    Ps = P / scale
+    A, cost, l, u = _ceiling_lp(Ps)
+    basis0 = jnp.concatenate([jnp.array([n]), n + 1 + jnp.arange(1, K)])
+    its = jnp.zeros((), jnp.int32)
+    if n > 4 * n_sub:
+        stride = n // n_sub
+        rows = jnp.arange(n_sub) * stride
+        A_s, cost_s, l_s, u_s = _ceiling_lp(Ps[rows])
+        sub = simplex.dual_simplex(A_s, jnp.zeros(K, dt), cost_s, l_s, u_s,
+            jnp.concatenate([jnp.array([n_sub]), n_sub + 1 + jnp.arange(1, K)]),
+            max_iter=20 * K + n_sub, n_breaks=n_sub)
+        mapped = jnp.where(
+            sub.basis < n_sub, rows[jnp.minimum(sub.basis, n_sub - 1)], sub.basis - n_sub + n
+        )
+        basis0 = jnp.where(sub.status == 0, mapped, basis0)
+        its = sub.iterations
+    res = simplex.dual_simplex(A, jnp.zeros(K, dt), cost, l, u, basis0,
+        max_iter=max_iter or 20 * K + n // 8 + 100, n_breaks=n_breaks)
+    d = res.x[:n]
+    lam = jnp.maximum(res.y, 0.0)
+    lam = lam / jnp.maximum(jnp.sum(lam), jnp.finfo(dt).tiny)
+    t = jnp.maximum(jnp.min(d @ Ps), 0.0) * scale
+    return CeilingSolution(t, d, lam, jnp.sum(jnp.abs(P @ lam)), res.status, res.iterations + its)
+
+
+_ceiling_jit = jax.jit(ceiling_program)

@@ -139,9 +139,8 @@ def _dual_grad_hess(z, r, P, b, lo, hi, mu, budget, has_budget, live, cap, G, Q=
     return jnp.concatenate([g_nu, g_eta[None]]), H
 
 
-def _newton_stage(
-    z, P, c, b, lo, hi, mu, budget, upper, live, G, Q, *, has_budget, max_iter, tol, cap
-):
+def _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, Q, *, has_budget, max_iter, tol,
+                  cap):
     K1 = z.shape[0]
     gscale = 1.0 + jnp.max(jnp.abs(b)) + jnp.max(jnp.abs(c))
 
@@ -179,9 +178,8 @@ def _newton_stage(
         # at a bound), clipped to the box; BoxCDQP then settles the box QP in a few sweeps
         free = ~(((z <= 0) & (g > 0)) | ((z >= upper) & (g < 0)))
         Hf = jnp.where(free[:, None] & free[None, :], H, jnp.eye(K1, dtype=H.dtype))
-        d0 = jnp.clip(
-            jnp.where(free, -jnp.linalg.solve(Hf, jnp.where(free, g, 0.0)), 0.0), -z, upper - z
-        )
+        step = -jnp.linalg.solve(Hf, jnp.where(free, g, 0.0))
+        d0 = jnp.clip(jnp.where(free, step, 0.0), -z, upper - z)
         # coordinate descent only ever lowers the model q(d) = ½dᵀHd + gᵀd, so from a start
         # with q <= 0 (d0, else 0) its d is a descent direction (gᵀd <= −½dᵀHd); from a d0
         # with q > 0 it could stop at an ascent direction (measured: gᵀd > 0 on a QP with
@@ -215,29 +213,14 @@ def _newton_stage(
 
     z, r0, f_0 = at(z)
     g0, H0 = grad_hess(z, r0)
-    st = jax.lax.while_loop(
-        cond, body, (z, 0, proj_grad_norm(z, g0), g0, H0, f_0, jnp.ones((), z.dtype), r0)
-    )
+    one = jnp.ones((), z.dtype)
+    st = jax.lax.while_loop(cond, body, (z, 0, proj_grad_norm(z, g0), g0, H0, f_0, one, r0))
     return st[0], st[1], st[2]
 
 
 @functools.partial(jax.jit, static_argnames=("has_budget", "max_iter", "n_stages", "gram_cap"))
-def dual_solve(
-    P,
-    c,
-    b,
-    lo,
-    hi,
-    mu_final,
-    budget,
-    *,
-    has_budget: bool,
-    max_iter: int,
-    n_stages: int,
-    tol: float = 1e-10,
-    z0=None,
-    gram_cap: int | None = None,
-):
+def dual_solve(P, c, b, lo, hi, mu_final, budget, *, has_budget: bool, max_iter: int, n_stages: int,
+    tol: float = 1e-10, z0=None, gram_cap: int | None = None):
     """The structured dual stage: minimise the (smoothed) dual over ν >= 0 (and η >= 0).
 
     Continuation: μ goes geometrically from a scale where most weights are interior down to
@@ -278,24 +261,8 @@ def dual_solve(
         z, its = carry
         mu = mu0 * ratio**j if n_stages > 1 else mu_final
         stage_tol = jnp.where(j == n_stages - 1, tol, jnp.maximum(tol, _STAGE_TOL))
-        z, it, err = _newton_stage(
-            z,
-            P,
-            c,
-            b,
-            lo,
-            hi,
-            mu,
-            budget,
-            upper,
-            live,
-            G,
-            Q,
-            has_budget=has_budget,
-            max_iter=max_iter,
-            tol=stage_tol,
-            cap=gram_cap,
-        )
+        z, it, err = _newton_stage(z, P, c, b, lo, hi, mu, budget, upper, live, G, Q,
+            has_budget=has_budget, max_iter=max_iter, tol=stage_tol, cap=gram_cap)
         return (z, its + it), err
 
     (z, its), errs = jax.lax.scan(stage, (z, 0), jnp.arange(n_stages))

@@ -110,10 +110,8 @@ def _restricted(P, c, b, lo, hi, budget, idx, fixed_w, valid, has_budget):
         h = jnp.concatenate([rest - Pf.sum(0), (spent - budget)[None]])
         cost = jnp.concatenate([-c[idx], c[idx]])
         up = jnp.concatenate(
-            [
-                jnp.where(ok, jnp.maximum(hi - 1.0, 0.0), 0.0),
-                jnp.where(ok, jnp.maximum(1.0 - lo, 0.0), 0.0),
-            ]
+            [jnp.where(ok, jnp.maximum(hi - 1.0, 0.0), 0.0),
+                jnp.where(ok, jnp.maximum(1.0 - lo, 0.0), 0.0)]
         )
         l, u = jnp.zeros_like(up), up
     R, nx = G.shape
@@ -134,22 +132,8 @@ def _certified(w, r, eta, lo, hi, tol):
     )
 
 
-def lp_finish(
-    P,
-    c,
-    b,
-    lo,
-    hi,
-    budget,
-    nu,
-    eta,
-    valid,
-    *,
-    has_budget: bool,
-    m_cap: int,
-    max_rounds: int,
-    max_iter: int,
-):
+def lp_finish(P, c, b, lo, hi, budget, nu, eta, valid, *, has_budget: bool, m_cap: int,
+    max_rounds: int, max_iter: int):
     """The LP's exact primal and duals from approximate duals (ν, η) (module docstring, step 3).
 
     All inputs scaled (max|P| = 1). Returns (w, ν, η, status, rounds, n_free, simplex iterations).
@@ -203,32 +187,15 @@ def lp_finish(
             done, SUCCESS, jnp.where(res.status == NUMERICAL, NUMERICAL, ITERATION_LIMIT)
         )
         fixed_next = jnp.where(~good & ~in_next & ~infeasible, want, w)
-        return (
-            rnd + 1,
-            jnp.where(done, key, new_key),
-            fixed_next,
-            w,
-            nu2,
-            eta2,
-            status.astype(jnp.int32),
-            jnp.sum(valid[idx]).astype(jnp.int32),
-            its + res.iterations,
-        )
+        return (rnd + 1, jnp.where(done, key, new_key), fixed_next, w, nu2, eta2,
+            status.astype(jnp.int32), jnp.sum(valid[idx]).astype(jnp.int32), its + res.iterations)
 
     def cond(st):
         return (st[0] < max_rounds) & (st[6] != SUCCESS) & (st[6] != NUMERICAL)
 
     fixed_w = _bound_weights(r, eta, lo, hi, valid)
-    st = (
-        jnp.zeros((), jnp.int32),
-        margin,
-        fixed_w,
-        fixed_w,
-        nu,
-        eta,
-        jnp.full((), ITERATION_LIMIT, jnp.int32),
-        jnp.zeros((), jnp.int32),
-        jnp.zeros((), jnp.int32),
+    st = (jnp.zeros((), jnp.int32), margin, fixed_w, fixed_w, nu, eta,
+        jnp.full((), ITERATION_LIMIT, jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
     )
     rnd, _, _, w, nu, eta, status, n_free, its = jax.lax.while_loop(cond, one_round, st)
     return w, nu, eta, status, rnd, n_free, its
@@ -264,22 +231,8 @@ def default_m_cap(n: int, K: int) -> int:
     return int(min(n, 8 * (K + 1) + 64))
 
 
-def solve_program(
-    P,
-    c,
-    b,
-    lo,
-    hi,
-    budget=None,
-    mu=0.0,
-    *,
-    n_valid=None,
-    m_cap: int | None = None,
-    gram_cap="auto",
-    max_rounds: int = 6,
-    max_iter: int | None = None,
-    rtol: float = 1e-9,
-):
+def solve_program(P, c, b, lo, hi, budget=None, mu=0.0, *, n_valid=None, m_cap: int | None = None,
+    gram_cap="auto", max_rounds: int = 6, max_iter: int | None = None, rtol: float = 1e-9):
     """Solve the program (module docstring) on the device: pure JAX, jittable, vmappable.
 
     Args:
@@ -314,20 +267,9 @@ def solve_program(
     else:
         mu_s = jnp.asarray(1e-4 if K <= 16 else 1e-6, dt)
         n_stages, newton_iter = (3 if K <= 16 else 7), 25
-    z, wq, newton, _ = dual.dual_solve(
-        Ps,
-        cs,
-        bs,
-        lo,
-        hi,
-        mu_s,
-        B,
-        has_budget=has_budget,
-        max_iter=newton_iter,
-        n_stages=n_stages,
-        tol=rtol,
-        gram_cap=default_m_cap(n, K) if gram_cap == "auto" else gram_cap,
-    )
+    z, wq, newton, _ = dual.dual_solve(Ps, cs, bs, lo, hi, mu_s, B, has_budget=has_budget,
+        max_iter=newton_iter, n_stages=n_stages, tol=rtol,
+        gram_cap=default_m_cap(n, K) if gram_cap == "auto" else gram_cap)
     nu, eta = z[:K], z[K]
     farkas = farkas_bound(Ps, bs, nu, eta, lo, hi, B, has_budget)
     # rounding of a sum over N rows grows with the column sums of |P|
@@ -340,21 +282,8 @@ def solve_program(
     else:
         cap = default_m_cap(n, K) if m_cap is None else int(min(m_cap, n))
         max_it = 20 * (cap + K + 1) if max_iter is None else max_iter
-        w, nu, eta, status, rounds, n_free, its = lp_finish(
-            Ps,
-            cs,
-            bs,
-            lo,
-            hi,
-            B,
-            nu,
-            eta,
-            valid,
-            has_budget=has_budget,
-            m_cap=cap,
-            max_rounds=max_rounds,
-            max_iter=max_it,
-        )
+        w, nu, eta, status, rounds, n_free, its = lp_finish(Ps, cs, bs, lo, hi, B, nu, eta, valid,
+            has_budget=has_budget, m_cap=cap, max_rounds=max_rounds, max_iter=max_it)
         its = its + newton
         gap = jnp.zeros((), dt)
         obj = cs @ w
@@ -371,111 +300,12 @@ def solve_program(
     nu = jnp.where(infeasible, z[:K], nu)
     eta = jnp.where(infeasible, z[K], eta)
     duals = jnp.concatenate([nu, (eta * scale)[None]])
-    return ProgramSolution(
-        w,
-        status,
-        obj * scale,
-        jnp.maximum(viol, 0.0) * scale,
-        duals,
-        farkas * scale,
-        rounds,
-        n_free,
-        its,
-        gap * scale,
-    )
+    return ProgramSolution(w, status, obj * scale, jnp.maximum(viol, 0.0) * scale, duals,
+        farkas * scale, rounds, n_free, its, gap * scale)
 
 
-class CeilingSolution(NamedTuple):
-    """What `ceiling_program` returns (arrays): t* (in units of P), the direction d ∈ [−1, 1]^N,
-    the certificate λ (K,) (>= 0, Σλ = 1), ‖Pλ‖₁, the simplex status and iterations."""
-
-    t_star: jax.Array
-    direction: jax.Array
-    certificate: jax.Array
-    certificate_residual: jax.Array
-    status: jax.Array
-    iterations: jax.Array
-
-
-def _ceiling_lp(Ps):
-    """The ceiling LP's columns (d, t, s) in the simplex's form: (A, cost, l, u)."""
-    n, K = Ps.shape
-    dt = Ps.dtype
-    A = jnp.concatenate([Ps.T, -jnp.ones((K, 1), dt), -jnp.eye(K, dtype=dt)], 1)
-    cost = jnp.zeros(n + 1 + K, dt).at[n].set(-1.0)
-    l = jnp.concatenate([-jnp.ones(n, dt), jnp.zeros(1 + K, dt)])
-    u = jnp.concatenate([jnp.ones(n, dt), jnp.full(1 + K, jnp.inf, dt)])
-    return A, cost, l, u
-
-
-def ceiling_program(
-    P, *, n_breaks: int = 4096, n_sub: int = 512, max_iter: int | None = None
-) -> CeilingSolution:
-    """The exact ceiling test on the device: max t s.t. Pᵀd >= t·1, −1 <= d <= 1, t >= 0 (t = 0
-    is always feasible), by the bounded dual simplex on the whole problem (K rows).
-
-    Columns (d, t, s) with Pᵀd − t·1 − s = 0, s >= 0; the start is the basis {t, s_k (k > 0)},
-    whose duals y = e_0 are dual feasible (every d_i at the sign of P[i, 0]). For N > 4·n_sub
-    the LP of every (N // n_sub)-th row is solved first and its optimal basis, whose columns
-    are columns of the whole LP, starts the whole solve (dual feasible there too: its duals
-    price every other d_i by its sign), which then needs a few pivots instead of hundreds.
-    At the optimum the row duals, normalised, are the certificate λ: t* = min over the simplex
-    of ‖Pλ‖₁ (LP duality), so t* = 0 exactly when Pλ = 0 (Gordan). Pure JAX: jit, vmap.
-    """
-    n, K = P.shape
-    dt = P.dtype
-    scale = jnp.maximum(jnp.max(jnp.sum(jnp.abs(P), 0)), jnp.finfo(dt).tiny)
-    Ps = P / scale
-    A, cost, l, u = _ceiling_lp(Ps)
-    basis0 = jnp.concatenate([jnp.array([n]), n + 1 + jnp.arange(1, K)])
-    its = jnp.zeros((), jnp.int32)
-    if n > 4 * n_sub:
-        stride = n // n_sub
-        rows = jnp.arange(n_sub) * stride
-        A_s, cost_s, l_s, u_s = _ceiling_lp(Ps[rows])
-        sub = simplex.dual_simplex(
-            A_s,
-            jnp.zeros(K, dt),
-            cost_s,
-            l_s,
-            u_s,
-            jnp.concatenate([jnp.array([n_sub]), n_sub + 1 + jnp.arange(1, K)]),
-            max_iter=20 * K + n_sub,
-            n_breaks=n_sub,
-        )
-        mapped = jnp.where(
-            sub.basis < n_sub, rows[jnp.minimum(sub.basis, n_sub - 1)], sub.basis - n_sub + n
-        )
-        basis0 = jnp.where(sub.status == 0, mapped, basis0)
-        its = sub.iterations
-    res = simplex.dual_simplex(
-        A,
-        jnp.zeros(K, dt),
-        cost,
-        l,
-        u,
-        basis0,
-        max_iter=max_iter or 20 * K + n // 8 + 100,
-        n_breaks=n_breaks,
-    )
-    d = res.x[:n]
-    lam = jnp.maximum(res.y, 0.0)
-    lam = lam / jnp.maximum(jnp.sum(lam), jnp.finfo(dt).tiny)
-    t = jnp.maximum(jnp.min(d @ Ps), 0.0) * scale
-    return CeilingSolution(t, d, lam, jnp.sum(jnp.abs(P @ lam)), res.status, res.iterations + its)
-
-
-def reweight(
-    P,
-    class_weights,
-    alpha,
-    *,
-    w_max=ReweightConfig.w_max,
-    rho=None,
-    budget=None,
-    mu=0.0,
-    gram_cap="auto",
-) -> ProgramSolution:
+def reweight(P, class_weights, alpha, *, w_max=ReweightConfig.w_max, rho=None, budget=None, mu=0.0,
+    gram_cap="auto") -> ProgramSolution:
     """The reweighting program from its user-facing parameters, in pure JAX (jit, vmap, on device).
 
     maximise Σ_k β_k Σ_i w_i P[i, k] − (μ/2)‖w − 1‖² s.t. Σ_i w_i P[i, k] >= α_k Σ_i P[i, k],

@@ -38,14 +38,8 @@ class FrontierResult:
     rho: float
 
 
-def pareto_frontier(
-    P,
-    *,
-    rho: float = TRUST_REGION,
-    n_random: int = 8,
-    seed: int = 0,
-    solver: str = ReweightConfig.solver,
-) -> FrontierResult:
+def pareto_frontier(P, *, rho: float = TRUST_REGION, n_random: int = 8, seed: int = 0,
+    solver: str = ReweightConfig.solver) -> FrontierResult:
     """Trace the first-order frontier: for weightings β (each class alone, then random
     Dirichlet mixtures) solve max Σ_k β_k Σ_i (w_i − 1) P[i, k] s.t. no class is predicted
     worse (Pᵀ(w − 1) >= 0, i.e. α = 1) and |w_i − 1| <= ρ."""

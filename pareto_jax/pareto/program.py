@@ -20,7 +20,6 @@ wrong w. `exact.solve_program` itself is pure JAX (jit, vmap over α, ρ, class 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
@@ -30,7 +29,8 @@ import numpy as np
 from .. import checks
 from ..config import ReweightConfig
 from ..results import Status, message, pytree_result
-from . import dual, exact, highs
+from . import dual, highs
+from .device import pad_rows, solve_device
 
 
 @pytree_result(data=("w", "predicted_loss_change", "duals"))
@@ -100,12 +100,8 @@ def _row_data(P, targets, alpha, class_weights):
     if class_weights is not None:
         beta = np.asarray(class_weights, np.float64)
         if beta.shape != (K,) or not np.all(np.isfinite(beta)) or beta.min() < 0 or beta.sum() <= 0:
-            checks.fail(
-                "class_weights",
-                repr(np.asarray(class_weights).tolist()),
-                f"{K} non-negative weights, not all zero",
-                "e.g. a one-hot vector",
-            )
+            checks.fail("class_weights", repr(np.asarray(class_weights).tolist()),
+                f"{K} non-negative weights, not all zero", "e.g. a one-hot vector")
     else:
         t = checks.as_class_indices(targets, K)
         beta = np.zeros(K)
@@ -116,12 +112,9 @@ def _row_data(P, targets, alpha, class_weights):
         else np.asarray(alpha, np.float64)
     )
     if a.shape != (K,) or not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1:
-        checks.fail(
-            "alpha",
-            f"{np.asarray(alpha).tolist()}",
+        checks.fail("alpha", f"{np.asarray(alpha).tolist()}",
             f"{K} thresholds in [0, 1] (or one scalar)",
-            "keep at least a fraction α_k ∈ [0, 1] of each class's total influence",
-        )
+            "keep at least a fraction α_k ∈ [0, 1] of each class's total influence")
     return P @ beta, a * P.sum(0)
 
 
@@ -142,19 +135,8 @@ def _result(
 ) -> ReweightResult:
     """The `ReweightResult` of w (None: no solution) with its float64 re-check."""
     if w is None:
-        return ReweightResult(
-            None,
-            int(status),
-            message_,
-            float("nan"),
-            float("nan"),
-            0,
-            0,
-            np.full(P.shape[1], np.nan),
-            solver,
-            tuple(notes),
-            duals,
-        )
+        return ReweightResult(None, int(status), message_, float("nan"), float("nan"), 0, 0,
+            np.full(P.shape[1], np.nan), solver, tuple(notes), duals)
     lo, hi = config.bounds
     w = np.clip(w, lo, hi)
     viol = check_feasibility(P, w, b, config)
@@ -164,20 +146,9 @@ def _result(
     at_bound = (w <= lo + eps) | (w >= hi - eps)
     unchanged = np.abs(w - 1.0) <= eps
     obj = float(c @ w - 0.5 * config.mu * np.sum((w - 1) ** 2))
-    return ReweightResult(
-        w,
-        int(status),
-        message_,
-        obj,
-        viol,
-        int(at_bound.sum()),
-        int((~at_bound & ~unchanged).sum()),
-        -(P.T @ (w - 1.0)),
-        solver,
-        tuple(notes),
-        duals,
-        int((unchanged & ~at_bound).sum()),
-    )
+    return ReweightResult(w, int(status), message_, obj, viol, int(at_bound.sum()),
+        int((~at_bound & ~unchanged).sum()), -(P.T @ (w - 1.0)), solver, tuple(notes), duals,
+        int((unchanged & ~at_bound).sum()))
 
 
 def _highs_solve(P, c, b, config) -> ReweightResult:
@@ -188,18 +159,8 @@ def _highs_solve(P, c, b, config) -> ReweightResult:
     else:
         st, msg, w, duals = highs.lp(P, c, b, lo, hi, config.budget)
     if st != Status.SUCCESS:
-        return _result(
-            P,
-            c,
-            b,
-            None,
-            config,
-            "highs",
-            (),
-            None,
-            st,
-            message(st) if st in Status._value2member_map_ else msg,
-        )
+        return _result(P, c, b, None, config, "highs", (), None, st,
+            message(st) if st in Status._value2member_map_ else msg)
     return _result(P, c, b, w, config, "highs", (), duals)
 
 
@@ -238,21 +199,10 @@ class ProgramBatch:
         padded to `bucket`(N) on the device), and its static keywords."""
         cfg = self.config
         Pp, Cp = pad_rows(self.P, self.C)
-        args = (
-            Pp,
-            Cp,
-            jnp.asarray(self.B),
-            jnp.asarray(self.lo),
-            jnp.asarray(self.hi),
-            float(cfg.budget or 0.0),
-            float(cfg.mu),
-            self.P.shape[0],
-        )
-        return args, {
-            "has_budget": cfg.budget is not None,
-            "qp": cfg.mu > 0,
-            "rtol": float(cfg.rtol),
-        }
+        args = (Pp, Cp, jnp.asarray(self.B), jnp.asarray(self.lo), jnp.asarray(self.hi),
+            float(cfg.budget or 0.0), float(cfg.mu), self.P.shape[0])
+        return args, {"has_budget": cfg.budget is not None, "qp": cfg.mu > 0,
+            "rtol": float(cfg.rtol)}
 
 
 def prepare(
@@ -284,94 +234,16 @@ def prepare(
         else [dataclasses.replace(config, rho=float(r)) for r in np.broadcast_to(rhos, (M,))]
     )
     bounds = np.array([c.bounds for c in cfgs], np.float64).reshape(M, 2)
-    return ProgramBatch(
-        P,
-        np.stack([r[0] for r in rows]),
-        np.stack([r[1] for r in rows]),
-        bounds[:, 0],
-        bounds[:, 1],
-        cfgs,
-    )
-
-
-def bucket(n: int) -> int:
-    """The padded size for N rows: the next of 64, 96, 128, 192, 256, ... (one compile serves
-    every N up to it; at most a third of the rows are padding)."""
-    size = 64
-    while size < n:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
-    return size
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _pad_device(a, size, axis):
-    shape = list(a.shape)
-    shape[axis] = size
-    return jax.lax.dynamic_update_slice(jnp.zeros(shape, a.dtype), a, (0,) * a.ndim)
-
-
-def pad_rows(P, C=None):
-    """P (N, K) padded with zero rows to `bucket`(N), and C (M, N) with zero columns to match:
-    the shapes every device solve is compiled for (zero rows change no constraint or objective;
-    `n_valid` keeps them at w = 1). Device arrays of P's dtype (padded on the device: a fresh
-    host array of N·K float64 first-touches its pages, 0.11 s per 80 MB)."""
-    size = bucket(P.shape[0])
-    with jax.enable_x64(True):  # (float64 stays float64)
-        Pp = _pad_device(jnp.asarray(P), size, 0)
-        return Pp if C is None else (Pp, _pad_device(jnp.asarray(C), size, 1))
-
-
-def solve_rows(P, C, B, LO, HI, budget, mu, n_valid, *, has_budget, qp, rtol, mode="vmap"):
-    """`exact.solve_program` for every row of (C, B, LO, HI) on one P (pure JAX, unjitted: the
-    batch path below and the evaluator's fused generation both trace it)."""
-
-    def one(c, b, lo, hi, gram_cap=None):  # (a Hessian branch choice only pays outside vmap)
-        return exact.solve_program(
-            P,
-            c,
-            b,
-            lo,
-            hi,
-            budget if has_budget else None,
-            mu if qp else 0.0,
-            n_valid=n_valid,
-            gram_cap=gram_cap,
-            rtol=rtol,
-        )
-
-    if C.shape[0] == 1:
-        # one program: no vmap, so the dual stage's lax.switch (`dual.weighted_gram`) stays a
-        # branch instead of becoming a select that computes every side
-        return jax.tree_util.tree_map(lambda a: a[None], one(C[0], B[0], LO[0], HI[0], "auto"))
-    if mode == "vmap":
-        return jax.vmap(one)(C, B, LO, HI)
-    return jax.lax.map(lambda a: one(*a, "auto"), (C, B, LO, HI))
-
-
-_device_batch = jax.jit(solve_rows, static_argnames=("has_budget", "qp", "rtol", "mode"))
-
-
-def solve_device(batch: ProgramBatch, mode: str = "vmap"):
-    """Every row of the batch on the device in float64: an `exact.ProgramSolution` of numpy
-    arrays with a leading row axis, unpadded."""
-    with jax.enable_x64(True):
-        args, static = batch.device_args()
-        sol = _device_batch(*args, **static, mode=mode)
-        sol = jax.tree_util.tree_map(np.asarray, sol)
-    return sol._replace(w=sol.w[:, : batch.P.shape[0]])
+    return ProgramBatch(P, np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
+        bounds[:, 0], bounds[:, 1], cfgs)
 
 
 def read(batch: ProgramBatch, sol) -> list[ReweightResult]:
     """Each row's `ReweightResult` from a device solve (`solve_device`, or a fused generation's
     program stage): the float64 re-check on the host, and the status."""
     return [
-        result_from_solution(
-            batch.P,
-            batch.C[i],
-            batch.B[i],
-            jax.tree_util.tree_map(lambda a: a[i], sol),
-            batch.configs[i],
-        )
+        result_from_solution(batch.P, batch.C[i], batch.B[i],
+            jax.tree_util.tree_map(lambda a: a[i], sol), batch.configs[i])
         for i in range(batch.C.shape[0])
     ]
 
@@ -392,18 +264,8 @@ def result_from_solution(P, c, b, sol, config) -> ReweightResult:
             f"the duals are a Farkas certificate: every w in the box violates a class "
             f"constraint (or the budget) by at least {-float(sol.farkas):.3g}"
         )
-        return _result(
-            P,
-            c,
-            b,
-            None,
-            config,
-            "device",
-            notes,
-            duals,
-            Status.INFEASIBLE,
-            "The problem is infeasible (Farkas certificate from the duals).",
-        )
+        return _result(P, c, b, None, config, "device", notes, duals, Status.INFEASIBLE,
+            "The problem is infeasible (Farkas certificate from the duals).")
     if st != Status.SUCCESS:
         why = (
             "the restricted LPs did not settle"
@@ -411,18 +273,8 @@ def result_from_solution(P, c, b, sol, config) -> ReweightResult:
             else "the dual stage did not close the duality gap"
         )
         notes.append(f"{why}; solver='highs' solves this program exactly on the host")
-        return _result(
-            P,
-            c,
-            b,
-            None,
-            config,
-            "device",
-            notes,
-            duals,
-            st,
-            f"{message(st)}: no certified optimum ({why})",
-        )
+        return _result(P, c, b, None, config, "device", notes, duals, st,
+            f"{message(st)}: no certified optimum ({why})")
     r = _result(P, c, b, np.asarray(sol.w, np.float64), config, "device", notes, duals)
     if r.max_violation > config.feas_tol:  # certified on the device, refused by the host's re-check
         return dataclasses.replace(
@@ -446,16 +298,9 @@ def solve_batch(batch: ProgramBatch, mode: str = "vmap") -> list[ReweightResult]
     return read(batch, solve_device(batch, mode))
 
 
-def solve_reweighting(
-    P,
-    targets: Sequence[int] | None,
-    alpha,
-    config: ReweightConfig = ReweightConfig(),
-    *,
-    class_weights=None,
-    throw: bool = False,
-    **overrides,
-) -> ReweightResult:
+def solve_reweighting(P, targets: Sequence[int] | None, alpha,
+    config: ReweightConfig = ReweightConfig(), *, class_weights=None, throw: bool = False,
+    **overrides) -> ReweightResult:
     """Solve the reweighting program (module docstring) for one threshold vector α.
 
     Args:
@@ -483,13 +328,8 @@ def solve_reweighting(
         config = dataclasses.replace(config, **overrides)
     alpha = np.asarray(alpha, np.float64)
     (r,) = solve_batch(
-        prepare(
-            P,
-            targets,
-            alpha if alpha.ndim == 0 else alpha[None],
-            config,
-            class_weights=class_weights,
-        )
+        prepare(P, targets, alpha if alpha.ndim == 0 else alpha[None], config,
+            class_weights=class_weights)
     )
     if throw:
         from ..results import raise_for_status
@@ -498,17 +338,8 @@ def solve_reweighting(
     return r
 
 
-def solve_reweighting_batch(
-    P,
-    targets,
-    alphas,
-    config: ReweightConfig = ReweightConfig(),
-    *,
-    batch: str = "auto",
-    rhos=None,
-    class_weights=None,
-    **overrides,
-) -> list[ReweightResult]:
+def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = ReweightConfig(), *,
+    batch: str = "auto", rhos=None, class_weights=None, **overrides) -> list[ReweightResult]:
     """Solve the program for a population of α at once: one compiled device solve
     (`exact.solve_program`) over all rows of `alphas` (shape (M, K)), then each solution's
     float64 re-check on the host. Same solutions as one `solve_reweighting` per row.

@@ -84,20 +84,8 @@ def _ratio_test(alpha, d, isb, at_upper, width, delta, above, k_br):
     return q, flip, unbounded
 
 
-def dual_simplex(
-    A,
-    b,
-    c,
-    l,
-    u,
-    basis0,
-    *,
-    max_iter: int,
-    n_breaks: int = 128,
-    ptol=None,
-    dtol=None,
-    at_upper0=None,
-) -> SimplexResult:
+def dual_simplex(A, b, c, l, u, basis0, *, max_iter: int, n_breaks: int = 128, ptol=None, dtol=None,
+    at_upper0=None) -> SimplexResult:
     """Solve min cᵀx s.t. Ax = b, l <= x <= u from the dual-feasible basis `basis0`.
 
     Args:
@@ -154,25 +142,15 @@ def dual_simplex(
             bad, NUMERICAL, jnp.where(optimal, SUCCESS, jnp.where(unbounded, INFEASIBLE, RUNNING))
         ).astype(jnp.int32)
         go = status == RUNNING
-        return (
-            jnp.where(go, new_basis, basis),
-            jnp.where(go, new_upper, at_upper),
-            it + go.astype(jnp.int32),
-            status,
-            jnp.where(above, rho, -rho),
-        )
+        return (jnp.where(go, new_basis, basis), jnp.where(go, new_upper, at_upper),
+            it + go.astype(jnp.int32), status, jnp.where(above, rho, -rho))
 
     def cond(st):
         return (st[3] == RUNNING) & (st[2] < max_iter)
 
     at_upper = jnp.zeros(n, bool) if at_upper0 is None else at_upper0
-    st = (
-        basis0.astype(jnp.int32),
-        at_upper,
-        jnp.zeros((), jnp.int32),
-        jnp.full((), RUNNING, jnp.int32),
-        jnp.zeros(m, dt),
-    )
+    st = (basis0.astype(jnp.int32), at_upper, jnp.zeros((), jnp.int32),
+        jnp.full((), RUNNING, jnp.int32), jnp.zeros(m, dt))
     basis, at_upper, it, status, ray = jax.lax.while_loop(cond, body, st)
     _, isb, y, d, at_upper, xN, xB = factor(basis, at_upper)
     status = jnp.where(status == RUNNING, ITERATION_LIMIT, status)

@@ -1,28 +1,4 @@
-"""K-FAC and EK-FAC curvature for flax nnx Dense / Conv layers: factors and their solve.
-
-For the Gauss-Newton matrix of softmax cross-entropy, G = E_i[J_iᵀ H_i J_i] with the output
-Hessian H_i = diag p_i − p_i p_iᵀ = Σ_c p_ic (p_i − e_c)(p_i − e_c)ᵀ, so H_i = R_i R_iᵀ with
-columns r_ic = √p_ic (p_i − e_c): pseudo-gradient c of sample i is the backward pass of r_ic and
-carries the weight √p_ic (not √p_j on entry j). For one layer with inputs ã (a 1 appended for
-the bias; conv patches per position t) and output pseudo-gradients δ_c:
-
-* **K-FAC** (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016): the layer's
-  block of G is approximated by A ⊗ S with A = E[Σ_t ã_t ã_tᵀ / T] and
-  S = E[Σ_c Σ_t δ_ct δ_ctᵀ]. The expectation over classes is exact (every c, weighted as
-  above), not sampled.
-* **EK-FAC** (George et al. 2018): K-FAC's eigenbasis Q_A ⊗ Q_S, with the eigenvalues replaced
-  by the exact second moments of the per-sample pseudo-gradients in that basis,
-  E[Σ_c (Q_Aᵀ (Σ_t ã_t δ_ctᵀ) Q_S)²]. For a dense layer applied once per sample the per-sample
-  gradient is rank one, so this is E[Σ_c (Q_Aᵀã)² (Q_Sᵀδ_c)²ᵀ] and no per-sample gradient
-  matrix is ever formed.
-
-`compute_factors` streams the data in fixed-size batches (one forward pass per batch, then one
-class's backward pass at a time from its residuals: never a (K, batch, ...) array, and nothing
-compiled grows with K) with programs compiled once per model and reused by later calls. `Factors`
-record where each layer sits in the flat parameter vector, so `solve_kfac`
-works on flat vectors: it is the linear solve (F̂ + δI)⁻¹B with the `linsolve` signature.
-See ``docs/method.md`` §3.
-"""
+"""K-FAC and EK-FAC factors of flax nnx Dense / Conv layers (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -38,9 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import checks, io, kernels
-from .linsolve import SolveResult
-from .results import Status
+from .. import checks, io, kernels
 
 # ----------------------------------------------------------------------------- layer taps
 
@@ -160,12 +134,8 @@ def save_factors(path: str | Path, f: Factors) -> None:
     io.save_arrays(path, arrays)
     io.write_json(
         Path(path).with_suffix(".json"),
-        {
-            "layers": [l._asdict() for l in f.layers],
-            "layout": f.layout,
-            "num_params": f.num_params,
-            "weight_decay": f.weight_decay,
-        },
+        {"layers": [l._asdict() for l in f.layers], "layout": f.layout, "num_params": f.num_params,
+            "weight_decay": f.weight_decay},
     )
 
 
@@ -180,15 +150,8 @@ def load_factors(path: str | Path) -> Factors:
             else tuple(tuple(v) if isinstance(v, list) else v for v in d["conv"])
         )
         path = tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in d["path"])
-        return Layer(
-            d["kind"],
-            path,
-            d["in_features"],
-            d["out_features"],
-            d["has_bias"],
-            conv,
-            tuple(d["out_shape"]),
-        )
+        return Layer(d["kind"], path, d["in_features"], d["out_features"], d["has_bias"], conv,
+            tuple(d["out_shape"]))
 
     layers = tuple(layer(d) for d in meta["layers"])
     facs = tuple(
@@ -197,12 +160,9 @@ def load_factors(path: str | Path) -> Factors:
     )
     layout = tuple((int(k), tuple(s), int(b)) for k, s, b in meta["layout"])
     if "weight_decay" not in meta:
-        checks.fail(
-            "path",
-            f"{path} without the objective's weight decay",
+        checks.fail("path", f"{path} without the objective's weight decay",
             "factors saved by this version",
-            "compute the factors again (their λ is part of every solve with them)",
-        )
+            "compute the factors again (their λ is part of every solve with them)")
     return Factors(layers, facs, layout, int(meta["num_params"]), float(meta["weight_decay"]))
 
 
@@ -234,12 +194,8 @@ def _discover(model: nnx.Module, x0) -> tuple[Any, Any, tuple[Layer, ...]]:
                 or any(d != 1 for d in np.ravel(mod.kernel_dilation or 1))
                 or any(d != 1 for d in np.ravel(mod.input_dilation or 1))
             ):
-                checks.fail(
-                    "model",
-                    "a grouped or dilated nnx.Conv",
-                    "plain convolutions",
-                    "use solver='cg' for this model",
-                )
+                checks.fail("model", "a grouped or dilated nnx.Conv", "plain convolutions",
+                    "use solver='cg' for this model")
             strides = (
                 tuple(mod.strides) if isinstance(mod.strides, (tuple, list)) else (mod.strides,) * 2
             )
@@ -249,43 +205,21 @@ def _discover(model: nnx.Module, x0) -> tuple[Any, Any, tuple[Layer, ...]]:
             elif not isinstance(pad, str):
                 pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
             if isinstance(pad, str) and pad not in ("SAME", "VALID"):
-                checks.fail(
-                    "model",
-                    f"an nnx.Conv with padding {pad!r}",
-                    "SAME, VALID or explicit padding",
-                    "use solver='cg' for this model",
-                )
+                checks.fail("model", f"an nnx.Conv with padding {pad!r}",
+                    "SAME, VALID or explicit padding", "use solver='cg' for this model")
             kh, kw = mod.kernel_size
             layers.append(
-                Layer(
-                    "conv",
-                    paths[id(mod)],
-                    int(mod.in_features * kh * kw),
-                    int(mod.out_features),
-                    has_bias,
-                    (tuple(mod.kernel_size), strides, pad),
-                    tuple(out_shape[1:]),
-                )
+                Layer("conv", paths[id(mod)], int(mod.in_features * kh * kw), int(mod.out_features),
+                    has_bias, (tuple(mod.kernel_size), strides, pad), tuple(out_shape[1:]))
             )
         else:
             layers.append(
-                Layer(
-                    "dense",
-                    paths[id(mod)],
-                    int(mod.in_features),
-                    int(mod.out_features),
-                    has_bias,
-                    None,
-                    tuple(out_shape[1:]),
-                )
+                Layer("dense", paths[id(mod)], int(mod.in_features), int(mod.out_features),
+                    has_bias, None, tuple(out_shape[1:]))
             )
     if not layers:
-        checks.fail(
-            "model",
-            "a model with no nnx.Linear / nnx.Conv layers",
-            "Dense or Conv layers",
-            "use solver='cg' for this model",
-        )
+        checks.fail("model", "a model with no nnx.Linear / nnx.Conv layers", "Dense or Conv layers",
+            "use solver='cg' for this model")
     return graphdef, jax.tree_util.tree_structure(state), tuple(layers)
 
 
@@ -335,11 +269,8 @@ def _forward_program(graphdef, treedef, layers, output_loss=None):
             return logits, [r[1] for r in rec]
 
         logits, vjp, acts = jax.vjp(fwd, taps0, has_aux=True)
-        return (
-            output_root(logits, yb, output_loss),
-            [_inputs(l, a) for l, a in zip(layers, acts)],
-            vjp,
-        )
+        return (output_root(logits, yb, output_loss), [_inputs(l, a) for l, a in zip(layers, acts)],
+            vjp)
 
     return jax.jit(forward)
 
@@ -397,33 +328,17 @@ def _layout(params, layers) -> tuple[tuple, ...]:
     covered = {l.path for l in layers}
     for keys in where:
         if keys[:-1] not in covered:
-            checks.fail(
-                "params",
-                f"parameter {keys} outside any nnx.Linear / nnx.Conv layer",
-                "a model made of Dense and Conv layers",
-                "use solver='cg'",
-            )
+            checks.fail("params", f"parameter {keys} outside any nnx.Linear / nnx.Conv layer",
+                "a model made of Dense and Conv layers", "use solver='cg'")
     return tuple(
-        (
-            where[l.path + ("kernel",)][0],
-            where[l.path + ("kernel",)][1],
-            where[l.path + ("bias",)][0] if l.has_bias else -1,
-        )
+        (where[l.path + ("kernel",)][0], where[l.path + ("kernel",)][1],
+            where[l.path + ("bias",)][0] if l.has_bias else -1)
         for l in layers
     ), off
 
 
-def compute_factors(
-    model: nnx.Module,
-    params,
-    x,
-    *,
-    batch_size: int = 256,
-    num_classes: int,
-    weight_decay: float,
-    y=None,
-    output_loss=None,
-) -> Factors:
+def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_classes: int,
+    weight_decay: float, y=None, output_loss=None) -> Factors:
     """K-FAC and EK-FAC factors of the Gauss-Newton matrix over the data x (and `weight_decay`, the
     objective's λ, which every solve with them adds; see `Factors`).
 
@@ -479,82 +394,3 @@ def compute_factors(
 
 
 # ----------------------------------------------------------------------------- the solve
-
-
-def _layer_matrix(v, layer: Layer, place):
-    k0, kshape, b0 = place
-    kernel = v[k0 : k0 + int(np.prod(kshape))].reshape(kshape)
-    W = kernel_matrix(kernel, layer.kind)
-    return jnp.concatenate([W, v[b0 : b0 + layer.out_features][None]], 0) if layer.has_bias else W
-
-
-def _precondition(factors: Factors, v, damping, ekfac: bool):
-    out = jnp.zeros_like(v)
-    for layer, lf, place in zip(factors.layers, factors.factors, factors.layout):
-        W = _layer_matrix(v, layer, place)
-        lam = lf.lam_ekfac if ekfac else lf.lam_kfac
-        Wn = lf.QA @ ((lf.QA.T @ W @ lf.QG) / (lam + damping)) @ lf.QG.T
-        k0, kshape, b0 = place
-        kn = Wn[:-1] if layer.has_bias else Wn
-        out = out.at[k0 : k0 + int(np.prod(kshape))].set(
-            kernel_from_matrix(kn, kshape, layer.kind).ravel()
-        )
-        if layer.has_bias:
-            out = out.at[b0 : b0 + layer.out_features].set(Wn[-1])
-    return out
-
-
-@functools.partial(jax.jit, static_argnames=("layers", "layout", "ekfac"))
-def _solve_all(factors_arrays, *, b, damping, layers, layout, ekfac):
-    f = Factors(layers, factors_arrays, layout, b.shape[-1], 0.0)  # (`damping` holds λ + δ here)
-    return jax.vmap(lambda v: _precondition(f, v, damping, ekfac))(b)
-
-
-def apply_inverse(factors: Factors, b, *, damping, ekfac: bool = True) -> jax.Array:
-    """(F̂ + (λ + δ)·I)⁻¹ b for the rows of b (K, P), λ the factors' weight decay and δ the
-    `damping`: the bare array (see `solve_kfac`)."""
-    b = jnp.asarray(b)
-    if b.shape[-1] != factors.num_params:
-        checks.fail(
-            "b",
-            f"vectors of size {b.shape[-1]}",
-            f"size {factors.num_params} (the flat params)",
-            "compute the factors for the same model and parameters",
-        )
-    return _solve_all(
-        factors.factors,
-        b=b,
-        damping=jnp.asarray(factors.weight_decay + damping, b.dtype),
-        layers=factors.layers,
-        layout=factors.layout,
-        ekfac=ekfac,
-    )
-
-
-def solve_kfac(factors: Factors, b, *, damping: float, ekfac: bool = True) -> SolveResult:
-    """(F̂ + (λ + δ)·I)⁻¹ b for flat vectors b (K, P), block-diagonal over layers: F̂ + λI
-    approximates the objective's curvature G + λI (λ the factors' `weight_decay`), and
-    `damping` δ is added on top, as for every solver.
-
-    The result's residual is NaN (the factored system is solved exactly; `linsolve.with_residual`
-    sets it against the true curvature), `converged` is False and the status APPROXIMATE:
-    K-FAC/EK-FAC solve an approximation of the curvature, so no tolerance on the true system was
-    met. `negative_curvature` is never set; a zero eigenvalue with no damping gives a non-finite
-    solution, which `linsolve.solve_escalating` answers with more damping.
-    """
-    U = apply_inverse(factors, b, damping=damping, ekfac=ekfac)
-    K = U.shape[0]
-    return SolveResult(
-        U,
-        jnp.zeros(K, jnp.int32),
-        jnp.full(K, jnp.nan, U.dtype),
-        jnp.zeros(K, bool),
-        jnp.zeros(K, bool),
-        jnp.full(K, int(Status.APPROXIMATE), jnp.int32),
-    )
-
-
-def preconditioner(factors: Factors, damping, *, ekfac: bool = True):
-    """v -> (F̂ + (λ + δ)·I)⁻¹ v, for use as a CG preconditioner "
-    "(`linsolve.solve_cg(precond=...)`)."""
-    return lambda v: _precondition(factors, v, factors.weight_decay + damping, ekfac)

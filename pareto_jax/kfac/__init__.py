@@ -1,0 +1,44 @@
+"""K-FAC and EK-FAC curvature for flax nnx Dense / Conv layers: factors and their solve.
+
+For the Gauss-Newton matrix of softmax cross-entropy, G = E_i[J_iᵀ H_i J_i] with the output
+Hessian H_i = diag p_i − p_i p_iᵀ = Σ_c p_ic (p_i − e_c)(p_i − e_c)ᵀ, so H_i = R_i R_iᵀ with
+columns r_ic = √p_ic (p_i − e_c): pseudo-gradient c of sample i is the backward pass of r_ic and
+carries the weight √p_ic (not √p_j on entry j). For one layer with inputs ã (a 1 appended for
+the bias; conv patches per position t) and output pseudo-gradients δ_c:
+
+* **K-FAC** (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016): the layer's
+  block of G is approximated by A ⊗ S with A = E[Σ_t ã_t ã_tᵀ / T] and
+  S = E[Σ_c Σ_t δ_ct δ_ctᵀ]. The expectation over classes is exact (every c, weighted as
+  above), not sampled.
+* **EK-FAC** (George et al. 2018): K-FAC's eigenbasis Q_A ⊗ Q_S, with the eigenvalues replaced
+  by the exact second moments of the per-sample pseudo-gradients in that basis,
+  E[Σ_c (Q_Aᵀ (Σ_t ã_t δ_ctᵀ) Q_S)²]. For a dense layer applied once per sample the per-sample
+  gradient is rank one, so this is E[Σ_c (Q_Aᵀã)² (Q_Sᵀδ_c)²ᵀ] and no per-sample gradient
+  matrix is ever formed.
+
+`compute_factors` streams the data in fixed-size batches (one forward pass per batch, then one
+class's backward pass at a time from its residuals: never a (K, batch, ...) array, and nothing
+compiled grows with K) with programs compiled once per model and reused by later calls. `Factors`
+record where each layer sits in the flat parameter vector (and the objective's λ), so
+`solve_kfac` works on flat vectors: it is the linear solve (F̂ + (λ + δ)I)⁻¹B with the
+`linsolve` signature, δ the damping as for every solver (`factors`, `solve`).
+See ``docs/method.md`` §3.
+"""
+
+from .factors import (
+    Factors,
+    Layer,
+    LayerFactors,
+    compute_factors,
+    kernel_from_matrix,
+    kernel_matrix,
+    load_factors,
+    output_root,
+    patches,
+    save_factors,
+)
+from .solve import apply_inverse, preconditioner, solve_kfac
+
+__all__ = ["Factors", "Layer", "LayerFactors", "compute_factors", "kernel_from_matrix",
+    "kernel_matrix", "load_factors", "output_root", "patches", "save_factors", "apply_inverse",
+    "preconditioner", "solve_kfac"]

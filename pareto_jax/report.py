@@ -1,0 +1,142 @@
+"""The run's report: the per-class table, the McNemar test per class, the sentence on harm, and
+`write_report` (``pareto-jax report RUN_DIR``: report.md with figures from a finished run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import checks, influence, io, pareto, plots, stats
+
+
+def format_table(class_names, columns: dict[str, Any], *, fmt: str = "{:.3f}") -> str:
+    """A plain-text table: one row per class, one column per named array."""
+    names = [str(c) for c in class_names]
+    w0 = max(5, *(len(n) for n in names))
+    heads = list(columns)
+    widths = [max(8, len(h)) for h in heads]
+    lines = ["class".ljust(w0) + "  " + "  ".join(h.rjust(w) for h, w in zip(heads, widths))]
+    for i, n in enumerate(names):
+        cells = []
+        for h, w in zip(heads, widths):
+            v = columns[h][i]
+            cells.append(
+                (fmt.format(v) if isinstance(v, (float, np.floating)) else str(v)).rjust(w)
+            )
+        lines.append(n.ljust(w0) + "  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def fmt_value(v) -> str:
+    return "off" if v is None else (f"{v:.3g}" if isinstance(v, (int, float)) else str(v))
+
+
+def class_mcnemar(after: dict, y_test, num_classes: int) -> list[float]:
+    """Per class, the exact two-sided McNemar p-value (`stats.mcnemar`) of the reweighted against
+    the plain extra-epoch model on the test samples of that class (paired: the same images)."""
+    return stats.class_mcnemar(after["test_correct"]["reweighted"],
+        after["test_correct"]["unweighted"], y_test, num_classes)
+
+
+def harm_sentence(names, change, pvals, targets, level: float = 0.05) -> str:
+    """One plain sentence: did any class get worse than the plain extra epochs beyond noise?"""
+    worse = [(n, 100 * d, p) for n, d, p in zip(names, change, pvals) if d < 0 and p < level]
+    better = [(n, 100 * d, p) for n, d, p in zip(names, change, pvals) if d > 0 and p < level]
+    if worse:
+        s = "; ".join(f"class {n} {d:+.1f} points (p = {p:.3f})" for n, d, p in worse)
+        head = (
+            f"Beyond noise (exact McNemar p < {level}), re-weighting made some classes WORSE than "
+            f"plain training: {s}."
+        )
+    else:
+        head = (
+            "No class got worse than plain training beyond noise (every drop has McNemar p >= "
+            f"{level} "
+            "on this test split)."
+        )
+    gains = "; ".join(f"class {n} {d:+.1f} points (p = {p:.3f})" for n, d, p in better)
+    tail = f" Gains beyond noise: {gains}." if better else " No gain is beyond noise either."
+    return head + tail + f" Targets: {', '.join(map(str, targets))}."
+
+
+def _md_row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def write_report(run_dir) -> Path:
+    """`pareto-jax report RUN_DIR`: ``report.md`` with its PNG figures in ``RUN_DIR/report/``,
+    from a finished run folder: the per-class table (before, plain extra epochs, re-weighted,
+    change, McNemar p) and the sentence on harm, the ceiling test, the program or search, and
+    figures of the per-class change, the weights, the influence between classes and the
+    first-order frontier of the targets."""
+    root = Path(run_dir)
+    if not (root / "summary.json").exists() or not (root / "retrain" / "metrics.json").exists():
+        checks.fail("RUN_DIR", str(root), "a finished run folder (with summary.json and retrain/)",
+            "run `pareto-jax run --out RUN_DIR` to the end first")
+    summary, cfg = io.read_json(root / "summary.json"), io.read_json(root / "config.json")
+    after = io.read_json(root / "retrain" / "metrics.json")
+    before = io.read_json(root / "train" / "metrics.json")
+    res = influence.InfluenceResult.load(root / "influence" / "P.npz")
+    names = list(res.names or [str(k) for k in range(res.P.shape[1])])
+    P = np.asarray(res.P, np.float64)
+    wdir = "search" if (root / "search" / "weights.npz").exists() else "program"
+    w = np.asarray(io.load_pytree(root / wdir / "weights.npz", {"w": np.zeros(P.shape[0])})[0]["w"])
+    out = root / "report"
+    b = np.asarray(before["test"]["accuracy"])
+    u = np.asarray(after["unweighted"]["test"]["accuracy"])
+    a = np.asarray(after["reweighted"]["test"]["accuracy"])
+    pv = summary.get("test_mcnemar_p") or [float("nan")] * len(names)
+    figs = [
+        plots.bars(["plain extra epochs", "re-weighted"], 100 * np.stack([u - b, a - b]),
+            out / "change.png", title="test accuracy change from the trained model",
+            ylabel="points", class_names=names),
+        plots.histogram(w, out / "weights.png", title=f"sample weights ({wdir})", xlabel="w"),
+        plots.heatmap(np.corrcoef(P.T), out / "influence_correlation.png",
+            title="correlation of P's columns", class_names=names, xlabel="class", ylabel="class",
+            cbar="correlation"),
+    ]
+    tg = [names.index(t) for t in summary["targets"] if t in names]
+    if len(tg) >= 2:
+        fr = pareto.pareto_frontier(P, n_random=8, seed=0)
+        figs.append(
+            plots.frontier_plot(
+                fr.gains, fr.ceiling, tg[0], tg[1], out / "frontier.png", class_names=names
+            )
+        )
+    ceil, prog = summary["ceiling"], summary["program"]
+    md = [
+        f"# pareto-jax run: {cfg['data']['name']}, model {cfg['model']['kind']}",
+        "",
+        f"Run folder `{root}`; targets {', '.join(summary['targets'])}.",
+        "",
+        _md_row(
+            ["class", "test before", "plain extra epochs", "re-weighted", "change (points)",
+                "McNemar p"]
+        ),
+        _md_row(["---"] * 6),
+    ]
+    md += [
+        _md_row([n, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}", f"{100 * (z - y):+.1f}", f"{p:.3f}"])
+        for n, x, y, z, p in zip(names, b, u, a, pv)
+    ]
+    md += [
+        "",
+        harm_sentence(names, a - u, pv, summary["targets"]),
+        "",
+        "**Ceiling test**: a first-order Pareto improvement "
+        f"{'exists' if ceil['improvable'] else 'does not exist'}"
+        f" (t* = {ceil['t_star']:.3g}).",
+        "",
+        f"**Weights** ({wdir}): status {prog.get('status')} ({prog.get('message')}), "
+        f"alpha {fmt_value(prog.get('alpha'))}"
+        + (f", found {prog['found']}" if "found" in prog else "")
+        + f"; {int((np.abs(w - 1) > 1e-9).sum())} of {len(w)} weights changed.",
+        "",
+    ]
+    md += [f"![]({f.get_label()})" for f in figs]
+    io.write_json(out / "report.json",
+        {"figures": [f.get_label() for f in figs], "targets": summary["targets"]})
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out / "report.md"
