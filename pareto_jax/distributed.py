@@ -211,22 +211,24 @@ def replicate(mesh: Mesh, tree):
 # ----------------------------------------------------------------------------- training
 
 
-def make_epoch_fn(loss_fn, config: train.TrainConfig, n: int, mesh: Mesh):
+def make_epoch_fn(loss_fn, config: train.TrainConfig, n: int, mesh: Mesh, *, remat: bool = False):
     """Data-parallel `train.make_epoch_fn`: same signature, the samples sharded over `mesh`.
 
     ``epoch(params, opt_state, x, y, w, epoch_index)`` takes the n samples (anywhere); inside
     one jitted program they are padded to D·m and sharded, and `train.epoch_fns(...).body` runs on
-    each
-    device's m samples: ⌈b/D⌉ samples of every minibatch drawn from its own slice, shuffled with
-    ``fold_in(fold_in(seed, epoch), device)`` (one device reproduces `train.make_epoch_fn`'s
+    each device's m samples: ⌈b/D⌉ samples of every minibatch drawn from its own slice, shuffled
+    with ``fold_in(fold_in(seed, epoch), device)`` (one device reproduces `train.make_epoch_fn`'s
     batch order). Gradients and the loss are `psum`-ed; the update is replicated. Full batch
-    (``batch_size=None``) gives the single-device result.
+    (``batch_size=None``) gives the single-device result. `remat`: each step rematerialised under
+    reverse mode (see `train.epoch_fns`).
     """
     D = _size(mesh)
     m = -(-n // D)
     nb, b_glob = train.batches_per_epoch(n, config.batch_size)
     bd = m if nb == 1 else -(-b_glob // D)
-    body = train.epoch_fns(loss_fn, config, m, -(-m // bd), bd, axis_name=AXIS, num_devices=D).body
+    body = train.epoch_fns(
+        loss_fn, config, m, -(-m // bd), bd, axis_name=AXIS, num_devices=D, remat=remat
+    ).body
 
     def local_epoch(params, opt_state, x, y, w, msk, epoch_index):
         return body(params, opt_state, x[0], y[0], w[0], msk[0], epoch_index)

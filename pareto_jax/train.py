@@ -144,7 +144,7 @@ class EpochFns(NamedTuple):
 
 
 def epoch_fns(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, batch: int, *,
-    axis_name: str | None = None, num_devices: int = 1) -> EpochFns:
+    axis_name: str | None = None, num_devices: int = 1, remat: bool = False) -> EpochFns:
     """The weighted epoch over the m samples this device holds (see `EpochFns`).
 
     The samples are shuffled with ``fold_in(seed, epoch_index)`` and cut into `num_batches`
@@ -153,7 +153,9 @@ def epoch_fns(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, ba
     Inside `jax.shard_map` (``axis_name`` set, `mask` marking this device's real samples)
     every device draws its own share of each minibatch (shuffling with the device index folded
     in when there are several), the data term's gradient and loss are `psum`-ed over the axis,
-    and λθ is added once: `pareto_jax.distributed.make_epoch_fn` wraps this same body.
+    and λθ is added once: `pareto_jax.distributed.make_epoch_fn` wraps this same body. With
+    `remat`, each step of the body's scan is rematerialised under reverse mode (`jax.checkpoint`:
+    the unrolled influence differentiates through the epochs with one step's activations alive).
     """
     opt = make_optimizer(config)
     objective = Objective.of(loss_fn, config)
@@ -207,6 +209,8 @@ def epoch_fns(loss_fn: LossFn, config: TrainConfig, m: int, num_batches: int, ba
             p, o, d = step(*carry, x, y, w, mask, *batch_, scale)
             return (p, o), d
 
+        if remat:
+            scan_step = jax.checkpoint(scan_step)
         (params, opt_state), losses = jax.lax.scan(scan_step, (params, opt_state), (idx, slot))
         return params, opt_state, jnp.mean(losses)
 

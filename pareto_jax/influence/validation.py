@@ -107,12 +107,16 @@ def groups(g, yv, num_classes, group_names, class_names):
     return g, G, tuple(group_names) if group_names is not None else None
 
 
+def loss_callable(loss_fn, name: str = "loss_fn") -> None:
+    if not callable(loss_fn):
+        checks.fail(name, type(loss_fn).__name__, "a function (params, x, y) -> scalar",
+                    "pass e.g. models.per_sample_loss(apply)")
+
+
 def loss(loss_fn, params, x, y, name: str = "loss_fn") -> None:
     """The loss must map one sample (no batch axis) to a finite scalar (abstract evaluation
     first, so a batched loss is named before any compilation)."""
-    if not callable(loss_fn):
-        checks.fail(name, type(loss_fn).__name__, "a function (params, x, y) -> scalar",
-            "pass e.g. models.per_sample_loss(apply)")
+    loss_callable(loss_fn, name)
     x0, y0 = kernels.take(x, 0), jnp.asarray(y[0])
     try:
         out = jax.eval_shape(loss_fn, params, x0, y0)
