@@ -14,8 +14,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import scipy.stats
 
-from . import checks, data, evaluation, influence, io, models, pareto, search, train
-from .config import ImproveConfig, InfluenceConfig, SearchConfig
+from . import checks, data, evaluation, influence, io, models, pareto, rounds, search, train
+from .config import ImproveConfig, InfluenceConfig, RoundsConfig, SearchConfig
 from .setup import build_model, load_data
 
 
@@ -195,8 +195,13 @@ def _direct(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> 
     )
     prob = setting.problem_at(st_e, tc)
     res = search.run_search(prob, inf_e.P, targets, mode="direct", config=scfg, progress=progress)
+    extra = (
+        _unroll_methods(setting, prob, st_e, targets, scfg, "direct", None, progress, out)
+        if config.unroll and scfg.retrain == "epoch"
+        else None
+    )
     block = _with_baselines(
-        res, prob, inf_e.P, st_e.params, targets, setting, config, scfg, scfg.retrain
+        res, prob, inf_e.P, st_e.params, targets, setting, config, scfg, scfg.retrain, extra
     )
     block["epoch"] = e
     if config.rounds > 1:
@@ -206,12 +211,44 @@ def _direct(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> 
     return block
 
 
-def _with_baselines(res, prob, P, ref, targets, setting, config, scfg, retrain) -> dict:
-    """The search's result beside the baselines (raw and, if asked, val-matched)."""
-    K = setting.num_classes
-    bw = evaluation.baseline_weights(
-        P, setting.splits.train.y, targets, K, scfg.baselines, scfg.reweight
+UNROLL_PROGRAM = "program (unroll)"
+
+
+def _unroll_methods(setting: _Setting, prob, st, targets, scfg, mode, ref, progress, out):
+    """The methods driven by the unrolled estimator (the exact weight-gradient of the one weighted
+    epoch every candidate gets): the search on P_unroll, the sequential re-linearised rounds, and
+    (as a weighting, so that it also gets its val-matched step) the fixed-α program on P_unroll.
+    Returns (rows, extra weightings)."""
+    s, K = setting.splits, setting.num_classes
+    r = influence.Retraining(setting.loss_fn, prob.train_config, st, epochs=1)
+    P_u = np.asarray(
+        influence.unrolled_influence(r, s.train.x, s.train.y, s.val.x, s.val.y, num_classes=K).P
     )
+    kw = dict(mode=mode, ref_params=None if mode == "direct" else ref)
+    res_u = search.run_search(prob, P_u, targets, config=dataclasses.replace(scfg, retrain="epoch"),
+        progress=progress, **kw)
+    rnd = rounds.run_rounds(prob, targets, config=RoundsConfig(reweight=scfg.reweight), **kw)
+    print(f"rounds (unroll): {len(rnd.history)} steps tried, stopped: {rnd.stop}", file=out)
+    rows = {
+        name: {"val_acc": x.val_acc, "test_acc": x.test_acc, "delta_val": x.delta_val,
+            "delta_test": x.delta_test, "test_correct": x.test_correct}
+        for name, x in (("search (unroll)", res_u), ("rounds (unroll)", rnd))
+    }
+    prog = pareto.solve_reweighting(P_u, targets, scfg.baselines.fixed_alpha, scfg.reweight)
+    return rows, ({UNROLL_PROGRAM: prog.w} if prog.w is not None else {})
+
+
+def _with_baselines(res, prob, P, ref, targets, setting, config, scfg, retrain, extra=None) -> dict:
+    """The search's result beside the baselines (raw and, if asked, val-matched), and the
+    unrolled estimator's methods (`extra`: rows and weightings) when they ran."""
+    K = setting.num_classes
+    extra_rows, extra_w = extra or ({}, {})
+    bw = {
+        **evaluation.baseline_weights(
+            P, setting.splits.train.y, targets, K, scfg.baselines, scfg.reweight
+        ),
+        **extra_w,
+    }
     base = evaluation.evaluate_weightings(
         prob, bw, ref, retrain=retrain, max_iter=scfg.retrain_max_iter
     )
@@ -222,7 +259,7 @@ def _with_baselines(res, prob, P, ref, targets, setting, config, scfg, retrain) 
         if config.matched_baselines
         else {}
     )
-    return _search_block(res, base, setting.splits.class_names, targets, matched)
+    return _search_block(res, {**extra_rows, **base}, setting.splits.class_names, targets, matched)
 
 
 def _course_correction(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> dict:
@@ -248,8 +285,15 @@ def _course_correction(setting: _Setting, config: "ImproveConfig", scfg, progres
     ref = setting.states[e_cc + 1].params
     res_cc = search.run_search(prob_cc, inf_cc.P, cc_targets, mode="course_correction",
         ref_params=ref, config=dataclasses.replace(scfg, retrain="epoch"), progress=progress)
+    extra = (
+        _unroll_methods(
+            setting, prob_cc, st_cc, cc_targets, scfg, "course_correction", ref, progress, out
+        )
+        if config.unroll
+        else None
+    )
     block = _with_baselines(
-        res_cc, prob_cc, inf_cc.P, ref, cc_targets, setting, config, scfg, "epoch"
+        res_cc, prob_cc, inf_cc.P, ref, cc_targets, setting, config, scfg, "epoch", extra
     )
     block.update(
         {"epoch": e_cc, "val_drop_points": 100 * drop, "val_acc_e": accs[e_cc].tolist(),

@@ -30,6 +30,7 @@ from .study_report import INTRO, dataset_markdown, figure, paper_table
 from .study_settings import (  # noqa: F401  (the study's settings, re-exported)
     CNN_TRAIN,
     INFLUENCE,
+    INFLUENCE_ROWS,
     PAPER_CIFAR10,
     REFERENCE_ROW,
     SEARCH_ROW,
@@ -174,42 +175,52 @@ def summarize(seeds: list[dict], mode: str, class_names) -> dict | None:
 
 
 def best_at_matched_harm(methods: dict) -> dict:
-    """Among the search and the baselines scaled to its validation harm ("val-matched"), present
-    in every seed, the method with the highest mean target gain; and the search's paired
-    difference (over seeds) to the best val-matched baseline."""
+    """Among the influence-based methods (the search, and the unrolled estimator's methods when
+    they ran) and the baselines scaled to the search's validation harm ("val-matched"), present in
+    every seed, the method with the highest mean target gain; and each influence-based method's
+    paired difference (over seeds) to the best val-matched baseline (``vs_best_baseline``; the
+    search's also as ``search_minus_best_baseline``)."""
     n = max(v["n"] for v in methods.values())
-    matched = [m for m in methods if m.endswith(", val-matched") and methods[m]["n"] == n]
-    cands = matched + (
-        [SEARCH_ROW] if SEARCH_ROW in methods and methods[SEARCH_ROW]["n"] == n else []
-    )
+    ours = [m for m in INFLUENCE_ROWS if m in methods and methods[m]["n"] == n]
+    matched = [
+        m
+        for m in methods
+        if m.endswith(", val-matched") and methods[m]["n"] == n and m not in INFLUENCE_ROWS
+    ]
+    cands = matched + ours
     if not cands:
         return {}
     gain = lambda m: methods[m]["target_gain"]["mean"]  # noqa: E731
     best = max(cands, key=gain)
     res = {"method": best, "target_gain": methods[best]["target_gain"],
         "worst_other": methods[best]["worst_other"]}
-    if matched and SEARCH_ROW in cands:
+    if matched and ours:
         rival = max(matched, key=gain)
-        a = methods[SEARCH_ROW]["per_seed"]["target_gain"]
+        res["best_baseline"] = rival
         b = methods[rival]["per_seed"]["target_gain"]
-        if len(a) == len(b):
-            res["best_baseline"] = rival
-            res["search_minus_best_baseline"] = interval(np.subtract(a, b))
+        res["vs_best_baseline"] = {
+            m: interval(np.subtract(methods[m]["per_seed"]["target_gain"], b))
+            for m in ours
+            if len(methods[m]["per_seed"]["target_gain"]) == len(b)
+        }
+        if SEARCH_ROW in res["vs_best_baseline"]:
+            res["search_minus_best_baseline"] = res["vs_best_baseline"][SEARCH_ROW]
     return res
 
 
 def _order(name: str) -> tuple:
     """Report order: the search, the plain extra epoch, the raw baselines, the val-matched ones."""
-    return (
+    rank = (
         0
-        if name == SEARCH_ROW
+        if name in INFLUENCE_ROWS or name.startswith("program (unroll)")
         else 1
         if name == REFERENCE_ROW
         else 3
         if name.endswith("val-matched")
-        else 2,
-        name,
+        else 2
     )
+    return (rank, INFLUENCE_ROWS.index(name) if name in INFLUENCE_ROWS else len(INFLUENCE_ROWS),
+        name)
 
 
 # ----------------------------------------------------------------------------- report
@@ -237,8 +248,8 @@ def _seed_runs(name: str, seeds: int, out_dir: Path, quick: bool, resume: bool, 
 
 
 def reproduce_study(datasets=("emotion", "ag_news", "digits", "mnist5k", "mnist5k-noisy"), *,
-                    seeds: int = 5, quick: bool = False, out_dir: str = "reports/improve",
-                    resume: bool = False, out=None) -> dict:
+    seeds: int = 5, quick: bool = False, out_dir: str = "reports/improve", resume: bool = False,
+    out=None) -> dict:
     """Run every dataset over `seeds` seeds and write ``report.md`` + ``study.json`` + figures.
 
     Each finished seed is saved as ``<out_dir>/<dataset>/seed_<s>/seed.json``; with `resume`, a
@@ -254,9 +265,9 @@ def reproduce_study(datasets=("emotion", "ag_news", "digits", "mnist5k", "mnist5
         runs = _seed_runs(name, seeds, out_dir, quick, resume, out)
         names = runs[0]["class_names"]
         res = {"seeds": list(range(seeds)), "class_names": names,
-               "seconds": float(sum(r["seconds"] for r in runs)),
-               "summary": {m: summarize(runs, m, names) for m in ("direct", "course_correction")},
-               "figures": {}}
+            "seconds": float(sum(r["seconds"] for r in runs)),
+            "summary": {m: summarize(runs, m, names) for m in ("direct", "course_correction")},
+            "figures": {}}
         for m, s_ in res["summary"].items():
             if s_ is not None:
                 res["figures"][m] = figure(name, m, s_, out_dir)
@@ -264,8 +275,9 @@ def reproduce_study(datasets=("emotion", "ag_news", "digits", "mnist5k", "mnist5
     md = ["# Improvement study", "", INTRO, ""] + paper_table(results)
     for name, res in results.items():
         md += dataset_markdown(name, res)
-    io.write_json(out_dir / "study.json",
-                  {"results": results, "paper_cifar10": PAPER_CIFAR10, "quick": quick})
+    io.write_json(
+        out_dir / "study.json", {"results": results, "paper_cifar10": PAPER_CIFAR10, "quick": quick}
+    )
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     print(f"wrote {out_dir / 'report.md'}", file=out)
     return results

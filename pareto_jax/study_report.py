@@ -49,8 +49,8 @@ def dataset_markdown(name: str, res: dict) -> list[str]:
     md = [f"## {name}", "", st.description + ".", "",
         f"Seeds: {res['seeds']}; run time {res['seconds']:.0f} s (sum over seeds, 2 CPU cores).", ""
     ]
-    for mode, title in (("direct", "Direct Improvement"),
-                        ("course_correction", "Course Correction")):
+    for mode, title in (("direct", "Direct Improvement"), ("course_correction", "Course Correction")
+    ):
         md += _mode_markdown(res, mode, title)
     return md
 
@@ -63,8 +63,7 @@ def _mode_markdown(res: dict, mode: str, title: str) -> list[str]:
         return md + [f"### {title}", "", "skipped in every seed (no class dropped between epochs).",
             ""]
     md += [
-        f"### {title} ({s['n_seeds']} seeds; improving every target on validation in "
-        f"{s['found']})",
+        f"### {title} ({s['n_seeds']} seeds; improving every target on validation in {s['found']})",
         "",
         (
             "Targets per seed (the classes weakest on validation at θ^e): "
@@ -121,30 +120,37 @@ def _mode_markdown(res: dict, mode: str, title: str) -> list[str]:
 
 
 def _matched_harm_markdown(s: dict, res: dict) -> list[str]:
-    """The best method at matched validation harm, the search against it, and (where a baseline
-    wins beyond the interval) why."""
-    md: list[str] = []
+    """The best method at matched validation harm, each influence-based method against the best
+    val-matched baseline, and (where that baseline beats the search beyond the interval) why."""
     b = s["best_at_matched_harm"]
-    if b:
-        line = (
-            f"Best at matched validation harm: **{b['method']}**, mean target gain "
-            f"{_fmt(b['target_gain'])} points, worst other class {_fmt(b['worst_other'])}."
-        )
-        if "search_minus_best_baseline" in b:
-            d = b["search_minus_best_baseline"]
-            beyond = d["n"] > 1 and abs(d["mean"]) > d["half_width"]
-            line += (
-                f" The search's target gain minus that of the best val-matched baseline "
-                f"({b['best_baseline']}), paired over seeds: {_fmt(d)} points"
-                + (
-                    ""
-                    if d["n"] < 2
-                    else f" ({'beyond' if beyond else 'within'} its 95 % interval)"
-                )
-                + "."
+    if not b:
+        return []
+    md = [
+        f"Best at matched validation harm: **{b['method']}**, mean target gain "
+        f"{_fmt(b['target_gain'])} points, worst other class {_fmt(b['worst_other'])}.",
+        "",
+    ]
+    vs = b.get("vs_best_baseline") or (
+        {SEARCH_ROW: b["search_minus_best_baseline"]} if "search_minus_best_baseline" in b else {}
+    )
+    if vs:
+        rows = []
+        for m, d in vs.items():
+            where = (
+                "" if d["n"] < 2 else ("beyond" if abs(d["mean"]) > d["half_width"] else "within")
             )
-        md += [line, ""]
-    d = b.get("search_minus_best_baseline") if b else None
+            rows.append(
+                [m, _fmt(d), where and f"{where} (a {'gain' if d['mean'] > 0 else 'loss'})"]
+            )
+        md += [
+            f"Target gain minus that of the best val-matched baseline ({b['best_baseline']}), "
+            "paired "
+            "over seeds (points; the 95 % interval):",
+            "",
+            io.md_table(["method", "difference", "beyond the interval?"], rows),
+            "",
+        ]
+    d = b.get("search_minus_best_baseline")
     if d and d["n"] > 1 and d["mean"] < -d["half_width"]:
         md += _why_lost(s, b["best_baseline"], res["class_names"])
     return md

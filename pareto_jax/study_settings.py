@@ -13,6 +13,12 @@ SEARCH_ROW = "search (PARETO-LP-GA)"
 REFERENCE_ROW = "unweighted"
 
 
+# the methods driven by the unrolled estimator (`experiments.ImproveConfig.unroll`); with the
+# search, the influence-based methods every val-matched baseline is compared with
+UNROLL_ROWS = ("search (unroll)", "rounds (unroll)", "program (unroll), val-matched")
+INFLUENCE_ROWS = (SEARCH_ROW, *UNROLL_ROWS)
+
+
 # The original paper's Direct Improvement on CIFAR-10 (epoch 10 → 11, targets 0 and 2; relative
 # per-class accuracy change, %). A different dataset and model: shown beside ours, never compared.
 PAPER_CIFAR10 = {"dataset": "CIFAR-10 (paper, ResNet; a different dataset)",

@@ -11,12 +11,20 @@ default from the class, e.g. ``ReweightConfig.w_max``), and the names each choic
 vocabularies of `vocabulary` (`SOLVERS`, `PROGRAM_SOLVERS`, ...), checked here only.
 
 * `vocabulary`: the names and shared constants;
-* `stages`: `TrainConfig`, `InfluenceConfig`, `ReweightConfig`, `BaselineConfig`, `SearchConfig`;
+* `stages`: `TrainConfig`, `InfluenceConfig`, `ReweightConfig`, `BaselineConfig`, `SearchConfig`,
+  `RoundsConfig`;
 * `jobs`: `DataConfig`, `ModelConfig`, `RunConfig`, `ImproveConfig`.
 """
 
 from .jobs import DataConfig, ImproveConfig, ModelConfig, RunConfig
-from .stages import BaselineConfig, InfluenceConfig, ReweightConfig, SearchConfig, TrainConfig
+from .stages import (
+    BaselineConfig,
+    InfluenceConfig,
+    ReweightConfig,
+    RoundsConfig,
+    SearchConfig,
+    TrainConfig,
+)
 from .vocabulary import (
     CURVATURES,
     DATASETS,
@@ -35,8 +43,8 @@ from .vocabulary import (
     weight_bounds,
 )
 
-__all__ = ["DataConfig", "ImproveConfig", "ModelConfig", "RunConfig", "BaselineConfig",
-    "InfluenceConfig", "ReweightConfig", "SearchConfig", "TrainConfig", "CURVATURES", "DATASETS",
-    "EXECUTIONS", "MODEL_KINDS", "NO_DAMPING", "NORMALIZERS", "OPTIMIZERS", "PRECONDITIONERS",
-    "PROGRAM_SOLVERS", "RETRAIN", "ROW_METHODS", "SOLVERS", "TEXT_FEATURES", "TRUST_REGION",
-    "weight_bounds"]
+__all__ = ["RoundsConfig", "DataConfig", "ImproveConfig", "ModelConfig", "RunConfig",
+    "BaselineConfig", "InfluenceConfig", "ReweightConfig", "SearchConfig", "TrainConfig",
+    "CURVATURES", "DATASETS", "EXECUTIONS", "MODEL_KINDS", "NO_DAMPING", "NORMALIZERS",
+    "OPTIMIZERS", "PRECONDITIONERS", "PROGRAM_SOLVERS", "RETRAIN", "ROW_METHODS", "SOLVERS",
+    "TEXT_FEATURES", "TRUST_REGION", "weight_bounds"]

@@ -141,6 +141,10 @@ class ImproveConfig:
     `matched_baselines`: also report each baseline scaled toward w = 1 by the step that the
     search's own validation rule picks (`evaluation.harm_matched_baselines`), so that the search is
     compared with the baselines at equal validation harm.
+    `unroll`: where candidates get one weighted epoch (the method's retraining), also run the
+    methods driven by the unrolled estimator, the exact weight-gradient of that epoch: the search
+    on P_unroll, the sequential re-linearised rounds (`pareto_jax.rounds`) and the fixed-α program
+    on P_unroll (with its val-matched step, like every baseline).
     """
 
     data: DataConfig = DataConfig(name="mnist5k")
@@ -162,6 +166,7 @@ class ImproveConfig:
     reweight: ReweightConfig = ReweightConfig.downweight_only()
     retrain: str = "converge"
     n_targets: int = 2
+    unroll: bool = True
 
     def __post_init__(self):
         checks.check_choice(self.retrain, "retrain", RETRAIN)

@@ -330,3 +330,34 @@ class SearchConfig:
             if not (0 <= a <= b):
                 checks.fail("others_weight", repr(self.others_weight), "0 <= β_min <= β_max",
                     "e.g. (0.0, 1.0)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundsConfig:
+    """The program that re-linearises (`pareto_jax.rounds`): sequential trust-region rounds, each
+    linearised exactly at the current weights by the unrolled estimator.
+
+    Attributes:
+        rounds: at most this many accepted steps.
+        rho: the first round's trust region: each weight may move by the factor u_i ∈ [1 − ρ,
+            1 + ρ] (and u_i <= `reweight.w_max`: with w_max = 1 weights only go down).
+        shrink: after a step that is not accepted, ρ ← shrink · ρ.
+        min_rho: stop when ρ falls below this (no progress).
+        alpha: each round's program keeps this share of every class's total predicted influence
+            (the program's α, for every class).
+        reweight: the program's options for each round's step (its `w_max` bounds the factor u).
+    """
+
+    rounds: int = 6
+    rho: float = 0.3
+    shrink: float = 0.5
+    min_rho: float = 0.02
+    alpha: float = 0.97
+    reweight: ReweightConfig = ReweightConfig.downweight_only()
+
+    def __post_init__(self):
+        checks.check_positive(self.rounds, "rounds", integer=True)
+        checks.check_positive(self.rho, "rho")
+        checks.check_in_range(self.shrink, "shrink", 0.01, 0.99)
+        checks.check_positive(self.min_rho, "min_rho")
+        checks.check_in_range(self.alpha, "alpha", 0.0, 1.0)

@@ -213,9 +213,23 @@ def _sharded(r: Retraining, K, measure, n, mesh, X, Y, XV, YV, mv, counts, w):
     return losses, jax.vmap(lambda c: vjp(c)[0])(jnp.eye(K, dtype=losses.dtype))
 
 
+def _checked(r, x_train, y_train, x_val, y_val, num_classes, measure_fn, class_names, sample_ids):
+    """The inputs validated once, before any work: (x_train, y_train, x_val, y_val, measure)."""
+    xt, yt = validation.train_set(x_train, y_train, num_classes)
+    xv, yv = validation.val_set(xt, x_val, y_val, num_classes)
+    validation.groups(None, yv, num_classes, None, class_names)
+    validation.class_names_and_ids(class_names, sample_ids, num_classes, checks.num_inputs(xt))
+    validation.loss(r.loss_fn, r.state.params, xt, yt)
+    measure = r.loss_fn if measure_fn is None else measure_fn
+    if measure_fn is not None:
+        validation.loss(measure_fn, r.state.params, xv, yv, "measure_fn")
+        validation.finite_measure(measure_fn, r.state.params, xv, yv)
+    return xt, yt, xv, yv, measure
+
+
 def unrolled_influence(retraining: Retraining, x_train, y_train, x_val, y_val, *, num_classes: int,
-    measure_fn=None, execution: str = "auto", class_names=None, sample_ids=None, mesh=None
-) -> InfluenceResult:
+    measure_fn=None, execution: str = "auto", class_names=None, sample_ids=None, mesh=None,
+    weights=None) -> InfluenceResult:
     """P_unroll (N, K): the exact weight-gradient of the retraining (module docstring).
 
     Args:
@@ -229,6 +243,9 @@ def unrolled_influence(retraining: Retraining, x_train, y_train, x_val, y_val, *
         class_names, sample_ids: carried into the result.
         mesh: a `distributed` mesh: the epochs run data-parallel (`distributed.make_epoch_fn`)
             and are differentiated through (compiled).
+        weights: the weighting w₀ to linearise at (default all ones): P = −∂L_k(θ_T(w))/∂w at
+            w₀, and the prediction for w is then −Pᵀ(w − w₀) (the sequential rounds of
+            `pareto_jax.rounds` re-linearise at each accepted weighting).
 
     Returns:
         `InfluenceResult` with ``method="unroll"``, ``solver="unroll"``; its `solutions` are
@@ -246,22 +263,20 @@ def unrolled_influence(retraining: Retraining, x_train, y_train, x_val, y_val, *
             "wrap the procedure in Retraining(...)")
     checks.check_not_traced((r.state, x_train, x_val), "retraining", "its compiled core (pure JAX)")
     checks.check_positive(num_classes, "num_classes", integer=True)
-    xt, yt = validation.train_set(x_train, y_train, num_classes)
-    xv, yv = validation.val_set(xt, x_val, y_val, num_classes)
-    validation.groups(None, yv, num_classes, None, class_names)
-    validation.class_names_and_ids(class_names, sample_ids, num_classes, checks.num_inputs(xt))
-    validation.loss(r.loss_fn, r.state.params, xt, yt)
-    measure = r.loss_fn if measure_fn is None else measure_fn
-    if measure_fn is not None:
-        validation.loss(measure_fn, r.state.params, xv, yv, "measure_fn")
-        validation.finite_measure(measure_fn, r.state.params, xv, yv)
+    xt, yt, xv, yv, measure = _checked(
+        r, x_train, y_train, x_val, y_val, num_classes, measure_fn, class_names, sample_ids
+    )
     n, K = checks.num_inputs(xt), int(num_classes)
     dt = jnp.result_type(*jax.tree_util.tree_leaves(r.state.params))
     X, Y = kernels.cast_floats(xt, dt), jnp.asarray(yt)
     XV, YV = kernels.cast_floats(xv, dt), jnp.asarray(yv)
     mv = jnp.ones(yv.shape[0], dt)
     counts = jnp.asarray(np.maximum(np.bincount(yv, minlength=K), 1), dt)
-    w = jnp.ones(n, dt)
+    w = (
+        jnp.ones(n, dt)
+        if weights is None
+        else jnp.asarray(checks.as_weights(weights, n, "weights"), dt)
+    )
     stepped = mesh is None and kernels.loops_on_host(execution)
     if mesh is not None:
         losses, J = _sharded(r, K, measure, n, mesh, X, Y, XV, YV, mv, counts, w)
@@ -280,7 +295,8 @@ def unrolled_influence(retraining: Retraining, x_train, y_train, x_val, y_val, *
     steps = r.epochs * train.batches_per_epoch(n, r.config.batch_size)[0]
     z = np.zeros(K)
     details = {"class_losses_after": np.asarray(losses).tolist(), "optimizer_steps": steps,
-        "epochs": r.epochs, "execution": "stepped" if stepped else "compiled"}
+        "epochs": r.epochs, "execution": "stepped" if stepped else "compiled",
+        "linearised_at": "w = 1" if weights is None else "the given weights"}
     return InfluenceResult(jnp.asarray(P), "unroll", "unroll", "none", 0.0, (), np.full(K, steps),
         z, np.ones(K, bool), np.zeros(K, bool), np.zeros(K, np.int32), None, details,
         None if class_names is None else tuple(str(c) for c in class_names),
