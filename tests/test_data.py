@@ -1,6 +1,7 @@
 import csv
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,26 @@ def test_emotion_formats(tmp_path):
         data.load_emotion(tmp_path / "bad.txt")
 
 
+EXCERPTS = Path(__file__).parent / "data"
+
+
+def test_shipped_text_excerpts_load():
+    """The excerpts in tests/data (what the default suite reads on a bare clone): the loaders'
+    header handling, labels and class names on real text."""
+    ag = data.load_ag_news(EXCERPTS / "ag_news_excerpt.csv")
+    assert (
+        len(ag) == 240
+        and np.all(np.bincount(ag.y) == 60)
+        and ag.class_names == data.AG_NEWS_CLASSES
+    )
+    assert all(isinstance(t, str) and t for t in ag.texts)
+    tr = data.load_emotion(EXCERPTS / "emotion_excerpt", "train")
+    va = data.load_emotion(EXCERPTS / "emotion_excerpt", "val")
+    assert len(tr) == 180 and len(va) == 60 and np.all(np.bincount(tr.y, minlength=6) == 30)
+    assert tr.class_names == data.EMOTION_CLASSES
+
+
+@pytest.mark.slow  # the full corpora ($PARETO_JAX_DATA or ../shared/data): not in a bare clone
 def test_shared_text_corpora_load():
     root = data.shared_data_dir()
     ag = data.load_ag_news(root / "ag_news" / "test.csv")
@@ -175,6 +196,18 @@ def test_load_splits_registry():
         datasets.load_splits("cifar10")
 
 
+def test_text_tfidf_splits_from_the_shipped_excerpt():
+    s = datasets.load_splits("ag_news", path=str(EXCERPTS / "ag_news_excerpt.csv"),
+        features="tfidf", max_train=80, seed=0)
+    assert s.train.x.shape[0] == 80 and s.val.x.shape[1] == s.train.x.shape[1]
+    assert np.all(s.train.class_counts() == 20)
+    e = datasets.load_splits(
+        "emotion", path=str(EXCERPTS / "emotion_excerpt"), features="tfidf", seed=0
+    )
+    assert (len(e.train), len(e.val), len(e.test)) == (180, 60, 60)
+
+
+@pytest.mark.slow  # the full corpus
 def test_text_tfidf_splits_from_shared_data():
     s = datasets.load_splits("ag_news", features="tfidf", max_train=400, seed=0)
     assert s.train.x.shape[0] == 400 and s.val.x.shape[1] == s.train.x.shape[1]

@@ -249,7 +249,7 @@ def shared_data_dir() -> Path:
     env = os.environ.get("PARETO_JAX_DATA")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]  # the repository root (pareto_jax/data/files.py)
     for cand in (here.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
         if cand.exists():
             return cand
