@@ -156,6 +156,26 @@ def test_device_solver_matches_highs(n, k, seed, opt, alpha_lo, n_targets):
         assert 0 < n_free <= 8 * (k + 1) + 64 and rounds == 1, got.notes
 
 
+@settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.sampled_from([63, 65, 97, 300, 700]), w_max=st.sampled_from([0.8, 0.95, 1.0, 1.3]),
+    kind=st.sampled_from(["lp", "rho", "budget", "tight", "qp"]), seed=st.integers(0, 10_000))
+# refused as "numerical difficulties" before (issue 30): w_max < 1 with padding rows (N = 63, 300),
+# the budget with w_max < 1 (every weight must move; HiGHS's own split lost that bound too), and a
+# budget the box alone exceeds (infeasible, now certified)
+@example(n=63, w_max=0.95, kind="lp", seed=1)
+@example(n=300, w_max=0.8, kind="budget", seed=2)
+@example(n=700, w_max=0.8, kind="tight", seed=3)
+def test_property_weights_below_and_above_one_at_any_n(n, w_max, kind, seed):
+    """w_max below, at and above 1, N on and off the padding buckets, with and without a trust
+    region, budget or proximal term: the device answer is HiGHS's (status, objective)."""
+    P = _tradeoff_P(n, 4, seed)
+    alpha = np.random.default_rng(seed).uniform(0.3, 1.0, 4)
+    opt = {"lp": dict(w_max=w_max), "rho": dict(w_max=w_max, rho=0.4),
+        "budget": dict(w_max=w_max, budget=0.3 * n), "tight": dict(w_max=w_max, budget=0.1 * n),
+        "qp": dict(w_max=w_max, mu=1e-3 * np.abs(P).max())}[kind]
+    _check_against_highs(P, [0], alpha, opt)
+
+
 @pytest.mark.parametrize("opt", [dict(rho=0.5), dict(budget=150.0)])
 def test_device_lp_at_k_100(opt):
     """K = 100 (the dual stage's regime where the old path did not converge), against HiGHS."""

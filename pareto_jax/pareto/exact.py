@@ -73,7 +73,8 @@ def farkas_bound(P, b, nu, eta, lo, hi, budget, has_budget):
     g = P @ lam
     best = jnp.maximum(g * lo - e * jnp.abs(lo - 1.0), g * hi - e * jnp.abs(hi - 1.0))
     if has_budget:
-        best = jnp.maximum(best, g)  # w = 1 costs no budget
+        # w = 1 costs no budget (where it is in the box: not when w_max < 1)
+        best = jnp.where((lo <= 1.0) & (1.0 <= hi), jnp.maximum(best, g), best)
     v = jnp.sum(best) - lam @ b + (e * budget if has_budget else 0.0)
     margin = 1e-12 * (
         jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * jnp.sum(jnp.abs(g)) + jnp.abs(lam @ b)
@@ -81,13 +82,30 @@ def farkas_bound(P, b, nu, eta, lo, hi, budget, has_budget):
     return jnp.where((s > 0) & jnp.isfinite(v), v + margin, jnp.inf)
 
 
+# Each weight's own problem at reduced cost r: max r·w − η|w − 1| over [lo, hi], whose slope is
+# r − η above 1 and r + η below it. With 1 inside the box (w_max >= 1) the answer is hi when
+# r > η, lo when r < −η and 1 between; when w_max < 1 only the slope r + η applies: hi when
+# r > −η, lo when r < −η (η = 0 without a budget). Padding rows (not `valid`) stay at 1.
+
+
+def _up_threshold(eta, hi):
+    """The reduced cost above which a weight goes to hi: η with 1 in the box, −η without."""
+    return jnp.where(hi > 1.0, eta, -eta)
+
+
 def _bound_weights(r, eta, lo, hi, valid):
-    return jnp.where(valid & (r > eta), hi, jnp.where(valid & (r < -eta), lo, 1.0))
+    up = valid & (r > _up_threshold(eta, hi))
+    return jnp.where(
+        up, hi, jnp.where(valid & (r < -eta), lo, jnp.where(valid, jnp.clip(1.0, lo, hi), 1.0))
+    )
 
 
-def _margin(r, eta, valid):
-    """Distance of each reduced cost from the nearest decision boundary (±η)."""
-    m = jnp.minimum(jnp.abs(jnp.abs(r) - eta), jnp.abs(r) + eta)
+def _margin(r, eta, valid, hi):
+    """Distance of each reduced cost from the nearest decision boundary (±η; −η alone when
+    w_max < 1)."""
+    m = jnp.where(
+        hi > 1.0, jnp.minimum(jnp.abs(jnp.abs(r) - eta), jnp.abs(r) + eta), jnp.abs(r + eta)
+    )
     return jnp.where(valid, m, jnp.inf)
 
 
@@ -101,7 +119,8 @@ def _restricted(P, c, b, lo, hi, budget, idx, fixed_w, valid, has_budget):
         G, h, cost = Pf.T, rest, -c[idx]
         l, u = jnp.where(ok, lo, 1.0), jnp.where(ok, hi, 1.0)
     else:
-        # w = 1 + a − e, a ∈ [0, hi − 1], e ∈ [0, 1 − lo]; the budget row −Σ(a + e) >= −B'
+        # w = 1 + a − e, a ∈ [0, hi − 1], e ∈ [max(1 − hi, 0), 1 − lo] (w_max < 1 forces every
+        # weight down); the budget row −Σ(a + e) >= −B'
         spent = jnp.sum(jnp.abs(fixed_w - 1.0)) - jnp.sum(jnp.abs(fixed_w[idx] - 1.0))
         ones = jnp.ones((1, idx.shape[0]), P.dtype)
         G = jnp.concatenate(
@@ -113,7 +132,10 @@ def _restricted(P, c, b, lo, hi, budget, idx, fixed_w, valid, has_budget):
             [jnp.where(ok, jnp.maximum(hi - 1.0, 0.0), 0.0),
                 jnp.where(ok, jnp.maximum(1.0 - lo, 0.0), 0.0)]
         )
-        l, u = jnp.zeros_like(up), up
+        l = jnp.concatenate(
+            [jnp.zeros_like(idx, P.dtype), jnp.where(ok, jnp.maximum(1.0 - hi, 0.0), 0.0)]
+        )
+        u = up
     R, nx = G.shape
     eye = jnp.eye(R, dtype=P.dtype)
     A = jnp.concatenate([G, eye, -eye], 1)  # G x + s − t = h: s elastic (penalised), t surplus
@@ -124,11 +146,12 @@ def _restricted(P, c, b, lo, hi, budget, idx, fixed_w, valid, has_budget):
 
 
 def _certified(w, r, eta, lo, hi, tol):
-    """Each weight sits where its reduced cost asks: hi if r >= η, lo if r <= −η, 1 between."""
+    """Each weight sits where its reduced cost asks: hi if r >= η (−η when w_max < 1), lo if
+    r <= −η, 1 between (1 in the box only)."""
     return (
-        ((w == hi) & (r >= eta - tol))
+        ((w == hi) & (r >= _up_threshold(eta, hi) - tol))
         | ((w == lo) & (r <= -eta + tol))
-        | ((w == 1.0) & (jnp.abs(r) <= eta + tol))
+        | ((w == 1.0) & (hi > 1.0) & (jnp.abs(r) <= eta + tol))
     )
 
 
@@ -142,7 +165,7 @@ def lp_finish(P, c, b, lo, hi, budget, nu, eta, valid, *, has_budget: bool, m_ca
     tol = 1e-9 * jnp.maximum(jnp.max(jnp.abs(c)), 1.0)
     eta = eta if has_budget else jnp.zeros((), P.dtype)
     r = c + P @ nu
-    margin = _margin(r, eta, valid)
+    margin = _margin(r, eta, valid, hi)
 
     def one_round(st):
         rnd, key, fixed_w, _, _, _, _, _, its = st
@@ -174,7 +197,7 @@ def lp_finish(P, c, b, lo, hi, budget, nu, eta, valid, *, has_budget: bool, m_ca
         # direction, not prices): then every weight keeps its value and only the free set moves
         want = _bound_weights(r2, eta2, lo, hi, valid)
         viol = jnp.where(good, 0.0, jnp.abs(want - w) * (jnp.abs(r2) + eta2 + 1e-300))
-        m2 = _margin(r2, eta2, valid)
+        m2 = _margin(r2, eta2, valid, hi)
         m2n = m2 / (jnp.max(jnp.where(jnp.isfinite(m2), m2, 0.0)) + 1e-300)
         new_key = jnp.where(
             ~good, -1.0 - viol / (jnp.max(viol) + 1e-300), jnp.where(inF, m2n, 2.0 + m2n)
@@ -267,7 +290,14 @@ def solve_program(P, c, b, lo, hi, budget=None, mu=0.0, *, n_valid=None, m_cap: 
     else:
         mu_s = jnp.asarray(1e-4 if K <= 16 else 1e-6, dt)
         n_stages, newton_iter = (3 if K <= 16 else 7), 25
-    z, wq, newton, _ = dual.dual_solve(Ps, cs, bs, lo, hi, mu_s, B, has_budget=has_budget,
+    # padding rows are zero rows of P, so in the dual stage each sits at the constant u = clip(0,
+    # lo − 1, hi − 1): nonzero when 1 is outside the box (w_max < 1). They are not variables of
+    # the program (the finish holds them at w = 1, off the budget), so the dual stage's budget
+    # gets their constant Σ|u| added: the same dual, up to a constant (w_max < 1 at N = 63 or
+    # 300 was refused as "numerical difficulties" before)
+    n_pad = n - (n if n_valid is None else n_valid)
+    B_dual = B + n_pad * jnp.abs(jnp.clip(0.0, lo - 1.0, hi - 1.0)) if has_budget else B
+    z, wq, newton, _ = dual.dual_solve(Ps, cs, bs, lo, hi, mu_s, B_dual, has_budget=has_budget,
         max_iter=newton_iter, n_stages=n_stages, tol=rtol,
         gram_cap=default_m_cap(n, K) if gram_cap == "auto" else gram_cap)
     nu, eta = z[:K], z[K]
@@ -288,10 +318,16 @@ def solve_program(P, c, b, lo, hi, budget=None, mu=0.0, *, n_valid=None, m_cap: 
         gap = jnp.zeros((), dt)
         obj = cs @ w
     viol = jnp.maximum(jnp.max(bs - w @ Ps), 0.0)
-    viol = jnp.maximum(viol, jnp.maximum(jnp.max(lo - w), jnp.max(w - hi)))
+    # the box on the program's rows only (padding rows sit at w = 1, which is outside it when
+    # w_max < 1)
+    viol = jnp.maximum(viol, jnp.max(jnp.where(valid, jnp.maximum(lo - w, w - hi), 0.0)))
     if has_budget:
         viol = jnp.maximum(viol, jnp.sum(jnp.abs(w - 1.0)) - B)
     infeasible = farkas < -feas_tol
+    if has_budget:  # the box alone may need more budget than B (w_max < 1 moves every weight)
+        n_real = n if n_valid is None else n_valid
+        least = n_real * jnp.maximum(jnp.maximum(lo - 1.0, 1.0 - hi), 0.0)
+        infeasible = infeasible | (least > B * (1.0 + 1e-12) + 1e-12)
     bad = ~jnp.all(jnp.isfinite(z))
     status = jnp.where(infeasible, INFEASIBLE, jnp.where(bad, NUMERICAL, status)).astype(jnp.int32)
     # a certified optimum must also pass the violation check (else it is not certified)

@@ -41,7 +41,8 @@ def lp(P, c, b, lo, hi, budget):
     cost = np.concatenate([-c, c])
     A = np.vstack([np.hstack([-P.T, P.T]), np.ones((1, 2 * n))])
     rhs = np.concatenate([-(b - P.sum(0)), [budget]])
-    bounds = [(0.0, max(hi - 1.0, 0.0))] * n + [(0.0, max(1.0 - lo, 0.0))] * n
+    # (when w_max < 1 every weight must move down: e >= 1 − hi)
+    bounds = [(0.0, max(hi - 1.0, 0.0))] * n + [(max(1.0 - hi, 0.0), max(1.0 - lo, 0.0))] * n
     res = linprog(cost, A_ub=A, b_ub=rhs, bounds=bounds)
     if res.x is None:
         return res.status, res.message, None, None
@@ -68,7 +69,9 @@ def _qp_model(P, c, b, lo, hi, mu, budget, highspy):
     else:
         nv = 2 * n  # u = a − e
         cost = np.concatenate([-c, c])
-        lower = np.zeros(nv)
+        lower = np.concatenate(
+            [np.zeros(n), np.full(n, max(1 - hi, 0))]
+        )  # (w_max < 1: e >= 1 − hi)
         upper = np.concatenate([np.full(n, max(hi - 1, 0)), np.full(n, max(1 - lo, 0))])
         A = sp.csc_matrix(np.vstack([np.hstack([P.T, -P.T]), np.ones((1, nv))]))
         rl = np.concatenate([b - P.sum(0), [-highspy.kHighsInf]])

@@ -260,12 +260,21 @@ def result_from_solution(P, c, b, sol, config) -> ReweightResult:
             f"{int(sol.rounds)} round(s), {int(sol.iterations)} iterations"
         ]
     if st == Status.INFEASIBLE:
-        notes.append(
-            f"the duals are a Farkas certificate: every w in the box violates a class "
-            f"constraint (or the budget) by at least {-float(sol.farkas):.3g}"
-        )
-        return _result(P, c, b, None, config, "device", notes, duals, Status.INFEASIBLE,
-            "The problem is infeasible (Farkas certificate from the duals).")
+        if np.isfinite(float(sol.farkas)) and float(sol.farkas) < 0:
+            notes.append(
+                f"the duals are a Farkas certificate: every w in the box violates a class "
+                f"constraint (or the budget) by at least {-float(sol.farkas):.3g}"
+            )
+            why = "The problem is infeasible (Farkas certificate from the duals)."
+        else:
+            lo, hi = config.bounds
+            need = P.shape[0] * max(lo - 1.0, 1.0 - hi, 0.0)
+            why = (
+                f"The problem is infeasible: the box [{lo:g}, {hi:g}] moves every weight off 1, "
+                f"which needs a budget of at least {need:.4g} > {config.budget:g}."
+            )
+            notes.append(why)
+        return _result(P, c, b, None, config, "device", notes, duals, Status.INFEASIBLE, why)
     if st != Status.SUCCESS:
         why = (
             "the restricted LPs did not settle"
