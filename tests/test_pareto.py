@@ -56,10 +56,42 @@ def test_ceiling_improvable_cases(seed):
     assert r.improvable and r.t_star > 0
     gains = P.T @ r.direction
     np.testing.assert_allclose(gains, r.predicted_gains)
-    assert gains.min() >= r.t_star * (1 - 1e-7)
+    scaled = (P / np.abs(P).sum(0)).T @ r.direction  # t* is per class in its own total |P|
+    assert gains.min() > 0 and scaled.min() >= r.t_star * (1 - 1e-7)
     assert np.abs(r.direction).max() <= 1 + 1e-12
     # LP duality: ‖Pλ‖₁ = t*
     assert r.certificate_residual == pytest.approx(r.t_star, rel=1e-6)
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1e16), (1e-310, 1e-310), (1e-300, 1e5)])
+def test_ceiling_verdict_survives_column_scales(scales):
+    """Classes whose influences differ in scale by 1e16, or subnormal entries: the same verdict
+    (and certificate direction) as the unscaled P, where an LP on P / max|P| said "infeasible"
+    or missed the improvement (issue 30)."""
+    D = np.array(scales)
+    improvable = _tradeoff_P(300, 2, 0, mean=0.3)
+    a = np.random.default_rng(1).normal(size=300)
+    at_ceiling = np.stack([a, -2 * a], 1)  # normal λ ∝ (2, 1)
+    for P, verdict in ((improvable, True), (at_ceiling, False)):
+        ref = pareto.ceiling_test(P)
+        assert ref.improvable == verdict
+        for solver in ("device", "highs"):
+            got = pareto.ceiling_test(P * D, solver=solver)
+            assert got.improvable == verdict and got.t_star == pytest.approx(
+                ref.t_star, rel=1e-6, abs=1e-12
+            )
+            if not verdict:  # λ for P·D's columns: ∝ (2, 1) / D
+                want = np.array([2.0, 1.0]) * (D.max() / D)
+                np.testing.assert_allclose(got.certificate, want / want.sum(), rtol=1e-6)
+
+
+def test_ceiling_refuses_a_transposed_p_and_a_bad_tol():
+    P = _tradeoff_P(300, 3, 0, mean=0.3)
+    with pytest.raises(InputError, match="transpose"):
+        pareto.ceiling_test(P.T)
+    for tol in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="tol"):
+            pareto.ceiling_test(P, tol=tol)
 
 
 def test_ceiling_pca_heuristic_is_reported():
@@ -494,10 +526,10 @@ def test_ceiling_program_jits_and_vmaps():
     Ps = np.stack([_tradeoff_P(300, 4, s, mean=m) for s, m in [(0, 0.3), (1, 0.0), (2, 0.05)]])
     with jax.enable_x64(True):
         sols = jax.jit(jax.vmap(pareto.ceiling_program))(jnp.asarray(Ps))
-    for P, t, lam, status in zip(Ps, sols.t_star, sols.certificate, sols.status):
+    for P, t, res, status in zip(Ps, sols.t_star, sols.certificate_residual, sols.status):
         ref = pareto.ceiling_test(P, solver="highs")
         assert int(status) == 0 and float(t) == pytest.approx(ref.t_star, rel=1e-8, abs=1e-12)
-        assert np.abs(P @ np.asarray(lam)).sum() == pytest.approx(ref.t_star, rel=1e-6, abs=1e-12)
+        assert float(res) == pytest.approx(ref.t_star, rel=1e-6, abs=1e-12)
 
 
 @settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -512,13 +544,14 @@ def test_ceiling_device_matches_highs(n, k, seed, kind, mean):
     ref = pareto.ceiling_test(P, solver="highs")
     with no_host_solver():
         got = pareto.ceiling_test(P)
-    scale = np.abs(P).sum(0).max()
     assert got.improvable == ref.improvable
-    assert abs(got.t_star - ref.t_star) <= 1e-9 * scale
+    assert abs(got.t_star - ref.t_star) <= 1e-9  # (t* is scale-free: each class in its own units)
     assert got.certificate.min() >= 0 and got.certificate.sum() == pytest.approx(1.0)
-    assert abs(got.certificate_residual - ref.t_star) <= 1e-8 * scale  # LP duality, recomputed
+    assert abs(got.certificate_residual - ref.t_star) <= 1e-8  # LP duality
+    if not ref.improvable:  # the certificate, recomputed on P: Pλ = 0
+        assert np.abs(P @ got.certificate).sum() <= 1e-8 * np.abs(P).sum()
     assert np.abs(got.direction).max() <= 1 + 1e-12
-    assert (P.T @ got.direction).min() >= got.t_star - 1e-9 * scale
+    assert ((P / np.abs(P).sum(0)).T @ got.direction).min() >= got.t_star - 1e-9
 
 
 @pytest.mark.parametrize("opt", [dict(rho=0.5), dict(mu=1e-2), dict(budget=60.0)])

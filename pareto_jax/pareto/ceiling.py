@@ -7,6 +7,12 @@ theorem of the alternative). `ceiling_test` solves it on the device by the bound
 (`ceiling_program`, pure JAX: jit it, vmap it over a stack of P); HiGHS is the reference
 (``solver="highs"``). The original method's PCA heuristic is reported beside it, labelled as a
 heuristic.
+
+Both solve the LP on P with each column divided by its L1 norm (a positive rescaling of the
+classes, which changes no verdict: some d has Pᵀd > 0 iff some d has (PD)ᵀd > 0): classes whose
+influences differ in scale by 1e16, or subnormal entries, get the verdict of the exact LP instead
+of being lost to the solver's tolerances. t* is therefore in units of each class's own total
+|influence| (so 0 <= t* <= 1), the certificate λ is mapped back to P's columns.
 """
 
 from __future__ import annotations
@@ -33,14 +39,17 @@ class CeilingResult:
 
     Attributes:
         improvable: t* > tol: a first-order Pareto improvement exists.
-        t_star: optimal t of the LP (in units of P: the guaranteed predicted loss decrease of the
-            worst class for the step w = 1 + d).
+        t_star: optimal t of the column-scaled LP (module docstring): the guaranteed predicted
+            loss decrease of the worst class for the step w = 1 + d, each class's in units of
+            its own Σ_i |P[i, k]| (0 <= t* <= 1).
         direction: the optimal d ∈ [−1, 1]^N.
-        predicted_gains: Pᵀd, the predicted loss decrease of every class for w = 1 + d.
-        certificate: λ >= 0 with Σλ = 1 (the LP dual). When not improvable, Pλ = 0: every
-            influence vector lies on the hyperplane with non-negative normal λ.
-        certificate_residual: ‖Pλ‖₁ (equals t* by LP duality).
-        tol: the threshold used on t*.
+        predicted_gains: Pᵀd, the predicted loss decrease of every class for w = 1 + d (in
+            units of P).
+        certificate: λ >= 0 with Σλ = 1 (the LP dual, for P's own columns). When not
+            improvable, Pλ = 0: every influence vector lies on the hyperplane with non-negative
+            normal λ.
+        certificate_residual: ‖P D λ'‖₁ for the scaled LP's dual λ' (equals t* by LP duality).
+        tol: the threshold used on t* (scale-free).
         pca_explained_ratio: first principal component's explained-variance ratio of centred P.
         pca_heuristic_improvable: pca_explained_ratio > 0.2 (the original method's
             **heuristic**; the exact answer is `improvable`).
@@ -84,7 +93,7 @@ def ceiling_test(
 
     Args:
         P: influence matrix (N, K).
-        tol: threshold on t* (default 1e-9 · max_k Σ_i |P[i, k]|).
+        tol: threshold on t* (scale-free, see `CeilingResult.t_star`; default 1e-9).
         solver: "device" (the bounded dual simplex in JAX, `ceiling_program`) or "highs"
             (the host reference).
         throw: raise `NumericalError` when the LP fails (the default: the ceiling LP is always
@@ -102,40 +111,49 @@ def ceiling_test(
         (False, [0.5, 0.5])
     """
     P = checks.as_influence_matrix(P)
-    scale = float(np.abs(P).sum(0).max())
-    if scale == 0:
+    if P.shape[1] > P.shape[0]:
+        checks.fail("P", f"shape {P.shape}: more classes than training samples",
+            "an influence matrix (n_train, n_classes), one row per training sample",
+            "pass P, not its transpose (P.T)")
+    norms = np.abs(P).sum(0)
+    if norms.max() == 0:
         checks.fail("P", "an all-zero matrix", "an influence matrix with some non-zero entry",
             "check that the model and data produced gradients")
     if tol is not None:
         checks.check_positive(tol, "tol", allow_zero=True)
-    tol = 1e-9 * scale if tol is None else float(tol)
+    tol = 1e-9 if tol is None else float(tol)
     checks.check_choice(solver, "solver", PROGRAM_SOLVERS)
+    # the columns scaled on the host, in float64: XLA:CPU flushes subnormal inputs to zero
+    cn = np.where(norms > 0, norms, 1.0)
     if solver == "highs":
-        res, d, t, lam = highs.ceiling_lp(P / scale)
+        res, d, t, lam_s = highs.ceiling_lp(P / cn)
         status, message = int(res.status), res.message
         if d is None:  # no answer: nothing to report but the status
-            d, t, lam = np.zeros(P.shape[0]), float("nan"), np.full(P.shape[1], 1.0 / P.shape[1])
-        t = t * scale
+            d, t, lam_s = np.zeros(P.shape[0]), float("nan"), np.full(P.shape[1], 1.0 / P.shape[1])
+        lam = lam_s / (cn / cn.max())  # (relative: no overflow for tiny columns)
+        lam, resid = lam / lam.sum(), float(np.abs((P / cn) @ lam_s).sum())
     else:
         n = P.shape[0]  # N padded with zero rows: one compile serves many N
         with jax.enable_x64(True):
-            sol = _ceiling_jit(jnp.asarray(pad_rows(P)))
+            sol = _ceiling_jit(jnp.asarray(pad_rows(P / cn)))
             sol = jax.tree_util.tree_map(np.asarray, sol)
         status, d, t, lam = (int(sol.status), np.asarray(sol.direction[:n], np.float64),
-            float(sol.t_star), sol.certificate)
-        message = status_message(status)
+            float(sol.t_star), np.asarray(sol.certificate, np.float64) / (cn / cn.max()))
+        lam, resid, message = (lam / lam.sum(), float(sol.certificate_residual),
+            status_message(status))
     if throw:
         raise_for_status(status, f"ceiling test LP ({solver})")
     ratio = pca_explained_ratio(P)
     return CeilingResult(improvable=bool(status == 0 and t > tol), t_star=float(t), direction=d,
         predicted_gains=P.T @ d, certificate=np.asarray(lam, np.float64),
-        certificate_residual=float(np.abs(P @ lam).sum()), tol=tol, pca_explained_ratio=ratio,
+        certificate_residual=resid, tol=tol, pca_explained_ratio=ratio,
         pca_heuristic_improvable=bool(ratio > 0.2), status=status, message=message)
 
 
 class CeilingSolution(NamedTuple):
-    """What `ceiling_program` returns (arrays): t* (in units of P), the direction d ∈ [−1, 1]^N,
-    the certificate λ (K,) (>= 0, Σλ = 1), ‖Pλ‖₁, the simplex status and iterations."""
+    """What `ceiling_program` returns (arrays): t* (of the column-scaled LP), the direction
+    d ∈ [−1, 1]^N, the certificate λ (K,) (>= 0, Σλ = 1, for P's columns), ‖PDλ'‖₁ (= t*), the
+    simplex status and iterations."""
 
     t_star: jax.Array
     direction: jax.Array
@@ -159,8 +177,9 @@ def _ceiling_lp(Ps):
 def ceiling_program(
     P, *, n_breaks: int = 4096, n_sub: int = 512, max_iter: int | None = None
 ) -> CeilingSolution:
-    """The exact ceiling test on the device: max t s.t. Pᵀd >= t·1, −1 <= d <= 1, t >= 0 (t = 0
-    is always feasible), by the bounded dual simplex on the whole problem (K rows).
+    """The exact ceiling test on the device: max t s.t. (PD)ᵀd >= t·1, −1 <= d <= 1, t >= 0 (t = 0
+    is always feasible; D scales each column to unit L1 norm, see the module docstring), by the
+    bounded dual simplex on the whole problem (K rows).
 
     Columns (d, t, s) with Pᵀd − t·1 − s = 0, s >= 0; the start is the basis {t, s_k (k > 0)},
     whose duals y = e_0 are dual feasible (every d_i at the sign of P[i, 0]). For N > 4·n_sub
@@ -172,8 +191,9 @@ def ceiling_program(
     """
     n, K = P.shape
     dt = P.dtype
-    scale = jnp.maximum(jnp.max(jnp.sum(jnp.abs(P), 0)), jnp.finfo(dt).tiny)
-    Ps = P / scale
+    norms = jnp.sum(jnp.abs(P), 0)
+    cn = jnp.where(norms > 0, norms, 1.0)  # each class in units of its own total |influence|
+    Ps = P / cn
     A, cost, l, u = _ceiling_lp(Ps)
     basis0 = jnp.concatenate([jnp.array([n]), n + 1 + jnp.arange(1, K)])
     its = jnp.zeros((), jnp.int32)
@@ -192,10 +212,14 @@ def ceiling_program(
     res = simplex.dual_simplex(A, jnp.zeros(K, dt), cost, l, u, basis0,
         max_iter=max_iter or 20 * K + n // 8 + 100, n_breaks=n_breaks)
     d = res.x[:n]
-    lam = jnp.maximum(res.y, 0.0)
+    lam_s = jnp.maximum(res.y, 0.0)
+    lam_s = lam_s / jnp.maximum(jnp.sum(lam_s), jnp.finfo(dt).tiny)
+    lam = lam_s / cn  # the scaled LP's dual mapped back to P's columns
     lam = lam / jnp.maximum(jnp.sum(lam), jnp.finfo(dt).tiny)
-    t = jnp.maximum(jnp.min(d @ Ps), 0.0) * scale
-    return CeilingSolution(t, d, lam, jnp.sum(jnp.abs(P @ lam)), res.status, res.iterations + its)
+    t = jnp.maximum(jnp.min(d @ Ps), 0.0)
+    return CeilingSolution(
+        t, d, lam, jnp.sum(jnp.abs(Ps @ lam_s)), res.status, res.iterations + its
+    )
 
 
 _ceiling_jit = jax.jit(ceiling_program)
