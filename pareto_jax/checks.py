@@ -41,6 +41,10 @@ def as_features(x: Any, name: str = "x", *, min_ndim: int = 2) -> np.ndarray:
             f"pass a numpy/jax array ({e})")
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         fail(name, f"dtype {arr.dtype}", "a numeric array", "convert the features to float32")
+    if np.iscomplexobj(arr):
+        fail(name, f"dtype {arr.dtype}",
+            "real features (a complex value would lose its imaginary part)",
+            "pass real features, e.g. np.concatenate([x.real, x.imag], axis=-1)")
     if arr.ndim < min_ndim:
         fail(name, f"shape {arr.shape}", f"at least {min_ndim} dimensions (samples first)",
             "add a feature axis, e.g. x.reshape(len(x), -1)")

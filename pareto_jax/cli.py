@@ -30,7 +30,7 @@ FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "learning_rate": "-
     "hidden": "--hidden", "targets": "--targets", "seed": "--seed", "dataset": "--dataset",
     "features": "--features", "model": "--model", "out_dir": "--out", "noise_fraction": "--noise",
     "noise_classes": "--noise-classes", "alpha_min": "--alpha-min", "rounds": "--rounds",
-    "retrain": "--retrain", "elite": "--population", "alpha_range": "--alpha-min"}
+    "retrain": "--retrain", "path": "--path", "elite": "--population", "alpha_range": "--alpha-min"}
 
 
 def _as_flag_error(e: checks.InputError) -> checks.InputError:
@@ -63,6 +63,8 @@ def _run_config(a) -> RunConfig:
         f"the file or folder of the {a.dataset} data", f"pass --path with --dataset {a.dataset}")
     _flag(a.rho == a.rho and a.rho >= 0, "--rho", a.rho,
         "a number >= 0 (0 turns the trust region off)", "e.g. --rho 0.5")
+    _flag(a.out is None or bool(a.out.strip()), "--out", a.out, "a folder name",
+        "name a folder, or leave --out out (runs/<dataset>-<model>-<hash of the config>)")
     try:
         search = SearchConfig(
             population=a.population, generations=a.generations, seed=a.seed
@@ -151,8 +153,9 @@ def _improve(a) -> int:
 def _reproduce(a) -> int:
     if a.experiment == "improve":
         if a.seed != 0:
-            checks.fail("--seed", str(a.seed), "not used by improve",
-                        "use --seeds N (seeds 0 .. N-1)")
+            checks.fail(
+                "--seed", str(a.seed), "not used by improve", "use --seeds N (seeds 0 .. N-1)"
+            )
         if a.seeds is not None and a.seeds < 1:
             checks.fail("--seeds", str(a.seeds), "at least 1", "e.g. --seeds 5")
     else:
@@ -160,20 +163,21 @@ def _reproduce(a) -> int:
     from . import cache, reproduce
 
     cache.enable()
-    out = a.out or (f"reports/{a.experiment}"
-                    + (f"_{a.dataset}" if a.dataset and a.experiment == "deletion" else "")
-                    + (f"_{a.model}" if a.model and a.experiment == "deletion" else ""))
+    out = a.out or (
+        f"reports/{a.experiment}"
+        + (f"_{a.dataset}" if a.dataset and a.experiment == "deletion" else "")
+        + (f"_{a.model}" if a.model and a.experiment == "deletion" else "")
+    )
     if a.experiment == "synthetic":
         reproduce.reproduce_synthetic(out, quick=a.quick, seed=a.seed)
     elif a.experiment == "deletion":
         reproduce.reproduce_deletion(a.dataset or "digits", out, quick=a.quick, seed=a.seed,
-                                     path=a.path, model=a.model or "linear")
+            path=a.path, model=a.model or "linear")
     elif a.experiment == "frontier":
         reproduce.reproduce_frontier(out, quick=a.quick, seed=a.seed, dataset=a.dataset)
     else:
         ds = None if a.dataset in (None, "all") else a.dataset.split(",")
-        reproduce.reproduce_improve(out, datasets=ds, seeds=a.seeds, quick=a.quick,
-                                    resume=a.resume)
+        reproduce.reproduce_improve(out, datasets=ds, seeds=a.seeds, quick=a.quick, resume=a.resume)
     return 0
 
 
@@ -185,20 +189,28 @@ def _report(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained",
-                            category=DeprecationWarning)
+    warnings.filterwarnings(
+        "ignore", message="JAXopt is no longer maintained", category=DeprecationWarning
+    )
     a = build_parser().parse_args(argv)
     commands = {"run": _run, "report": _report, "improve": _improve, "reproduce": _reproduce}
     try:
         return commands[a.command](a)
     except checks.InputError as e:
-        print(f"pareto-jax: error: {e}", file=sys.stderr)
+        print(f"pareto-jax: error: {_as_flag_error(e)}", file=sys.stderr)
         return 2
     except checks.NumericalError as e:
         print(f"pareto-jax: numerical failure: {e}", file=sys.stderr)
         return 3
     except FileNotFoundError as e:
         print(f"pareto-jax: error: {e}", file=sys.stderr)
+        return 2
+    except PermissionError as e:
+        print(
+            f"pareto-jax: error: cannot write {e.filename}: permission denied. Fix: choose a "
+            "folder you can write (--out), or make this one writable",
+            file=sys.stderr,
+        )
         return 2
     except Exception as e:
         from .pipeline import ProgramFailed

@@ -15,6 +15,11 @@ from .config import DATASETS
 def _subsample(splits: data.Splits, max_train: int | None, seed: int) -> data.Splits:
     if max_train is None or len(splits.train) <= max_train:
         return splits
+    K = splits.num_classes
+    if max_train < 2 * K:
+        checks.fail("max_train", str(max_train),
+            f"at least {2 * K} (two training samples of each of the {K} classes)",
+            f"raise --max-train to {2 * K} or more, or drop it")
     keep, _ = data.stratified_indices(
         splits.train.y, (max_train / len(splits.train), 1 - max_train / len(splits.train)), seed
     )

@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from . import cache, checks, data, distributed, influence, io, models, pareto, search, train
+from . import cache, checks, data, distributed, influence, io, models, pareto, runs, search, train
 from .config import DataConfig, InfluenceConfig, ModelConfig, RunConfig  # noqa: F401  (the job's records)
 from .report import class_mcnemar, fmt_value, format_table, harm_sentence, write_report  # noqa: F401
 from .runs import Stages
@@ -43,6 +43,7 @@ class Job(NamedTuple):
     loss_fn: Callable
     train_config: train.TrainConfig
     objective: train.Objective
+    data_fp: str
     mesh: Any
     stages: Stages
     out: Any
@@ -78,7 +79,12 @@ def make_job(config: RunConfig, out) -> Job:
     if config.targets:  # checked before anything is written or trained
         checks.as_class_indices(config.targets, splits.num_classes, "targets (--targets)")
     mesh = distributed.mesh_from_setting(config.devices)
-    io.write_json(root / "config.json", config)
+    runs.claim(root)  # a folder holding other files is refused, never written into
+    runs.write_if_changed(root / "config.json", config)
+    # the data's content, not its path: new data under the same name is a new run of every stage
+    data_fp = io.fingerprint(
+        *(a for d in (splits.train, splits.val, splits.test) for a in (d.x, d.y)),
+        list(splits.class_names))
     apply, params0 = build_model(config.model, splits)
     tcfg = config.train
     if tcfg.epochs not in tcfg.checkpoint_epochs:
@@ -91,18 +97,19 @@ def make_job(config: RunConfig, out) -> Job:
     )
     loss_fn = models.per_sample_loss(apply)
     return Job(config, splits, apply, params0, loss_fn, tcfg, train.Objective.of(loss_fn, tcfg),
-        mesh, Stages(root, log=out), out)
+        data_fp, mesh, Stages(root, log=out), out)
 
 
 def stage_train(job: Job, progress: bool):
     """1. Train; returns (checkpoint state, metrics before reweighting)."""
     config, st, tcfg = job.config, job.stages, job.train_config
     n_dev = 1 if job.mesh is None else distributed.describe(job.mesh)["devices"]
-    fp = io.fingerprint(
-        "train", config.data, config.model, tcfg, *(() if n_dev == 1 else (("devices", n_dev),))
-    )
+    fp = io.fingerprint("train", job.data_fp, config.data, config.model, tcfg,
+        *(() if n_dev == 1 else (("devices", n_dev),)))
     tdir = st.root / "train"
+    ckpt = train.checkpoint_path(tdir, tcfg.epochs)
     if not st.done("train", fp):
+        st.start("train")
         res = train.train(job.loss_fn, job.params0, job.splits.train.x, job.splits.train.y, tcfg,
             num_classes=job.splits.num_classes, run_dir=tdir, progress=progress,
             epoch_fn=job.epoch_fn())
@@ -115,7 +122,8 @@ def stage_train(job: Job, progress: bool):
             raise RuntimeError(
                 f"training wrote no checkpoint at {train.checkpoint_path(tdir, tcfg.epochs)}"
             )
-        st.finish("train", fp, {"data": config.data, "model": config.model, "train": tcfg})
+        st.finish("train", fp, {"data": config.data, "model": config.model, "train": tcfg},
+            [ckpt, ckpt.with_suffix(".json"), tdir / "metrics.json"])
     template = train.init_state(job.params0, tcfg)
     state = train.load_checkpoint(train.checkpoint_path(tdir, tcfg.epochs), template)
     return state, io.read_json(tdir / "metrics.json"), fp
@@ -127,6 +135,7 @@ def stage_influence(job: Job, state, fp_train: str, progress: bool = False):
     K = s.num_classes
     fp = io.fingerprint("influence", fp_train, icfg)
     if not st.done("influence", fp):
+        st.start("influence")
         if icfg is None and job.config.model.kind == "linear":
             r = influence.linear_category_influence(state.params, s.train.x, s.train.y, s.val.x,
                 s.val.y, num_classes=K, weight_decay=job.objective.weight_decay)
@@ -140,7 +149,7 @@ def stage_influence(job: Job, state, fp_train: str, progress: bool = False):
             d / "P.npz"
         )  # plain keys: P, names, sample_ids, solutions, meta (InfluenceResult.load)
         io.write_json(d / "influence.json", r.summary())
-        st.finish("influence", fp, icfg)
+        st.finish("influence", fp, icfg, [d / "P.npz", d / "influence.json"])
     idir = st.root / "influence"
     P = influence.InfluenceResult.load(idir / "P.npz").P
     return np.asarray(P), io.read_json(idir / "influence.json"), fp
@@ -149,9 +158,11 @@ def stage_influence(job: Job, state, fp_train: str, progress: bool = False):
 def stage_ceiling(job: Job, P, fp_inf: str) -> dict:
     """3. The ceiling test (exact LP and the PCA heuristic)."""
     fp = io.fingerprint("ceiling", fp_inf)
+    f = job.stages.root / "ceiling" / "ceiling.json"
     if not job.stages.done("ceiling", fp):
+        job.stages.start("ceiling")
         io.write_json(job.stages.dir("ceiling") / "ceiling.json", pareto.ceiling_test(P).summary())
-        job.stages.finish("ceiling", fp, {})
+        job.stages.finish("ceiling", fp, {}, [f])
     return io.read_json(job.stages.root / "ceiling" / "ceiling.json")
 
 
@@ -207,6 +218,7 @@ def stage_weights(job: Job, P, state, targets, fp_inf: str, progress: bool):
         else io.fingerprint("search", fp_inf, targets, config.search)
     )
     if not st.done(name, fp):
+        st.start(name)
         d = st.dir(name)
         if name == "program":
             sol = pareto.solve_reweighting(P, targets, config.alpha, config.reweight)
@@ -228,10 +240,13 @@ def stage_weights(job: Job, P, state, targets, fp_inf: str, progress: bool):
                     **r.program},
             )
             made_by = {"targets": targets, "search": config.search}
+        (d / "weights.npz").unlink(missing_ok=True)
         if w is not None:
             io.save_pytree(d / "weights.npz", {"w": w})
         io.write_json(d / "program.json", prog)
-        st.finish(name, fp, made_by)
+        st.finish(
+            name, fp, made_by, [d / "program.json"] + ([d / "weights.npz"] if w is not None else [])
+        )
     return name, io.read_json(st.root / name / "program.json"), fp
 
 
@@ -239,7 +254,9 @@ def stage_retrain(job: Job, state, w, fp_w: str) -> dict:
     """5. Retrain with the weights, beside the same number of unweighted epochs."""
     st, s, n_ep = job.stages, job.splits, job.config.retrain_epochs
     fp = io.fingerprint("retrain", fp_w, n_ep)
+    f = st.root / "retrain" / "metrics.json"
     if not st.done("retrain", fp):
+        st.start("retrain")
         kw = dict(state=state, epochs=n_ep, epoch_fn=job.epoch_fn())
         new = train.train(
             job.loss_fn, None, s.train.x, s.train.y, job.train_config, weights=w, **kw
@@ -251,8 +268,17 @@ def stage_retrain(job: Job, state, w, fp_w: str) -> dict:
             {"reweighted": job.metrics(new), "unweighted": job.metrics(plain),
                 "test_correct": {"reweighted": correct(new), "unweighted": correct(plain)}},
         )
-        st.finish("retrain", fp, {"retrain_epochs": n_ep})
+        st.finish("retrain", fp, {"retrain_epochs": n_ep}, [f])
     return io.read_json(st.root / "retrain" / "metrics.json")
+
+
+def _chain(st: Stages, weights_stage: str) -> dict:
+    """The fingerprints of this run's own stages (what its summary describes)."""
+    return {
+        n: f
+        for n, f in st.fingerprints().items()
+        if n in ("train", "influence", "ceiling", weights_stage, "retrain")
+    }
 
 
 def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
@@ -264,7 +290,21 @@ def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
         "unweighted": after["unweighted"]["test"]["accuracy"]}
     pvals = class_mcnemar(after, job.splits.test.y, len(names))
     summary["test_mcnemar_p"] = pvals
-    io.write_json(root / "summary.json", summary)
+    summary["finished"] = True
+    chain = _chain(job.stages, summary["weights_stage"])
+    try:
+        old = io.read_json(root / "summary.json")
+    except (OSError, ValueError):
+        old = None
+    # a rerun that skipped every stage leaves the summary of the chain it reused as it is (a
+    # finished run folder may be read-only)
+    if (
+        job.stages.ran
+        or not isinstance(old, dict)
+        or old.get("chain") != chain
+        or not old.get("finished")
+    ):
+        io.write_json(root / "summary.json", {**summary, "chain": chain})
     print(
         "ceiling test: first-order Pareto improvement "
         f"{'exists' if ceiling['improvable'] else 'does not exist'} (t* = {ceiling['t_star']:.3g}; "
@@ -365,9 +405,10 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
     )
     st = job.stages
     summary = {"targets": [names[t] for t in targets], "ceiling": ceiling, "influence": inf_summary,
-        "program": prog, "stages_run": st.ran, "stages_skipped": st.skipped}
-    if prog["status"] != 0:
-        io.write_json(st.root / "summary.json", summary)
+        "program": prog, "weights_stage": name, "finished": False, "stages_run": st.ran,
+        "stages_skipped": st.skipped}
+    if prog["status"] != 0:  # (a summary of the failure: `report` refuses it, naming the status)
+        io.write_json(st.root / "summary.json", {**summary, "chain": _chain(st, name)})
         print(
             f"reweighting program for targets {[names[t] for t in targets]}: status "
             f"{prog['status']} ({prog['message']})",

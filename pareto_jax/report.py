@@ -65,6 +65,42 @@ def _md_row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _finished_summary(root: Path) -> dict:
+    """The summary of the run's last completed chain, or a clear refusal: no summary, a run that
+    ended before retraining, or stages rerun or damaged since the summary was written."""
+    from .runs import Stages
+
+    f = root / "summary.json"
+    try:
+        summary = io.read_json(f)
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict) or "chain" not in summary:
+        checks.fail("RUN_DIR", str(root), "a run folder whose last run finished (its summary.json)",
+            "run `pareto-jax run --out RUN_DIR` to the end first")
+    if not summary.get("finished"):
+        prog = summary.get("program", {})
+        checks.fail(
+            "RUN_DIR",
+            f"{root}, whose last run ended at the weights stage with status "
+            f"{prog.get('status')} ({prog.get('message')})",
+            "a run that retrained with its weights",
+            "lower --alpha or widen --rho / --w-max, and run again",
+        )
+    st = Stages(root)
+    names = [n for n in summary["chain"] if summary["chain"][n]]
+    current = st.fingerprints()
+    stale = [
+        n for n in names if current.get(n) != summary["chain"][n] or not st.done(n, current.get(n))
+    ]
+    if stale:
+        checks.fail("RUN_DIR",
+            f"{root}, whose stages {stale} changed or were damaged since its summary",
+            "the artifacts of the run the summary describes",
+            "run `pareto-jax run` again with the same --out")
+    return summary
+
+
 def write_report(run_dir) -> Path:
     """`pareto-jax report RUN_DIR`: ``report.md`` with its PNG figures in ``RUN_DIR/report/``,
     from a finished run folder: the per-class table (before, plain extra epochs, re-weighted,
@@ -72,16 +108,13 @@ def write_report(run_dir) -> Path:
     figures of the per-class change, the weights, the influence between classes and the
     first-order frontier of the targets."""
     root = Path(run_dir)
-    if not (root / "summary.json").exists() or not (root / "retrain" / "metrics.json").exists():
-        checks.fail("RUN_DIR", str(root), "a finished run folder (with summary.json and retrain/)",
-            "run `pareto-jax run --out RUN_DIR` to the end first")
-    summary, cfg = io.read_json(root / "summary.json"), io.read_json(root / "config.json")
+    summary, cfg = _finished_summary(root), io.read_json(root / "config.json")
     after = io.read_json(root / "retrain" / "metrics.json")
     before = io.read_json(root / "train" / "metrics.json")
     res = influence.InfluenceResult.load(root / "influence" / "P.npz")
     names = list(res.names or [str(k) for k in range(res.P.shape[1])])
     P = np.asarray(res.P, np.float64)
-    wdir = "search" if (root / "search" / "weights.npz").exists() else "program"
+    wdir = summary["weights_stage"]  # the weights of this run's own chain, not a stale stage's
     w = np.asarray(io.load_pytree(root / wdir / "weights.npz", {"w": np.zeros(P.shape[0])})[0]["w"])
     out = root / "report"
     b = np.asarray(before["test"]["accuracy"])

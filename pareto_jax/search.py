@@ -279,12 +279,24 @@ def _start(config: SearchConfig, K: int, rng, pop: Population, checkpoint):
         genomes[:, -1] = rng.uniform(0.0, 1.0, config.population)
     if checkpoint is None or not Path(checkpoint).exists():
         return 0, genomes, []
-    st = io.read_json(checkpoint)
-    rng.bit_generator.state = st["rng_state"]
-    for d in st["candidates"]:
-        c = _cand_from_json(d, K)
+    state = rng.bit_generator.state
+    try:
+        st = io.read_json(checkpoint)
+        rng.bit_generator.state = st["rng_state"]
+        cands = [_cand_from_json(d, K) for d in st["candidates"]]
+        start, pop_ = int(st["next_generation"]), np.asarray(st["population"], np.float64)
+        if pop_.shape != genomes.shape or not 0 < start < config.generations:
+            raise ValueError(f"a population of shape {pop_.shape} at generation {start}")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # damaged: start over, never crash
+        import warnings
+
+        warnings.warn(f"search checkpoint {checkpoint} is unreadable ({e}): the search starts over",
+            stacklevel=2)
+        rng.bit_generator.state = state
+        return 0, genomes, []
+    for c in cands:
         pop.cache[c.genome.tobytes()] = c
-    return int(st["next_generation"]), np.asarray(st["population"], np.float64), st["history"]
+    return start, pop_, st["history"]
 
 
 def _generation_record(g: int, cands: list[Candidate], seconds: float) -> dict:

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -216,29 +217,64 @@ def load_npz(
     if not p.is_file():
         checks.fail("path", str(p), "an existing .npz file",
             "pass --path FILE.npz (np.savez(FILE, x=..., y=...))")
-    with np.load(p, allow_pickle=False) as z:
-        keys = set(z.files)
-        split_keys = {f"{a}_{b}" for a in "xy" for b in ("train", "val", "test")}
-        if not ({"x", "y"} <= keys or split_keys <= keys):
-            checks.fail("path", f"{p} with arrays {sorted(keys)}",
-                "arrays x and y, or x_train, y_train, x_val, y_val, x_test, y_test",
-                "save with np.savez(FILE, x=features, y=labels)")
-        ys = [z[k] for k in (("y",) if "y" in keys else ("y_train", "y_val", "y_test"))]
-        K = int(max(int(np.max(y)) for y in ys)) + 1
-        names = (
-            tuple(str(c) for c in z["class_names"])
-            if "class_names" in keys
-            else tuple(str(k) for k in range(K))
+    try:
+        z = np.load(p, allow_pickle=False)
+        arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # damaged, pickled, not an npz
+        checks.fail(
+            "path",
+            f"{p}, which numpy cannot read as an .npz without pickles ({type(e).__name__}: "
+            f"{str(e)[:120]})",
+            "an .npz of numeric arrays",
+            "save with np.savez(FILE, x=features, y=labels)",
         )
-        name = p.stem
-        if split_keys <= keys:
-            d = {
-                b: Dataset(z[f"x_{b}"], z[f"y_{b}"], names, f"{name}/{b}")
-                for b in ("train", "val", "test")
-            }
-            return Splits(d["train"], d["val"], d["test"])
-        return stratified_split(Dataset(z["x"], z["y"], names, name), val_fraction=val_fraction,
-            test_fraction=test_fraction, seed=seed)
+    return _splits_from_arrays(arrays, p, val_fraction, test_fraction, seed)
+
+
+def _labels_of(y, key: str, p: Path) -> np.ndarray:
+    """Integer labels 0..K−1 from an npz, checked before anything the size of K is built."""
+    y = np.asarray(y)
+    if y.dtype.kind not in "iuf" or y.ndim != 1:
+        checks.fail("path", f"{p} whose {key} is {y.dtype} of shape {y.shape}",
+            "1-D integer labels",
+            "save the labels as integers 0..K-1 (np.savez(FILE, x=..., y=labels))")
+    if y.size and (not np.all(np.isfinite(y)) or y.min() < 0 or y.max() >= max(1024, 2 * y.size)):
+        checks.fail("path",
+            f"{p} whose {key} holds labels from {y.min()} to {y.max()} for {y.size} samples",
+            "labels 0..K-1 with K at most the number of samples",
+            "map the labels to 0..K-1 first (e.g. np.unique(y, return_inverse=True)[1])")
+    return y
+
+
+def _splits_from_arrays(z: dict, p: Path, val_fraction, test_fraction, seed) -> Splits:
+    keys = set(z)
+    split_keys = {f"{a}_{b}" for a in "xy" for b in ("train", "val", "test")}
+    if not ({"x", "y"} <= keys or split_keys <= keys):
+        checks.fail("path", f"{p} with arrays {sorted(keys)}",
+            "arrays x and y, or x_train, y_train, x_val, y_val, x_test, y_test",
+            "save with np.savez(FILE, x=features, y=labels)")
+    ys = [
+        _labels_of(z[k], k, p) for k in (("y",) if "y" in keys else ("y_train", "y_val", "y_test"))
+    ]
+    if not all(y.size for y in ys):
+        checks.fail(
+            "path", f"{p} with an empty split", "samples in every split", "check the arrays saved"
+        )
+    K = int(max(int(np.max(y)) for y in ys)) + 1
+    names = (
+        tuple(str(c) for c in z["class_names"])
+        if "class_names" in keys
+        else tuple(str(k) for k in range(K))
+    )
+    name = p.stem
+    if split_keys <= keys:
+        d = {
+            b: Dataset(z[f"x_{b}"], z[f"y_{b}"], names, f"{name}/{b}")
+            for b in ("train", "val", "test")
+        }
+        return Splits(d["train"], d["val"], d["test"])
+    return stratified_split(Dataset(z["x"], z["y"], names, name), val_fraction=val_fraction,
+        test_fraction=test_fraction, seed=seed)
 
 
 def shared_data_dir() -> Path:

@@ -31,7 +31,15 @@ class Dataset:
         object.__setattr__(self, "x", np.ascontiguousarray(x, dtype=np.float32))
         if not self.class_names:
             checks.fail("class_names", "an empty tuple", "one name per class", "pass class names")
-        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        names = tuple(str(c) for c in self.class_names)
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            checks.fail("class_names", f"duplicate names {dup}", "one distinct name per class",
+                "give every class its own name")
+        if any(not n.strip() or any(ch in n for ch in "\n\r\t") for n in names):
+            checks.fail("class_names", repr(names), "names without line breaks or tabs, not blank",
+                "name the classes on one line each")
+        object.__setattr__(self, "class_names", names)
         y = checks.as_labels(self.y, f"{self.name}.y", num_classes=len(self.class_names),
             n=x.shape[0], x_name=f"{self.name}.x")
         object.__setattr__(self, "y", y)
@@ -137,6 +145,17 @@ def stratified_split(
     if fr[0] <= 0:
         checks.fail("val_fraction + test_fraction", f"{val_fraction + test_fraction}", "< 1",
             "leave some data for training")
+    if ds.num_classes < 2:
+        checks.fail(f"{ds.name}.y", "one class",
+            "at least two classes (a per-class trade-off needs two)", "check the labels")
+    counts = ds.class_counts()
+    need = sum(1 for f in fr if f > 0)
+    if counts.min() < need:
+        thin = [ds.class_names[k] for k in np.flatnonzero(counts < need)]
+        checks.fail(f"{ds.name}.y",
+            f"classes {thin} with fewer than {need} samples ({counts.min()})",
+            f"at least {need} samples of every class (one in each of train, validation and test)",
+            "drop or merge the rare classes, or gather more samples of them")
     tr, va, te = stratified_indices(ds.y, fr, seed)
     return Splits(ds.subset(tr, f"{ds.name}/train"), ds.subset(va, f"{ds.name}/val"),
         ds.subset(te, f"{ds.name}/test"))
