@@ -434,6 +434,35 @@ def _padding_rows_as_program_rows():
     _wrap_args(exact, "solve_program", pre)
 
 
+def _data_fingerprint_by_path():
+    from pareto_jax import io, pipeline
+
+    def make(orig):
+        def make_job(config, out):  # the run keyed to the data's path, not its content
+            job = orig(config, out)
+            return job._replace(data_fp=io.fingerprint(config.data))
+
+        return make_job
+
+    _swap(pipeline, "make_job", make)
+
+
+def _artifacts_unchecked():
+    from pareto_jax import io, runs
+
+    def make(orig):
+        def done(self, name, fp):  # the marker's fingerprint trusted, its artifacts never checked
+            m = self.root / name / "stage.json"
+            ok = m.exists() and io.read_json(m).get("fingerprint") == fp
+            if ok:
+                self.skipped.append(name)
+            return ok
+
+        return done
+
+    _swap(runs.Stages, "done", make)
+
+
 def _nan_check_removed():
     import numpy as np
 
@@ -675,6 +704,12 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
         "the rows that pad N to a bucket count as weights (in the box, the budget)",
         ["tests/test_pareto.py::test_property_weights_below_and_above_one_at_any_n"],
         _padding_rows_as_program_rows),
+    "data_fingerprint_by_path": ("a run's stages keyed to the data file's path, not its content",
+        ["tests/test_run_folders.py::test_new_data_under_the_same_name_is_a_new_run"],
+        _data_fingerprint_by_path),
+    "artifacts_unchecked": ("a finished stage's artifacts reused without checking their hashes",
+        ["tests/test_run_folders.py::test_a_damaged_artifact_is_recomputed_never_used"],
+        _artifacts_unchecked),
     "nan_check_removed": ("NaN in P accepted", ["tests/test_pareto.py::test_nan_in_P_is_rejected"],
         _nan_check_removed),
     "epoch_ignores_weights": ("the weighted epoch trains with w = 1",
