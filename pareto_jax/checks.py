@@ -13,7 +13,16 @@ import numpy as np
 
 class InputError(ValueError):
     """A public function received an argument it cannot use. `argument` names it (the command
-    line maps a config field's name to its flag)."""
+    line maps a config field's name to its flag).
+
+    Example:
+        >>> from pareto_jax import ReweightConfig, InputError
+        >>> try:
+        ...     ReweightConfig(w_max=-1.0)
+        ... except InputError as e:
+        ...     print(e.argument)
+        w_max
+    """
 
     def __init__(self, message: str, argument: str | None = None):
         super().__init__(message)
@@ -21,7 +30,17 @@ class InputError(ValueError):
 
 
 class NumericalError(FloatingPointError):
-    """A numerical stage produced NaN/Inf or failed to reach its tolerance."""
+    """A numerical stage produced NaN/Inf or failed to reach its tolerance.
+
+    Example:
+        >>> import numpy as np
+        >>> from pareto_jax import NumericalError, checks
+        >>> try:
+        ...     checks.check_finite_array(np.array([1.0, np.nan]), "P", "influence")
+        ... except NumericalError as e:
+        ...     print(str(e).split(":")[0])
+        influence
+    """
 
 
 def fail(name: str, got: str, expected: str, fix: str) -> None:

@@ -155,6 +155,16 @@ def functional(model: nnx.Module) -> tuple[ApplyFn, Params]:
     evaluation mode; train a model with live batch statistics or dropout with your own loop.
     `x_batch` may be an array or any pytree of arrays the module accepts (integer token IDs
     stay integers).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from pareto_jax import functional
+        >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
+        ...                        nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+        >>> apply, params = functional(model)
+        >>> apply(params, jnp.ones((5, 4))).shape
+        (5, 3)
     """
     sp, params = _split(model)
 
@@ -192,6 +202,17 @@ class OutputLoss:
     Attributes:
         apply: ``apply(params, x_batch) -> logits (batch, K)``.
         output_loss: ``output_loss(logits (K,), y) -> scalar`` for one sample.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from pareto_jax import OutputLoss, models
+        >>> apply, params = models.functional(models.make_model("linear", (2,), 3))
+        >>> def smoothed(z, y):  # label-smoothed cross-entropy: Gauss-Newton uses its own H_out
+        ...     target = optax.smooth_labels(jax.nn.one_hot(y, 3), 0.1)
+        ...     return optax.softmax_cross_entropy(z, target)
+        >>> loss_fn = OutputLoss(apply, smoothed)
+        >>> round(float(loss_fn(params, jnp.ones(2), 1)), 4)   # log 3 at the zero head
+        1.0986
     """
 
     apply: ApplyFn

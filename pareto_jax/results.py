@@ -23,6 +23,14 @@ from .checks import NumericalError
 
 
 class Status(enum.IntEnum):
+    """A solver's outcome (`scipy.optimize.linprog`'s codes, and APPROXIMATE); `message` says it.
+
+    Example:
+        >>> from pareto_jax import Status
+        >>> Status(2).message, int(Status.SUCCESS)
+        ('infeasible', 0)
+    """
+
     SUCCESS = 0
     ITERATION_LIMIT = 1
     INFEASIBLE = 2

@@ -89,6 +89,19 @@ def run_rounds(problem: SearchProblem, targets, *, config: RoundsConfig = Rounds
     Returns:
         `RoundsResult`; `found` is False when no accepted weighting improves every target on
         validation (the weights are then all ones, never silently presented as an improvement).
+
+    Example:
+        >>> from pareto_jax import data, evaluation, models, rounds, train
+        >>> from pareto_jax.config import RoundsConfig
+        >>> s = data.stratified_split(data.make_disks("overlapping", n_per_class=60), seed=0)
+        >>> apply, params = models.functional(models.make_model("mlp", (2,), 2, hidden=(8,)))
+        >>> loss_fn, tc = models.per_sample_loss(apply), train.TrainConfig(epochs=3, batch_size=16)
+        >>> state = train.train(loss_fn, params, s.train.x, s.train.y, tc).state
+        >>> prob = evaluation.SearchProblem(loss_fn, apply, state, tc, s.train.x, s.train.y,
+        ...                                 s.val.x, s.val.y, s.test.x, s.test.y, 2)
+        >>> r = rounds.run_rounds(prob, [0], config=RoundsConfig(rounds=2))
+        >>> r.weights.shape, r.stop != ""
+        ((72,), True)
     """
     checks.check_choice(mode, "mode", ("direct", "course_correction"))
     K = problem.num_classes

@@ -50,6 +50,15 @@ class Objective:
         loss_fn: per-sample ``loss_fn(params, x, y)`` (x unbatched).
         weight_decay: λ.
         normalizer: "weights" or "n".
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from pareto_jax import Objective, TrainConfig, models
+        >>> apply, params = models.functional(models.make_model("linear", (2,), 2))
+        >>> obj = Objective.of(models.per_sample_loss(apply), TrainConfig(weight_decay=1e-2))
+        >>> x, y = jnp.ones((4, 2)), jnp.array([0, 1, 0, 1])
+        >>> float(obj.value(params, x, y, jnp.ones(4)))    # log 2 at the zero-initialised head
+        0.6931...
     """
 
     loss_fn: LossFn

@@ -76,6 +76,12 @@ class RunConfig:
             devices: training data-parallel, the influence stage sharded over samples, the search
             population sharded. With minibatches the training result depends on the device
             count (each device shuffles its own slice), so it is part of the train fingerprint.
+
+    Example:
+        >>> from pareto_jax import RunConfig
+        >>> cfg = RunConfig(out_dir="runs/mine")
+        >>> cfg.data.name, cfg.reweight.rho, cfg.train.epochs
+        ('digits', 0.5, 40)
     """
 
     data: DataConfig = DataConfig()

@@ -41,6 +41,11 @@ class TrainConfig:
         seed: shuffling seed; epoch e uses fold_in(seed, e), so continuing from a checkpoint
             replays the same batch order as uninterrupted training.
         checkpoint_epochs: epochs after which to save params and optimizer state.
+
+    Example:
+        >>> from pareto_jax import TrainConfig
+        >>> TrainConfig(epochs=5, optimizer="sgd").learning_rate
+        0.01
     """
 
     epochs: int = 40
@@ -109,6 +114,11 @@ class InfluenceConfig:
             chosen curvature (one more curvature product for all K right-hand sides; about as
             long as the factor pass on a CNN). Off by default; either way `converged` is False
             for them, since they solve an approximation of the curvature, not the system itself.
+
+    Example:
+        >>> from pareto_jax import InfluenceConfig
+        >>> InfluenceConfig(solver="ekfac").uses_factors, InfluenceConfig.exact().damping
+        (True, 0.0)
     """
 
     solver: str = "cg"
@@ -181,6 +191,11 @@ class ReweightConfig:
             then made exact by the finish; the QP's is certified by its duality gap).
         feas_tol: allowed constraint violation after the float64 re-check (absolute, in units of
             P); above it the status is 4 (numerical).
+
+    Example:
+        >>> from pareto_jax import ReweightConfig
+        >>> ReweightConfig(rho=0.3).bounds, ReweightConfig.downweight_only().w_max
+        ((0.7, 1.3), 1.0)
     """
 
     w_max: float = 2.0
@@ -277,6 +292,11 @@ class SearchConfig:
             fixed-N weighted objective from θ^e until the gradient is small: the setting in
             which the first-order program's guarantees hold, for convex models).
         retrain_max_iter: L-BFGS iteration cap for "converge".
+
+    Example:
+        >>> from pareto_jax import SearchConfig
+        >>> SearchConfig(population=8, generations=2).reweight.w_max
+        2.0
     """
 
     population: int = 16

@@ -33,25 +33,7 @@ from .records import (
     stratified_split,
 )
 
-__all__ = [
-    "AG_NEWS_CLASSES",
-    "CIFAR10_CLASSES",
-    "STL10_CLASSES",
-    "EMOTION_CLASSES",
-    "load_ag_news",
-    "load_cifar10",
-    "load_digits",
-    "load_emotion",
-    "load_mnist5k",
-    "load_npz",
-    "load_stl10",
-    "shared_data_dir",
-    "Dataset",
-    "Splits",
-    "TextDataset",
-    "inject_label_noise",
-    "make_disks",
-    "split_off_validation",
-    "stratified_indices",
-    "stratified_split",
-]
+__all__ = ["AG_NEWS_CLASSES", "CIFAR10_CLASSES", "STL10_CLASSES", "EMOTION_CLASSES", "load_ag_news",
+    "load_cifar10", "load_digits", "load_emotion", "load_mnist5k", "load_npz", "load_stl10",
+    "shared_data_dir", "Dataset", "Splits", "TextDataset", "inject_label_noise", "make_disks",
+    "split_off_validation", "stratified_indices", "stratified_split"]

@@ -54,9 +54,18 @@ class Influence:
         sample_ids: (N,) ids of the training samples (carried into results; default 0..N-1).
 
     Example:
-        >>> fit = Influence(loss_fn, params, x_train, y_train, num_classes=10, weight_decay=1e-3)
-        >>> by_class = fit.influence(x_val, y_val)
-        >>> by_domain = fit.influence(x_val, y_val, groups=domain_ids, group_names=("a", "b"))
+        >>> import numpy as np
+        >>> from pareto_jax import data, influence, models, train
+        >>> s = data.stratified_split(data.make_disks("separable", n_per_class=40), seed=0)
+        >>> apply, params = models.functional(models.make_model("linear", (2,), 2))
+        >>> obj = train.Objective(models.per_sample_loss(apply), weight_decay=1e-2)
+        >>> params = train.train(obj.loss_fn, params, s.train.x, s.train.y).params
+        >>> fit = influence.Influence(obj, params, s.train.x, s.train.y, num_classes=2)
+        >>> fit.influence(s.val.x, s.val.y).P.shape              # one fit, then any query
+        (48, 2)
+        >>> halves = (np.arange(len(s.val)) % 2).astype(int)    # e.g. two domains
+        >>> fit.influence(s.val.x, s.val.y, groups=halves, group_names=("a", "b")).names
+        ('a', 'b')
     """
 
     def __init__(self, loss_fn, params, x_train, y_train, *, num_classes: int,

@@ -42,6 +42,19 @@ class InfluenceResult:
     `save(path)` writes one ``.npz`` with plain keys (``P``, ``solutions``, ``names``,
     ``sample_ids``, the diagnostics, and ``meta`` as JSON); `InfluenceResult.load(path)` reads it
     back and checks it.
+
+    Example:
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from pareto_jax import InfluenceResult, linear_category_influence, data, models, train
+        >>> s = data.stratified_split(data.make_disks("separable", n_per_class=40), seed=0)
+        >>> apply, params = models.functional(models.make_model("linear", (2,), 2))
+        >>> params = train.train(models.per_sample_loss(apply), params, s.train.x, s.train.y).params
+        >>> r = linear_category_influence(params, s.train.x, s.train.y, s.val.x, s.val.y,
+        ...                               num_classes=2, weight_decay=1e-3)
+        >>> path = r.save(os.path.join(tempfile.mkdtemp(), "P.npz"))
+        >>> bool(np.array_equal(InfluenceResult.load(path).P, r.P)), r.summary()["n_train"]
+        (True, 48)
     """
 
     P: jax.Array

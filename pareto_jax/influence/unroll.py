@@ -253,9 +253,19 @@ def unrolled_influence(retraining: Retraining, x_train, y_train, x_val, y_val, *
         retraining and its step count.
 
     Example:
-        >>> r = influence.Retraining(loss_fn, tc, state, epochs=1)
-        >>> res = influence.unrolled_influence(r, x_tr, y_tr, x_val, y_val, num_classes=10)
-        >>> pred = influence.predict_class_loss_change(res, w)   # ≈ the actual change
+        >>> import numpy as np
+        >>> from pareto_jax import data, influence, models, train
+        >>> s = data.stratified_split(data.make_disks("separable", n_per_class=40), seed=0)
+        >>> apply, params = models.functional(models.make_model("mlp", (2,), 2, hidden=(8,)))
+        >>> loss_fn = models.per_sample_loss(apply)
+        >>> tc = train.TrainConfig(epochs=5, batch_size=16)
+        >>> state = train.train(loss_fn, params, s.train.x, s.train.y, tc).state   # θ^e
+        >>> r = influence.Retraining(loss_fn, tc, state, epochs=1)    # one more weighted epoch
+        >>> res = influence.unrolled_influence(r, s.train.x, s.train.y, s.val.x, s.val.y,
+        ...                                    num_classes=2)
+        >>> w = np.ones(len(s.train)); w[:5] = 0.0                     # drop five samples
+        >>> influence.predict_class_loss_change(res, w).shape          # ≈ the actual change
+        (2,)
     """
     r = retraining
     if not isinstance(r, Retraining):

@@ -110,7 +110,7 @@ def groups(g, yv, num_classes, group_names, class_names):
 def loss_callable(loss_fn, name: str = "loss_fn") -> None:
     if not callable(loss_fn):
         checks.fail(name, type(loss_fn).__name__, "a function (params, x, y) -> scalar",
-                    "pass e.g. models.per_sample_loss(apply)")
+            "pass e.g. models.per_sample_loss(apply)")
 
 
 def loss(loss_fn, params, x, y, name: str = "loss_fn") -> None:

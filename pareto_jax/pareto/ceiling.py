@@ -54,6 +54,13 @@ class CeilingResult:
         pca_heuristic_improvable: pca_explained_ratio > 0.2 (the original method's
             **heuristic**; the exact answer is `improvable`).
         status, message: solver status (scipy linprog codes).
+
+    Example:
+        >>> import numpy as np
+        >>> from pareto_jax import ceiling_test
+        >>> r = ceiling_test(np.array([[1.0, 0.5], [-0.2, 0.3], [0.4, -0.1]]))
+        >>> r.improvable, sorted(r.summary())[:3]
+        (True, ['certificate', 'certificate_residual', 'improvable'])
     """
 
     improvable: bool
@@ -188,6 +195,15 @@ def ceiling_program(
     price every other d_i by its sign), which then needs a few pivots instead of hundreds.
     At the optimum the row duals, normalised, are the certificate λ: t* = min over the simplex
     of ‖Pλ‖₁ (LP duality), so t* = 0 exactly when Pλ = 0 (Gordan). Pure JAX: jit, vmap.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> from pareto_jax import ceiling_program
+        >>> a = np.random.default_rng(0).normal(size=(50, 1))
+        >>> Ps = jnp.asarray(np.stack([np.hstack([a, -a]), np.hstack([a, 1 - a])]))  # at, off
+        >>> sols = jax.jit(jax.vmap(ceiling_program))(Ps)
+        >>> [bool(t > 1e-9) for t in sols.t_star]
+        [False, True]
     """
     n, K = P.shape
     dt = P.dtype

@@ -4,6 +4,7 @@
     subject to  Pᵀw >= b,   lo <= w <= hi,   Σ_i |w_i − 1| <= B (optional)
 
 `solve_program` runs, on whatever device P lives on and with no host callback:
+
 1. the structured dual stage (`dual.dual_solve`: K (+1) duals, one pass over P per step);
 2. a Farkas test of the duals (`farkas_bound`): when it is negative no w satisfies the class
    constraints, and the status is infeasible with that certificate;

@@ -42,7 +42,16 @@ def pareto_frontier(P, *, rho: float = TRUST_REGION, n_random: int = 8, seed: in
     solver: str = ReweightConfig.solver) -> FrontierResult:
     """Trace the first-order frontier: for weightings β (each class alone, then random
     Dirichlet mixtures) solve max Σ_k β_k Σ_i (w_i − 1) P[i, k] s.t. no class is predicted
-    worse (Pᵀ(w − 1) >= 0, i.e. α = 1) and |w_i − 1| <= ρ."""
+    worse (Pᵀ(w − 1) >= 0, i.e. α = 1) and |w_i − 1| <= ρ.
+
+    Example:
+        >>> import numpy as np
+        >>> from pareto_jax import pareto_frontier
+        >>> P = np.random.default_rng(3).normal(size=(120, 2)) + 0.1
+        >>> fr = pareto_frontier(P, n_random=2)
+        >>> fr.gains.shape, bool((fr.gains >= -1e-9).all())   # no class predicted worse
+        ((4, 2), True)
+    """
     P = checks.as_influence_matrix(P)
     checks.check_positive(rho, "rho")
     K = P.shape[1]

@@ -1,7 +1,7 @@
 """The reweighting program: its public API (``docs/method.md``).
 
 Given the influence matrix P (N×K, P > 0 beneficial), re-weighting the training set by w moves
-class k's validation loss by ΔL_k ≈ −Σ_i (w_i − 1) P[i, k] (first order). The method's program:
+class k's validation loss by ΔL_k ≈ −Σ_i (w_i − 1) P[i, k] (first order). The method's program::
 
     maximise    Σ_{k∈targets} Σ_i w_i P[i, k]  − (μ/2)‖w − 1‖²
     subject to  Σ_i w_i P[i, k] >= α_k Σ_i P[i, k]   for every class k
@@ -51,6 +51,13 @@ class ReweightResult:
             Farkas certificate).
         duals: ν (K,) multipliers of the class constraints (and the budget's, if any).
         n_unchanged: weights left at exactly 1 (strictly inside the bounds).
+
+    Example:
+        >>> import numpy as np
+        >>> from pareto_jax import solve_reweighting
+        >>> r = solve_reweighting(np.random.default_rng(1).normal(size=(100, 3)), [0], 0.8, rho=0.5)
+        >>> r.success, r.w.shape, r.max_violation <= 1e-9
+        (True, (100,), True)
     """
 
     w: np.ndarray | None
@@ -196,7 +203,7 @@ class ProgramBatch:
 
     def device_args(self):
         """(P padded, C padded, B, lo, hi, budget, μ, N) as the device solve takes them (P and C
-        padded to `bucket`(N) on the device), and its static keywords."""
+        padded to ``bucket(N)`` on the device), and its static keywords."""
         cfg = self.config
         Pp, Cp = pad_rows(self.P, self.C)
         args = (Pp, Cp, jnp.asarray(self.B), jnp.asarray(self.lo), jnp.asarray(self.hi),
@@ -359,6 +366,14 @@ def solve_reweighting_batch(P, targets, alphas, config: ReweightConfig = Reweigh
         rhos: optional per-row trust regions (M,), overriding `config.rho` row by row.
         class_weights: optional per-row objective weights β (M, K) (or one row for all),
             replacing `targets` as in `solve_reweighting`.
+
+    Example:
+        >>> import numpy as np
+        >>> from pareto_jax import solve_reweighting_batch
+        >>> P = np.random.default_rng(2).normal(size=(200, 3))
+        >>> alphas = np.linspace(0.5, 0.9, 4)[:, None] * np.ones(3)
+        >>> [r.status for r in solve_reweighting_batch(P, [0], alphas, rho=0.5)]
+        [0, 0, 0, 0]
     """
     mode = dual.batch_mode(batch)
     if overrides:

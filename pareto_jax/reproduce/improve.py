@@ -51,8 +51,8 @@ def reproduce_frontier(out_dir: str = "reports/frontier", *, quick: bool = False
         "",
     ]
     figs: dict = {}
-    for key, title in (("direct", "Direct Improvement"),
-                       ("course_correction", "Course Correction")):
+    for key, title in (("direct", "Direct Improvement"), ("course_correction", "Course Correction")
+    ):
         md += _block_markdown(rep, key, title, names, out_dir, figs)
     md += _frontier_markdown(rep, cfg, names, out_dir, figs)
     rep["figures"] = figs
@@ -119,8 +119,8 @@ def _frontier_markdown(rep, cfg, names, out_dir, figs) -> list[str]:
         return []
     a, b = cfg.noise_classes[:2]
     figs["frontier"] = plots.frontier_plot(np.asarray(fr["gains"]),
-        np.asarray(fr["ceiling_loss_decrease"]), a, b, out_dir / "frontier.png",
-        class_names=names, verified=fr["verified"]).get_label()
+        np.asarray(fr["ceiling_loss_decrease"]), a, b, out_dir / "frontier.png", class_names=names,
+        verified=fr["verified"]).get_label()
     md += [
         "## Pareto frontier (first order, trust region ρ = %s)" % fr["rho"],
         "",
