@@ -307,7 +307,8 @@ def test_one_batch_with_a_trust_region_per_row_equals_each_row_by_highs():
     "kw, match",
     [(dict(alpha=1.5), "alpha"), (dict(alpha=[0.5, 0.5]), "alpha"), (dict(targets=[7]), "targets"),
         (dict(targets=[]), "targets"), (dict(rho=-1.0), "rho"), (dict(budget=0.0), "budget"),
-        (dict(mu=-1.0), "mu"), (dict(solver="osqp"), "solver"), (dict(w_max=0.0), "w_max")],
+        (dict(mu=-1.0), "mu"), (dict(solver="osqp"), "solver"), (dict(w_max=0.0), "w_max"),
+        (dict(solver="dual"), "renamed 'device'")],
 )
 def test_bad_program_arguments(kw, match):
     P = _tradeoff_P(50, 3, 0)

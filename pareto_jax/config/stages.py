@@ -213,6 +213,9 @@ class ReweightConfig:
         if self.budget is not None:
             checks.check_positive(self.budget, "budget")
         checks.check_positive(self.mu, "mu", allow_zero=True)
+        if self.solver == "dual":  # (the name before 0.2.0)
+            checks.fail("solver", "'dual'", f"one of {list(PROGRAM_SOLVERS)}",
+                "'dual' was renamed 'device' in 0.2.0 (the same solver): write solver='device'")
         checks.check_choice(self.solver, "solver", PROGRAM_SOLVERS)
         checks.check_positive(self.rtol, "rtol")
         checks.check_positive(self.feas_tol, "feas_tol")
