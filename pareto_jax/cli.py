@@ -30,7 +30,8 @@ FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "learning_rate": "-
     "hidden": "--hidden", "targets": "--targets", "seed": "--seed", "dataset": "--dataset",
     "features": "--features", "model": "--model", "out_dir": "--out", "noise_fraction": "--noise",
     "noise_classes": "--noise-classes", "alpha_min": "--alpha-min", "rounds": "--rounds",
-    "retrain": "--retrain", "path": "--path", "elite": "--population", "alpha_range": "--alpha-min"}
+    "retrain": "--retrain", "path": "--path", "elite": "--population", "alpha_range": "--alpha-min",
+    "distributed": "--distributed"}
 
 
 def _as_flag_error(e: checks.InputError) -> checks.InputError:

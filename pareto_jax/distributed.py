@@ -53,6 +53,17 @@ _initialized = False
 # ----------------------------------------------------------------------------- mesh and hosts
 
 
+def _env_int(name: str, least: int) -> int:
+    value = os.environ[name]
+    try:
+        out = int(value)
+    except ValueError:
+        out = least - 1
+    if out < least:
+        checks.fail(name, repr(value), f"an integer >= {least}", f"set {name} to e.g. {least + 1}")
+    return out
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
     process_id: int | None = None, local_device_ids=None, **kwargs) -> dict:
     """Join a multi-process JAX job (`jax.distributed.initialize`); call it first, once.
@@ -69,18 +80,28 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     env = os.environ
     coordinator_address = coordinator_address or env.get("PARETO_JAX_COORDINATOR")
     if num_processes is None and "PARETO_JAX_NUM_PROCESSES" in env:
-        num_processes = int(env["PARETO_JAX_NUM_PROCESSES"])
+        num_processes = _env_int("PARETO_JAX_NUM_PROCESSES", 1)
     if process_id is None and "PARETO_JAX_PROCESS_ID" in env:
-        process_id = int(env["PARETO_JAX_PROCESS_ID"])
+        process_id = _env_int("PARETO_JAX_PROCESS_ID", 0)
     if not _initialized:
         if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
             try:
                 jax.config.update("jax_cpu_collectives_implementation", "gloo")
             except Exception:  # noqa: BLE001 - option absent in some jaxlib builds
                 pass
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-            num_processes=num_processes, process_id=process_id, local_device_ids=local_device_ids,
-            **kwargs)
+        try:
+            jax.distributed.initialize(coordinator_address=coordinator_address,
+                num_processes=num_processes, process_id=process_id,
+                local_device_ids=local_device_ids, **kwargs)
+        except (ValueError, RuntimeError) as e:  # no cluster detected, or a bad address
+            checks.fail(
+                "distributed",
+                f"no multi-process job to join ({e})",
+                "a cluster JAX detects (TPU pod slice, SLURM, Open MPI) or a coordinator",
+                "set PARETO_JAX_COORDINATOR=host:port, PARETO_JAX_NUM_PROCESSES and "
+                "PARETO_JAX_PROCESS_ID (or pass them to distributed.initialize), or run "
+                "without --distributed on one host",
+            )
         _initialized = True
     return {"process_index": jax.process_index(), "process_count": jax.process_count(),
         "local_devices": jax.local_device_count(), "devices": jax.device_count()}

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -133,8 +134,27 @@ def fingerprint(*objs: Any) -> str:
     return h.hexdigest()[:16]
 
 
+_MD_SPECIAL = str.maketrans(
+    {c: "\\" + c for c in "\\`*_[]#|~$"}
+    | {"<": "&lt;", ">": "&gt;", "&": "&amp;", "\n": " ", "\r": " "}
+)
+
+
+def md_escape(text) -> str:
+    """`text` as literal Markdown: emphasis, links, code, table bars and HTML escaped (a class
+    name such as ``a|b`` or ``<script>`` shows as written and cannot break or inject)."""
+    return str(text).translate(_MD_SPECIAL)
+
+
+def _cell(c) -> str:
+    s = str(c).replace("\n", " ")
+    return re.sub(r"(?<!\\)\|", r"\|", s)  # a bare bar would split the cell
+
+
 def md_table(header, rows) -> str:
-    """A Markdown table (the reports' format): a header row, then one row per item."""
-    out = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    """A Markdown table (the reports' format): a header row, then one row per item. Cells are
+    written as given (they may hold Markdown); a bare ``|`` in a cell is escaped. Pass names
+    through `md_escape` first."""
+    out = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(map(_cell, r)) + " |" for r in rows]
     return "\n".join(out)

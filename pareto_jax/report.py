@@ -139,10 +139,11 @@ def write_report(run_dir) -> Path:
             )
         )
     ceil, prog = summary["ceiling"], summary["program"]
+    esc = io.md_escape  # class and dataset names are the user's: shown as written, never markup
     md = [
-        f"# pareto-jax run: {cfg['data']['name']}, model {cfg['model']['kind']}",
+        f"# pareto-jax run: {esc(cfg['data']['name'])}, model {cfg['model']['kind']}",
         "",
-        f"Run folder `{root}`; targets {', '.join(summary['targets'])}.",
+        f"Run folder {esc(root)}; targets {', '.join(map(esc, summary['targets']))}.",
         "",
         _md_row(
             ["class", "test before", "plain extra epochs", "re-weighted", "change (points)",
@@ -151,12 +152,12 @@ def write_report(run_dir) -> Path:
         _md_row(["---"] * 6),
     ]
     md += [
-        _md_row([n, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}", f"{100 * (z - y):+.1f}", f"{p:.3f}"])
+        _md_row([esc(n), f"{x:.3f}", f"{y:.3f}", f"{z:.3f}", f"{100 * (z - y):+.1f}", f"{p:.3f}"])
         for n, x, y, z, p in zip(names, b, u, a, pv)
     ]
     md += [
         "",
-        harm_sentence(names, a - u, pv, summary["targets"]),
+        harm_sentence(list(map(esc, names)), a - u, pv, list(map(esc, summary["targets"]))),
         "",
         "**Ceiling test**: a first-order Pareto improvement "
         f"{'exists' if ceil['improvable'] else 'does not exist'}"
@@ -169,7 +170,17 @@ def write_report(run_dir) -> Path:
         "",
     ]
     md += [f"![]({f.get_label()})" for f in figs]
-    io.write_json(out / "report.json",
-        {"figures": [f.get_label() for f in figs], "targets": summary["targets"]})
+    chain = {n: fp for n, fp in summary["chain"].items() if fp}
+    md += [
+        "",
+        "Made from the stages (fingerprints) "
+        + ", ".join(f"{n} ({str(fp)[:12]})" for n, fp in chain.items())
+        + f"; weights from {wdir}.",
+    ]
+    io.write_json(
+        out / "report.json",
+        {"figures": [f.get_label() for f in figs], "targets": summary["targets"], "chain": chain,
+            "weights_stage": wdir},
+    )
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out / "report.md"

@@ -107,9 +107,8 @@ def _mode_markdown(res: dict, mode: str, title: str) -> list[str]:
             "Search against the plain extra epoch, per class (test samples gained − lost, "
             "pooled over seeds; exact McNemar p):",
             "",
-            io.md_table(
-                ["class"] + list(res["class_names"]), [["net (p)"] + [_fmt_test(t) for t in pc]]
-            ),
+            io.md_table(["class"] + [io.md_escape(c) for c in res["class_names"]],
+                [["net (p)"] + [_fmt_test(t) for t in pc]]),
             "",
         ]
     md += _matched_harm_markdown(s, res)
@@ -152,7 +151,7 @@ def _matched_harm_markdown(s: dict, res: dict) -> list[str]:
         ]
     d = b.get("search_minus_best_baseline")
     if d and d["n"] > 1 and d["mean"] < -d["half_width"]:
-        md += _why_lost(s, b["best_baseline"], res["class_names"])
+        md += _why_lost(s, b["best_baseline"], [io.md_escape(c) for c in res["class_names"]])
     return md
 
 

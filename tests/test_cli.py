@@ -44,7 +44,8 @@ def test_run_writes_run_folder(tmp_path, capsys):
         (["run", "--dataset", "npz", "--path", "/nonexistent.npz"], "existing .npz"),
         (["run", "--dataset", "emotion", "--path", "/nonexistent/emotion"], "no file"),
         (["run", "--devices", "0"], "positive integer or 'all'"),
-        (["run", "--devices", "64", "--epochs", "1"], "num_devices")],
+        (["run", "--devices", "64", "--epochs", "1"], "num_devices"),
+        (["run", "--distributed", "--epochs", "1"], "PARETO_JAX_COORDINATOR=host:port")],
 )
 def test_bad_arguments_exit_2_with_message(args, match, tmp_path):
     p = subprocess.run(

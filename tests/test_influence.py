@@ -370,3 +370,28 @@ def test_gauss_newton_is_never_applied_to_another_loss(x64):
             loss10, params, x, y, weight_decay=0.05, curvature="gauss_newton", apply=apply
         )
     assert influence.category_influence(ce, params, x, y, xv, yv, **kw).curvature == "gauss_newton"
+
+
+def test_closed_form_takes_image_shaped_inputs_as_the_linear_model_does(x64):
+    """A linear classifier flattens each sample, so 8×8 digit images are a valid input: the
+    closed form answers as the generic dense solve on the same images (the CLI crashed here)."""
+    d = data.load_digits()
+    s = data.stratified_split(
+        data.Dataset(d.x[:400].reshape(-1, 8, 8), d.y[:400], d.class_names), seed=0
+    )
+    apply, params = models.functional(models.make_model("linear", (8, 8), 10))
+    loss_fn = models.per_sample_loss(apply)
+    params = train.train(
+        loss_fn, params, s.train.x, s.train.y, train.TrainConfig(epochs=30, weight_decay=1e-2)
+    ).params
+    params = to64(params)
+    kw = dict(num_classes=10, weight_decay=1e-2)
+    got = influence.linear_category_influence(params, s.train.x, s.train.y, s.val.x, s.val.y, **kw)
+    ref = influence.category_influence(loss_fn, params, s.train.x, s.train.y, s.val.x, s.val.y,
+        config=influence.InfluenceConfig(solver="dense", damping=0.0, curvature="hessian"), **kw)
+    assert got.P.shape == (len(s.train), 10)
+    np.testing.assert_allclose(got.P, ref.P, rtol=1e-7, atol=1e-9 * np.abs(ref.P).max())
+    with pytest.raises(InputError, match="features per sample"):
+        influence.linear_category_influence(
+            params, s.train.x[:, :4], s.train.y, s.val.x[:, :4], s.val.y, **kw
+        )

@@ -6,6 +6,7 @@ traceback or lost user files."""
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,11 +17,11 @@ from pareto_jax.config import DataConfig, ReweightConfig, RunConfig
 TC = train.TrainConfig(epochs=3, batch_size=64, learning_rate=0.05, weight_decay=1e-3)
 
 
-def _npz(path, seed, n=150):
+def _npz(path, seed, n=150, **extra):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 3
     x = rng.normal(size=(n, 4)) + y[:, None]
-    np.savez(path, x=x, y=y)
+    np.savez(path, x=x, y=y, **extra)
 
 
 def _run(tmp_path, data_path, **kw):
@@ -103,6 +104,21 @@ def test_report_refuses_a_run_that_failed_and_never_shows_an_older_chain(tmp_pat
     capsys.readouterr()
     assert cli.main(["report", run_dir]) == 2
     assert "status" in capsys.readouterr().err  # not the previous run's table
+
+
+def test_class_names_are_shown_as_written_in_the_report(tmp_path):
+    """Names holding Markdown and HTML neither break report.md's table nor inject markup."""
+    f = tmp_path / "data.npz"
+    names = ["a|b", "<script>x</script>", "**c**_[d](e)"]
+    _npz(f, 0, class_names=np.array(names))
+    _run(tmp_path, f, targets=(0, 2))
+    assert cli.main(["report", str(tmp_path / "run")]) == 0
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    bars = [len(re.findall(r"(?<!\\)\|", r)) for r in rows]  # unescaped bars: the cell borders
+    assert len(rows) == 2 + 3 and set(bars) == {7}, rows  # header, rule, one row per class
+    assert "<script>" not in md and "&lt;script&gt;x&lt;/script&gt;" in md
+    assert r"a\|b" in md and r"\*\*c\*\*\_\[d\](e)" in md
 
 
 def test_a_read_only_finished_run_folder_reruns(tmp_path, monkeypatch):

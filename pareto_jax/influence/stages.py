@@ -230,6 +230,11 @@ def linear_category_influence(params, x_train, y_train, x_val, y_val, *, num_cla
     if weights is not None:
         weights = checks.as_weights(weights, xt.shape[0], "weights")
     W, b = params["head"]["kernel"], params["head"]["bias"]
+    # the classifier flattens each sample (images, 3-D or 4-D inputs): so does the closed form
+    xt, xv = (jnp.reshape(a, (a.shape[0], -1)) for a in (xt, xv))
+    if xt.shape[1] != W.shape[0]:
+        checks.fail("x_train", f"{xt.shape[1]} features per sample",
+            f"{W.shape[0]} (the head's input size)", "pass the inputs the model was built for")
     dt = jnp.asarray(W).dtype
     P, U = closed_form.linear_influence(xt.astype(dt), yt, xv.astype(dt), yv, W, b,
         weight_decay=weight_decay, damping=damping, return_solutions=True, weights=weights)

@@ -88,7 +88,7 @@ def _block_markdown(rep, key, title, names, out_dir, figs) -> list[str]:
         "",
         io.md_table(
             ["method"]
-            + [f"class {names[t]} (test, points)" for t in blk["targets"]]
+            + [f"class {io.md_escape(names[t])} (test, points)" for t in blk["targets"]]
             + ["worst other class (points)"],
             rows,
         ),
