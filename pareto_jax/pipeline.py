@@ -281,36 +281,8 @@ def _chain(st: Stages, weights_stage: str) -> dict:
     }
 
 
-def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
-    """6. summary.json and the console report: ceiling, program, per-class test accuracy."""
-    names, out, root = job.splits.class_names, job.out, job.stages.root
-    ceiling, prog = summary["ceiling"], summary["program"]
-    summary["test_accuracy"] = {"before": before["test"]["accuracy"],
-        "reweighted": after["reweighted"]["test"]["accuracy"],
-        "unweighted": after["unweighted"]["test"]["accuracy"]}
-    pvals = class_mcnemar(after, job.splits.test.y, len(names))
-    summary["test_mcnemar_p"] = pvals
-    summary["finished"] = True
-    chain = _chain(job.stages, summary["weights_stage"])
-    try:
-        old = io.read_json(root / "summary.json")
-    except (OSError, ValueError):
-        old = None
-    # a rerun that skipped every stage leaves the summary of the chain it reused as it is (a
-    # finished run folder may be read-only)
-    if (
-        job.stages.ran
-        or not isinstance(old, dict)
-        or old.get("chain") != chain
-        or not old.get("finished")
-    ):
-        io.write_json(root / "summary.json", {**summary, "chain": chain})
-    print(
-        "ceiling test: first-order Pareto improvement "
-        f"{'exists' if ceiling['improvable'] else 'does not exist'} (t* = {ceiling['t_star']:.3g}; "
-        f"PCA heuristic ratio {ceiling['pca_explained_ratio (heuristic)']:.2f})",
-        file=out,
-    )
+def _print_weights(job: Job, summary: dict, prog: dict, out) -> None:
+    """The console lines on the weights: the search's or the program's (its step)."""
     if "found" in prog:
         print(
             "search: "
@@ -341,6 +313,39 @@ def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
         f"max violation {prog['max_violation']:.1e}",
         file=out,
     )
+
+
+def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
+    """6. summary.json and the console report: ceiling, program, per-class test accuracy."""
+    names, out, root = job.splits.class_names, job.out, job.stages.root
+    ceiling, prog = summary["ceiling"], summary["program"]
+    summary["test_accuracy"] = {"before": before["test"]["accuracy"],
+        "reweighted": after["reweighted"]["test"]["accuracy"],
+        "unweighted": after["unweighted"]["test"]["accuracy"]}
+    pvals = class_mcnemar(after, job.splits.test.y, len(names))
+    summary["test_mcnemar_p"] = pvals
+    summary["finished"] = True
+    chain = _chain(job.stages, summary["weights_stage"])
+    try:
+        old = io.read_json(root / "summary.json")
+    except (OSError, ValueError):
+        old = None
+    # a rerun that skipped every stage leaves the summary of the chain it reused as it is (a
+    # finished run folder may be read-only)
+    if (
+        job.stages.ran
+        or not isinstance(old, dict)
+        or old.get("chain") != chain
+        or not old.get("finished")
+    ):
+        io.write_json(root / "summary.json", {**summary, "chain": chain})
+    print(
+        "ceiling test: first-order Pareto improvement "
+        f"{'exists' if ceiling['improvable'] else 'does not exist'} (t* = {ceiling['t_star']:.3g}; "
+        f"PCA heuristic ratio {ceiling['pca_explained_ratio (heuristic)']:.2f})",
+        file=out,
+    )
+    _print_weights(job, summary, prog, out)
     b = np.asarray(before["test"]["accuracy"])
     a = np.asarray(after["reweighted"]["test"]["accuracy"])
     u = np.asarray(after["unweighted"]["test"]["accuracy"])

@@ -101,6 +101,44 @@ def _finished_summary(root: Path) -> dict:
     return summary
 
 
+def _markdown(root, cfg, summary, names, table, w, wdir) -> list[str]:
+    """report.md's text above the figures: the per-class table, the harm sentence, the ceiling
+    test and the weights."""
+    b, u, a, pv = table
+    ceil, prog = summary["ceiling"], summary["program"]
+    esc = io.md_escape  # class and dataset names are the user's: shown as written, never markup
+    md = [
+        f"# pareto-jax run: {esc(cfg['data']['name'])}, model {cfg['model']['kind']}",
+        "",
+        f"Run folder {esc(root)}; targets {', '.join(map(esc, summary['targets']))}.",
+        "",
+        _md_row(
+            ["class", "test before", "plain extra epochs", "re-weighted", "change (points)",
+                "McNemar p"]
+        ),
+        _md_row(["---"] * 6),
+    ]
+    md += [
+        _md_row([esc(n), f"{x:.3f}", f"{y:.3f}", f"{z:.3f}", f"{100 * (z - y):+.1f}", f"{p:.3f}"])
+        for n, x, y, z, p in zip(names, b, u, a, pv)
+    ]
+    md += [
+        "",
+        harm_sentence(list(map(esc, names)), a - u, pv, list(map(esc, summary["targets"]))),
+        "",
+        "**Ceiling test**: a first-order Pareto improvement "
+        f"{'exists' if ceil['improvable'] else 'does not exist'}"
+        f" (t* = {ceil['t_star']:.3g}).",
+        "",
+        f"**Weights** ({wdir}): status {prog.get('status')} ({prog.get('message')}), "
+        f"alpha {fmt_value(prog.get('alpha'))}"
+        + (f", found {prog['found']}" if "found" in prog else "")
+        + f"; {int((np.abs(w - 1) > 1e-9).sum())} of {len(w)} weights changed.",
+        "",
+    ]
+    return md
+
+
 def write_report(run_dir) -> Path:
     """`pareto-jax report RUN_DIR`: ``report.md`` with its PNG figures in ``RUN_DIR/report/``,
     from a finished run folder: the per-class table (before, plain extra epochs, re-weighted,
@@ -138,37 +176,7 @@ def write_report(run_dir) -> Path:
                 fr.gains, fr.ceiling, tg[0], tg[1], out / "frontier.png", class_names=names
             )
         )
-    ceil, prog = summary["ceiling"], summary["program"]
-    esc = io.md_escape  # class and dataset names are the user's: shown as written, never markup
-    md = [
-        f"# pareto-jax run: {esc(cfg['data']['name'])}, model {cfg['model']['kind']}",
-        "",
-        f"Run folder {esc(root)}; targets {', '.join(map(esc, summary['targets']))}.",
-        "",
-        _md_row(
-            ["class", "test before", "plain extra epochs", "re-weighted", "change (points)",
-                "McNemar p"]
-        ),
-        _md_row(["---"] * 6),
-    ]
-    md += [
-        _md_row([esc(n), f"{x:.3f}", f"{y:.3f}", f"{z:.3f}", f"{100 * (z - y):+.1f}", f"{p:.3f}"])
-        for n, x, y, z, p in zip(names, b, u, a, pv)
-    ]
-    md += [
-        "",
-        harm_sentence(list(map(esc, names)), a - u, pv, list(map(esc, summary["targets"]))),
-        "",
-        "**Ceiling test**: a first-order Pareto improvement "
-        f"{'exists' if ceil['improvable'] else 'does not exist'}"
-        f" (t* = {ceil['t_star']:.3g}).",
-        "",
-        f"**Weights** ({wdir}): status {prog.get('status')} ({prog.get('message')}), "
-        f"alpha {fmt_value(prog.get('alpha'))}"
-        + (f", found {prog['found']}" if "found" in prog else "")
-        + f"; {int((np.abs(w - 1) > 1e-9).sum())} of {len(w)} weights changed.",
-        "",
-    ]
+    md = _markdown(root, cfg, summary, names, (b, u, a, pv), w, wdir)
     md += [f"![]({f.get_label()})" for f in figs]
     chain = {n: fp for n, fp in summary["chain"].items() if fp}
     md += [
