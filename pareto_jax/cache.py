@@ -2,10 +2,11 @@
 
 A first call of a jitted solver compiles for seconds (the reweighting program, about 5 s per new
 padded size on a laptop CPU); with the cache, a second process loads the compiled program
-instead. `pareto_jax` turns it on at import, in ``$PARETO_JAX_CACHE_DIR`` or
-``$XDG_CACHE_HOME/pareto_jax/xla`` (``~/.cache/pareto_jax/xla``), unless the process has
-already chosen a cache folder of its own (``jax_compilation_cache_dir``) or
-``PARETO_JAX_COMPILATION_CACHE=0`` is set. Only compilations over one second are stored.
+instead. The command line and `pipeline.run` turn it on (importing the package changes no JAX
+setting), in ``$PARETO_JAX_CACHE_DIR`` or ``$XDG_CACHE_HOME/pareto_jax/xla``
+(``~/.cache/pareto_jax/xla``), unless the process has already chosen a cache folder of its own
+(``jax_compilation_cache_dir``) or ``PARETO_JAX_COMPILATION_CACHE=0`` is set; `enable()` turns it
+on in a notebook. Only compilations over one second are stored.
 """
 
 from __future__ import annotations

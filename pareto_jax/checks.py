@@ -146,9 +146,23 @@ def as_labels(y: Any, name: str = "y", *, num_classes: int | None = None, n: int
     x_name: str = "x") -> np.ndarray:
     """1-D integer labels in [0, num_classes)."""
     arr = np.asarray(y)
+    if arr.ndim == 2 and arr.shape[1] > 1 and arr.size and np.isin(arr, (0, 1)).all():
+        hot = arr.sum(axis=1)
+        if (hot == 1).all():  # one-hot: argmax loses nothing
+            fail(name, f"one-hot labels of shape {arr.shape}",
+                "a 1-D array of integer class labels", "pass y.argmax(-1)")
+        fail(
+            name,
+            f"multi-hot labels of shape {arr.shape} ({int((hot != 1).sum())} rows with "
+            "no label or several)",
+            "one class per sample (multi-label targets are not supported)",
+            "ask per label: for label j, a two-class problem with y[:, j] as its "
+            "labels (a model with one logit pair per label), or group the validation samples "
+            "with groups= and a measure_fn of the label's loss",
+        )
     if arr.ndim != 1:
         fail(name, f"shape {arr.shape}", "a 1-D array of integer class labels",
-            "pass integer labels, not one-hot (use y.argmax(-1))")
+            "pass one integer class label per sample")
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             fail(

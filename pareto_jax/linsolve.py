@@ -331,10 +331,52 @@ def with_residual(res: SolveResult, matvec: Callable, b: jax.Array, damping: flo
     return res._replace(residual=rel)
 
 
+def resolve_rtol(setting: float | str, dtype) -> float:
+    """The stopping tolerance: a number as given, or "auto": 1e-6, or 1000 machine epsilons where
+    the dtype cannot reach that (float32: 1.2e-4; a float32 CG's recomputed residual stalls near
+    1e-5 on ill-conditioned systems, so 1e-6 would report good answers as unconverged)."""
+    if not isinstance(setting, str):
+        return setting  # (a number, or a traced scalar in `influence_matrix`)
+    return float(min(1e-2, max(1e-6, 1000 * float(jnp.finfo(dtype).eps))))
+
+
 def resolve_damping(setting: float | str, matvec: Callable, theta: jax.Array, seed: int) -> float:
     """The damping to start from: a number as given, or "auto" (`kernels.hutchinson_damping`;
     `matvec` batched)."""
     return hutchinson_damping(matvec, theta, seed) if setting == "auto" else float(setting)
+
+
+def smallest_eigenvalue(
+    matvec: Callable, dim: int, dtype, *, steps: int = 40, seed: int = 0
+) -> float:
+    """An estimate of the smallest eigenvalue of the symmetric operator `matvec` (one vector ->
+    one vector): the smallest Ritz value of `steps` Lanczos steps from a random start, with full
+    re-orthogonalisation. It converges to the extreme eigenvalues first and is never below the
+    true smallest eigenvalue (a Ritz value lies inside the spectrum), so a negative answer proves
+    the operator indefinite. Host-stepped; used to explain a refused solve."""
+    steps = int(min(steps, dim))
+    v = jax.random.normal(jax.random.PRNGKey(seed), (dim,), dtype)
+    v = v / jnp.linalg.norm(v)
+    mv = jax.jit(matvec)
+    basis, alphas, betas = [v], [], []
+    for j in range(steps):
+        w = mv(basis[-1])
+        a = jnp.vdot(basis[-1], w)
+        V = jnp.stack(basis)
+        w = w - V.T @ (V @ w)  # full re-orthogonalisation (twice is enough)
+        w = w - V.T @ (V @ w)
+        alphas.append(float(a))
+        b = float(jnp.linalg.norm(w))
+        if j == steps - 1 or b <= 1e-12 * max(1.0, abs(float(a))):
+            break
+        betas.append(b)
+        basis.append(w / b)
+    T = (
+        np.diag(alphas)
+        + np.diag(betas[: len(alphas) - 1], 1)
+        + np.diag(betas[: len(alphas) - 1], -1)
+    )
+    return float(np.linalg.eigvalsh(T)[0])
 
 
 def needs_more_damping(res: SolveResult) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -140,9 +141,16 @@ def stage_influence(job: Job, state, fp_train: str, progress: bool = False):
             r = influence.linear_category_influence(state.params, s.train.x, s.train.y, s.val.x,
                 s.val.y, num_classes=K, weight_decay=job.objective.weight_decay)
         else:
-            r = influence.category_influence(job.objective, state.params, s.train.x, s.train.y,
-                s.val.x, s.val.y, num_classes=K, apply=job.apply, mesh=job.mesh, progress=progress,
-                config=icfg or InfluenceConfig(curvature="gauss_newton"))
+            with warnings.catch_warnings(record=True) as caught:  # (said once, in the log)
+                warnings.simplefilter("always", influence.DampingWarning)
+                r = influence.category_influence(job.objective, state.params, s.train.x, s.train.y,
+                    s.val.x, s.val.y, num_classes=K, apply=job.apply, mesh=job.mesh,
+                    progress=progress, config=icfg or InfluenceConfig(curvature="gauss_newton"))
+            for w in caught:
+                if issubclass(w.category, influence.DampingWarning):
+                    print(f"[influence] warning: {w.message}", file=job.out, flush=True)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         d = st.dir("influence")
         r = dataclasses.replace(r, names=tuple(s.class_names), sample_ids=np.arange(len(s.train)))
         r.save(

@@ -597,6 +597,33 @@ def _study_reference_is_the_search():
     study.REFERENCE_ROW = study.SEARCH_ROW  # every method tested against the search itself
 
 
+def _damping_raised_silently():
+    from pareto_jax import linsolve
+    from pareto_jax.influence import solvers
+
+    def make(orig):
+        def f(solver, state, G, damping, config):  # the behaviour before issue 32
+            res, used, esc = linsolve.solve_escalating(
+                lambda d: solver.solve(state, G, d), damping, escalate=True, tries=7)
+            return res, used, esc
+
+        return f
+
+    _swap(solvers, "solve_damped", make)
+
+
+def _curvature_depends_on_wrapping():
+    from pareto_jax.influence import validation
+
+    _swap(validation, "apply_of_model", lambda orig: lambda model, params: None)
+
+
+def _logit_width_unchecked():
+    from pareto_jax.influence import validation
+
+    _swap(validation, "logit_width", lambda orig: lambda *a, **k: None)
+
+
 FAULTS: dict[str, tuple[str, list[str], object]] = {
     "influence_sign": ("P negated (beneficial reported as harmful)",
         ["tests/test_influence.py::test_sign_and_scale_identity_against_retraining"],
@@ -606,6 +633,18 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
         _one_over_n_dropped),
     "damping_ignored": ("CG / dense solves drop the damping δ",
         ["tests/test_influence.py::test_cg_matches_dense_solve"], _damping_ignored),
+    "damping_raised_silently": (
+        "a damping the user set is raised on negative curvature, without a warning",
+        ["tests/test_defaults.py::test_a_damping_you_set_is_refused_with_the_most_negative_curvature",
+            "tests/test_defaults.py::test_escalation_is_warned_and_refused_when_not_allowed"],
+        _damping_raised_silently),
+    "curvature_depends_on_wrapping": (
+        "a plain loss_fn with model= gets the Hessian (the logits not reached through the model)",
+        ["tests/test_defaults.py::test_the_curvature_does_not_depend_on_how_the_loss_was_written"],
+        _curvature_depends_on_wrapping),
+    "num_classes_unchecked": ("num_classes not checked against the model's logits",
+        ["tests/test_defaults.py::test_num_classes_must_match_the_logits"],
+        _logit_width_unchecked),
     "gauss_newton_diagonal": ("Gauss-Newton output Hessian diag(p) instead of diag(p) − ppᵀ",
         ["tests/test_influence.py::test_gauss_newton_matches_explicit_jacobian_product"],
         _gauss_newton_diagonal_output_hessian),

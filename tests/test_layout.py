@@ -1,7 +1,8 @@
 """The package's layout stays as designed: no import cycle, no private name used across modules
 (in the package, its tests or its benchmarks), no function longer than 80 lines of code (its
-docstring not counted), no module longer than 500 lines, no config field that nothing reads, and each default (damping, weight
-decay, w_max, ρ) and each solver vocabulary written in one place, `pareto_jax/config`.
+docstring not counted), no module longer than 500 lines, no config field that nothing reads,
+and each default (damping, weight decay, w_max, ρ) and each solver vocabulary written in one
+place, `pareto_jax/config`.
 
 Every import counts, including those inside functions (a lazy import is how a cycle hides).
 """

@@ -5,6 +5,8 @@ model, losses other than cross-entropy, against dense float64 references formed 
 Every model is trained first (confident, non-uniform softmax) before influence is computed.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from pareto_jax import InputError, influence, models
+from pareto_jax import InputError, NumericalError, influence, models
 from pareto_jax.influence import Influence, InfluenceConfig, InfluenceResult
 
 K, N, NV, WD, DAMP = 3, 40, 30, 1e-2, 1e-2
@@ -376,12 +378,17 @@ def test_auto_curvature_takes_the_hessian_when_the_output_loss_is_indefinite(tra
             config=cfg,
         )
         assert min_eig(ce_minus_square) < -0.1
-        res = run(ce_minus_square)
+        with pytest.raises(NumericalError, match="not replaced silently"):
+            run(ce_minus_square)  # the Hessian is indefinite at the damping set: refused
+        cfg = dataclasses.replace(cfg, escalate_damping=True)
+        with pytest.warns(influence.DampingWarning):
+            res = run(ce_minus_square)
         assert res.curvature == "hessian" and "indefinite" in res.details["curvature_note"]
         for out in (ce10, focal):
             assert min_eig(out) > -1e-12
             res = run(out)
-            assert res.curvature == "gauss_newton" and "curvature_note" not in res.details
+            assert res.curvature == "gauss_newton"
+            assert "Gauss-Newton with the OutputLoss" in res.details["curvature_note"]
 
 
 # ----------------------------------------------------------------------------- adapters

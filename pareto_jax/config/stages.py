@@ -95,11 +95,17 @@ class InfluenceConfig:
         damping: δ >= 0 added to the curvature of the training objective (which already holds
             the weight decay λ), for every solver; or "auto" = 1e-4 · tr(H)/P (Hutchinson
             estimate, 8 probes), a small fraction of the mean curvature eigenvalue.
-        escalate_damping: if a solve meets negative curvature (CG, dense), diverges (LiSSA) or
-            returns non-finite values (K-FAC with an empty direction), retry with damping ×10
-            (up to 6 times); every escalation is reported in the result.
+        escalate_damping: what to do when a solve meets negative curvature (CG, dense),
+            diverges (LiSSA) or returns non-finite values (K-FAC with an empty direction): True
+            retries with damping ×10 (up to 11 times, from at least 1e-6) with a
+            `DampingWarning`; False refuses
+            (`NumericalError` with the most negative curvature found and the fix); None (default)
+            escalates the "auto" damping (warned) and refuses to replace a damping you chose.
+            Every escalation is in the result's `escalations`.
         rtol, atol, max_steps: the iterative solvers' stopping rule per class (CG's residual;
-            LiSSA's relative update, with `max_steps` its number of draws).
+            LiSSA's relative update, with `max_steps` its number of draws). rtol "auto"
+            (default): 1e-6, or 1000 machine epsilons of the parameters' dtype where that is
+            larger (float32: 1.2e-4), a tolerance the dtype reaches, so `converged` means it.
         method: "auto", "jvp" or "per_sample" for the P stage.
         chunk_size: training samples per chunk in the P stage.
         hvp_batch_size: samples per minibatch inside each HVP (and per batch of the K-FAC
@@ -125,8 +131,8 @@ class InfluenceConfig:
     preconditioner: str = "none"
     curvature: str = "auto"
     damping: float | str = "auto"
-    escalate_damping: bool = True
-    rtol: float = 1e-6
+    escalate_damping: bool | None = None
+    rtol: float | str = "auto"
     atol: float = 0.0
     max_steps: int = 1000
     method: str = "auto"
@@ -146,7 +152,11 @@ class InfluenceConfig:
         checks.check_choice(self.curvature, "curvature", CURVATURES)
         if self.damping != "auto":
             checks.check_positive(self.damping, "damping", allow_zero=True)
-        checks.check_positive(self.rtol, "rtol")
+        if self.rtol != "auto":
+            checks.check_positive(self.rtol, "rtol")
+        if self.escalate_damping not in (None, True, False):
+            checks.fail("escalate_damping", repr(self.escalate_damping), "None, True or False",
+                "pass True (raise it, warned), False (refuse) or None (raise only 'auto')")
         checks.check_positive(self.atol, "atol", allow_zero=True)
         checks.check_positive(self.max_steps, "max_steps", integer=True)
         checks.check_choice(self.method, "method", ROW_METHODS)

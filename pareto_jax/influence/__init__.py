@@ -35,7 +35,7 @@ from .result import (
     InfluenceResult,
     influence_regions,
 )
-from .solvers import CG, KFAC, Dense, LiSSA
+from .solvers import CG, KFAC, DampingWarning, Dense, LiSSA
 from .stages import (
     choose_method,
     class_gradients,
@@ -50,7 +50,7 @@ from .unroll import Retraining, unrolled_influence
 
 __all__ = ["InfluenceConfig", "Retraining", "unrolled_influence", "Influence", "category_influence",
     "InfluenceResult", "influence_regions", "JOINT_POSITIVE", "JOINT_NEGATIVE", "TRADE_OFF",
-    "REGION_NAMES", "CG", "Dense", "LiSSA", "KFAC", "choose_method", "class_gradients",
-    "influence_from_solutions", "influence_matrix", "linear_category_influence", "make_hvp",
-    "per_sample_gradients", "predict_class_loss_change", "cross_entropy_mismatch",
+    "REGION_NAMES", "CG", "Dense", "LiSSA", "KFAC", "DampingWarning", "choose_method",
+    "class_gradients", "influence_from_solutions", "influence_matrix", "linear_category_influence",
+    "make_hvp", "per_sample_gradients", "predict_class_loss_change", "cross_entropy_mismatch",
     "output_hessian_min_eig"]

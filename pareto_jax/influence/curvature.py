@@ -125,8 +125,15 @@ def resolve(config: InfluenceConfig, loss_fn, params, apply, x, y) -> Choice:
                 f"{why}; K-FAC / EK-FAC need the loss's output Hessian: write the loss as "
                 "models.OutputLoss(apply, output_loss), or use solver='cg' with the Hessian",
             )
-    if config.curvature == "hessian" or (apply is None and config.curvature == "auto"):
-        return _decided(config, "hessian", loss_fn, params, apply, None, {})
+    def decided(kind, out, note):
+        return _decided(config, kind, loss_fn, params, apply, out, {"curvature_note": note})
+
+    if config.curvature == "hessian":
+        return decided("hessian", None, "the Hessian, as requested")
+    if apply is None and config.curvature == "auto":
+        return decided("hessian", None, "the Hessian: the loss's logits are out of reach (pass "
+            "apply= or model=, or write the loss as models.OutputLoss(apply, output_loss), for "
+            "Gauss-Newton)")
     if apply is None:  # Gauss-Newton asked for without the logits: `build` says what to pass
         build(loss_fn, params, "gauss_newton", None)
     if split:
@@ -134,35 +141,18 @@ def resolve(config: InfluenceConfig, loss_fn, params, apply, x, y) -> Choice:
         if config.curvature == "auto" and out is not None and not kfac_like:
             lo = output_hessian_min_eig(out, apply, params, x, y)
             if lo < -1e-6:
-                return _decided(
-                    config,
-                    "hessian",
-                    loss_fn,
-                    params,
-                    apply,
-                    None,
-                    {
-                        "curvature_note": "the output loss's Hessian is indefinite (relative "
-                        f"min eigenvalue "
-                        f"{lo:.2g} on 16 training samples): the Hessian is used, not Gauss-Newton"
-                    },
-                )
-        return _decided(config, "gauss_newton", loss_fn, params, apply, out, {})
+                return decided("hessian", None, "the output loss's Hessian is indefinite "
+                    f"(relative min eigenvalue {lo:.2g} on 16 training samples): the Hessian is "
+                    "used, not Gauss-Newton")
+        return decided("gauss_newton", out, "Gauss-Newton with the OutputLoss's own output "
+            "Hessian" + (" (positive semi-definite on 16 training samples)" if out is not None
+                else " (the softmax cross-entropy's)"))
     why = _not_cross_entropy(loss_fn, params, apply, x, y)
     if why is None:
-        return _decided(config, "gauss_newton", loss_fn, params, apply, None, {})
+        return decided("gauss_newton", None, "Gauss-Newton: loss_fn is the softmax "
+            "cross-entropy of the logits (checked on 16 training samples)")
     if config.curvature == "auto" and not kfac_like:
-        return _decided(
-            config,
-            "hessian",
-            loss_fn,
-            params,
-            apply,
-            None,
-            {
-                "curvature_note": f"{why}: the Hessian is used, since Gauss-Newton needs the "
-                "loss's output "
-                "Hessian (write the loss as models.OutputLoss(apply, output_loss) to get it)"
-            },
-        )
+        return decided("hessian", None, f"{why}: the Hessian is used, since Gauss-Newton needs "
+            "the loss's output Hessian (write the loss as models.OutputLoss(apply, output_loss) "
+            "to get it)")
     _refuse(f"curvature={config.curvature!r}, solver={config.solver!r}", why)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import checks, io, kernels, kfac, linsolve, train
+from .. import checks, io, kernels, kfac, linsolve, models, train
 from ..config import InfluenceConfig
 from . import curvature, solvers, validation
 from .result import InfluenceResult
@@ -97,7 +97,10 @@ class Influence:
             x_ex, y_ex, n = xt, yt, checks.num_inputs(xt)
         validation.loss(loss_fn, params, x_ex, y_ex)
         validation.class_names_and_ids(class_names, sample_ids, num_classes, n)
+        if apply is None and not isinstance(loss_fn, models.OutputLoss):
+            apply = validation.apply_of_model(model, params)  # model= reaches the logits too
         choice = curvature.resolve(config, loss_fn, params, apply, x_ex, y_ex)
+        validation.logit_width(choice.apply, params, x_ex, num_classes)
         if config.uses_factors:
             _check_factor_inputs(model, xt)
         config = choice.config
@@ -243,12 +246,12 @@ class Influence:
                 "a measurement with finite values and gradients on the validation set",
                 "guard logs and divisions in measure_fn (e.g. clip probabilities)")
         checks.check_finite_array(G, "class gradients", "influence: class gradients")
-        res, damping, escalations = linsolve.solve_escalating(
-            lambda d: self.solver.solve(self._state, G, d), self.damping,
-            escalate=config.escalate_damping)
+        res, damping, escalations = solvers.solve_damped(
+            self.solver, self._state, G, self.damping, config
+        )
         checks.check_finite_array(res.value, "inverse-HVP solutions", "influence: curvature solve")
         if config.throw:
-            linsolve.check_solve(res, rtol=config.rtol)
+            linsolve.check_solve(res, rtol=linsolve.resolve_rtol(config.rtol, G.dtype))
         method = (
             choose_method(theta.size, K, config.chunk_size)
             if config.method == "auto"
@@ -332,6 +335,8 @@ def category_influence(loss_fn, params, x_train, y_train, x_val, y_val, *, num_c
     if source:
         val_checked = None
     else:
+        reach = validation.reachable_apply(loss_fn, apply, model, params)
+        validation.logit_width(reach, params, train_checked[0], num_classes)  # before the classes
         val_checked = validation.val_set(train_checked[0], x_val, y_val, num_classes)
         validation.groups(groups, val_checked[1], num_classes, group_names, class_names)
     fit = Influence(loss_fn, params, x_train, y_train, num_classes=num_classes,

@@ -15,10 +15,13 @@ solver. `from_config` builds the solver an `InfluenceConfig` names (the names ar
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
+
+from .. import checks, kfac, linsolve
 from .. import config as _config
-from .. import kfac, linsolve
 from ..config import InfluenceConfig
 from ..kernels import Curvature, ObjectiveData
 
@@ -61,7 +64,7 @@ class CG:
     residual; preconditioned by the K-FAC / EK-FAC factors when `preconditioner` is set (the
     stopping rule stays on the true residual, so the answer is CG's, only faster)."""
 
-    rtol: float = InfluenceConfig.rtol
+    rtol: float | str = InfluenceConfig.rtol
     atol: float = InfluenceConfig.atol
     max_steps: int = InfluenceConfig.max_steps
     preconditioner: str = InfluenceConfig.preconditioner
@@ -73,7 +76,8 @@ class CG:
 
     def solve(self, state: State, G, damping) -> linsolve.SolveResult:
         op = state.operator
-        return op.backend.solve("cg", op.curvature, op.data, G, damping, self.rtol, self.atol,
+        rtol = linsolve.resolve_rtol(self.rtol, G.dtype)
+        return op.backend.solve("cg", op.curvature, op.data, G, damping, rtol, self.atol,
             self.max_steps, factors=state.factors, ekfac=self.preconditioner == "ekfac")
 
 
@@ -82,7 +86,7 @@ class Dense:
     """The dense reference: the curvature materialised and solved directly (small models);
     `rtol` / `atol` only decide `converged`."""
 
-    rtol: float = InfluenceConfig.rtol
+    rtol: float | str = InfluenceConfig.rtol
     atol: float = InfluenceConfig.atol
 
     def init(self, op: Operator, *, factors=None) -> State:
@@ -91,7 +95,8 @@ class Dense:
 
     def solve(self, state: State, G, damping) -> linsolve.SolveResult:
         op = state.operator
-        return op.backend.solve("dense", op.curvature, op.data, G, damping, self.rtol, self.atol, 1)
+        rtol = linsolve.resolve_rtol(self.rtol, G.dtype)
+        return op.backend.solve("dense", op.curvature, op.data, G, damping, rtol, self.atol, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +105,7 @@ class LiSSA:
     draw, scaled by 1.2 λ_max (power iteration on the damped operator); its residual is then
     measured against the full operator."""
 
-    rtol: float = InfluenceConfig.rtol
+    rtol: float | str = InfluenceConfig.rtol
     max_steps: int = InfluenceConfig.max_steps
     seed: int = InfluenceConfig.seed
 
@@ -116,7 +121,8 @@ class LiSSA:
         )
         state.details.update(lissa_scale=1.2 * lam, lambda_max=lam)
         res = op.backend.lissa(op.curvature, op.data, G, scale=1.2 * lam, damping=damping,
-            rtol=self.rtol, max_steps=self.max_steps, seed=self.seed)
+            rtol=linsolve.resolve_rtol(self.rtol, G.dtype), max_steps=self.max_steps, seed=self.seed
+        )
         return linsolve.with_residual(res, op.matvec, G, damping)
 
 
@@ -150,3 +156,76 @@ assert set(_MAKERS) == set(_config.SOLVERS), "every solver name has a solver obj
 def from_config(config: InfluenceConfig):
     """The solver object `config.solver` names, with the config's settings."""
     return _MAKERS[config.solver](config)
+
+
+class DampingWarning(UserWarning):
+    """The damping was raised above the one set, because a solve met negative curvature,
+    diverged or was not finite: P then answers for the more damped curvature. The result's
+    `damping` and `escalations` say from what to what and why."""
+
+
+ESCALATION_TRIES = 12  # ×10 each: from the 1e-6 floor up to 1e5
+
+
+def solve_damped(solver, state: State, G, damping: float, config: InfluenceConfig):
+    """``solver.solve(state, G, damping)`` under the config's escalation policy
+    (`InfluenceConfig.escalate_damping`): a damping raised is warned (`DampingWarning`), never
+    silent, and a solve that still needs more damping where none may be added is refused with
+    the most negative curvature found and the fix. Returns (result, damping used, escalations)."""
+    auto = isinstance(config.damping, str)
+    allowed = config.escalate_damping if config.escalate_damping is not None else auto
+    res, used, escalations = linsolve.solve_escalating(
+        lambda d: solver.solve(state, G, d), damping, escalate=allowed, tries=ESCALATION_TRIES
+    )
+    if escalations:
+        why = sorted({e["reason"] for e in escalations})
+        warnings.warn(
+            DampingWarning(
+                f"influence: damping raised from {damping:.3g} to {used:.3g} ({', '.join(why)}); P "
+                f"answers for the curvature + {used:.3g}·I. To keep a damping, set it above the "
+                "most negative curvature, or use curvature='gauss_newton' (positive "
+                "semi-definite)"
+            ),
+            stacklevel=3,
+        )
+    if linsolve.needs_more_damping(res):
+        _refuse_damping(state, used, res, allowed, auto)
+    return res, used, escalations
+
+
+def _refuse_damping(state: State, damping: float, res, allowed: bool, auto: bool):
+    negative = bool(np.any(np.asarray(res.negative_curvature)))
+    setting = "the automatic damping" if auto else f"damping={damping:.3g}"
+    if negative:
+        op = state.operator
+        theta = op.data.theta
+        lam = linsolve.smallest_eigenvalue(
+            lambda v: op.matvec(v[None])[0] + damping * v, theta.size, theta.dtype
+        )
+        got = (
+            f"negative curvature at {setting}: the damped curvature has an eigenvalue of "
+            f"about {lam:.3g} (Lanczos estimate, an upper bound on the most negative one)"
+        )
+        need = damping - min(lam, 0.0)  # the damping at which that eigenvalue reaches 0
+        fix = (
+            f"set damping above {need:.3g} (e.g. {2 * need:.3g})"
+            if lam < 0
+            else "raise the damping (×10), or use solver='cg'"
+        )  # (LiSSA's divergence: no negative λ)
+    else:
+        got = f"a non-finite solution at {setting} (an empty direction of the factored curvature)"
+        fix = "set a damping > 0"
+    how = (
+        f"escalation (×10, {ESCALATION_TRIES - 1} times) did not reach a positive definite system"
+        if allowed
+        else "the damping is yours, so it is not replaced silently"
+    )
+    raise checks.NumericalError(
+        f"influence: curvature solve: {got}; {how}. Fix: {fix}, use curvature='gauss_newton' "
+        "(positive semi-definite; needs the logits: apply=, model= or a models.OutputLoss)"
+        + (
+            ""
+            if allowed
+            else ", or pass escalate_damping=True to let the library raise it (warned)"
+        )
+    )

@@ -189,8 +189,9 @@ def influence_matrix(loss_fn, params, x_train, y_train, x_val, y_val, *, num_cla
         return matvec(v) + d * v
 
     def cg(op_, b):  # CG for one right-hand side; its diagnostics as the auxiliary output
-        r = linsolve.solve_cg(op_, b, damping=jnp.asarray(0.0, dt), rtol=jnp.asarray(rtol, dt),
-            atol=jnp.asarray(0.0, dt), max_steps=int(max_steps))
+        r = linsolve.solve_cg(op_, b, damping=jnp.asarray(0.0, dt),
+            rtol=jnp.asarray(linsolve.resolve_rtol(rtol, dt), dt), atol=jnp.asarray(0.0, dt),
+            max_steps=int(max_steps))
         return r.value, r
 
     # custom_linear_solve: reverse-mode derivatives by implicit differentiation (one more solve

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import checks, kernels
+from .. import checks, kernels, models
 from ..config import InfluenceConfig
 
 
@@ -162,3 +162,48 @@ def finite_measure(measure, params, xv, yv) -> None:
                 f"{int((~np.isfinite(vals)).sum())} non-finite value(s) on the validation set",
                 "a finite measurement on every validation sample",
                 "guard logs and divisions in measure_fn (e.g. clip probabilities)")
+
+
+def apply_of_model(model, params):
+    """The model's ``apply(params, x_batch) -> logits`` when `params` are its parameters
+    (`models.functional`'s split: the same tree), else None: so a plain loss_fn with model= gets
+    the curvature its logits allow, as with apply=."""
+    if model is None:
+        return None
+    try:
+        apply, own = models.functional(model)
+    except Exception:  # noqa: BLE001 - not an nnx model: nothing to reach
+        return None
+    if jax.tree_util.tree_structure(own) != jax.tree_util.tree_structure(params):
+        return None
+    return apply
+
+
+def reachable_apply(loss_fn, apply, model, params):
+    """The way to the logits the curvature will use: `apply`, an `OutputLoss`'s own, or the
+    model's (`apply_of_model`); None when nothing reaches them."""
+    loss_fn = getattr(loss_fn, "loss_fn", loss_fn)  # a train.Objective's own loss
+    if isinstance(loss_fn, models.OutputLoss):
+        return loss_fn.apply
+    return apply if apply is not None else apply_of_model(model, params)
+
+
+def logit_width(apply, params, x, num_classes: int) -> None:
+    """`num_classes` must be the model's number of logits (a mismatch would build the output
+    factor and the class gradients for the wrong width, or drop a logit)."""
+    if apply is None:
+        return
+    try:
+        out = jax.eval_shape(apply, params, kernels.take(x, slice(0, 1)))
+    except Exception:  # noqa: BLE001 - the loss check already named a broken model
+        return
+    width = int(out.shape[-1]) if getattr(out, "ndim", 0) >= 1 else None
+    if getattr(out, "ndim", 0) != 2 or width != num_classes:
+        checks.fail(
+            "num_classes",
+            f"{num_classes} for a model whose logits have shape {tuple(out.shape)} per batch",
+            "one logit per class: logits of shape (batch, num_classes)",
+            f"pass num_classes={width}"
+            if getattr(out, "ndim", 0) == 2
+            else "make apply return (batch, num_classes) logits",
+        )
