@@ -226,6 +226,16 @@ def _order(name: str) -> tuple:
 # ----------------------------------------------------------------------------- report
 
 
+def release_compiled_programs() -> None:
+    """Drop every compiled program (`jax.clear_caches`). XLA:CPU maps memory for each program and
+    keeps it while the program is cached; one seed compiles about 4,000 maps' worth, so a study in
+    one process passed Linux's default limit of 65,530 maps (vm.max_map_count) and segfaulted in a
+    compile. Each seed recompiles what it needs (seconds)."""
+    import jax
+
+    jax.clear_caches()
+
+
 def _seed_runs(name: str, seeds: int, out_dir: Path, quick: bool, resume: bool, out) -> list[dict]:
     """Every seed of one dataset: read back (with `resume`, when it ran with the same settings) or
     run and saved as ``<out_dir>/<dataset>/seed_<s>/seed.json``."""
@@ -244,6 +254,7 @@ def _seed_runs(name: str, seeds: int, out_dir: Path, quick: bool, resume: bool, 
         runs.append(run_seed(name, s, out_dir / name, quick=quick, out=out))
         runs[-1]["quick"] = quick
         io.write_json(f, runs[-1])
+        release_compiled_programs()
     return runs
 
 

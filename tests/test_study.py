@@ -137,12 +137,15 @@ def test_summary_equals_hand_computation():
 # (about 90 s: the suite's 15-minute budget; every piece is tested on its own above)
 @pytest.mark.slow
 @pytest.mark.parametrize("n_seeds", [1, 2])
-def test_quick_study_end_to_end_and_resume(tmp_path, n_seeds):
+def test_quick_study_end_to_end_and_resume(tmp_path, n_seeds, monkeypatch):
     out = io.StringIO()
+    released = []  # compiled programs are dropped after every seed run (memory maps)
+    monkeypatch.setattr(study, "release_compiled_programs", lambda: released.append(1))
     r = study.reproduce_study(
         ("mnist5k-noisy",), seeds=n_seeds, quick=True, out_dir=str(tmp_path), out=out
     )
     res = r["mnist5k-noisy"]
+    assert len(released) == n_seeds
     text = (tmp_path / "report.md").read_text()
     for fig in res["figures"].values():
         png = tmp_path / fig
