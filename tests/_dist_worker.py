@@ -76,9 +76,9 @@ hvp1, theta = influence.make_hvp(lf, params, x, y, weight_decay=1e-3, batch_size
 hvpD, _ = influence.make_hvp(lf, params, x, y, mesh=mesh, weight_decay=1e-3, batch_size=100)
 v = jax.random.normal(jax.random.PRNGKey(1), theta.shape, theta.dtype)
 out["hvp"] = rel(hvpD(v), hvp1(v))
-cfg = influence.InfluenceConfig(
-    curvature="hessian", damping=1e-3, hvp_batch_size=100, chunk_size=64, rtol=1e-10
-)
+# (the Hessian is indefinite here: the damping may be raised, warned, identically on both paths)
+cfg = influence.InfluenceConfig(curvature="hessian", damping=1e-3, hvp_batch_size=100,
+    chunk_size=64, rtol=1e-10, escalate_damping=True)
 r1 = influence.category_influence(
     lf, params, x, y, xv, yv, num_classes=10, weight_decay=1e-3, config=cfg
 )
