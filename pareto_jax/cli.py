@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 bad arguments or input (the message names the argument 
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -15,6 +16,7 @@ from .cli_parser import build_parser
 from .config import (
     DataConfig,
     ImproveConfig,
+    InfluenceConfig,
     ModelConfig,
     ReweightConfig,
     RunConfig,
@@ -55,7 +57,7 @@ def _flag(ok: bool, flag: str, value, expected: str, fix: str) -> None:
         )
 
 
-def _run_config(a) -> RunConfig:
+def run_config(a) -> RunConfig:
     """The `RunConfig` of `run`'s flags: every flag checked by the configs it fills (errors name
     the flag), plus what only the command line knows; before anything else is imported."""
     _flag(a.epochs >= 1, "--epochs", a.epochs, "an integer >= 1",
@@ -66,6 +68,9 @@ def _run_config(a) -> RunConfig:
         "a number >= 0 (0 turns the trust region off)", "e.g. --rho 0.5")
     _flag(a.out is None or bool(a.out.strip()), "--out", a.out, "a folder name",
         "name a folder, or leave --out out (runs/<dataset>-<model>-<hash of the config>)")
+    _flag(a.influence is None or a.model != "linear", "--influence", a.influence,
+        "no --influence with --model linear (its P is exact, in closed form)",
+        "drop --influence, or choose --model mlp / cnn")
     try:
         search = SearchConfig(
             population=a.population, generations=a.generations, seed=a.seed
@@ -86,6 +91,9 @@ def _run_config(a) -> RunConfig:
                 checkpoint_epochs=(a.epochs,)),
             out_dir=a.out or RunConfig.out_dir,
             devices=a.devices,
+            influence=None
+            if a.model == "linear"
+            else InfluenceConfig.for_product(a.influence or "ekfac"),
         )
     except checks.InputError as e:
         raise _as_flag_error(e) from None
@@ -121,14 +129,14 @@ def default_out(a) -> str:
 
     from . import io
 
-    cfg = dataclasses.replace(_run_config(a), out_dir="-")
+    cfg = dataclasses.replace(run_config(a), out_dir="-")
     return f"runs/{a.dataset}-{a.model}-{io.fingerprint('run', cfg)[:8]}"
 
 
 def _run(a) -> int:
     import dataclasses
 
-    cfg = _run_config(a)  # every flag checked before JAX is imported
+    cfg = run_config(a)  # every flag checked before JAX is imported
     if a.out is None:
         cfg = dataclasses.replace(cfg, out_dir=default_out(a))
     from . import cache, pipeline
@@ -194,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         "ignore", message="JAXopt is no longer maintained", category=DeprecationWarning
     )
     a = build_parser().parse_args(argv)
+    if "jax" not in sys.modules:
+        # XLA's C++ log, before jax is imported: at its default level, every program loaded from
+        # the compilation cache (`cache`) on CPU logs an ERROR that the compile machine's
+        # "+prefer-no-gather/+prefer-no-scatter" are not host features, "could lead to SIGILL"
+        # (openxla/xla#44565: LLVM tuning flags, not instructions; the program loads and runs, on
+        # the machine that compiled it). Only fatal messages by default; TF_CPP_MIN_LOG_LEVEL=0
+        # shows them all.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     commands = {"run": _run, "report": _report, "improve": _improve, "reproduce": _reproduce}
     try:
         return commands[a.command](a)

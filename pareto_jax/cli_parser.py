@@ -8,6 +8,7 @@ from .config import (
     DATASETS,
     MODEL_KINDS,
     OPTIMIZERS,
+    PRODUCT_INFLUENCE,
     RETRAIN,
     TEXT_FEATURES,
     DataConfig,
@@ -64,6 +65,10 @@ def _add_data_args(p: argparse.ArgumentParser, defaults: DataConfig) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser, model: ModelConfig, tc: TrainConfig) -> None:
     p.add_argument("--model", default=model.kind, choices=MODEL_KINDS, help="classifier to train")
+    p.add_argument("--influence", default=None, choices=PRODUCT_INFLUENCE,
+        help="how P is computed for a deep model (mlp, cnn): ekfac (the default: seconds), kfac, "
+        "or cg (Gauss-Newton conjugate gradients: the exact solve, minutes on a CNN); a linear "
+        "model's P is exact in closed form")
     p.add_argument(
         "--hidden", type=_int_tuple, default=model.hidden, help="MLP hidden sizes, e.g. 128,64"
     )

@@ -9,23 +9,22 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import scipy.stats
 
 from . import checks, data, evaluation, influence, io, models, pareto, rounds, search, train
 from .config import ImproveConfig, InfluenceConfig, RoundsConfig, SearchConfig
-from .setup import build_model, load_data
+from .setup import build, load_data
 
 
-def influence_at(
-    objective: train.Objective, apply, params, splits, K, model_kind, config=None, features=None
-):
+def influence_at(objective: train.Objective, apply, params, splits, K, model_kind, config=None,
+    features=None, module=None):
     """P of the experiments at `params` for the training `objective`: closed form (undamped) for
-    a linear model; for a deep one, `config` (an `InfluenceConfig`, default Gauss-Newton CG with
-    the automatic damping) or "last_layer" (the head alone, in closed form on the penultimate
-    activations that `features(params, x)` gives)."""
+    a linear model; for a deep one, `config` (an `InfluenceConfig`; default EK-FAC,
+    `InfluenceConfig.for_product`, on the nnx `module`) or "last_layer" (the head alone, in
+    closed form on the penultimate activations that `features(params, x)` gives)."""
     wd = objective.weight_decay
     if config == "last_layer":
         # the head alone, on the network's penultimate activations held fixed: closed form
@@ -36,9 +35,9 @@ def influence_at(
     if model_kind == "linear":
         return influence.linear_category_influence(params, splits.train.x, splits.train.y,
             splits.val.x, splits.val.y, num_classes=K, weight_decay=wd)
-    cfg = config or InfluenceConfig(curvature="gauss_newton")
+    cfg = config or InfluenceConfig.for_product()
     return influence.category_influence(objective, params, splits.train.x, splits.train.y,
-        splits.val.x, splits.val.y, num_classes=K, config=cfg, apply=apply)
+        splits.val.x, splits.val.y, num_classes=K, config=cfg, apply=apply, model=module)
 
 
 def bits(correct) -> str:
@@ -124,6 +123,7 @@ class _Setting(NamedTuple):
     num_classes: int
     objective: train.Objective
     features: Callable | None = None
+    module: Any = None  # the nnx module (K-FAC / EK-FAC read its layers)
 
     @property
     def refit(self) -> train.Objective:
@@ -138,7 +138,7 @@ class _Setting(NamedTuple):
 
     def influence_at(self, params, config: ImproveConfig):
         return influence_at(self.objective, self.apply, params, self.splits, self.num_classes,
-            config.model.kind, config.influence, self.features)
+            config.model.kind, config.influence, self.features, self.module)
 
 
 def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
@@ -150,7 +150,8 @@ def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
             splits.train, config.noise_classes, config.noise_fraction, seed=config.data.seed
         )
         splits = data.Splits(noisy, splits.val, splits.test)
-    apply, params, features = build_model(config.model, splits, with_features=True)
+    built = build(config.model, splits)
+    apply, params, features = built.apply, built.params, built.features
     loss_fn = models.per_sample_loss(apply)
     tc = config.train
     ep_fn = train.make_epoch_fn(loss_fn, tc, len(splits.train))
@@ -174,7 +175,7 @@ def _train_noisy(config: "ImproveConfig", out) -> tuple[_Setting, dict]:
     report = {"config": io.to_jsonable(config), "n_flipped": int(flipped.size),
         "class_names": list(splits.class_names), "y_test": splits.test.y.tolist()}
     return _Setting(splits, apply, loss_fn, states, splits.num_classes,
-        train.Objective.of(loss_fn, tc), features), report
+        train.Objective.of(loss_fn, tc), features, built.module), report
 
 
 def _direct(setting: _Setting, config: "ImproveConfig", scfg, progress, out) -> dict:
@@ -381,7 +382,8 @@ def frontier_experiment(setting: _Setting, params, config, *, out=None, n_verify
     out = out or sys.stdout
     splits, apply, K = setting.splits, setting.apply, setting.num_classes
     theta, it, gn = train.fit_lbfgs(setting.refit, params, splits.train.x, splits.train.y)
-    inf = influence_at(setting.objective, apply, theta, splits, K, config.model.kind)
+    inf = influence_at(setting.objective, apply, theta, splits, K, config.model.kind,
+        module=setting.module)
     fr = pareto.pareto_frontier(inf.P, rho=config.frontier_rho, n_random=8, seed=config.data.seed)
     base = train.evaluate(apply, theta, splits.val.x, splits.val.y, K)
     pts = []

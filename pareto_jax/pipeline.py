@@ -19,11 +19,24 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from . import cache, checks, data, distributed, influence, io, models, pareto, runs, search, train
+from . import (
+    cache,
+    checks,
+    data,
+    distributed,
+    influence,
+    io,
+    models,
+    pareto,
+    runs,
+    search,
+    setup,
+    train,
+)
 from .config import DataConfig, InfluenceConfig, ModelConfig, RunConfig  # noqa: F401  (the job's records)
 from .report import class_mcnemar, fmt_value, format_table, harm_sentence, write_report  # noqa: F401
 from .runs import Stages
-from .setup import build_model, load_data
+from .setup import load_data
 
 
 class ProgramFailed(RuntimeError):
@@ -48,6 +61,7 @@ class Job(NamedTuple):
     mesh: Any
     stages: Stages
     out: Any
+    module: Any = None  # the nnx module of the params (K-FAC / EK-FAC read its layers)
 
     def metrics(self, params) -> dict:
         K = self.splits.num_classes
@@ -86,7 +100,8 @@ def make_job(config: RunConfig, out) -> Job:
     data_fp = io.fingerprint(
         *(a for d in (splits.train, splits.val, splits.test) for a in (d.x, d.y)),
         list(splits.class_names))
-    apply, params0 = build_model(config.model, splits)
+    built = setup.build(config.model, splits)
+    apply, params0 = built.apply, built.params
     tcfg = config.train
     if tcfg.epochs not in tcfg.checkpoint_epochs:
         tcfg = dataclasses.replace(tcfg, checkpoint_epochs=(*tcfg.checkpoint_epochs, tcfg.epochs))
@@ -98,7 +113,7 @@ def make_job(config: RunConfig, out) -> Job:
     )
     loss_fn = models.per_sample_loss(apply)
     return Job(config, splits, apply, params0, loss_fn, tcfg, train.Objective.of(loss_fn, tcfg),
-        data_fp, mesh, Stages(root, log=out), out)
+        data_fp, mesh, Stages(root, log=out), out, built.module)
 
 
 def stage_train(job: Job, progress: bool):
@@ -132,20 +147,21 @@ def stage_train(job: Job, progress: bool):
 
 def stage_influence(job: Job, state, fp_train: str, progress: bool = False):
     """2. The influence matrix P; returns (P, its diagnostics, fingerprint)."""
-    icfg, st, s = job.config.influence, job.stages, job.splits
+    st, s = job.stages, job.splits
+    icfg = setup.product_influence(job.config.influence, job.config.model.kind)
     K = s.num_classes
-    fp = io.fingerprint("influence", fp_train, icfg)
+    fp = io.fingerprint("influence", fp_train, icfg)  # (the resolved choice: EK-FAC, not None)
     if not st.done("influence", fp):
         st.start("influence")
-        if icfg is None and job.config.model.kind == "linear":
+        if icfg is None:  # a linear model: the closed form
             r = influence.linear_category_influence(state.params, s.train.x, s.train.y, s.val.x,
                 s.val.y, num_classes=K, weight_decay=job.objective.weight_decay)
         else:
             with warnings.catch_warnings(record=True) as caught:  # (said once, in the log)
                 warnings.simplefilter("always", influence.DampingWarning)
                 r = influence.category_influence(job.objective, state.params, s.train.x, s.train.y,
-                    s.val.x, s.val.y, num_classes=K, apply=job.apply, mesh=job.mesh,
-                    progress=progress, config=icfg or InfluenceConfig(curvature="gauss_newton"))
+                    s.val.x, s.val.y, num_classes=K, apply=job.apply, model=job.module,
+                    mesh=job.mesh, progress=progress, config=icfg)
             for w in caught:
                 if issubclass(w.category, influence.DampingWarning):
                     print(f"[influence] warning: {w.message}", file=job.out, flush=True)

@@ -103,3 +103,19 @@ def test_version_help_and_bad_flags_answer_without_importing_jax():
         [sys.executable, "-c", LIGHT], env=env, capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_a_cached_cli_run_does_not_log_the_cpu_feature_error(tmp_path):
+    """The second run loads its programs from the cache; XLA's misleading "could lead to SIGILL"
+    ERROR per loaded program (openxla/xla#44565) is not shown by the command line."""
+    env = {**os.environ, "PARETO_JAX_COMPILATION_CACHE": "1", "PARETO_JAX_CACHE_DIR":
+        str(tmp_path / "c"), "PYTHONPATH": str(ROOT)}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    cmd = [sys.executable, "-m", "pareto_jax.cli", "run", "--epochs", "1", "--no-progress",
+        "--out", str(tmp_path / "r")]
+    for out in ("r1", "r2"):
+        cmd[-1] = str(tmp_path / out)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert any((tmp_path / "c").iterdir())  # the second run had programs to load
+    assert "cpu_aot_loader" not in r.stderr and "SIGILL" not in r.stderr

@@ -145,7 +145,7 @@ def test_deletion_model_choice_is_checked(tmp_path):
         )
 
 
-@pytest.mark.slow  # a CNN, and (for "cnn") its Gauss-Newton influence and 2K retrainings
+@pytest.mark.slow  # a CNN, and (for "cnn") its EK-FAC influence and 2K retrainings
 @pytest.mark.parametrize("model", ["cnn-features", "cnn"])
 def test_deletion_with_deep_features_quick(tmp_path, model):
     r = reproduce.reproduce_deletion(

@@ -34,6 +34,7 @@ from .vocabulary import (
     NORMALIZERS,
     OPTIMIZERS,
     PRECONDITIONERS,
+    PRODUCT_INFLUENCE,
     PROGRAM_SOLVERS,
     RETRAIN,
     ROW_METHODS,
@@ -46,5 +47,5 @@ from .vocabulary import (
 __all__ = ["RoundsConfig", "DataConfig", "ImproveConfig", "ModelConfig", "RunConfig",
     "BaselineConfig", "InfluenceConfig", "ReweightConfig", "SearchConfig", "TrainConfig",
     "CURVATURES", "DATASETS", "EXECUTIONS", "MODEL_KINDS", "NO_DAMPING", "NORMALIZERS",
-    "OPTIMIZERS", "PRECONDITIONERS", "PROGRAM_SOLVERS", "RETRAIN", "ROW_METHODS", "SOLVERS",
-    "TEXT_FEATURES", "TRUST_REGION", "weight_bounds"]
+    "OPTIMIZERS", "PRECONDITIONERS", "PRODUCT_INFLUENCE", "PROGRAM_SOLVERS", "RETRAIN",
+    "ROW_METHODS", "SOLVERS", "TEXT_FEATURES", "TRUST_REGION", "weight_bounds"]

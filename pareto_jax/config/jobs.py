@@ -65,8 +65,8 @@ class RunConfig:
         alpha: the program's threshold for every class.
         reweight: the program's options (bounds, trust region, μ, solver).
         search: if set, PARETO-LP-GA picks α (and ρ) instead of the fixed `alpha`.
-        influence: numerical choices; None: the closed form for a linear model, else
-            ``InfluenceConfig(curvature="gauss_newton")``.
+        influence: numerical choices; None: the closed form for a linear model, else EK-FAC
+            (`InfluenceConfig.for_product`; ``pareto-jax run --influence``).
         retrain_epochs: epochs of training with the new weights from the trained model; the same
             number of unweighted epochs is run beside it as the fair comparison.
         steps: the program's direction w − 1 is taken a step t from this list, chosen on
@@ -137,10 +137,10 @@ class ImproveConfig:
     (w_max = 1) is the default: on validation, over data seeds 0–3 of this experiment, it gave a
     mean target gain of 11.1 points against 9.5 with the method's w_max = 2, no validation class
     worse in either.
-    `influence`: how P is computed for a non-linear model (None: Gauss-Newton CG with the
-    automatic damping; an `InfluenceConfig`; or "last_layer": the influence through the last
-    (linear) layer alone, in closed form on the network's penultimate activations); a linear
-    model uses the closed form, undamped.
+    `influence`: how P is computed for a non-linear model (None: EK-FAC with the automatic
+    damping, `InfluenceConfig.for_product`; an `InfluenceConfig`; or "last_layer": the
+    influence through the last (linear) layer alone, in closed form on the network's
+    penultimate activations); a linear model uses the closed form, undamped.
     `noise_fraction` = 0 (or no `noise_classes`) trains on the labels as given: the weak
     classes are then weak by nature. `n_targets`: without `targets`, the search improves the
     `n_targets` classes weakest on validation at θ^e (never chosen on test).

@@ -12,6 +12,7 @@ from .vocabulary import (
     NORMALIZERS,
     OPTIMIZERS,
     PRECONDITIONERS,
+    PRODUCT_INFLUENCE,
     PROGRAM_SOLVERS,
     RETRAIN,
     ROW_METHODS,
@@ -175,6 +176,18 @@ class InfluenceConfig:
     def exact(cls, **kw) -> "InfluenceConfig":
         """Dense Hessian solve, no damping (small models; the reference)."""
         return cls(solver="dense", damping=NO_DAMPING, **kw)
+
+    @classmethod
+    def for_product(cls, name: str = "ekfac", **kw) -> "InfluenceConfig":
+        """The influence the product's jobs use for a deep model (`pareto-jax run --influence`):
+        "ekfac" (the default: Gauss-Newton factored per layer with its eigenvalues corrected,
+        then inverted exactly; seconds on the CNNs, and as predictive of retraining as CG in
+        `bench_lds`), "kfac", or "cg" (Gauss-Newton CG to the tolerance: the exact solve, minutes
+        on a CNN). All take the "auto" damping."""
+        checks.check_choice(name, "influence", PRODUCT_INFLUENCE)
+        if name == "cg":
+            return cls(curvature="gauss_newton", **kw)
+        return cls(solver=name, curvature="gauss_newton", **kw)
 
     @classmethod
     def fast(cls, **kw) -> "InfluenceConfig":

@@ -19,6 +19,9 @@ DATASETS = ("digits", "mnist5k", "disks-separable", "disks-overlapping", "emotio
     "cifar10", "stl10", "npz")
 TEXT_FEATURES = ("tfidf", "minilm")
 RETRAIN = ("epoch", "converge")
+# how the product (`run`, the experiments, the study) computes P for a deep model: EK-FAC
+# (default), K-FAC, or Gauss-Newton CG (`InfluenceConfig.for_product`)
+PRODUCT_INFLUENCE = ("ekfac", "kfac", "cg")
 
 # the closed form's and the exact reference's damping: none
 NO_DAMPING = 0.0

@@ -20,13 +20,13 @@ DELETION_MODELS = ("linear", "cnn-features", "cnn")
 
 
 def _train_cnn(s: data.Splits, tc: train.TrainConfig):
-    """The study's CNN (`setup.build_model`, init seed = `tc.seed`) trained on the training
-    split: (apply, its final `TrainState`, features)."""
-    from ..setup import build_model
+    """The study's CNN (`setup.build`, init seed = `tc.seed`) trained on the training split:
+    (apply, its final `TrainState`, features, the nnx module)."""
+    from ..setup import build
 
-    apply, params, feats = build_model(ModelConfig("cnn", seed=tc.seed), s, with_features=True)
-    state = train.train(models.per_sample_loss(apply), params, s.train.x, s.train.y, tc).state
-    return apply, state, feats
+    b = build(ModelConfig("cnn", seed=tc.seed), s)
+    state = train.train(models.per_sample_loss(b.apply), b.params, s.train.x, s.train.y, tc).state
+    return b.apply, state, b.features, b.module
 
 
 def _deletion_linear(xt, s, K, weight_decay, xv, xte):
@@ -51,16 +51,17 @@ def _deletion_linear(xt, s, K, weight_decay, xv, xte):
 
 
 def _deletion_cnn(s, K, tc: train.TrainConfig, retrain_epochs: int):
-    """The whole CNN: P by Gauss-Newton CG at the trained params; a removal is `retrain_epochs`
-    more epochs from the trained state (params and Adam's moments) with the removed samples at
-    weight 0, compared with the same epochs with every weight 1 (the base, trained in the same
-    vmapped population as the removals, so both see the same batch order and arithmetic)."""
-    apply, state, _ = _train_cnn(s, tc)
+    """The whole CNN: P by EK-FAC (`InfluenceConfig.for_product`) at the trained params; a
+    removal is `retrain_epochs` more epochs from the trained state (params and Adam's moments)
+    with the removed samples at weight 0, compared with the same epochs with every weight 1 (the
+    base, trained in the same vmapped population as the removals, so both see the same batch
+    order and arithmetic)."""
+    apply, state, _, module = _train_cnn(s, tc)
     loss_fn = models.per_sample_loss(apply)
-    cfg = InfluenceConfig(curvature="gauss_newton", damping="auto")
     P = np.asarray(
         influence.category_influence(train.Objective.of(loss_fn, tc), state.params, s.train.x,
-            s.train.y, s.val.x, s.val.y, num_classes=K, config=cfg, apply=apply).P
+            s.train.y, s.val.x, s.val.y, num_classes=K, config=InfluenceConfig.for_product(),
+            apply=apply, model=module).P
     )
     n = len(s.train)
     ep = train.make_epoch_fn(loss_fn, tc, n, population=True)
@@ -99,7 +100,7 @@ def _setting_text(model, text, feats, s, weight_decay, tc, retrain_epochs) -> st
         "fitted to convergence (float64): last-layer influence in closed form; a removal "
         "refits the head",
         "cnn": f"The whole CNN (conv 8-16, dense 64) trained {tc.epochs} epochs (Adam, L2 λ = "
-        f"{tc.weight_decay}); influence by Gauss-Newton CG at the trained params; a removal is "
+        f"{tc.weight_decay}); influence by EK-FAC at the trained params; a removal is "
         f"{retrain_epochs} more epochs from the trained state (params and Adam's moments) with the "
         f"removed samples at weight 0, against the same {retrain_epochs} epochs with every sample "
         "(the base), all in one vmapped population",
@@ -116,7 +117,7 @@ def _removals(model, s, K, tc, retrain_epochs, weight_decay, m):
             xs_ = (s.train.x, s.val.x, s.test.x)
             if model == "cnn-features":
                 with jax.enable_x64(False):
-                    _, cnn_state, feats_fn = _train_cnn(s, tc)
+                    _, cnn_state, feats_fn, _ = _train_cnn(s, tc)
                     xs_ = [
                         np.asarray(models.frozen_features(feats_fn, cnn_state.params, x_))
                         for x_ in xs_
