@@ -170,3 +170,23 @@ def test_the_default_tolerance_is_one_float32_reaches():
             x.astype(np.float64), y, **kw, config=InfluenceConfig(damping=1e-5, rtol=1e-12))
     err = np.abs(np.asarray(r32.P, np.float64) - r64.P).max() / np.abs(r64.P).max()
     assert err < 1e-2, err
+
+
+def test_a_subset_of_the_parameters_is_answered_by_cg_and_refused_by_kfac_with_the_fix():
+    """Influence over the head alone (the rest held fixed) by a loss over that subset: CG answers
+    (Gauss-Newton through the OutputLoss); K-FAC / EK-FAC factor the whole model, so they refuse
+    with the fix instead of the KeyError they used to raise."""
+    x, y = tiny_classification(n=60, d=4, k=3, seed=2, dtype=np.float32)
+    m = models.make_model("mlp", (4,), 3, hidden=(5,), seed=0)
+    apply, params = models.functional(m)
+    head = {"head": params["head"]}
+    loss = models.OutputLoss(lambda sub, xb: apply({**params, **sub}, xb),
+        lambda z, yi: jax.nn.logsumexp(z) - z[yi])
+    kw = dict(num_classes=3, weight_decay=1e-3, model=m)
+    r = influence.category_influence(loss, head, x, y, x, y, **kw)
+    assert r.P.shape == (60, 3) and r.curvature == "gauss_newton"
+    for solver in ("kfac", "ekfac"):
+        with pytest.raises(InputError, match="subset of its parameters") as e:
+            influence.category_influence(loss, head, x, y, x, y, **kw,
+                config=InfluenceConfig(solver=solver))
+        assert "solver='cg'" in str(e.value)

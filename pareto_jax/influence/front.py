@@ -102,7 +102,7 @@ class Influence:
         choice = curvature.resolve(config, loss_fn, params, apply, x_ex, y_ex)
         validation.logit_width(choice.apply, params, x_ex, num_classes)
         if config.uses_factors:
-            _check_factor_inputs(model, xt)
+            _check_factor_inputs(model, params, xt)
         config = choice.config
         flat = kernels.flatten(loss_fn, params)
         theta = flat.theta
@@ -269,10 +269,18 @@ class Influence:
             res.value, details, names, self.sample_ids)
 
 
-def _check_factor_inputs(model, xt) -> None:
+def _check_factor_inputs(model, params, xt) -> None:
     if model is None:
         checks.fail("model", "None", "the nnx model (K-FAC/EK-FAC read its Dense/Conv layers)",
             "pass model= to category_influence")
+    if validation.apply_of_model(model, params) is None:  # not the model's own parameter tree
+        checks.fail("params",
+            f"{len(jax.tree_util.tree_leaves(params))} arrays that are not the parameter tree of "
+            f"the {type(model).__name__} passed as model= (a subset of its parameters?)",
+            "all of the model's nnx.Param, as models.functional(model) splits them: K-FAC / "
+            "EK-FAC factor every nnx.Linear / nnx.Conv layer of the model",
+            "pass the model's whole params; for influence over a subset of the parameters use "
+            "solver='cg' with a loss over that subset (the rest held fixed)")
     if not isinstance(xt, np.ndarray):
         checks.fail("x_train", "a pytree of input arrays", "one input array for K-FAC / EK-FAC",
             "use solver='cg' for models with structured inputs")
