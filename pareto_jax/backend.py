@@ -80,7 +80,8 @@ def lissa_program(curv, data, G, scale, damping, rtol, max_steps, seed):
     def batch_matvec(v, i):
         # the curvature of the objective on minibatch i alone (mean over its samples, plus λv)
         c = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0), data.chunks)
-        d = ObjectiveData(data.theta, c, jnp.maximum(jnp.sum(c.mask), 1.0), data.weight_decay)
+        d = ObjectiveData(data.theta, c, jnp.maximum(jnp.sum(c.mask), 1.0), data.weight_decay,
+            data.mask)
         return kernels.curvature_matvec(curv, d)(v)
 
     return linsolve.solve_lissa(batch_matvec, G, data.chunks.mask.shape[0], scale=scale,
@@ -101,8 +102,9 @@ def _product_step(curv, acc, theta, xb, yb, mb, V):
 
 
 @jax.jit
-def _finish_product(acc, V, n, weight_decay):
-    return acc / n + weight_decay * V
+def _finish_product(acc, V, n, weight_decay, mask):
+    U = V if mask is None else V * mask
+    return kernels.restrict(acc / n + weight_decay * U, V, mask)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -151,9 +153,11 @@ class Local:
             acc = _class_gradient_step(f, num_classes, acc, theta, xb, yb, mb, counts)
         return acc
 
-    def objective(self, theta, chunks: Chunks, n: int, weight_decay: float) -> ObjectiveData:
+    def objective(self, theta, chunks: Chunks, n: int, weight_decay: float,
+        mask=None) -> ObjectiveData:
         dt = theta.dtype
-        return ObjectiveData(theta, chunks, jnp.asarray(n, dt), jnp.asarray(weight_decay, dt))
+        return ObjectiveData(theta, chunks, jnp.asarray(n, dt), jnp.asarray(weight_decay, dt),
+            None if mask is None else jnp.asarray(mask, dt))
 
     def matvec(self, curv: Curvature, data: ObjectiveData):
         """V (K, P) -> (H + λI) V."""
@@ -162,9 +166,10 @@ class Local:
 
         def stepped(V):
             acc = jnp.zeros_like(V)
+            U = V if data.mask is None else V * data.mask
             for xb, yb, mb in kernels.iter_chunks(data.chunks):
-                acc = _product_step(curv, acc, data.theta, xb, yb, mb, V)
-            return _finish_product(acc, V, data.n, data.weight_decay)
+                acc = _product_step(curv, acc, data.theta, xb, yb, mb, U)
+            return _finish_product(acc, V, data.n, data.weight_decay, data.mask)
 
         return stepped
 
@@ -195,10 +200,12 @@ class Local:
         """LiSSA with minibatch curvature products, one chunk of `data` per draw (compiled)."""
         return lissa_program(curv, data, G, scale, damping, rtol, int(max_steps), seed)
 
-    def factors(self, model, params, x, y, *, batch_size, num_classes, output_loss, weight_decay):
+    def factors(self, model, params, x, y, *, batch_size, num_classes, output_loss, weight_decay,
+        select=None):
         """K-FAC / EK-FAC factors of the training set, streamed in batches on this device."""
         return kfac.compute_factors(model, params, x, batch_size=batch_size,
-            num_classes=num_classes, y=y, output_loss=output_loss, weight_decay=weight_decay)
+            num_classes=num_classes, y=y, output_loss=output_loss, weight_decay=weight_decay,
+            select=select)
 
     def influence_rows(self, f, method, theta, U, chunks: Chunks, n_real: int):
         U = jnp.asarray(U, theta.dtype)

@@ -262,12 +262,22 @@ class Curvature:
 
 
 class ObjectiveData(NamedTuple):
-    """The arrays of the training objective (1/n) Σ_i m_i ℓ(z_i; θ) + (λ/2)‖θ‖² at θ."""
+    """The arrays of the training objective (1/n) Σ_i m_i ℓ(z_i; θ) + (λ/2)‖θ‖² at θ, and the
+    parameters the influence is over: `mask` (1 selected, 0 held fixed; None: every one)."""
 
     theta: jax.Array
     chunks: Chunks
     n: jax.Array
     weight_decay: jax.Array
+    mask: jax.Array | None = None
+
+
+def restrict(product: jax.Array, v: jax.Array, mask) -> jax.Array:
+    """The curvature restricted to the selected parameters: M (H + λI) M v + (I − M) v (M the
+    diagonal 0/1 `mask`; `product` = (H + λI)(M v)). The held-fixed coordinates see the identity,
+    so the system stays positive definite there and a right-hand side that is zero there (the
+    masked class gradients) has a solution that is zero there."""
+    return product if mask is None else product * mask + (1 - mask) * v
 
 
 def chunk_product(curv: Curvature, theta, xb, yb, mb, v):
@@ -303,13 +313,15 @@ def curvature_matvec(curv: Curvature, data: ObjectiveData, axis_name=None) -> Ca
     is added."""
 
     def matvec(v):
+        u = v if data.mask is None else v * data.mask
+
         def body(acc, batch):
-            return acc + chunk_product(curv, data.theta, *batch, v), None
+            return acc + chunk_product(curv, data.theta, *batch, u), None
 
         acc, _ = jax.lax.scan(body, jnp.zeros_like(v), tuple(data.chunks))
         if axis_name is not None:
             acc = jax.lax.psum(acc, axis_name)
-        return acc / data.n + data.weight_decay * v
+        return restrict(acc / data.n + data.weight_decay * u, v, data.mask)
 
     return matvec
 

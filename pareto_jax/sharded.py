@@ -121,8 +121,13 @@ class Sharded:
             f, int(num_classes), self.mesh, replicate(self.mesh, theta), *chunks
         )
 
-    def objective(self, theta, chunks: Chunks, n: int, weight_decay: float) -> ObjectiveData:
+    def objective(self, theta, chunks: Chunks, n: int, weight_decay: float,
+        mask=None) -> ObjectiveData:
         del n  # the sample count is psum-ed inside every product
+        if mask is not None:
+            checks.fail("select", "a subset of the parameters on a mesh",
+                "every parameter on a mesh (the sharded products take no selection yet)",
+                "run on one device (mesh=None) for a selection, or select every parameter")
         dt = theta.dtype
         return ObjectiveData(
             replicate(self.mesh, theta), chunks, jnp.asarray(0, dt), jnp.asarray(weight_decay, dt)
@@ -159,7 +164,8 @@ class Sharded:
             data.weight_decay, replicate(self.mesh, jnp.asarray(G, dt)), jnp.asarray(scale, dt),
             jnp.asarray(damping, dt), jnp.asarray(rtol, dt), jnp.asarray(seed, jnp.uint32))
 
-    def factors(self, model, params, x, y, *, batch_size, num_classes, output_loss, weight_decay):
+    def factors(self, model, params, x, y, *, batch_size, num_classes, output_loss, weight_decay,
+        select=None):
         """K-FAC / EK-FAC factors: their moments are streamed over this process's samples, which
         in a one-process job are all of them (a multi-process job would need the moments summed over
         processes, which is not implemented: refused)."""
@@ -168,7 +174,8 @@ class Sharded:
                 "one process (the factors' moments are not summed over processes)",
                 "use solver='cg' (sharded products) in a multi-process job")
         return kfac.compute_factors(model, params, x, batch_size=batch_size,
-            num_classes=num_classes, y=y, output_loss=output_loss, weight_decay=weight_decay)
+            num_classes=num_classes, y=y, output_loss=output_loss, weight_decay=weight_decay,
+            select=select)
 
     def influence_rows(self, f, method, theta, U, chunks: Chunks, n_real: int) -> np.ndarray:
         out = _influence_sharded(f, method, self.mesh, replicate(self.mesh, theta),

@@ -144,8 +144,8 @@ def _ekfac_correction_skipped():
     def make(orig):
         import jax
 
-        @jax.jit
-        def _corrected(C, vjp, p, c, mb, rot_in, QGs):
+        @functools.partial(jax.jit, static_argnames=("keep",))
+        def _corrected(C, vjp, p, c, mb, rot_in, QGs, keep):
             return C  # the eigenvalue correction never accumulates: K-FAC's eigenvalues stay
 
         return _corrected
@@ -624,6 +624,12 @@ def _logit_width_unchecked():
     _swap(validation, "logit_width", lambda orig: lambda *a, **k: None)
 
 
+def _selection_gradients_unrestricted():
+    from pareto_jax.influence import selection
+
+    _swap(selection, "restrict_gradients", lambda orig: lambda G, mask: G)
+
+
 FAULTS: dict[str, tuple[str, list[str], object]] = {
     "influence_sign": ("P negated (beneficial reported as harmful)",
         ["tests/test_influence.py::test_sign_and_scale_identity_against_retraining"],
@@ -645,6 +651,10 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
     "num_classes_unchecked": ("num_classes not checked against the model's logits",
         ["tests/test_defaults.py::test_num_classes_must_match_the_logits"],
         _logit_width_unchecked),
+    "selection_gradients_unrestricted": (
+        "with a selection, the class gradients keep the held-fixed parameters' components",
+        ["tests/test_selection.py::test_selected_parameters_match_the_dense_solve_on_their_subspace"],
+        _selection_gradients_unrestricted),
     "gauss_newton_diagonal": ("Gauss-Newton output Hessian diag(p) instead of diag(p) − ppᵀ",
         ["tests/test_influence.py::test_gauss_newton_matches_explicit_jacobian_product"],
         _gauss_newton_diagonal_output_hessian),

@@ -167,10 +167,15 @@ class InfluenceConfig:
         checks.check_choice(self.execution, "execution", EXECUTIONS)
 
     @property
+    def factored(self) -> bool:
+        """Whether the solver is K-FAC / EK-FAC itself."""
+        return self.solver in ("kfac", "ekfac")
+
+    @property
     def uses_factors(self) -> bool:
         """Whether this config needs K-FAC / EK-FAC factors (as the solver or the "
         "preconditioner)."""
-        return self.solver in ("kfac", "ekfac") or self.preconditioner != "none"
+        return self.factored or self.preconditioner != "none"
 
     @classmethod
     def exact(cls, **kw) -> "InfluenceConfig":

@@ -12,6 +12,7 @@ pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 
 from .. import checks, io, kernels, kfac, linsolve, models, train
 from ..config import InfluenceConfig
-from . import curvature, solvers, validation
+from . import curvature, selection, solvers, validation
 from .result import InfluenceResult
 from .stages import backend_for, choose_method, on_pairs
 
@@ -52,6 +53,12 @@ class Influence:
         config, apply, model, mesh: as for `category_influence`.
         class_names: names of the K classes (carried into results).
         sample_ids: (N,) ids of the training samples (carried into results; default 0..N-1).
+        select: the parameters the influence is over, the others held fixed (gradients and
+            curvature restricted to them; `pareto_jax.influence.selection`): a path prefix
+            ("head", "blocks/0/mlp") or a list of them, an nnx module type or a tuple of types
+            (with `model=`), or ``select(path, array) -> bool``. None: every parameter, or for
+            K-FAC / EK-FAC every nnx.Linear / nnx.Conv layer (stated in the result's
+            ``details["selection"]`` when that leaves parameters out). One device only.
 
     Example:
         >>> import numpy as np
@@ -71,7 +78,7 @@ class Influence:
     def __init__(self, loss_fn, params, x_train, y_train, *, num_classes: int,
         weight_decay: float | None = None, config: InfluenceConfig = InfluenceConfig(), apply=None,
         model=None, mesh=None, class_names=None, sample_ids=None, progress: bool = False,
-        _checked=None, _saved=None):
+        select=None, _checked=None, _saved=None):
         objective = train.as_objective(loss_fn, weight_decay)
         loss_fn = objective.loss_fn
         validation.check_request(config, num_classes, mesh)
@@ -104,6 +111,7 @@ class Influence:
         if config.uses_factors:
             _check_factor_inputs(model, params, xt)
         config = choice.config
+        sel = selection.resolve(select, params, model, config.factored)
         flat = kernels.flatten(loss_fn, params)
         theta = flat.theta
         checks.check_finite_array(theta, "params", "influence: parameters")
@@ -115,19 +123,15 @@ class Influence:
         self.class_names = None if class_names is None else tuple(str(c) for c in class_names)
         self.sample_ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
         self._x, self._y, self._n, self._flat, self._be, self._example = xt, yt, n, flat, be, x_ex
-        data = be.objective(
-            theta, be.chunks(xt, yt, config.hvp_batch_size, theta.dtype), n, self.weight_decay
-        )
+        self._mask = None if sel is None else jnp.asarray(sel.mask, theta.dtype)
+        self._select = None if sel is None else sorted(sel.keys, key=str)
+        data = be.objective(theta, be.chunks(xt, yt, config.hvp_batch_size, theta.dtype), n,
+            self.weight_decay, mask=self._mask)
         matvec = be.matvec(self.curvature, data)
-        make_factors = (
-            None
-            if model is None
-            else (
-                lambda: be.factors(model, params, xt, yt, batch_size=config.hvp_batch_size,
-                    num_classes=num_classes, output_loss=choice.output_loss,
-                    weight_decay=self.weight_decay)
-            )
-        )
+        make_factors = None if model is None else functools.partial(be.factors, model, params,
+            xt, yt, batch_size=config.hvp_batch_size, num_classes=num_classes,
+            output_loss=choice.output_loss, weight_decay=self.weight_decay,
+            select=None if sel is None else sel.keys)
         self.solver = solvers.from_config(config)
         saved = _saved or {}
         self._state = self.solver.init(
@@ -137,10 +141,11 @@ class Influence:
         self.damping = (
             saved["damping"]
             if "damping" in saved
-            else linsolve.resolve_damping(config.damping, matvec, theta, config.seed)
+            else selection.damping(config.damping, matvec, theta, config.seed, self._mask)
         )
         self._details = {
             **choice.note,
+            **({} if sel is None else {"selection": sel.note}),
             "execution": be.execution
             if yt is not None
             else "stepped (streamed from a batch source)",
@@ -153,7 +158,8 @@ class Influence:
             if self._y is None
             else [self._n, *jax.tree_util.tree_leaves(self._x), self._y]
         )
-        return io.fingerprint(self._flat.theta, *data, self.weight_decay)
+        mask = [] if self._mask is None else [self._mask]
+        return io.fingerprint(self._flat.theta, *data, self.weight_decay, *mask)
 
     def save(self, folder):
         """Write the fitted state to `folder`: ``state.json`` (the resolved config, damping,
@@ -165,7 +171,8 @@ class Influence:
             folder / "state.json",
             {"config": dataclasses.asdict(self.config), "damping": self.damping,
                 "num_classes": self.num_classes, "weight_decay": self.weight_decay,
-                "class_names": self.class_names, "fingerprint": self._fingerprint()},
+                "class_names": self.class_names, "fingerprint": self._fingerprint(),
+                "select": self._select},
         )
         np.save(folder / "sample_ids.npy", self.sample_ids)
         if self.factors is not None:
@@ -200,7 +207,7 @@ class Influence:
         fit = cls(objective, params, x_train, y_train, num_classes=st["num_classes"],
             config=InfluenceConfig(**st["config"]), apply=apply, model=model, mesh=mesh,
             class_names=st["class_names"], sample_ids=np.load(folder / "sample_ids.npy"),
-            _saved=saved)
+            select=st.get("select"), _saved=saved)
         if fit._fingerprint() != st["fingerprint"]:
             checks.fail(
                 "params",
@@ -246,6 +253,7 @@ class Influence:
                 "a measurement with finite values and gradients on the validation set",
                 "guard logs and divisions in measure_fn (e.g. clip probabilities)")
         checks.check_finite_array(G, "class gradients", "influence: class gradients")
+        G = selection.restrict_gradients(G, self._mask)
         res, damping, escalations = solvers.solve_damped(
             self.solver, self._state, G, self.damping, config
         )
@@ -289,7 +297,7 @@ def _check_factor_inputs(model, params, xt) -> None:
 def category_influence(loss_fn, params, x_train, y_train, x_val, y_val, *, num_classes: int,
     weight_decay: float | None = None, config: InfluenceConfig = InfluenceConfig(), apply=None,
     model=None, mesh=None, groups=None, group_names=None, measure_fn=None, class_names=None,
-    sample_ids=None, progress: bool = False) -> InfluenceResult:
+    sample_ids=None, progress: bool = False, select=None) -> InfluenceResult:
     """The N×K category-wise influence matrix P of a trained model (``docs/method.md``).
 
     P[i, k] = (1/N) · g_kᵀ (H + δI)⁻¹ ∇ℓ(z_i; θ), g_k = ∇ mean_{val, class k} ℓ; P > 0 is
@@ -320,6 +328,7 @@ def category_influence(loss_fn, params, x_train, y_train, x_val, y_val, *, num_c
         groups, group_names, measure_fn: see `Influence.influence`.
         class_names, sample_ids: carried into the result (see `Influence`).
         progress: a progress bar over the CG iterations (host-stepped solves, the CPU default).
+        select: the parameters the influence is over, the rest held fixed (see `Influence`).
 
     Returns:
         `InfluenceResult` with P (N, K) and solver diagnostics.
@@ -349,6 +358,7 @@ def category_influence(loss_fn, params, x_train, y_train, x_val, y_val, *, num_c
         validation.groups(groups, val_checked[1], num_classes, group_names, class_names)
     fit = Influence(loss_fn, params, x_train, y_train, num_classes=num_classes,
         weight_decay=weight_decay, config=config, apply=apply, model=model, mesh=mesh,
-        class_names=class_names, sample_ids=sample_ids, progress=progress, _checked=train_checked)
+        class_names=class_names, sample_ids=sample_ids, progress=progress, select=select,
+        _checked=train_checked)
     return fit.influence(x_val, y_val, groups=groups, group_names=group_names,
         measure_fn=measure_fn, _checked=val_checked)

@@ -34,11 +34,12 @@ from .factors import (
     kernel_matrix,
     load_factors,
     output_root,
+    param_keys,
     patches,
     save_factors,
 )
 from .solve import apply_inverse, preconditioner, solve_kfac
 
 __all__ = ["Factors", "Layer", "LayerFactors", "compute_factors", "kernel_from_matrix",
-    "kernel_matrix", "load_factors", "output_root", "patches", "save_factors", "apply_inverse",
-    "preconditioner", "solve_kfac"]
+    "kernel_matrix", "load_factors", "output_root", "param_keys", "patches", "save_factors",
+    "apply_inverse", "preconditioner", "solve_kfac"]

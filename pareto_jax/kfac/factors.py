@@ -250,7 +250,7 @@ def output_root(logits, y, output_loss=None):
 
 
 @functools.lru_cache(maxsize=32)
-def _forward_program(graphdef, treedef, layers, output_loss=None):
+def _forward_program(graphdef, treedef, layers, keep, output_loss=None):
     """jit: (params, xb, yb) -> (R, ã per layer, the VJP of the logits with respect to every
     layer's output), R the per-sample root of the output loss's Hessian (`output_root`). The VJP
     is a pytree (its residuals are the forward pass's activations), so every class's backward
@@ -269,8 +269,8 @@ def _forward_program(graphdef, treedef, layers, output_loss=None):
             return logits, [r[1] for r in rec]
 
         logits, vjp, acts = jax.vjp(fwd, taps0, has_aux=True)
-        return (output_root(logits, yb, output_loss), [_inputs(l, a) for l, a in zip(layers, acts)],
-            vjp)
+        ins = [_inputs(layers[i], acts[i]) for i in keep]  # the selected layers' inputs
+        return output_root(logits, yb, output_loss), ins, vjp
 
     return jax.jit(forward)
 
@@ -280,9 +280,11 @@ def _class_cotangent(R, c, mb):
     return R[:, :, c] * mb[:, None]
 
 
-def _pseudo_gradients(vjp, p, c, mb):
-    """Class c's pseudo-gradient at every layer's output, each as (B, T, out)."""
-    return [d.reshape(d.shape[0], -1, d.shape[-1]) for d in vjp(_class_cotangent(p, c, mb))[0]]
+def _pseudo_gradients(vjp, p, c, mb, keep):
+    """Class c's pseudo-gradient at each selected layer's output (`keep`: their indices among
+    every tapped layer), each as (B, T, out)."""
+    ds = vjp(_class_cotangent(p, c, mb))[0]
+    return [ds[i].reshape(ds[i].shape[0], -1, ds[i].shape[-1]) for i in keep]
 
 
 @jax.jit
@@ -293,10 +295,11 @@ def _input_moments(A, ins, mb):
     ]
 
 
-@jax.jit
-def _output_moments(S, vjp, p, c, mb):
+@functools.partial(jax.jit, static_argnames=("keep",))
+def _output_moments(S, vjp, p, c, mb, keep):
     return [
-        s + jnp.einsum("bto,btp->op", d, d) for s, d in zip(S, _pseudo_gradients(vjp, p, c, mb))
+        s + jnp.einsum("bto,btp->op", d, d)
+        for s, d in zip(S, _pseudo_gradients(vjp, p, c, mb, keep))
     ]
 
 
@@ -305,11 +308,11 @@ def _rotate_inputs(ins, QAs):
     return [jnp.einsum("bti,ia->bta", at, QA) for at, QA in zip(ins, QAs)]
 
 
-@jax.jit
-def _corrected(C, vjp, p, c, mb, rot_in, QGs):
+@functools.partial(jax.jit, static_argnames=("keep",))
+def _corrected(C, vjp, p, c, mb, rot_in, QGs, keep):
     """Σ_b (Q_Aᵀ (Σ_t ã_t δ_ctᵀ) Q_S)² for class c, added to C (rank one for a dense layer)."""
     out = []
-    for acc, ai, d, QG in zip(C, rot_in, _pseudo_gradients(vjp, p, c, mb), QGs):
+    for acc, ai, d, QG in zip(C, rot_in, _pseudo_gradients(vjp, p, c, mb, keep), QGs):
         dr = jnp.einsum("bto,op->btp", d, QG)
         if ai.shape[1] == 1:  # one position: the per-sample gradient is rank one
             out.append(acc + (ai[:, 0] ** 2).T @ (dr[:, 0] ** 2))
@@ -318,18 +321,26 @@ def _corrected(C, vjp, p, c, mb, rot_in, QGs):
     return out
 
 
-def _layout(params, layers) -> tuple[tuple, ...]:
-    """(kernel offset, kernel shape, bias offset or −1) of each layer in `ravel_pytree` order."""
+def param_keys(params) -> list[tuple]:
+    """Each parameter array's path as a tuple of keys, in `ravel_pytree` order."""
+    return [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kp)
+        for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _layout(params, layers, select=None) -> tuple[tuple, ...]:
+    """(kernel offset, kernel shape, bias offset or −1) of each layer in `ravel_pytree` order;
+    every selected parameter (`select`: a set of key paths; None: all) must be in a layer."""
     where, off = {}, 0
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kp)
+    for keys, leaf in zip(param_keys(params), jax.tree_util.tree_leaves(params)):
         where[keys] = (off, tuple(np.shape(leaf)))
         off += int(np.size(leaf))
     covered = {l.path for l in layers}
     for keys in where:
-        if keys[:-1] not in covered:
+        if keys[:-1] not in covered and (select is None or keys in select):
             checks.fail("params", f"parameter {keys} outside any nnx.Linear / nnx.Conv layer",
-                "a model made of Dense and Conv layers", "use solver='cg'")
+                "a model made of Dense and Conv layers, or a selection of their parameters",
+                "select the layers' parameters only (select=, the default for K-FAC / EK-FAC "
+                "through Influence), or use solver='cg'")
     return tuple(
         (where[l.path + ("kernel",)][0], where[l.path + ("kernel",)][1],
             where[l.path + ("bias",)][0] if l.has_bias else -1)
@@ -338,7 +349,7 @@ def _layout(params, layers) -> tuple[tuple, ...]:
 
 
 def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_classes: int,
-    weight_decay: float, y=None, output_loss=None) -> Factors:
+    weight_decay: float, y=None, output_loss=None, select=None) -> Factors:
     """K-FAC and EK-FAC factors of the Gauss-Newton matrix over the data x (and `weight_decay`, the
     objective's λ, which every solve with them adds; see `Factors`).
 
@@ -355,11 +366,23 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     """
     x = np.asarray(x)
     n = x.shape[0]
-    graphdef, treedef, layers = _discover(model, x[:1])
-    layout, num_params = _layout(params, layers)
+    graphdef, treedef, every = _discover(model, x[:1])
+    keep = tuple(i for i, l in enumerate(every) if select is None or l.path + ("kernel",) in select)
+    for l in every:  # a layer is selected whole or not at all
+        if select is not None and l.has_bias and (
+            (l.path + ("kernel",) in select) != (l.path + ("bias",) in select)
+        ):
+            checks.fail("select", f"the kernel or the bias of layer {l.path} alone",
+                "whole layers for K-FAC / EK-FAC (kernel and bias together)",
+                "select both, or neither, or use solver='cg'")
+    if not keep:
+        checks.fail("select", "no nnx.Linear / nnx.Conv layer", "at least one selected layer",
+            "select a Dense or Conv layer's parameters, or use solver='cg'")
+    layers = tuple(every[i] for i in keep)
+    layout, num_params = _layout(params, layers, select)
     if output_loss is not None and y is None:
         checks.fail("y", "None", "the training labels when output_loss is given", "pass y=")
-    forward = _forward_program(graphdef, treedef, layers, output_loss)
+    forward = _forward_program(graphdef, treedef, every, keep, output_loss)
     xc, yc, mc = kernels.pad_chunks(
         x, np.zeros(n, np.int32) if y is None else np.asarray(y), batch_size
     )
@@ -377,7 +400,7 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
         p, ins, vjp = forward(params, xb, yb)
         A = _input_moments(A, ins, mb)
         for c in range(num_classes):
-            S = _output_moments(S, vjp, p, c, mb)
+            S = _output_moments(S, vjp, p, c, mb, keep)
     eig = [(jnp.linalg.eigh(a / n), jnp.linalg.eigh(s / n)) for a, s in zip(A, S)]
     QAs, QGs = [e[0][1] for e in eig], [e[1][1] for e in eig]
     C = [jnp.zeros((qa.shape[0], qg.shape[0]), dt) for qa, qg in zip(QAs, QGs)]
@@ -385,7 +408,7 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
         p, ins, vjp = forward(params, xb, yb)
         rot_in = _rotate_inputs(ins, QAs)
         for c in range(num_classes):
-            C = _corrected(C, vjp, p, c, mb, rot_in, QGs)
+            C = _corrected(C, vjp, p, c, mb, rot_in, QGs, keep)
     facs = tuple(
         LayerFactors(qa, qg, jnp.outer(jnp.maximum(la, 0.0), jnp.maximum(ls, 0.0)), ci / n)
         for ((la, qa), (ls, qg)), ci in zip(eig, C)
