@@ -110,9 +110,16 @@ class TrainState(NamedTuple):
     epoch: int
 
 
+# Adam's ε inside the square root: √(ν + ε_root). At ν = 0 (a parameter whose gradient is zero at
+# every step, e.g. a linear model's weight on an always-blank pixel from a zero start) √ν has an
+# infinite derivative, and the unrolled influence's reverse pass through the steps gave NaN for
+# every sample. 1e-30 changes no update that matters (ε = 1e-8 sits outside the root).
+ADAM_EPS_ROOT = 1e-30
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     if config.optimizer == "adam":
-        return optax.adam(config.learning_rate)
+        return optax.adam(config.learning_rate, eps_root=ADAM_EPS_ROOT)
     if config.optimizer == "sgd":
         return optax.sgd(config.learning_rate, momentum=config.momentum)
     return optax.sgd(config.learning_rate)

@@ -630,6 +630,22 @@ def _selection_gradients_unrestricted():
     _swap(selection, "restrict_gradients", lambda orig: lambda G, mask: G)
 
 
+def _adam_without_eps_root():
+    import optax
+
+    from pareto_jax import train
+
+    def make(orig):
+        def make_optimizer(config):
+            if config.optimizer == "adam":
+                return optax.adam(config.learning_rate)  # √ν: infinite derivative at ν = 0
+            return orig(config)
+
+        return make_optimizer
+
+    _swap(train, "make_optimizer", make)
+
+
 FAULTS: dict[str, tuple[str, list[str], object]] = {
     "influence_sign": ("P negated (beneficial reported as harmful)",
         ["tests/test_influence.py::test_sign_and_scale_identity_against_retraining"],
@@ -655,6 +671,10 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
         "with a selection, the class gradients keep the held-fixed parameters' components",
         ["tests/test_selection.py::test_selected_parameters_match_the_dense_solve_on_their_subspace"],
         _selection_gradients_unrestricted),
+    "adam_without_eps_root": (
+        "Adam's square root without its inner ε (the unrolled influence NaN at a still parameter)",
+        ["tests/test_unroll.py::test_unroll_through_adam_with_a_parameter_that_never_moves"],
+        _adam_without_eps_root),
     "gauss_newton_diagonal": ("Gauss-Newton output Hessian diag(p) instead of diag(p) − ppᵀ",
         ["tests/test_influence.py::test_gauss_newton_matches_explicit_jacobian_product"],
         _gauss_newton_diagonal_output_hessian),

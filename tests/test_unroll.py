@@ -137,3 +137,29 @@ def test_unroll_refuses_bad_input(mlp_checkpoint):
     with pytest.raises(InputError, match="y_val"):
         influence.unrolled_influence(influence.Retraining(loss, tc, state), x, tr.y, s.val.x,
             np.zeros_like(s.val.y), num_classes=10)
+
+
+def test_unroll_through_adam_with_a_parameter_that_never_moves(x64):
+    """A linear model from a zero start on digits: the weights on always-blank pixels have a zero
+    gradient at every Adam step, where √ν has an infinite derivative (every row of P was NaN
+    before `train.ADAM_EPS_ROOT`). P is finite and equals the actual retraining's central
+    difference."""
+    s = data.stratified_split(data.load_digits(), seed=0)
+    tr = s.train.subset(np.arange(200))
+    x = tr.x.astype(np.float64)
+    assert np.any(np.all(x == 0, axis=0))  # blank pixels
+    apply, params = models.functional(models.make_model("linear", (64,), 10))
+    assert all(np.all(np.asarray(p) == 0) for p in jax.tree_util.tree_leaves(params))
+    loss = models.per_sample_loss(apply)
+    tc = train.TrainConfig(epochs=2, batch_size=50, learning_rate=0.01, weight_decay=1e-3)
+    state = train.train(loss, to64(params), x, tr.y, tc).state
+    res = influence.unrolled_influence(influence.Retraining(loss, tc, state, epochs=1), x, tr.y,
+        s.val.x.astype(np.float64), s.val.y, num_classes=10)
+    P = np.asarray(res.P)
+    assert np.all(np.isfinite(P)) and np.abs(P).max() > 0
+    v = np.random.default_rng(1).normal(size=len(tr))
+    eps = 1e-5
+    up = _actual_class_losses(loss, tc, state, x, tr.y, 1 + eps * v, s.val.x, s.val.y, 1)
+    dn = _actual_class_losses(loss, tc, state, x, tr.y, 1 - eps * v, s.val.x, s.val.y, 1)
+    fd = (np.asarray(up) - np.asarray(dn)) / (2 * eps)
+    np.testing.assert_allclose(-P.T @ v, fd, rtol=1e-5, atol=1e-9 * np.abs(fd).max())

@@ -299,8 +299,7 @@ def unrolled_influence(retraining: Retraining, x_train, y_train, x_val, y_val, *
     checks.check_finite_array(
         P,
         "P",
-        "unrolled influence (a parameter whose gradient is exactly zero at "
-        "every step makes Adam's square root non-differentiable)",
+        "unrolled influence (the retraining's loss or its derivative overflowed)",
     )
     steps = r.epochs * train.batches_per_epoch(n, r.config.batch_size)[0]
     z = np.zeros(K)
