@@ -357,7 +357,7 @@ def smallest_eigenvalue(
     steps = int(min(steps, dim))
     v = jax.random.normal(jax.random.PRNGKey(seed), (dim,), dtype)
     v = v / jnp.linalg.norm(v)
-    mv = jax.jit(matvec)
+    mv = matvec  # (already compiled per chunk: a jit here would bake the data in as constants)
     basis, alphas, betas = [v], [], []
     for j in range(steps):
         w = mv(basis[-1])

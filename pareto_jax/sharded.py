@@ -127,7 +127,8 @@ class Sharded:
         if mask is not None:
             checks.fail("select", "a subset of the parameters on a mesh",
                 "every parameter on a mesh (the sharded products take no selection yet)",
-                "run on one device (mesh=None) for a selection, or select every parameter")
+                "run on one device (mesh=None); with K-FAC / EK-FAC on a model with parameters "
+                "outside its Linear / Conv layers (a norm layer), or use solver='cg' on the mesh")
         dt = theta.dtype
         return ObjectiveData(
             replicate(self.mesh, theta), chunks, jnp.asarray(0, dt), jnp.asarray(weight_decay, dt)

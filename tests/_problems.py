@@ -54,3 +54,31 @@ def class_val_loss(loss_fn, params, x, y, K):
     l = jax.vmap(loss_fn, (None, 0, 0))(params, jnp.asarray(x, jnp.float64), jnp.asarray(y))
     oh = jax.nn.one_hot(y, K)
     return np.asarray(oh.T @ l / oh.sum(0))
+
+
+def subspace_P(apply, params, keys, x, y, K, *, weight_decay, damping, curvature="gauss_newton",
+    output_loss=None):
+    """P on the parameter arrays `keys` (top-level names) by a dense float64 solve, the rest of
+    `params` closed over as constants: (1/N) g_i,Sᵀ (H_SS + (λ + δ)I)⁻¹ g_k,S, H the Gauss-Newton
+    matrix Σ Jᵀ H_out J / N (or the Hessian) of the cross-entropy (or `output_loss`)."""
+    out = output_loss or (lambda z, yi: jax.nn.logsumexp(z) - z[yi])
+    flat, unravel = ravel_pytree({k: params[k] for k in keys})
+
+    def full(t):
+        return {**params, **unravel(t)}
+
+    def loss(t, xi, yi):
+        return out(apply(full(t), xi[None])[0], yi)
+
+    xs, ys = jnp.asarray(x), jnp.asarray(y)
+    if curvature == "hessian":
+        H = jax.hessian(lambda t: jnp.mean(jax.vmap(loss, (None, 0, 0))(t, xs, ys)))(flat)
+    else:
+        J = jax.vmap(lambda xi: jax.jacrev(lambda t: apply(full(t), xi[None])[0])(flat))(xs)
+        Hout = jax.vmap(jax.hessian(out))(apply(params, xs), ys)
+        H = jnp.einsum("nkp,nkl,nlq->pq", J, Hout, J) / len(y)
+    g = jax.vmap(jax.grad(loss), (None, 0, 0))(flat, xs, ys)
+    gk = jnp.stack([g[ys == k].mean(0) for k in range(K)])
+    A = H + (weight_decay + damping) * jnp.eye(flat.size)
+    trivial = g @ gk.T / len(y)  # the identity curvature: the bar to clear
+    return np.asarray(g @ jnp.linalg.solve(A, gk.T) / len(y)), np.asarray(trivial)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _problems import subspace_P
 from conftest import tiny_classification
 from flax import nnx
 from jax.flatten_util import ravel_pytree
@@ -44,29 +45,8 @@ def _trained(model_fn, seed=0):
 
 
 def _subspace_reference(apply, params, keys, x, y, curvature):
-    """P on the selected arrays by a dense solve: θ_S flat, the rest closed over as constants."""
-    sel = {k: params[k] for k in keys}
-    flat, unravel = ravel_pytree(sel)
-
-    def full(t):
-        return {**params, **unravel(t)}
-
-    def ce(t, xi, yi):
-        z = apply(full(t), xi[None])[0]
-        return jax.nn.logsumexp(z) - z[yi]
-
-    xs, ys = jnp.asarray(x), jnp.asarray(y)
-    if curvature == "hessian":
-        H = jax.hessian(lambda t: jnp.mean(jax.vmap(ce, (None, 0, 0))(t, xs, ys)))(flat)
-    else:
-        J = jax.vmap(lambda xi: jax.jacrev(lambda t: apply(full(t), xi[None])[0])(flat))(xs)
-        pr = jax.nn.softmax(apply(params, xs))
-        Hout = jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(pr)
-        H = jnp.einsum("nkp,nkl,nlq->pq", J, Hout, J) / len(y)
-    g = jax.vmap(jax.grad(ce), (None, 0, 0))(flat, xs, ys)
-    gk = jnp.stack([g[ys == k].mean(0) for k in range(3)])
-    A = H + (WD + DAMP) * jnp.eye(flat.size)
-    return np.asarray(g @ jnp.linalg.solve(A, gk.T) / len(y))
+    return subspace_P(apply, params, keys, x, y, 3, weight_decay=WD, damping=DAMP,
+        curvature=curvature)[0]
 
 
 @pytest.mark.parametrize("solver, curvature", [("cg", "gauss_newton"), ("dense", "hessian"),
@@ -96,17 +76,8 @@ def test_kfac_holds_the_layers_it_cannot_factor_fixed_and_says_so(x64):
     layers with LayerNorm held fixed, and are measured against the exact Gauss-Newton solve on
     that subspace (closer to it than the trivial answer, the identity curvature)."""
     m, apply, params, loss, x, y = _trained(lambda: NormMLP(5, 3, nnx.Rngs(0)))
-    ref = _subspace_reference(apply, params, ["inp", "head"], x, y, "gauss_newton")
-    xs, ys = jnp.asarray(x), jnp.asarray(y)
-    sel = {k: params[k] for k in ("inp", "head")}
-    flat, unravel = ravel_pytree(sel)
-
-    def ce(t, xi, yi):
-        z = apply({**params, **unravel(t)}, xi[None])[0]
-        return jax.nn.logsumexp(z) - z[yi]
-
-    g = jax.vmap(jax.grad(ce), (None, 0, 0))(flat, xs, ys)
-    trivial = np.asarray(g @ jnp.stack([g[ys == k].mean(0) for k in range(3)]).T / len(y))
+    ref, trivial = subspace_P(apply, params, ["inp", "head"], x, y, 3, weight_decay=WD,
+        damping=DAMP)
     for solver in ("ekfac", "kfac"):
         res = influence.category_influence(loss, params, x, y, x, y, num_classes=3,
             weight_decay=WD, apply=apply, model=m,
@@ -144,3 +115,35 @@ def test_a_saved_selection_is_loaded_with_it(x64, tmp_path):
     P = fit.influence(x, y).P
     back = Influence.load(fit.save(tmp_path / "s"), obj, params, x, y, apply=apply)
     np.testing.assert_allclose(back.influence(x, y).P, P, rtol=1e-9, atol=1e-14)
+
+
+def test_lissa_on_a_selection_scales_by_the_selected_block(x64):
+    """LiSSA's scale is the top eigenvalue of H_SS + (λ + δ)I (not the identity that the
+    held-fixed coordinates see), checked against a dense eigendecomposition of the block."""
+    m, apply, params, loss, x, y = _trained(
+        lambda: models.make_model("mlp", (5,), 3, hidden=(7,), seed=1))
+    cfg = InfluenceConfig(solver="lissa", curvature="hessian", damping=DAMP, max_steps=50)
+    res = influence.category_influence(loss, params, x, y, x, y, num_classes=3, weight_decay=WD,
+        apply=apply, config=cfg, select="head")
+    flat, unravel = ravel_pytree({"head": params["head"]})
+
+    def mean_loss(t):
+        return jnp.mean(jax.vmap(lambda xi, yi: loss({**params, **unravel(t)}, xi, yi))(
+            jnp.asarray(x), jnp.asarray(y)))
+
+    top = float(np.linalg.eigvalsh(np.asarray(jax.hessian(mean_loss)(flat)))[-1]) + WD + DAMP
+    assert res.details["lambda_max"] == pytest.approx(top, rel=0.05)
+
+
+def test_a_module_type_selects_everything_inside_it(x64):
+    """select=<a module type> takes every parameter inside those modules, sub-modules included:
+    the whole network's type selects all of it (the unrestricted answer), LayerNorm its own."""
+    m, apply, params, loss, x, y = _trained(lambda: NormMLP(5, 3, nnx.Rngs(0)))
+    kw = dict(num_classes=3, weight_decay=WD, apply=apply, model=m,
+        config=InfluenceConfig(damping=DAMP, rtol=1e-11))
+    whole = influence.category_influence(loss, params, x, y, x, y, **kw)
+    by_type = influence.category_influence(loss, params, x, y, x, y, select=NormMLP, **kw)
+    assert "selection" not in by_type.details
+    np.testing.assert_allclose(by_type.P, whole.P, rtol=1e-9, atol=1e-14)
+    norm = influence.category_influence(loss, params, x, y, x, y, select=nnx.LayerNorm, **kw)
+    assert "influence over 16 of" in norm.details["selection"]

@@ -107,7 +107,8 @@ class Influence:
         if apply is None and not isinstance(loss_fn, models.OutputLoss):
             apply = validation.apply_of_model(model, params)  # model= reaches the logits too
         choice = curvature.resolve(config, loss_fn, params, apply, x_ex, y_ex)
-        validation.logit_width(choice.apply, params, x_ex, num_classes)
+        if choice.curvature == "gauss_newton" or config.uses_factors:  # (the logits are used)
+            validation.logit_width(choice.apply, params, x_ex, num_classes)
         if config.uses_factors:
             _check_factor_inputs(model, params, xt)
         config = choice.config
@@ -287,8 +288,8 @@ def _check_factor_inputs(model, params, xt) -> None:
             f"the {type(model).__name__} passed as model= (a subset of its parameters?)",
             "all of the model's nnx.Param, as models.functional(model) splits them: K-FAC / "
             "EK-FAC factor every nnx.Linear / nnx.Conv layer of the model",
-            "pass the model's whole params; for influence over a subset of the parameters use "
-            "solver='cg' with a loss over that subset (the rest held fixed)")
+            "pass the model's whole params (models.functional(model)); for influence over a "
+            "subset of the parameters pass select= with them (the rest held fixed)")
     if not isinstance(xt, np.ndarray):
         checks.fail("x_train", "a pytree of input arrays", "one input array for K-FAC / EK-FAC",
             "use solver='cg' for models with structured inputs")
@@ -353,7 +354,8 @@ def category_influence(loss_fn, params, x_train, y_train, x_val, y_val, *, num_c
         val_checked = None
     else:
         reach = validation.reachable_apply(loss_fn, apply, model, params)
-        validation.logit_width(reach, params, train_checked[0], num_classes)  # before the classes
+        if config.curvature != "hessian":  # (the logits are used) checked before the classes
+            validation.logit_width(reach, params, train_checked[0], num_classes)
         val_checked = validation.val_set(train_checked[0], x_val, y_val, num_classes)
         validation.groups(groups, val_checked[1], num_classes, group_names, class_names)
     fit = Influence(loss_fn, params, x_train, y_train, num_classes=num_classes,

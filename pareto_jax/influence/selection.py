@@ -30,9 +30,13 @@ class Selection(NamedTuple):
     note: str
 
 
-def _layer_keys(model, all_keys, types=(nnx.Linear, nnx.Conv)) -> set:
-    paths = {tuple(p) for p, m in nnx.iter_graph(model) if isinstance(m, types)}
-    return {k for k in all_keys if k[:-1] in paths}
+def _layer_keys(model, all_keys, types=(nnx.Linear, nnx.Conv), *, whole: bool = False) -> set:
+    """The parameters of the modules of these types: their own (K-FAC's layers), or with
+    `whole` every parameter inside them (a block holding sub-modules)."""
+    paths = [tuple(p) for p, m in nnx.iter_graph(model) if isinstance(m, types)]
+    if whole:
+        return {k for k in all_keys if any(k[: len(p)] == p for p in paths)}
+    return {k for k in all_keys if k[:-1] in set(paths)}
 
 
 def _as_path(prefix) -> tuple:
@@ -49,7 +53,7 @@ def _chosen(select, params, model, all_keys) -> set:
         if model is None:
             checks.fail("select", f"module types {select}", "model= to find those modules in",
                 "pass model=, or select by parameter path")
-        return _layer_keys(model, all_keys, select)
+        return _layer_keys(model, all_keys, select, whole=True)
     if callable(select):
         return {k for k, leaf in zip(all_keys, leaves) if bool(select(k, leaf))}
     if isinstance(select, (str, tuple, list)):
@@ -102,7 +106,7 @@ def damping(setting, matvec, theta, seed: int, mask) -> float:
     if mask is None or setting != "auto":
         return linsolve.resolve_damping(setting, matvec, theta, seed)
     d = linsolve.resolve_damping(setting, lambda V: matvec(V) - (1 - mask) * V, theta, seed)
-    return d * mask.size / max(float(mask.sum()), 1.0)
+    return max(d * mask.size / max(float(mask.sum()), 1.0), 1e-8)  # (the floor after scaling)
 
 
 def restrict_gradients(G, mask):

@@ -166,19 +166,13 @@ def load_factors(path: str | Path) -> Factors:
     return Factors(layers, facs, layout, int(meta["num_params"]), float(meta["weight_decay"]))
 
 
-def _discover(model: nnx.Module, x0) -> tuple[Any, Any, tuple[Layer, ...]]:
-    """(graphdef, state treedef, layers in call order) from an abstract forward pass."""
-    graphdef, state = nnx.split(model)
-    if jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nnx.Param))):
-        checks.fail(
-            "model",
-            f"an {type(model).__name__} with state other than nnx.Param (batch statistics, "
-            "RNG state)",
-            "a model of nnx.Linear / nnx.Conv layers and parameter-free functions for "
-            "K-FAC / EK-FAC",
-            "use solver='cg' (any model) for this model",
-        )
-    copy = nnx.merge(graphdef, state)
+def _discover(model: nnx.Module, x0) -> tuple[Any, Any, Any, tuple[Layer, ...]]:
+    """(graphdef, the params' treedef, the state that is not a param, layers in call order) from
+    an abstract forward pass. The non-param state (BatchNorm's running statistics, RNG state) is
+    held fixed and the model run in evaluation mode, as `models.functional` runs it."""
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    copy = nnx.merge(graphdef, state, rest)
+    copy.eval()
     paths = {
         id(m): tuple(p) for p, m in nnx.iter_graph(copy) if isinstance(m, (nnx.Linear, nnx.Conv))
     }
@@ -220,7 +214,7 @@ def _discover(model: nnx.Module, x0) -> tuple[Any, Any, tuple[Layer, ...]]:
     if not layers:
         checks.fail("model", "a model with no nnx.Linear / nnx.Conv layers", "Dense or Conv layers",
             "use solver='cg' for this model")
-    return graphdef, jax.tree_util.tree_structure(state), tuple(layers)
+    return graphdef, jax.tree_util.tree_structure(state), rest, tuple(layers)
 
 
 def _inputs(layer: Layer, a):
@@ -256,14 +250,14 @@ def _forward_program(graphdef, treedef, layers, keep, output_loss=None):
     is a pytree (its residuals are the forward pass's activations), so every class's backward
     pass reuses this one forward pass across jit calls."""
 
-    def forward(params, xb, yb):
+    def forward(params, rest, xb, yb):  # rest: the non-param state, held fixed
         taps0 = [jnp.zeros((xb.shape[0], *l.out_shape), xb.dtype) for l in layers]
 
         def fwd(taps):
             rec: list = []
-            m = nnx.merge(
-                graphdef, jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(params))
-            )
+            state = jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(params))
+            m = nnx.merge(graphdef, state, rest)
+            m.eval()  # dropout off, batch norm on its running statistics
             with _tapped(m, rec, taps):
                 logits = m(xb)
             return logits, [r[1] for r in rec]
@@ -323,7 +317,7 @@ def _corrected(C, vjp, p, c, mb, rot_in, QGs, keep):
 
 def param_keys(params) -> list[tuple]:
     """Each parameter array's path as a tuple of keys, in `ravel_pytree` order."""
-    return [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kp)
+    return [tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in kp)
         for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
@@ -339,8 +333,8 @@ def _layout(params, layers, select=None) -> tuple[tuple, ...]:
         if keys[:-1] not in covered and (select is None or keys in select):
             checks.fail("params", f"parameter {keys} outside any nnx.Linear / nnx.Conv layer",
                 "a model made of Dense and Conv layers, or a selection of their parameters",
-                "select the layers' parameters only (select=, the default for K-FAC / EK-FAC "
-                "through Influence), or use solver='cg'")
+                "with solver='kfac' / 'ekfac' through Influence the layers are selected by "
+                "default; as a CG preconditioner, use preconditioner='none' for this model")
     return tuple(
         (where[l.path + ("kernel",)][0], where[l.path + ("kernel",)][1],
             where[l.path + ("bias",)][0] if l.has_bias else -1)
@@ -366,7 +360,7 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     """
     x = np.asarray(x)
     n = x.shape[0]
-    graphdef, treedef, every = _discover(model, x[:1])
+    graphdef, treedef, rest, every = _discover(model, x[:1])
     keep = tuple(i for i, l in enumerate(every) if select is None or l.path + ("kernel",) in select)
     for l in every:  # a layer is selected whole or not at all
         if select is not None and l.has_bias and (
@@ -382,7 +376,11 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     layout, num_params = _layout(params, layers, select)
     if output_loss is not None and y is None:
         checks.fail("y", "None", "the training labels when output_loss is given", "pass y=")
-    forward = _forward_program(graphdef, treedef, every, keep, output_loss)
+    program = _forward_program(graphdef, treedef, every, keep, output_loss)
+
+    def forward(params, xb, yb):
+        return program(params, rest, xb, yb)
+
     xc, yc, mc = kernels.pad_chunks(
         x, np.zeros(n, np.int32) if y is None else np.asarray(y), batch_size
     )
