@@ -172,10 +172,10 @@ def test_the_default_tolerance_is_one_float32_reaches():
     assert err < 1e-2, err
 
 
-def test_a_subset_of_the_parameters_is_answered_by_cg_and_refused_by_kfac_with_the_fix():
-    """Influence over the head alone (the rest held fixed) by a loss over that subset: CG answers
-    (Gauss-Newton through the OutputLoss); K-FAC / EK-FAC factor the whole model, so they refuse
-    with the fix instead of the KeyError they used to raise."""
+def test_a_params_subset_is_answered_by_cg_and_refused_by_kfac_with_the_fix():
+    """Influence over the head alone by a loss over that subset of the params: CG answers
+    (Gauss-Newton through the OutputLoss); K-FAC / EK-FAC need the model's whole params, so they
+    refuse, naming select= (instead of the KeyError they used to raise)."""
     x, y = tiny_classification(n=60, d=4, k=3, seed=2, dtype=np.float32)
     m = models.make_model("mlp", (4,), 3, hidden=(5,), seed=0)
     apply, params = models.functional(m)
@@ -189,4 +189,4 @@ def test_a_subset_of_the_parameters_is_answered_by_cg_and_refused_by_kfac_with_t
         with pytest.raises(InputError, match="subset of its parameters") as e:
             influence.category_influence(loss, head, x, y, x, y, **kw,
                 config=InfluenceConfig(solver=solver))
-        assert "solver='cg'" in str(e.value)
+        assert "select=" in str(e.value)
