@@ -93,7 +93,7 @@ def run_config(a) -> RunConfig:
             devices=a.devices,
             influence=None
             if a.model == "linear"
-            else InfluenceConfig.for_product(a.influence or "ekfac"),
+            else InfluenceConfig.for_product(a.influence),
         )
     except checks.InputError as e:
         raise _as_flag_error(e) from None

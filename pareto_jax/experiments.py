@@ -15,8 +15,8 @@ import numpy as np
 import scipy.stats
 
 from . import checks, data, evaluation, influence, io, models, pareto, rounds, search, train
-from .config import ImproveConfig, InfluenceConfig, RoundsConfig, SearchConfig
-from .setup import build, load_data
+from .config import ImproveConfig, RoundsConfig, SearchConfig
+from .setup import build, load_data, product_influence
 
 
 def influence_at(objective: train.Objective, apply, params, splits, K, model_kind, config=None,
@@ -35,7 +35,7 @@ def influence_at(objective: train.Objective, apply, params, splits, K, model_kin
     if model_kind == "linear":
         return influence.linear_category_influence(params, splits.train.x, splits.train.y,
             splits.val.x, splits.val.y, num_classes=K, weight_decay=wd)
-    cfg = config or InfluenceConfig.for_product()
+    cfg = product_influence(config, model_kind)
     return influence.category_influence(objective, params, splits.train.x, splits.train.y,
         splits.val.x, splits.val.y, num_classes=K, config=cfg, apply=apply, model=module)
 

@@ -357,10 +357,9 @@ def smallest_eigenvalue(
     steps = int(min(steps, dim))
     v = jax.random.normal(jax.random.PRNGKey(seed), (dim,), dtype)
     v = v / jnp.linalg.norm(v)
-    mv = matvec  # (already compiled per chunk: a jit here would bake the data in as constants)
     basis, alphas, betas = [v], [], []
     for j in range(steps):
-        w = mv(basis[-1])
+        w = matvec(basis[-1])  # (not jitted here: that would bake the data in as constants)
         a = jnp.vdot(basis[-1], w)
         V = jnp.stack(basis)
         w = w - V.T @ (V @ w)  # full re-orthogonalisation (twice is enough)

@@ -183,12 +183,13 @@ class InfluenceConfig:
         return cls(solver="dense", damping=NO_DAMPING, **kw)
 
     @classmethod
-    def for_product(cls, name: str = "ekfac", **kw) -> "InfluenceConfig":
+    def for_product(cls, name: str | None = None, **kw) -> "InfluenceConfig":
         """The influence the product's jobs use for a deep model (`pareto-jax run --influence`):
         "ekfac" (the default: Gauss-Newton factored per layer with its eigenvalues corrected,
         then inverted exactly; seconds on the CNNs, and as predictive of retraining as CG in
         `bench_lds`), "kfac", or "cg" (Gauss-Newton CG to the tolerance: the exact solve, minutes
         on a CNN). All take the "auto" damping."""
+        name = name or PRODUCT_INFLUENCE[0]  # (None: the default, "ekfac")
         checks.check_choice(name, "influence", PRODUCT_INFLUENCE)
         if name == "cg":
             return cls(curvature="gauss_newton", **kw)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import checks, io, kernels, kfac, linsolve, models, train
+from .. import checks, io, kernels, kfac, linsolve, train
 from ..config import InfluenceConfig
 from . import curvature, selection, solvers, validation
 from .result import InfluenceResult
@@ -104,8 +104,7 @@ class Influence:
             x_ex, y_ex, n = xt, yt, checks.num_inputs(xt)
         validation.loss(loss_fn, params, x_ex, y_ex)
         validation.class_names_and_ids(class_names, sample_ids, num_classes, n)
-        if apply is None and not isinstance(loss_fn, models.OutputLoss):
-            apply = validation.apply_of_model(model, params)  # model= reaches the logits too
+        apply = validation.reachable_apply(loss_fn, apply, model, params)  # model= reaches too
         choice = curvature.resolve(config, loss_fn, params, apply, x_ex, y_ex)
         if choice.curvature == "gauss_newton" or config.uses_factors:  # (the logits are used)
             validation.logit_width(choice.apply, params, x_ex, num_classes)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .. import checks, kfac
+from .. import checks, kfac, linsolve
 
 
 class Selection(NamedTuple):
@@ -92,20 +92,18 @@ def resolve(select: Any, params, model, uses_factors: bool) -> Selection | None:
     return Selection(frozenset(chosen), mask, note)
 
 
-def by_path(*prefixes: str) -> Callable:
-    """A selection by parameter path prefix, e.g. ``by_path("head", "blocks/1/mlp")``."""
-    paths = [_as_path(p) for p in prefixes]
-    return lambda key, leaf: any(key[: len(p)] == p for p in paths)
+def block(matvec: Callable, mask) -> Callable:
+    """The batched `matvec` of the restricted operator (`kernels.restrict`) with the identity on
+    the held-fixed coordinates taken out: the selected block H_SS + λI alone, zero elsewhere."""
+    return matvec if mask is None else (lambda V: matvec(V) - (1 - mask) * V)
 
 
 def damping(setting, matvec, theta, seed: int, mask) -> float:
     """`linsolve.resolve_damping` on the selected block: "auto" is 1e-4 of the mean eigenvalue
-    of H_SS + λI (the masked operator's identity on the held-fixed coordinates taken out)."""
-    from .. import linsolve
-
+    of H_SS + λI (`block`)."""
     if mask is None or setting != "auto":
         return linsolve.resolve_damping(setting, matvec, theta, seed)
-    d = linsolve.resolve_damping(setting, lambda V: matvec(V) - (1 - mask) * V, theta, seed)
+    d = linsolve.resolve_damping(setting, block(matvec, mask), theta, seed)
     return max(d * mask.size / max(float(mask.sum()), 1.0), 1e-8)  # (the floor after scaling)
 
 

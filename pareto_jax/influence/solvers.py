@@ -24,6 +24,7 @@ from .. import checks, kfac, linsolve
 from .. import config as _config
 from ..config import InfluenceConfig
 from ..kernels import Curvature, ObjectiveData
+from . import selection
 
 
 class Operator(NamedTuple):
@@ -115,13 +116,11 @@ class LiSSA:
 
     def solve(self, state: State, G, damping) -> linsolve.SolveResult:
         op = state.operator
-        theta, mask = op.data.theta, op.data.mask
-
-        def mv(v):  # the selected block's curvature (a selection's identity taken out)
-            out = op.matvec(v[None])[0] + damping * v
-            return out if mask is None else out - (1 - mask) * v
-
-        lam = linsolve.power_iteration(mv, theta.size, theta.dtype, seed=self.seed)
+        theta = op.data.theta
+        blk = selection.block(op.matvec, op.data.mask)  # (a selection's identity taken out)
+        lam = linsolve.power_iteration(
+            lambda v: blk(v[None])[0] + damping * v, theta.size, theta.dtype, seed=self.seed
+        )
         state.details.update(lissa_scale=1.2 * lam, lambda_max=lam)
         res = op.backend.lissa(op.curvature, op.data, G, scale=1.2 * lam, damping=damping,
             rtol=linsolve.resolve_rtol(self.rtol, G.dtype), max_steps=self.max_steps, seed=self.seed

@@ -180,12 +180,14 @@ def apply_of_model(model, params):
 
 
 def reachable_apply(loss_fn, apply, model, params):
-    """The way to the logits the curvature will use: `apply`, an `OutputLoss`'s own, or the
-    model's (`apply_of_model`); None when nothing reaches them."""
+    """The way to the logits the curvature will use: `apply` as given, else an `OutputLoss`'s
+    own, else the model's (`apply_of_model`); None when nothing reaches them."""
     loss_fn = getattr(loss_fn, "loss_fn", loss_fn)  # a train.Objective's own loss
+    if apply is not None:
+        return apply
     if isinstance(loss_fn, models.OutputLoss):
         return loss_fn.apply
-    return apply if apply is not None else apply_of_model(model, params)
+    return apply_of_model(model, params)
 
 
 def logit_width(apply, params, x, num_classes: int) -> None:
