@@ -222,9 +222,9 @@ def _unroll_methods(setting: _Setting, prob, st, targets, scfg, mode, ref, progr
     Returns (rows, extra weightings)."""
     s, K = setting.splits, setting.num_classes
     r = influence.Retraining(setting.loss_fn, prob.train_config, st, epochs=1)
-    P_u = np.asarray(
-        influence.unrolled_influence(r, s.train.x, s.train.y, s.val.x, s.val.y, num_classes=K).P
-    )
+    res = influence.unrolled_influence(r, s.train.x, s.train.y, s.val.x, s.val.y, num_classes=K)
+    P_u = np.asarray(res.P)
+    print(f"unrolled influence computed in {res.details['precision']}", file=out)
     kw = dict(mode=mode, ref_params=None if mode == "direct" else ref)
     res_u = search.run_search(prob, P_u, targets, config=dataclasses.replace(scfg, retrain="epoch"),
         progress=progress, **kw)

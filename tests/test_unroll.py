@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from _problems import class_val_loss, digits_linear, to64
 
-from pareto_jax import data, distributed, influence, models, train
+from pareto_jax import NumericalError, data, distributed, influence, models, train
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,38 @@ def test_unroll_through_adam_with_a_parameter_that_never_moves(x64):
     dn = _actual_class_losses(loss, tc, state, x, tr.y, 1 - eps * v, s.val.x, s.val.y, 1)
     fd = (np.asarray(up) - np.asarray(dn)) / (2 * eps)
     np.testing.assert_allclose(-P.T @ v, fd, rtol=1e-5, atol=1e-9 * np.abs(fd).max())
+
+
+def test_unroll_recomputes_in_float64_when_float32_overflows():
+    """The same blank-pixel case in float32 with many steps: along weights the data never move,
+    Adam's step has slope ≈ lr·(1 − β₁)·λ/ε per step (here ≈ 100), so the backward pass overflows
+    float32 while the float64 pass is finite. "native" refuses with the fix, "auto" warns and
+    recomputes in float64 (recorded), and its P equals the central difference of the actual
+    retraining (in float64)."""
+    s = data.stratified_split(data.load_digits(), seed=0)
+    tr = s.train.subset(np.arange(200))
+    blank = np.all(tr.x == 0, axis=0)
+    assert np.any(s.val.x[:, blank] != 0)  # the validation loss reaches the never-moved weights
+    apply, params = models.functional(models.make_model("linear", (64,), 10))
+    loss = models.per_sample_loss(apply)
+    tc = train.TrainConfig(epochs=2, batch_size=10, learning_rate=0.01, weight_decay=1e-3)
+    state = train.train(loss, params, tr.x, tr.y, tc).state
+    args = (tr.x, tr.y, s.val.x, s.val.y)
+    with pytest.raises(NumericalError, match="precision='float64'"):
+        influence.unrolled_influence(influence.Retraining(loss, tc, state, epochs=2,
+            precision="native"), *args, num_classes=10)
+    with pytest.warns(influence.PrecisionWarning, match="float64"):
+        res = influence.unrolled_influence(influence.Retraining(loss, tc, state, epochs=2), *args,
+            num_classes=10)
+    assert res.details["precision"] == "float64 (float32 overflowed)"
+    P = np.asarray(res.P, np.float64)
+    assert res.P.dtype == np.float32 and np.all(np.isfinite(P)) and np.abs(P).max() > 0
+    v = np.random.default_rng(2).normal(size=len(tr))
+    eps = 1e-5
+    with jax.enable_x64(True):
+        st64 = train.TrainState(to64(state.params), to64(state.opt_state), state.epoch)
+        x = tr.x.astype(np.float64)
+        up = _actual_class_losses(loss, tc, st64, x, tr.y, 1 + eps * v, s.val.x, s.val.y, 2)
+        dn = _actual_class_losses(loss, tc, st64, x, tr.y, 1 - eps * v, s.val.x, s.val.y, 2)
+    fd = (np.asarray(up) - np.asarray(dn)) / (2 * eps)
+    np.testing.assert_allclose(-P.T @ v, fd, rtol=1e-4, atol=1e-6 * np.abs(fd).max())

@@ -46,9 +46,10 @@ from .stages import (
     per_sample_gradients,
     predict_class_loss_change,
 )
-from .unroll import Retraining, unrolled_influence
+from .unroll import PrecisionWarning, Retraining, unrolled_influence
 
-__all__ = ["InfluenceConfig", "Retraining", "unrolled_influence", "Influence", "category_influence",
+__all__ = ["InfluenceConfig", "PrecisionWarning", "Retraining", "unrolled_influence", "Influence",
+    "category_influence",
     "InfluenceResult", "influence_regions", "JOINT_POSITIVE", "JOINT_NEGATIVE", "TRADE_OFF",
     "REGION_NAMES", "CG", "Dense", "LiSSA", "KFAC", "DampingWarning", "choose_method",
     "class_gradients", "influence_from_solutions", "influence_matrix", "linear_category_influence",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -48,12 +49,17 @@ class Retraining:
         config: the `TrainConfig` of the retraining (that of the checkpoint, usually).
         state: the `train.TrainState` it starts from.
         epochs: weighted epochs (>= 1).
+        precision: the dtype the retraining and its derivative are computed in: "auto" (the
+            state's own; if that is float32 and the derivative overflows, the whole pass again
+            in float64, recorded in the result's ``details["precision"]`` with a
+            `PrecisionWarning`), "native" (the state's own, an overflow raises) or "float64".
     """
 
     loss_fn: object
     config: TrainConfig
     state: train.TrainState
     epochs: int = 1
+    precision: str = "auto"
 
     def __post_init__(self):
         validation.loss_callable(self.loss_fn)
@@ -65,6 +71,7 @@ class Retraining:
                 "a train.TrainState (params, opt_state, epoch)",
                 "pass the checkpoint's state, e.g. train.load_checkpoint(...)")
         checks.check_positive(self.epochs, "epochs", integer=True)
+        checks.check_choice(self.precision, "precision", PRECISIONS)
 
     @property
     def objective(self) -> train.Objective:
@@ -104,6 +111,13 @@ def _compiled(r_key, K, measure, n, params, opt_state, x, y, xv, yv, mv, counts,
     L = lambda w_: _class_losses(measure, theta(w_), xv, yv, mv, counts, K)  # noqa: E731
     losses, vjp = jax.vjp(L, w)
     return losses, jax.vmap(lambda c: vjp(c)[0])(jnp.eye(K, dtype=losses.dtype))
+
+
+PRECISIONS = ("auto", "native", "float64")
+
+
+class PrecisionWarning(UserWarning):
+    """The unrolled derivative overflowed in float32 and was computed again in float64."""
 
 
 class _Key:
@@ -213,6 +227,37 @@ def _sharded(r: Retraining, K, measure, n, mesh, X, Y, XV, YV, mv, counts, w):
     return losses, jax.vmap(lambda c: vjp(c)[0])(jnp.eye(K, dtype=losses.dtype))
 
 
+def _in_float64(state: train.TrainState) -> train.TrainState:
+    """The state with every float array in float64 (inside ``jax.enable_x64``)."""
+    f64 = lambda a: (  # noqa: E731
+        jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact)
+        else jnp.asarray(a))
+    return train.TrainState(jax.tree_util.tree_map(f64, state.params),
+        jax.tree_util.tree_map(f64, state.opt_state), state.epoch)
+
+
+def _run(r: Retraining, K, measure, n, xt, yt, xv, yv, weights, execution, mesh, dt):
+    """(class losses, P (N, K) as numpy, whether the steps were driven from the host) in `dt`."""
+    X, Y = kernels.cast_floats(xt, dt), jnp.asarray(yt)
+    XV, YV = kernels.cast_floats(xv, dt), jnp.asarray(yv)
+    mv = jnp.ones(yv.shape[0], dt)
+    counts = jnp.asarray(np.maximum(np.bincount(yv, minlength=K), 1), dt)
+    w = (
+        jnp.ones(n, dt)
+        if weights is None
+        else jnp.asarray(checks.as_weights(weights, n, "weights"), dt)
+    )
+    stepped = mesh is None and kernels.loops_on_host(execution)
+    if mesh is not None:
+        losses, J = _sharded(r, K, measure, n, mesh, X, Y, XV, YV, mv, counts, w)
+    elif stepped:
+        losses, J = _stepped(r, K, measure, n, X, Y, XV, YV, mv, counts, w)
+    else:
+        losses, J = _compiled(_Key(r), K, measure, n, r.state.params, r.state.opt_state, X, Y, XV,
+            YV, mv, counts, r.state.epoch, w)
+    return np.asarray(losses), -np.asarray(J).T, stepped
+
+
 def _checked(r, x_train, y_train, x_val, y_val, num_classes, measure_fn, class_names, sample_ids):
     """The inputs validated once, before any work: (x_train, y_train, x_val, y_val, measure)."""
     xt, yt = validation.train_set(x_train, y_train, num_classes)
@@ -277,34 +322,39 @@ def unrolled_influence(retraining: Retraining, x_train, y_train, x_val, y_val, *
         r, x_train, y_train, x_val, y_val, num_classes, measure_fn, class_names, sample_ids
     )
     n, K = checks.num_inputs(xt), int(num_classes)
-    dt = jnp.result_type(*jax.tree_util.tree_leaves(r.state.params))
-    X, Y = kernels.cast_floats(xt, dt), jnp.asarray(yt)
-    XV, YV = kernels.cast_floats(xv, dt), jnp.asarray(yv)
-    mv = jnp.ones(yv.shape[0], dt)
-    counts = jnp.asarray(np.maximum(np.bincount(yv, minlength=K), 1), dt)
-    w = (
-        jnp.ones(n, dt)
-        if weights is None
-        else jnp.asarray(checks.as_weights(weights, n, "weights"), dt)
-    )
-    stepped = mesh is None and kernels.loops_on_host(execution)
-    if mesh is not None:
-        losses, J = _sharded(r, K, measure, n, mesh, X, Y, XV, YV, mv, counts, w)
-    elif stepped:
-        losses, J = _stepped(r, K, measure, n, X, Y, XV, YV, mv, counts, w)
-    else:
-        losses, J = _compiled(_Key(r), K, measure, n, r.state.params, r.state.opt_state, X, Y, XV,
-            YV, mv, counts, r.state.epoch, w)
-    P = -np.asarray(J).T
-    checks.check_finite_array(
-        P,
-        "P",
-        "unrolled influence (the retraining's loss or its derivative overflowed)",
-    )
+    native = jnp.result_type(*jax.tree_util.tree_leaves(r.state.params))
+    args = (K, measure, n, xt, yt, xv, yv, weights, execution, mesh)
+    precision = str(np.dtype(native))
+    if r.precision != "float64":
+        losses, P, stepped = _run(r, *args, native)
+    if r.precision == "float64" or (
+        r.precision == "auto" and native == jnp.float32 and not np.all(np.isfinite(P))
+    ):
+        if r.precision == "auto":
+            warnings.warn(PrecisionWarning(
+                "the unrolled derivative overflowed in float32 (through Adam it grows by about "
+                "lr/eps per step along parameters the data never move); computed again in "
+                "float64"), stacklevel=2)
+            precision = "float64 (float32 overflowed)"
+        else:
+            precision = "float64"
+        with jax.enable_x64(True):
+            losses, P, stepped = _run(dataclasses.replace(r, state=_in_float64(r.state)), *args,
+                jnp.float64)
+        P = P.astype(native)
+    if not np.all(np.isfinite(P)):
+        raise checks.NumericalError(
+            f"unrolled influence: `P` has {int((~np.isfinite(P)).sum())} non-finite value(s) "
+            f"out of {P.size} (the retraining's loss or its derivative overflowed in "
+            f"{precision}). Fix: check the loss for overflow; with Adam, the derivative grows by "
+            "about lr/eps per step along parameters the data never move, so use fewer steps "
+            "(epochs) or Retraining(precision='float64')."
+        )
     steps = r.epochs * train.batches_per_epoch(n, r.config.batch_size)[0]
     z = np.zeros(K)
     details = {"class_losses_after": np.asarray(losses).tolist(), "optimizer_steps": steps,
         "epochs": r.epochs, "execution": "stepped" if stepped else "compiled",
+        "precision": precision,
         "linearised_at": "w = 1" if weights is None else "the given weights"}
     return InfluenceResult(jnp.asarray(P), "unroll", "unroll", "none", 0.0, (), np.full(K, steps),
         z, np.ones(K, bool), np.zeros(K, bool), np.zeros(K, np.int32), None, details,
