@@ -652,6 +652,36 @@ def _float64_recompute_in_float32():
     _swap(unroll, "_in_float64", lambda orig: (lambda state: state))
 
 
+def _embedding_pairs_dropped():
+    import jax
+
+    from pareto_jax.kfac import factors
+
+    def moment(ids, dr, vocab):  # as if no sample repeated a token
+        return jax.ops.segment_sum((dr * dr).reshape(-1, dr.shape[-1]), ids.ravel(), vocab)
+
+    _swap(factors, "_embedding_moment", lambda orig: moment)
+
+
+def _general_axes_not_moved():
+    import jax.numpy as jnp
+
+    from pareto_jax.kfac import layers
+
+    def inputs(orig):
+        def f(layer, a):
+            if layer.kind != "general":
+                return orig(layer, a)
+            at = a.reshape(a.shape[0], -1, layer.in_features)  # contracted axes left in place
+            if layer.has_bias:
+                at = jnp.concatenate([at, jnp.ones((*at.shape[:2], 1), at.dtype)], -1)
+            return at
+
+        return f
+
+    _swap(layers, "inputs", inputs)
+
+
 FAULTS: dict[str, tuple[str, list[str], object]] = {
     "influence_sign": ("P negated (beneficial reported as harmful)",
         ["tests/test_influence.py::test_sign_and_scale_identity_against_retraining"],
@@ -685,6 +715,14 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
         "the unrolled estimator's float64 recompute keeps the state in float32",
         ["tests/test_unroll.py::test_unroll_recomputes_in_float64_when_float32_overflows"],
         _float64_recompute_in_float32),
+    "embedding_pairs_dropped": (
+        "EK-FAC's embedding moment ignores a sample's repeated tokens",
+        ["tests/test_kfac_layers.py::test_an_embedding_is_factored_as_a_linear_on_one_hot_tokens"],
+        _embedding_pairs_dropped),
+    "general_axes_not_moved": (
+        "a LinearGeneral's input reshaped without moving its contracted axes last",
+        ["tests/test_kfac_layers.py::test_linear_general_is_factored_as_the_linear_it_reshapes"],
+        _general_axes_not_moved),
     "gauss_newton_diagonal": ("Gauss-Newton output Hessian diag(p) instead of diag(p) − ppᵀ",
         ["tests/test_influence.py::test_gauss_newton_matches_explicit_jacobian_product"],
         _gauss_newton_diagonal_output_hessian),

@@ -57,7 +57,7 @@ class Influence:
             curvature restricted to them; `pareto_jax.influence.selection`): a path prefix
             ("head", "blocks/0/mlp") or a list of them, an nnx module type or a tuple of types
             (with `model=`), or ``select(path, array) -> bool``. None: every parameter, or for
-            K-FAC / EK-FAC every nnx.Linear / nnx.Conv layer (stated in the result's
+            K-FAC / EK-FAC every layer they factor (`kfac.FACTORED_TYPES`; stated in the result's
             ``details["selection"]`` when that leaves parameters out). One device only.
 
     Example:
@@ -286,7 +286,7 @@ def _check_factor_inputs(model, params, xt) -> None:
             f"{len(jax.tree_util.tree_leaves(params))} arrays that are not the parameter tree of "
             f"the {type(model).__name__} passed as model= (a subset of its parameters?)",
             "all of the model's nnx.Param, as models.functional(model) splits them: K-FAC / "
-            "EK-FAC factor every nnx.Linear / nnx.Conv layer of the model",
+            "EK-FAC factor every Linear / LinearGeneral / Conv / Embed layer of the model",
             "pass the model's whole params (models.functional(model)); for influence over a "
             "subset of the parameters pass select= with them (the rest held fixed)")
     if not isinstance(xt, np.ndarray):

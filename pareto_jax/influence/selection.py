@@ -5,9 +5,9 @@ per-sample gradients are their S components, and the curvature is the S×S block
 objective's curvature, H_SS + λI (`docs/method.md`, "Influence over chosen parameters"). It is
 what the influence would be if the unselected parameters were constants of the model; it
 approximates the full answer as the parameters outside S matter less to the change that a
-reweighting makes. K-FAC / EK-FAC select every `nnx.Linear` / `nnx.Conv` layer by default (the
-layers they can factor), so a model with norm layers or embeddings is answered with those held
-fixed, and said so in ``details["selection"]``.
+reweighting makes. K-FAC / EK-FAC select every layer they can factor by default
+(`kfac.FACTORED_TYPES`: Linear, LinearGeneral, Conv, Embed), so a model with norm layers is
+answered with their scales and biases held fixed, and said so in ``details["selection"]``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Selection(NamedTuple):
     note: str
 
 
-def _layer_keys(model, all_keys, types=(nnx.Linear, nnx.Conv), *, whole: bool = False) -> set:
+def _layer_keys(model, all_keys, types=kfac.FACTORED_TYPES, *, whole: bool = False) -> set:
     """The parameters of the modules of these types: their own (K-FAC's layers), or with
     `whole` every parameter inside them (a block holding sub-modules)."""
     paths = [tuple(p) for p, m in nnx.iter_graph(model) if isinstance(m, types)]
@@ -66,8 +66,8 @@ def _chosen(select, params, model, all_keys) -> set:
 
 def resolve(select: Any, params, model, uses_factors: bool) -> Selection | None:
     """The `Selection` for `select` (None: every parameter, or for K-FAC / EK-FAC every
-    parameter of an nnx.Linear / nnx.Conv layer); None when every parameter is selected (the
-    unrestricted problem, with no mask)."""
+    parameter of a factored layer, `kfac.FACTORED_TYPES`); None when every parameter is selected
+    (the unrestricted problem, with no mask)."""
     all_keys = kfac.param_keys(params)
     if select is None and not (uses_factors and model is not None):
         return None
@@ -83,7 +83,7 @@ def resolve(select: Any, params, model, uses_factors: bool) -> Selection | None:
     mask = np.concatenate([np.full(np.size(leaf), k in chosen, np.float64)
         for k, leaf in zip(all_keys, leaves)])
     fixed = [k for k in all_keys if k not in chosen]
-    how = "every nnx.Linear / nnx.Conv layer (K-FAC / EK-FAC's default)" if select is None else (
+    how = f"every {kfac.TYPE_NAMES} layer (K-FAC / EK-FAC's default)" if select is None else (
         "as selected")
     note = (f"influence over {int(mask.sum())} of {mask.size} parameters ({len(chosen)} of "
         f"{len(all_keys)} arrays, {how}); held fixed: "

@@ -1,4 +1,5 @@
-"""K-FAC and EK-FAC curvature for flax nnx Dense / Conv layers: factors and their solve.
+"""K-FAC and EK-FAC curvature for flax nnx Linear, LinearGeneral, Conv and Embed layers: factors
+and their solve (`layers` says how each is seen as a matrix applied at positions).
 
 For the Gauss-Newton matrix of softmax cross-entropy, G = E_i[J_iᵀ H_i J_i] with the output
 Hessian H_i = diag p_i − p_i p_iᵀ = Σ_c p_ic (p_i − e_c)(p_i − e_c)ᵀ, so H_i = R_i R_iᵀ with
@@ -15,6 +16,12 @@ the bias; conv patches per position t) and output pseudo-gradients δ_c:
   E[Σ_c (Q_Aᵀ (Σ_t ã_t δ_ctᵀ) Q_S)²]. For a dense layer applied once per sample the per-sample
   gradient is rank one, so this is E[Σ_c (Q_Aᵀã)² (Q_Sᵀδ_c)²ᵀ] and no per-sample gradient
   matrix is ever formed.
+* **Embeddings**: ã_t is the one-hot of the token at position t, so A is diagonal (the tokens'
+  mean frequency per position) with the identity as eigenbasis, never formed as a V × V matrix;
+  EK-FAC's moment for token v is E[Σ_c ((Σ_{t: token v} Q_Sᵀδ_ct)²)], summed over the pairs of
+  positions of a sample that hold the same token.
+* **Sequences** (Linear / LinearGeneral on (B, T, ...)): the positions are the tokens, as for a
+  convolution's output positions; EK-FAC then uses the per-sample gradient summed over them.
 
 `compute_factors` streams the data in fixed-size batches (one forward pass per batch, then one
 class's backward pass at a time from its residuals: never a (K, batch, ...) array, and nothing
@@ -27,19 +34,17 @@ See ``docs/method.md`` §3.
 
 from .factors import (
     Factors,
-    Layer,
     LayerFactors,
     compute_factors,
-    kernel_from_matrix,
-    kernel_matrix,
     load_factors,
     output_root,
     param_keys,
-    patches,
     save_factors,
 )
+from .layers import FACTORED_TYPES, TYPE_NAMES, Layer, kernel_from_matrix, kernel_matrix, patches
 from .solve import apply_inverse, preconditioner, solve_kfac
 
-__all__ = ["Factors", "Layer", "LayerFactors", "compute_factors", "kernel_from_matrix",
-    "kernel_matrix", "load_factors", "output_root", "param_keys", "patches", "save_factors",
+__all__ = ["FACTORED_TYPES", "TYPE_NAMES", "Factors", "Layer", "LayerFactors", "compute_factors",
+    "kernel_from_matrix", "kernel_matrix", "load_factors", "output_root", "param_keys", "patches",
+    "save_factors",
     "apply_inverse", "preconditioner", "solve_kfac"]

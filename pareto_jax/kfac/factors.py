@@ -1,9 +1,7 @@
-"""K-FAC and EK-FAC factors of flax nnx Dense / Conv layers (see the package docstring)."""
+"""K-FAC and EK-FAC factors of the factored layers (`layers`; see the package docstring)."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 from pathlib import Path
@@ -15,93 +13,14 @@ import numpy as np
 from flax import nnx
 
 from .. import checks, io, kernels
-
-# ----------------------------------------------------------------------------- layer taps
-
-
-_RECORDER: contextvars.ContextVar = contextvars.ContextVar("pareto_jax_kfac_recorder", default=None)
-
-
-@functools.lru_cache(maxsize=None)
-def _tapping_class(cls):
-    """A subclass of a Linear / Conv class whose call records (module, input, output shape) and
-    adds the current tap to its output (`_tapped`)."""
-
-    def __call__(self, x, *a, **k):
-        out = cls.__call__(self, x, *a, **k)
-        rec = _RECORDER.get()
-        if rec is None:
-            return out
-        records, taps = rec
-        i = len(records)
-        records.append((self, x, out.shape))
-        return out if taps is None else out + taps[i]
-
-    tapping = type(f"Tapped{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
-    _TAPPING.add(tapping)
-    return tapping
-
-
-_TAPPING: set = set()
-
-
-@contextlib.contextmanager
-def _tapped(module: nnx.Module, records: list, taps: list | None):
-    """Within the block, every nnx.Linear / nnx.Conv call of `module` (a copy made by
-    `nnx.merge` for this trace, never the user's model, and never the flax classes themselves)
-    records (module, input, output shape) and adds `taps[i]` to the i-th output, so a VJP with
-    respect to the taps gives each layer's output gradient."""
-    for _, sub in nnx.iter_graph(module):
-        if isinstance(sub, (nnx.Linear, nnx.Conv)) and type(sub) not in _TAPPING:
-            sub.__class__ = _tapping_class(type(sub))
-    token = _RECORDER.set((records, taps))
-    try:
-        yield module
-    finally:
-        _RECORDER.reset(token)
-
-
-class Layer(NamedTuple):
-    """One Dense/Conv layer as K-FAC sees it (hashable: a static argument of the programs)."""
-
-    kind: str  # "dense" or "conv"
-    path: tuple  # the module's path in the params tree
-    in_features: int  # rows of the layer's weight matrix (conv: Cin·kh·kw), bias excluded
-    out_features: int
-    has_bias: bool
-    conv: tuple | None  # (kernel_size, strides, padding) of a conv
-    out_shape: tuple  # per-sample output shape
-
-
-def patches(x, conv: tuple):
-    """Conv input patches (B, H', W', Cin·kh·kw) in the (Cin, kh, kw) feature order, for
-    ``conv = (kernel_size, strides, padding)``."""
-    ks, strides, pad = conv
-    return jax.lax.conv_general_dilated_patches(
-        x, ks, strides, pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-
-
-def kernel_matrix(kernel, kind):
-    """Layer weight as (in, out): conv kernels (kh, kw, Cin, Cout) -> (Cin·kh·kw, Cout)."""
-    if kind == "dense":
-        return kernel
-    kh, kw, cin, cout = kernel.shape
-    return jnp.transpose(kernel, (2, 0, 1, 3)).reshape(cin * kh * kw, cout)
-
-
-def kernel_from_matrix(m, shape, kind):
-    if kind == "dense":
-        return m
-    kh, kw, cin, cout = shape
-    return jnp.transpose(m.reshape(cin, kh, kw, cout), (1, 2, 0, 3))
-
+from .layers import FACTORED_TYPES, TYPE_NAMES, Layer, describe, inputs, tapped
 
 # ----------------------------------------------------------------------------- factors
 
 
 class LayerFactors(NamedTuple):
-    QA: jax.Array  # (in+1, in+1) eigenvectors of A (in rows without a bias)
+    QA: jax.Array  # (in+1, in+1) eigenvectors of A (in rows without a bias; (0, 0) for an
+    # embedding, whose A is diagonal: its eigenvectors are the identity)
     QG: jax.Array  # (out, out) eigenvectors of S
     lam_kfac: jax.Array  # (in+1, out) λ_A ⊗ λ_S
     lam_ekfac: jax.Array  # (in+1, out) corrected eigenvalues
@@ -109,7 +28,7 @@ class LayerFactors(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Factors:
-    """K-FAC / EK-FAC factors of every Dense / Conv layer, with each layer's place in the flat
+    """K-FAC / EK-FAC factors of every factored layer, with each layer's place in the flat
     parameter vector (`layout`: (kernel offset, kernel shape, bias offset or −1) per layer).
 
     They approximate the curvature of the whole training objective, G + λI: `weight_decay` is
@@ -150,8 +69,9 @@ def load_factors(path: str | Path) -> Factors:
             else tuple(tuple(v) if isinstance(v, list) else v for v in d["conv"])
         )
         path = tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in d["path"])
+        axes = d.get("axes")
         return Layer(d["kind"], path, d["in_features"], d["out_features"], d["has_bias"], conv,
-            tuple(d["out_shape"]))
+            tuple(d["out_shape"]), None if axes is None else tuple(axes))
 
     layers = tuple(layer(d) for d in meta["layers"])
     facs = tuple(
@@ -173,60 +93,15 @@ def _discover(model: nnx.Module, x0) -> tuple[Any, Any, Any, tuple[Layer, ...]]:
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     copy = nnx.merge(graphdef, state, rest)
     copy.eval()
-    paths = {
-        id(m): tuple(p) for p, m in nnx.iter_graph(copy) if isinstance(m, (nnx.Linear, nnx.Conv))
-    }
+    paths = {id(m): tuple(p) for p, m in nnx.iter_graph(copy) if isinstance(m, FACTORED_TYPES)}
     recs: list = []
-    with _tapped(copy, recs, None) as m:
+    with tapped(copy, recs, None) as m:
         jax.eval_shape(lambda x: m(x), jnp.asarray(x0))
-    layers = []
-    for mod, _, out_shape in recs:
-        has_bias = getattr(mod, "bias", None) is not None and getattr(mod, "use_bias", True)
-        if isinstance(mod, nnx.Conv):
-            if (
-                getattr(mod, "feature_group_count", 1) != 1
-                or any(d != 1 for d in np.ravel(mod.kernel_dilation or 1))
-                or any(d != 1 for d in np.ravel(mod.input_dilation or 1))
-            ):
-                checks.fail("model", "a grouped or dilated nnx.Conv", "plain convolutions",
-                    "use solver='cg' for this model")
-            strides = (
-                tuple(mod.strides) if isinstance(mod.strides, (tuple, list)) else (mod.strides,) * 2
-            )
-            pad = mod.padding
-            if isinstance(pad, int):
-                pad = ((pad, pad), (pad, pad))
-            elif not isinstance(pad, str):
-                pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
-            if isinstance(pad, str) and pad not in ("SAME", "VALID"):
-                checks.fail("model", f"an nnx.Conv with padding {pad!r}",
-                    "SAME, VALID or explicit padding", "use solver='cg' for this model")
-            kh, kw = mod.kernel_size
-            layers.append(
-                Layer("conv", paths[id(mod)], int(mod.in_features * kh * kw), int(mod.out_features),
-                    has_bias, (tuple(mod.kernel_size), strides, pad), tuple(out_shape[1:]))
-            )
-        else:
-            layers.append(
-                Layer("dense", paths[id(mod)], int(mod.in_features), int(mod.out_features),
-                    has_bias, None, tuple(out_shape[1:]))
-            )
+    layers = tuple(describe(mod, paths[id(mod)], x, out_shape) for mod, x, out_shape in recs)
     if not layers:
-        checks.fail("model", "a model with no nnx.Linear / nnx.Conv layers", "Dense or Conv layers",
+        checks.fail("model", f"a model with no {TYPE_NAMES} layers", "layers K-FAC can factor",
             "use solver='cg' for this model")
-    return graphdef, jax.tree_util.tree_structure(state), rest, tuple(layers)
-
-
-def _inputs(layer: Layer, a):
-    """ã: the layer's input per position, (B, T, in (+1 for the bias))."""
-    if layer.kind == "dense":
-        at = a.reshape(a.shape[0], -1, layer.in_features)
-    else:
-        pt = patches(a, layer.conv)
-        at = pt.reshape(pt.shape[0], -1, pt.shape[-1])
-    if layer.has_bias:
-        at = jnp.concatenate([at, jnp.ones((*at.shape[:2], 1), at.dtype)], -1)
-    return at
+    return graphdef, jax.tree_util.tree_structure(state), rest, layers
 
 
 def output_root(logits, y, output_loss=None):
@@ -251,19 +126,20 @@ def _forward_program(graphdef, treedef, layers, keep, output_loss=None):
     pass reuses this one forward pass across jit calls."""
 
     def forward(params, rest, xb, yb):  # rest: the non-param state, held fixed
-        taps0 = [jnp.zeros((xb.shape[0], *l.out_shape), xb.dtype) for l in layers]
+        dt = jnp.result_type(*jax.tree_util.tree_leaves(params))  # (xb may hold token ids)
+        taps0 = [jnp.zeros((xb.shape[0], *l.out_shape), dt) for l in layers]
 
         def fwd(taps):
             rec: list = []
             state = jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(params))
             m = nnx.merge(graphdef, state, rest)
             m.eval()  # dropout off, batch norm on its running statistics
-            with _tapped(m, rec, taps):
+            with tapped(m, rec, taps):
                 logits = m(xb)
             return logits, [r[1] for r in rec]
 
         logits, vjp, acts = jax.vjp(fwd, taps0, has_aux=True)
-        ins = [_inputs(layers[i], acts[i]) for i in keep]  # the selected layers' inputs
+        ins = [inputs(layers[i], acts[i]) for i in keep]  # the selected layers' inputs
         return output_root(logits, yb, output_loss), ins, vjp
 
     return jax.jit(forward)
@@ -274,18 +150,25 @@ def _class_cotangent(R, c, mb):
     return R[:, :, c] * mb[:, None]
 
 
-def _pseudo_gradients(vjp, p, c, mb, keep):
+def _pseudo_gradients(vjp, p, c, mb, keep, outs):
     """Class c's pseudo-gradient at each selected layer's output (`keep`: their indices among
-    every tapped layer), each as (B, T, out)."""
+    every tapped layer; `outs`: their output widths), each as (B, T, out)."""
     ds = vjp(_class_cotangent(p, c, mb))[0]
-    return [ds[i].reshape(ds[i].shape[0], -1, ds[i].shape[-1]) for i in keep]
+    return [ds[i].reshape(ds[i].shape[0], -1, o) for i, o in zip(keep, outs)]
 
 
-@jax.jit
-def _input_moments(A, ins, mb):
+def _token_counts(ids, mb, vocab):
+    """An embedding's diagonal input factor from one batch: Σ_b m_b Σ_t e_{id_bt} / T."""
+    wt = jnp.broadcast_to(mb[:, None] / ids.shape[1], ids.shape)
+    return jax.ops.segment_sum(wt.ravel(), ids.ravel(), vocab)
+
+
+@functools.partial(jax.jit, static_argnames=("embed",))
+def _input_moments(A, ins, mb, embed):
     return [
-        a + jnp.einsum("bti,btj->ij", at * mb[:, None, None], at) / at.shape[1]
-        for a, at in zip(A, ins)
+        a + (_token_counts(at, mb, a.shape[0]) if e
+            else jnp.einsum("bti,btj->ij", at * mb[:, None, None], at) / at.shape[1])
+        for a, at, e in zip(A, ins, embed)
     ]
 
 
@@ -293,22 +176,33 @@ def _input_moments(A, ins, mb):
 def _output_moments(S, vjp, p, c, mb, keep):
     return [
         s + jnp.einsum("bto,btp->op", d, d)
-        for s, d in zip(S, _pseudo_gradients(vjp, p, c, mb, keep))
+        for s, d in zip(S, _pseudo_gradients(vjp, p, c, mb, keep, [s.shape[0] for s in S]))
     ]
 
 
-@jax.jit
-def _rotate_inputs(ins, QAs):
-    return [jnp.einsum("bti,ia->bta", at, QA) for at, QA in zip(ins, QAs)]
+@functools.partial(jax.jit, static_argnames=("embed",))
+def _rotate_inputs(ins, QAs, embed):
+    return [at if e else jnp.einsum("bti,ia->bta", at, QA) for at, QA, e in zip(ins, QAs, embed)]
 
 
-@functools.partial(jax.jit, static_argnames=("keep",))
-def _corrected(C, vjp, p, c, mb, rot_in, QGs, keep):
+def _embedding_moment(ids, dr, vocab):
+    """Σ_b (Σ_{t: id_bt = v} dr_bt)² per token v: the squared per-sample gradient of an embedding
+    in the basis (I, Q_S), from the pairs of positions of a sample that hold the same token."""
+    same = (ids[:, :, None] == ids[:, None, :]).astype(dr.dtype)
+    summed = jnp.einsum("btu,bup->btp", same, dr)
+    return jax.ops.segment_sum((dr * summed).reshape(-1, dr.shape[-1]), ids.ravel(), vocab)
+
+
+@functools.partial(jax.jit, static_argnames=("keep", "embed"))
+def _corrected(C, vjp, p, c, mb, rot_in, QGs, keep, embed):
     """Σ_b (Q_Aᵀ (Σ_t ã_t δ_ctᵀ) Q_S)² for class c, added to C (rank one for a dense layer)."""
     out = []
-    for acc, ai, d, QG in zip(C, rot_in, _pseudo_gradients(vjp, p, c, mb, keep), QGs):
+    ds = _pseudo_gradients(vjp, p, c, mb, keep, [q.shape[0] for q in QGs])
+    for acc, ai, d, QG, e in zip(C, rot_in, ds, QGs, embed):
         dr = jnp.einsum("bto,op->btp", d, QG)
-        if ai.shape[1] == 1:  # one position: the per-sample gradient is rank one
+        if e:
+            out.append(acc + _embedding_moment(ai, dr, acc.shape[0]))
+        elif ai.shape[1] == 1:  # one position: the per-sample gradient is rank one
             out.append(acc + (ai[:, 0] ** 2).T @ (dr[:, 0] ** 2))
         else:
             out.append(acc + jnp.sum(jnp.einsum("bta,btp->bap", ai, dr) ** 2, axis=0))
@@ -322,7 +216,7 @@ def param_keys(params) -> list[tuple]:
 
 
 def _layout(params, layers, select=None) -> tuple[tuple, ...]:
-    """(kernel offset, kernel shape, bias offset or −1) of each layer in `ravel_pytree` order;
+    """(weight offset, weight shape, bias offset or −1) of each layer in `ravel_pytree` order;
     every selected parameter (`select`: a set of key paths; None: all) must be in a layer."""
     where, off = {}, 0
     for keys, leaf in zip(param_keys(params), jax.tree_util.tree_leaves(params)):
@@ -331,15 +225,58 @@ def _layout(params, layers, select=None) -> tuple[tuple, ...]:
     covered = {l.path for l in layers}
     for keys in where:
         if keys[:-1] not in covered and (select is None or keys in select):
-            checks.fail("params", f"parameter {keys} outside any nnx.Linear / nnx.Conv layer",
-                "a model made of Dense and Conv layers, or a selection of their parameters",
+            checks.fail("params", f"parameter {keys} outside any factored layer ({TYPE_NAMES})",
+                "a model made of those layers, or a selection of their parameters",
                 "with solver='kfac' / 'ekfac' through Influence the layers are selected by "
                 "default; as a CG preconditioner, use preconditioner='none' for this model")
     return tuple(
-        (where[l.path + ("kernel",)][0], where[l.path + ("kernel",)][1],
+        (where[l.path + (l.weight,)][0], where[l.path + (l.weight,)][1],
             where[l.path + ("bias",)][0] if l.has_bias else -1)
         for l in layers
     ), off
+
+
+def _selected(every: tuple[Layer, ...], select) -> tuple[int, ...]:
+    """The indices of the selected layers (`select`: key paths, None for all): whole layers, each
+    applied once per forward pass."""
+    keep = tuple(i for i, l in enumerate(every) if select is None or l.path + (l.weight,) in select)
+    for l in every:  # a layer is selected whole or not at all
+        if select is not None and l.has_bias and (
+            (l.path + (l.weight,) in select) != (l.path + ("bias",) in select)
+        ):
+            checks.fail("select", f"the kernel or the bias of layer {l.path} alone",
+                "whole layers for K-FAC / EK-FAC (kernel and bias together)",
+                "select both, or neither, or use solver='cg'")
+    if not keep:
+        checks.fail("select", f"no {TYPE_NAMES} layer", "at least one selected layer",
+            "select a factored layer's parameters, or use solver='cg'")
+    paths = [every[i].path for i in keep]
+    for q in paths:
+        if paths.count(q) > 1:
+            checks.fail("model", f"layer {q} called {paths.count(q)} times per forward pass "
+                "(shared weights)", "each selected layer applied once",
+                "hold it fixed (select=...), or use solver='cg'")
+    return keep
+
+
+def _batches(x, y, batch_size, dt):
+    """A generator factory: the padded batches (x, y, mask) one at a time on the device, the
+    inputs in the params' dtype unless they are integers (token ids)."""
+    n = x.shape[0]
+    xc, yc, mc = kernels.pad_chunks(
+        x, np.zeros(n, np.int32) if y is None else np.asarray(y), batch_size
+    )
+    xdt = x.dtype if np.issubdtype(x.dtype, np.integer) else dt
+    return lambda: (
+        (jnp.asarray(xb, xdt), jnp.asarray(yb), jnp.asarray(mb, dt))
+        for xb, yb, mb in zip(xc, yc, mc)
+    )
+
+
+def _eig(a, embed: bool):
+    """(eigenvalues, eigenvectors) of an input factor; an embedding's is diagonal (identity
+    eigenvectors, kept as a (0, 0) array)."""
+    return (a, jnp.zeros((0, 0), a.dtype)) if embed else jnp.linalg.eigh(a)
 
 
 def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_classes: int,
@@ -361,57 +298,33 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     x = np.asarray(x)
     n = x.shape[0]
     graphdef, treedef, rest, every = _discover(model, x[:1])
-    keep = tuple(i for i, l in enumerate(every) if select is None or l.path + ("kernel",) in select)
-    for l in every:  # a layer is selected whole or not at all
-        if select is not None and l.has_bias and (
-            (l.path + ("kernel",) in select) != (l.path + ("bias",) in select)
-        ):
-            checks.fail("select", f"the kernel or the bias of layer {l.path} alone",
-                "whole layers for K-FAC / EK-FAC (kernel and bias together)",
-                "select both, or neither, or use solver='cg'")
-    if not keep:
-        checks.fail("select", "no nnx.Linear / nnx.Conv layer", "at least one selected layer",
-            "select a Dense or Conv layer's parameters, or use solver='cg'")
+    keep = _selected(every, select)
     layers = tuple(every[i] for i in keep)
+    embed = tuple(l.kind == "embed" for l in layers)
     layout, num_params = _layout(params, layers, select)
     if output_loss is not None and y is None:
         checks.fail("y", "None", "the training labels when output_loss is given", "pass y=")
     program = _forward_program(graphdef, treedef, every, keep, output_loss)
-
-    def forward(params, xb, yb):
-        return program(params, rest, xb, yb)
-
-    xc, yc, mc = kernels.pad_chunks(
-        x, np.zeros(n, np.int32) if y is None else np.asarray(y), batch_size
-    )
     dt = jnp.result_type(*jax.tree_util.tree_leaves(params))
-
-    def batches():  # one batch on the device at a time, in each pass
-        return (
-            (jnp.asarray(xb, dt), jnp.asarray(yb), jnp.asarray(mb, dt))
-            for xb, yb, mb in zip(xc, yc, mc)
-        )
-
-    A = [jnp.zeros((l.in_features + l.has_bias,) * 2, dt) for l in layers]
+    batches = _batches(x, y, batch_size, dt)
+    A = [jnp.zeros((l.in_features,) if e else (l.in_features + l.has_bias,) * 2, dt)
+        for l, e in zip(layers, embed)]
     S = [jnp.zeros((l.out_features,) * 2, dt) for l in layers]
     for xb, yb, mb in batches():
-        p, ins, vjp = forward(params, xb, yb)
-        A = _input_moments(A, ins, mb)
+        p, ins, vjp = program(params, rest, xb, yb)
+        A = _input_moments(A, ins, mb, embed)
         for c in range(num_classes):
             S = _output_moments(S, vjp, p, c, mb, keep)
-    eig = [(jnp.linalg.eigh(a / n), jnp.linalg.eigh(s / n)) for a, s in zip(A, S)]
+    eig = [(_eig(a / n, e), jnp.linalg.eigh(s / n)) for a, s, e in zip(A, S, embed)]
     QAs, QGs = [e[0][1] for e in eig], [e[1][1] for e in eig]
-    C = [jnp.zeros((qa.shape[0], qg.shape[0]), dt) for qa, qg in zip(QAs, QGs)]
+    C = [jnp.zeros((e[0][0].shape[0], qg.shape[0]), dt) for e, qg in zip(eig, QGs)]
     for xb, yb, mb in batches():
-        p, ins, vjp = forward(params, xb, yb)
-        rot_in = _rotate_inputs(ins, QAs)
+        p, ins, vjp = program(params, rest, xb, yb)
+        rot_in = _rotate_inputs(ins, QAs, embed)
         for c in range(num_classes):
-            C = _corrected(C, vjp, p, c, mb, rot_in, QGs, keep)
+            C = _corrected(C, vjp, p, c, mb, rot_in, QGs, keep, embed)
     facs = tuple(
         LayerFactors(qa, qg, jnp.outer(jnp.maximum(la, 0.0), jnp.maximum(ls, 0.0)), ci / n)
         for ((la, qa), (ls, qg)), ci in zip(eig, C)
     )
     return Factors(layers, facs, layout, num_params, float(weight_decay))
-
-
-# ----------------------------------------------------------------------------- the solve

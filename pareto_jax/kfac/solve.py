@@ -11,13 +11,14 @@ import numpy as np
 from .. import checks
 from ..linsolve import SolveResult
 from ..results import Status
-from .factors import Factors, Layer, kernel_from_matrix, kernel_matrix
+from .factors import Factors
+from .layers import Layer, kernel_from_matrix, kernel_matrix, matrix_kind
 
 
 def _layer_matrix(v, layer: Layer, place):
     k0, kshape, b0 = place
     kernel = v[k0 : k0 + int(np.prod(kshape))].reshape(kshape)
-    W = kernel_matrix(kernel, layer.kind)
+    W = kernel_matrix(kernel, matrix_kind(layer, kshape))
     return jnp.concatenate([W, v[b0 : b0 + layer.out_features][None]], 0) if layer.has_bias else W
 
 
@@ -26,11 +27,14 @@ def _precondition(factors: Factors, v, damping, ekfac: bool):
     for layer, lf, place in zip(factors.layers, factors.factors, factors.layout):
         W = _layer_matrix(v, layer, place)
         lam = lf.lam_ekfac if ekfac else lf.lam_kfac
-        Wn = lf.QA @ ((lf.QA.T @ W @ lf.QG) / (lam + damping)) @ lf.QG.T
+        if layer.kind == "embed":  # A diagonal: its eigenvectors are the identity
+            Wn = ((W @ lf.QG) / (lam + damping)) @ lf.QG.T
+        else:
+            Wn = lf.QA @ ((lf.QA.T @ W @ lf.QG) / (lam + damping)) @ lf.QG.T
         k0, kshape, b0 = place
         kn = Wn[:-1] if layer.has_bias else Wn
         out = out.at[k0 : k0 + int(np.prod(kshape))].set(
-            kernel_from_matrix(kn, kshape, layer.kind).ravel()
+            kernel_from_matrix(kn, kshape, matrix_kind(layer, kshape)).ravel()
         )
         if layer.has_bias:
             out = out.at[b0 : b0 + layer.out_features].set(Wn[-1])
