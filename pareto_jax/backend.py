@@ -201,11 +201,11 @@ class Local:
         return lissa_program(curv, data, G, scale, damping, rtol, int(max_steps), seed)
 
     def factors(self, model, params, x, y, *, batch_size, num_classes, output_loss, weight_decay,
-        select=None):
+        select=None, fisher, seed):
         """K-FAC / EK-FAC factors of the training set, streamed in batches on this device."""
         return kfac.compute_factors(model, params, x, batch_size=batch_size,
             num_classes=num_classes, y=y, output_loss=output_loss, weight_decay=weight_decay,
-            select=select)
+            select=select, fisher=fisher, seed=seed)
 
     def influence_rows(self, f, method, theta, U, chunks: Chunks, n_real: int):
         U = jnp.asarray(U, theta.dtype)

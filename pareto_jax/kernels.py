@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .config.vocabulary import AUTO_DAMPING_FLOOR, AUTO_DAMPING_FRACTION
+
 LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
@@ -332,7 +334,7 @@ def hutchinson_damping(matvec: Callable, theta: jax.Array, seed: int) -> float:
     key = jax.random.PRNGKey(seed)
     z = jax.random.rademacher(key, (8, theta.size), dtype=theta.dtype)
     tr = float(jnp.mean(matvec(z) * z))
-    return max(1e-4 * abs(tr), 1e-8)
+    return max(AUTO_DAMPING_FRACTION * abs(tr), AUTO_DAMPING_FLOOR)
 
 
 # ----------------------------------------------------------------------------- influence rows

@@ -166,7 +166,7 @@ class Sharded:
             jnp.asarray(damping, dt), jnp.asarray(rtol, dt), jnp.asarray(seed, jnp.uint32))
 
     def factors(self, model, params, x, y, *, batch_size, num_classes, output_loss, weight_decay,
-        select=None):
+        select=None, fisher, seed):
         """K-FAC / EK-FAC factors: their moments are streamed over this process's samples, which
         in a one-process job are all of them (a multi-process job would need the moments summed over
         processes, which is not implemented: refused)."""
@@ -176,7 +176,7 @@ class Sharded:
                 "use solver='cg' (sharded products) in a multi-process job")
         return kfac.compute_factors(model, params, x, batch_size=batch_size,
             num_classes=num_classes, y=y, output_loss=output_loss, weight_decay=weight_decay,
-            select=select)
+            select=select, fisher=fisher, seed=seed)
 
     def influence_rows(self, f, method, theta, U, chunks: Chunks, n_real: int) -> np.ndarray:
         out = _influence_sharded(f, method, self.mesh, replicate(self.mesh, theta),

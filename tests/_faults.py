@@ -682,6 +682,31 @@ def _general_axes_not_moved():
     _swap(layers, "inputs", inputs)
 
 
+def _sampled_fisher_argmax():
+    import jax
+
+    from pareto_jax.kfac import factors
+
+    def root(logits, key):  # the most likely label every time: no draw at all
+        p = jax.nn.softmax(logits, -1)
+        return (p - jax.nn.one_hot(logits.argmax(-1), p.shape[-1], dtype=p.dtype))[:, :, None]
+
+    _swap(factors, "sampled_root", lambda orig: root)
+
+
+def _auto_damping_from_kfac_eigenvalues():
+    import numpy as np
+
+    from pareto_jax.influence import selection
+
+    def damping(factors):  # tr(A)·tr(S) per layer: not the Gauss-Newton block's trace
+        size = sum(int(np.size(f.lam_kfac)) for f in factors.factors)
+        trace = sum(float(np.sum(f.lam_kfac)) for f in factors.factors)
+        return max(1e-4 * (trace / size + factors.weight_decay), 1e-8)
+
+    _swap(selection, "damping_from_factors", lambda orig: damping)
+
+
 FAULTS: dict[str, tuple[str, list[str], object]] = {
     "influence_sign": ("P negated (beneficial reported as harmful)",
         ["tests/test_influence.py::test_sign_and_scale_identity_against_retraining"],
@@ -723,6 +748,15 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
         "a LinearGeneral's input reshaped without moving its contracted axes last",
         ["tests/test_kfac_layers.py::test_linear_general_is_factored_as_the_linear_it_reshapes"],
         _general_axes_not_moved),
+    "sampled_fisher_argmax": (
+        "the sampled Fisher takes the most likely label instead of drawing one",
+        ["tests/test_kfac_layers.py::test_the_sampled_output_factor_is_unbiased_for_the_output_"
+            "hessian"],
+        _sampled_fisher_argmax),
+    "auto_damping_from_kfac_eigenvalues": (
+        "K-FAC / EK-FAC's auto damping from K-FAC's eigenvalues instead of the exact trace",
+        ["tests/test_kfac_layers.py::test_auto_damping_is_read_exactly_off_the_factors"],
+        _auto_damping_from_kfac_eigenvalues),
     "gauss_newton_diagonal": ("Gauss-Newton output Hessian diag(p) instead of diag(p) − ppᵀ",
         ["tests/test_influence.py::test_gauss_newton_matches_explicit_jacobian_product"],
         _gauss_newton_diagonal_output_hessian),

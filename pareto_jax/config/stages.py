@@ -8,6 +8,7 @@ from .. import checks
 from .vocabulary import (
     CURVATURES,
     EXECUTIONS,
+    FISHERS,
     NO_DAMPING,
     NORMALIZERS,
     OPTIMIZERS,
@@ -94,8 +95,9 @@ class InfluenceConfig:
             uses; so do K-FAC/EK-FAC). Why Gauss-Newton CG is the default, and when K-FAC/EK-FAC
             are the better choice (deeper CNNs): ``docs/method.md``, "Choosing an estimator".
         damping: δ >= 0 added to the curvature of the training objective (which already holds
-            the weight decay λ), for every solver; or "auto" = 1e-4 · tr(H)/P (Hutchinson
-            estimate, 8 probes), a small fraction of the mean curvature eigenvalue.
+            the weight decay λ), for every solver; or "auto" = 1e-4 · tr(H + λI)/P, a small
+            fraction of the mean curvature eigenvalue (Hutchinson estimate, 8 probes; for
+            solver "kfac" / "ekfac" read exactly off the factors, with no probes).
         escalate_damping: what to do when a solve meets negative curvature (CG, dense),
             diverges (LiSSA) or returns non-finite values (K-FAC with an empty direction): True
             retries with damping ×10 (up to 11 times, from at least 1e-6) with a
@@ -117,6 +119,11 @@ class InfluenceConfig:
             CG iterations run inside one XLA program or from the host over jitted chunk
             programs; "auto" steps on CPU (`kernels.loops_on_host`), the same numbers either
             way (to float rounding). Reported in `InfluenceResult.details`.
+        fisher: K-FAC / EK-FAC's output side: "expected" (default: the exact expectation over
+            the K classes of the output Hessian, K backward passes per batch) or "sampled" (one
+            label per sample drawn from the model's softmax with `seed`, one backward pass per
+            batch: unbiased for the same matrix, noisier, about K times fewer backward passes;
+            Kronfluence's default). Softmax cross-entropy only.
         report_residual: for K-FAC / EK-FAC, also measure their solution's residual against the
             chosen curvature (one more curvature product for all K right-hand sides; about as
             long as the factor pass on a CNN). Off by default; either way `converged` is False
@@ -142,6 +149,7 @@ class InfluenceConfig:
     throw: bool = False
     seed: int = 0
     execution: str = "auto"
+    fisher: str = "expected"
     report_residual: bool = False
 
     def __post_init__(self):
@@ -165,6 +173,10 @@ class InfluenceConfig:
         checks.check_positive(self.hvp_batch_size, "hvp_batch_size", integer=True)
         checks.check_seed(self.seed, "seed")
         checks.check_choice(self.execution, "execution", EXECUTIONS)
+        checks.check_choice(self.fisher, "fisher", FISHERS)
+        if self.fisher != FISHERS[0] and not self.uses_factors:
+            checks.fail("fisher", repr(self.fisher), f"{FISHERS[0]!r} unless K-FAC / EK-FAC "
+                "factors are used", "pass solver='kfac' / 'ekfac' (or a K-FAC preconditioner)")
 
     @property
     def factored(self) -> bool:

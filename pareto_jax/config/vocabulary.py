@@ -10,6 +10,9 @@ PRECONDITIONERS = ("none", "kfac", "ekfac")
 CURVATURES = ("auto", "hessian", "gauss_newton")
 ROW_METHODS = ("auto", "jvp", "per_sample")
 EXECUTIONS = ("auto", "compiled", "stepped")
+# K-FAC / EK-FAC's output side: the exact expectation over the K classes (K backward passes per
+# batch), or one label drawn per sample from the model (one backward pass; Kronfluence's default)
+FISHERS = ("expected", "sampled")
 # the reweighting program and the ceiling test: on the device (pure JAX), or HiGHS on the host
 PROGRAM_SOLVERS = ("device", "highs")
 OPTIMIZERS = ("adam", "sgd", "gd")
@@ -25,6 +28,9 @@ PRODUCT_INFLUENCE = ("ekfac", "kfac", "cg")
 
 # the closed form's and the exact reference's damping: none
 NO_DAMPING = 0.0
+# damping "auto": this fraction of the mean eigenvalue of the objective's curvature, tr(H + λI)/P,
+# and never below the floor
+AUTO_DAMPING_FRACTION, AUTO_DAMPING_FLOOR = 1e-4, 1e-8
 
 # the trust region |w_i − 1| <= ρ of the main job and of the frontier
 TRUST_REGION = 0.5

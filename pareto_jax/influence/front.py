@@ -131,18 +131,19 @@ class Influence:
         make_factors = None if model is None else functools.partial(be.factors, model, params,
             xt, yt, batch_size=config.hvp_batch_size, num_classes=num_classes,
             output_loss=choice.output_loss, weight_decay=self.weight_decay,
-            select=None if sel is None else sel.keys)
+            select=None if sel is None else sel.keys, fisher=config.fisher, seed=config.seed)
         self.solver = solvers.from_config(config)
         saved = _saved or {}
         self._state = self.solver.init(
             solvers.Operator(be, self.curvature, data, matvec, make_factors),
             factors=saved.get("factors"))
         self.factors = self._state.factors
-        self.damping = (
-            saved["damping"]
-            if "damping" in saved
-            else selection.damping(config.damping, matvec, theta, config.seed, self._mask)
-        )
+        if "damping" in saved:
+            self.damping = saved["damping"]
+        elif config.factored and config.damping == "auto":  # exact, from the factors
+            self.damping = selection.damping_from_factors(self.factors)
+        else:
+            self.damping = selection.damping(config.damping, matvec, theta, config.seed, self._mask)
         self._details = {
             **choice.note,
             **({} if sel is None else {"selection": sel.note}),

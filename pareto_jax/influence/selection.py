@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from .. import checks, kfac, linsolve
+from ..config.vocabulary import AUTO_DAMPING_FLOOR, AUTO_DAMPING_FRACTION
 
 
 class Selection(NamedTuple):
@@ -104,7 +105,18 @@ def damping(setting, matvec, theta, seed: int, mask) -> float:
     if mask is None or setting != "auto":
         return linsolve.resolve_damping(setting, matvec, theta, seed)
     d = linsolve.resolve_damping(setting, block(matvec, mask), theta, seed)
-    return max(d * mask.size / max(float(mask.sum()), 1.0), 1e-8)  # (the floor after scaling)
+    return max(d * mask.size / max(float(mask.sum()), 1.0), AUTO_DAMPING_FLOOR)  # (after scaling)
+
+
+def damping_from_factors(factors: kfac.Factors) -> float:
+    """"auto" for K-FAC / EK-FAC, read off their factors exactly, with no probes: EK-FAC's
+    corrected eigenvalues are the per-sample gradients' second moments in an orthonormal basis,
+    so each layer's sum is the trace of its Gauss-Newton block, and their total over the factored
+    (selected) layers is tr(G_SS). The mean eigenvalue of G_SS + λI is then that trace over the
+    selected parameter count, plus λ."""
+    size = sum(int(np.size(f.lam_ekfac)) for f in factors.factors)
+    trace = sum(float(np.asarray(f.lam_ekfac).sum()) for f in factors.factors)
+    return max(AUTO_DAMPING_FRACTION * (trace / size + factors.weight_decay), AUTO_DAMPING_FLOOR)
 
 
 def restrict_gradients(G, mask):

@@ -10,7 +10,9 @@ the bias; conv patches per position t) and output pseudo-gradients δ_c:
 * **K-FAC** (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016): the layer's
   block of G is approximated by A ⊗ S with A = E[Σ_t ã_t ã_tᵀ / T] and
   S = E[Σ_c Σ_t δ_ct δ_ctᵀ]. The expectation over classes is exact (every c, weighted as
-  above), not sampled.
+  above) by default; ``fisher="sampled"`` draws one label ŷ per sample from the model instead
+  and backpropagates r = p − e_ŷ (E_ŷ[r rᵀ] = H: unbiased, noisier, one backward pass per batch
+  instead of K; Kronfluence's default).
 * **EK-FAC** (George et al. 2018): K-FAC's eigenbasis Q_A ⊗ Q_S, with the eigenvalues replaced
   by the exact second moments of the per-sample pseudo-gradients in that basis,
   E[Σ_c (Q_Aᵀ (Σ_t ã_t δ_ctᵀ) Q_S)²]. For a dense layer applied once per sample the per-sample
@@ -39,6 +41,7 @@ from .factors import (
     load_factors,
     output_root,
     param_keys,
+    sampled_root,
     save_factors,
 )
 from .layers import FACTORED_TYPES, TYPE_NAMES, Layer, kernel_from_matrix, kernel_matrix, patches
@@ -46,5 +49,5 @@ from .solve import apply_inverse, preconditioner, solve_kfac
 
 __all__ = ["FACTORED_TYPES", "TYPE_NAMES", "Factors", "Layer", "LayerFactors", "compute_factors",
     "kernel_from_matrix", "kernel_matrix", "load_factors", "output_root", "param_keys", "patches",
-    "save_factors",
+    "sampled_root", "save_factors",
     "apply_inverse", "preconditioner", "solve_kfac"]

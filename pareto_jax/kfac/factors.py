@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from .. import checks, io, kernels
+from ..config.vocabulary import FISHERS
 from .layers import FACTORED_TYPES, TYPE_NAMES, Layer, describe, inputs, tapped
 
 # ----------------------------------------------------------------------------- factors
@@ -118,14 +119,23 @@ def output_root(logits, y, output_loss=None):
     return Q * jnp.sqrt(jnp.maximum(lam, 0.0))[:, None, :]
 
 
-@functools.lru_cache(maxsize=32)
-def _forward_program(graphdef, treedef, layers, keep, output_loss=None):
-    """jit: (params, xb, yb) -> (R, ã per layer, the VJP of the logits with respect to every
-    layer's output), R the per-sample root of the output loss's Hessian (`output_root`). The VJP
-    is a pytree (its residuals are the forward pass's activations), so every class's backward
-    pass reuses this one forward pass across jit calls."""
+def sampled_root(logits, key):
+    """(B, K, 1): per sample, the cross-entropy's gradient at a label drawn from the model,
+    r = p − e_ŷ with ŷ ~ softmax(logits), so E_ŷ[r rᵀ] = diag p − ppᵀ (`output_root`'s matrix)."""
+    p = jax.nn.softmax(logits, -1)
+    draw = jax.random.categorical(key, logits, axis=-1)
+    return (p - jax.nn.one_hot(draw, p.shape[-1], dtype=p.dtype))[:, :, None]
 
-    def forward(params, rest, xb, yb):  # rest: the non-param state, held fixed
+
+@functools.lru_cache(maxsize=32)
+def _forward_program(graphdef, treedef, layers, keep, output_loss=None, sampled=False):
+    """jit: (params, rest, xb, yb, key) -> (R, ã per layer, the VJP of the logits with respect to
+    every layer's output), R the per-sample root of the output loss's Hessian (`output_root`;
+    with `sampled`, its one-column draw `sampled_root` from `key`). The VJP is a pytree (its
+    residuals are the forward pass's activations), so every class's backward pass reuses this one
+    forward pass across jit calls."""
+
+    def forward(params, rest, xb, yb, key):  # rest: the non-param state, held fixed
         dt = jnp.result_type(*jax.tree_util.tree_leaves(params))  # (xb may hold token ids)
         taps0 = [jnp.zeros((xb.shape[0], *l.out_shape), dt) for l in layers]
 
@@ -140,7 +150,8 @@ def _forward_program(graphdef, treedef, layers, keep, output_loss=None):
 
         logits, vjp, acts = jax.vjp(fwd, taps0, has_aux=True)
         ins = [inputs(layers[i], acts[i]) for i in keep]  # the selected layers' inputs
-        return output_root(logits, yb, output_loss), ins, vjp
+        root = sampled_root(logits, key) if sampled else output_root(logits, yb, output_loss)
+        return root, ins, vjp
 
     return jax.jit(forward)
 
@@ -273,20 +284,34 @@ def _batches(x, y, batch_size, dt):
     )
 
 
-def _eig(a, embed: bool):
-    """(eigenvalues, eigenvectors) of an input factor; an embedding's is diagonal (identity
-    eigenvectors, kept as a (0, 0) array)."""
-    return (a, jnp.zeros((0, 0), a.dtype)) if embed else jnp.linalg.eigh(a)
+@functools.partial(jax.jit, static_argnames=("embed",))
+def _eigen(A, S, n, embed):
+    """Per layer, the (eigenvalues, eigenvectors) of A / n and of S / n (one program); an
+    embedding's A is diagonal (identity eigenvectors, kept as a (0, 0) array)."""
+    return [((a / n, jnp.zeros((0, 0), a.dtype)) if e else jnp.linalg.eigh(a / n),
+        jnp.linalg.eigh(s / n)) for a, s, e in zip(A, S, embed)]
+
+
+@jax.jit
+def _finish(eig, C, n):
+    """Each layer's `LayerFactors` from its eigendecompositions and EK-FAC's moment sums C."""
+    return tuple(
+        LayerFactors(qa, qg, jnp.outer(jnp.maximum(la, 0.0), jnp.maximum(ls, 0.0)), ci / n)
+        for ((la, qa), (ls, qg)), ci in zip(eig, C)
+    )
 
 
 def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_classes: int,
-    weight_decay: float, y=None, output_loss=None, select=None) -> Factors:
+    weight_decay: float, y=None, output_loss=None, select=None, fisher: str = FISHERS[0],
+    seed: int = 0) -> Factors:
     """K-FAC and EK-FAC factors of the Gauss-Newton matrix over the data x (and `weight_decay`, the
     objective's λ, which every solve with them adds; see `Factors`).
 
     The output side uses the softmax cross-entropy's H_out = diag p − ppᵀ (no labels needed),
     or, with ``output_loss(logits, y)`` and the labels `y`, that loss's own Hessian w.r.t. the
-    logits (`output_root`).
+    logits (`output_root`). With ``fisher="sampled"`` (cross-entropy only), one label per sample
+    drawn from the model instead of the K classes (`sampled_root`; the same draws in both passes,
+    from `seed` and the batch index): one backward pass per batch instead of K.
 
     Two streamed passes over x in batches of `batch_size`: the second moments A and S (then
     their eigendecompositions), and EK-FAC's corrected eigenvalues. Per batch, one forward pass,
@@ -304,27 +329,33 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     layout, num_params = _layout(params, layers, select)
     if output_loss is not None and y is None:
         checks.fail("y", "None", "the training labels when output_loss is given", "pass y=")
-    program = _forward_program(graphdef, treedef, every, keep, output_loss)
+    checks.check_choice(fisher, "fisher", FISHERS)
+    sampled = fisher == "sampled"
+    if sampled and output_loss is not None:
+        checks.fail("fisher", "'sampled' with an output_loss", "the softmax cross-entropy "
+            "(labels are drawn from its softmax)", "use fisher='expected' for this loss")
+    program = _forward_program(graphdef, treedef, every, keep, output_loss, sampled)
+    nb = -(-x.shape[0] // batch_size)
+    keys = (jax.random.split(jax.random.PRNGKey(seed), nb) if sampled
+        else np.zeros((nb, 2), np.uint32))  # (unused by the expected Fisher)
     dt = jnp.result_type(*jax.tree_util.tree_leaves(params))
     batches = _batches(x, y, batch_size, dt)
-    A = [jnp.zeros((l.in_features,) if e else (l.in_features + l.has_bias,) * 2, dt)
+    zeros = lambda *shape: jnp.asarray(np.zeros(shape, dt))  # noqa: E731 (no program compiled)
+    A = [zeros(l.in_features) if e else zeros(*(l.in_features + l.has_bias,) * 2)
         for l, e in zip(layers, embed)]
-    S = [jnp.zeros((l.out_features,) * 2, dt) for l in layers]
-    for xb, yb, mb in batches():
-        p, ins, vjp = program(params, rest, xb, yb)
+    S = [zeros(l.out_features, l.out_features) for l in layers]
+    for key, (xb, yb, mb) in zip(keys, batches()):
+        p, ins, vjp = program(params, rest, xb, yb, key)
         A = _input_moments(A, ins, mb, embed)
-        for c in range(num_classes):
+        for c in range(1 if sampled else num_classes):  # one drawn label, or the K classes
             S = _output_moments(S, vjp, p, c, mb, keep)
-    eig = [(_eig(a / n, e), jnp.linalg.eigh(s / n)) for a, s, e in zip(A, S, embed)]
+    eig = _eigen(A, S, jnp.asarray(n, dt), embed)
     QAs, QGs = [e[0][1] for e in eig], [e[1][1] for e in eig]
-    C = [jnp.zeros((e[0][0].shape[0], qg.shape[0]), dt) for e, qg in zip(eig, QGs)]
-    for xb, yb, mb in batches():
-        p, ins, vjp = program(params, rest, xb, yb)
+    C = [zeros(e[0][0].shape[0], qg.shape[0]) for e, qg in zip(eig, QGs)]
+    for key, (xb, yb, mb) in zip(keys, batches()):
+        p, ins, vjp = program(params, rest, xb, yb, key)
         rot_in = _rotate_inputs(ins, QAs, embed)
-        for c in range(num_classes):
+        for c in range(1 if sampled else num_classes):
             C = _corrected(C, vjp, p, c, mb, rot_in, QGs, keep, embed)
-    facs = tuple(
-        LayerFactors(qa, qg, jnp.outer(jnp.maximum(la, 0.0), jnp.maximum(ls, 0.0)), ci / n)
-        for ((la, qa), (ls, qg)), ci in zip(eig, C)
-    )
-    return Factors(layers, facs, layout, num_params, float(weight_decay))
+    return Factors(layers, _finish(eig, C, jnp.asarray(n, dt)), layout, num_params,
+        float(weight_decay))
