@@ -1,6 +1,7 @@
-"""PyTorch peer for the side-by-side benchmarks: pareto_jax's CNN / MLP ported to torch, and
-category-wise influence computed by Kronfluence (EK-FAC, K-FAC, diagonal or identity) on the
-same network and data, in pareto_jax's sign and scale convention.
+"""PyTorch peer for the side-by-side benchmarks: pareto_jax's CNN / MLP and the ResNet /
+transformer of ``bench/_nets.py`` ported to torch, and category-wise influence computed by
+Kronfluence (EK-FAC, K-FAC, diagonal or identity) on the same network and data, in pareto_jax's
+sign and scale convention.
 
 Used by ``bench/bench_deep.py`` only when torch and kronfluence are importable (which checks the
 ported network's logits equal ours before it times anything). Nothing here downloads data: the
@@ -34,8 +35,10 @@ Factors, per nn.Linear / nn.Conv2d layer (bias as an appended input of 1):
 
 * A = Σ ã ãᵀ / count_A and S = Σ δ δᵀ / count_S (``module/tracker/factor.py`` l.57-58, 89-93;
   normalised in ``factor/eigen.py`` l.199, then ``torch.linalg.eigh`` l.205, in float64).
-  For a Linear layer the counts are the number of samples (``module/linear.py`` l.45, 53). For
-  a Conv2d layer they are samples × output positions (``module/conv2d.py`` l.106-132: patches are
+  For a Linear layer the counts are the number of rows after ``b ... d_in -> (b ...) d_in``
+  (``module/linear.py`` l.31, 45, 53): samples, or samples × tokens for a Linear applied to a
+  sequence (b, t, d) (the transformer of ``bench/_nets.py``). For a Conv2d layer they are
+  samples × output positions (``module/conv2d.py`` l.106-132: patches are
   rearranged to ``(b o1 o2) c_in_k1_k2`` and ``count = input_activation.size(0)``), i.e. both
   factors are averaged *per position* ("per token"). This matters only for the eigenvalues of
   strategy "kfac" (λ_A·λ_S is then 1/T of the Grosse-Martens KFC scale, T = positions), not for
@@ -50,6 +53,14 @@ Factors, per nn.Linear / nn.Conv2d layer (bias as an appended input of 1):
   covariance pass and the Λ pass draw independently). pareto_jax's EK-FAC takes the exact
   expectation over classes (the Gauss-Newton matrix); in expectation the two are equal, the
   sampled one is noisier. With ``use_empirical_fisher=True`` the true labels are used.
+
+Which parameters. ``prepare_model`` (``analyzer.py`` l.20-45) sets ``requires_grad = False`` on
+every parameter and buffer and wraps only ``nn.Linear`` / ``nn.Conv2d`` (``module/utils.py``
+l.78-80, exact type); gradients are read at those wrappers' outputs and scores summed over them.
+So BatchNorm / LayerNorm scales and biases and a bare ``nn.Parameter`` (the transformer's
+positional embedding) never enter the factors or the scores: the influence is over the Linear /
+Conv layers with the rest held fixed, as pareto_jax's K-FAC / EK-FAC default selection
+(``kfac.FACTORED_TYPES``) and its CG with ``select=(nnx.Linear, nnx.Conv)``.
 
 Damping and the linear system. ``Ekfac.prepare`` (``factor/config.py`` l.322-339) forms
 1/(Λ + δ) with δ = ``ScoreArguments.damping_factor`` added as an absolute number (no scaling by
@@ -84,6 +95,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import shutil
 import time
 import uuid
@@ -96,8 +108,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TorchCNN", "TorchMLP", "torch_model_from_jax", "kronfluence_category_influence",
-    "KRONFLUENCE_INSTALL"]
+__all__ = ["TorchCNN", "TorchMLP", "TorchResNet", "TorchTransformer", "torch_model_from_jax",
+    "kronfluence_category_influence", "KRONFLUENCE_INSTALL"]
+
+NORM_EPS = 1e-5  # = bench._nets.NORM_EPS: BatchNorm / LayerNorm epsilon, set on both sides
 
 KRONFLUENCE_INSTALL = (
     "pip install torch==2.13.0 && pip install --no-deps kronfluence==1.0.1 && "
@@ -169,6 +183,113 @@ class TorchMLP(nn.Module):
         return self.head(self.features(x))
 
 
+class TorchBlock(nn.Module):
+    """bench._nets.Block in torch: conv 3×3 → BN → relu → conv 3×3 → BN, + skip, relu."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout, eps=NORM_EPS)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout, eps=NORM_EPS)
+        if stride != 1 or cin != cout:
+            self.proj = nn.Conv2d(cin, cout, 1, stride, padding=0, bias=False)
+            self.proj_bn = nn.BatchNorm2d(cout, eps=NORM_EPS)
+        else:
+            self.proj, self.proj_bn = None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        skip = x if self.proj is None else self.proj_bn(self.proj(x))
+        return F.relu(h + skip)
+
+
+class TorchResNet(nn.Module):
+    """bench._nets.ResNet in torch (NCHW inside; input (n, H·W·C) flattened NHWC images). Run in
+    .eval(): BatchNorm on the running statistics, as `models.functional` runs the flax model."""
+
+    def __init__(self, image_shape, stem: int, widths, num_classes: int):
+        super().__init__()
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.stem = nn.Conv2d(self.image_shape[2], stem, 3, 2, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(stem, eps=NORM_EPS)
+        blocks, c = [], stem
+        for w, s in widths:
+            blocks.append(TorchBlock(c, int(w), int(s)))
+            c = int(w)
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(c, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(x.shape[0], *self.image_shape).permute(0, 3, 1, 2)  # NHWC -> NCHW
+        h = F.relu(self.stem_bn(self.stem(h)))
+        for b in self.blocks:
+            h = b(h)
+        return h.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class TorchAttention(nn.Module):
+    """bench._nets.Attention in torch: four nn.Linear (q, k, v, out), so Kronfluence tracks all
+    four (nn.MultiheadAttention keeps q/k/v in one parameter, which it would not)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d, bias=False)  # (as bench._nets)
+        self.v, self.out = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        dh = d // self.heads
+        q, k, v = (m(x).reshape(b, t, self.heads, dh) for m in (self.q, self.k, self.v))
+        a = torch.softmax(torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(dh), dim=-1)
+        return self.out(torch.einsum("bhts,bshd->bthd", a, v).reshape(b, t, d))
+
+
+class TorchTBlock(nn.Module):
+    """bench._nets.TBlock in torch: x + attn(LN(x)), then x + fc2(gelu(fc1(LN(x))))."""
+
+    def __init__(self, d: int, heads: int, mlp: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d, eps=NORM_EPS)
+        self.attn = TorchAttention(d, heads)
+        self.ln2 = nn.LayerNorm(d, eps=NORM_EPS)
+        self.fc1 = nn.Linear(d, mlp)
+        self.fc2 = nn.Linear(mlp, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))  # exact gelu (flax: approximate=False)
+
+
+class TorchTransformer(nn.Module):
+    """bench._nets.Transformer in torch: image rows as tokens, Linear embedding + a learned
+    positional parameter (not tracked by Kronfluence, as it is held fixed by our K-FAC)."""
+
+    def __init__(self, image_shape, d: int, heads: int, mlp: int, depth: int, num_classes: int):
+        super().__init__()
+        h, w, c = (int(s) for s in image_shape)
+        self.tokens, self.token_dim = h, w * c
+        self.embed = nn.Linear(self.token_dim, d)
+        self.pos = nn.Parameter(torch.zeros(h, d))
+        self.blocks = nn.ModuleList([TorchTBlock(d, heads, mlp) for _ in range(depth)])
+        self.ln = nn.LayerNorm(d, eps=NORM_EPS)
+        self.head = nn.Linear(d, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.reshape(x.shape[0], self.tokens, self.token_dim)) + self.pos
+        for b in self.blocks:
+            h = b(h)
+        return self.ln(h.mean(dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 def _load_dense(layer: nn.Linear, p) -> None:
     k = np.asarray(p["kernel"])  # flax (in, out)
     if tuple(layer.weight.shape) != (k.shape[1], k.shape[0]):
@@ -176,7 +297,10 @@ def _load_dense(layer: nn.Linear, p) -> None:
             f"dense kernel {k.shape} does not fit torch layer {tuple(layer.weight.shape)}"
         )
     layer.weight.data.copy_(_t(k.T))
-    layer.bias.data.copy_(_t(p["bias"]))
+    if layer.bias is not None:
+        layer.bias.data.copy_(_t(p["bias"]))
+    elif "bias" in p:
+        raise ValueError("the flax dense layer has a bias, the torch layer none")
 
 
 def _load_conv(layer: nn.Conv2d, p) -> None:
@@ -187,21 +311,38 @@ def _load_conv(layer: nn.Conv2d, p) -> None:
             f"conv kernel {k.shape} does not fit torch layer {tuple(layer.weight.shape)}"
         )
     layer.weight.data.copy_(_t(kt))
+    if layer.bias is not None:
+        layer.bias.data.copy_(_t(p["bias"]))
+    elif "bias" in p:
+        raise ValueError("the flax conv has a bias, the torch layer none")
+
+
+def _load_norm(layer: nn.Module, p, stats=None) -> None:
+    """flax LayerNorm / BatchNorm scale and bias, and BatchNorm's running mean and variance
+    (`stats`, {"mean", "var"}) into torch's LayerNorm / BatchNorm2d."""
+    layer.weight.data.copy_(_t(p["scale"]))
     layer.bias.data.copy_(_t(p["bias"]))
+    if stats is not None:
+        layer.running_mean.data.copy_(_t(stats["mean"]))
+        layer.running_var.data.copy_(_t(stats["var"]))
 
 
-def torch_model_from_jax(
-    kind: str, params, *, image_shape=(28, 28, 1), num_classes: int = 10
-) -> nn.Module:
+def torch_model_from_jax(kind: str, params, *, image_shape=(28, 28, 1), num_classes: int = 10,
+    batch_stats=None, heads: int = 4) -> nn.Module:
     """A float32 torch module (eval mode) whose logits equal pareto_jax's
     ``models.functional(model)[0](params, x)`` for the same (n, d) float input x.
 
     Args:
-        kind: "cnn" or "mlp" (the architecture is read off `params`: conv channels, dense width,
-            hidden sizes).
+        kind: "cnn", "mlp", or "resnet" / "transformer" (``bench._nets``). The architecture is
+            read off `params`: conv channels, dense width, hidden sizes; a ResNet block's stride
+            is 2 where it has a projection (``bench._nets``' convention); the transformer's
+            width, MLP width, depth and token count.
         params: the nested dict of `nnx.to_pure_dict` (``models.functional(model)[1]``).
-        image_shape: (H, W, C) of the flattened NHWC images, for "cnn".
+        image_shape: (H, W, C) of the flattened NHWC images, for "cnn" and "resnet".
         num_classes: K (checked against the head).
+        batch_stats: for "resnet", the BatchNorm running statistics, which are not params:
+            ``nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))`` ({"mean", "var"} per layer).
+        heads: attention heads, for "transformer" (not visible in the params).
     """
     if kind == "cnn":
         convs = _seq(params["convs"])
@@ -222,8 +363,44 @@ def torch_model_from_jax(
         model = TorchMLP(in_features, hidden, num_classes)
         for layer, p in zip(model.layers, layers):
             _load_dense(layer, p)
+    elif kind == "resnet":
+        if batch_stats is None:
+            raise ValueError("kind 'resnet' needs batch_stats (its BatchNorm running statistics)")
+        blocks = _seq(params["blocks"])
+        bstats = _seq(batch_stats["blocks"])
+        stem = int(np.shape(params["stem"]["kernel"])[-1])
+        widths = [
+            (int(np.shape(b["conv1"]["kernel"])[-1]), 2 if "proj" in b else 1) for b in blocks
+        ]
+        model = TorchResNet(image_shape, stem, widths, num_classes)
+        _load_conv(model.stem, params["stem"])
+        _load_norm(model.stem_bn, params["stem_bn"], batch_stats["stem_bn"])
+        for layer, p, st in zip(model.blocks, blocks, bstats):
+            names = ("1", "2", "proj") if layer.proj is not None else ("1", "2")
+            for nm in names:
+                conv, bn = ("proj", "proj_bn") if nm == "proj" else (f"conv{nm}", f"bn{nm}")
+                _load_conv(getattr(layer, conv), p[conv])
+                _load_norm(getattr(layer, bn), p[bn], st[bn])
+    elif kind == "transformer":
+        blocks = _seq(params["blocks"])
+        token_dim, d = (int(v) for v in np.shape(params["embed"]["kernel"]))
+        tokens = int(np.shape(params["pos"])[0])
+        if tokens * token_dim != int(np.prod(image_shape)):
+            raise ValueError(f"{tokens} tokens of {token_dim} do not fit image {image_shape}")
+        mlp = int(np.shape(blocks[0]["fc1"]["kernel"])[1])
+        model = TorchTransformer(image_shape, d, heads, mlp, len(blocks), num_classes)
+        _load_dense(model.embed, params["embed"])
+        model.pos.data.copy_(_t(params["pos"]))
+        for layer, p in zip(model.blocks, blocks):
+            for nm in ("ln1", "ln2"):
+                _load_norm(getattr(layer, nm), p[nm])
+            for nm in ("q", "k", "v", "out"):
+                _load_dense(getattr(layer.attn, nm), p["attn"][nm])
+            _load_dense(layer.fc1, p["fc1"])
+            _load_dense(layer.fc2, p["fc2"])
+        _load_norm(model.ln, params["ln"])
     else:
-        raise ValueError(f"kind must be 'cnn' or 'mlp', got {kind!r}")
+        raise ValueError(f"kind must be 'cnn', 'mlp', 'resnet' or 'transformer', got {kind!r}")
     _load_dense(model.head, params["head"])
     return model.float().eval()
 

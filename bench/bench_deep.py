@@ -2,17 +2,23 @@
 at the floor.
 
 For each network (the library's CNN: conv 8 → conv 16 → dense 64 → 10, 52k params; and a wider
-one: conv 16 → conv 32 → dense 128, 207k params), trained by the library on MNIST-5k (3,000 train
-/ 1,000 val / 1,000 test):
+one: conv 16 → conv 32 → dense 128, 207k params; on request, ``--networks resnet,transformer``,
+the small ResNet with BatchNorm (38k params) and the row-token vision transformer (19k params)
+of ``bench/_nets.py``), trained by the library on MNIST-5k (3,000 train / 1,000 val / 1,000
+test):
 
 * training speed: one weighted epoch (`train.make_epoch_fn`) against a minimal jitted Adam step
   loop over the same minibatches (checked to give the same parameters first);
-* category-wise influence P (N × K) by our EK-FAC, K-FAC, EK-FAC-preconditioned Gauss-Newton CG,
+* category-wise influence P (N × K) by our EK-FAC (exact class expectation, and with one sampled
+  label per sample), K-FAC, EK-FAC-preconditioned Gauss-Newton CG,
   plain Gauss-Newton CG and the last-layer closed form, and by **Kronfluence's EK-FAC on the same
   network** (weights ported to PyTorch, logits checked equal first), all at the same damping of
   the curvature (ours: weight decay + δ = Kronfluence's δ); time of a first and a second call,
   peak extra memory, and Spearman agreement between methods (flattened N × K), with Kronfluence
-  against itself under another label-sampling seed as the noise floor;
+  against itself under another label-sampling seed as the noise floor. For the ResNet and the
+  transformer every method is over the Linear / Conv layers with the norm layers and the
+  positional parameter held fixed (our K-FAC / EK-FAC by default, our CG by ``select=``,
+  Kronfluence because it tracks nothing else);
 * agreement with actual retraining: for a few classes t, remove the 10% of training samples with
   the largest (beneficial) or smallest (detrimental) P[:, t], retrain from the same
   initialisation with the same batch order (removed samples get weight 0), and correlate the
@@ -23,6 +29,7 @@ it the Kronfluence rows are reported as not installed and everything else runs.
 
     python -m bench.bench_deep                 # both networks (about 20 minutes on 2 CPU cores)
     python -m bench.bench_deep --quick         # small N, one network (CI-sized)
+    python -m bench.bench_deep --networks resnet,transformer   # the other two (--quick too)
     .venv-bench/bin/python -m bench.bench_deep # with Kronfluence
 
 Writes bench/results/deep.json (deep_quick.json) and prints the tables.
@@ -37,9 +44,13 @@ import warnings
 
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
 
-from bench import _util  # noqa: E402
+from bench import _nets, _util  # noqa: E402
 
 NETWORKS = {"cnn": dict(channels=(8, 16), dense=64), "wide": dict(channels=(16, 32), dense=128)}
+# bench/_nets.py: layers K-FAC does not factor (BatchNorm, LayerNorm, a positional parameter) are
+# held fixed by every method here (ours by K-FAC's default selection and CG's select=, Kronfluence
+# because it tracks only nn.Linear / nn.Conv2d)
+OTHER_NETWORKS = ("resnet", "transformer")
 
 
 def _peer():
@@ -71,7 +82,12 @@ def _setup(kind, n_train, epochs, seed=0):
     s = datasets.load_splits("mnist5k", seed=seed)
     keep = np.sort(np.random.default_rng(seed).permutation(len(s.train))[:n_train])
     xt, yt = s.train.x[keep], s.train.y[keep]
-    m = models.make_model("cnn", (784,), 10, image_shape=(28, 28, 1), seed=seed, **NETWORKS[kind])
+    if kind in NETWORKS:
+        m = models.make_model(
+            "cnn", (784,), 10, image_shape=(28, 28, 1), seed=seed, **NETWORKS[kind]
+        )
+    else:  # BatchNorm statistics set once from training rows, then fixed (bench/_nets.py)
+        m = _nets.make_net(kind, num_classes=10, seed=seed, calibration=xt[:512])
     apply, params0 = models.functional(m)
     lf = models.per_sample_loss(apply)
     cfg = train.TrainConfig(
@@ -146,9 +162,11 @@ def epoch_speed(st) -> dict:
 def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int) -> dict:
     """P by each of our methods, timed (first and second call) with peak memory."""
     import numpy as np
+    from flax import nnx
 
     from pareto_jax import closed_form, influence, models
 
+    FACTORED = (nnx.Linear, nnx.Conv)  # = kfac.FACTORED_TYPES for these networks (no Embed)
     s, xt, yt, lf, apply, m, params = (st["s"], st["xt"], st["yt"], st["lf"], st["apply"], st["m"],
         st["params"])
     wd = st["cfg"].weight_decay
@@ -156,26 +174,36 @@ def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int)
     kw = dict(num_classes=10, weight_decay=wd, apply=apply, model=m)
     cg = dict(curvature="gauss_newton", damping=dmp, rtol=pcg_rtol, max_steps=max_steps,
         hvp_batch_size=256)
+    # every method over the Linear / Conv layers, the rest (norm layers, a positional parameter)
+    # held fixed: K-FAC / EK-FAC's default selection, and CG's select= (all the CNNs' params)
+    select = {"EK-FAC": None, "EK-FAC, sampled Fisher": None, "K-FAC": None}
     configs = {"EK-FAC": influence.InfluenceConfig(solver="ekfac", damping=dmp),
+        # one label drawn per sample (Kronfluence's default): one backward pass per batch, not K
+        "EK-FAC, sampled Fisher": influence.InfluenceConfig(solver="ekfac", damping=dmp,
+            fisher="sampled"),
         "K-FAC": influence.InfluenceConfig(solver="kfac", damping=dmp),
         "GGN-CG, EK-FAC preconditioned": influence.InfluenceConfig(preconditioner="ekfac", **cg),
         "GGN-CG": influence.InfluenceConfig(**cg)}
     rows = {}
     for name, cfg in configs.items():
+        sel = select.get(name, FACTORED)
         first, second, peak, res = _timed(
-            lambda cfg=cfg: influence.category_influence(
-                lf, params, xt, yt, s.val.x, s.val.y, config=cfg, **kw
+            lambda cfg=cfg, sel=sel: influence.category_influence(
+                lf, params, xt, yt, s.val.x, s.val.y, config=cfg, select=sel, **kw
             )
         )
         rows[name] = {"P": np.asarray(res.P), "t_first": first, "t_second": second,
             "peak_extra_bytes": peak, "cg_steps_max": int(np.max(res.steps)),
             "residual_max": float(np.max(res.residual)), "converged": bool(np.all(res.converged)),
-            "execution": res.details.get("execution"), "damping_total": wd + res.damping}
+            "execution": res.details.get("execution"), "damping_total": wd + res.damping,
+            "selection": res.details.get("selection", "every parameter")}
         print(
             f"  {name}: {second:.1f} s (first {first:.1f} s), steps {rows[name]['cg_steps_max']}, "
             f"residual {rows[name]['residual_max']:.3g}",
             flush=True,
         )
+        if name == "GGN-CG" and "selection" in res.details:
+            print(f"    {res.details['selection']}", flush=True)
 
     def last_layer():
         feat = models.functional_features(m)
@@ -192,17 +220,29 @@ def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int)
     return rows
 
 
-def kronfluence_rows(st, damping_total: float, peer) -> dict:
+def ported_model(kind, st, peer):
+    """The torch port of network `kind` with the trained weights, and its logits' max abs and
+    relative (to the largest |logit|) difference from ours on 256 validation rows."""
     import numpy as np
-
-    s = st["s"]
-    tm = peer.torch_model_from_jax("cnn", st["params"], image_shape=(28, 28, 1), num_classes=10)
     import torch
+    from flax import nnx
 
+    stats = nnx.to_pure_dict(nnx.state(st["m"], nnx.BatchStat)) if kind == "resnet" else None
+    tm = peer.torch_model_from_jax("cnn" if kind in NETWORKS else kind, st["params"],
+        image_shape=(28, 28, 1), num_classes=10, batch_stats=stats)
+    x = np.asarray(st["s"].val.x[:256], np.float32)
     with torch.no_grad():
-        tl = tm(torch.from_numpy(np.asarray(s.val.x[:256], np.float32))).numpy()
-    jl = np.asarray(st["apply"](st["params"], s.val.x[:256]))
-    logit_err = float(np.abs(tl - jl).max() / np.abs(jl).max())
+        tl = tm(torch.from_numpy(x)).numpy()
+    jl = np.asarray(st["apply"](st["params"], x))
+    abs_err = float(np.abs(tl - jl).max())
+    return tm, abs_err, abs_err / float(np.abs(jl).max())
+
+
+def kronfluence_rows(kind, st, damping_total: float, peer) -> dict:
+    s = st["s"]
+    tm, logit_abs_err, logit_err = ported_model(kind, st, peer)
+    print(f"  ported logits: max abs diff {logit_abs_err:.2e} (relative {logit_err:.2e})",
+        flush=True)
     assert logit_err < 1e-4, f"ported logits differ ({logit_err})"
     rows = {}
     with tempfile.TemporaryDirectory() as wdir:
@@ -218,7 +258,9 @@ def kronfluence_rows(st, damping_total: float, peer) -> dict:
             )
             rows[f"Kronfluence EK-FAC (seed {seed})"] = {"P": r["P"], "t_first": t1, "t_second": t2,
                 "peak_extra_bytes": max(x["peak_extra_bytes"] for x in r["runs"]),
-                "logit_rel_err": logit_err, "damping_total": damping_total, "fisher": r["fisher"]}
+                "logit_rel_err": logit_err, "logit_abs_err": logit_abs_err,
+                "damping_total": damping_total, "fisher": r["fisher"],
+                "tracked_modules": len(r["tracked_modules"])}
             print(f"  Kronfluence seed {seed}: first {t1:.1f} s, second {t2}", flush=True)
     return rows
 
@@ -308,7 +350,7 @@ def run_network(kind, a, peer, peer_error) -> dict:
     )
     rows = influence_rows(st, a.damping, pcg_rtol=a.pcg_rtol, max_steps=a.max_steps)
     if peer is not None:
-        rows.update(kronfluence_rows(st, a.damping, peer))
+        rows.update(kronfluence_rows(kind, st, a.damping, peer))
     else:
         out["kronfluence"] = f"not installed ({peer_error}); see bench/_peer_torch.py for the venv"
     out["spearman"] = spearman_table(rows)
@@ -332,7 +374,8 @@ def _class_val_acc(st):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--networks", default="cnn,wide")
+    ap.add_argument("--networks", default=None, help="comma-separated, of "
+        f"{', '.join([*NETWORKS, *OTHER_NETWORKS])} (default cnn,wide; with --quick, cnn)")
     ap.add_argument(
         "--damping", type=float, default=1e-3, help="curvature damping (ours: weight decay + δ)"
     )
@@ -342,7 +385,11 @@ def main():
     a = ap.parse_args()
     a.n_train, a.epochs = (600, 4) if a.quick else (3000, 15)
     if a.quick:
-        a.networks, a.retrain_classes, a.max_steps = "cnn", 1, 10
+        a.retrain_classes, a.max_steps = 1, 10
+    a.networks = a.networks or ("cnn" if a.quick else "cnn,wide")
+    unknown = set(a.networks.split(",")) - {*NETWORKS, *OTHER_NETWORKS}
+    if unknown:
+        ap.error(f"unknown networks {sorted(unknown)}")
     peer, err = _peer()
     results = [run_network(kind, a, peer, err) for kind in a.networks.split(",")]
     for r in results:

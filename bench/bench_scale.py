@@ -9,8 +9,15 @@
    overhead of the sharded program, not a speed-up; real speed-ups need real devices.
 2. Memory vs N. Peak RSS of a fresh process computing P (MLP with 38k params) for N = 2e3 … 1e5,
    next to what N×P per-sample gradients would need, and XLA's compiled scratch size of the P stage.
+3. A CIFAR-10-shaped workload (``--cifar``): 32×32×3 inputs, K = 10, the ResNet with BatchNorm
+   of ``bench/_nets.py`` (BatchNorm calibrated on 512 inputs, weights at initialisation: time
+   and memory do not depend on training), EK-FAC influence (factors streamed in batches, then P
+   streamed in chunks) for several N, each in a fresh process: the time of the factors and of P,
+   and the peak RSS beside the bytes that must be held anyway (the inputs, the factors, the
+   N × K output). The inputs are random: no dataset is downloaded.
 
     python -m bench.bench_scale [--quick]
+    python -m bench.bench_scale --cifar [--cifar-n 2000,10000,50000] [--fisher sampled]
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -98,6 +106,62 @@ def case(c: dict) -> dict:
     return out
 
 
+def cifar_case(c: dict) -> dict:
+    """One CIFAR-shaped EK-FAC influence run of N training inputs (module docstring, 3)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from bench import _nets
+    from pareto_jax import models
+    from pareto_jax.influence import Influence, InfluenceConfig
+
+    N, K, n_val = c["N"], 10, 1000
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, 32 * 32 * 3)).astype(np.float32)
+    y = rng.integers(0, K, N)
+    xv, yv = rng.normal(size=(n_val, 32 * 32 * 3)).astype(np.float32), np.arange(n_val) % K
+    m = _nets.calibrate_batchnorm(_nets.ResNet(K, image_shape=(32, 32, 3), rngs=nnx.Rngs(0)),
+        x[:512])
+    apply, params = models.functional(m)
+    loss = models.per_sample_loss(apply)
+    base = _util.rss()
+    _util.reset_peak()
+    t0 = time.perf_counter()
+    fit = Influence(loss, params, x, y, num_classes=K, weight_decay=1e-4, apply=apply, model=m,
+        config=InfluenceConfig(solver="ekfac", fisher=c["fisher"], hvp_batch_size=256))
+    t_factors = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    P = np.asarray(_util.block(fit.influence(xv, yv).P))
+    t_P = time.perf_counter() - t0
+    assert P.shape == (N, K) and np.all(np.isfinite(P))
+    mib = 2.0**-20
+    f_bytes = sum(int(np.asarray(a).nbytes) for f in fit.factors.factors for a in f)
+    return {**c, "platform": jax.devices()[0].platform,
+        "num_params": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(params))),
+        "t_factors_s": t_factors, "t_P_s": t_P, "rss_before_MiB": base * mib,
+        "rss_peak_MiB": _util.peak() * mib, "peak_over_start_MiB": (_util.peak() - base) * mib,
+        "inputs_MiB": (x.nbytes + xv.nbytes) * mib, "factors_MiB": f_bytes * mib,
+        "output_MiB": P.nbytes * mib}
+
+
+def cifar(a) -> None:
+    ns = [int(n) for n in a.cifar_n.split(",")]
+    rows = []
+    for n in ns:
+        r = _spawn({"N": n, "fisher": a.fisher, "kind": "cifar"}, force_cpu=False)
+        print(r if "error" in r else {k: round(v, 2) if isinstance(v, float) else v
+            for k, v in r.items()}, flush=True)
+        rows.append(r)
+    ok = [r for r in rows if "error" not in r]
+    print("\nCIFAR-10-shaped EK-FAC influence (ResNet with BatchNorm, K = 10, 1,000 validation "
+        "inputs)")
+    print(_util.table(ok, ["N", "fisher", "num_params", "t_factors_s", "t_P_s", "rss_peak_MiB",
+        "peak_over_start_MiB", "inputs_MiB", "factors_MiB", "output_MiB"]))
+    path = _util.write(f"scale_cifar_{a.fisher}", {"machine": _util.machine(), "rows": rows})
+    print(f"wrote {path}")
+
+
 def _spawn(c: dict, force_cpu: bool) -> dict:
     env = dict(os.environ)
     if force_cpu:
@@ -115,9 +179,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--case", default=None)
+    ap.add_argument("--cifar", action="store_true", help="the CIFAR-10-shaped workload only")
+    ap.add_argument("--cifar-n", default="2000,10000,50000")
+    ap.add_argument("--fisher", default="expected", choices=("expected", "sampled"))
     a = ap.parse_args()
     if a.case:
-        print(json.dumps(case(json.loads(a.case))))
+        c = json.loads(a.case)
+        print(json.dumps(cifar_case(c) if c.get("kind") == "cifar" else case(c)))
+        return
+    if a.cifar:
+        cifar(a)
         return
     import jax
 

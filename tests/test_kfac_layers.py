@@ -316,7 +316,8 @@ class Shared(nnx.Module):
 
 def test_layers_it_cannot_factor_are_refused_with_the_fix():
     """Tied embeddings (`attend`) and a layer applied twice are refused while selected (the
-    factors would describe one call of two); holding them fixed answers."""
+    factors would describe one call of two); holding them fixed answers. Token ids outside an
+    embedding's table are refused."""
     x, y = _tokens(n=30)
     m = Tied(nnx.Rngs(0))
     apply, params = models.functional(m)
@@ -331,6 +332,13 @@ def test_layers_it_cannot_factor_are_refused_with_the_fix():
     res = Influence(loss, sparams, xs, y, num_classes=K, weight_decay=WD, apply=sapply, model=s,
         config=InfluenceConfig(solver="ekfac"), select="head").influence(xs, y)
     assert np.all(np.isfinite(res.P)) and "lin/kernel" in res.details["selection"]
+    b = Bag(nnx.Rngs(0))  # token ids outside the table: flax reads NaN (id V) or wraps (id −1)
+    bparams = models.functional(b)[1]
+    for bad in (V, -1):
+        xb = x.copy()
+        xb[3, 2] = bad
+        with pytest.raises(InputError, match=r"token ids .* \[0, 12\)"):
+            kfac.compute_factors(b, bparams, xb, num_classes=K, weight_decay=WD)
 
 
 class Conv1D(nnx.Module):

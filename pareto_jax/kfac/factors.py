@@ -270,6 +270,19 @@ def _selected(every: tuple[Layer, ...], select) -> tuple[int, ...]:
     return keep
 
 
+def _check_token_ids(layers, ins, embed) -> None:
+    """Token ids outside an embedding's [0, V) are refused: flax's Embed reads them as NaN (or,
+    negative, from the end of the table), and the factors would count another row."""
+    for layer, ids, e in zip(layers, ins, embed):
+        if e:
+            ids = np.asarray(ids)
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= layer.in_features:
+                checks.fail("x", f"token ids from {lo} to {hi} reaching nnx.Embed "
+                    f"{'/'.join(map(str, layer.path))}", f"ids in [0, {layer.in_features})",
+                    "map unknown tokens to an id of the vocabulary (e.g. an <unk> row)")
+
+
 def _batches(x, y, batch_size, dt):
     """A generator factory: the padded batches (x, y, mask) one at a time on the device, the
     inputs in the params' dtype unless they are integers (token ids)."""
@@ -346,6 +359,7 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     S = [zeros(l.out_features, l.out_features) for l in layers]
     for key, (xb, yb, mb) in zip(keys, batches()):
         p, ins, vjp = program(params, rest, xb, yb, key)
+        _check_token_ids(layers, ins, embed)
         A = _input_moments(A, ins, mb, embed)
         for c in range(1 if sampled else num_classes):  # one drawn label, or the K classes
             S = _output_moments(S, vjp, p, c, mb, keep)
