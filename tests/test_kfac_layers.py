@@ -250,6 +250,37 @@ def test_linear_general_is_factored_as_the_linear_it_reshapes(x64, dtype):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
 
 
+class Grid(nnx.Module):
+    """x (B, 3, 4, 5) -> LinearGeneral contracting axes 1 and 2 (given in `axis` order) into 6
+    features at each of 5 positions -> tanh -> mean -> head."""
+
+    def __init__(self, rngs, axis):
+        self.proj = nnx.LinearGeneral((3, 4), 6, axis=axis, rngs=rngs)
+        self.head = nnx.Linear(6, K, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jnp.tanh(self.proj(x)).mean(1))
+
+
+def test_linear_general_contracting_axes_given_in_any_order(x64):
+    """flax pairs `in_features` with the contracted axes in increasing order whatever the order
+    of `axis`: axis=(2, 1) is the same layer as (1, 2), and both are the nnx.Linear on the input
+    reshaped to (B, 5, 12); their K-FAC / EK-FAC P are equal."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(90, 3, 4, 5))
+    y = np.arange(90, dtype=np.int32) % K
+    x[np.arange(90), y] += 1.0
+    a = Grid(nnx.Rngs(0), (1, 2))
+    apply, params, loss = _trained(a, x, y, epochs=40)
+    b = Grid(nnx.Rngs(0), (2, 1))
+    bapply, _ = models.functional(b)
+    np.testing.assert_allclose(bapply(params, x), apply(params, x), rtol=1e-12)
+    for solver in ("ekfac", "kfac"):
+        pa = _P(a, apply, params, loss, x, y, solver).P
+        pb = _P(b, bapply, params, models.per_sample_loss(bapply), x, y, solver).P
+        np.testing.assert_allclose(pb, pa, rtol=1e-9, atol=1e-12 * np.abs(pa).max())
+
+
 class Bag(nnx.Module):
     """Tokens -> Embed (no bias) -> tanh -> mean -> head; or one-hot tokens -> bias-free Linear."""
 
@@ -323,6 +354,9 @@ def test_layers_it_cannot_factor_are_refused_with_the_fix():
     apply, params = models.functional(m)
     with pytest.raises(InputError, match="attend"):
         kfac.compute_factors(m, params, x, num_classes=K, weight_decay=WD)
+    mix = {k for k in kfac.param_keys(params) if k[0] == "mix"}  # the tied embedding held fixed
+    f = kfac.compute_factors(m, params, x, num_classes=K, weight_decay=WD, select=mix)
+    assert [l.path for l in f.layers] == [("mix",)]
     xs = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
     s = Shared(nnx.Rngs(0))
     sapply, sparams = models.functional(s)
@@ -356,7 +390,7 @@ class Conv1D(nnx.Module):
         return self.head(jnp.tanh(h).reshape(x.shape[0], -1, 5).mean(1))
 
 
-def test_a_1d_convolution_is_factored_as_the_2d_one_it_equals(x64):
+def test_a_1d_convolution_is_factored_as_the_2d_one_it_equals(x64, tmp_path):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(90, 9, 4))
     y = np.arange(90, dtype=np.int32) % K
@@ -372,6 +406,14 @@ def test_a_1d_convolution_is_factored_as_the_2d_one_it_equals(x64):
         a = _P(m1, apply, params, loss, x, y, solver).P
         b = _P(m2, apply2, params2, models.per_sample_loss(apply2), x, y, solver).P
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10 * np.abs(b).max())
+    m1.conv.padding = ((1, 1),)  # explicit padding (the same as SAME here) survives a round trip
+    f = kfac.compute_factors(m1, params, x, num_classes=K, weight_decay=WD)
+    assert f.layers[0].conv[2] == ((1, 1),)
+    kfac.save_factors(tmp_path / "f.npz", f)
+    back = kfac.load_factors(tmp_path / "f.npz")
+    v = np.random.default_rng(0).normal(size=(2, f.num_params))
+    np.testing.assert_array_equal(kfac.apply_inverse(back, v, damping=DAMP),
+        kfac.apply_inverse(f, v, damping=DAMP))
 
 
 def test_the_sampled_output_factor_is_unbiased_for_the_output_hessian(x64):

@@ -97,7 +97,8 @@ class InfluenceConfig:
         damping: δ >= 0 added to the curvature of the training objective (which already holds
             the weight decay λ), for every solver; or "auto" = 1e-4 · tr(H + λI)/P, a small
             fraction of the mean curvature eigenvalue (Hutchinson estimate, 8 probes; for
-            solver "kfac" / "ekfac" read exactly off the factors, with no probes).
+            solver "kfac" / "ekfac" read off the factors with no probes: exactly, or with
+            `fisher="sampled"` as noisy as the sampled factors).
         escalate_damping: what to do when a solve meets negative curvature (CG, dense),
             diverges (LiSSA) or returns non-finite values (K-FAC with an empty direction): True
             retries with damping ×10 (up to 11 times, from at least 1e-6) with a

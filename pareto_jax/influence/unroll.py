@@ -332,9 +332,9 @@ def unrolled_influence(retraining: Retraining, x_train, y_train, x_val, y_val, *
     ):
         if r.precision == "auto":
             warnings.warn(PrecisionWarning(
-                "the unrolled derivative overflowed in float32 (through Adam it grows by about "
-                "lr/eps per step along parameters the data never move); computed again in "
-                "float64"), stacklevel=2)
+                "the unrolled derivative overflowed in float32 (through Adam it can grow by "
+                "about lr·(1 − β₁)·λ/ε per step along parameters the data never move); computed "
+                "again in float64"), stacklevel=2)
             precision = "float64 (float32 overflowed)"
         else:
             precision = "float64"
@@ -346,9 +346,9 @@ def unrolled_influence(retraining: Retraining, x_train, y_train, x_val, y_val, *
         raise checks.NumericalError(
             f"unrolled influence: `P` has {int((~np.isfinite(P)).sum())} non-finite value(s) "
             f"out of {P.size} (the retraining's loss or its derivative overflowed in "
-            f"{precision}). Fix: check the loss for overflow; with Adam, the derivative grows by "
-            "about lr/eps per step along parameters the data never move, so use fewer steps "
-            "(epochs) or Retraining(precision='float64')."
+            f"{precision}). Fix: check the loss for overflow; with Adam, the derivative can grow "
+            "by about lr·(1 − β₁)·λ/ε per step along parameters the data never move, so use "
+            "fewer steps (epochs) or Retraining(precision='float64')."
         )
     steps = r.epochs * train.batches_per_epoch(n, r.config.batch_size)[0]
     z = np.zeros(K)

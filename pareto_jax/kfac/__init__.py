@@ -20,8 +20,8 @@ the bias; conv patches per position t) and output pseudo-gradients δ_c:
   matrix is ever formed.
 * **Embeddings**: ã_t is the one-hot of the token at position t, so A is diagonal (the tokens'
   mean frequency per position) with the identity as eigenbasis, never formed as a V × V matrix;
-  EK-FAC's moment for token v is E[Σ_c ((Σ_{t: token v} Q_Sᵀδ_ct)²)], summed over the pairs of
-  positions of a sample that hold the same token.
+  EK-FAC's moment for token v is E[Σ_c ((Σ_{t: token v} Q_Sᵀδ_ct)²)]: each sample's positions
+  grouped by token and summed before squaring.
 * **Sequences** (Linear / LinearGeneral on (B, T, ...)): the positions are the tokens, as for a
   convolution's output positions; EK-FAC then uses the per-sample gradient summed over them.
 

@@ -14,7 +14,15 @@ from flax import nnx
 
 from .. import checks, io, kernels
 from ..config.vocabulary import FISHERS
-from .layers import FACTORED_TYPES, TYPE_NAMES, Layer, describe, inputs, tapped
+from .layers import (
+    FACTORED_TYPES,
+    TYPE_NAMES,
+    Layer,
+    describe,
+    inputs,
+    refuse_unsupported,
+    tapped,
+)
 
 # ----------------------------------------------------------------------------- factors
 
@@ -59,16 +67,17 @@ def save_factors(path: str | Path, f: Factors) -> None:
     )
 
 
+def _tuples(v):
+    """JSON lists back to (nested) tuples: a `Layer` is a static, hashable argument."""
+    return tuple(_tuples(e) for e in v) if isinstance(v, (list, tuple)) else v
+
+
 def load_factors(path: str | Path) -> Factors:
     meta = io.read_json(Path(path).with_suffix(".json"))
     arrays = io.load_arrays(path)
 
     def layer(d):
-        conv = (
-            None
-            if d["conv"] is None
-            else tuple(tuple(v) if isinstance(v, list) else v for v in d["conv"])
-        )
+        conv = None if d["conv"] is None else _tuples(d["conv"])
         path = tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in d["path"])
         axes = d.get("axes")
         return Layer(d["kind"], path, d["in_features"], d["out_features"], d["has_bias"], conv,
@@ -96,13 +105,17 @@ def _discover(model: nnx.Module, x0) -> tuple[Any, Any, Any, tuple[Layer, ...]]:
     copy.eval()
     paths = {id(m): tuple(p) for p, m in nnx.iter_graph(copy) if isinstance(m, FACTORED_TYPES)}
     recs: list = []
-    with tapped(copy, recs, None) as m:
+    attended: list = []
+    with tapped(copy, recs, None, attended) as m:
         jax.eval_shape(lambda x: m(x), jnp.asarray(x0))
-    layers = tuple(describe(mod, paths[id(mod)], x, out_shape) for mod, x, out_shape in recs)
+    layers = [describe(mod, paths[id(mod)], x, out_shape) for mod, x, out_shape in recs]
+    for mod in attended:  # an embedding tied to an output: a second use of its weights
+        layers.append(Layer("unsupported", paths[id(mod)], 0, 0, False, None, (), None,
+            "an nnx.Embed also used by `attend` (weights tied to an output)"))
     if not layers:
         checks.fail("model", f"a model with no {TYPE_NAMES} layers", "layers K-FAC can factor",
             "use solver='cg' for this model")
-    return graphdef, jax.tree_util.tree_structure(state), rest, layers
+    return graphdef, jax.tree_util.tree_structure(state), rest, tuple(layers)
 
 
 def output_root(logits, y, output_loss=None):
@@ -198,10 +211,18 @@ def _rotate_inputs(ins, QAs, embed):
 
 def _embedding_moment(ids, dr, vocab):
     """Σ_b (Σ_{t: id_bt = v} dr_bt)² per token v: the squared per-sample gradient of an embedding
-    in the basis (I, Q_S), from the pairs of positions of a sample that hold the same token."""
-    same = (ids[:, :, None] == ids[:, None, :]).astype(dr.dtype)
-    summed = jnp.einsum("btu,bup->btp", same, dr)
-    return jax.ops.segment_sum((dr * summed).reshape(-1, dr.shape[-1]), ids.ravel(), vocab)
+    in the basis (I, Q_S). Each sample's positions are sorted by token, the positions of each
+    distinct token summed (at most T groups per sample), squared, and added to that token's row:
+    O(B·T·F) memory and work, whatever the vocabulary."""
+    B, T, F = dr.shape
+    order = jnp.argsort(ids, axis=1)
+    sid = jnp.take_along_axis(ids, order, axis=1)
+    sdr = jnp.take_along_axis(dr, order[:, :, None], axis=1)
+    first = jnp.concatenate([jnp.ones((B, 1), bool), sid[:, 1:] != sid[:, :-1]], axis=1)
+    group = (jnp.cumsum(first, axis=1) - 1 + T * jnp.arange(B)[:, None]).ravel()
+    sums = jax.ops.segment_sum(sdr.reshape(-1, F), group, B * T)
+    token = jax.ops.segment_max(sid.ravel(), group, B * T)  # (empty groups: a zero sum)
+    return jax.ops.segment_sum(sums**2, jnp.clip(token, 0, vocab - 1), vocab)
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "embed"))
@@ -250,7 +271,12 @@ def _layout(params, layers, select=None) -> tuple[tuple, ...]:
 def _selected(every: tuple[Layer, ...], select) -> tuple[int, ...]:
     """The indices of the selected layers (`select`: key paths, None for all): whole layers, each
     applied once per forward pass."""
-    keep = tuple(i for i, l in enumerate(every) if select is None or l.path + (l.weight,) in select)
+    chosen = [select is None or l.path + (l.weight,) in select for l in every]
+    paths = [l.path for l, c in zip(every, chosen) if c]
+    for l, c in zip(every, chosen):
+        if c and l.unsupported:
+            refuse_unsupported(l)
+    keep = tuple(i for i, (l, c) in enumerate(zip(every, chosen)) if c and l.kind != "unsupported")
     for l in every:  # a layer is selected whole or not at all
         if select is not None and l.has_bias and (
             (l.path + (l.weight,) in select) != (l.path + ("bias",) in select)
@@ -261,7 +287,6 @@ def _selected(every: tuple[Layer, ...], select) -> tuple[int, ...]:
     if not keep:
         checks.fail("select", f"no {TYPE_NAMES} layer", "at least one selected layer",
             "select a factored layer's parameters, or use solver='cg'")
-    paths = [every[i].path for i in keep]
     for q in paths:
         if paths.count(q) > 1:
             checks.fail("model", f"layer {q} called {paths.count(q)} times per forward pass "
@@ -285,14 +310,13 @@ def _check_token_ids(layers, ins, embed) -> None:
 
 def _batches(x, y, batch_size, dt):
     """A generator factory: the padded batches (x, y, mask) one at a time on the device, the
-    inputs in the params' dtype unless they are integers (token ids)."""
+    floating inputs in the params' dtype (token ids stay integers: `kernels.cast_floats`)."""
     n = x.shape[0]
     xc, yc, mc = kernels.pad_chunks(
         x, np.zeros(n, np.int32) if y is None else np.asarray(y), batch_size
     )
-    xdt = x.dtype if np.issubdtype(x.dtype, np.integer) else dt
     return lambda: (
-        (jnp.asarray(xb, xdt), jnp.asarray(yb), jnp.asarray(mb, dt))
+        (kernels.cast_floats(xb, dt), jnp.asarray(yb), jnp.asarray(mb, dt))
         for xb, yb, mb in zip(xc, yc, mc)
     )
 

@@ -6,8 +6,9 @@ Every factored layer is a matrix W (in, out) applied at T positions per sample:
 * ``nnx.Linear``: x (B, ..., in) @ W; the leading axes after the batch (tokens, if any) are
   the positions.
 * ``nnx.LinearGeneral`` (attention's query / key / value / output projections): the contracted
-  axes flattened to `in` (in the order of its `axis`), its output features to `out`, the other
-  axes the positions; the kernel (*in_features, *out_features) is that W reshaped.
+  axes flattened to `in` (in increasing order, as flax pairs them with `in_features`), its output
+  features to `out`, the other axes the positions; the kernel (*in_features, *out_features) is
+  that W reshaped.
 * ``nnx.Conv`` (1-D or 2-D, not grouped or dilated): the input patches (Cin, *kernel) at each
   output position.
 * ``nnx.Embed``: the one-hot of the token at each position, so the input factor is diagonal (the
@@ -39,23 +40,22 @@ _RECORDER: contextvars.ContextVar = contextvars.ContextVar("pareto_jax_kfac_reco
 def _tapping_class(cls):
     """A subclass of a factored class whose call records (module, input, output shape) and adds
     the current tap to its output (`tapped`); an Embed's `attend` (weights tied to an output
-    layer) is refused while recording."""
+    layer) is recorded apart, and refused if that embedding is selected."""
 
     def __call__(self, x, *a, **k):
         out = cls.__call__(self, x, *a, **k)
         rec = _RECORDER.get()
         if rec is None:
             return out
-        records, taps = rec
+        records, taps, _ = rec
         i = len(records)
         records.append((self, x, out.shape))
         return out if taps is None else out + taps[i]
 
     def attend(self, query, *a, **k):
-        if _RECORDER.get() is not None:
-            checks.fail("model", "an nnx.Embed used by `attend` (weights tied to the output)",
-                "each factored layer applied by its own call",
-                "select other layers (select=...), or use solver='cg'")
+        rec = _RECORDER.get()
+        if rec is not None:  # weights tied to an output: refused if this embedding is selected
+            rec[2].append(self)
         return cls.attend(self, query, *a, **k)
 
     body = {"__call__": __call__, "__module__": __name__}
@@ -70,15 +70,15 @@ _TAPPING: set = set()
 
 
 @contextlib.contextmanager
-def tapped(module: nnx.Module, records: list, taps: list | None):
+def tapped(module: nnx.Module, records: list, taps: list | None, attended: list | None = None):
     """Within the block, every factored layer's call in `module` (a copy made by `nnx.merge` for
     this trace, never the user's model, and never the flax classes themselves) records (module,
     input, output shape) and adds `taps[i]` to the i-th output, so a VJP with respect to the taps
-    gives each layer's output gradient."""
+    gives each layer's output gradient. Embeddings used by `attend` are appended to `attended`."""
     for _, sub in nnx.iter_graph(module):
         if isinstance(sub, FACTORED_TYPES) and type(sub) not in _TAPPING:
             sub.__class__ = _tapping_class(type(sub))
-    token = _RECORDER.set((records, taps))
+    token = _RECORDER.set((records, taps, [] if attended is None else attended))
     try:
         yield module
     finally:
@@ -95,7 +95,8 @@ class Layer(NamedTuple):
     has_bias: bool
     conv: tuple | None  # (kernel_size, strides, padding) of a conv
     out_shape: tuple  # per-sample output shape
-    axes: tuple | None = None  # a LinearGeneral's contracted input axes (non-negative, in order)
+    axes: tuple | None = None  # a LinearGeneral's contracted input axes (non-negative, sorted)
+    unsupported: str | None = None  # why this call cannot be factored (refused if selected)
 
     @property
     def weight(self) -> str:
@@ -162,9 +163,15 @@ def inputs(layer: Layer, a):
     return at
 
 
-def _unsupported(what: str) -> None:
-    checks.fail("model", what, f"factored layers ({TYPE_NAMES}, plain)",
+def refuse_unsupported(layer: Layer) -> None:
+    """The error for a selected layer K-FAC cannot factor (`Layer.unsupported`)."""
+    checks.fail("model", f"{layer.unsupported} at {'/'.join(map(str, layer.path))}",
+        f"factored layers ({TYPE_NAMES}, plain)",
         "hold this layer fixed (select=...), or use solver='cg' for this model")
+
+
+def _unsupported(what: str, path, out_shape) -> Layer:
+    return Layer("unsupported", path, 0, 0, False, None, tuple(out_shape[1:]), None, what)
 
 
 def _conv_layer(mod, path, x_shape, out_shape) -> Layer:
@@ -173,10 +180,11 @@ def _conv_layer(mod, path, x_shape, out_shape) -> Layer:
         or any(d != 1 for d in np.ravel(mod.kernel_dilation or 1))
         or any(d != 1 for d in np.ravel(mod.input_dilation or 1))
     ):
-        _unsupported("a grouped or dilated nnx.Conv")
+        return _unsupported("a grouped or dilated nnx.Conv", path, out_shape)
     ks = tuple(mod.kernel_size)
     if len(ks) not in (1, 2) or len(x_shape) != len(ks) + 2:
-        _unsupported(f"an nnx.Conv with a {len(ks)}-D kernel on a {len(x_shape)}-D input")
+        return _unsupported(f"an nnx.Conv with a {len(ks)}-D kernel on a {len(x_shape)}-D input",
+            path, out_shape)
     nd = len(ks)
     strides = tuple(mod.strides) if isinstance(mod.strides, (tuple, list)) else (mod.strides,) * nd
     pad = mod.padding
@@ -185,7 +193,7 @@ def _conv_layer(mod, path, x_shape, out_shape) -> Layer:
     elif not isinstance(pad, str):
         pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
     if isinstance(pad, str) and pad not in ("SAME", "VALID"):
-        _unsupported(f"an nnx.Conv with padding {pad!r}")
+        return _unsupported(f"an nnx.Conv with padding {pad!r}", path, out_shape)
     return Layer("conv", path, int(mod.in_features * math.prod(ks)), int(mod.out_features),
         has_bias(mod), (ks, strides, pad), tuple(out_shape[1:]))
 
@@ -196,12 +204,12 @@ def has_bias(mod) -> bool:
 
 def _general_layer(mod, path, x_shape, out_shape) -> Layer:
     if getattr(mod, "batch_axis", None):
-        _unsupported("an nnx.LinearGeneral with batch axes")
+        return _unsupported("an nnx.LinearGeneral with batch axes", path, out_shape)
     nd = len(x_shape)
     axis = mod.axis if isinstance(mod.axis, (tuple, list)) else (mod.axis,)
-    axes = tuple(int(a) % nd for a in axis)
+    axes = tuple(sorted(int(a) % nd for a in axis))  # flax pairs in_features with sorted axes
     if 0 in axes:
-        _unsupported("an nnx.LinearGeneral contracting the batch axis")
+        return _unsupported("an nnx.LinearGeneral contracting the batch axis", path, out_shape)
     fin = mod.in_features if isinstance(mod.in_features, (tuple, list)) else (mod.in_features,)
     fout = mod.out_features if isinstance(mod.out_features, (tuple, list)) else (mod.out_features,)
     return Layer("general", path, int(math.prod(fin)), int(math.prod(fout)), has_bias(mod), None,
@@ -217,7 +225,7 @@ def describe(mod, path, x, out_shape) -> Layer:
         return _general_layer(mod, path, x_shape, out_shape)
     if isinstance(mod, nnx.Embed):
         if not jnp.issubdtype(x.dtype, jnp.integer):
-            _unsupported("an nnx.Embed called on non-integer input")
+            return _unsupported("an nnx.Embed called on non-integer input", path, out_shape)
         return Layer("embed", path, int(mod.num_embeddings), int(mod.features), False, None,
             tuple(out_shape[1:]))
     return Layer("dense", path, int(mod.in_features), int(mod.out_features), has_bias(mod), None,
