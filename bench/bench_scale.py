@@ -13,11 +13,13 @@
    of ``bench/_nets.py`` (BatchNorm calibrated on 512 inputs, weights at initialisation: time
    and memory do not depend on training), EK-FAC influence (factors streamed in batches, then P
    streamed in chunks) for several N, each in a fresh process: the time of the factors and of P,
-   and the peak RSS beside the bytes that must be held anyway (the inputs, the factors, the
-   N × K output). The inputs are random: no dataset is downloaded.
+   and the peak RSS beside the bytes that must be held anyway (the factors, the N × K output, and
+   the inputs when they are arrays). By default the training inputs come from a batch source
+   (1,000 at a time, never all in memory); ``--arrays`` holds them in memory instead. The inputs
+   are random: no dataset is downloaded.
 
     python -m bench.bench_scale [--quick]
-    python -m bench.bench_scale --cifar [--cifar-n 2000,10000,50000] [--fisher sampled]
+    python -m bench.bench_scale --cifar [--cifar-n 2000,10000,50000] [--fisher sampled] [--arrays]
 """
 
 from __future__ import annotations
@@ -116,13 +118,25 @@ def cifar_case(c: dict) -> dict:
     from pareto_jax import models
     from pareto_jax.influence import Influence, InfluenceConfig
 
-    N, K, n_val = c["N"], 10, 1000
+    N, K, n_val, B = c["N"], 10, 1000, 1000
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(N, 32 * 32 * 3)).astype(np.float32)
-    y = rng.integers(0, K, N)
     xv, yv = rng.normal(size=(n_val, 32 * 32 * 3)).astype(np.float32), np.arange(n_val) % K
+
+    def batch(i):  # the same inputs on every pass, made batch by batch
+        r = np.random.default_rng(1000 + i)
+        n = min(B, N - i * B)
+        return r.normal(size=(n, 32 * 32 * 3)).astype(np.float32), r.integers(0, K, n)
+
+    def source():
+        return (batch(i) for i in range(-(-N // B)))
+
+    if c["source"]:
+        x, y = source, None
+    else:
+        parts = list(source())
+        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     m = _nets.calibrate_batchnorm(_nets.ResNet(K, image_shape=(32, 32, 3), rngs=nnx.Rngs(0)),
-        x[:512])
+        batch(0)[0][:512])
     apply, params = models.functional(m)
     loss = models.per_sample_loss(apply)
     base = _util.rss()
@@ -141,7 +155,8 @@ def cifar_case(c: dict) -> dict:
         "num_params": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(params))),
         "t_factors_s": t_factors, "t_P_s": t_P, "rss_before_MiB": base * mib,
         "rss_peak_MiB": _util.peak() * mib, "peak_over_start_MiB": (_util.peak() - base) * mib,
-        "inputs_MiB": (x.nbytes + xv.nbytes) * mib, "factors_MiB": f_bytes * mib,
+        "inputs_MiB": (0 if c["source"] else x.nbytes) * mib + xv.nbytes * mib,
+        "factors_MiB": f_bytes * mib,
         "output_MiB": P.nbytes * mib}
 
 
@@ -149,16 +164,18 @@ def cifar(a) -> None:
     ns = [int(n) for n in a.cifar_n.split(",")]
     rows = []
     for n in ns:
-        r = _spawn({"N": n, "fisher": a.fisher, "kind": "cifar"}, force_cpu=False)
+        r = _spawn({"N": n, "fisher": a.fisher, "kind": "cifar", "source": not a.arrays},
+            force_cpu=False)
         print(r if "error" in r else {k: round(v, 2) if isinstance(v, float) else v
             for k, v in r.items()}, flush=True)
         rows.append(r)
     ok = [r for r in rows if "error" not in r]
     print("\nCIFAR-10-shaped EK-FAC influence (ResNet with BatchNorm, K = 10, 1,000 validation "
         "inputs)")
-    print(_util.table(ok, ["N", "fisher", "num_params", "t_factors_s", "t_P_s", "rss_peak_MiB",
-        "peak_over_start_MiB", "inputs_MiB", "factors_MiB", "output_MiB"]))
-    path = _util.write(f"scale_cifar_{a.fisher}", {"machine": _util.machine(), "rows": rows})
+    print(_util.table(ok, ["N", "source", "fisher", "num_params", "t_factors_s", "t_P_s",
+        "rss_peak_MiB", "peak_over_start_MiB", "inputs_MiB", "factors_MiB", "output_MiB"]))
+    name = f"scale_cifar_{a.fisher}{'_arrays' if a.arrays else ''}"
+    path = _util.write(name, {"machine": _util.machine(), "rows": rows})
     print(f"wrote {path}")
 
 
@@ -182,6 +199,8 @@ def main():
     ap.add_argument("--cifar", action="store_true", help="the CIFAR-10-shaped workload only")
     ap.add_argument("--cifar-n", default="2000,10000,50000")
     ap.add_argument("--fisher", default="expected", choices=("expected", "sampled"))
+    ap.add_argument("--arrays", action="store_true",
+        help="--cifar: the training inputs as arrays in memory (default: a batch source)")
     a = ap.parse_args()
     if a.case:
         c = json.loads(a.case)

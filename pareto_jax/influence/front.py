@@ -46,7 +46,8 @@ class Influence:
             and integer labels (N,). Or, to stream a training set that does not fit in memory:
             ``x_train`` a function returning a fresh iterator of (x_batch, y_batch) on every
             call, and ``y_train=None``; each pass puts one chunk on the device at a time and P's
-            rows are written to the host as they are computed (CG on one device).
+            rows are written to the host as they are computed (CG, K-FAC or EK-FAC on one
+            device).
         num_classes: K.
         weight_decay: λ used in training (part of the curvature); None when `loss_fn` is a
             `train.Objective`, which carries it.
@@ -87,13 +88,12 @@ class Influence:
         if validation.is_source(x_train):
             xt, (x_ex, y_ex) = validation.source(x_train, y_train, num_classes)
             yt, n = None, xt.n
-            if config.solver != "cg" or config.preconditioner != "none" or mesh is not None:
+            if config.solver not in ("cg", "kfac", "ekfac") or mesh is not None:
                 checks.fail(
                     "config",
-                    f"solver={config.solver!r}, preconditioner={config.preconditioner!r}, "
-                    f"mesh={'set' if mesh is not None else None}",
-                    "solver='cg' on one device for a batch source",
-                    "use InfluenceConfig(solver='cg') without a mesh, or pass arrays",
+                    f"solver={config.solver!r}, mesh={'set' if mesh is not None else None}",
+                    "solver='cg', 'kfac' or 'ekfac' on one device for a batch source",
+                    "use InfluenceConfig(solver='ekfac' or 'cg') without a mesh, or pass arrays",
                 )
         else:
             xt, yt = (
@@ -290,9 +290,6 @@ def _check_factor_inputs(model, params, xt) -> None:
             "EK-FAC factor every Linear / LinearGeneral / Conv / Embed layer of the model",
             "pass the model's whole params (models.functional(model)); for influence over a "
             "subset of the parameters pass select= with them (the rest held fixed)")
-    if not isinstance(xt, np.ndarray):
-        checks.fail("x_train", "a pytree of input arrays", "one input array for K-FAC / EK-FAC",
-            "use solver='cg' for models with structured inputs")
 
 
 def category_influence(loss_fn, params, x_train, y_train, x_val, y_val, *, num_classes: int,

@@ -107,7 +107,7 @@ def _discover(model: nnx.Module, x0) -> tuple[Any, Any, Any, tuple[Layer, ...]]:
     recs: list = []
     attended: list = []
     with tapped(copy, recs, None, attended) as m:
-        jax.eval_shape(lambda x: m(x), jnp.asarray(x0))
+        jax.eval_shape(lambda x: m(x), jax.tree_util.tree_map(jnp.asarray, x0))
     layers = [describe(mod, paths[id(mod)], x, out_shape) for mod, x, out_shape in recs]
     for mod in attended:  # an embedding tied to an output: a second use of its weights
         layers.append(Layer("unsupported", paths[id(mod)], 0, 0, False, None, (), None,
@@ -150,7 +150,8 @@ def _forward_program(graphdef, treedef, layers, keep, output_loss=None, sampled=
 
     def forward(params, rest, xb, yb, key):  # rest: the non-param state, held fixed
         dt = jnp.result_type(*jax.tree_util.tree_leaves(params))  # (xb may hold token ids)
-        taps0 = [jnp.zeros((xb.shape[0], *l.out_shape), dt) for l in layers]
+        b = jax.tree_util.tree_leaves(xb)[0].shape[0]
+        taps0 = [jnp.zeros((b, *l.out_shape), dt) for l in layers]
 
         def fwd(taps):
             rec: list = []
@@ -309,16 +310,28 @@ def _check_token_ids(layers, ins, embed) -> None:
 
 
 def _batches(x, y, batch_size, dt):
-    """A generator factory: the padded batches (x, y, mask) one at a time on the device, the
-    floating inputs in the params' dtype (token ids stay integers: `kernels.cast_floats`)."""
-    n = x.shape[0]
-    xc, yc, mc = kernels.pad_chunks(
-        x, np.zeros(n, np.int32) if y is None else np.asarray(y), batch_size
-    )
-    return lambda: (
-        (kernels.cast_floats(xb, dt), jnp.asarray(yb), jnp.asarray(mb, dt))
-        for xb, yb, mb in zip(xc, yc, mc)
-    )
+    """A generator factory: the batches (x, y, mask) one at a time on the device, cut as
+    `kernels.pad_chunks` cuts them (balanced sizes, the last padded with the first sample and
+    mask 0) but sliced, so the inputs are never copied whole; the floating inputs in the params'
+    dtype (token ids stay integers: `kernels.cast_floats`)."""
+    n = kernels.num_samples(x)
+    y = np.zeros(n, np.int32) if y is None else np.asarray(y)
+    nc = -(-n // max(1, min(int(batch_size), n)))
+    chunk = -(-n // nc)
+
+    def batch(c):
+        lo, hi = c * chunk, min((c + 1) * chunk, n)
+
+        def cut(a):
+            part = a[lo:hi]
+            return part if hi - lo == chunk else np.concatenate(
+                [part, np.repeat(a[:1], chunk - (hi - lo), 0)])
+
+        mb = np.concatenate([np.ones(hi - lo, np.float32), np.zeros(chunk - (hi - lo), np.float32)])
+        return (kernels.cast_floats(jax.tree_util.tree_map(cut, x), dt), jnp.asarray(cut(y)),
+            jnp.asarray(mb, dt))
+
+    return lambda: (batch(c) for c in range(nc))
 
 
 @functools.partial(jax.jit, static_argnames=("embed",))
@@ -350,6 +363,8 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     drawn from the model instead of the K classes (`sampled_root`; the same draws in both passes,
     from `seed` and the batch index): one backward pass per batch instead of K.
 
+    `x` is an input array, a pytree of them (a dict of token ids and masks), or a
+    `kernels.Source` (batches from the host, never all in memory; `y` then comes with them).
     Two streamed passes over x in batches of `batch_size`: the second moments A and S (then
     their eigendecompositions), and EK-FAC's corrected eigenvalues. Per batch, one forward pass,
     then one backward pass per class from its residuals, the classes looped on the host: memory
@@ -357,9 +372,15 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     forward pass, one class's backward pass) does not grow with K. The programs are compiled
     once per model and batch shape and reused by later calls.
     """
-    x = np.asarray(x)
-    n = x.shape[0]
-    graphdef, treedef, rest, every = _discover(model, x[:1])
+    stream = isinstance(x, kernels.Source)
+    if stream:  # a batch source: one batch in memory at a time
+        n = x.n
+        x0 = jax.tree_util.tree_map(lambda a: np.asarray(a)[:1], next(iter(x.batches()))[0])
+    else:
+        x = jax.tree_util.tree_map(np.asarray, x)
+        n = kernels.num_samples(x)
+        x0 = jax.tree_util.tree_map(lambda a: a[:1], x)
+    graphdef, treedef, rest, every = _discover(model, x0)
     keep = _selected(every, select)
     layers = tuple(every[i] for i in keep)
     embed = tuple(l.kind == "embed" for l in layers)
@@ -372,11 +393,12 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
         checks.fail("fisher", "'sampled' with an output_loss", "the softmax cross-entropy "
             "(labels are drawn from its softmax)", "use fisher='expected' for this loss")
     program = _forward_program(graphdef, treedef, every, keep, output_loss, sampled)
-    nb = -(-x.shape[0] // batch_size)
+    nb = -(-n // batch_size)
     keys = (jax.random.split(jax.random.PRNGKey(seed), nb) if sampled
         else np.zeros((nb, 2), np.uint32))  # (unused by the expected Fisher)
     dt = jnp.result_type(*jax.tree_util.tree_leaves(params))
-    batches = _batches(x, y, batch_size, dt)
+    batches = (lambda: iter(kernels.Stream(x, batch_size, dt))) if stream else _batches(x, y,
+        batch_size, dt)
     zeros = lambda *shape: jnp.asarray(np.zeros(shape, dt))  # noqa: E731 (no program compiled)
     A = [zeros(l.in_features) if e else zeros(*(l.in_features + l.has_bias,) * 2)
         for l, e in zip(layers, embed)]
