@@ -88,7 +88,8 @@ class Influence:
         if validation.is_source(x_train):
             xt, (x_ex, y_ex) = validation.source(x_train, y_train, num_classes)
             yt, n = None, xt.n
-            if config.solver not in ("cg", "kfac", "ekfac") or mesh is not None:
+            streamable = config.factored or config.solver == InfluenceConfig.solver  # (CG)
+            if not streamable or mesh is not None:
                 checks.fail(
                     "config",
                     f"solver={config.solver!r}, mesh={'set' if mesh is not None else None}",
