@@ -3,14 +3,14 @@ tapped, and each layer's input rows ã and weight matrix (see the package docstr
 
 Every factored layer is a matrix W (in, out) applied at T positions per sample:
 
-* ``nnx.Linear``: x (B, ..., in) @ W; the leading axes after the batch (tokens, if any) are
-  the positions.
+* ``nnx.Linear``: ``x (B, ..., in) @ W``; the leading axes after the batch (tokens, if any)
+  are the positions.
 * ``nnx.LinearGeneral`` (attention's query / key / value / output projections): the contracted
   axes flattened to `in` (in increasing order, as flax pairs them with `in_features`), its output
-  features to `out`, the other axes the positions; the kernel (*in_features, *out_features) is
-  that W reshaped.
-* ``nnx.Conv`` (1-D or 2-D, not grouped or dilated): the input patches (Cin, *kernel) at each
-  output position.
+  features to `out`, the other axes the positions; the kernel ``(*in_features, *out_features)``
+  is that W reshaped.
+* ``nnx.Conv`` (1-D or 2-D, not grouped or dilated): the input patches ``(Cin, *kernel)`` at
+  each output position.
 * ``nnx.Embed``: the one-hot of the token at each position, so the input factor is diagonal (the
   tokens' frequencies per position) and is never formed as a matrix; no bias.
 """
@@ -105,8 +105,8 @@ class Layer(NamedTuple):
 
 
 def patches(x, conv: tuple):
-    """Conv input patches (B, *out spatial, Cin·prod(kernel)) in the (Cin, *kernel) feature order,
-    for ``conv = (kernel_size, strides, padding)`` (1-D or 2-D)."""
+    """Conv input patches ``(B, *out_spatial, Cin·prod(kernel))`` in the ``(Cin, *kernel)``
+    feature order, for ``conv = (kernel_size, strides, padding)`` (1-D or 2-D)."""
     ks, strides, pad = conv
     sp = "WH"[: len(ks)][::-1]  # "W" or "HW"
     return jax.lax.conv_general_dilated_patches(
@@ -115,9 +115,9 @@ def patches(x, conv: tuple):
 
 
 def kernel_matrix(kernel, kind):
-    """Layer weight as (in, out): conv kernels (*k, Cin, Cout) -> (Cin·prod(k), Cout); a
-    LinearGeneral's (*in_features, *out_features) -> (prod(in), prod(out)), the out_features given
-    by the kind ``("general", n_out_axes)``."""
+    """Layer weight as (in, out): conv kernels ``(*k, Cin, Cout) -> (Cin·prod(k), Cout)``; a
+    LinearGeneral's ``(*in_features, *out_features) -> (prod(in), prod(out))``, the out_features
+    given by the kind ``("general", n_out_axes)``."""
     if kind in ("dense", "embed"):
         return kernel
     if isinstance(kind, tuple):
