@@ -61,9 +61,7 @@ def pad_chunks(x, y, chunk: int, xp=np) -> Chunks:
     does the same on traced arrays (inside `jax.jit`; the shapes are static).
     """
     n = num_samples(x)
-    chunk = max(1, min(int(chunk), n))
-    nc = -(-n // chunk)
-    chunk = -(-n // nc)
+    nc, chunk = balanced_chunks(n, chunk)
     pad = nc * chunk - n
 
     def split(a):
@@ -76,6 +74,13 @@ def pad_chunks(x, y, chunk: int, xp=np) -> Chunks:
     return Chunks(
         jax.tree_util.tree_map(split, x), jax.tree_util.tree_map(split, y), m.reshape(nc, chunk)
     )
+
+
+def balanced_chunks(n: int, chunk: int) -> tuple[int, int]:
+    """(number of chunks, chunk size) for n samples in chunks of at most `chunk`, the size
+    balanced (``ceil(n / n_chunks)``) so padding stays below one sample per chunk."""
+    nc = -(-n // max(1, min(int(chunk), n)))
+    return nc, -(-n // nc)
 
 
 def num_samples(x) -> int:

@@ -316,8 +316,7 @@ def _batches(x, y, batch_size, dt):
     dtype (token ids stay integers: `kernels.cast_floats`)."""
     n = kernels.num_samples(x)
     y = np.zeros(n, np.int32) if y is None else np.asarray(y)
-    nc = -(-n // max(1, min(int(batch_size), n)))
-    chunk = -(-n // nc)
+    nc, chunk = kernels.balanced_chunks(n, batch_size)
 
     def batch(c):
         lo, hi = c * chunk, min((c + 1) * chunk, n)
@@ -393,7 +392,7 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
         checks.fail("fisher", "'sampled' with an output_loss", "the softmax cross-entropy "
             "(labels are drawn from its softmax)", "use fisher='expected' for this loss")
     program = _forward_program(graphdef, treedef, every, keep, output_loss, sampled)
-    nb = -(-n // batch_size)
+    nb = kernels.balanced_chunks(n, batch_size)[0]  # (a source: ceil(n / batch_size) too)
     keys = (jax.random.split(jax.random.PRNGKey(seed), nb) if sampled
         else np.zeros((nb, 2), np.uint32))  # (unused by the expected Fisher)
     dt = jnp.result_type(*jax.tree_util.tree_leaves(params))
