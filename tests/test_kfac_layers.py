@@ -347,7 +347,8 @@ class Shared(nnx.Module):
 
 def test_layers_it_cannot_factor_are_refused_with_the_fix():
     """Tied embeddings (`attend`) and a layer applied twice are refused while selected (the
-    factors would describe one call of two); holding them fixed answers. Token ids outside an
+    factors would describe one call of two); holding them fixed answers, and is what the
+    default selection does (stated). Token ids outside an
     embedding's table are refused."""
     x, y = _tokens(n=30)
     m = Tied(nnx.Rngs(0))
@@ -366,6 +367,20 @@ def test_layers_it_cannot_factor_are_refused_with_the_fix():
     res = Influence(loss, sparams, xs, y, num_classes=K, weight_decay=WD, apply=sapply, model=s,
         config=InfluenceConfig(solver="ekfac"), select="head").influence(xs, y)
     assert np.all(np.isfinite(res.P)) and "lin/kernel" in res.details["selection"]
+    # by default (through Influence) only the layers K-FAC can answer are selected: the tied
+    # embedding and the shared layer are held fixed, and said so; the same P as that selection
+    for mod, ap, ps, xx, fixed, why, kept in ((m, apply, params, x, "emb", "attend", "mix"),
+            (s, sapply, sparams, xs, "lin", "called 2 times", "head")):
+        kw = dict(num_classes=K, weight_decay=WD, apply=ap, model=mod,
+            config=InfluenceConfig(solver="ekfac"))
+        lossm = models.per_sample_loss(ap)
+        res = Influence(lossm, ps, xx, y, **kw).influence(xx, y)
+        note = res.details["selection"]
+        assert f"layer {fixed} held fixed" in note and why in note, note
+        ref = Influence(lossm, ps, xx, y, select=kept, **kw).influence(xx, y)
+        np.testing.assert_array_equal(res.P, ref.P)
+        with pytest.raises(InputError, match=why):  # selected explicitly: refused
+            Influence(lossm, ps, xx, y, select=(fixed, kept), **kw)
     b = Bag(nnx.Rngs(0))  # token ids outside the table: flax reads NaN (id V) or wraps (id −1)
     bparams = models.functional(b)[1]
     for bad in (V, -1):

@@ -58,8 +58,9 @@ class Influence:
             curvature restricted to them; `pareto_jax.influence.selection`): a path prefix
             ("head", "blocks/0/mlp") or a list of them, an nnx module type or a tuple of types
             (with `model=`), or ``select(path, array) -> bool``. None: every parameter, or for
-            K-FAC / EK-FAC every layer they factor (`kfac.FACTORED_TYPES`; stated in the result's
-            ``details["selection"]`` when that leaves parameters out). One device only.
+            K-FAC / EK-FAC every layer they can factor (`kfac.FACTORED_TYPES`, each called once
+            per forward pass; stated in the result's ``details["selection"]`` when that leaves
+            parameters out). One device only.
 
     Example:
         >>> import numpy as np
@@ -112,7 +113,8 @@ class Influence:
         if config.uses_factors:
             _check_factor_inputs(model, params, xt)
         config = choice.config
-        sel = selection.resolve(select, params, model, config.factored)
+        one = None if model is None else jax.tree_util.tree_map(lambda a: np.asarray(a)[:1], x_ex)
+        sel = selection.resolve(select, params, model, config.factored, one)
         flat = kernels.flatten(loss_fn, params)
         theta = flat.theta
         checks.check_finite_array(theta, "params", "influence: parameters")

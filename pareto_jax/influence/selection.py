@@ -6,8 +6,10 @@ objective's curvature, H_SS + λI (`docs/method.md`, "Influence over chosen para
 what the influence would be if the unselected parameters were constants of the model; it
 approximates the full answer as the parameters outside S matter less to the change that a
 reweighting makes. K-FAC / EK-FAC select every layer they can factor by default
-(`kfac.FACTORED_TYPES`: Linear, LinearGeneral, Conv, Embed), so a model with norm layers is
-answered with their scales and biases held fixed, and said so in ``details["selection"]``.
+(`kfac.FACTORED_TYPES`: Linear, LinearGeneral, Conv, Embed, each called once per forward
+pass), so a model with norm layers is answered with their scales and biases held fixed, and a
+layer they cannot factor (shared weights, an embedding tied to the output, a grouped conv) is
+held fixed too; both are said in ``details["selection"]``.
 """
 
 from __future__ import annotations
@@ -65,16 +67,21 @@ def _chosen(select, params, model, all_keys) -> set:
         "see Influence's select argument")
 
 
-def resolve(select: Any, params, model, uses_factors: bool) -> Selection | None:
+def resolve(select: Any, params, model, uses_factors: bool, x0=None) -> Selection | None:
     """The `Selection` for `select` (None: every parameter, or for K-FAC / EK-FAC every
-    parameter of a factored layer, `kfac.FACTORED_TYPES`); None when every parameter is selected
-    (the unrestricted problem, with no mask)."""
+    parameter of a layer they can factor, `kfac.default_selection` on the one-sample input `x0`,
+    the others held fixed and named); None when every parameter is selected (the unrestricted
+    problem, with no mask)."""
     all_keys = kfac.param_keys(params)
     if select is None and not (uses_factors and model is not None):
         return None
-    chosen = (
-        _layer_keys(model, all_keys) if select is None else _chosen(select, params, model, all_keys)
-    )
+    left_out: dict = {}
+    if select is not None:
+        chosen = _chosen(select, params, model, all_keys)
+    elif x0 is None:
+        chosen = _layer_keys(model, all_keys)
+    else:
+        chosen, left_out = kfac.default_selection(model, params, x0)
     if not chosen:
         checks.fail("select", f"{select!r} matching none of the {len(all_keys)} parameter arrays",
             "a selection of at least one parameter array", f"choose among e.g. {all_keys[:4]}")
@@ -89,7 +96,9 @@ def resolve(select: Any, params, model, uses_factors: bool) -> Selection | None:
     note = (f"influence over {int(mask.sum())} of {mask.size} parameters ({len(chosen)} of "
         f"{len(all_keys)} arrays, {how}); held fixed: "
         + ", ".join("/".join(map(str, k)) for k in fixed[:8])
-        + (f" and {len(fixed) - 8} more" if len(fixed) > 8 else ""))
+        + (f" and {len(fixed) - 8} more" if len(fixed) > 8 else "")
+        + "".join(f"; layer {'/'.join(map(str, p))} held fixed: K-FAC cannot factor {why}"
+            for p, why in left_out.items()))
     return Selection(frozenset(chosen), mask, note)
 
 

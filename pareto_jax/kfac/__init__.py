@@ -38,6 +38,7 @@ from .factors import (
     Factors,
     LayerFactors,
     compute_factors,
+    default_selection,
     load_factors,
     output_root,
     param_keys,
@@ -48,6 +49,6 @@ from .layers import FACTORED_TYPES, TYPE_NAMES, Layer, kernel_from_matrix, kerne
 from .solve import apply_inverse, preconditioner, solve_kfac
 
 __all__ = ["FACTORED_TYPES", "TYPE_NAMES", "Factors", "Layer", "LayerFactors", "compute_factors",
-    "kernel_from_matrix", "kernel_matrix", "load_factors", "output_root", "param_keys", "patches",
-    "sampled_root", "save_factors",
+    "default_selection", "kernel_from_matrix", "kernel_matrix", "load_factors", "output_root",
+    "param_keys", "patches", "sampled_root", "save_factors",
     "apply_inverse", "preconditioner", "solve_kfac"]

@@ -296,6 +296,21 @@ def _selected(every: tuple[Layer, ...], select) -> tuple[int, ...]:
     return keep
 
 
+def default_selection(model: nnx.Module, params, x0) -> tuple[frozenset, dict]:
+    """The parameters K-FAC / EK-FAC select by default (every factored layer they can answer:
+    supported, and called once per forward pass), and the layers left out, each with why
+    (``{path: reason}``). `x0`: one input sample (a batch of one), for the abstract forward
+    pass. Selected explicitly, a left-out layer is refused (`_selected`)."""
+    every = _discover(model, x0)[3]
+    paths = [l.path for l in every]
+    why = {l.path: l.unsupported for l in every if l.unsupported}
+    for q in paths:
+        if paths.count(q) > 1 and q not in why:
+            why[q] = f"called {paths.count(q)} times per forward pass (shared weights)"
+    keys = frozenset(k for k in param_keys(params) if k[:-1] in set(paths) and k[:-1] not in why)
+    return keys, why
+
+
 def _check_token_ids(layers, ins, embed) -> None:
     """Token ids outside an embedding's [0, V) are refused: flax's Embed reads them as NaN (or,
     negative, from the end of the table), and the factors would count another row."""
