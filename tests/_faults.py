@@ -682,6 +682,12 @@ def _general_axes_not_moved():
     _swap(layers, "inputs", inputs)
 
 
+def _kfac_output_loss_ignored():
+    from pareto_jax.kfac import factors
+
+    _swap(factors, "output_root", lambda o: lambda logits, y, output_loss=None: o(logits, y))
+
+
 def _sampled_fisher_argmax():
     import jax
 
@@ -753,6 +759,12 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
         ["tests/test_kfac_layers.py::test_the_sampled_output_factor_is_unbiased_for_the_output_"
             "hessian"],
         _sampled_fisher_argmax),
+    "kfac_output_loss_ignored": (
+        "K-FAC / EK-FAC's output factor from the cross-entropy whatever the OutputLoss",
+        ["tests/test_kfac_layers.py::test_ekfac_moments_of_every_transformer_layer_equal_the_per_"
+            "sample_gradients", "tests/test_kfac_layers.py::test_transformer_ekfac_with_another_"
+            "output_loss"],
+        _kfac_output_loss_ignored),
     "auto_damping_from_kfac_eigenvalues": (
         "K-FAC / EK-FAC's auto damping from K-FAC's eigenvalues instead of the exact trace",
         ["tests/test_kfac_layers.py::test_auto_damping_is_read_exactly_off_the_factors"],
