@@ -119,16 +119,6 @@ class Stream:
     def __init__(self, source: Source, chunk: int, dtype):
         self.source, self.chunk, self.dtype = source, max(1, int(chunk)), dtype
 
-    def _emit(self, xs, ys, real):
-        pad = self.chunk - real
-
-        def fill(a):
-            return np.concatenate([a, np.repeat(a[:1], pad, 0)]) if pad else a
-
-        mb = np.concatenate([np.ones(real, np.float32), np.zeros(pad, np.float32)])
-        return (cast_floats(jax.tree_util.tree_map(fill, xs), self.dtype),
-            jax.tree_util.tree_map(lambda a: jnp.asarray(fill(a)), ys), jnp.asarray(mb, self.dtype))
-
     def __iter__(self):
         cat = lambda parts: jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)  # noqa: E731
         xs, ys, have = [], [], 0
@@ -138,11 +128,26 @@ class Stream:
             have += num_samples(xb)
             while have >= self.chunk:
                 X, Y = cat(xs), cat(ys)
-                yield self._emit(take(X, slice(0, self.chunk)), Y[: self.chunk], self.chunk)
+                yield padded_chunk(take(X, slice(0, self.chunk)), Y[: self.chunk], self.chunk,
+                    self.dtype)
                 xs, ys, have = ([take(X, slice(self.chunk, None))], [Y[self.chunk :]],
                     have - self.chunk)
         if have:
-            yield self._emit(cat(xs), cat(ys), have)
+            yield padded_chunk(cat(xs), cat(ys), self.chunk, self.dtype)
+
+
+def padded_chunk(xs, ys, chunk: int, dtype):
+    """Host arrays of at most `chunk` samples as one device chunk (x, y, mask): padded to `chunk`
+    with copies of its first sample under mask 0, the floating inputs in `dtype`."""
+    real = num_samples(xs)
+    pad = chunk - real
+
+    def fill(a):
+        return np.concatenate([a, np.repeat(a[:1], pad, 0)]) if pad else a
+
+    mb = np.concatenate([np.ones(real, np.float32), np.zeros(pad, np.float32)])
+    return (cast_floats(jax.tree_util.tree_map(fill, xs), dtype),
+        jax.tree_util.tree_map(lambda a: jnp.asarray(fill(a)), ys), jnp.asarray(mb, dtype))
 
 
 def cast_floats(x, dtype):

@@ -311,13 +311,23 @@ def default_selection(model: nnx.Module, params, x0) -> tuple[frozenset, dict]:
     return keys, why
 
 
-def _check_token_ids(layers, ins, embed) -> None:
-    """Token ids outside an embedding's [0, V) are refused: flax's Embed reads them as NaN (or,
-    negative, from the end of the table), and the factors would count another row."""
-    for layer, ids, e in zip(layers, ins, embed):
+def _token_bounds(bounds, ins, embed):
+    """The running (min, max) of each embedding's token ids, kept on the device (no host sync
+    per batch); None for the other layers."""
+    new = [(ids.min(), ids.max()) if e else None for ids, e in zip(ins, embed)]
+    if bounds is None:
+        return new
+    return [None if b is None else (jnp.minimum(b[0], n[0]), jnp.maximum(b[1], n[1]))
+        for b, n in zip(bounds, new)]
+
+
+def _check_token_ids(layers, bounds, embed) -> None:
+    """Token ids outside an embedding's [0, V) are refused (`bounds` from `_token_bounds` over
+    the data): flax's Embed reads them as NaN (or, negative, from the end of the table), and the
+    factors would count another row."""
+    for layer, b, e in zip(layers, bounds, embed):
         if e:
-            ids = np.asarray(ids)
-            lo, hi = int(ids.min()), int(ids.max())
+            lo, hi = int(b[0]), int(b[1])
             if lo < 0 or hi >= layer.in_features:
                 checks.fail("x", f"token ids from {lo} to {hi} reaching nnx.Embed "
                     f"{'/'.join(map(str, layer.path))}", f"ids in [0, {layer.in_features})",
@@ -326,26 +336,15 @@ def _check_token_ids(layers, ins, embed) -> None:
 
 def _batches(x, y, batch_size, dt):
     """A generator factory: the batches (x, y, mask) one at a time on the device, cut as
-    `kernels.pad_chunks` cuts them (balanced sizes, the last padded with the first sample and
-    mask 0) but sliced, so the inputs are never copied whole; the floating inputs in the params'
-    dtype (token ids stay integers: `kernels.cast_floats`)."""
+    `kernels.pad_chunks` cuts them (balanced sizes, the last padded under mask 0:
+    `kernels.padded_chunk`) but sliced, so the inputs are never copied whole; the floating
+    inputs in the params' dtype (token ids stay integers)."""
     n = kernels.num_samples(x)
     y = np.zeros(n, np.int32) if y is None else np.asarray(y)
     nc, chunk = kernels.balanced_chunks(n, batch_size)
-
-    def batch(c):
-        lo, hi = c * chunk, min((c + 1) * chunk, n)
-
-        def cut(a):
-            part = a[lo:hi]
-            return part if hi - lo == chunk else np.concatenate(
-                [part, np.repeat(a[:1], chunk - (hi - lo), 0)])
-
-        mb = np.concatenate([np.ones(hi - lo, np.float32), np.zeros(chunk - (hi - lo), np.float32)])
-        return (kernels.cast_floats(jax.tree_util.tree_map(cut, x), dt), jnp.asarray(cut(y)),
-            jnp.asarray(mb, dt))
-
-    return lambda: (batch(c) for c in range(nc))
+    part = lambda a, c: a[c * chunk : (c + 1) * chunk]  # noqa: E731
+    return lambda: (kernels.padded_chunk(jax.tree_util.tree_map(lambda a: part(a, c), x),
+        part(y, c), chunk, dt) for c in range(nc))
 
 
 @functools.partial(jax.jit, static_argnames=("embed",))
@@ -417,12 +416,14 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     A = [zeros(l.in_features) if e else zeros(*(l.in_features + l.has_bias,) * 2)
         for l, e in zip(layers, embed)]
     S = [zeros(l.out_features, l.out_features) for l in layers]
+    bounds = None
     for key, (xb, yb, mb) in zip(keys, batches()):
         p, ins, vjp = program(params, rest, xb, yb, key)
-        _check_token_ids(layers, ins, embed)
+        bounds = _token_bounds(bounds, ins, embed)
         A = _input_moments(A, ins, mb, embed)
         for c in range(1 if sampled else num_classes):  # one drawn label, or the K classes
             S = _output_moments(S, vjp, p, c, mb, keep)
+    _check_token_ids(layers, bounds, embed)  # before the moments are used
     eig = _eigen(A, S, jnp.asarray(n, dt), embed)
     QAs, QGs = [e[0][1] for e in eig], [e[1][1] for e in eig]
     C = [zeros(e[0][0].shape[0], qg.shape[0]) for e, qg in zip(eig, QGs)]
