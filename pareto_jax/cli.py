@@ -91,6 +91,7 @@ def run_config(a) -> RunConfig:
                 checkpoint_epochs=(a.epochs,)),
             out_dir=a.out or RunConfig.out_dir,
             devices=a.devices,
+            baselines=not a.no_baselines,
             influence=None
             if a.model == "linear"
             else InfluenceConfig.for_product(a.influence),

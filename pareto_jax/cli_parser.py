@@ -124,6 +124,9 @@ def _add_run_parser(sub, fmt) -> None:
         help="search generations (with --search)")
     p.add_argument("--retrain-epochs", type=int, default=_RUN.retrain_epochs,
         help="epochs with the new weights, beside as many plain epochs (the comparison)")
+    p.add_argument("--no-baselines", action="store_true",
+        help="skip the yardstick: class-balanced, trim-negative and top-k weights given the same "
+        "step rule, retrained and reported beside the reweighting")
     p.add_argument(
         "--out",
         default=None,

@@ -303,11 +303,22 @@ def baseline_weights(P, y_train, targets: Sequence[int], num_classes: int,
     * topk_upweight: w_i = `topk_weight` for the top `topk_fraction` of Σ_{t∈targets} P[i, t];
     * fixed_alpha_lp: the program (`reweight`) with α = `fixed_alpha` for every class (no search).
     """
+    out = simple_baselines(P, y_train, targets, num_classes, config)
+    sol = pareto.solve_reweighting(np.asarray(P, np.float64), targets, config.fixed_alpha, reweight)
+    if sol.w is not None:
+        out["fixed_alpha_lp"] = sol.w
+    return out
+
+
+def simple_baselines(P, y_train, targets: Sequence[int], num_classes: int,
+    config: BaselineConfig = BaselineConfig()) -> dict[str, np.ndarray]:
+    """The baselines that need no program (`baseline_weights` without fixed_alpha_lp):
+    unweighted, class_balanced, trim_negative, topk_upweight."""
     P = np.asarray(P, np.float64)
     n = P.shape[0]
     y = np.asarray(y_train)
     counts = np.bincount(y, minlength=num_classes).astype(np.float64)
-    cb = 1.0 / counts[y]
+    cb = 1.0 / np.maximum(counts[y], 1.0)
     out = {"unweighted": np.ones(n), "class_balanced": cb * n / cb.sum(),
         "trim_negative": (P.sum(1) >= 0).astype(np.float64)}
     score = P[:, list(targets)].sum(1)
@@ -315,9 +326,6 @@ def baseline_weights(P, y_train, targets: Sequence[int], num_classes: int,
     w = np.ones(n)
     w[np.argsort(-score, kind="stable")[:k]] = config.topk_weight
     out["topk_upweight"] = w
-    sol = pareto.solve_reweighting(P, targets, config.fixed_alpha, reweight)
-    if sol.w is not None:
-        out["fixed_alpha_lp"] = sol.w
     return out
 
 

@@ -32,6 +32,7 @@ from . import (
     search,
     setup,
     train,
+    yardstick,
 )
 from .config import DataConfig, InfluenceConfig, ModelConfig, RunConfig  # noqa: F401  (the job's records)
 from .report import class_mcnemar, fmt_value, format_table, harm_sentence, write_report  # noqa: F401
@@ -190,46 +191,6 @@ def stage_ceiling(job: Job, P, fp_inf: str) -> dict:
     return io.read_json(job.stages.root / "ceiling" / "ceiling.json")
 
 
-def choose_step(job: Job, state, w, targets) -> tuple[np.ndarray, dict]:
-    """The program's direction w − 1 taken a step t (w_t = 1 + t (w − 1)) chosen on validation:
-    each t in ``config.steps`` is retrained for ``retrain_epochs`` from the checkpoint beside as
-    many plain epochs, and scored by `evaluation.fitness` of its validation accuracy change
-    against the plain epochs (every target must gain; then the least harm to the others). If no
-    step gains on every target, the best target gain is kept and the summary says so. Test data
-    are never looked at."""
-    from . import evaluation
-
-    s, K, n_ep = job.splits, job.splits.num_classes, job.config.retrain_epochs
-    kw = dict(state=state, epochs=n_ep, epoch_fn=job.epoch_fn())
-    val = lambda p: train.evaluate(job.apply, p, s.val.x, s.val.y, K).accuracy  # noqa: E731
-    plain = val(train.train(job.loss_fn, None, s.train.x, s.train.y, job.train_config, **kw).params)
-    scored = {}
-    for t in job.config.steps:
-        wt = 1.0 + t * (np.asarray(w) - 1.0)
-        acc = val(
-            train.train(
-                job.loss_fn, None, s.train.x, s.train.y, job.train_config, weights=wt, **kw
-            ).params
-        )
-        scored[float(t)] = evaluation.fitness(acc - plain, targets) + (acc - plain,)
-    best = max(scored, key=lambda t: scored[t][:2])
-    ok = np.isfinite(scored[best][0])
-    return 1.0 + best * (np.asarray(w) - 1.0), {
-        "step": best,
-        "step_found": bool(ok),
-        "step_note": (
-            "every target gained on validation at this step"
-            if ok
-            else "no step gained on every target on validation; the step with the best mean "
-            "target gain is kept"
-        ),
-        "step_candidates": {
-            str(t): {"fitness": v[0], "target_gain": v[1], "val_change": v[2].tolist()}
-            for t, v in scored.items()
-        },
-    }
-
-
 def stage_weights(job: Job, P, state, targets, fp_inf: str, progress: bool):
     """4. The weights: the program with the fixed α, or the search's; returns (stage name,
     program summary, fingerprint)."""
@@ -248,7 +209,7 @@ def stage_weights(job: Job, P, state, targets, fp_inf: str, progress: bool):
             sol = pareto.solve_reweighting(P, targets, config.alpha, config.reweight)
             w, prog = sol.w, {"targets": targets, "alpha": config.alpha, **sol.summary()}
             if w is not None and config.steps:
-                w, choice = choose_step(job, state, w, targets)
+                w, choice, _ = yardstick.choose_step(job, state, w, targets)
                 prog.update(choice)
             made_by = {"targets": targets, "alpha": config.alpha, "reweight": config.reweight,
                 "steps": config.steps}
@@ -301,7 +262,7 @@ def _chain(st: Stages, weights_stage: str) -> dict:
     return {
         n: f
         for n, f in st.fingerprints().items()
-        if n in ("train", "influence", "ceiling", weights_stage, "retrain")
+        if n in ("train", "influence", "ceiling", weights_stage, "retrain", "baselines")
     }
 
 
@@ -337,6 +298,22 @@ def _print_weights(job: Job, summary: dict, prog: dict, out) -> None:
         f"max violation {prog['max_violation']:.1e}",
         file=out,
     )
+
+
+def yardstick_lines(y: dict, n_ep: int) -> str:
+    """The console table of `yardstick.compare`: the reweighting beside the simple baselines."""
+    rows = y["rows"]
+    names = list(rows)
+    table = format_table(
+        [n + (" (this run)" if n == "reweighted" else "") for n in names],
+        {"step": np.array(["" if n == "reweighted" else f"{rows[n]['step']:g}" for n in names]),
+            "targets (pts)": np.array([f"{rows[n]['target_gain']:+.1f}" for n in names]),
+            "worst other (pts)": np.array([f"{rows[n]['worst_other']:+.1f}" for n in names])},
+        label="method")
+    return (f"yardstick: simple baselines given the same step rule on validation, each retrained "
+        f"+{n_ep} ep; test points against the plain epochs\n{table}\nthe reweighting's mean target "
+        f"gain minus the best baseline's ({y['best_baseline']}): {y['difference']:+.1f} points "
+        "(one split and seed, no interval: `pareto-jax reproduce improve` repeats over seeds)")
 
 
 def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
@@ -384,6 +361,8 @@ def report(job: Job, summary: dict, before: dict, after: dict) -> dict:
         file=out,
     )
     print(harm_sentence(names, a - u, pvals, summary["targets"]), file=out)
+    if "yardstick" in summary:
+        print(yardstick_lines(summary["yardstick"], n_ep), file=out)
     print(
         f"overall test accuracy: before {before['test']['overall_accuracy']:.4f}, plain "
         f"{after['unweighted']['test']['overall_accuracy']:.4f}, reweighted "
@@ -450,4 +429,8 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
         ]
     )
     after = _timed(job, "retrain", stage_retrain, job, state, w, fp_w)
+    if config.baselines:  # the study's yardstick on this split (`pareto_jax.yardstick`)
+        rows = _timed(job, "baselines", yardstick.stage_baselines, job, state, P, targets, fp_inf)
+        summary["yardstick"] = yardstick.compare(rows, after["reweighted"]["test"]["accuracy"],
+            after["unweighted"]["test"]["accuracy"], targets)
     return report(job, summary, before, after)

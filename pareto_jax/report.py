@@ -11,13 +11,14 @@ import numpy as np
 from . import checks, influence, io, pareto, plots, stats
 
 
-def format_table(class_names, columns: dict[str, Any], *, fmt: str = "{:.3f}") -> str:
-    """A plain-text table: one row per class, one column per named array."""
+def format_table(class_names, columns: dict[str, Any], *, fmt: str = "{:.3f}",
+    label: str = "class") -> str:
+    """A plain-text table: one row per class (or per `label`), one column per named array."""
     names = [str(c) for c in class_names]
-    w0 = max(5, *(len(n) for n in names))
+    w0 = max(len(label), *(len(n) for n in names))
     heads = list(columns)
     widths = [max(8, len(h)) for h in heads]
-    lines = ["class".ljust(w0) + "  " + "  ".join(h.rjust(w) for h, w in zip(heads, widths))]
+    lines = [label.ljust(w0) + "  " + "  ".join(h.rjust(w) for h, w in zip(heads, widths))]
     for i, n in enumerate(names):
         cells = []
         for h, w in zip(heads, widths):
@@ -139,6 +140,23 @@ def _markdown(root, cfg, summary, names, table, w, wdir) -> list[str]:
     return md
 
 
+def _yardstick_markdown(y) -> list[str]:
+    """The yardstick's table (`pareto_jax.yardstick.compare`), if the run has one."""
+    if not y:
+        return []
+    md = ["", "## Yardstick: simple baselines given the same step rule", "",
+        "Test accuracy points against the plain extra epochs; each baseline's step chosen on "
+        "validation by the rule the program's step was chosen by. One split and one seed: no "
+        "interval (`pareto-jax reproduce improve` repeats over seeds).", "",
+        "| method | step | mean target gain | worst other class |", "|---|---|---|---|"]
+    for n, r in y["rows"].items():
+        step = "" if "step" not in r else format(r["step"], "g")
+        md.append(f"| {n} | {step} | {r['target_gain']:+.1f} | {r['worst_other']:+.1f} |")
+    md += ["", f"The reweighting's mean target gain minus the best baseline's "
+        f"({y['best_baseline']}): {y['difference']:+.1f} points.", ""]
+    return md
+
+
 def write_report(run_dir) -> Path:
     """`pareto-jax report RUN_DIR`: ``report.md`` with its PNG figures in ``RUN_DIR/report/``,
     from a finished run folder: the per-class table (before, plain extra epochs, re-weighted,
@@ -177,6 +195,7 @@ def write_report(run_dir) -> Path:
             )
         )
     md = _markdown(root, cfg, summary, names, (b, u, a, pv), w, wdir)
+    md += _yardstick_markdown(summary.get("yardstick"))
     md += [f"![]({f.get_label()})" for f in figs]
     chain = {n: fp for n, fp in summary["chain"].items() if fp}
     md += [

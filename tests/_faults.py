@@ -682,6 +682,12 @@ def _general_axes_not_moved():
     _swap(layers, "inputs", inputs)
 
 
+def _yardstick_baselines_unweighted():
+    from pareto_jax import yardstick
+
+    _wrap_args(yardstick, "_retrained", lambda a, k: (a[:2], {}))  # the baselines' weights dropped
+
+
 def _kfac_output_loss_ignored():
     from pareto_jax.kfac import factors
 
@@ -759,6 +765,11 @@ FAULTS: dict[str, tuple[str, list[str], object]] = {
         ["tests/test_kfac_layers.py::test_the_sampled_output_factor_is_unbiased_for_the_output_"
             "hessian"],
         _sampled_fisher_argmax),
+    "yardstick_baselines_unweighted": (
+        "the main job's yardstick retrains its baselines without their weights",
+        ["tests/test_yardstick.py::test_each_baseline_is_retrained_at_its_step_and_reported_on_"
+            "test"],
+        _yardstick_baselines_unweighted),
     "kfac_output_loss_ignored": (
         "K-FAC / EK-FAC's output factor from the cross-entropy whatever the OutputLoss",
         ["tests/test_kfac_layers.py::test_ekfac_moments_of_every_transformer_layer_equal_the_per_"

@@ -32,7 +32,7 @@ LAYERS = [
     {"influence", "influence.front", "influence.validation", "influence.curvature",
      "influence.solvers", "influence.result", "influence.stages", "influence.unroll",
      "influence.selection"},
-    {"evaluation", "search", "rounds"},
+    {"evaluation", "search", "rounds", "yardstick"},
     {"pipeline", "runs", "report", "experiments", "study", "study_settings", "study_report",
      "reproduce", "reproduce.common", "reproduce.synthetic", "reproduce.deletion",
      "reproduce.improve", "plots", "cli", "cli_parser"},

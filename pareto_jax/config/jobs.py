@@ -72,6 +72,9 @@ class RunConfig:
         steps: the program's direction w − 1 is taken a step t from this list, chosen on
             validation (empty: the weights as solved).
         out_dir: the run folder.
+        baselines: also retrain the simple baselines (class-balanced, trim-negative, top-k)
+            given the same step rule, and report the reweighting beside them on test (the
+            improvement study's yardstick on this split; `pareto_jax.yardstick`).
         devices: None/1 = one device; an int or "all" = a `distributed` mesh over that many
             devices: training data-parallel, the influence stage sharded over samples, the search
             population sharded. With minibatches the training result depends on the device
@@ -96,6 +99,7 @@ class RunConfig:
     steps: tuple[float, ...] = (0.25, 0.5, 1.0)
     out_dir: str = "runs/default"
     devices: int | str | None = None
+    baselines: bool = True
 
     def __post_init__(self):
         checks.check_in_range(self.alpha, "alpha", 0.0, 1.0)
