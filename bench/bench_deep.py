@@ -186,8 +186,10 @@ def epoch_speed(st) -> dict:
         "params_rel_diff": err, "execution": "stepped" if hasattr(ours, "plan") else "compiled"}
 
 
-def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int) -> dict:
-    """P by each of our methods, timed (first and second call) with peak memory."""
+def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int,
+    cg_rows: bool = True) -> dict:
+    """P by each of our methods, timed (first and second call) with peak memory (`cg_rows` False:
+    without the two Gauss-Newton CG rows, which take minutes)."""
     import numpy as np
     from flax import nnx
 
@@ -211,6 +213,8 @@ def influence_rows(st, damping_total: float, *, pcg_rtol: float, max_steps: int)
         "K-FAC": influence.InfluenceConfig(solver="kfac", damping=dmp),
         "GGN-CG, EK-FAC preconditioned": influence.InfluenceConfig(preconditioner="ekfac", **cg),
         "GGN-CG": influence.InfluenceConfig(**cg)}
+    if not cg_rows:
+        configs = {k: v for k, v in configs.items() if "CG" not in k}
     rows = {}
     for name, cfg in configs.items():
         sel = select.get(name, FACTORED)
@@ -376,12 +380,26 @@ def run_network(kind, a, peer, peer_error) -> dict:
         f"(ratio {out['epoch']['ratio_epoch']:.2f})",
         flush=True,
     )
-    rows = influence_rows(st, a.damping, pcg_rtol=a.pcg_rtol, max_steps=a.max_steps)
+    rows = influence_rows(st, a.damping, pcg_rtol=a.pcg_rtol, max_steps=a.max_steps,
+        cg_rows=not a.skip_cg)
     if peer is not None:
         rows.update(kronfluence_rows(kind, st, a.damping, peer))
     else:
         out["kronfluence"] = f"not installed ({peer_error}); see bench/_peer_torch.py for the venv"
     out["spearman"] = spearman_table(rows)
+    kr = rows.get("Kronfluence EK-FAC (seed 0)")
+    if kr is not None:  # how many times faster than Kronfluence (> 1: ours is faster), and memory
+        out["vs_kronfluence"] = {
+            ours: {"cold": kr["t_first"] / rows[ours]["t_first"],
+                "warm": kr["t_second"] / rows[ours]["t_second"],
+                "peak_memory_ratio":
+                    rows[ours]["peak_extra_bytes"] / max(kr["peak_extra_bytes"], 1),
+                "spearman": out["spearman"][f"{ours} | Kronfluence EK-FAC (seed 0)"]["spearman"]}
+            for ours in ("EK-FAC", "EK-FAC, sampled Fisher")}
+        for ours, v in out["vs_kronfluence"].items():
+            print(f"  {ours} vs Kronfluence: {v['cold']:.2f}x cold, {v['warm']:.2f}x warm "
+                f"(> 1: faster), peak memory {v['peak_memory_ratio']:.2f}x, Spearman "
+                f"{v['spearman']:.3f}", flush=True)
     if a.retrain_classes:
         val_acc = _class_val_acc(st)
         classes = [int(c) for c in np.argsort(val_acc, kind="stable")[: a.retrain_classes]]
@@ -411,6 +429,9 @@ def main():
     ap.add_argument("--pcg-rtol", type=float, default=0.1)
     ap.add_argument("--max-steps", type=int, default=60)
     ap.add_argument("--retrain-classes", type=int, default=3)
+    ap.add_argument("--skip-cg", action="store_true", help="leave out the two Gauss-Newton CG "
+        "rows (minutes per network; not part of the comparison with Kronfluence)")
+    ap.add_argument("--tag", default="", help="suffix of the results file (deep_TAG.json)")
     a = ap.parse_args()
     a.n_train, a.epochs = (600, 4) if a.quick else (3000, 15)
     if a.quick:
@@ -420,7 +441,11 @@ def main():
     if unknown:
         ap.error(f"unknown networks {sorted(unknown)}")
     peer, err = _peer()
-    results = [run_network(kind, a, peer, err) for kind in a.networks.split(",")]
+    name = "deep" + ("_quick" if a.quick else "") + (f"_{a.tag}" if a.tag else "")
+    results = []
+    for kind in a.networks.split(","):  # written after each network (a long run keeps its part)
+        results.append(run_network(kind, a, peer, err))
+        _util.write(name, {"machine": _util.machine(), "results": results, "partial": True})
     for r in results:
         print(
             f"\n{r['network']} ({r['n_params']} params, N = {r['n_train']}, val accuracy "
@@ -449,9 +474,7 @@ def main():
         )
         if "kronfluence" in r:
             print(r["kronfluence"])
-    p = _util.write(
-        "deep" + ("_quick" if a.quick else ""), {"machine": _util.machine(), "results": results}
-    )
+    p = _util.write(name, {"machine": _util.machine(), "results": results})
     print(f"wrote {p}")
 
 
