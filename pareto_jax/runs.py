@@ -7,8 +7,8 @@ truncated, edited or unreadable artifact makes the stage run again (the log says
 why), it is never used and never a crash. A fingerprint covers the stage's config, the content of
 its inputs (the data's bytes) and its upstream fingerprints, so a changed config or changed data
 re-runs that stage and everything downstream; a stage that runs clears the markers of the stages
-after it and the run's summary, so nothing downstream of a rerun or a failure is ever read as
-current.
+after it (`ORDER`, and the side branches off it, `BRANCHES`) and the run's summary, so nothing
+downstream of a rerun or a failure is ever read as current.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from . import checks, io
 
 MARKER = ".pareto-jax-run"
 ORDER = ("train", "influence", "ceiling", "program", "search", "retrain")
+# stages on a side branch: each depends on the chain up to its parent only (the yardstick's
+# baselines need the trained model and P, not the program's weights)
+BRANCHES = {"baselines": "ceiling"}
 
 
 def file_hash(path: Path) -> str:
@@ -111,6 +114,7 @@ class Stages:
         """Stage `name` is about to run: the stages after it and the summary are no longer current
         (their markers are removed)."""
         later = ORDER[ORDER.index(name) + 1 :] if name in ORDER else ()
+        later += tuple(b for b, parent in BRANCHES.items() if parent in later or parent == name)
         for other in later:
             (self.root / other / "stage.json").unlink(missing_ok=True)
         (self.root / "summary.json").unlink(missing_ok=True)
@@ -128,7 +132,7 @@ class Stages:
     def fingerprints(self) -> dict:
         """The fingerprint of every finished stage (the chain a summary belongs to)."""
         out = {}
-        for name in ORDER:
+        for name in ORDER + tuple(BRANCHES):
             m = self.root / name / "stage.json"
             try:
                 out[name] = io.read_json(m)["fingerprint"]

@@ -19,7 +19,8 @@ def test_run_writes_run_folder(tmp_path, capsys):
     assert (tmp_path / "r" / "train" / "checkpoints" / "epoch_0003.npz").exists()
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["program"]["status"] == 0 and s["program"]["max_violation"] <= 1e-9
-    assert set(s["stages_run"]) == {"train", "influence", "ceiling", "program", "retrain"}
+    assert set(s["stages_run"]) == {"train", "influence", "ceiling", "program", "retrain",
+        "baselines"}
     # the step: chosen on validation among the candidates by (fitness, mean target gain)
     cands = s["program"]["step_candidates"]
     best = max(cands, key=lambda t: (float(cands[t]["fitness"]), cands[t]["target_gain"]))

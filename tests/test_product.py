@@ -10,7 +10,7 @@ from pareto_jax import cli, influence, models, setup, train
 from pareto_jax.config import InfluenceConfig
 
 ARGS = ["run", "--model", "cnn", "--epochs", "2", "--max-train", "200", "--retrain-epochs", "1",
-    "--steps", "1", "--no-progress"]
+    "--steps", "1", "--no-progress", "--no-baselines"]  # (the yardstick: tests/test_yardstick.py)
 
 
 def _run(tmp_path, name, *extra):

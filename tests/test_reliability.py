@@ -51,7 +51,7 @@ def test_same_seed_gives_bitwise_identical_results(tmp_path):
     for k in a:
         assert a[k].tobytes() == b[k].tobytes(), k
     names = ["train/metrics.json", "retrain/metrics.json", "program/program.json",
-        "ceiling/ceiling.json"]
+        "ceiling/ceiling.json", "baselines/baselines.json"]
     assert _jsons(tmp_path / "a", names) == _jsons(tmp_path / "b", names)
 
 
@@ -61,18 +61,18 @@ def test_rerun_skips_finished_stages_and_config_changes_invalidate_downstream(tm
     assert s1["stages_skipped"] == []
     s2 = _run(SMALL, tmp_path)
     assert s2["stages_run"] == [] and set(s2["stages_skipped"]) == {"train", "influence", "ceiling",
-        "program", "retrain"}
+        "program", "retrain", "baselines"}
     assert s2["test_accuracy"] == s1["test_accuracy"]
     s3 = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8), tmp_path)
     assert s3["stages_run"] == ["program", "retrain"]
     s4 = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8, retrain_epochs=3), tmp_path)
-    assert s4["stages_run"] == ["program", "retrain"
-    ]  # the step is chosen by retraining that many epochs
+    assert s4["stages_run"] == ["program", "retrain", "baselines"
+    ]  # the step is chosen by retraining that many epochs (the baselines' too)
     s4b = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8, retrain_epochs=3, steps=()), tmp_path)
-    assert s4b["stages_run"] == ["program", "retrain"]
+    assert s4b["stages_run"] == ["program", "retrain", "baselines"]
     s4c = _run(pipeline.dataclasses.replace(SMALL, alpha=0.8, retrain_epochs=4, steps=()), tmp_path)
     assert s4c["stages_run"] == [
-        "retrain"
+        "retrain", "baselines"
     ]  # without the step choice, only retraining depends on it
     s5 = _run(
         pipeline.dataclasses.replace(
@@ -80,7 +80,8 @@ def test_rerun_skips_finished_stages_and_config_changes_invalidate_downstream(tm
         ),
         tmp_path,
     )
-    assert s5["stages_run"] == ["train", "influence", "ceiling", "program", "retrain"]
+    assert s5["stages_run"] == ["train", "influence", "ceiling", "program", "retrain",
+        "baselines"]
 
 
 def test_interrupted_stage_is_redone(tmp_path):
@@ -88,7 +89,7 @@ def test_interrupted_stage_is_redone(tmp_path):
     (tmp_path / "influence" / "stage.json").unlink()  # as if killed before the marker was written
     s = _run(SMALL, tmp_path)
     # a stage that runs again clears the markers after it: what depended on it is recomputed too
-    assert s["stages_run"] == ["influence", "ceiling", "program", "retrain"]
+    assert s["stages_run"] == ["influence", "ceiling", "program", "retrain", "baselines"]
 
 
 CMD = [sys.executable, "-m", "pareto_jax.cli", "run", "--epochs", "4", "--search", "--population",
