@@ -188,7 +188,7 @@ def test_device_solver_matches_highs(n, k, seed, opt, alpha_lo, n_targets):
         assert 0 < n_free <= 8 * (k + 1) + 64 and rounds == 1, got.notes
 
 
-@settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(6), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.sampled_from([63, 65, 97, 300, 700]), w_max=st.sampled_from([0.8, 0.95, 1.0, 1.3]),
     kind=st.sampled_from(["lp", "rho", "budget", "tight", "qp"]), seed=st.integers(0, 10_000))
 # refused as "numerical difficulties" before (issue 30): w_max < 1 with padding rows (N = 63, 300),

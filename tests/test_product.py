@@ -22,6 +22,8 @@ def _run(tmp_path, name, *extra):
 
 def test_a_deep_run_computes_P_by_ekfac_unless_told_otherwise(tmp_path, capsys):
     r = _run(tmp_path, "r")
+    assert not (r / "baselines").exists()  # --no-baselines: no yardstick stage
+    assert "yardstick" not in json.loads((r / "summary.json").read_text())
     info = json.loads((r / "influence" / "influence.json").read_text())
     assert info["solver"] == "ekfac" and info["curvature"] == "gauss_newton"
     P = influence.InfluenceResult.load(r / "influence" / "P.npz").P
