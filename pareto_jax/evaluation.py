@@ -318,7 +318,7 @@ def simple_baselines(P, y_train, targets: Sequence[int], num_classes: int,
     n = P.shape[0]
     y = np.asarray(y_train)
     counts = np.bincount(y, minlength=num_classes).astype(np.float64)
-    cb = 1.0 / np.maximum(counts[y], 1.0)
+    cb = 1.0 / counts[y]
     out = {"unweighted": np.ones(n), "class_balanced": cb * n / cb.sum(),
         "trim_negative": (P.sum(1) >= 0).astype(np.float64)}
     score = P[:, list(targets)].sum(1)

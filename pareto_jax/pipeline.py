@@ -430,7 +430,8 @@ def run(config: RunConfig = RunConfig(), *, progress: bool = True, out=None) -> 
     )
     after = _timed(job, "retrain", stage_retrain, job, state, w, fp_w)
     if config.baselines:  # the study's yardstick on this split (`pareto_jax.yardstick`)
-        rows = _timed(job, "baselines", yardstick.stage_baselines, job, state, P, targets, fp_inf)
+        rows = _timed(job, "baselines", yardstick.stage_baselines, job, state, P, targets, fp_inf,
+            after["unweighted"]["val"]["accuracy"])  # (the plain epochs, retrained once)
         summary["yardstick"] = yardstick.compare(rows, after["reweighted"]["test"]["accuracy"],
             after["unweighted"]["test"]["accuracy"], targets)
     return report(job, summary, before, after)

@@ -68,16 +68,17 @@ def choose_step(job: Any, state, w, targets, plain_val=None) -> tuple[np.ndarray
     }, params[best]
 
 
-def stage_baselines(job: Any, state, P, targets, fp_inf: str) -> dict:
+def stage_baselines(job: Any, state, P, targets, fp_inf: str, plain_val) -> dict:
     """The yardstick's stage: each of `BASELINES` given the job's step rule (no steps: as they
-    are), its test accuracy and loss per class; cached in ``baselines/baselines.json``."""
+    are) against the plain epochs' per-class validation accuracy `plain_val` (the retrain
+    stage's), its test accuracy and loss per class; cached in ``baselines/baselines.json``."""
     st, s, cfg = job.stages, job.splits, job.config
     fp = io.fingerprint("baselines", fp_inf, targets, cfg.steps, cfg.retrain_epochs, BASELINES)
     f = st.root / "baselines" / "baselines.json"
     if not st.done("baselines", fp):
         st.start("baselines")
         weights = evaluation.simple_baselines(P, s.train.y, targets, s.num_classes)
-        plain = _val_accuracy(job, _retrained(job, state)) if cfg.steps else None
+        plain = np.asarray(plain_val)
         rows = {}
         for name in BASELINES:
             if cfg.steps:
