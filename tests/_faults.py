@@ -115,8 +115,8 @@ def _class_gradient_wrong_class():
     from pareto_jax import kernels
 
     def pre(a, k):
-        f, theta, xb, yb, mb, counts, K = a
-        return (f, theta, xb, (yb + 1) % K, mb, counts, K), k
+        f, theta, xb, yb, mb, counts, K, *rest = a
+        return (f, theta, xb, (yb + 1) % K, mb, counts, K, *rest), k
 
     _wrap_args(kernels, "class_gradient_chunk", pre)
 

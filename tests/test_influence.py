@@ -7,7 +7,7 @@ from _problems import class_val_loss, digits_linear, fit_exact, to64
 from conftest import tiny_classification
 from jax.flatten_util import ravel_pytree
 
-from pareto_jax import data, influence, linsolve, models, train
+from pareto_jax import data, influence, kernels, linsolve, models, train
 from pareto_jax.checks import InputError, NumericalError
 
 
@@ -36,6 +36,27 @@ def test_class_gradients_match_python_loop(x64):
         idx = np.flatnonzero(yv == k)
         g = sum(ravel_pytree(jax.grad(loss_fn)(params, xv[i], yv[i]))[0] for i in idx) / idx.size
         np.testing.assert_allclose(G[k], g, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", ["per_sample", "vjp"])
+def test_class_gradient_kernels_agree_with_a_python_loop(x64, method):
+    """Both ways of taking the class gradients (per-sample gradients, K VJPs) against a loop,
+    on a chunk with padding; and which one `class_gradient_method` picks."""
+    _, _, xv, yv, _, loss_fn, params = _mlp_problem()
+    flat = kernels.flatten(loss_fn, params)
+    c = kernels.pad_chunks(xv, yv, 8, xp=jnp)
+    counts = jnp.asarray(np.bincount(yv, minlength=3), jnp.float64)
+    G = sum(kernels.class_gradient_chunk(flat.loss, flat.theta, c.x[j], c.y[j],
+        c.mask[j].astype(jnp.float64), counts, 3, method) for j in range(c.mask.shape[0]))
+    for k in range(3):
+        idx = np.flatnonzero(yv == k)
+        g = sum(ravel_pytree(jax.grad(loss_fn)(params, xv[i], yv[i]))[0] for i in idx) / idx.size
+        np.testing.assert_allclose(G[k], g, rtol=1e-10, atol=1e-13)
+    P = flat.theta.size
+    assert kernels.class_gradient_method(3, 512, P, 8) == "per_sample"
+    assert kernels.class_gradient_method(2, 512, P, 8) == "vjp"
+    assert kernels.class_gradient_method(10, 512, 10**6, 4) == "vjp"  # 2 GB: over the budget
+    assert kernels.class_gradient_chunk_size(10, 10**6, 4) * 10**6 * 4 <= kernels.PER_SAMPLE_BYTES
 
 
 def test_hvp_matches_dense_hessian_and_is_batch_invariant(x64):

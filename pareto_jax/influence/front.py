@@ -126,6 +126,7 @@ class Influence:
         self.class_names = None if class_names is None else tuple(str(c) for c in class_names)
         self.sample_ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
         self._x, self._y, self._n, self._flat, self._be, self._example = xt, yt, n, flat, be, x_ex
+        self._example_y, self._param_reuse = y_ex, None
         self._mask = None if sel is None else jnp.asarray(sel.mask, theta.dtype)
         self._select = None if sel is None else sorted(sel.keys, key=str)
         data = be.objective(theta, be.chunks(xt, yt, config.hvp_batch_size, theta.dtype), n,
@@ -223,6 +224,14 @@ class Influence:
             )
         return fit
 
+    def _reuse(self) -> float:
+        """`kernels.param_reuse` of one training sample (computed once per fit)."""
+        if self._param_reuse is None:
+            x1 = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), self._example)
+            y1 = jnp.asarray(np.asarray(self._example_y)[0])
+            self._param_reuse = kernels.param_reuse(self._flat.loss, self._flat.theta, x1, y1)
+        return self._param_reuse
+
     def influence(
         self, x_val, y_val, *, groups=None, group_names=None, measure_fn=None, _checked=None
     ) -> InfluenceResult:
@@ -251,7 +260,8 @@ class Influence:
             validation.loss(measure_fn, self.params, xv, yv, "measure_fn")
             validation.finite_measure(measure_fn, self.params, xv, yv)
         fv = kernels.flatten(on_pairs(measure), self.params).loss
-        G = be.class_gradients(fv, theta, be.chunks((xv, yv), g, 512, theta.dtype), g, K)
+        c = kernels.class_gradient_chunk_size(K, theta.size, theta.dtype.itemsize)
+        G = be.class_gradients(fv, theta, be.chunks((xv, yv), g, c, theta.dtype), g, K)
         if measure_fn is not None and not np.all(np.isfinite(np.asarray(G))):
             checks.fail("measure_fn", "non-finite gradients of the mean measurement of some group",
                 "a measurement with finite values and gradients on the validation set",
@@ -265,7 +275,7 @@ class Influence:
         if config.throw:
             linsolve.check_solve(res, rtol=linsolve.resolve_rtol(config.rtol, G.dtype))
         method = (
-            choose_method(theta.size, K, config.chunk_size)
+            choose_method(theta.size, K, config.chunk_size, self._reuse())
             if config.method == "auto"
             else config.method
         )

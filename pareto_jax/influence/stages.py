@@ -31,15 +31,20 @@ def backend_for(mesh, execution: str = "auto", progress: bool = False):
     return Local(execution, progress) if mesh is None else Sharded(mesh)
 
 
-def choose_method(num_params: int, num_classes: int, chunk_size: int) -> str:
-    """Forward mode unless K is large and a chunk of per-sample gradients is cheap to hold.
+def choose_method(num_params: int, num_classes: int, chunk_size: int, reuse: float = 1.0) -> str:
+    """Forward mode unless K × `reuse` is large and a chunk of per-sample gradients fits.
 
-    Measured (bench/bench_influence.py, MLP with 66k–74k params, N = 5e4, 2 CPU cores): forward
-    mode was 20× faster than per-sample gradients at K = 2, 7.5× at K = 10 and 3.4× at K = 32,
-    and it holds chunk × K numbers instead of chunk × P. Its cost grows with K, so per-sample
-    gradients are taken only for K > 64 when a chunk of them fits in 256 MB.
+    `reuse` is the forward pass's multiply-adds per sample per parameter (`kernels.param_reuse`):
+    about 1 for a dense network, the positions a kernel slides over for a convolution, the
+    tokens for a sequence model. Forward mode costs K tangent passes, each about a forward pass
+    (so ∝ K × reuse × P per sample); per-sample gradients cost one backward pass and a chunk ×
+    P × K product. Measured (2 CPU cores): on an MLP (66k–74k params, reuse ≈ 1, N = 5e4,
+    bench/bench_influence.py) forward mode was 20× faster at K = 2, 7.5× at K = 10 and 3.4× at
+    K = 32; at K = 10 per-sample gradients were 1.6× faster on a ResNet with BatchNorm, 1.9× on a
+    three-block convnet and 3.4× on a small transformer (N = 3,000). So per-sample gradients are
+    taken when K × reuse > 64 and a chunk of them fits in `kernels.PER_SAMPLE_BYTES`.
     """
-    if num_classes > 64 and chunk_size * num_params * 4 <= 256 * 2**20:
+    if num_classes * reuse > 64 and kernels.per_sample_fits(chunk_size, num_params):
         return "per_sample"
     return "jvp"
 
@@ -180,7 +185,8 @@ def influence_matrix(loss_fn, params, x_train, y_train, x_val, y_val, *, num_cla
         return kernels.Chunks(kernels.cast_floats(c.x, dt), c.y, c.mask.astype(dt))
 
     counts = jnp.maximum(jnp.bincount(jnp.asarray(y_val), length=K), 1).astype(dt)
-    G = kernels.class_gradients(flat.loss, theta, chunks(x_val, y_val, 512), counts, K)
+    c = kernels.class_gradient_chunk_size(K, theta.size, dt.itemsize)
+    G = kernels.class_gradients(flat.loss, theta, chunks(x_val, y_val, c), counts, K)
     data = kernels.ObjectiveData(theta, chunks(x_train, y_train, hvp_batch_size),
         jnp.asarray(n, dt), jnp.asarray(weight_decay, dt))
     matvec, d = kernels.curvature_matvec(curv, data), jnp.asarray(damping, dt)

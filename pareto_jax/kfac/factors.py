@@ -188,11 +188,18 @@ def _token_counts(ids, mb, vocab):
     return jax.ops.segment_sum(wt.ravel(), ids.ravel(), vocab)
 
 
+def _gram(a, w=None):
+    """Σ_{b,t} w_b a_bt a_btᵀ for a (B, T, d): one (B·T, d)ᵀ (B·T, d) product (twice as fast
+    as the same einsum over (b, t) on a 2-core CPU, measured)."""
+    X = a.reshape(-1, a.shape[-1])
+    Xw = X if w is None else X * jnp.repeat(w, a.shape[1])[:, None].astype(X.dtype)
+    return jax.lax.dot_general(Xw, X, (((0,), (0,)), ((), ())))
+
+
 @functools.partial(jax.jit, static_argnames=("embed",))
 def _input_moments(A, ins, mb, embed):
     return [
-        a + (_token_counts(at, mb, a.shape[0]) if e
-            else jnp.einsum("bti,btj->ij", at * mb[:, None, None], at) / at.shape[1])
+        a + (_token_counts(at, mb, a.shape[0]) if e else _gram(at, mb) / at.shape[1])
         for a, at, e in zip(A, ins, embed)
     ]
 
@@ -200,14 +207,9 @@ def _input_moments(A, ins, mb, embed):
 @functools.partial(jax.jit, static_argnames=("keep",))
 def _output_moments(S, vjp, p, c, mb, keep):
     return [
-        s + jnp.einsum("bto,btp->op", d, d)
+        s + _gram(d)
         for s, d in zip(S, _pseudo_gradients(vjp, p, c, mb, keep, [s.shape[0] for s in S]))
     ]
-
-
-@functools.partial(jax.jit, static_argnames=("embed",))
-def _rotate_inputs(ins, QAs, embed):
-    return [at if e else jnp.einsum("bti,ia->bta", at, QA) for at, QA, e in zip(ins, QAs, embed)]
 
 
 def _embedding_moment(ids, dr, vocab):
@@ -226,19 +228,38 @@ def _embedding_moment(ids, dr, vocab):
     return jax.ops.segment_sum(sums**2, jnp.clip(token, 0, vocab - 1), vocab)
 
 
-@functools.partial(jax.jit, static_argnames=("keep", "embed"))
-def _corrected(C, vjp, p, c, mb, rot_in, QGs, keep, embed):
-    """Σ_b (Q_Aᵀ (Σ_t ã_t δ_ctᵀ) Q_S)² for class c, added to C (rank one for a dense layer)."""
+def _rotate_first(positions: int, out: int, classes: int) -> bool:
+    """Whether EK-FAC's second pass rotates a layer's inputs by Q_A before forming its per-sample
+    gradients (B·T·in² multiply-adds, once per batch) or rotates those gradients after
+    (B·in²·out for each of the `classes` backward passes per batch): the first where
+    T < classes × out. Measured on a 2-core CPU, a batch of 256 of a 3×3 conv with 16 inputs and
+    outputs on 14 × 14 positions: 10 ms the gradients first, 27 ms the inputs first."""
+    return positions == 1 or positions < classes * out
+
+
+@functools.partial(jax.jit, static_argnames=("embed", "classes"))
+def _rotate_inputs(ins, QAs, QGs, embed, classes):
+    """Q_Aᵀ a_t for the layers `_rotate_first` picks (the others' inputs as they are)."""
+    return [at if e or not _rotate_first(at.shape[1], QG.shape[0], classes)
+        else jnp.einsum("bti,ia->bta", at, QA) for at, QA, QG, e in zip(ins, QAs, QGs, embed)]
+
+
+@functools.partial(jax.jit, static_argnames=("keep", "embed", "classes"))
+def _corrected(C, vjp, p, c, mb, ins, QAs, QGs, keep, embed, classes):
+    """Σ_b (Q_Aᵀ (Σ_t a_t δ_ctᵀ) Q_S)² for class c, added to C; `ins` from `_rotate_inputs`."""
     out = []
     ds = _pseudo_gradients(vjp, p, c, mb, keep, [q.shape[0] for q in QGs])
-    for acc, ai, d, QG, e in zip(C, rot_in, ds, QGs, embed):
+    for acc, a, d, QA, QG, e in zip(C, ins, ds, QAs, QGs, embed):
         dr = jnp.einsum("bto,op->btp", d, QG)
         if e:
-            out.append(acc + _embedding_moment(ai, dr, acc.shape[0]))
-        elif ai.shape[1] == 1:  # one position: the per-sample gradient is rank one
-            out.append(acc + (ai[:, 0] ** 2).T @ (dr[:, 0] ** 2))
-        else:
-            out.append(acc + jnp.sum(jnp.einsum("bta,btp->bap", ai, dr) ** 2, axis=0))
+            out.append(acc + _embedding_moment(a, dr, acc.shape[0]))
+        elif a.shape[1] == 1:  # one position: the per-sample gradient is rank one
+            out.append(acc + (a[:, 0] ** 2).T @ (dr[:, 0] ** 2))
+        elif _rotate_first(a.shape[1], QG.shape[0], classes):
+            out.append(acc + jnp.sum(jnp.einsum("bta,btp->bap", a, dr) ** 2, axis=0))
+        else:  # the per-sample gradient first, then rotated
+            g = jnp.einsum("bti,btp->bip", a, dr)
+            out.append(acc + jnp.sum(jnp.einsum("bip,ia->bap", g, QA) ** 2, axis=0))
     return out
 
 
@@ -406,6 +427,7 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
         checks.fail("fisher", "'sampled' with an output_loss", "the softmax cross-entropy "
             "(labels are drawn from its softmax)", "use fisher='expected' for this loss")
     program = _forward_program(graphdef, treedef, every, keep, output_loss, sampled)
+    loops = 1 if sampled else num_classes  # backward passes per batch
     nb = kernels.balanced_chunks(n, batch_size)[0]  # (a source: ceil(n / batch_size) too)
     keys = (jax.random.split(jax.random.PRNGKey(seed), nb) if sampled
         else np.zeros((nb, 2), np.uint32))  # (unused by the expected Fisher)
@@ -421,7 +443,7 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
         p, ins, vjp = program(params, rest, xb, yb, key)
         bounds = _token_bounds(bounds, ins, embed)
         A = _input_moments(A, ins, mb, embed)
-        for c in range(1 if sampled else num_classes):  # one drawn label, or the K classes
+        for c in range(loops):  # one drawn label, or the K classes
             S = _output_moments(S, vjp, p, c, mb, keep)
     _check_token_ids(layers, bounds, embed)  # before the moments are used
     eig = _eigen(A, S, jnp.asarray(n, dt), embed)
@@ -429,8 +451,8 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     C = [zeros(e[0][0].shape[0], qg.shape[0]) for e, qg in zip(eig, QGs)]
     for key, (xb, yb, mb) in zip(keys, batches()):
         p, ins, vjp = program(params, rest, xb, yb, key)
-        rot_in = _rotate_inputs(ins, QAs, embed)
-        for c in range(1 if sampled else num_classes):
-            C = _corrected(C, vjp, p, c, mb, rot_in, QGs, keep, embed)
+        ins = _rotate_inputs(ins, QAs, QGs, embed, loops)
+        for c in range(loops):
+            C = _corrected(C, vjp, p, c, mb, ins, QAs, QGs, keep, embed, loops)
     return Factors(layers, _finish(eig, C, jnp.asarray(n, dt)), layout, num_params,
         float(weight_decay))
