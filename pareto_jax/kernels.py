@@ -251,7 +251,9 @@ def class_gradient_chunk_size(num_classes: int, num_params: int, itemsize: int,
     K > 2 so that a chunk of per-sample gradients fits (`class_gradient_method`)."""
     if num_classes <= 2 or per_sample_fits(preferred, num_params, itemsize):
         return preferred
-    return max(8, PER_SAMPLE_BYTES // (num_params * itemsize))
+    if not per_sample_fits(8, num_params, itemsize):  # K VJPs then, on full-size chunks
+        return preferred
+    return PER_SAMPLE_BYTES // (num_params * itemsize)
 
 
 def class_gradient_chunk(f, theta, xb, yb, mb, counts, num_classes: int, method: str = "vjp"):
@@ -261,9 +263,10 @@ def class_gradient_chunk(f, theta, xb, yb, mb, counts, num_classes: int, method:
     (``"per_sample"``, see `class_gradient_method`). The same sums in another order."""
     cot = jax.nn.one_hot(yb, num_classes, dtype=theta.dtype) * mb[:, None].astype(
         theta.dtype) / counts
-    if method == "per_sample":
+    if method == "per_sample":  # (summed in at least float32, as the VJPs' cotangents are)
         G = jax.vmap(jax.grad(f), (None, 0, 0))(theta, xb, yb)
-        return cot.T.astype(G.dtype) @ G
+        acc = jnp.promote_types(G.dtype, jnp.float32)
+        return (cot.T.astype(acc) @ G.astype(acc)).astype(theta.dtype)
     losses_fn = lambda th: jax.vmap(f, (None, 0, 0))(th, xb, yb)  # noqa: E731
     losses, vjp = jax.vjp(losses_fn, theta)
     # the cotangent takes the losses' dtype: a model may compute in a wider type than its params
@@ -384,17 +387,43 @@ def hutchinson_damping(matvec: Callable, theta: jax.Array, seed: int) -> float:
 # ----------------------------------------------------------------------------- influence rows
 
 
+def _jaxpr_flops(jaxpr) -> float:
+    """Multiply-add flops (×2) of the dot products and convolutions in a jaxpr, loops counted
+    as many times as they run (a while loop once), other primitives not counted."""
+    total = 0.0
+    for e in jaxpr.eqns:
+        name = e.primitive.name
+        if name == "dot_general":
+            (contract, _), _ = e.params["dimension_numbers"]
+            lhs = e.invars[0].aval.shape
+            total += 2.0 * np.prod(e.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
+        elif name == "conv_general_dilated":
+            rhs = e.invars[1].aval.shape
+            out_feat = rhs[e.params["dimension_numbers"].rhs_spec[0]]
+            total += 2.0 * np.prod(e.outvars[0].aval.shape) * np.prod(rhs) / out_feat
+        times = e.params.get("length", 1) if name == "scan" else 1
+        for sub in _subjaxprs(e):
+            total += times * _jaxpr_flops(sub)
+    return total
+
+
+def _subjaxprs(eqn):
+    """The jaxprs inside an equation's parameters (a jit, a scan's body, a custom rule...)."""
+    for v in eqn.params.values():
+        for j in v if isinstance(v, (list, tuple)) else (v,):
+            if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):  # a ClosedJaxpr
+                yield j.jaxpr
+            elif hasattr(j, "eqns"):
+                yield j
+
+
 def param_reuse(f, theta, x1, y1) -> float:
-    """Multiply-adds of one sample's loss per parameter, from XLA's cost analysis of the lowered
-    program (no compile): about 1 for a dense network, more where a weight is applied at many
-    positions (convolutions, tokens). 1.0 where the backend reports no cost."""
-    try:
-        cost = jax.jit(f).lower(theta, x1, y1).cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    except Exception:  # (a backend without cost analysis: the K rule alone decides)
-        return 1.0
-    return max(flops / (2.0 * max(int(theta.size), 1)), 1.0) if flops > 0 else 1.0
+    """Multiply-adds of one sample's loss per parameter: about 1 for a dense network, more where
+    a weight is applied at many positions (convolutions, tokens, a scanned recurrence). Counted
+    from the traced program's dot products and convolutions (`jax.make_jaxpr`: no compile, the
+    same on every backend); at least 1."""
+    jaxpr = jax.make_jaxpr(f)(theta, x1, y1).jaxpr
+    return max(_jaxpr_flops(jaxpr) / (2.0 * max(int(theta.size), 1)), 1.0)
 
 
 def per_sample_chunk(f, theta, U, xb, yb):

@@ -206,6 +206,47 @@ def test_preconditioned_cg_gives_the_cg_answer(x64):
     assert np.all(pre.steps > 0) and np.all(pre.steps != plain.steps)  # it did run, differently
 
 
+def test_integer_inputs_give_the_factors_of_their_float_values():
+    """Raw uint8 pixels fed to a Linear / Conv (flax converts them): the input moments are summed
+    in the factors' float dtype, never in the inputs' integers (which wrap around)."""
+    m = models.make_model("cnn", (64,), 3, image_shape=(8, 8, 1), channels=(2,), dense=4, seed=0)
+    x = np.random.default_rng(0).integers(150, 256, size=(40, 64)).astype(np.uint8)
+    params = models.functional(m)[1]
+    for fisher in ("expected", "sampled"):
+        fi, ff = (kfac.compute_factors(m, params, a, num_classes=3, weight_decay=0.0,
+            fisher=fisher, batch_size=16) for a in (x, x.astype(np.float32)))
+        for a, b in zip(fi.factors, ff.factors):
+            np.testing.assert_allclose(a.lam_ekfac, b.lam_ekfac, rtol=1e-4,
+                atol=1e-6 * float(np.abs(b.lam_ekfac).max()))
+
+
+def test_parameter_reuse_counts_positions_and_loop_steps():
+    """`kernels.param_reuse` (what the P stage's method choice reads): about 1 for an MLP, the
+    positions for a conv, the steps for a scanned recurrence; and the choice it drives."""
+    from pareto_jax import kernels
+
+    def reuse(m, x):
+        apply, params = models.functional(m)
+        flat = kernels.flatten(models.per_sample_loss(apply), params)
+        return kernels.param_reuse(flat.loss, flat.theta, jnp.asarray(x), jnp.asarray(0)), flat
+
+    r_mlp, f = reuse(models.make_model("mlp", (64,), 10, hidden=(32,), seed=0), np.ones(64))
+    assert 1.0 <= r_mlp < 1.2
+    assert influence.choose_method(f.theta.size, 10, 256, r_mlp) == "jvp"
+    m = models.make_model("cnn", (64,), 10, image_shape=(8, 8, 1), channels=(8, 8), dense=4,
+        seed=0)  # (two 3×3 convs on 8×8 and 4×4 positions, the dense layers small)
+    r_cnn, f = reuse(m, np.ones(64))
+    assert r_cnn > 10
+    assert influence.choose_method(f.theta.size, 10, 256, r_cnn) == "per_sample"
+    assert influence.choose_method(10**7, 10, 256, r_cnn) == "jvp"  # a chunk would not fit
+    W = jnp.ones((4, 4))
+    loss = lambda th, x, y: jax.lax.scan(lambda h, _: (jnp.tanh(th @ h), None), x, None,  # noqa
+        length=50)[0].sum()
+    assert 45 < kernels.param_reuse(loss, W, jnp.ones(4), 0) < 55
+    assert kernels.class_gradient_chunk_size(10, 10**8, 4) == 512  # K VJPs, full-size chunks
+    assert kernels.class_gradient_method(10, 512, 10**8, 4) == "vjp"
+
+
 def test_conv_patches_match_flax_conv():
     conv = nnx.Conv(3, 5, (3, 3), padding="SAME", rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 7, 3)).astype(np.float32))

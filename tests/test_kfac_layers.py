@@ -424,11 +424,11 @@ def test_layers_it_cannot_factor_are_refused_with_the_fix():
             Influence(lossm, ps, xx, y, select=(fixed, kept), **kw)
     b = Bag(nnx.Rngs(0))  # token ids outside the table: flax reads NaN (id V) or wraps (id −1)
     bparams = models.functional(b)[1]
-    for bad in (V, -1):
+    for bad, fisher in ((V, "expected"), (-1, "expected"), (V, "sampled"), (-1, "sampled")):
         xb = x.copy()
         xb[3, 2] = bad
         with pytest.raises(InputError, match=r"token ids .* \[0, 12\)"):
-            kfac.compute_factors(b, bparams, xb, num_classes=K, weight_decay=WD)
+            kfac.compute_factors(b, bparams, xb, num_classes=K, weight_decay=WD, fisher=fisher)
 
 
 class Conv1D(nnx.Module):

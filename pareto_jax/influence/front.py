@@ -227,7 +227,8 @@ class Influence:
     def _reuse(self) -> float:
         """`kernels.param_reuse` of one training sample (computed once per fit)."""
         if self._param_reuse is None:
-            x1 = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), self._example)
+            x1 = kernels.cast_floats(jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]),
+                self._example), self._flat.theta.dtype)
             y1 = jnp.asarray(np.asarray(self._example_y)[0])
             self._param_reuse = kernels.param_reuse(self._flat.loss, self._flat.theta, x1, y1)
         return self._param_reuse
@@ -275,7 +276,7 @@ class Influence:
         if config.throw:
             linsolve.check_solve(res, rtol=linsolve.resolve_rtol(config.rtol, G.dtype))
         method = (
-            choose_method(theta.size, K, config.chunk_size, self._reuse())
+            choose_method(theta.size, K, config.chunk_size, self._reuse(), theta.dtype.itemsize)
             if config.method == "auto"
             else config.method
         )

@@ -31,20 +31,22 @@ def backend_for(mesh, execution: str = "auto", progress: bool = False):
     return Local(execution, progress) if mesh is None else Sharded(mesh)
 
 
-def choose_method(num_params: int, num_classes: int, chunk_size: int, reuse: float = 1.0) -> str:
+def choose_method(num_params: int, num_classes: int, chunk_size: int, reuse: float = 1.0,
+    itemsize: int = 4) -> str:
     """Forward mode unless K × `reuse` is large and a chunk of per-sample gradients fits.
 
-    `reuse` is the forward pass's multiply-adds per sample per parameter (`kernels.param_reuse`):
-    about 1 for a dense network, the positions a kernel slides over for a convolution, the
-    tokens for a sequence model. Forward mode costs K tangent passes, each about a forward pass
-    (so ∝ K × reuse × P per sample); per-sample gradients cost one backward pass and a chunk ×
-    P × K product. Measured (2 CPU cores): on an MLP (66k–74k params, reuse ≈ 1, N = 5e4,
-    bench/bench_influence.py) forward mode was 20× faster at K = 2, 7.5× at K = 10 and 3.4× at
-    K = 32; at K = 10 per-sample gradients were 1.6× faster on a ResNet with BatchNorm, 1.9× on a
-    three-block convnet and 3.4× on a small transformer (N = 3,000). So per-sample gradients are
-    taken when K × reuse > 64 and a chunk of them fits in `kernels.PER_SAMPLE_BYTES`.
+    `reuse` is the forward pass's multiply-adds per sample per parameter
+    (`kernels.param_reuse`): about 1 for a dense network, the positions a kernel slides over for
+    a convolution, the tokens for a sequence model; `itemsize` the bytes per number. Forward
+    mode costs K tangent passes, each about a forward pass (so ∝ K × reuse × P per sample);
+    per-sample gradients cost one backward pass and a chunk × P × K product. Measured (2 CPU cores):
+    on an MLP (66k–74k params, reuse ≈ 1, N = 5e4, bench/bench_influence.py) forward mode was
+    20× faster at K = 2, 7.5× at K = 10 and 3.4× at K = 32; at K = 10 per-sample gradients were
+    1.6× faster on a ResNet with BatchNorm, 1.9× on a three-block convnet and 3.4× on a small
+    transformer (N = 3,000). So per-sample gradients are taken when K × reuse > 64 and a chunk
+    of them fits in `kernels.PER_SAMPLE_BYTES`.
     """
-    if num_classes * reuse > 64 and kernels.per_sample_fits(chunk_size, num_params):
+    if num_classes * reuse > 64 and kernels.per_sample_fits(chunk_size, num_params, itemsize):
         return "per_sample"
     return "jvp"
 

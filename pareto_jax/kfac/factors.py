@@ -199,7 +199,8 @@ def _gram(a, w=None):
 @functools.partial(jax.jit, static_argnames=("embed",))
 def _input_moments(A, ins, mb, embed):
     return [
-        a + (_token_counts(at, mb, a.shape[0]) if e else _gram(at, mb) / at.shape[1])
+        a + (_token_counts(at, mb, a.shape[0]) if e
+            else _gram(at.astype(a.dtype), mb) / at.shape[1]).astype(a.dtype)
         for a, at, e in zip(A, ins, embed)
     ]
 
@@ -207,7 +208,7 @@ def _input_moments(A, ins, mb, embed):
 @functools.partial(jax.jit, static_argnames=("keep",))
 def _output_moments(S, vjp, p, c, mb, keep):
     return [
-        s + _gram(d)
+        s + _gram(d.astype(s.dtype))
         for s, d in zip(S, _pseudo_gradients(vjp, p, c, mb, keep, [s.shape[0] for s in S]))
     ]
 
@@ -343,9 +344,9 @@ def _check_token_ids(layers, per_batch, embed) -> None:
     of every batch): flax's Embed reads them as NaN (or, negative, from the end of the table),
     and the factors would count another row."""
     for j, (layer, e) in enumerate(zip(layers, embed)):
-        if e:
-            lo = min(int(b[j][0]) for b in per_batch)
-            hi = max(int(b[j][1]) for b in per_batch)
+        if e:  # (reduced on the device: two host reads per embedding)
+            lo = int(jnp.min(jnp.stack([b[j][0] for b in per_batch])))
+            hi = int(jnp.max(jnp.stack([b[j][1] for b in per_batch])))
             if lo < 0 or hi >= layer.in_features:
                 checks.fail("x", f"token ids from {lo} to {hi} reaching nnx.Embed "
                     f"{'/'.join(map(str, layer.path))}", f"ids in [0, {layer.in_features})",
@@ -412,8 +413,9 @@ def compute_factors(model: nnx.Module, params, x, *, batch_size: int = 256, num_
     The output side uses the softmax cross-entropy's H_out = diag p − ppᵀ (no labels needed),
     or, with ``output_loss(logits, y)`` and the labels `y`, that loss's own Hessian w.r.t. the
     logits (`output_root`). With ``fisher="sampled"`` (cross-entropy only), one label per sample
-    drawn from the model instead of the K classes (`sampled_root`; the same draws in both passes,
-    from `seed` and the batch index): one backward pass per batch instead of K.
+    drawn from the model instead of the K classes (`sampled_root`; the same keys in both passes,
+    from `seed` and the batch index, so the same draws unless a logit rounds differently in the
+    two passes' programs): one backward pass per batch instead of K.
 
     `x` is an input array, a pytree of them (a dict of token ids and masks), or a
     `kernels.Source` (batches from the host, never all in memory; `y` then comes with them).
