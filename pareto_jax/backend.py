@@ -93,8 +93,7 @@ def lissa_program(curv, data, G, scale, damping, rtol, max_steps, seed):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _class_gradient_step(f, K, acc, theta, xb, yb, mb, counts):
-    method = kernels.class_gradient_method(K, mb.shape[0], theta.size, theta.dtype.itemsize)
-    return acc + kernels.class_gradient_chunk(f, theta, xb, yb, mb, counts, K, method)
+    return acc + kernels.class_gradient_chunk(f, theta, xb, yb, mb, counts, K)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

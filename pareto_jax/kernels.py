@@ -256,15 +256,23 @@ def class_gradient_chunk_size(num_classes: int, num_params: int, itemsize: int,
     return PER_SAMPLE_BYTES // (num_params * itemsize)
 
 
-def class_gradient_chunk(f, theta, xb, yb, mb, counts, num_classes: int, method: str = "vjp"):
+def per_sample_grads(f, theta, xb, yb):
+    """(c, P): the gradient of each sample's loss in a chunk (materialised)."""
+    return jax.vmap(jax.grad(f), (None, 0, 0))(theta, xb, yb)
+
+
+def class_gradient_chunk(f, theta, xb, yb, mb, counts, num_classes: int, method=None):
     """One chunk's share of the K class-mean gradients, (K, P): the per-sample losses weighted
     by the K columns of one_hot(y)·mask/count, either as K VJPs of the chunk's loss vector
     (``method="vjp"``) or as those weights times the chunk's per-sample gradients
-    (``"per_sample"``, see `class_gradient_method`). The same sums in another order."""
+    (``"per_sample"``); None: `class_gradient_method`'s choice for the chunk's shapes. The same
+    sums in another order."""
+    if method is None:
+        method = class_gradient_method(num_classes, mb.shape[0], theta.size, theta.dtype.itemsize)
     cot = jax.nn.one_hot(yb, num_classes, dtype=theta.dtype) * mb[:, None].astype(
         theta.dtype) / counts
     if method == "per_sample":  # (summed in at least float32, as the VJPs' cotangents are)
-        G = jax.vmap(jax.grad(f), (None, 0, 0))(theta, xb, yb)
+        G = per_sample_grads(f, theta, xb, yb)
         acc = jnp.promote_types(G.dtype, jnp.float32)
         return (cot.T.astype(acc) @ G.astype(acc)).astype(theta.dtype)
     losses_fn = lambda th: jax.vmap(f, (None, 0, 0))(th, xb, yb)  # noqa: E731
@@ -278,10 +286,9 @@ def class_gradients(f, theta, chunks: Chunks, counts, num_classes: int, axis_nam
     `class_gradient_chunk` over the chunks (one pass). With `axis_name`, the local sums are
     `psum`-ed over that axis."""
     K = num_classes
-    method = class_gradient_method(K, chunks.mask.shape[1], theta.size, theta.dtype.itemsize)
 
     def chunk(acc, batch):
-        return acc + class_gradient_chunk(f, theta, *batch, counts, K, method), None
+        return acc + class_gradient_chunk(f, theta, *batch, counts, K), None
 
     g, _ = jax.lax.scan(chunk, jnp.zeros((K, theta.size), theta.dtype), tuple(chunks))
     return g if axis_name is None else jax.lax.psum(g, axis_name)
@@ -428,7 +435,7 @@ def param_reuse(f, theta, x1, y1) -> float:
 
 def per_sample_chunk(f, theta, U, xb, yb):
     """(c, K): per-sample gradients of one chunk (materialised, c × P) contracted with U."""
-    G = jax.vmap(jax.grad(f), (None, 0, 0))(theta, xb, yb)
+    G = per_sample_grads(f, theta, xb, yb)
     return G @ U.T
 
 

@@ -131,9 +131,8 @@ def influence_from_solutions(loss_fn, params, U: jax.Array, x_train, y_train, *,
 def per_sample_gradients(loss_fn, params, x, y) -> jax.Array:
     """All per-sample gradients as an (n, P) matrix (materialised; small problems and tests)."""
     flat = kernels.flatten(loss_fn, params)
-    return jax.jit(jax.vmap(jax.grad(flat.loss), (None, 0, 0)))(
-        flat.theta, jnp.asarray(x), jnp.asarray(y)
-    )
+    return jax.jit(kernels.per_sample_grads, static_argnums=0)(flat.loss, flat.theta,
+        jnp.asarray(x), jnp.asarray(y))
 
 
 def influence_matrix(loss_fn, params, x_train, y_train, x_val, y_val, *, num_classes: int,
